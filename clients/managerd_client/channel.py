@@ -1,0 +1,248 @@
+"""One authenticated connection to the daemon, shared by a process's threads.
+
+Requests carry ids, so threads share the connection and may have calls in
+flight at once. There is no reader thread: the thread that waits for a reply
+reads the socket itself (it becomes the *reader*), hands other threads'
+replies to them, and gives the reader role to a waiting thread when its own
+reply has come. A single-threaded client thus reads its reply directly,
+with no thread switch — the reason for this design, since a switch would
+cost as much as the round trip.
+
+A connection is dead when a send fails, the peer closes, or nothing at all
+arrives for ``dead_after_s`` while a thread is reading (heartbeats make sure
+something does on a live one). Death fails every call in flight with
+``ConnectionLost``; a call is never sent twice.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import ssl
+import struct
+import threading
+import time
+from typing import Any, Final
+
+from managerd_client.errors import (
+    AuthenticationFailed,
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolError,
+    error_from_kind,
+)
+from managerd_client.wire import (
+    HELLO,
+    PICKLE_PROTOCOL,
+    PROTOCOL_VERSION,
+    FrameSocket,
+    client_handshake,
+    set_nodelay,
+)
+
+_RID: Final = struct.Struct("!Q")
+_REPLY_HEAD: Final = struct.Struct("!QB")
+_STATUS_OK: Final = 0
+
+
+class _Slot:
+    """Where a reply lands for the thread that waits for it."""
+
+    __slots__ = ("error", "frame")
+
+    def __init__(self) -> None:
+        self.frame: bytes | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.frame is not None or self.error is not None
+
+
+def _decode_reply(frame: bytes) -> Any:
+    _, status = _REPLY_HEAD.unpack_from(frame)
+    value = pickle.loads(memoryview(frame)[_REPLY_HEAD.size :])
+    if status == _STATUS_OK:
+        return value
+    kind, message, args = value
+    if kind == "Key" and args:
+        raise KeyError(*args)
+    raise error_from_kind(kind, message)
+
+
+def open_socket(
+    address: tuple[str, int], timeout_s: float, tls: ssl.SSLContext | None, server_hostname: str
+) -> socket.socket:
+    try:
+        sock = socket.create_connection(address, timeout=timeout_s)
+    except OSError as exc:
+        raise ConnectFailed(
+            f"cannot connect to managerd at {address[0]}:{address[1]}: {exc.strerror or exc}"
+        ) from exc
+    set_nodelay(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=server_hostname)
+        except ssl.SSLError as exc:
+            sock.close()
+            raise AuthenticationFailed(f"TLS handshake with {address[0]} failed: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise ConnectFailed(f"TLS connection to {address[0]} failed: {exc}") from exc
+    return sock
+
+
+class Channel:
+    """An authenticated managerd-mode connection."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        authkey: bytes,
+        *,
+        connect_timeout_s: float,
+        dead_margin_s: float = 1.0,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        hello: dict[str, Any] | None = None,
+    ) -> None:
+        self.address = address
+        sock = open_socket(address, connect_timeout_s, tls, server_hostname or address[0])
+        self._fs = FrameSocket(sock)
+        try:
+            client_handshake(self._fs, authkey)
+        except PermissionError as exc:
+            self._fs.close()
+            raise AuthenticationFailed(
+                f"managerd at {address[0]}:{address[1]} refused the connection: {exc}"
+            ) from None
+        except (OSError, EOFError) as exc:
+            self._fs.close()
+            raise ConnectFailed(
+                f"managerd at {address[0]}:{address[1]} closed the connection during "
+                f"authentication: {exc}"
+            ) from None
+        try:
+            self._fs.send_frame(
+                pickle.dumps(
+                    (None, HELLO, ({"protocol": PROTOCOL_VERSION, **(hello or {})},), {}),
+                    PICKLE_PROTOCOL,
+                )
+            )
+            kind, info = pickle.loads(self._fs.recv_frame())
+        except (OSError, EOFError) as exc:
+            self._fs.close()
+            raise ConnectFailed(f"managerd at {address[0]}:{address[1]} hung up: {exc}") from None
+        if kind != "#RETURN" or not isinstance(info, dict):
+            self._fs.close()
+            raise ProtocolError(
+                f"{address[0]}:{address[1]} is not a managerd daemon (it answered {kind!r})"
+            )
+        self.info: dict[str, Any] = info
+        self.session_id: str = info["session"]
+        self.server_id: str = info["server_id"]
+        self.resumed: bool = bool(info.get("resumed"))
+        self.session_ttl_s = float(info["session_ttl_s"])
+        # Heartbeats bring a reply every ttl/3, so silence this long means a
+        # dead network (or daemon), never a slow call.
+        self.dead_after_s = self.session_ttl_s + dead_margin_s
+        sock.settimeout(self.dead_after_s)
+        self._rids = iter(range(1, 1 << 63))
+        self._pending: dict[int, _Slot] = {}
+        self._cond = threading.Condition(threading.Lock())
+        self._send_lock = threading.Lock()
+        self._reading = False
+        self.dead: BaseException | None = None
+        self.last_heard = time.monotonic()
+
+    # -- calls ------------------------------------------------------------------
+    def call(self, typeid: str | None, name: str | None, method: str, args: tuple[Any, ...]) -> Any:
+        body = pickle.dumps((typeid, name, method, args, threading.get_ident()), PICKLE_PROTOCOL)
+        slot = _Slot()
+        with self._cond:
+            if self.dead is not None:
+                raise ConnectionLost(str(self.dead))
+            rid = next(self._rids)
+            self._pending[rid] = slot
+        try:
+            with self._send_lock:
+                self._fs.send_frame(_RID.pack(rid) + body)
+        except OSError as exc:
+            self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+        self._await(slot)
+        if slot.error is not None:
+            raise slot.error
+        assert slot.frame is not None
+        return _decode_reply(slot.frame)
+
+    def _await(self, slot: _Slot) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not slot.done and self._reading:
+                    cond.wait()
+                if slot.done:
+                    return
+                self._reading = True
+            try:
+                self._read_until(slot)
+            finally:
+                with cond:
+                    self._reading = False
+                    cond.notify_all()
+
+    def _read_until(self, slot: _Slot) -> None:
+        fs = self._fs
+        while not slot.done:
+            try:
+                frame = fs.recv_frame()
+            except TimeoutError:
+                self._die(
+                    ConnectionLost(
+                        f"managerd at {self.address[0]}:{self.address[1]} sent nothing for "
+                        f"{self.dead_after_s:.1f}s; the connection is considered dead"
+                    )
+                )
+                return
+            except (OSError, EOFError) as exc:
+                self._die(ConnectionLost(f"connection to managerd lost: {exc or 'closed'}"))
+                return
+            self.last_heard = time.monotonic()
+            if len(frame) < _REPLY_HEAD.size:
+                self._die(ProtocolError("the daemon sent a frame too short to be a reply"))
+                return
+            (rid,) = _RID.unpack_from(frame)
+            with self._cond:
+                target = self._pending.pop(rid, None)
+                if target is None:
+                    continue
+                target.frame = frame
+                if target is not slot:
+                    self._cond.notify_all()
+
+    def _die(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.dead is None:
+                self.dead = exc
+            pending, self._pending = self._pending, {}
+            for slot in pending.values():
+                slot.error = exc
+            self._cond.notify_all()
+        self._fs.close()
+
+    # -- lifecycle ----------------------------------------------------------------
+    def close(self) -> None:
+        self._die(ConnectionLost("the client closed the connection"))
+
+    def abandon(self) -> None:
+        """Drop an inherited connection in a forked child without touching the parent's."""
+        self.dead = ConnectionLost("connection belongs to the parent process")
+        self._pending = {}
+        self._cond = threading.Condition(threading.Lock())
+        self._send_lock = threading.Lock()
+        try:
+            os.close(self._fs.sock.detach())  # close(2) only: no FIN, no TLS alert
+        except OSError:
+            pass

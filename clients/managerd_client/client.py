@@ -1,0 +1,407 @@
+"""``connect()`` and the client ``Manager``: sessions, heartbeats, reconnect.
+
+A ``Manager`` is one client session on a daemon, over one connection shared
+by all the threads of the process. A heartbeat thread pings every third of
+the session TTL, which keeps the lease and lets a dead network be noticed.
+When the connection is lost, the calls in flight raise ``ConnectionLost``
+and the next call reconnects (with backoff, for up to ``connect_timeout_s``),
+resuming the session if the daemon still has it. A lock proxy whose session
+did not survive raises ``LockLost`` on its next call.
+
+After ``os.fork()`` the child drops the inherited connection (without
+closing the parent's) and opens its own session on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from managerd_client.channel import Channel
+from managerd_client.errors import (
+    AuthenticationFailed,
+    ConnectFailed,
+    ConnectionLost,
+    ManagerdError,
+    ProtocolError,
+)
+from managerd_client.wire import parse_address
+
+if TYPE_CHECKING:
+    from managerd_client import proxies as p
+
+DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
+_BACKOFF_FIRST_S: Final = 0.05
+_BACKOFF_MAX_S: Final = 1.0
+
+_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
+
+
+def _authkey_from_env() -> bytes:
+    key = os.environ.get("MANAGERD_AUTHKEY")
+    if key:
+        return key.encode()
+    path = os.environ.get("MANAGERD_AUTHKEY_FILE")
+    if path:
+        with open(path, "rb") as f:
+            data = f.read().strip()
+        if data:
+            return data
+    raise ValueError(
+        "no authkey: pass authkey=..., or set MANAGERD_AUTHKEY or MANAGERD_AUTHKEY_FILE"
+    )
+
+
+class Manager:
+    """A client session on a managerd daemon; makes proxies by name."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        authkey: bytes,
+        *,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        client_name: str | None = None,
+    ) -> None:
+        if not isinstance(authkey, bytes) or not authkey:
+            raise TypeError("authkey must be non-empty bytes")
+        self.address = address
+        self._authkey = authkey
+        self.connect_timeout_s = connect_timeout_s
+        self._tls = tls
+        self._server_hostname = server_hostname
+        self._client_name = client_name
+        self._lock = threading.Lock()
+        self._channel: Channel | None = None
+        self._session_id: str | None = None
+        #: Bumped each time a *new* session starts (not a resumed one), so
+        #: lock proxies can tell that what they held is gone.
+        self.session_epoch = 0
+        self._closed = False
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._channel_or_reconnect()
+        _managers.add(self)
+
+    # -- connection ---------------------------------------------------------------
+    def _open(self) -> Channel:
+        hello: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+        if self._client_name:
+            hello["name"] = self._client_name
+        if self._session_id is not None:
+            hello["resume"] = self._session_id
+        return Channel(
+            self.address,
+            self._authkey,
+            connect_timeout_s=self.connect_timeout_s,
+            tls=self._tls,
+            server_hostname=self._server_hostname,
+            hello=hello,
+        )
+
+    def _channel_or_reconnect(self) -> Channel:
+        channel = self._channel
+        if channel is not None and channel.dead is None:
+            return channel
+        with self._lock:
+            if self._closed:
+                raise ConnectionLost("this manager was closed")
+            channel = self._channel
+            if channel is not None and channel.dead is None:
+                return channel
+            deadline = time.monotonic() + self.connect_timeout_s
+            delay = _BACKOFF_FIRST_S
+            while True:
+                try:
+                    channel = self._open()
+                    break
+                except (AuthenticationFailed, ProtocolError):
+                    raise
+                except ConnectFailed:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    time.sleep(delay)
+                    delay = min(delay * 2, _BACKOFF_MAX_S)
+            if not channel.resumed:
+                self.session_epoch += 1
+            self._session_id = channel.session_id
+            self._channel = channel
+            self._ensure_heartbeat(channel.session_ttl_s / 3)
+            return channel
+
+    def _ensure_heartbeat(self, interval_s: float) -> None:
+        if self._heartbeat is not None and self._heartbeat.is_alive():
+            return
+        ref = weakref.ref(self)
+        thread = threading.Thread(
+            target=_heartbeat_loop, args=(ref, self._stop, interval_s), daemon=True,
+            name="managerd-heartbeat",
+        )  # fmt: skip
+        self._heartbeat = thread
+        thread.start()
+
+    @property
+    def server_id(self) -> str:
+        return self._channel_or_reconnect().server_id
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session_id
+
+    def _call(
+        self, typeid: str | None, name: str | None, method: str, args: tuple[Any, ...]
+    ) -> Any:
+        return self._channel_or_reconnect().call(typeid, name, method, args)
+
+    def _after_fork(self) -> None:
+        channel = self._channel
+        if channel is not None:
+            channel.abandon()
+        self._channel = None
+        self._session_id = None  # the parent's session is not ours
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat = None
+        self._pid = os.getpid()
+
+    # -- daemon-level operations -----------------------------------------------------
+    def ping(self) -> None:
+        self._call(None, None, "ping", ())
+
+    def objects(self) -> list[tuple[str, str]]:
+        """``(name, type)`` of every object on the daemon, sorted by name."""
+        return [tuple(x) for x in self._call(None, None, "objects", ())]  # type: ignore[misc]
+
+    def delete(self, name: str) -> bool:
+        """Remove the object ``name``; False if there was none. Its waiters fail."""
+        return bool(self._call(None, None, "delete", (name,)))
+
+    def status(self) -> dict[str, Any]:
+        """What the daemon holds: objects with depths, holders and waiters; sessions."""
+        result: dict[str, Any] = self._call(None, None, "status", ())
+        return result
+
+    def _create(self, typeid: str, name: str, args: dict[str, Any]) -> str:
+        channel = self._channel_or_reconnect()
+        channel.call(None, None, "create", (typeid, name, args))
+        return channel.server_id
+
+    # -- object factories ---------------------------------------------------------------
+    def _make(self, cls: type[p.Proxy], name: str, **args: Any) -> Any:
+        given = {k: v for k, v in args.items() if v is not None}
+        return cls(self, name, given)
+
+    def Queue(
+        self,
+        name: str,
+        maxsize: int | None = None,
+        *,
+        visibility_timeout_s: float | None = None,
+        max_deliveries: int | None = None,
+    ) -> p.Queue:
+        """The queue ``name`` (created with ``maxsize``, 0 = unbounded)."""
+        from managerd_client import proxies as p
+
+        return self._make(
+            p.Queue, name, maxsize=maxsize,
+            visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
+        )  # fmt: skip
+
+    def JoinableQueue(
+        self,
+        name: str,
+        maxsize: int | None = None,
+        *,
+        visibility_timeout_s: float | None = None,
+        max_deliveries: int | None = None,
+    ) -> p.JoinableQueue:
+        from managerd_client import proxies as p
+
+        return self._make(
+            p.JoinableQueue, name, maxsize=maxsize,
+            visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
+        )  # fmt: skip
+
+    def Pipe(self, name: str, duplex: bool | None = None) -> tuple[p.PipeEnd, p.PipeEnd]:
+        """The two ends of the pipe ``name``; with ``duplex=False``, ``(reader, writer)``."""
+        from managerd_client import proxies as p
+
+        args = {} if duplex is None else {"duplex": duplex}
+        return p.PipeEnd(self, name, args, end=0), p.PipeEnd(self, name, args, end=1)
+
+    def dict(self, name: str) -> p.Dict:
+        from managerd_client import proxies as p
+
+        return self._make(p.Dict, name)
+
+    def list(self, name: str) -> p.List:
+        from managerd_client import proxies as p
+
+        return self._make(p.List, name)
+
+    def Namespace(self, name: str) -> p.Namespace:
+        from managerd_client import proxies as p
+
+        return self._make(p.Namespace, name)
+
+    def Value(self, name: str, typecode: str, value: Any = None) -> p.Value:
+        """The typed value ``name``; ``value`` is its initial value when created."""
+        from managerd_client import proxies as p
+
+        return self._make(p.Value, name, typecode=typecode, value=value)
+
+    def Array(self, name: str, typecode: str, sequence: Any) -> p.Array:
+        """The fixed-length array ``name``: a size, or initial values when created."""
+        from managerd_client import proxies as p
+
+        return self._make(p.Array, name, typecode=typecode, sequence=sequence)
+
+    def Lock(self, name: str) -> p.Lock:
+        from managerd_client import proxies as p
+
+        return self._make(p.Lock, name)
+
+    def RLock(self, name: str) -> p.RLock:
+        from managerd_client import proxies as p
+
+        return self._make(p.RLock, name)
+
+    def Semaphore(self, name: str, value: int | None = None) -> p.Semaphore:
+        from managerd_client import proxies as p
+
+        return self._make(p.Semaphore, name, value=value)
+
+    def BoundedSemaphore(self, name: str, value: int | None = None) -> p.BoundedSemaphore:
+        from managerd_client import proxies as p
+
+        return self._make(p.BoundedSemaphore, name, value=value)
+
+    def Event(self, name: str) -> p.Event:
+        from managerd_client import proxies as p
+
+        return self._make(p.Event, name)
+
+    def Condition(self, name: str, lock: p.Lock | None = None) -> p.Condition:
+        """The condition ``name`` over ``lock`` (default: its own RLock ``"<name>.lock"``)."""
+        from managerd_client import proxies as p
+
+        lock_name = None if lock is None else lock._name
+        cond: p.Condition = self._make(p.Condition, name, lock=lock_name)
+        return cond
+
+    def Barrier(
+        self, name: str, parties: int | None = None, timeout: float | None = None
+    ) -> p.Barrier:
+        from managerd_client import proxies as p
+
+        return self._make(p.Barrier, name, parties=parties, timeout=timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:
+        """End the session: the daemon releases everything it held."""
+        self._closed = True
+        self._stop.set()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"session {self._session_id}"
+        return f"<managerd Manager {self.address[0]}:{self.address[1]} {state}>"
+
+
+def _heartbeat_loop(
+    ref: Callable[[], Manager | None], stop: threading.Event, interval_s: float
+) -> None:
+    pid = os.getpid()
+    while not stop.wait(interval_s):
+        manager = ref()
+        if manager is None or manager._closed or os.getpid() != pid:
+            return
+        try:
+            manager._call(None, None, "ping", ())
+        except ManagerdError:
+            pass  # the next call (or ping) reconnects
+        del manager
+
+
+def _after_fork_in_child() -> None:
+    for manager in list(_managers):
+        manager._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def connect(
+    address: str | tuple[str, int],
+    authkey: bytes | str | None = None,
+    *,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    client_name: str | None = None,
+) -> Manager:
+    """Connect to the daemon at ``"host:port"`` and open a session.
+
+    ``authkey`` defaults to ``MANAGERD_AUTHKEY`` (or the file named by
+    ``MANAGERD_AUTHKEY_FILE``). Raises ``ConnectFailed`` when no daemon
+    answers within ``connect_timeout_s`` and ``AuthenticationFailed`` when
+    the key is refused.
+    """
+    if authkey is None:
+        authkey = _authkey_from_env()
+    elif isinstance(authkey, str):
+        authkey = authkey.encode()
+    return Manager(
+        parse_address(address),
+        authkey,
+        connect_timeout_s=connect_timeout_s,
+        tls=tls,
+        server_hostname=server_hostname,
+        client_name=client_name,
+    )
+
+
+_shared: dict[tuple[str, int], Manager] = {}
+_shared_lock = threading.Lock()
+
+
+def manager_for(address: tuple[str, int], authkey: bytes | None) -> Manager:
+    """A live manager of this process for ``address`` (to rebuild unpickled proxies).
+
+    Prefers one the program opened itself; else opens a shared one with the
+    authkey that came with the proxy (only sent to spawned children).
+    """
+    for manager in list(_managers):
+        if manager.address == address and not manager._closed:
+            return manager
+    if authkey is None:
+        raise ManagerdError(
+            f"a proxy for {address[0]}:{address[1]} arrived, but this process has no "
+            "connection there: call managerd_client.connect() first"
+        )
+    with _shared_lock:
+        manager = _shared.get(address)
+        if manager is None or manager._closed:
+            manager = _shared[address] = Manager(address, authkey)
+        return manager

@@ -1,0 +1,707 @@
+"""Proxies: stdlib-shaped handles on named objects of a daemon.
+
+A proxy is a name and a type; every method is one request on its
+manager's shared connection. Values (queue items, dict values, list items,
+namespace attributes, pipe messages) are pickled here and travel and rest
+on the daemon as opaque bytes; only clients unpickle them. Dict keys,
+``Value``/``Array`` numbers and arguments such as timeouts travel as plain
+builtin data, which the daemon decodes with a restricted unpickler.
+
+Proxies pickle by name, so they can be passed to ``multiprocessing``
+children (spawn or fork) or sent through a managerd queue; the receiver
+uses its own connection to the same daemon. The authkey goes along only
+while a child process is being spawned.
+
+If the daemon restarted (it has a new server id), a proxy re-issues its
+get-or-create before its next call, so proxies survive restarts.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence
+from multiprocessing.context import get_spawning_popen
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from managerd_client.errors import LockLost
+from managerd_client.wire import PICKLE_PROTOCOL
+
+if TYPE_CHECKING:
+    from managerd_client.client import Manager
+
+__all__ = [
+    "Array",
+    "Barrier",
+    "BoundedSemaphore",
+    "Condition",
+    "Dict",
+    "Event",
+    "JoinableQueue",
+    "List",
+    "Lock",
+    "Message",
+    "Namespace",
+    "PipeEnd",
+    "Proxy",
+    "Queue",
+    "RLock",
+    "Semaphore",
+    "Value",
+]
+
+
+def dumps(value: Any) -> bytes:
+    return pickle.dumps(value, PICKLE_PROTOCOL)
+
+
+def loads(payload: bytes | None) -> Any:
+    return None if payload is None else pickle.loads(payload)
+
+
+def _rebuild(
+    cls: type[Proxy],
+    address: tuple[str, int],
+    name: str,
+    args: dict[str, Any],
+    authkey: bytes | None,
+    extra: dict[str, Any],
+) -> Proxy:
+    from managerd_client.client import manager_for
+
+    return cls(manager_for(address, authkey), name, args, **extra)
+
+
+class Proxy:
+    """Base of every proxy: a named object on one daemon."""
+
+    _typeid: ClassVar[str]
+
+    def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError("an object name must be a non-empty str")
+        self._manager = manager
+        self._name = name
+        self._args = args
+        self._server_id = manager._create(self._typeid, name, args)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _call(self, method: str, *args: Any) -> Any:
+        channel = self._manager._channel_or_reconnect()
+        if channel.server_id != self._server_id:
+            # The daemon restarted: get-or-create again before calling.
+            channel.call(None, None, "create", (self._typeid, self._name, self._args))
+            self._server_id = channel.server_id
+        return channel.call(self._typeid, self._name, method, args)
+
+    def _extra(self) -> dict[str, Any]:
+        return {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        spawning = get_spawning_popen() is not None
+        authkey = self._manager._authkey if spawning else None
+        return (
+            _rebuild,
+            (type(self), self._manager.address, self._name, self._args, authkey, self._extra()),
+        )
+
+    def __repr__(self) -> str:
+        host, port = self._manager.address
+        return f"<managerd {self._typeid} {self._name!r} at {host}:{port}>"
+
+
+# -- queues ---------------------------------------------------------------------------
+
+
+class Message:
+    """A reserved queue item: ``ack()`` it when done, or it comes back."""
+
+    __slots__ = ("_done", "_queue", "deliveries", "delivery_id", "value")
+
+    def __init__(self, queue: Queue, delivery_id: int, value: Any, deliveries: int) -> None:
+        self._queue = queue
+        self.delivery_id = delivery_id
+        self.value = value
+        self.deliveries = deliveries
+        self._done = False
+
+    def ack(self) -> None:
+        """The item is handled: it is never delivered again."""
+        self._queue._call("ack", self.delivery_id)
+        self._done = True
+
+    def nack(self, requeue: bool = True) -> None:
+        """Give the item back (to the front), or drop it to the dead-letter queue."""
+        self._queue._call("nack", self.delivery_id, requeue)
+        self._done = True
+
+    def extend(self, seconds: float) -> None:
+        """Keep the reservation ``seconds`` more from now."""
+        self._queue._call("extend", self.delivery_id, seconds)
+
+    def __enter__(self) -> Message:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.ack()
+        else:
+            self.nack()
+
+    def __repr__(self) -> str:
+        return f"<Message {self.delivery_id} of {self._queue.name!r} deliveries={self.deliveries}>"
+
+
+class Queue(Proxy):
+    """A named ``queue.Queue``."""
+
+    _typeid = "Queue"
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._call("put", dumps(item), block, timeout)
+
+    def put_nowait(self, item: Any) -> None:
+        self._call("put_nowait", dumps(item))
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return loads(self._call("get", block, timeout))
+
+    def get_nowait(self) -> Any:
+        return loads(self._call("get_nowait"))
+
+    def put_many(
+        self, items: Iterable[Any], block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Put every item, in order, in one round trip."""
+        self._call("put_many", [dumps(item) for item in items], block, timeout)
+
+    def get_many(
+        self, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> list[Any]:
+        """Up to ``max_items`` items in one round trip; waits only while there are none."""
+        return [loads(p) for p in self._call("get_many", max_items, block, timeout)]
+
+    def qsize(self) -> int:
+        result: int = self._call("qsize")
+        return result
+
+    def empty(self) -> bool:
+        return bool(self._call("empty"))
+
+    def full(self) -> bool:
+        return bool(self._call("full"))
+
+    def reserve(self, timeout: float | None = None) -> Message:
+        """Take the next item with acknowledged delivery (``queue.Empty`` on timeout)."""
+        did, payload, deliveries = self._call("reserve", timeout)
+        return Message(self, did, loads(payload), deliveries)
+
+
+class JoinableQueue(Queue):
+    """A named ``multiprocessing.JoinableQueue``."""
+
+    _typeid = "JoinableQueue"
+
+    def task_done(self) -> None:
+        self._call("task_done")
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until every item put has been marked ``task_done``."""
+        self._call("join", timeout)
+
+
+class PipeEnd(Proxy):
+    """One end of a named pipe, shaped like ``multiprocessing.connection.Connection``."""
+
+    _typeid = "Pipe"
+
+    def __init__(self, manager: Manager, name: str, args: dict[str, Any], end: int = 0) -> None:
+        super().__init__(manager, name, args)
+        self._end = end
+
+    def _extra(self) -> dict[str, Any]:
+        return {"end": self._end}
+
+    def send(self, obj: Any) -> None:
+        self._call("send", self._end, dumps(obj))
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """The next object sent from the other end (``EOFError`` once it is closed)."""
+        return loads(self._call("recv", self._end, timeout))
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        return bool(self._call("poll", self._end, timeout))
+
+    def close(self) -> None:
+        self._call("close", self._end)
+
+    def __enter__(self) -> PipeEnd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- mappings -------------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+class Dict(Proxy, MutableMapping[Any, Any]):
+    """A named ``dict``; keys must be builtin data (str, int, tuple, ...)."""
+
+    _typeid = "dict"
+
+    def __getitem__(self, key: Any) -> Any:
+        return loads(self._call("__getitem__", key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._call("__setitem__", key, dumps(value))
+
+    def __delitem__(self, key: Any) -> None:
+        self._call("__delitem__", key)
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self._call("__contains__", key))
+
+    def __len__(self) -> int:
+        result: int = self._call("__len__")
+        return result
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        payload = self._call("get", key)
+        return default if payload is None else loads(payload)
+
+    def get_many(self, keys: Iterable[Any], default: Any = None) -> list[Any]:
+        """The value of each key (``default`` where missing), in one round trip."""
+        return [default if p is None else loads(p) for p in self._call("get_many", list(keys))]
+
+    def keys(self) -> list[Any]:  # type: ignore[override]
+        result: list[Any] = self._call("keys")
+        return result
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [loads(p) for p in self._call("values")]
+
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
+        return [(k, loads(p)) for k, p in self._call("items")]
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        if default is _MISSING:
+            return loads(self._call("pop", key))
+        return loads(self._call("pop", key, dumps(default)))
+
+    def popitem(self) -> tuple[Any, Any]:
+        key, payload = self._call("popitem")
+        return key, loads(payload)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        return loads(self._call("setdefault", key, dumps(default)))
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Set many keys in one round trip."""
+        pairs = other.items() if hasattr(other, "items") else other
+        encoded = [(k, dumps(v)) for k, v in pairs]
+        encoded.extend((k, dumps(v)) for k, v in kwargs.items())
+        self._call("update", encoded)
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def copy(self) -> dict[Any, Any]:
+        return {k: loads(p) for k, p in self._call("copy").items()}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Dict):
+            return self.copy() == other.copy()
+        return self.copy() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class List(Proxy, MutableSequence[Any]):
+    """A named ``list``."""
+
+    _typeid = "list"
+
+    def __getitem__(self, index: Any) -> Any:
+        result = self._call("__getitem__", index)
+        if isinstance(index, slice):
+            return [loads(p) for p in result]
+        return loads(result)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice):
+            self._call("__setitem__", index, [dumps(v) for v in value])
+        else:
+            self._call("__setitem__", index, dumps(value))
+
+    def __delitem__(self, index: Any) -> None:
+        self._call("__delitem__", index)
+
+    def __len__(self) -> int:
+        result: int = self._call("__len__")
+        return result
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.copy())
+
+    def __reversed__(self) -> Iterator[Any]:
+        return iter([loads(p) for p in self._call("__reversed__")])
+
+    def __contains__(self, value: object) -> bool:
+        return bool(self._call("__contains__", dumps(value)))
+
+    def insert(self, index: int, value: Any) -> None:
+        self._call("insert", index, dumps(value))
+
+    def append(self, value: Any) -> None:
+        self._call("append", dumps(value))
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self._call("extend", [dumps(v) for v in values])
+
+    def pop(self, index: int = -1) -> Any:
+        return loads(self._call("pop", index))
+
+    def remove(self, value: Any) -> None:
+        self._call("remove", dumps(value))
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        result: int = self._call("index", dumps(value), start, stop)
+        return result
+
+    def count(self, value: Any) -> int:
+        result: int = self._call("count", dumps(value))
+        return result
+
+    def reverse(self) -> None:
+        self._call("reverse")
+
+    def sort(self, *, key: None = None, reverse: bool = False) -> None:
+        """Sort on the daemon (items must be builtin data; no key function)."""
+        if key is not None:
+            raise TypeError("sort() on a shared list takes no key function")
+        self._call("sort", None, reverse)
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def copy(self) -> list[Any]:
+        return [loads(p) for p in self._call("copy")]
+
+    def __iadd__(self, values: Iterable[Any]) -> List:  # type: ignore[override]
+        self.extend(values)
+        return self
+
+    def __imul__(self, n: int) -> List:
+        self._call("__imul__", n)
+        return self
+
+    def __add__(self, other: Iterable[Any]) -> list[Any]:
+        return [loads(p) for p in self._call("__add__", [dumps(v) for v in other])]
+
+    def __mul__(self, n: int) -> list[Any]:
+        return [loads(p) for p in self._call("__mul__", n)]
+
+    __rmul__ = __mul__
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, List):
+            return self.copy() == other.copy()
+        return self.copy() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Namespace(Proxy):
+    """A named ``Namespace``: attributes are shared (names starting with _ are local)."""
+
+    _typeid = "Namespace"
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return loads(self._call("__getattribute__", attr))
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr.startswith("_"):
+            object.__setattr__(self, attr, value)
+        else:
+            self._call("__setattr__", attr, dumps(value))
+
+    def __delattr__(self, attr: str) -> None:
+        if attr.startswith("_"):
+            object.__delattr__(self, attr)
+        else:
+            self._call("__delattr__", attr)
+
+    def _items(self) -> dict[str, Any]:
+        return {k: loads(p) for k, p in self._call("items")}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in sorted(self._items().items()))
+        return f"Namespace({inner})"
+
+
+class Value(Proxy):
+    """A named ``multiprocessing.Value``; ``get_lock()`` is the RLock ``"<name>.lock"``."""
+
+    _typeid = "Value"
+
+    @property
+    def value(self) -> Any:
+        return self._call("get")
+
+    @value.setter
+    def value(self, new: Any) -> None:
+        self._call("set", new)
+
+    def get(self) -> Any:
+        return self._call("get")
+
+    def set(self, new: Any) -> None:
+        self._call("set", new)
+
+    def add(self, delta: Any) -> Any:
+        """Add ``delta`` atomically on the daemon; returns the new value."""
+        return self._call("add", delta)
+
+    def get_lock(self) -> RLock:
+        return self._manager.RLock(self._name + ".lock")
+
+
+class Array(Proxy):
+    """A named ``multiprocessing.Array``; ``get_lock()`` is the RLock ``"<name>.lock"``."""
+
+    _typeid = "Array"
+
+    def __len__(self) -> int:
+        result: int = self._call("__len__")
+        return result
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._call("__getitem__", index)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice) and not isinstance(value, (bytes, bytearray)):
+            value = list(value)
+        self._call("__setitem__", index, value)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.tolist())
+
+    def tolist(self) -> Any:
+        return self._call("tolist")
+
+    def get_lock(self) -> RLock:
+        return self._manager.RLock(self._name + ".lock")
+
+
+# -- locks ------------------------------------------------------------------------------
+
+
+class Lock(Proxy):
+    """A named ``Lock``; released by the daemon if this client's session ends.
+
+    ``fencing_token`` is the token of this client's current holding: strictly
+    greater than that of every earlier holding of the same lock.
+    """
+
+    _typeid = "Lock"
+
+    def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
+        super().__init__(manager, name, args)
+        self._local = threading.local()
+        self._held: dict[int, tuple[int, int]] = {}  # thread -> (token, session epoch)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        self._manager._channel_or_reconnect()
+        epoch = self._manager.session_epoch
+        lost = [t for t, (_, e) in self._held.items() if e != epoch]
+        if lost:
+            for thread in lost:
+                del self._held[thread]
+            raise LockLost(
+                f"{self._typeid} {self._name!r} was released by the daemon when this "
+                "client's session ended (partition or lease expiry)"
+            )
+        return super()._call(method, *args)
+
+    def _holder_key(self) -> int:
+        return 0  # a Lock belongs to the client, not to a thread
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        token = self._call("acquire", blocking, timeout)
+        if token is False:
+            return False
+        self._held[self._holder_key()] = (token, self._manager.session_epoch)
+        return True
+
+    def release(self) -> None:
+        self._call("release")
+        self._released()
+
+    def _released(self) -> None:
+        self._held.pop(self._holder_key(), None)
+
+    def locked(self) -> bool:
+        return bool(self._call("locked"))
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The fencing token of this client's holding, None when not held."""
+        held = self._held.get(self._holder_key())
+        return held[0] if held else None
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class RLock(Lock):
+    """A named ``RLock``, owned by one thread of one client."""
+
+    _typeid = "RLock"
+
+    def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
+        super().__init__(manager, name, args)
+        self._depth: dict[int, int] = {}
+
+    def _holder_key(self) -> int:
+        return threading.get_ident()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = super().acquire(blocking, timeout)
+        if got:
+            key = self._holder_key()
+            self._depth[key] = self._depth.get(key, 0) + 1
+        return got
+
+    def _released(self) -> None:
+        key = self._holder_key()
+        depth = self._depth.get(key, 0) - 1
+        if depth > 0:
+            self._depth[key] = depth
+        else:
+            self._depth.pop(key, None)
+            self._held.pop(key, None)
+
+
+class Semaphore(Lock):
+    """A named ``Semaphore``; permits come back if this client's session ends."""
+
+    _typeid = "Semaphore"
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # type: ignore[override]
+        token = self._call("acquire", blocking, -1 if timeout is None else timeout)
+        if token is False:
+            return False
+        self._held[self._holder_key()] = (token, self._manager.session_epoch)
+        return True
+
+    def release(self, n: int = 1) -> None:  # type: ignore[override]
+        self._call("release", n)
+        self._held.pop(self._holder_key(), None)
+
+    def get_value(self) -> int:
+        result: int = self._call("get_value")
+        return result
+
+
+class BoundedSemaphore(Semaphore):
+    """A named ``BoundedSemaphore``: releasing more than acquired is a ValueError."""
+
+    _typeid = "BoundedSemaphore"
+
+
+# -- events, conditions, barriers ------------------------------------------------------------
+
+
+class Event(Proxy):
+    """A named ``Event``."""
+
+    _typeid = "Event"
+
+    def is_set(self) -> bool:
+        return bool(self._call("is_set"))
+
+    def set(self) -> None:
+        self._call("set")
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._call("wait", timeout))
+
+
+class Condition(RLock):
+    """A named ``Condition`` over a named Lock or RLock."""
+
+    _typeid = "Condition"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Release the lock until notified (True) or ``timeout`` passes (False)."""
+        return bool(self._call("wait", timeout))
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        end = None if timeout is None else time.monotonic() + timeout
+        result = predicate()
+        while not result:
+            if end is not None:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.wait(remaining)
+            else:
+                self.wait()
+            result = predicate()
+        return result
+
+    def notify(self, n: int = 1) -> None:
+        self._call("notify", n)
+
+    def notify_all(self) -> None:
+        self._call("notify_all")
+
+
+class Barrier(Proxy):
+    """A named ``Barrier``; breaks if a waiting client's session ends."""
+
+    _typeid = "Barrier"
+
+    def wait(self, timeout: float | None = None) -> int:
+        result: int = self._call("wait", timeout)
+        return result
+
+    def abort(self) -> None:
+        self._call("abort")
+
+    def reset(self) -> None:
+        self._call("reset")
+
+    @property
+    def parties(self) -> int:
+        result: int = self._call("state")[0]
+        return result
+
+    @property
+    def n_waiting(self) -> int:
+        result: int = self._call("state")[1]
+        return result
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._call("state")[2])

@@ -1,0 +1,236 @@
+"""The wire format of ``multiprocessing.connection``, shared by client and daemon.
+
+Frames are a 4-byte big-endian signed length and the bytes; a length of -1
+is followed by an 8-byte unsigned length for frames over 2 GiB. Authentication
+is the HMAC challenge of ``multiprocessing.connection``: the daemon sends
+``#CHALLENGE#{sha256}<40 random bytes>``, the peer answers with an HMAC of it
+(``{sha256}<mac>``, or a bare 16-byte HMAC-MD5 from Python 3.11), then the
+peer challenges the daemon the same way. Stock clients of Python 3.11-3.13
+speak exactly this, which is why managerd keeps it.
+
+Why by hand: ``multiprocessing.connection.Connection`` reads and writes the
+raw file descriptor (which bypasses TLS) and blocks a thread per connection;
+the daemon needs the same frames on an event loop and the client needs them
+on an ``ssl.SSLSocket`` shared by threads. The handshake functions here are
+pure (bytes in, bytes out) so that both sides use the same code.
+
+After the handshake a stock client sends pickled ``(ident, method, args,
+kwds)`` requests and reads ``('#RETURN', value)``/``('#ERROR', exc)``. The
+managerd client first sends the stock-shaped request ``(None, HELLO, (info,),
+{})``; from the reply on, that connection carries managerd's own envelopes
+(see :class:`Request`/replies below), which add request ids so that threads
+can share one connection and pipeline calls.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import socket
+import struct
+from typing import Any, Final
+
+__all__ = [
+    "CHALLENGE",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "FAILURE",
+    "HELLO",
+    "PROTOCOL_VERSION",
+    "WELCOME",
+    "FrameSocket",
+    "create_response",
+    "frame_header",
+    "make_challenge",
+    "verify_response",
+]
+
+CHALLENGE: Final = b"#CHALLENGE#"
+WELCOME: Final = b"#WELCOME#"
+FAILURE: Final = b"#FAILURE#"
+CHALLENGE_RANDOM_BYTES: Final = 40
+HANDSHAKE_MAX_FRAME_BYTES: Final = 256
+DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+
+#: The method name of the request that switches a connection to managerd's
+#: envelopes. A stock server answers it with an error, a managerd daemon with
+#: the session it opened.
+HELLO: Final = "managerd_hello"
+PROTOCOL_VERSION: Final = 1
+
+#: The pickle protocol of managerd envelopes and payloads. 5 is the newest
+#: that every supported Python (3.11+) reads.
+PICKLE_PROTOCOL: Final = 5
+
+_LEGACY_MD5_LENGTHS: Final = (16, 20)
+_ALLOWED_DIGESTS: Final = frozenset({b"md5", b"sha256", b"sha384", b"sha3_256", b"sha3_384"})
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+
+def frame_header(size: int) -> bytes:
+    """The length prefix of a frame of ``size`` bytes."""
+    if size > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _LONG_HEADER.pack(size)
+    return _HEADER.pack(size)
+
+
+def make_challenge(digest: str = "sha256") -> tuple[bytes, bytes]:
+    """A fresh challenge: ``(frame to send, message the MAC must cover)``."""
+    message = b"{%s}%s" % (digest.encode("ascii"), os.urandom(CHALLENGE_RANDOM_BYTES))
+    return CHALLENGE + message, message
+
+
+def _split_digest(message: bytes) -> tuple[str, bytes]:
+    """``(digest name, payload)`` of a challenge or response; '' means legacy MD5."""
+    if len(message) in _LEGACY_MD5_LENGTHS:
+        return "", message
+    if message.startswith(b"{"):
+        end = message.find(b"}", 1, 12)
+        if end > 0 and message[1:end] in _ALLOWED_DIGESTS:
+            return message[1:end].decode("ascii"), message[end + 1 :]
+    raise ValueError("unsupported challenge: wrong length, no digest prefix, or unknown digest")
+
+
+def create_response(authkey: bytes, challenge_frame: bytes) -> bytes:
+    """The answer to a ``#CHALLENGE#`` frame: an HMAC of its message."""
+    if not challenge_frame.startswith(CHALLENGE):
+        raise ValueError("expected a #CHALLENGE# frame")
+    message = challenge_frame[len(CHALLENGE) :]
+    digest, _ = _split_digest(message)
+    if not digest:
+        return hmac.new(authkey, message, "md5").digest()
+    mac = hmac.new(authkey, message, digest).digest()
+    return b"{%s}%s" % (digest.encode("ascii"), mac)
+
+
+def verify_response(
+    authkey: bytes, message: bytes, response: bytes, *, allow_md5: bool = True
+) -> bool:
+    """Whether ``response`` is a valid HMAC of ``message`` under ``authkey``.
+
+    A prefixed challenge cannot be downgraded: the MAC covers the prefix. A
+    bare 16-byte response is Python 3.11's HMAC-MD5, refused unless
+    ``allow_md5``.
+    """
+    try:
+        digest, mac = _split_digest(response)
+    except ValueError:
+        return False
+    digest = digest or "md5"
+    if digest == "md5" and not allow_md5:
+        return False
+    expected = hmac.new(authkey, message, digest).digest()
+    return hmac.compare_digest(expected, mac)
+
+
+class FrameSocket:
+    """Blocking frame I/O over a socket (plain or TLS), buffered for reads.
+
+    Sends are whole frames in one ``sendall``; reads fill a buffer with as
+    much as the socket has, so a burst of replies costs one syscall.
+    """
+
+    __slots__ = ("_buf", "_max_frame_bytes", "sock")
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self.sock = sock
+        self._buf = bytearray()
+        self._max_frame_bytes = max_frame_bytes
+
+    def send_frame(self, body: bytes) -> None:
+        if len(body) < 65536:
+            self.sock.sendall(frame_header(len(body)) + body)
+        else:  # avoid copying a large body just to prepend four bytes
+            self.sock.sendall(frame_header(len(body)))
+            self.sock.sendall(body)
+
+    def has_buffered_frame(self) -> bool:
+        buf = self._buf
+        if len(buf) < 4:
+            return False
+        (size,) = _HEADER.unpack_from(buf)
+        return size >= 0 and len(buf) >= 4 + size
+
+    def recv_frame(self) -> bytes:
+        """The next frame; ``EOFError`` when the peer closed the connection.
+
+        A socket timeout raises ``TimeoutError`` with the partial frame kept
+        in the buffer, so the caller may simply call again.
+        """
+        buf = self._buf
+        while True:
+            if len(buf) >= 4:
+                (size,) = _HEADER.unpack_from(buf)
+                start = 4
+                if size == -1:
+                    if len(buf) < 12:
+                        self._fill()
+                        continue
+                    (size,) = _LONG_HEADER.unpack_from(buf, 4)
+                    start = 12
+                if size < 0 or size > self._max_frame_bytes:
+                    raise OSError(f"frame of {size} bytes is over the limit")
+                end = start + size
+                if len(buf) >= end:
+                    frame = bytes(buf[start:end])
+                    del buf[:end]
+                    return frame
+            self._fill()
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise EOFError("connection closed by peer")
+        self._buf += chunk
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def client_handshake(fs: FrameSocket, authkey: bytes) -> None:
+    """Authenticate to a daemon (answer its challenge, then challenge it).
+
+    Raises ``PermissionError`` when either side refuses the other.
+    """
+    challenge = fs.recv_frame()
+    if len(challenge) > HANDSHAKE_MAX_FRAME_BYTES or not challenge.startswith(CHALLENGE):
+        raise PermissionError("the peer did not send an authentication challenge")
+    try:
+        fs.send_frame(create_response(authkey, challenge))
+    except ValueError as exc:
+        raise PermissionError(str(exc)) from exc
+    if fs.recv_frame() != WELCOME:
+        raise PermissionError("the daemon refused the authkey")
+    frame, message = make_challenge()
+    fs.send_frame(frame)
+    response = fs.recv_frame()
+    if not verify_response(authkey, message, response):
+        fs.send_frame(FAILURE)
+        raise PermissionError("the daemon does not know the authkey")
+    fs.send_frame(WELCOME)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle: a request and its reply must not wait for an ACK."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` as a tuple."""
+    if isinstance(address, tuple):
+        host, port = address
+        return str(host), int(port)
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port_text)
+
+
+def describe(value: Any) -> str:
+    """A short repr for error messages (never a whole payload)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,5 @@
+"""``python -m managerd`` is the ``managerd`` command."""
+
+from managerd.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""The ``managerd`` command: parse, build ``Settings``, call one function.
+
+The only module that imports typer or configures logging. Every command
+reports a failure as one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from managerd.settings import AuthkeyError, Settings, load_settings, resolve_authkey
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="managerd: named queues, dicts, locks and more, served to Python across hosts.",
+)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML settings file (flags win).")
+]
+HostOpt = Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")]
+PortOpt = Annotated[int | None, typer.Option(help="Port to listen on [50000].")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"managerd: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None, **flags: Any) -> Settings:
+    try:
+        return load_settings(config, **flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise _fail(f"invalid settings: {problems}", 2) from None
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    authkey_file: Annotated[Path | None, typer.Option(help="File holding the authkey.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Directory for durable state.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 is off.")] = None,
+    session_ttl_s: Annotated[
+        float | None, typer.Option(help="Seconds without heartbeat before a session ends.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING...")] = None,
+) -> None:
+    """Run the daemon until SIGTERM or Ctrl-C."""
+    settings = _settings(
+        config,
+        host=host,
+        port=port,
+        authkey_file=authkey_file,
+        data_dir=data_dir,
+        metrics_port=metrics_port,
+        session_ttl_s=session_ttl_s,
+        log_level=log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from managerd.server import run_server
+
+    try:
+        run_server(settings)
+    except AuthkeyError as exc:
+        raise _fail(str(exc), 2) from None
+    except OSError as exc:
+        raise _fail(exc.strerror or str(exc), 1) from None
+
+
+@app.command()
+def config(config: ConfigOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Print the effective settings (secrets masked) as JSON."""
+    settings = _settings(config, host=host, port=port)
+    typer.echo(json.dumps(settings.masked(), indent=2, sort_keys=True))
+
+
+@app.command()
+def check(
+    config: ConfigOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3.0,
+) -> None:
+    """Exit 0 if a daemon answers at the address, 1 otherwise (for healthchecks)."""
+    from managerd_client import ManagerdError, connect
+
+    settings = _settings(config, host=host, port=port)
+    try:
+        authkey, _ = resolve_authkey(settings)
+    except (AuthkeyError, OSError) as exc:
+        raise _fail(str(exc), 1) from None
+    address = (settings.host, settings.port)
+    try:
+        with connect(address, authkey=authkey, connect_timeout_s=timeout_s) as m:
+            m.ping()
+    except (ManagerdError, OSError) as exc:
+        raise _fail(f"no daemon answering at {settings.host}:{settings.port}: {exc}", 1) from None
+    typer.echo(f"ok: managerd answering at {settings.host}:{settings.port}")
+
+
+def main() -> None:
+    app()

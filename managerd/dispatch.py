@@ -1,0 +1,179 @@
+"""From a decoded request to an object method, and its reply back.
+
+A method's result is sent at once, or — when it is an ``asyncio.Future``
+(a parked waiter) — when the future completes. A future cancelled because
+its session ended gets no reply: nobody is there to read it.
+
+managerd envelopes (after the hello) are ``<rid:u64><pickle of (typeid,
+name, method, args, thread)>``; replies are ``<rid:u64><status:u8><pickle of
+value>`` with status 0 for a result and 1 for an ``(error kind, message)``
+pair. The request id stays outside the pickle so that a request the daemon
+refuses to decode still gets an answer the client can match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from managerd_client.errors import ForbiddenPayload, ManagerdError, error_kind
+from managerd_client.wire import PICKLE_PROTOCOL
+
+from managerd.objects.base import Call, SharedObject
+from managerd.registry import TYPES, Registry
+from managerd.safepickle import SafeDecoder
+from managerd.sessions import Session, SessionTable
+
+log = logging.getLogger("managerd")
+
+RID: Final = struct.Struct("!Q")
+REPLY_HEAD: Final = struct.Struct("!QB")
+STATUS_OK: Final = 0
+STATUS_ERROR: Final = 1
+
+#: Exceptions an object method raises to mean "the caller asked for
+#: something wrong"; anything else is a daemon bug and is logged in full.
+EXPECTED_ERRORS: Final = (
+    ManagerdError,
+    LookupError,
+    ValueError,
+    TypeError,
+    RuntimeError,
+    AttributeError,
+    OSError,
+    EOFError,
+    ArithmeticError,
+    NotImplementedError,
+    queue.Empty,
+    queue.Full,
+    threading.BrokenBarrierError,
+)
+
+
+class ReplySink(Protocol):
+    """The side of a connection that writes frames."""
+
+    def send_frame(self, body: bytes) -> None: ...
+
+
+class ServerOps:
+    """Daemon-level operations that are not calls on one object."""
+
+    def __init__(self, registry: Registry, sessions: SessionTable, started_at: float) -> None:
+        self.registry = registry
+        self.sessions = sessions
+        self.started_at = started_at
+
+    def create(self, typeid: str, name: str, args: dict[str, Any]) -> SharedObject:
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            raise TypeError("creation arguments must be a dict with str keys")
+        return self.registry.get_or_create(typeid, name, args)
+
+    def objects(self) -> list[tuple[str, str]]:
+        return self.registry.listing()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "objects": {name: obj.describe() for name, obj in self.registry.objects.items()},
+            "sessions": [s.describe() for s in self.sessions],
+        }
+
+
+class Dispatcher:
+    """Runs managerd-envelope requests against the registry."""
+
+    def __init__(
+        self,
+        ops: ServerOps,
+        decoder: SafeDecoder,
+        loop: asyncio.AbstractEventLoop,
+        on_request: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self.ops = ops
+        self.registry = ops.registry
+        self.decoder = decoder
+        self.loop = loop
+        self.on_request = on_request
+
+    def handle(self, sink: ReplySink, session: Session, frame: bytes) -> None:
+        if len(frame) < RID.size:
+            raise ForbiddenPayload("a request frame is shorter than its request id")
+        (rid,) = RID.unpack_from(frame)
+        try:
+            typeid, name, method, args, thread = self.decoder.loads(memoryview(frame)[RID.size :])
+            if not isinstance(args, tuple):
+                raise TypeError("request arguments must be a tuple")
+        except Exception as exc:
+            self._reply_error(sink, rid, exc)
+            return
+        call = Call(session, thread, self.loop)
+        try:
+            if typeid is None:
+                result = self._server_call(session, method, args)
+            else:
+                obj = self.registry.get(name, typeid)
+                spec = obj.methods.get(method)
+                if spec is None:
+                    raise AttributeError(f"{typeid} has no method {method!r}")
+                result = spec.fn(obj, call, *args)
+        except EXPECTED_ERRORS as exc:
+            self._reply_error(sink, rid, exc)
+            return
+        except Exception as exc:
+            log.exception("internal error in %s.%s", typeid, method)
+            self._reply_error(sink, rid, exc)
+            return
+        if isinstance(result, asyncio.Future):
+            result.add_done_callback(lambda fut: self._reply_later(sink, rid, fut))
+        else:
+            self._reply(sink, rid, result)
+
+    def _server_call(self, session: Session, method: str, args: tuple[Any, ...]) -> Any:
+        if method == "ping":
+            return None
+        if method == "create":
+            typeid, name, create_args = args
+            self.ops.create(typeid, name, create_args)
+            return None
+        if method == "delete":
+            (name,) = args
+            return self.registry.delete(name)
+        if method == "objects":
+            return self.ops.objects()
+        if method == "status":
+            return self.ops.status()
+        if method == "types":
+            return {typeid: sorted(cls.methods) for typeid, cls in TYPES.items()}
+        raise AttributeError(f"the daemon has no operation {method!r}")
+
+    def _reply(self, sink: ReplySink, rid: int, value: Any) -> None:
+        try:
+            body = pickle.dumps(value, PICKLE_PROTOCOL)
+        except Exception as exc:  # a daemon bug, but answer rather than hang
+            self._reply_error(sink, rid, exc)
+            return
+        sink.send_frame(REPLY_HEAD.pack(rid, STATUS_OK) + body)
+
+    def _reply_error(self, sink: ReplySink, rid: int, exc: BaseException) -> None:
+        kind = error_kind(exc)
+        # A KeyError carries its key (builtin data, it was decoded safely).
+        args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
+        body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
+        sink.send_frame(REPLY_HEAD.pack(rid, STATUS_ERROR) + body)
+
+    def _reply_later(self, sink: ReplySink, rid: int, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._reply_error(sink, rid, exc)
+        else:
+            self._reply(sink, rid, future.result())

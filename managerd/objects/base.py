@@ -1,0 +1,242 @@
+"""What every named object shares: exposed methods, waiters, sessions.
+
+Objects are plain single-threaded data structures owned by the event loop
+(DESIGN.md, principle 2). An exposed method returns its result at once, or
+an ``asyncio.Future`` when it must wait: the waiter is registered with the
+object *and* with the caller's session, so a session that ends cancels it
+before it can take an item or a lock. A method never blocks the loop.
+
+A Task per call would cost more than most calls, so the daemon awaits only
+the futures that methods return (see ``dispatch.py``).
+
+Payloads (queue items, dict and list values, namespace attributes) are the
+client's pickled bytes and stay opaque here. Each exposed method declares
+which arguments and results are payloads so that the stock-client adapter
+can convert plain values at the edge (``stock.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from managerd_client.errors import ArgumentConflict
+
+from managerd.sessions import Session
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Conv(enum.Enum):
+    """How the stock-client adapter converts an argument or a result."""
+
+    PLAIN = "plain"  # builtin data, passed as is
+    PAYLOAD = "payload"  # one value <-> pickled bytes
+    PAYLOADS = "payloads"  # a sequence of values <-> list of pickled bytes
+    PAIRS = "pairs"  # (key, value) pairs <-> list of (key, pickled bytes)
+    ITEM_OR_ITEMS = "item_or_items"  # list.__setitem__: one value, or many for a slice
+    ACQUIRED = "acquired"  # a fencing token (or False) <-> True/False
+    PAIR = "pair"  # one (key, value) pair <-> (key, pickled bytes)
+    MAPPING = "mapping"  # a dict of values <-> dict of pickled bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSpec:
+    """One exposed method: the function and how its values travel."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: dict[str, Conv] = field(default_factory=dict)
+    params: tuple[str, ...] = ()
+    result: Conv = Conv.PLAIN
+    mutates: bool = False
+
+
+def exposed(
+    name: str | None = None,
+    *,
+    result: Conv = Conv.PLAIN,
+    mutates: bool = False,
+    **args: Conv,
+) -> Callable[[F], F]:
+    """Mark an object method as callable by clients under ``name``."""
+
+    def mark(fn: F) -> F:
+        params = tuple(inspect.signature(fn).parameters)[2:]  # skip self, call
+        unknown = set(args) - set(params)
+        if unknown:
+            raise TypeError(f"{fn.__qualname__}: no parameters {sorted(unknown)}")
+        fn.__managerd_spec__ = MethodSpec(  # type: ignore[attr-defined]
+            name or fn.__name__, fn, dict(args), params, result, mutates
+        )
+        return fn
+
+    return mark
+
+
+@dataclass(slots=True)
+class Call:
+    """The context of one request: who asks, from which client thread."""
+
+    session: Session
+    thread: int
+    loop: asyncio.AbstractEventLoop
+
+
+class Waiter:
+    """A blocked call, parked on an object until it can complete."""
+
+    __slots__ = ("alive", "data", "future", "on_cancel", "session", "timer")
+
+    def __init__(self, session: Session, future: asyncio.Future[Any], data: Any = None) -> None:
+        self.session = session
+        self.future = future
+        self.data = data
+        self.alive = True
+        self.timer: asyncio.TimerHandle | None = None
+        self.on_cancel: Callable[[Waiter], None] | None = None
+
+    def detach(self) -> None:
+        """Leave the object's queue without completing (the future moves on)."""
+        self._close()
+
+    def _close(self) -> None:
+        self.alive = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.session.waiters.discard(self)
+
+    def finish(self, result: Any) -> None:
+        self._close()
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        self._close()
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def cancel(self) -> None:
+        """The session went away: drop the wait without completing it."""
+        if not self.alive:
+            return
+        self._close()
+        self.future.cancel()
+        if self.on_cancel is not None:
+            self.on_cancel(self)
+
+
+def pop_alive(waiters: deque[Waiter]) -> Waiter | None:
+    """The first waiter still alive, dropping dead ones on the way."""
+    while waiters:
+        waiter = waiters.popleft()
+        if waiter.alive:
+            return waiter
+    return None
+
+
+def alive_count(waiters: deque[Waiter]) -> int:
+    return sum(1 for w in waiters if w.alive)
+
+
+def timeout_s(block: bool, timeout: float | None) -> float | None:
+    """The stdlib's (block, timeout) pair as seconds to wait (0: don't)."""
+    if not block:
+        return 0.0
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return float(timeout)
+
+
+class SharedObject:
+    """Base of every named object the daemon serves."""
+
+    typeid: ClassVar[str]
+    #: Creation parameters in the order a stock client passes them.
+    create_params: ClassVar[tuple[str, ...]] = ()
+    methods: ClassVar[dict[str, MethodSpec]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        methods: dict[str, MethodSpec] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                spec = getattr(attr, "__managerd_spec__", None)
+                if isinstance(spec, MethodSpec):
+                    methods[spec.name] = spec
+        cls.methods = methods
+
+    #: Creation parameters that only set initial state (``Value``'s value):
+    #: a later get-or-create may pass another without a conflict.
+    state_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self.loop = loop
+
+    # -- creation ---------------------------------------------------------
+    def creation_args(self) -> dict[str, Any]:
+        """The arguments this object was created with (for conflicts and listing)."""
+        return {}
+
+    def check_conflicts(self, args: dict[str, Any]) -> None:
+        """Refuse a get-or-create whose explicit arguments differ from ours."""
+        current = self.creation_args()
+        for key, value in args.items():
+            if key in self.state_params or key not in current:
+                continue
+            if current[key] != value:
+                raise ArgumentConflict(
+                    f"{self.typeid} {self.name!r} exists with {key}={current[key]!r}; "
+                    f"cannot attach with {key}={value!r}"
+                )
+
+    # -- sessions ---------------------------------------------------------
+    def release_session(self, session: Session) -> None:
+        """Give back everything ``session`` holds here (it has ended)."""
+
+    def park(
+        self,
+        waiters: deque[Waiter],
+        call: Call,
+        wait_s: float | None,
+        on_timeout: Callable[[Waiter], None],
+        data: Any = None,
+    ) -> asyncio.Future[Any]:
+        """Register a waiter for ``call``; ``on_timeout`` runs after ``wait_s``."""
+        future: asyncio.Future[Any] = call.loop.create_future()
+        waiter = Waiter(call.session, future, data)
+        waiters.append(waiter)
+        call.session.waiters.add(waiter)
+        if wait_s is not None:
+            waiter.timer = call.loop.call_later(wait_s, on_timeout, waiter)
+        return future
+
+    def waiter_count(self) -> int:
+        return 0
+
+    def shutdown(self, exc: BaseException) -> None:
+        """The object is being deleted or the daemon stops: fail every waiter."""
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for ``objects()`` and status."""
+        return {"type": self.typeid, "args": self.creation_args()}
+
+    def snapshot(self) -> Any:
+        """The whole value, for a stock client's ``_getvalue()``."""
+        raise TypeError(f"a {self.typeid} has no value to copy")
+
+
+def fail_all(waiters: deque[Waiter], exc: BaseException) -> None:
+    while waiters:
+        waiter = waiters.popleft()
+        if waiter.alive:
+            waiter.fail(exc)

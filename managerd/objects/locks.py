@@ -1,0 +1,262 @@
+"""Locks, re-entrant locks and semaphores, owned by sessions.
+
+Every successful acquire returns a fencing token, monotonic per object: a
+client that holds token 7 knows that anyone holding the lock after it holds
+8 or more. When a session ends, what it held is released and goes to the
+next live waiter (whose waiter was not cancelled, because the dead session's
+own waiters are cancelled before its holdings are released).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from managerd.objects.base import (
+    Call,
+    Conv,
+    SharedObject,
+    Waiter,
+    alive_count,
+    exposed,
+    fail_all,
+    pop_alive,
+)
+from managerd.sessions import Session
+
+
+def _acquire_wait_s(blocking: bool, timeout: float | None) -> float | None:
+    """threading's (blocking, timeout) as seconds to wait; -1/None is forever."""
+    if not blocking:
+        if timeout not in (None, -1):
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        return 0.0
+    if timeout is None or timeout == -1:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout value must be a non-negative number")
+    return float(timeout)
+
+
+def _not_acquired(waiter: Waiter) -> None:
+    waiter.finish(False)
+
+
+class Lock(SharedObject):
+    """``threading.Lock``: one holder; any client may release it."""
+
+    typeid = "Lock"
+    owned_by_thread = False
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name, loop)
+        self.holder: Session | None = None
+        self.holder_thread = 0
+        self.count = 0  # recursion depth (RLock); 1 while a Lock is held
+        self.token = 0
+        self.acquired_at = 0.0
+        self.waiters: deque[Waiter] = deque()
+        self.acquires_total = 0
+
+    def _grant(self, session: Session, thread: int) -> int:
+        self.holder = session
+        self.holder_thread = thread
+        self.count = 1
+        self.token += 1
+        self.acquires_total += 1
+        self.acquired_at = self.loop.time()
+        session.hold(self)
+        return self.token
+
+    def _owns(self, call: Call) -> bool:
+        return self.holder is call.session and self.holder_thread == call.thread
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+        """The fencing token (an int >= 1) when acquired, else False."""
+        wait_s = _acquire_wait_s(blocking, timeout)
+        if self.owned_by_thread and self._owns(call):
+            self.count += 1
+            return self.token
+        if self.holder is None and alive_count(self.waiters) == 0:
+            return self._grant(call.session, call.thread)
+        if wait_s == 0.0:
+            return False
+        return self.park(self.waiters, call, wait_s, _not_acquired, (call.thread, 1, None))
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> None:
+        if self.holder is None:
+            raise RuntimeError("release unlocked lock")
+        if self.owned_by_thread:
+            if not self._owns(call):
+                raise RuntimeError("cannot release un-acquired lock")
+            self.count -= 1
+            if self.count:
+                return
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        self.holder = None
+        self.count = 0
+        waiter = pop_alive(self.waiters)
+        if waiter is not None:
+            thread, depth, result = waiter.data
+            token = self._grant(waiter.session, thread)
+            self.count = depth
+            waiter.finish(token if result is None else result)
+
+    @exposed()
+    def locked(self, call: Call) -> bool:
+        return self.holder is not None
+
+    @exposed()
+    def fencing_token(self, call: Call) -> int:
+        """The token of the current holding (0 if never acquired)."""
+        return self.token
+
+    def release_session(self, session: Session) -> None:
+        if self.holder is session:
+            self._hand_over()
+
+    # -- used by Condition -------------------------------------------------
+    def release_fully(self, call: Call) -> int:
+        """Release whatever depth ``call`` holds; the depth, to restore later."""
+        if self.holder is None or (self.owned_by_thread and not self._owns(call)):
+            raise RuntimeError("cannot wait on un-acquired lock")
+        depth = self.count
+        self._hand_over()
+        return depth
+
+    def reacquire(
+        self, session: Session, future: asyncio.Future[Any], thread: int, depth: int, result: Any
+    ) -> None:
+        """Take the lock back for a Condition waiter, then complete ``future``."""
+        if self.holder is None and alive_count(self.waiters) == 0:
+            self._grant(session, thread)
+            self.count = depth
+            if not future.done():
+                future.set_result(result)
+            return
+        waiter = Waiter(session, future, (thread, depth, result))
+        self.waiters.append(waiter)
+        session.waiters.add(waiter)
+
+    def waiter_count(self) -> int:
+        return alive_count(self.waiters)
+
+    def shutdown(self, exc: BaseException) -> None:
+        fail_all(self.waiters, exc)
+
+    def describe(self) -> dict[str, Any]:
+        holder = self.holder
+        return {
+            **super().describe(),
+            "held": holder is not None,
+            "holder": holder.describe() if holder is not None else None,
+            "held_for_s": round(self.loop.time() - self.acquired_at, 3) if holder else None,
+            "token": self.token,
+            "waiters": self.waiter_count(),
+        }
+
+
+class RLock(Lock):
+    """``threading.RLock``: owned by one client thread, re-entrant."""
+
+    typeid = "RLock"
+    owned_by_thread = True
+
+
+class Semaphore(SharedObject):
+    """``threading.Semaphore``; permits taken by a session return when it ends."""
+
+    typeid = "Semaphore"
+    create_params = ("value",)
+    bounded = False
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, value: int = 1) -> None:
+        super().__init__(name, loop)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError("semaphore value must be an int")
+        if value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        self.initial = value
+        self.value = value
+        self.token = 0
+        self.waiters: deque[Waiter] = deque()
+        self.held: dict[Session, int] = {}
+        self.acquires_total = 0
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"value": self.initial}
+
+    def _grant(self, session: Session) -> int:
+        self.value -= 1
+        self.held[session] = self.held.get(session, 0) + 1
+        session.hold(self)
+        self.token += 1
+        self.acquires_total += 1
+        return self.token
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+        wait_s = _acquire_wait_s(blocking, timeout)
+        if self.value > 0 and alive_count(self.waiters) == 0:
+            return self._grant(call.session)
+        if wait_s == 0.0:
+            return False
+        return self.park(self.waiters, call, wait_s, _not_acquired)
+
+    @exposed(mutates=True)
+    def release(self, call: Call, n: int = 1) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError("n must be one or more")
+        if self.bounded and self.value + n > self.initial:
+            raise ValueError("Semaphore released too many times")
+        held = self.held.get(call.session, 0)
+        if held:
+            if held > n:
+                self.held[call.session] = held - n
+            else:
+                del self.held[call.session]
+        self._give(n)
+
+    def _give(self, n: int) -> None:
+        self.value += n
+        while self.value > 0:
+            waiter = pop_alive(self.waiters)
+            if waiter is None:
+                return
+            waiter.finish(self._grant(waiter.session))
+
+    @exposed()
+    def get_value(self, call: Call) -> int:
+        return self.value
+
+    def release_session(self, session: Session) -> None:
+        n = self.held.pop(session, 0)
+        if n:
+            self._give(n)
+
+    def waiter_count(self) -> int:
+        return alive_count(self.waiters)
+
+    def shutdown(self, exc: BaseException) -> None:
+        fail_all(self.waiters, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "value": self.value,
+            "holders": [{**s.describe(), "permits": n} for s, n in self.held.items()],
+            "token": self.token,
+            "waiters": self.waiter_count(),
+        }
+
+
+class BoundedSemaphore(Semaphore):
+    """A Semaphore whose value may never exceed its initial value."""
+
+    typeid = "BoundedSemaphore"
+    bounded = True

@@ -1,0 +1,490 @@
+"""Dicts, lists, namespaces, values and arrays.
+
+Dict keys and namespace attribute names are builtin data, decoded safely
+with the request; dict values, list items and attributes are payloads
+(opaque pickled bytes). The few list operations that compare items
+(``index``, ``count``, ``remove``, ``in``, ``sort``) decode them with the
+restricted unpickler, falling back to comparing bytes for items of classes
+the daemon does not decode. ``Value`` and ``Array`` hold numbers the daemon
+type-checks as ``ctypes`` would (``array`` does the checking).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+from collections.abc import Iterable
+from typing import Any, ClassVar, Final
+
+from managerd_client.errors import ForbiddenPayload
+
+from managerd.objects.base import Call, Conv, SharedObject, exposed
+from managerd.safepickle import SafeDecoder
+
+_DECODER: Final = SafeDecoder()
+NO_DEFAULT: Final = object()
+
+
+def _check_payload(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError("values travel as pickled bytes")
+    return value
+
+
+def _check_key(key: Any) -> Any:
+    try:
+        hash(key)
+    except TypeError as exc:
+        raise TypeError(f"unhashable key: {exc}") from None
+    return key
+
+
+class Dict(SharedObject):
+    """``dict``: builtin keys, payload values."""
+
+    typeid = "dict"
+    snapshot_conv: ClassVar[Conv] = Conv.MAPPING
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name, loop)
+        self.data: dict[Any, bytes] = {}
+        self.writes_total = 0
+
+    @exposed(result=Conv.PAYLOAD)
+    def __getitem__(self, call: Call, key: Any) -> bytes:
+        return self.data[_check_key(key)]
+
+    @exposed(value=Conv.PAYLOAD, mutates=True)
+    def __setitem__(self, call: Call, key: Any, value: bytes) -> None:
+        self.data[_check_key(key)] = _check_payload(value)
+        self.writes_total += 1
+
+    @exposed(mutates=True)
+    def __delitem__(self, call: Call, key: Any) -> None:
+        del self.data[_check_key(key)]
+
+    @exposed()
+    def __contains__(self, call: Call, key: Any) -> bool:
+        return _check_key(key) in self.data
+
+    @exposed()
+    def __len__(self, call: Call) -> int:
+        return len(self.data)
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD)
+    def get(self, call: Call, key: Any, default: bytes | None = None) -> bytes | None:
+        return self.data.get(_check_key(key), default)
+
+    @exposed(result=Conv.PAYLOADS)
+    def get_many(self, call: Call, keys: list[Any]) -> list[bytes | None]:
+        """The value of each key, ``None`` where it is missing; one round trip."""
+        if not isinstance(keys, (list, tuple)):
+            raise TypeError("get_many takes a list of keys")
+        data = self.data
+        return [data.get(_check_key(k)) for k in keys]
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
+    def pop(self, call: Call, key: Any, default: Any = NO_DEFAULT) -> bytes:
+        if default is NO_DEFAULT:
+            return self.data.pop(_check_key(key))
+        return self.data.pop(_check_key(key), default)
+
+    @exposed(result=Conv.PAIR, mutates=True)
+    def popitem(self, call: Call) -> tuple[Any, bytes]:
+        if not self.data:
+            raise KeyError("popitem(): dictionary is empty")
+        return self.data.popitem()
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
+    def setdefault(self, call: Call, key: Any, default: bytes) -> bytes:
+        return self.data.setdefault(_check_key(key), _check_payload(default))
+
+    @exposed(pairs=Conv.PAIRS, mutates=True)
+    def update(self, call: Call, pairs: Iterable[tuple[Any, bytes]] = ()) -> None:
+        """Set many keys in one round trip (``pairs`` of key and payload)."""
+        if not isinstance(pairs, (list, tuple)):
+            raise TypeError("update takes a list of (key, value) pairs")
+        new = {}
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise TypeError("update takes (key, value) pairs")
+            new[_check_key(pair[0])] = _check_payload(pair[1])
+        self.data.update(new)
+        self.writes_total += len(new)
+
+    @exposed(mutates=True)
+    def clear(self, call: Call) -> None:
+        self.data.clear()
+
+    @exposed()
+    def keys(self, call: Call) -> list[Any]:
+        return list(self.data)
+
+    @exposed(result=Conv.PAYLOADS)
+    def values(self, call: Call) -> list[bytes]:
+        return list(self.data.values())
+
+    @exposed(result=Conv.PAIRS)
+    def items(self, call: Call) -> list[tuple[Any, bytes]]:
+        return list(self.data.items())
+
+    @exposed(result=Conv.MAPPING)
+    def copy(self, call: Call) -> dict[Any, bytes]:
+        return dict(self.data)
+
+    def snapshot(self) -> dict[Any, bytes]:
+        return dict(self.data)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "len": len(self.data)}
+
+
+def _decoded(payload: bytes) -> tuple[bool, Any]:
+    try:
+        return True, _DECODER.loads(payload)
+    except ForbiddenPayload:
+        return False, None
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    """Equality of two payloads: by value when both decode, else by bytes."""
+    if a == b:
+        return True
+    ok_a, va = _decoded(a)
+    ok_b, vb = _decoded(b)
+    return ok_a and ok_b and bool(va == vb)
+
+
+def _index(index: Any) -> int | slice:
+    if isinstance(index, bool) or not isinstance(index, (int, slice)):
+        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
+    return index
+
+
+class List(SharedObject):
+    """``list`` of payloads."""
+
+    typeid = "list"
+    snapshot_conv: ClassVar[Conv] = Conv.PAYLOADS
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name, loop)
+        self.items: list[bytes] = []
+
+    @exposed(result=Conv.ITEM_OR_ITEMS)
+    def __getitem__(self, call: Call, index: Any) -> bytes | list[bytes]:
+        return self.items[_index(index)]
+
+    @exposed(value=Conv.ITEM_OR_ITEMS, mutates=True)
+    def __setitem__(self, call: Call, index: Any, value: Any) -> None:
+        index = _index(index)
+        if isinstance(index, slice):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError("can only assign a list of items to a slice")
+            self.items[index] = [_check_payload(v) for v in value]
+        else:
+            self.items[index] = _check_payload(value)
+
+    @exposed(mutates=True)
+    def __delitem__(self, call: Call, index: Any) -> None:
+        del self.items[_index(index)]
+
+    @exposed()
+    def __len__(self, call: Call) -> int:
+        return len(self.items)
+
+    @exposed(value=Conv.PAYLOAD)
+    def __contains__(self, call: Call, value: bytes) -> bool:
+        return any(_same(item, value) for item in self.items)
+
+    @exposed(value=Conv.PAYLOAD, mutates=True)
+    def append(self, call: Call, value: bytes) -> None:
+        self.items.append(_check_payload(value))
+
+    @exposed(values=Conv.PAYLOADS, mutates=True)
+    def extend(self, call: Call, values: list[bytes]) -> None:
+        if not isinstance(values, (list, tuple)):
+            raise TypeError("extend takes a list of items")
+        self.items.extend(_check_payload(v) for v in values)
+
+    @exposed(value=Conv.PAYLOAD, mutates=True)
+    def insert(self, call: Call, index: int, value: bytes) -> None:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError("insert index must be an int")
+        self.items.insert(index, _check_payload(value))
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def pop(self, call: Call, index: int = -1) -> bytes:
+        if not self.items:
+            raise IndexError("pop from empty list")
+        return self.items.pop(index)
+
+    @exposed(value=Conv.PAYLOAD, mutates=True)
+    def remove(self, call: Call, value: bytes) -> None:
+        for i, item in enumerate(self.items):
+            if _same(item, value):
+                del self.items[i]
+                return
+        raise ValueError("list.remove(x): x not in list")
+
+    @exposed(value=Conv.PAYLOAD)
+    def index(self, call: Call, value: bytes, start: int = 0, stop: int | None = None) -> int:
+        items = self.items
+        begin, end, _ = slice(start, stop).indices(len(items))
+        for i in range(begin, end):
+            if _same(items[i], value):
+                return i
+        raise ValueError("list.index(x): x not in list")
+
+    @exposed(value=Conv.PAYLOAD)
+    def count(self, call: Call, value: bytes) -> int:
+        return sum(1 for item in self.items if _same(item, value))
+
+    @exposed(mutates=True)
+    def reverse(self, call: Call) -> None:
+        self.items.reverse()
+
+    @exposed(mutates=True)
+    def sort(self, call: Call, key: None = None, reverse: bool = False) -> None:
+        if key is not None:
+            raise TypeError("sort() on a shared list takes no key function")
+        decoded = []
+        for item in self.items:
+            ok, value = _decoded(item)
+            if not ok:
+                raise TypeError("sort() on a shared list needs items of builtin types")
+            decoded.append(value)
+        order = sorted(range(len(decoded)), key=decoded.__getitem__, reverse=bool(reverse))
+        self.items = [self.items[i] for i in order]
+
+    @exposed(mutates=True)
+    def clear(self, call: Call) -> None:
+        self.items.clear()
+
+    @exposed(result=Conv.PAYLOADS)
+    def copy(self, call: Call) -> list[bytes]:
+        return list(self.items)
+
+    @exposed(other=Conv.PAYLOADS, result=Conv.PAYLOADS)
+    def __add__(self, call: Call, other: list[bytes]) -> list[bytes]:
+        return self.items + [_check_payload(v) for v in other]
+
+    @exposed(result=Conv.PAYLOADS)
+    def __mul__(self, call: Call, n: int) -> list[bytes]:
+        return self.items * n
+
+    @exposed(result=Conv.PAYLOADS)
+    def __rmul__(self, call: Call, n: int) -> list[bytes]:
+        return self.items * n
+
+    @exposed(mutates=True)
+    def __imul__(self, call: Call, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError("can't multiply a list by a non-int")
+        self.items *= n
+
+    @exposed(result=Conv.PAYLOADS)
+    def __reversed__(self, call: Call) -> list[bytes]:
+        return self.items[::-1]
+
+    def snapshot(self) -> list[bytes]:
+        return list(self.items)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "len": len(self.items)}
+
+
+class Namespace(SharedObject):
+    """``multiprocessing.managers.Namespace``: attributes holding payloads."""
+
+    typeid = "Namespace"
+    snapshot_conv: ClassVar[Conv] = Conv.MAPPING
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name, loop)
+        self.attrs: dict[str, bytes] = {}
+
+    @staticmethod
+    def _attr(name: Any) -> str:
+        if not isinstance(name, str):
+            raise TypeError("attribute name must be a string")
+        return name
+
+    @exposed("__getattribute__", result=Conv.PAYLOAD)
+    def getattr(self, call: Call, name: str) -> bytes:
+        try:
+            return self.attrs[self._attr(name)]
+        except KeyError:
+            raise AttributeError(f"'Namespace' object has no attribute {name!r}") from None
+
+    @exposed("__setattr__", value=Conv.PAYLOAD, mutates=True)
+    def setattr(self, call: Call, name: str, value: bytes) -> None:
+        self.attrs[self._attr(name)] = _check_payload(value)
+
+    @exposed("__delattr__", mutates=True)
+    def delattr(self, call: Call, name: str) -> None:
+        try:
+            del self.attrs[self._attr(name)]
+        except KeyError:
+            raise AttributeError(f"'Namespace' object has no attribute {name!r}") from None
+
+    @exposed(result=Conv.PAIRS)
+    def items(self, call: Call) -> list[tuple[str, bytes]]:
+        return list(self.attrs.items())
+
+    def snapshot(self) -> dict[str, bytes]:
+        return dict(self.attrs)
+
+
+#: ctypes typecodes multiprocessing.Value/Array accept; 'c' is a byte.
+TYPECODES: Final = frozenset("cubBhHiIlLqQfd")
+
+
+def _check_typecode(typecode: Any) -> str:
+    if not isinstance(typecode, str) or typecode not in TYPECODES:
+        raise TypeError(f"typecode must be one of {''.join(sorted(TYPECODES))}, not {typecode!r}")
+    return typecode
+
+
+def _coerce(typecode: str, value: Any) -> Any:
+    """``value`` as the C type would hold it; TypeError/OverflowError if it can't."""
+    if typecode == "c":
+        if not isinstance(value, bytes) or len(value) != 1:
+            raise TypeError("a 'c' value is one byte (bytes of length 1)")
+        return value
+    if isinstance(value, bool):
+        value = int(value)
+    return array.array(typecode, [value])[0]
+
+
+class Value(SharedObject):
+    """``multiprocessing.Value``: one typed number (or byte)."""
+
+    typeid = "Value"
+    create_params = ("typecode", "value")
+    state_params = ("value",)
+
+    def __init__(
+        self, name: str, loop: asyncio.AbstractEventLoop, typecode: str = "i", value: Any = 0
+    ) -> None:
+        super().__init__(name, loop)
+        self.typecode = _check_typecode(typecode)
+        self.value = _coerce(self.typecode, value if typecode != "c" or value else b"\0")
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"typecode": self.typecode}
+
+    @exposed()
+    def get(self, call: Call) -> Any:
+        return self.value
+
+    @exposed(mutates=True)
+    def set(self, call: Call, value: Any) -> None:
+        self.value = _coerce(self.typecode, value)
+
+    @exposed(mutates=True)
+    def add(self, call: Call, delta: Any) -> Any:
+        """Add ``delta`` atomically; the new value."""
+        if self.typecode == "c":
+            raise TypeError("cannot add to a 'c' value")
+        self.value = _coerce(self.typecode, self.value + delta)
+        return self.value
+
+    def snapshot(self) -> Any:
+        return self.value
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "value": self.value}
+
+
+class Array(SharedObject):
+    """``multiprocessing.Array``: a fixed-length typed array."""
+
+    typeid = "Array"
+    create_params = ("typecode", "sequence")
+    state_params = ("sequence",)
+
+    def __init__(
+        self,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        typecode: str = "i",
+        sequence: Any = 0,
+    ) -> None:
+        super().__init__(name, loop)
+        self.typecode = _check_typecode(typecode)
+        if isinstance(sequence, int) and not isinstance(sequence, bool):
+            if sequence < 0:
+                raise ValueError("array size must be >= 0")
+            init: Any = bytes(sequence) if typecode == "c" else [0] * sequence
+        elif isinstance(sequence, (list, tuple, bytes, bytearray, str)):
+            init = sequence
+        else:
+            raise TypeError("sequence must be a size (int) or a list of values")
+        self.data: bytearray | array.array[Any]
+        if typecode == "c":
+            if not isinstance(init, (bytes, bytearray)):
+                raise TypeError("a 'c' array is initialised from bytes")
+            self.data = bytearray(init)
+        else:
+            self.data = array.array(typecode, init)
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"typecode": self.typecode, "length": len(self.data)}
+
+    def check_conflicts(self, args: dict[str, Any]) -> None:
+        super().check_conflicts(args)
+        sequence = args.get("sequence")
+        if sequence is None:
+            return
+        length = sequence if isinstance(sequence, int) else len(sequence)
+        if length != len(self.data):
+            from managerd_client.errors import ArgumentConflict
+
+            raise ArgumentConflict(
+                f"Array {self.name!r} exists with length {len(self.data)}, not {length}"
+            )
+
+    @exposed()
+    def __len__(self, call: Call) -> int:
+        return len(self.data)
+
+    def _out(self, value: Any) -> Any:
+        if self.typecode == "c":
+            return bytes([value]) if isinstance(value, int) else bytes(value)
+        return value.tolist() if isinstance(value, array.array) else value
+
+    @exposed()
+    def __getitem__(self, call: Call, index: Any) -> Any:
+        return self._out(self.data[_index(index)])
+
+    @exposed(mutates=True)
+    def __setitem__(self, call: Call, index: Any, value: Any) -> None:
+        index = _index(index)
+        if isinstance(index, slice):
+            current = range(len(self.data))[index]
+            values = list(value) if not isinstance(value, (bytes, bytearray)) else value
+            if len(values) != len(current):
+                raise ValueError("Can only assign sequence of same size")
+            if self.typecode == "c":
+                self.data[index] = bytes(values)
+            else:
+                self.data[index] = array.array(
+                    self.typecode, [_coerce(self.typecode, v) for v in values]
+                )
+        elif self.typecode == "c":
+            self.data[index] = _coerce("c", value)[0]
+        else:
+            self.data[index] = _coerce(self.typecode, value)
+
+    @exposed()
+    def tolist(self, call: Call) -> Any:
+        return self.snapshot()
+
+    def snapshot(self) -> Any:
+        if isinstance(self.data, bytearray):
+            return bytes(self.data)
+        return self.data.tolist()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "len": len(self.data)}

@@ -1,0 +1,502 @@
+"""Queues, joinable queues and named pipes.
+
+A ``get`` on an empty queue parks a waiter; a ``put`` hands its item straight
+to the first live waiter, or appends it. Because a dead session's waiters
+are cancelled before anything else happens, an item is never handed to a
+consumer that is gone.
+
+``reserve`` is acknowledged delivery: the item leaves the queue but is kept
+as a *delivery* owned by the consumer's session until ``ack``. ``nack``, the
+visibility timeout, or the end of the session put it back at the front; a
+queue with ``max_deliveries`` moves an item delivered that many times to the
+dead-letter queue ``"<name>.dead"`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from managerd.objects.base import (
+    Call,
+    Conv,
+    SharedObject,
+    Waiter,
+    alive_count,
+    exposed,
+    fail_all,
+    pop_alive,
+    timeout_s,
+)
+from managerd.sessions import Session
+
+DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
+DEAD_LETTER_SUFFIX = ".dead"
+
+# A getter's waiter.data: what it wants back.
+_GET, _RESERVE, _GET_MANY = "get", "reserve", "get_many"
+
+
+class _Returned:
+    """An item that was delivered before and came back (it counts deliveries)."""
+
+    __slots__ = ("deliveries", "payload")
+
+    def __init__(self, payload: bytes, deliveries: int) -> None:
+        self.payload = payload
+        self.deliveries = deliveries
+
+
+class _Delivery:
+    __slots__ = ("deliveries", "id", "payload", "session", "timer")
+
+    def __init__(self, did: int, payload: bytes, deliveries: int, session: Session) -> None:
+        self.id = did
+        self.payload = payload
+        self.deliveries = deliveries
+        self.session = session
+        self.timer: asyncio.TimerHandle | None = None
+
+
+_delivery_ids = itertools.count(1)
+
+
+class Queue(SharedObject):
+    """``queue.Queue`` semantics, plus batches and acknowledged delivery."""
+
+    typeid = "Queue"
+    create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
+
+    def __init__(
+        self,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        maxsize: int = 0,
+        visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S,
+        max_deliveries: int = 0,
+    ) -> None:
+        super().__init__(name, loop)
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+            raise TypeError("maxsize must be an int")
+        if not isinstance(visibility_timeout_s, (int, float)) or visibility_timeout_s <= 0:
+            raise ValueError("visibility_timeout_s must be a positive number")
+        if not isinstance(max_deliveries, int) or max_deliveries < 0:
+            raise ValueError("max_deliveries must be a non-negative int")
+        self.maxsize = maxsize
+        self.visibility_timeout_s = float(visibility_timeout_s)
+        self.max_deliveries = max_deliveries
+        self.items: deque[bytes | _Returned] = deque()
+        self.getters: deque[Waiter] = deque()
+        self.putters: deque[Waiter] = deque()
+        self.reserved: dict[int, _Delivery] = {}
+        self.puts_total = 0
+        self.gets_total = 0
+        #: Set by the registry: where items delivered too often go.
+        self.dead_letter: Callable[[Queue, bytes], None] | None = None
+
+    def creation_args(self) -> dict[str, Any]:
+        return {
+            "maxsize": self.maxsize,
+            "visibility_timeout_s": self.visibility_timeout_s,
+            "max_deliveries": self.max_deliveries,
+        }
+
+    # -- internals -------------------------------------------------------
+    def _is_full(self) -> bool:
+        return 0 < self.maxsize <= len(self.items)
+
+    def _deliver(self, entry: bytes | _Returned, waiter: Waiter) -> None:
+        """Complete a getter with ``entry``."""
+        kind = waiter.data
+        payload = entry.payload if isinstance(entry, _Returned) else entry
+        self.gets_total += 1
+        if kind == _RESERVE:
+            waiter.finish(self._reserve(entry, waiter.session))
+        elif kind == _GET_MANY:
+            waiter.finish([payload])
+        else:
+            waiter.finish(payload)
+
+    def _reserve(self, entry: bytes | _Returned, session: Session) -> tuple[int, bytes, int]:
+        if isinstance(entry, _Returned):
+            payload, deliveries = entry.payload, entry.deliveries + 1
+        else:
+            payload, deliveries = entry, 1
+        delivery = _Delivery(next(_delivery_ids), payload, deliveries, session)
+        delivery.timer = self.loop.call_later(
+            self.visibility_timeout_s, self._redeliver, delivery.id
+        )
+        self.reserved[delivery.id] = delivery
+        session.hold(self)
+        return delivery.id, payload, deliveries
+
+    def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
+        """Hand ``entry`` to a live getter, else queue it."""
+        waiter = pop_alive(self.getters)
+        if waiter is not None:
+            self._deliver(entry, waiter)
+        elif front:
+            self.items.appendleft(entry)
+        else:
+            self.items.append(entry)
+
+    def _admit_putters(self) -> None:
+        while not self._is_full():
+            waiter = pop_alive(self.putters)
+            if waiter is None:
+                return
+            for item in waiter.data:
+                self._offer(item)
+                self.puts_total += 1
+            waiter.finish(None)
+
+    def _take(self) -> bytes | _Returned:
+        entry = self.items.popleft()
+        self._admit_putters()
+        return entry
+
+    def _redeliver(self, did: int) -> None:
+        """Put a reserved item back (nack, visibility timeout, session end)."""
+        delivery = self.reserved.pop(did, None)
+        if delivery is None:
+            return
+        if delivery.timer is not None:
+            delivery.timer.cancel()
+        if self.max_deliveries and delivery.deliveries >= self.max_deliveries:
+            if self.dead_letter is not None:
+                self.dead_letter(self, delivery.payload)
+            return
+        self._offer(_Returned(delivery.payload, delivery.deliveries), front=True)
+
+    def _on_get_timeout(self, waiter: Waiter) -> None:
+        waiter.fail(queue.Empty())
+
+    def _on_put_timeout(self, waiter: Waiter) -> None:
+        waiter.fail(queue.Full())
+
+    # -- the stdlib surface ---------------------------------------------
+    @exposed(item=Conv.PAYLOAD, mutates=True)
+    def put(self, call: Call, item: bytes, block: bool = True, timeout: float | None = None) -> Any:
+        return self._put([item], call, timeout_s(block, timeout))
+
+    @exposed(item=Conv.PAYLOAD, mutates=True)
+    def put_nowait(self, call: Call, item: bytes) -> Any:
+        return self._put([item], call, 0.0)
+
+    @exposed(items=Conv.PAYLOADS, mutates=True)
+    def put_many(
+        self, call: Call, items: list[bytes], block: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Put all of ``items`` in order; with a maxsize, waits for room for all."""
+        if not isinstance(items, (list, tuple)):
+            raise TypeError("put_many takes a list of items")
+        if self.maxsize and len(items) > self.maxsize:
+            raise ValueError(f"{len(items)} items can never fit a queue of maxsize {self.maxsize}")
+        return self._put(list(items), call, timeout_s(block, timeout))
+
+    def _put(self, items: list[bytes], call: Call, wait_s: float | None) -> Any:
+        for item in items:
+            if not isinstance(item, bytes):
+                raise TypeError("queue items travel as pickled bytes")
+        room = self.maxsize - len(self.items) if self.maxsize else len(items)
+        if room >= len(items) and alive_count(self.putters) == 0:
+            for item in items:
+                self._offer(item)
+            self.puts_total += len(items)
+            return None
+        if wait_s == 0.0:
+            raise queue.Full()
+        return self.park(self.putters, call, wait_s, self._on_put_timeout, items)
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def get(self, call: Call, block: bool = True, timeout: float | None = None) -> Any:
+        return self._get(call, timeout_s(block, timeout), _GET)
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def get_nowait(self, call: Call) -> Any:
+        return self._get(call, 0.0, _GET)
+
+    @exposed(result=Conv.PAYLOADS, mutates=True)
+    def get_many(
+        self, call: Call, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Up to ``max_items`` items; waits (as ``get``) only while there are none."""
+        if not isinstance(max_items, int) or max_items < 1:
+            raise ValueError("max_items must be a positive int")
+        if self.items:
+            out: list[bytes] = []
+            while self.items and len(out) < max_items:
+                entry = self.items.popleft()
+                out.append(entry.payload if isinstance(entry, _Returned) else entry)
+            self.gets_total += len(out)
+            self._admit_putters()
+            return out
+        return self._get(call, timeout_s(block, timeout), _GET_MANY)
+
+    def _get(self, call: Call, wait_s: float | None, kind: str) -> Any:
+        if self.items:
+            entry = self._take()
+            self.gets_total += 1
+            if kind == _RESERVE:
+                return self._reserve(entry, call.session)
+            payload = entry.payload if isinstance(entry, _Returned) else entry
+            return [payload] if kind == _GET_MANY else payload
+        if wait_s == 0.0:
+            raise queue.Empty()
+        return self.park(self.getters, call, wait_s, self._on_get_timeout, kind)
+
+    @exposed()
+    def qsize(self, call: Call) -> int:
+        return len(self.items)
+
+    @exposed()
+    def empty(self, call: Call) -> bool:
+        return not self.items
+
+    @exposed()
+    def full(self, call: Call) -> bool:
+        return self._is_full()
+
+    # -- acknowledged delivery -------------------------------------------
+    @exposed(mutates=True)
+    def reserve(self, call: Call, timeout: float | None = None) -> Any:
+        """``(delivery_id, payload, deliveries)``; ``queue.Empty`` on timeout."""
+        return self._get(call, timeout_s(True, timeout), _RESERVE)
+
+    def _own_delivery(self, call: Call, did: int) -> _Delivery:
+        delivery = self.reserved.get(did)
+        if delivery is None or delivery.session is not call.session:
+            raise ValueError(
+                f"delivery {did} of queue {self.name!r} is not reserved by this session "
+                "(already acked or nacked, or it timed out and was redelivered)"
+            )
+        return delivery
+
+    @exposed(mutates=True)
+    def ack(self, call: Call, did: int) -> None:
+        delivery = self._own_delivery(call, did)
+        del self.reserved[did]
+        if delivery.timer is not None:
+            delivery.timer.cancel()
+
+    @exposed(mutates=True)
+    def nack(self, call: Call, did: int, requeue: bool = True) -> None:
+        delivery = self._own_delivery(call, did)
+        if requeue:
+            self._redeliver(did)
+            return
+        del self.reserved[did]
+        if delivery.timer is not None:
+            delivery.timer.cancel()
+        if self.dead_letter is not None:
+            self.dead_letter(self, delivery.payload)
+
+    @exposed()
+    def extend(self, call: Call, did: int, seconds: float) -> None:
+        delivery = self._own_delivery(call, did)
+        if not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ValueError("seconds must be a positive number")
+        if delivery.timer is not None:
+            delivery.timer.cancel()
+        delivery.timer = self.loop.call_later(float(seconds), self._redeliver, did)
+
+    @exposed()
+    def reserved_count(self, call: Call) -> int:
+        return len(self.reserved)
+
+    def release_session(self, session: Session) -> None:
+        # Back to the front in the order they were delivered.
+        mine = [d.id for d in self.reserved.values() if d.session is session]
+        for did in reversed(mine):
+            self._redeliver(did)
+
+    # -- bookkeeping ------------------------------------------------------
+    def waiter_count(self) -> int:
+        return alive_count(self.getters) + alive_count(self.putters)
+
+    def shutdown(self, exc: BaseException) -> None:
+        fail_all(self.getters, exc)
+        fail_all(self.putters, exc)
+        for delivery in self.reserved.values():
+            if delivery.timer is not None:
+                delivery.timer.cancel()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "depth": len(self.items),
+            "reserved": len(self.reserved),
+            "waiters": self.waiter_count(),
+        }
+
+    def snapshot(self) -> list[bytes]:
+        return [e.payload if isinstance(e, _Returned) else e for e in self.items]
+
+
+class JoinableQueue(Queue):
+    """A Queue whose ``join`` waits until every item put was ``task_done``."""
+
+    typeid = "JoinableQueue"
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(name, loop, **kwargs)
+        self.unfinished = 0
+        self.joiners: deque[Waiter] = deque()
+
+    def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
+        if not isinstance(entry, _Returned):
+            self.unfinished += 1  # a returned item was counted when first put
+        super()._offer(entry, front)
+
+    @exposed(mutates=True)
+    def task_done(self, call: Call) -> None:
+        if self.unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self.unfinished -= 1
+        if self.unfinished == 0:
+            while (waiter := pop_alive(self.joiners)) is not None:
+                waiter.finish(None)
+
+    @exposed()
+    def join(self, call: Call, timeout: float | None = None) -> Any:
+        if self.unfinished == 0:
+            return None
+        return self.park(self.joiners, call, timeout_s(True, timeout), _join_timeout)
+
+    def waiter_count(self) -> int:
+        return super().waiter_count() + alive_count(self.joiners)
+
+    def shutdown(self, exc: BaseException) -> None:
+        super().shutdown(exc)
+        fail_all(self.joiners, exc)
+
+
+def _join_timeout(waiter: Waiter) -> None:
+    waiter.fail(TimeoutError("join() timed out"))
+
+
+class Pipe(SharedObject):
+    """A named two-ended pipe: what end 0 sends, end 1 receives, and back.
+
+    With ``duplex=False`` end 0 only receives and end 1 only sends, as
+    ``multiprocessing.Pipe(duplex=False)`` returns ``(reader, writer)``.
+    """
+
+    typeid = "Pipe"
+    create_params = ("duplex",)
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, duplex: bool = True) -> None:
+        super().__init__(name, loop)
+        if not isinstance(duplex, bool):
+            raise TypeError("duplex must be a bool")
+        self.duplex = duplex
+        self.inbox: tuple[deque[bytes], deque[bytes]] = (deque(), deque())
+        self.readers: tuple[deque[Waiter], deque[Waiter]] = (deque(), deque())
+        self.closed = [False, False]
+        self.sent_total = 0
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"duplex": self.duplex}
+
+    @staticmethod
+    def _end(end: int) -> int:
+        if end not in (0, 1):
+            raise ValueError("a pipe has ends 0 and 1")
+        return end
+
+    def _check_open(self, end: int) -> None:
+        if self.closed[end]:
+            raise OSError("handle is closed")
+
+    @exposed(payload=Conv.PAYLOAD, mutates=True)
+    def send(self, call: Call, end: int, payload: bytes) -> None:
+        end = self._end(end)
+        self._check_open(end)
+        if not self.duplex and end == 0:
+            raise OSError("connection is read-only")
+        if not isinstance(payload, bytes):
+            raise TypeError("pipe messages travel as pickled bytes")
+        other = 1 - end
+        if self.closed[other]:
+            raise BrokenPipeError("the other end of the pipe is closed")
+        self.sent_total += 1
+        readers = self.readers[other]
+        delivered = False
+        while readers:
+            waiter = readers.popleft()
+            if not waiter.alive:
+                continue
+            if waiter.data == "poll":
+                waiter.finish(True)
+                continue
+            waiter.finish(payload)
+            delivered = True
+            break
+        if not delivered:
+            self.inbox[other].append(payload)
+
+    def _read_check(self, end: int) -> None:
+        self._check_open(end)
+        if not self.duplex and end == 1:
+            raise OSError("connection is write-only")
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def recv(self, call: Call, end: int, timeout: float | None = None) -> Any:
+        end = self._end(end)
+        self._read_check(end)
+        if self.inbox[end]:
+            return self.inbox[end].popleft()
+        if self.closed[1 - end]:
+            raise EOFError("the other end of the pipe is closed")
+        return self.park(self.readers[end], call, timeout_s(True, timeout), _recv_timeout, "recv")
+
+    @exposed()
+    def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:
+        end = self._end(end)
+        self._read_check(end)
+        if self.inbox[end] or self.closed[1 - end]:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        return self.park(self.readers[end], call, timeout, _poll_timeout, "poll")
+
+    @exposed(mutates=True)
+    def close(self, call: Call, end: int) -> None:
+        end = self._end(end)
+        if self.closed[end]:
+            return
+        self.closed[end] = True
+        # Readers of the other end learn of the close: EOF, or poll() True.
+        readers = self.readers[1 - end]
+        while (waiter := pop_alive(readers)) is not None:
+            if waiter.data == "poll":
+                waiter.finish(True)
+            else:
+                waiter.fail(EOFError("the other end of the pipe is closed"))
+        fail_all(self.readers[end], OSError("handle is closed"))
+
+    def waiter_count(self) -> int:
+        return alive_count(self.readers[0]) + alive_count(self.readers[1])
+
+    def shutdown(self, exc: BaseException) -> None:
+        fail_all(self.readers[0], exc)
+        fail_all(self.readers[1], exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "buffered": [len(self.inbox[0]), len(self.inbox[1])],
+            "closed": list(self.closed),
+        }
+
+
+def _recv_timeout(waiter: Waiter) -> None:
+    waiter.fail(TimeoutError("recv() timed out"))
+
+
+def _poll_timeout(waiter: Waiter) -> None:
+    waiter.finish(False)

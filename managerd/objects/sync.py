@@ -1,0 +1,238 @@
+"""Events, conditions and barriers.
+
+A Condition works on a named Lock or RLock (its own ``"<name>.lock"`` RLock
+unless given one). ``wait`` releases the lock completely, parks, and —
+when notified or timed out — queues to take the lock back at the depth it
+had, answering only once it holds it again, as ``threading.Condition`` does.
+A Barrier whose waiter's session ends breaks, so the others are not stuck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import Any
+
+from managerd.objects.base import (
+    Call,
+    Conv,
+    SharedObject,
+    Waiter,
+    alive_count,
+    exposed,
+    fail_all,
+    pop_alive,
+    timeout_s,
+)
+from managerd.objects.locks import Lock
+
+
+class Event(SharedObject):
+    """``threading.Event``."""
+
+    typeid = "Event"
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name, loop)
+        self.flag = False
+        self.waiters: deque[Waiter] = deque()
+
+    @exposed()
+    def is_set(self, call: Call) -> bool:
+        return self.flag
+
+    @exposed(mutates=True)
+    def set(self, call: Call) -> None:
+        self.flag = True
+        while (waiter := pop_alive(self.waiters)) is not None:
+            waiter.finish(True)
+
+    @exposed(mutates=True)
+    def clear(self, call: Call) -> None:
+        self.flag = False
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        if self.flag:
+            return True
+        wait_s = timeout_s(True, max(timeout, 0.0) if timeout is not None else None)
+        if wait_s == 0.0:
+            return False
+        return self.park(self.waiters, call, wait_s, _false)
+
+    def waiter_count(self) -> int:
+        return alive_count(self.waiters)
+
+    def shutdown(self, exc: BaseException) -> None:
+        fail_all(self.waiters, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "set": self.flag, "waiters": self.waiter_count()}
+
+
+def _false(waiter: Waiter) -> None:
+    waiter.finish(False)
+
+
+class Condition(SharedObject):
+    """``threading.Condition`` over a named Lock or RLock."""
+
+    typeid = "Condition"
+    create_params = ("lock",)
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, lock: Lock) -> None:
+        super().__init__(name, loop)
+        self.lock = lock
+        self.waiters: deque[Waiter] = deque()
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"lock": self.lock.name}
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+        return self.lock.acquire(call, blocking, timeout)
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> None:
+        self.lock.release(call)
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        """Release the lock, wait for a notify (True) or the timeout (False)."""
+        wait_s = timeout_s(True, max(timeout, 0.0) if timeout is not None else None)
+        depth = self.lock.release_fully(call)
+        future = self.park(self.waiters, call, wait_s, self._timed_out, (call.thread, depth))
+        return future
+
+    def _wake(self, waiter: Waiter, result: bool) -> None:
+        thread, depth = waiter.data
+        waiter.detach()
+        self.lock.reacquire(waiter.session, waiter.future, thread, depth, result)
+
+    def _timed_out(self, waiter: Waiter) -> None:
+        self._wake(waiter, False)
+
+    @exposed()
+    def notify(self, call: Call, n: int = 1) -> None:
+        self._check_owned(call)
+        for _ in range(n):
+            waiter = pop_alive(self.waiters)
+            if waiter is None:
+                return
+            self._wake(waiter, True)
+
+    @exposed()
+    def notify_all(self, call: Call) -> None:
+        self._check_owned(call)
+        while (waiter := pop_alive(self.waiters)) is not None:
+            self._wake(waiter, True)
+
+    def _check_owned(self, call: Call) -> None:
+        lock = self.lock
+        if lock.holder is None or (lock.owned_by_thread and not lock._owns(call)):
+            raise RuntimeError("cannot notify on un-acquired lock")
+
+    def waiter_count(self) -> int:
+        return alive_count(self.waiters)
+
+    def shutdown(self, exc: BaseException) -> None:
+        fail_all(self.waiters, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "waiters": self.waiter_count()}
+
+
+class Barrier(SharedObject):
+    """``threading.Barrier``; the end of a waiting session breaks it."""
+
+    typeid = "Barrier"
+    create_params = ("parties", "timeout")
+
+    def __init__(
+        self,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        parties: int = 1,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(name, loop)
+        if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
+            raise ValueError("parties must be an int > 0")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError("timeout must be a non-negative number or None")
+        self.parties = parties
+        self.timeout = timeout
+        self.waiters: deque[Waiter] = deque()
+        self.broken = False
+        self.generations = 0
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"parties": self.parties, "timeout": self.timeout}
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        if self.broken:
+            raise threading.BrokenBarrierError()
+        if timeout is None:
+            timeout = self.timeout
+        index = alive_count(self.waiters)
+        if index + 1 == self.parties:
+            # The last party: release the generation.
+            waiters, self.waiters = self.waiters, deque()
+            self.generations += 1
+            for i, waiter in enumerate(w for w in waiters if w.alive):
+                waiter.finish(i)
+            return self.parties - 1
+        future = self.park(self.waiters, call, timeout_s(True, timeout), self._timed_out)
+        # The waiter is the last one appended.
+        self.waiters[-1].on_cancel = self._party_left
+        return future
+
+    def _timed_out(self, waiter: Waiter) -> None:
+        waiter.fail(threading.BrokenBarrierError())
+        self._break()
+
+    def _party_left(self, waiter: Waiter) -> None:
+        self._break()
+
+    def _break(self) -> None:
+        self.broken = True
+        fail_all(self.waiters, threading.BrokenBarrierError())
+
+    @exposed(mutates=True)
+    def abort(self, call: Call) -> None:
+        self._break()
+
+    @exposed(mutates=True)
+    def reset(self, call: Call) -> None:
+        fail_all(self.waiters, threading.BrokenBarrierError())
+        self.broken = False
+
+    @exposed("__getattribute__")
+    def attribute(self, call: Call, name: str) -> Any:
+        if name == "parties":
+            return self.parties
+        if name == "n_waiting":
+            return alive_count(self.waiters)
+        if name == "broken":
+            return self.broken
+        raise AttributeError(f"'Barrier' has no attribute {name!r}")
+
+    @exposed()
+    def state(self, call: Call) -> tuple[int, int, bool]:
+        """``(parties, n_waiting, broken)`` in one call."""
+        return self.parties, alive_count(self.waiters), self.broken
+
+    def waiter_count(self) -> int:
+        return alive_count(self.waiters)
+
+    def shutdown(self, exc: BaseException) -> None:
+        fail_all(self.waiters, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "n_waiting": self.waiter_count(),
+            "broken": self.broken,
+        }

@@ -1,0 +1,141 @@
+"""Named objects: the one table of types, and get-or-create by name.
+
+``TYPES`` is the explicit list of what the daemon serves; each class lists
+its exposed methods itself (``@exposed``). Creation arguments apply when an
+object is first created; a later call that names a conflicting one gets
+``ArgumentConflict``, and a name taken by another type ``ObjectTypeConflict``.
+Arguments a call does not name are not compared, so ``Queue("jobs")``
+attaches to ``jobs`` whatever its maxsize.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any, Final
+
+from managerd_client.errors import (
+    NoSuchObject,
+    ObjectTypeConflict,
+    ServerShuttingDown,
+)
+
+from managerd.objects.base import SharedObject
+from managerd.objects.locks import BoundedSemaphore, Lock, RLock, Semaphore
+from managerd.objects.mappings import Array, Dict, List, Namespace, Value
+from managerd.objects.queues import DEAD_LETTER_SUFFIX, JoinableQueue, Pipe, Queue
+from managerd.objects.sync import Barrier, Condition, Event
+
+TYPES: Final[dict[str, type[SharedObject]]] = {
+    cls.typeid: cls
+    for cls in (
+        Queue,
+        JoinableQueue,
+        Pipe,
+        Dict,
+        List,
+        Namespace,
+        Value,
+        Array,
+        Lock,
+        RLock,
+        Semaphore,
+        BoundedSemaphore,
+        Event,
+        Condition,
+        Barrier,
+    )
+}
+
+MAX_NAME_LENGTH: Final = 256
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"an object name must be a str, not {type(name).__name__}")
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise ValueError(
+            f"object names are 1-{MAX_NAME_LENGTH} printable characters, got {name[:40]!r}"
+        )
+    return name
+
+
+class Registry:
+    """All named objects of one daemon."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.objects: dict[str, SharedObject] = {}
+
+    def get(self, name: str, typeid: str | None = None) -> SharedObject:
+        obj = self.objects.get(name)
+        if obj is None:
+            raise NoSuchObject(f"no object named {name!r}")
+        if typeid is not None and obj.typeid != typeid:
+            raise ObjectTypeConflict(f"{name!r} is a {obj.typeid}, not a {typeid}")
+        return obj
+
+    def get_or_create(self, typeid: str, name: str, args: dict[str, Any]) -> SharedObject:
+        cls = TYPES.get(typeid)
+        if cls is None:
+            raise TypeError(f"unknown type {typeid!r}; the daemon serves {', '.join(TYPES)}")
+        check_name(name)
+        unknown = set(args) - set(cls.create_params)
+        if unknown:
+            raise TypeError(f"{typeid} takes no creation argument {', '.join(sorted(unknown))}")
+        obj = self.objects.get(name)
+        if obj is not None:
+            if obj.typeid != typeid:
+                raise ObjectTypeConflict(
+                    f"{name!r} already exists as a {obj.typeid}, cannot use it as a {typeid}"
+                )
+            obj.check_conflicts(args)
+            return obj
+        obj = self._construct(cls, name, args)
+        self.objects[name] = obj
+        return obj
+
+    def _construct(self, cls: type[SharedObject], name: str, args: dict[str, Any]) -> SharedObject:
+        if cls is Condition:
+            lock_name = args.get("lock") or f"{name}.lock"
+            lock = self.objects.get(lock_name)
+            if lock is None:
+                lock = RLock(check_name(lock_name), self.loop)
+                self.objects[lock_name] = lock
+            if not isinstance(lock, Lock):
+                raise ObjectTypeConflict(f"{lock_name!r} is a {lock.typeid}, not a Lock or RLock")
+            return Condition(name, self.loop, lock=lock)
+        obj = cls(name, self.loop, **args)
+        if isinstance(obj, Queue):
+            obj.dead_letter = self._dead_letter
+        return obj
+
+    def _dead_letter(self, source: Queue, payload: bytes) -> None:
+        name = source.name + DEAD_LETTER_SUFFIX
+        dead = self.objects.get(name)
+        if not isinstance(dead, Queue):
+            dead = self.get_or_create("Queue", name, {})
+        assert isinstance(dead, Queue)
+        dead.dead_letter = None  # a dead letter is never dead-lettered again
+        dead._offer(payload)
+        dead.puts_total += 1
+
+    def delete(self, name: str) -> bool:
+        obj = self.objects.pop(name, None)
+        if obj is None:
+            return False
+        obj.shutdown(NoSuchObject(f"{name!r} was deleted"))
+        return True
+
+    def shutdown(self) -> None:
+        for obj in self.objects.values():
+            obj.shutdown(ServerShuttingDown("the daemon is shutting down"))
+
+    def listing(self) -> list[tuple[str, str]]:
+        return sorted((name, obj.typeid) for name, obj in self.objects.items())
+
+    def __iter__(self) -> Iterator[SharedObject]:
+        return iter(list(self.objects.values()))
+
+    def __len__(self) -> int:
+        return len(self.objects)

@@ -1,0 +1,242 @@
+"""The daemon: a ``BaseManager`` whose server runs on one event loop.
+
+``Managerd`` subclasses ``multiprocessing.managers.BaseManager`` so that
+the stock vocabulary holds (``get_server().serve_forever()``, the registry
+of type names a stock client registers), but its server is
+:class:`EventLoopServer`: one asyncio loop owns every object, session and
+connection (DESIGN.md, principle 2), instead of a thread per connection
+blocked inside the object.
+
+:func:`run_server` is the one entry point the CLI calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.managers import BaseManager
+from typing import Any
+
+from managerd_client.errors import ServerShuttingDown
+
+from managerd.dispatch import Dispatcher, ServerOps
+from managerd.protocol import Connection, ConnState
+from managerd.registry import TYPES, Registry
+from managerd.safepickle import SafeDecoder
+from managerd.sessions import Session, SessionTable
+from managerd.settings import Settings, resolve_authkey
+from managerd.stock import StockAdapter
+
+log = logging.getLogger("managerd")
+
+
+@dataclass
+class Stats:
+    """Counters the metrics endpoint reads."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    auth_failures: int = 0
+    handshake_timeouts: int = 0
+    connections_refused: int = 0
+    sessions_expired: int = 0
+
+
+class ServerCore:
+    """Everything the connections share; lives on the loop."""
+
+    def __init__(self, settings: Settings, authkey: bytes, loop: asyncio.AbstractEventLoop):
+        self.settings = settings
+        self.authkey = authkey
+        self.loop = loop
+        self.server_id = os.urandom(8).hex()
+        self.registry = Registry(loop)
+        self.sessions = SessionTable()
+        self.decoder = SafeDecoder(settings.allowed_classes)
+        self.ops = ServerOps(self.registry, self.sessions, time.time())
+        self.dispatcher = Dispatcher(self.ops, self.decoder, loop)
+        self.stock = StockAdapter(self.ops, self.decoder, loop)
+        self.stats = Stats()
+        self.connections: set[Connection] = set()
+        #: The connections of each session (a resumed session may have two
+        #: for a moment: the old half-open one is closed when it is adopted).
+        self.session_conns: dict[Session, Connection] = {}
+        self.accepting = True
+
+    # -- connections ------------------------------------------------------------
+    def admit(self, conn: Connection) -> bool:
+        if not self.accepting or len(self.connections) >= self.settings.max_connections:
+            self.stats.connections_refused += 1
+            why = "shutting down" if not self.accepting else "too many connections"
+            conn.refuse(f"refused: {why} ({len(self.connections)} open)")
+            return False
+        self.connections.add(conn)
+        return True
+
+    def adopt(self, session: Session, conn: Connection) -> None:
+        """``conn`` resumes ``session``; an older connection of it is closed."""
+        old = self.session_conns.get(session)
+        if old is not None and old is not conn:
+            old.session = None  # so that closing it does not end the session
+            old.close()
+        self.session_conns[session] = conn
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        session = conn.session
+        if session is None:
+            return
+        conn.session = None
+        if self.session_conns.get(session) is conn:
+            del self.session_conns[session]
+        self.sessions.end(session)
+
+    # -- leases -------------------------------------------------------------------
+    async def expire_sessions(self) -> None:
+        ttl_s = self.settings.session_ttl_s
+        while True:
+            await asyncio.sleep(min(1.0, ttl_s / 4))
+            for session in self.sessions.expired(ttl_s):
+                log.warning(
+                    "session %s (%s) expired: no heartbeat for %.1fs",
+                    session.id,
+                    session.peer,
+                    ttl_s,
+                )
+                self.stats.sessions_expired += 1
+                conn = self.session_conns.pop(session, None)
+                self.sessions.end(session)
+                if conn is not None:
+                    conn.session = None
+                    conn.close()
+
+    # -- shutdown -------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    def shutdown(self) -> None:
+        """Answer every waiter with ``ServerShuttingDown`` and close clients."""
+        self.registry.shutdown()
+        for conn in list(self.connections):
+            conn.close()
+
+
+class EventLoopServer:
+    """The server behind :class:`Managerd`: listens and runs the loop."""
+
+    def __init__(self, settings: Settings, authkey: bytes) -> None:
+        self.settings = settings
+        self.authkey = authkey
+        self.address: tuple[str, int] | None = None
+        self.core: ServerCore | None = None
+        self._stop: asyncio.Event | None = None
+
+    def serve_forever(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
+        asyncio.run(self.serve(ready))
+
+    async def serve(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        core = self.core = ServerCore(self.settings, self.authkey, loop)
+        sock = _listen(self.settings.host, self.settings.port)
+        server = await loop.create_server(
+            lambda: Connection(core), sock=sock, backlog=1024, ssl=None
+        )
+        self.address = sock.getsockname()[:2]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        expirer = loop.create_task(core.expire_sessions())
+        log.info(
+            "managerd serving on %s:%d (%d types; session ttl %.1fs)",
+            self.address[0],
+            self.address[1],
+            len(TYPES),
+            self.settings.session_ttl_s,
+        )
+        if ready is not None:
+            ready(self.address)
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down")
+            core.stop_accepting()
+            server.close()
+            core.shutdown()
+            expirer.cancel()
+            try:
+                await asyncio.wait_for(server.wait_closed(), self.settings.shutdown_timeout_s)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            log.info("stopped")
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket; ``OSError`` with a plain message if the port is taken."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Managerd(BaseManager):
+    """The managerd daemon as a ``BaseManager``.
+
+    ``Managerd(settings).get_server().serve_forever()`` serves every type in
+    ``TYPES`` by name. ``start()`` (a server in a child process) is not
+    offered: the daemon is a service, started by ``managerd serve``.
+    """
+
+    # Derived from the one type table, not filled by register() at import.
+    _registry: dict[str, Any] = {  # noqa: RUF012 - BaseManager's own attribute
+        typeid: (None, tuple(sorted(cls.methods)), None, None) for typeid, cls in TYPES.items()
+    }
+
+    def __init__(self, settings: Settings, authkey: bytes | None = None) -> None:
+        if authkey is None:
+            authkey, _ = resolve_authkey(settings)
+        super().__init__(address=(settings.host, settings.port), authkey=authkey)
+        self.settings = settings
+
+    def get_server(self) -> EventLoopServer:  # type: ignore[override]
+        return EventLoopServer(self.settings, bytes(self._authkey))
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("run the daemon with `managerd serve` (or get_server())")
+
+
+def run_server(settings: Settings) -> None:
+    """Resolve the authkey, serve until stopped. The CLI's one call."""
+    authkey, source = resolve_authkey(settings)
+    log.info("authkey from %s", source)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.tls_cert is None:
+        log.warning(
+            "serving on %s without TLS: traffic (and stock clients' payloads) travel in clear",
+            settings.host,
+        )
+    Managerd(settings, authkey).get_server().serve_forever()
+
+
+__all__ = ["EventLoopServer", "Managerd", "ServerShuttingDown", "run_server"]
+_ = ConnState

@@ -1,0 +1,121 @@
+"""Sessions: who holds what, and when it must all be given back.
+
+A session is one client (a managerd client process's connection, or one
+stock connection). It records the waiters it has parked and the objects on
+which it holds something (a lock, permits, reserved messages). When it ends
+— its connection closed, or its lease ran out without a heartbeat — its
+waiters are cancelled *first*, so that what its holdings release goes to a
+live waiter, and then every object it held something on releases it.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from managerd.objects.base import Waiter
+
+
+class Holder(Protocol):
+    def release_session(self, session: Session) -> None: ...
+
+
+class SessionState(enum.Enum):
+    ACTIVE = "active"
+    ENDED = "ended"
+
+
+class SessionKind(enum.Enum):
+    MANAGERD = "managerd"  # heartbeats, lease, request ids
+    STOCK = "stock"  # a stock multiprocessing client connection
+
+
+_counter = itertools.count(1)
+_prefix = os.urandom(4).hex()
+
+
+class Session:
+    """One client's session on the daemon."""
+
+    def __init__(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> None:
+        self.id = f"{_prefix}-{next(_counter)}"
+        self.kind = kind
+        self.peer = peer
+        self.info: dict[str, Any] = info or {}
+        self.state = SessionState.ACTIVE
+        self.created_at = time.time()
+        self.last_seen = time.monotonic()
+        self.waiters: set[Waiter] = set()
+        self.holdings: dict[Holder, None] = {}  # ordered set
+
+    @property
+    def active(self) -> bool:
+        return self.state is SessionState.ACTIVE
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+    def hold(self, obj: Holder) -> None:
+        self.holdings[obj] = None
+
+    def end(self) -> None:
+        """Cancel every waiter, then release every holding. Idempotent."""
+        if self.state is SessionState.ENDED:
+            return
+        self.state = SessionState.ENDED
+        for waiter in list(self.waiters):
+            waiter.cancel()
+        self.waiters.clear()
+        holdings, self.holdings = self.holdings, {}
+        for obj in holdings:
+            obj.release_session(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "peer": self.peer,
+            "host": self.info.get("host"),
+            "pid": self.info.get("pid"),
+            "age_s": round(time.time() - self.created_at, 3),
+            "waiting": len(self.waiters),
+        }
+
+
+class SessionTable:
+    """All live sessions, by id."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def open(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> Session:
+        session = Session(kind, peer, info)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def end(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+        session.end()
+
+    def expired(self, ttl_s: float) -> list[Session]:
+        """Managerd sessions not heard from for ``ttl_s``."""
+        deadline = time.monotonic() - ttl_s
+        return [
+            s
+            for s in self._sessions.values()
+            if s.kind is SessionKind.MANAGERD and s.last_seen < deadline
+        ]
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)

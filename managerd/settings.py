@@ -1,0 +1,156 @@
+"""Settings, built once at the edge and passed down.
+
+Sources, weakest first: defaults (the ``DEFAULT_*`` constants below), an
+optional TOML file (``--config``), ``MANAGERD_*`` environment variables, and
+CLI flags. Nothing else in the daemon reads the environment.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Any
+
+from managerd_client.wire import DEFAULT_MAX_FRAME_BYTES
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+log = logging.getLogger("managerd")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50000
+DEFAULT_SESSION_TTL_S = 10.0
+DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 10000
+DEFAULT_FSYNC_INTERVAL_S = 1.0
+DEFAULT_METRICS_MAX_OBJECTS = 1000
+DEFAULT_AUTHKEY_FILE = Path("~/.config/managerd/authkey")
+
+
+class FsyncMode(enum.Enum):
+    ALWAYS = "always"
+    INTERVAL = "interval"
+    NEVER = "never"
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="MANAGERD_", extra="forbid")
+
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    authkey: SecretStr | None = None
+    authkey_file: Path | None = None
+    session_ttl_s: float = Field(DEFAULT_SESSION_TTL_S, gt=0)
+    handshake_timeout_s: float = Field(DEFAULT_HANDSHAKE_TIMEOUT_S, gt=0)
+    shutdown_timeout_s: float = Field(DEFAULT_SHUTDOWN_TIMEOUT_S, gt=0)
+    max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024)
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    allow_md5_auth: bool = True
+    allowed_classes: list[str] = Field(default_factory=list)
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_max_objects: int = Field(DEFAULT_METRICS_MAX_OBJECTS, ge=1)
+    data_dir: Path | None = None
+    fsync: FsyncMode = FsyncMode.INTERVAL
+    fsync_interval_s: float = Field(DEFAULT_FSYNC_INTERVAL_S, gt=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}")
+        return value.upper()
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets masked."""
+        data = self.model_dump(mode="json")
+        if self.authkey is not None:
+            data["authkey"] = "**********"
+        return data
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Settings from flags (given, not None) > environment > TOML file > defaults."""
+
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            return tuple(sources)
+
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    return _Loaded(**{k: v for k, v in flags.items() if v is not None})
+
+
+class AuthkeyError(Exception):
+    """The authkey could not be read safely."""
+
+
+def read_key_file(path: Path) -> bytes:
+    """The key in ``path``, refusing a file that others may read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise AuthkeyError(f"cannot read authkey file {path}: {exc.strerror}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise AuthkeyError(
+            f"authkey file {path} is readable by group or others; fix it with: chmod 600 {path}"
+        )
+    key = path.read_bytes().strip()
+    if not key:
+        raise AuthkeyError(f"authkey file {path} is empty")
+    return key
+
+
+def resolve_authkey(settings: Settings) -> tuple[bytes, str]:
+    """The authkey and where it came from (a description, never the key).
+
+    With neither ``authkey`` nor ``authkey_file``, a random key is generated
+    once into ``<data_dir>/authkey`` (or ``~/.config/managerd/authkey``),
+    readable only by its owner, and reused on later starts.
+    """
+    if settings.authkey is not None:
+        key = settings.authkey.get_secret_value().encode()
+        if not key:
+            raise AuthkeyError("MANAGERD_AUTHKEY is empty")
+        return key, "MANAGERD_AUTHKEY"
+    if settings.authkey_file is not None:
+        path = settings.authkey_file.expanduser()
+        return read_key_file(path), f"authkey file {path}"
+    if settings.data_dir is not None:
+        path = settings.data_dir.expanduser() / "authkey"
+    else:
+        path = DEFAULT_AUTHKEY_FILE.expanduser()
+    if path.exists():
+        return read_key_file(path), f"authkey file {path}"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return read_key_file(path), f"new random authkey written to {path}"
