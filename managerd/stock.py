@@ -91,7 +91,8 @@ class StockAdapter:
                 raise TypeError(f"{spec.name}() got an unexpected keyword argument {key!r}")
         first = args[0] if args else kwds.get(spec.params[0]) if spec.params else None
         out_args = [
-            self._arg_in(spec, name, first, value) for name, value in zip(spec.params, args, strict=False)
+            self._arg_in(spec, name, first, value)
+            for name, value in zip(spec.params, args, strict=False)
         ]
         out_kwds = {name: self._arg_in(spec, name, first, value) for name, value in kwds.items()}
         return out_args, out_kwds
