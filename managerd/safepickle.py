@@ -43,7 +43,7 @@ MAX_DEPTH: Final = 100
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves allow-listed globals only."""
 
-    def __init__(self, data: bytes, allowed: frozenset[tuple[str, str]]) -> None:
+    def __init__(self, data: bytes | memoryview, allowed: frozenset[tuple[str, str]]) -> None:
         super().__init__(io.BytesIO(data))
         self._allowed = allowed
 
@@ -69,7 +69,7 @@ class SafeDecoder:
                 extra.add((module, name))
         self.allowed = SAFE_GLOBALS | frozenset(extra)
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: bytes | memoryview) -> Any:
         try:
             value = RestrictedUnpickler(data, self.allowed).load()
         except ForbiddenPayload:

@@ -218,9 +218,10 @@ class Managerd(BaseManager):
             authkey, _ = resolve_authkey(settings)
         super().__init__(address=(settings.host, settings.port), authkey=authkey)
         self.settings = settings
+        self.authkey = authkey
 
     def get_server(self) -> EventLoopServer:  # type: ignore[override]
-        return EventLoopServer(self.settings, bytes(self._authkey))
+        return EventLoopServer(self.settings, self.authkey)
 
     def start(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("run the daemon with `managerd serve` (or get_server())")

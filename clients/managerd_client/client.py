@@ -21,8 +21,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, TypeVar
 
+from managerd_client import proxies as p
 from managerd_client.channel import Channel
 from managerd_client.errors import (
     AuthenticationFailed,
@@ -33,14 +34,13 @@ from managerd_client.errors import (
 )
 from managerd_client.wire import parse_address
 
-if TYPE_CHECKING:
-    from managerd_client import proxies as p
 
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 _BACKOFF_FIRST_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 1.0
 
 _managers: weakref.WeakSet[Manager] = weakref.WeakSet()
+P = TypeVar("P", bound=p.Proxy)
 
 
 def _authkey_from_env() -> bytes:
@@ -179,7 +179,7 @@ class Manager:
 
     def objects(self) -> list[tuple[str, str]]:
         """``(name, type)`` of every object on the daemon, sorted by name."""
-        return [tuple(x) for x in self._call(None, None, "objects", ())]  # type: ignore[misc]
+        return [(str(n), str(t)) for n, t in self._call(None, None, "objects", ())]
 
     def delete(self, name: str) -> bool:
         """Remove the object ``name``; False if there was none. Its waiters fail."""
@@ -196,7 +196,7 @@ class Manager:
         return channel.server_id
 
     # -- object factories ---------------------------------------------------------------
-    def _make(self, cls: type[p.Proxy], name: str, **args: Any) -> Any:
+    def _make(self, cls: type[P], name: str, **args: Any) -> P:
         given = {k: v for k, v in args.items() if v is not None}
         return cls(self, name, given)
 
@@ -209,8 +209,6 @@ class Manager:
         max_deliveries: int | None = None,
     ) -> p.Queue:
         """The queue ``name`` (created with ``maxsize``, 0 = unbounded)."""
-        from managerd_client import proxies as p
-
         return self._make(
             p.Queue, name, maxsize=maxsize,
             visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
@@ -224,8 +222,6 @@ class Manager:
         visibility_timeout_s: float | None = None,
         max_deliveries: int | None = None,
     ) -> p.JoinableQueue:
-        from managerd_client import proxies as p
-
         return self._make(
             p.JoinableQueue, name, maxsize=maxsize,
             visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
@@ -233,76 +229,49 @@ class Manager:
 
     def Pipe(self, name: str, duplex: bool | None = None) -> tuple[p.PipeEnd, p.PipeEnd]:
         """The two ends of the pipe ``name``; with ``duplex=False``, ``(reader, writer)``."""
-        from managerd_client import proxies as p
-
         args = {} if duplex is None else {"duplex": duplex}
         return p.PipeEnd(self, name, args, end=0), p.PipeEnd(self, name, args, end=1)
 
     def dict(self, name: str) -> p.Dict:
-        from managerd_client import proxies as p
-
         return self._make(p.Dict, name)
 
     def list(self, name: str) -> p.List:
-        from managerd_client import proxies as p
-
         return self._make(p.List, name)
 
     def Namespace(self, name: str) -> p.Namespace:
-        from managerd_client import proxies as p
-
         return self._make(p.Namespace, name)
 
     def Value(self, name: str, typecode: str, value: Any = None) -> p.Value:
         """The typed value ``name``; ``value`` is its initial value when created."""
-        from managerd_client import proxies as p
-
         return self._make(p.Value, name, typecode=typecode, value=value)
 
     def Array(self, name: str, typecode: str, sequence: Any) -> p.Array:
         """The fixed-length array ``name``: a size, or initial values when created."""
-        from managerd_client import proxies as p
-
         return self._make(p.Array, name, typecode=typecode, sequence=sequence)
 
     def Lock(self, name: str) -> p.Lock:
-        from managerd_client import proxies as p
-
         return self._make(p.Lock, name)
 
     def RLock(self, name: str) -> p.RLock:
-        from managerd_client import proxies as p
-
         return self._make(p.RLock, name)
 
     def Semaphore(self, name: str, value: int | None = None) -> p.Semaphore:
-        from managerd_client import proxies as p
-
         return self._make(p.Semaphore, name, value=value)
 
     def BoundedSemaphore(self, name: str, value: int | None = None) -> p.BoundedSemaphore:
-        from managerd_client import proxies as p
-
         return self._make(p.BoundedSemaphore, name, value=value)
 
     def Event(self, name: str) -> p.Event:
-        from managerd_client import proxies as p
-
         return self._make(p.Event, name)
 
     def Condition(self, name: str, lock: p.Lock | None = None) -> p.Condition:
         """The condition ``name`` over ``lock`` (default: its own RLock ``"<name>.lock"``)."""
-        from managerd_client import proxies as p
-
         lock_name = None if lock is None else lock._name
-        cond: p.Condition = self._make(p.Condition, name, lock=lock_name)
-        return cond
+        return self._make(p.Condition, name, lock=lock_name)
 
     def Barrier(
         self, name: str, parties: int | None = None, timeout: float | None = None
     ) -> p.Barrier:
-        from managerd_client import proxies as p
-
         return self._make(p.Barrier, name, parties=parties, timeout=timeout)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -401,7 +370,7 @@ def manager_for(address: tuple[str, int], authkey: bytes | None) -> Manager:
             "connection there: call managerd_client.connect() first"
         )
     with _shared_lock:
-        manager = _shared.get(address)
-        if manager is None or manager._closed:
-            manager = _shared[address] = Manager(address, authkey)
-        return manager
+        shared = _shared.get(address)
+        if shared is None or shared._closed:
+            shared = _shared[address] = Manager(address, authkey)
+        return shared

@@ -120,7 +120,7 @@ def verify_response(
     if digest == "md5" and not allow_md5:
         return False
     expected = hmac.new(authkey, message, digest).digest()
-    return hmac.compare_digest(expected, mac)
+    return bool(hmac.compare_digest(expected, mac))
 
 
 class FrameSocket:
@@ -143,13 +143,6 @@ class FrameSocket:
         else:  # avoid copying a large body just to prepend four bytes
             self.sock.sendall(frame_header(len(body)))
             self.sock.sendall(body)
-
-    def has_buffered_frame(self) -> bool:
-        buf = self._buf
-        if len(buf) < 4:
-            return False
-        (size,) = _HEADER.unpack_from(buf)
-        return size >= 0 and len(buf) >= 4 + size
 
     def recv_frame(self) -> bytes:
         """The next frame; ``EOFError`` when the peer closed the connection.
