@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 
 import pytest
-
 from conftest import Daemon
 from managerd_client import ForbiddenPayload, NoSuchObject, ObjectTypeConflict
 

@@ -34,7 +34,6 @@ from managerd_client.errors import (
 )
 from managerd_client.wire import parse_address
 
-
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 _BACKOFF_FIRST_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 1.0
