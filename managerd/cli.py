@@ -28,6 +28,13 @@ ConfigOpt = Annotated[
 ]
 HostOpt = Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")]
 PortOpt = Annotated[int | None, typer.Option(help="Port to listen on [50000].")]
+AuthkeyFileOpt = Annotated[Path | None, typer.Option(help="File holding the authkey.")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Directory for durable state.")]
+MetricsPortOpt = Annotated[int | None, typer.Option(help="Prometheus port; 0 is off.")]
+SessionTtlOpt = Annotated[
+    float | None, typer.Option(help="Seconds without heartbeat before a session ends.")
+]
+LogLevelOpt = Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING...")]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -52,13 +59,11 @@ def serve(
     config: ConfigOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
-    authkey_file: Annotated[Path | None, typer.Option(help="File holding the authkey.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Directory for durable state.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 is off.")] = None,
-    session_ttl_s: Annotated[
-        float | None, typer.Option(help="Seconds without heartbeat before a session ends.")
-    ] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING...")] = None,
+    authkey_file: AuthkeyFileOpt = None,
+    data_dir: DataDirOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    session_ttl_s: SessionTtlOpt = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run the daemon until SIGTERM or Ctrl-C."""
     settings = _settings(
@@ -87,9 +92,27 @@ def serve(
 
 
 @app.command()
-def config(config: ConfigOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
-    """Print the effective settings (secrets masked) as JSON."""
-    settings = _settings(config, host=host, port=port)
+def config(
+    config: ConfigOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    authkey_file: AuthkeyFileOpt = None,
+    data_dir: DataDirOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    session_ttl_s: SessionTtlOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Print the settings `serve` would use with these flags, as JSON (secrets masked)."""
+    settings = _settings(
+        config,
+        host=host,
+        port=port,
+        authkey_file=authkey_file,
+        data_dir=data_dir,
+        metrics_port=metrics_port,
+        session_ttl_s=session_ttl_s,
+        log_level=log_level,
+    )
     typer.echo(json.dumps(settings.masked(), indent=2, sort_keys=True))
 
 
@@ -98,23 +121,32 @@ def check(
     config: ConfigOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    authkey_file: AuthkeyFileOpt = None,
+    data_dir: DataDirOpt = None,
     timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3.0,
 ) -> None:
-    """Exit 0 if a daemon answers at the address, 1 otherwise (for healthchecks)."""
-    from managerd_client import ManagerdError, connect
+    """Exit 0 if a daemon answers at the address, 1 otherwise (for healthchecks).
 
-    settings = _settings(config, host=host, port=port)
+    Reads the authkey from the same sources as `serve`, but never creates one.
+    """
+    from managerd_client import AuthenticationFailed, ManagerdError, connect
+
+    settings = _settings(config, host=host, port=port, authkey_file=authkey_file, data_dir=data_dir)
     try:
-        authkey, _ = resolve_authkey(settings)
-    except (AuthkeyError, OSError) as exc:
+        authkey, _ = resolve_authkey(settings, generate=False)
+    except AuthkeyError as exc:
         raise _fail(str(exc), 1) from None
-    address = (settings.host, settings.port)
+    where = f"{settings.host}:{settings.port}"
     try:
-        with connect(address, authkey=authkey, connect_timeout_s=timeout_s) as m:
+        with connect(
+            (settings.host, settings.port), authkey=authkey, connect_timeout_s=timeout_s
+        ) as m:
             m.ping()
+    except AuthenticationFailed:
+        raise _fail(f"a daemon answers at {where} but refused the authkey", 1) from None
     except (ManagerdError, OSError) as exc:
-        raise _fail(f"no daemon answering at {settings.host}:{settings.port}: {exc}", 1) from None
-    typer.echo(f"ok: managerd answering at {settings.host}:{settings.port}")
+        raise _fail(f"no daemon answering at {where}: {exc}", 1) from None
+    typer.echo(f"ok: managerd answering at {where}")
 
 
 def main() -> None:

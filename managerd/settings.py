@@ -122,18 +122,32 @@ def read_key_file(path: Path) -> bytes:
         raise AuthkeyError(
             f"authkey file {path} is readable by group or others; fix it with: chmod 600 {path}"
         )
-    key = path.read_bytes().strip()
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise AuthkeyError(f"cannot read authkey file {path}: {exc.strerror}") from exc
     if not key:
         raise AuthkeyError(f"authkey file {path} is empty")
     return key
 
 
-def resolve_authkey(settings: Settings) -> tuple[bytes, str]:
+def generated_key_path(settings: Settings) -> Path:
+    """Where ``serve`` keeps the key it generates when none is configured."""
+    if settings.data_dir is not None:
+        return settings.data_dir.expanduser() / "authkey"
+    return DEFAULT_AUTHKEY_FILE.expanduser()
+
+
+def resolve_authkey(settings: Settings, *, generate: bool = True) -> tuple[bytes, str]:
     """The authkey and where it came from (a description, never the key).
 
-    With neither ``authkey`` nor ``authkey_file``, a random key is generated
-    once into ``<data_dir>/authkey`` (or ``~/.config/managerd/authkey``),
-    readable only by its owner, and reused on later starts.
+    Sources, in order: ``authkey`` (``MANAGERD_AUTHKEY``), ``authkey_file``
+    (``MANAGERD_AUTHKEY_FILE``), then the generated key file
+    (:func:`generated_key_path`). With none of them and ``generate`` true (as
+    ``serve`` does), a random key is written there once, readable only by its
+    owner, and reused on later starts. With ``generate`` false (``check``,
+    which must never leave a key behind), a missing key is an
+    :class:`AuthkeyError`.
     """
     if settings.authkey is not None:
         key = settings.authkey.get_secret_value().encode()
@@ -143,12 +157,14 @@ def resolve_authkey(settings: Settings) -> tuple[bytes, str]:
     if settings.authkey_file is not None:
         path = settings.authkey_file.expanduser()
         return read_key_file(path), f"authkey file {path}"
-    if settings.data_dir is not None:
-        path = settings.data_dir.expanduser() / "authkey"
-    else:
-        path = DEFAULT_AUTHKEY_FILE.expanduser()
+    path = generated_key_path(settings)
     if path.exists():
         return read_key_file(path), f"authkey file {path}"
+    if not generate:
+        raise AuthkeyError(
+            f"no authkey: set MANAGERD_AUTHKEY or MANAGERD_AUTHKEY_FILE "
+            f"(no generated key at {path} either)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
