@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import pickle
 import socket
 import struct
@@ -68,6 +69,7 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         self._challenge_message = b""
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._probe_sock: socket.socket | None = None
 
     # -- asyncio callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,6 +91,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = ConnState.CLOSED
+        if self._probe_sock is not None:
+            self._probe_sock.close()
+            self._probe_sock = None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.core.forget(self)
@@ -178,6 +183,32 @@ class Connection(asyncio.Protocol):
                 self._handshake_timer = None
             self.state = ConnState.STOCK
 
+    def peer_alive(self) -> bool:
+        """Peek at the socket: False if the peer has closed or reset it.
+
+        On failure the connection is closed, which ends its session on the
+        next loop iteration.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if self._probe_sock is None:
+            raw = transport.get_extra_info("socket")
+            if raw is None:
+                return True
+            self._probe_sock = socket.socket(
+                raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno())
+            )
+        try:
+            alive = self._probe_sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            alive = False
+        if not alive:
+            self.close()
+        return alive
+
     def _quickack(self) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and hasattr(socket, "TCP_QUICKACK"):
@@ -201,6 +232,7 @@ class Connection(asyncio.Protocol):
             return
         if self.session is None:
             self.session = self.core.sessions.open(SessionKind.STOCK, self.peer)
+            self.session.probe = self.peer_alive
         self.core.stock.handle(self, self.session, ident, method, args, kwds)
 
     def _stock_reply(self, message: tuple[str, Any]) -> None:
@@ -227,6 +259,7 @@ class Connection(asyncio.Protocol):
             session = self.core.sessions.open(SessionKind.MANAGERD, self.peer, clean)
         self.core.adopt(session, self)
         self.session = session
+        session.probe = self.peer_alive
         session.touch()
         self.state = ConnState.MANAGERD
         self._stock_reply(

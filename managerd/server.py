@@ -120,9 +120,12 @@ class ServerCore:
     def stop_accepting(self) -> None:
         self.accepting = False
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         """Answer every waiter with ``ServerShuttingDown`` and close clients."""
         self.registry.shutdown()
+        # The replies are written by the futures' callbacks, which run on
+        # the next loop iteration; a transport flushes them before closing.
+        await asyncio.sleep(0)
         for conn in list(self.connections):
             conn.close()
 
@@ -171,7 +174,7 @@ class EventLoopServer:
             log.info("shutting down")
             core.stop_accepting()
             server.close()
-            core.shutdown()
+            await core.shutdown()
             expirer.cancel()
             try:
                 await asyncio.wait_for(server.wait_closed(), self.settings.shutdown_timeout_s)

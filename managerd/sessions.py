@@ -14,7 +14,7 @@ import enum
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ class Holder(Protocol):
 
 class SessionState(enum.Enum):
     ACTIVE = "active"
+    ENDING = "ending"  # its connection was found dead; end() is on its way
     ENDED = "ended"
 
 
@@ -52,10 +53,26 @@ class Session:
         self.last_seen = time.monotonic()
         self.waiters: set[Waiter] = set()
         self.holdings: dict[Holder, None] = {}  # ordered set
+        #: Asks the connection whether the peer is still there (set by it).
+        self.probe: Callable[[], bool] | None = None
 
     @property
     def active(self) -> bool:
         return self.state is SessionState.ACTIVE
+
+    def usable(self) -> bool:
+        """Whether a parked waiter of this session may be handed something.
+
+        A peer killed a moment ago has a FIN or RST waiting on its socket
+        that the loop may not have read yet; the probe looks (a non-blocking
+        peek), so an item or a lock is never handed to a dead process.
+        """
+        if self.state is not SessionState.ACTIVE:
+            return False
+        if self.probe is not None and not self.probe():
+            self.state = SessionState.ENDING
+            return False
+        return True
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()

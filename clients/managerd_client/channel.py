@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import ssl
 import struct
@@ -44,6 +45,7 @@ from managerd_client.wire import (
 _RID: Final = struct.Struct("!Q")
 _REPLY_HEAD: Final = struct.Struct("!QB")
 _STATUS_OK: Final = 0
+_HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 class _Slot:
@@ -156,6 +158,8 @@ class Channel:
         self._reading = False
         self.dead: BaseException | None = None
         self.last_heard = time.monotonic()
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), _HANGUP)
 
     # -- calls ------------------------------------------------------------------
     def call(self, typeid: str | None, name: str | None, method: str, args: tuple[Any, ...]) -> Any:
@@ -221,6 +225,23 @@ class Channel:
                 target.frame = frame
                 if target is not slot:
                     self._cond.notify_all()
+
+    def peer_closed(self) -> bool:
+        """Whether an idle connection was closed by the daemon (it restarted).
+
+        Checked before a call is sent, so that a call is not sent into a
+        connection already known dead (which would fail it for nothing):
+        one non-blocking poll(2). A thread that is reading notices by itself.
+        """
+        if self.dead is not None:
+            return True
+        if self._reading:
+            return False
+        for _fd, events in self._poller.poll(0):
+            if events & _HANGUP:
+                self._die(ConnectionLost("the daemon closed the connection"))
+                return True
+        return False
 
     def _die(self, exc: BaseException) -> None:
         with self._cond:

@@ -109,7 +109,7 @@ class Manager:
 
     def _channel_or_reconnect(self) -> Channel:
         channel = self._channel
-        if channel is not None and channel.dead is None:
+        if channel is not None and not channel.peer_closed():
             return channel
         with self._lock:
             if self._closed:

@@ -133,11 +133,18 @@ class Waiter:
 
 
 def pop_alive(waiters: deque[Waiter]) -> Waiter | None:
-    """The first waiter still alive, dropping dead ones on the way."""
+    """The first waiter still alive, dropping dead ones on the way.
+
+    A waiter whose session is found dead here (its process was just killed)
+    is cancelled rather than handed anything.
+    """
     while waiters:
         waiter = waiters.popleft()
-        if waiter.alive:
+        if not waiter.alive:
+            continue
+        if waiter.session.usable():
             return waiter
+        waiter.cancel()
     return None
 
 

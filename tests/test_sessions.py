@@ -1,0 +1,226 @@
+"""Nothing lost, nothing stuck: what a session's end gives back (real kill -9)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import signal
+import threading
+from typing import Any
+
+import pytest
+import workers_sessions as w
+from conftest import Daemon, wait_until
+from managerd_client import (
+    ConnectionLost,
+    LockLost,
+    Manager,
+    ServerShuttingDown,
+)
+
+fork = multiprocessing.get_context("fork")
+
+
+def _waiters(m: Manager, name: str) -> int:
+    obj = m.status()["objects"].get(name)
+    return int(obj["waiters"]) if obj else 0
+
+
+def _start(target: Any, *args: Any) -> multiprocessing.process.BaseProcess:
+    proc = fork.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def _kill(proc: multiprocessing.process.BaseProcess) -> None:
+    proc.kill()
+    proc.join(10)
+    assert proc.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_consumer_killed_in_get_loses_nothing(shared_daemon: Daemon, uniq: str) -> None:
+    """100 trials: the consumer first in line is killed, then a put; a live one gets it."""
+    d = shared_daemon
+    with d.connect() as m, d.connect() as live:
+        q = m.Queue(uniq)
+        live_q = live.Queue(uniq)
+        lost = 0
+        for trial in range(100):
+            doomed = _start(w.block_in_get, d.address, d.authkey, uniq)
+            assert wait_until(lambda: _waiters(m, uniq) == 1)
+            got: list[Any] = []
+            t = threading.Thread(target=lambda: got.append(live_q.get(timeout=10)))
+            t.start()
+            assert wait_until(lambda: _waiters(m, uniq) == 2)
+            _kill(doomed)
+            q.put(trial)  # at once: the daemon may not have read the EOF yet
+            t.join(15)
+            if got != [trial]:
+                lost += 1
+        assert lost == 0
+        assert q.qsize() == 0
+
+
+@pytest.mark.parametrize("typeid", ["Lock", "RLock", "Semaphore"])
+def test_holder_killed_releases(shared_daemon: Daemon, uniq: str, typeid: str) -> None:
+    d = shared_daemon
+    with d.connect() as m:
+        lock = getattr(m, typeid)(uniq)
+        holder = _start(w.hold_lock, d.address, d.authkey, typeid, uniq, uniq + ".ready")
+        assert m.Event(uniq + ".ready").wait(10)
+        assert lock.acquire(timeout=0.05) is False
+        first = m.status()["objects"][uniq]["token"]
+        _kill(holder)
+        assert lock.acquire(timeout=1.0) is True  # within 1 s of the kill
+        assert lock.fencing_token is not None and lock.fencing_token > first
+        lock.release()
+
+
+def test_waiter_killed_lock_goes_to_live_waiter(shared_daemon: Daemon, uniq: str) -> None:
+    d = shared_daemon
+    with d.connect() as m, d.connect() as other:
+        lock = m.Lock(uniq)
+        assert lock.acquire()
+        doomed = _start(w.wait_for_lock, d.address, d.authkey, uniq)
+        assert wait_until(lambda: _waiters(m, uniq) == 1)
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(other.Lock(uniq).acquire(timeout=10)))
+        t.start()
+        assert wait_until(lambda: _waiters(m, uniq) == 2)
+        _kill(doomed)
+        lock.release()
+        t.join(15)
+        assert got == [True]
+        holder = m.status()["objects"][uniq]["holder"]
+        assert holder["id"] == other.session_id
+        assert _waiters(m, uniq) == 0
+
+
+def test_reserved_message_comes_back_when_consumer_dies(shared_daemon: Daemon, uniq: str) -> None:
+    d = shared_daemon
+    with d.connect() as m:
+        q = m.Queue(uniq)
+        q.put("payload")
+        q.put("second")
+        proc = _start(w.reserve_and_hang, d.address, d.authkey, uniq, uniq + ".seen")
+        assert wait_until(lambda: "value" in m.dict(uniq + ".seen"))
+        assert q.qsize() == 1
+        _kill(proc)
+        assert wait_until(lambda: q.qsize() == 2)
+        msg = q.reserve(timeout=1)
+        assert (msg.value, msg.deliveries) == ("payload", 2)  # back at the front
+        msg.ack()
+        assert q.get(timeout=1) == "second"
+
+
+def test_acked_message_never_comes_back(shared_daemon: Daemon, uniq: str) -> None:
+    d = shared_daemon
+    m = d.connect()
+    q = m.Queue(uniq, visibility_timeout_s=0.2)
+    q.put("x")
+    with q.reserve(timeout=1) as msg:
+        assert msg.value == "x"
+    m.close()  # session ends after the ack: nothing to give back
+    with d.connect() as m2:
+        q2 = m2.Queue(uniq)
+        with pytest.raises(queue.Empty):
+            q2.get(timeout=0.5)  # longer than the visibility timeout
+
+
+def test_barrier_breaks_when_a_waiter_dies(shared_daemon: Daemon, uniq: str) -> None:
+    import threading as th
+
+    d = shared_daemon
+    with d.connect() as m:
+        b = m.Barrier(uniq, 3)
+        doomed = _start(w.wait_at_barrier, d.address, d.authkey, uniq)
+        assert wait_until(lambda: b.n_waiting == 1)
+        errors: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                b.wait(timeout=10)
+            except th.BrokenBarrierError as exc:
+                errors.append(exc)
+
+        t = th.Thread(target=wait)
+        t.start()
+        assert wait_until(lambda: b.n_waiting == 2)
+        _kill(doomed)
+        t.join(15)
+        assert len(errors) == 1
+        assert b.broken
+
+
+def test_closed_session_releases_everything(shared_daemon: Daemon, uniq: str) -> None:
+    d = shared_daemon
+    m = d.connect()
+    m.Lock(uniq + "l").acquire()
+    m.Semaphore(uniq + "s", 2).acquire()
+    with d.connect() as other:
+        assert other.Lock(uniq + "l").acquire(timeout=0.05) is False
+        m.close()
+        assert other.Lock(uniq + "l").acquire(timeout=2) is True
+        assert other.Semaphore(uniq + "s").get_value() == 2
+
+
+def test_sigterm_answers_waiters_then_exits_zero(daemon: Daemon, uniq: str) -> None:
+    m = daemon.connect(connect_timeout_s=0.5)
+    q = m.Queue(uniq)
+    errors: list[BaseException] = []
+
+    def get() -> None:
+        try:
+            q.get()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=get)
+    t.start()
+    assert wait_until(lambda: _waiters(m, uniq) == 1)
+    daemon.signal(signal.SIGTERM)
+    t.join(15)
+    assert len(errors) == 1 and isinstance(errors[0], ServerShuttingDown), errors
+    assert daemon.wait(15) == 0
+    m.close()
+
+
+def test_restart_clients_reconnect_and_go_on(daemon: Daemon, uniq: str) -> None:
+    m = daemon.connect(connect_timeout_s=10)
+    q = m.Queue(uniq, maxsize=5)
+    lock = m.Lock(uniq + ".lock")
+    q.put(1)
+    assert lock.acquire()
+    old_server = m.server_id
+    daemon.restart()
+    # A call in flight? None here: the next call reconnects and re-creates.
+    q.put(2)
+    assert m.server_id != old_server
+    assert q.qsize() == 1  # memory-only daemon: the queue came back empty
+    assert q.get(timeout=1) == 2
+    with pytest.raises(LockLost):
+        lock.release()  # the old session (and the lock with it) is gone
+    assert lock.acquire(timeout=1)
+    lock.release()
+    m.close()
+
+
+def test_call_in_flight_when_daemon_dies_raises_connection_lost(daemon: Daemon, uniq: str) -> None:
+    m = daemon.connect(connect_timeout_s=0.5)
+    q = m.Queue(uniq)
+    errors: list[BaseException] = []
+
+    def get() -> None:
+        try:
+            q.get()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=get)
+    t.start()
+    assert wait_until(lambda: _waiters(m, uniq) == 1)
+    daemon.kill()
+    t.join(15)
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionLost), errors
+    m.close()

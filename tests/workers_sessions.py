@@ -1,0 +1,46 @@
+"""Client processes for the session tests (module-level: spawn-safe)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from managerd_client import connect
+
+
+def block_in_get(address: str, authkey: bytes, queue_name: str) -> None:
+    """Wait forever in get(); the test kills this process."""
+    m = connect(address, authkey=authkey)
+    m.Queue(queue_name).get()
+
+
+def hold_lock(address: str, authkey: bytes, typeid: str, name: str, ready: str) -> None:
+    """Acquire a Lock/RLock/Semaphore, say so on an Event, then hang."""
+    m = connect(address, authkey=authkey)
+    lock = getattr(m, typeid)(name)
+    lock.acquire()
+    m.Event(ready).set()
+    time.sleep(600)
+
+
+def wait_for_lock(address: str, authkey: bytes, name: str) -> None:
+    """Block in acquire() of a held lock; the test kills this process."""
+    m = connect(address, authkey=authkey)
+    m.Lock(name).acquire()
+    time.sleep(600)
+
+
+def reserve_and_hang(address: str, authkey: bytes, queue_name: str, ready: str) -> None:
+    m = connect(address, authkey=authkey)
+    msg = m.Queue(queue_name).reserve()
+    m.dict(ready)["value"] = msg.value
+    time.sleep(600)
+
+
+def wait_at_barrier(address: str, authkey: bytes, name: str) -> None:
+    m = connect(address, authkey=authkey)
+    m.Barrier(name, 3).wait()
+
+
+def main() -> None:  # pragma: no cover - for manual runs
+    print("import me", file=sys.stderr)
