@@ -32,6 +32,10 @@ def _start(target: Any, *args: Any) -> multiprocessing.process.BaseProcess:
     return proc
 
 
+def _get_into(q: Any, out: list[Any]) -> None:
+    out.append(q.get(timeout=10))
+
+
 def _kill(proc: multiprocessing.process.BaseProcess) -> None:
     proc.kill()
     proc.join(10)
@@ -50,7 +54,7 @@ def test_consumer_killed_in_get_loses_nothing(shared_daemon: Daemon, uniq: str) 
             doomed = _start(w.block_in_get, d.address, d.authkey, uniq)
             assert wait_until(lambda: _waiters(m, uniq) == 1)
             got: list[Any] = []
-            t = threading.Thread(target=lambda: got.append(live_q.get(timeout=10)))
+            t = threading.Thread(target=_get_into, args=(live_q, got))
             t.start()
             assert wait_until(lambda: _waiters(m, uniq) == 2)
             _kill(doomed)
