@@ -20,13 +20,15 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Final, Protocol
 
 from managerd_client.errors import ForbiddenPayload, ManagerdError, error_kind
 from managerd_client.wire import PICKLE_PROTOCOL
 
-from managerd.objects.base import Call, SharedObject
+from managerd.journal import Journal
+from managerd.objects.base import Call, MethodSpec, SharedObject
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
@@ -55,6 +57,68 @@ EXPECTED_ERRORS: Final = (
     queue.Full,
     threading.BrokenBarrierError,
 )
+
+
+def invoke(
+    journal: Journal | None,
+    spec: MethodSpec,
+    obj: SharedObject,
+    call: Call,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    done: Callable[[Any], None],
+    failed: Callable[[BaseException], None],
+) -> None:
+    """Run one exposed method; ``done``/``failed`` get its answer when it may be sent.
+
+    A method that parks a waiter answers when its future completes (never,
+    if the session ended). With ``fsync=always`` an answer also waits until
+    everything journaled before it is on disk. Synchronous errors propagate.
+    """
+    if spec.mutates and journal is not None:
+        journal.check_writable()
+    result = spec.fn(obj, call, *args, **kwargs)
+    if isinstance(result, asyncio.Future):
+        result.add_done_callback(partial(_settled, journal, done, failed))
+    else:
+        answer(journal, result, done, failed)
+
+
+def _settled(
+    journal: Journal | None,
+    done: Callable[[Any], None],
+    failed: Callable[[BaseException], None],
+    future: asyncio.Future[Any],
+) -> None:
+    if future.cancelled():
+        return  # the session ended: nobody to answer
+    exc = future.exception()
+    if exc is not None:
+        failed(exc)
+    else:
+        answer(journal, future.result(), done, failed)
+
+
+def answer(
+    journal: Journal | None,
+    value: Any,
+    done: Callable[[Any], None],
+    failed: Callable[[BaseException], None],
+) -> None:
+    """``done(value)`` now, or once the journal is durable up to here."""
+    barrier = journal.barrier() if journal is not None else None
+    if barrier is None:
+        done(value)
+        return
+
+    def durable(fut: asyncio.Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            failed(exc)
+        else:
+            done(value)
+
+    barrier.add_done_callback(durable)
 
 
 class ReplySink(Protocol):
@@ -102,6 +166,7 @@ class Dispatcher:
         self.decoder = decoder
         self.loop = loop
         self.on_request = on_request
+        self.journal: Journal | None = None
 
     def handle(self, sink: ReplySink, session: Session, frame: bytes) -> None:
         if len(frame) < RID.size:
@@ -114,27 +179,23 @@ class Dispatcher:
         except Exception as exc:
             self._reply_error(sink, rid, exc)
             return
-        call = Call(session, thread, self.loop)
+        done = partial(self._reply, sink, rid)
+        failed = partial(self._reply_error, sink, rid)
         try:
             if typeid is None:
-                result = self._server_call(session, method, args)
+                answer(self.journal, self._server_call(session, method, args), done, failed)
             else:
                 obj = self.registry.get(name, typeid)
                 spec = obj.methods.get(method)
                 if spec is None:
                     raise AttributeError(f"{typeid} has no method {method!r}")
-                result = spec.fn(obj, call, *args)
+                call = Call(session, thread, self.loop)
+                invoke(self.journal, spec, obj, call, args, {}, done, failed)
         except EXPECTED_ERRORS as exc:
-            self._reply_error(sink, rid, exc)
-            return
+            failed(exc)
         except Exception as exc:
             log.exception("internal error in %s.%s", typeid, method)
-            self._reply_error(sink, rid, exc)
-            return
-        if isinstance(result, asyncio.Future):
-            result.add_done_callback(lambda fut: self._reply_later(sink, rid, fut))
-        else:
-            self._reply(sink, rid, result)
+            failed(exc)
 
     def _server_call(self, session: Session, method: str, args: tuple[Any, ...]) -> Any:
         if method == "ping":
@@ -168,12 +229,3 @@ class Dispatcher:
         args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
         body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
         sink.send_frame(REPLY_HEAD.pack(rid, STATUS_ERROR) + body)
-
-    def _reply_later(self, sink: ReplySink, rid: int, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self._reply_error(sink, rid, exc)
-        else:
-            self._reply(sink, rid, future.result())

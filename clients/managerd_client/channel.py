@@ -159,6 +159,7 @@ class Channel:
         self.dead: BaseException | None = None
         self.last_heard = time.monotonic()
         self._poller = select.poll()
+        self._poll_lock = threading.Lock()
         self._poller.register(sock.fileno(), _HANGUP)
 
     # -- calls ------------------------------------------------------------------
@@ -235,13 +236,15 @@ class Channel:
         """
         if self.dead is not None:
             return True
-        if self._reading:
-            return False
-        for _fd, events in self._poller.poll(0):
-            if events & _HANGUP:
-                self._die(ConnectionLost("the daemon closed the connection"))
-                return True
-        return False
+        if self._reading or not self._poll_lock.acquire(blocking=False):
+            return False  # another thread is reading or checking right now
+        try:
+            hung_up = any(events & _HANGUP for _fd, events in self._poller.poll(0))
+        finally:
+            self._poll_lock.release()
+        if hung_up:
+            self._die(ConnectionLost("the daemon closed the connection"))
+        return hung_up
 
     def _die(self, exc: BaseException) -> None:
         with self._cond:
