@@ -145,9 +145,13 @@ class Queue(SharedObject):
             self.items.append(entry)
 
     def _admit_putters(self) -> None:
-        while not self._is_full():
-            waiter = pop_alive(self.putters)
-            if waiter is None:
+        """Complete the putters at the front, in order, while their items fit."""
+        while (waiter := pop_alive(self.putters)) is not None:
+            # A put_many waits for room for all its items, and the putters
+            # behind it wait too (FIFO): admitting it on the first free slot
+            # would overfill the queue.
+            if self.maxsize and self.maxsize - len(self.items) < len(waiter.data):
+                self.putters.appendleft(waiter)
                 return
             for item in waiter.data:
                 self._offer(item)
@@ -177,6 +181,10 @@ class Queue(SharedObject):
 
     def _on_put_timeout(self, waiter: Waiter) -> None:
         waiter.fail(queue.Full())
+        self._admit_putters()  # it may have held the line for smaller puts
+
+    def _on_putter_gone(self, waiter: Waiter) -> None:
+        self._admit_putters()
 
     # -- the stdlib surface ---------------------------------------------
     @exposed(item=Conv.PAYLOAD, mutates=True)
@@ -210,7 +218,9 @@ class Queue(SharedObject):
             return None
         if wait_s == 0.0:
             raise queue.Full()
-        return self.park(self.putters, call, wait_s, self._on_put_timeout, items)
+        future = self.park(self.putters, call, wait_s, self._on_put_timeout, items)
+        self.putters[-1].on_cancel = self._on_putter_gone
+        return future
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def get(self, call: Call, block: bool = True, timeout: float | None = None) -> Any:
