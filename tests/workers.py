@@ -90,31 +90,37 @@ def relay_proxy(address: str, authkey: bytes, name: str) -> None:
 
 
 def pipe_echo(address: str, authkey: bytes, name: str) -> None:
-    """Answer each message on end 1 with (message, 'echo') until EOF, then close."""
+    """Answer each message on end 1 with (message, 'echo') until None, then close."""
     with _connect(address, authkey) as m:
         _, end = m.Pipe(name)
-        while True:
-            try:
-                msg = end.recv(timeout=WAIT_S)
-            except EOFError:
-                break
+        while (msg := end.recv(timeout=WAIT_S)) is not None:
             end.send((msg, "echo"))
         end.close()
+
+
+def pipe_expect_eof(address: str, authkey: bytes, name: str) -> None:
+    """Block in recv() on end 1 until the test closes end 0: EOFError, nothing else."""
+    with _connect(address, authkey) as m:
+        _, end = m.Pipe(name)
+        try:
+            msg = end.recv(timeout=WAIT_S)
+        except EOFError:
+            return
+        raise AssertionError(f"recv() returned {msg!r} instead of raising EOFError")
 
 
 def pipe_write(address: str, authkey: bytes, name: str, items: list[Any]) -> None:
     """Write ``items`` on the write-only end of a one-way pipe, then close it."""
     with _connect(address, authkey) as m:
-        reader, writer = m.Pipe(name, duplex=False)
-        try:
-            reader.send("nope")
-        except OSError:
-            pass
-        else:
-            raise AssertionError("send on the read-only end did not raise")
+        _, writer = m.Pipe(name, duplex=False)
         for item in items:
             writer.send(item)
         writer.close()
+
+
+def answer_on_end(end: Any) -> None:
+    """A pipe end that arrived as a Process argument: answer what is waiting."""
+    end.send((end.recv(timeout=WAIT_S), "pong"))
 
 
 # -- mappings -------------------------------------------------------------------------------

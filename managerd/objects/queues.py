@@ -501,6 +501,7 @@ class Pipe(SharedObject):
             **super().describe(),
             "buffered": [len(self.inbox[0]), len(self.inbox[1])],
             "closed": list(self.closed),
+            "waiters": self.waiter_count(),
         }
 
 
