@@ -236,6 +236,12 @@ class Channel:
         """
         if self.dead is not None:
             return True
+        if time.monotonic() - self.last_heard > self.session_ttl_s:
+            # Heartbeats bring a reply every ttl/3: this long without one,
+            # the daemon has ended our session and (if it could) closed the
+            # connection. Do not send into it; reconnect.
+            self._die(ConnectionLost(f"nothing heard from managerd for {self.session_ttl_s}s"))
+            return True
         if self._reading or not self._poll_lock.acquire(blocking=False):
             return False  # another thread is reading or checking right now
         try:
