@@ -22,6 +22,7 @@ when every must-be-0 figure is 0. Bounded: every loop ends by itself.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -189,7 +190,7 @@ def _count(run: Run, leftover: list[Any], waiters: int) -> dict[str, Any]:
                 holdings.append((int(rest[0]), float(rest[1]), float(rest[2])))
     holdings.sort(key=lambda h: h[1])
     violations = 0
-    for (tok_a, _, end_a), (tok_b, start_b, _) in zip(holdings, holdings[1:], strict=False):
+    for (tok_a, _, end_a), (tok_b, start_b, _) in itertools.pairwise(holdings):
         if start_b < end_a or tok_b <= tok_a:
             violations += 1
     return {
