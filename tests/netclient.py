@@ -9,6 +9,7 @@ reads what happened from the pipe.
   read from stdin (``release``, ``acquire``, ``quit``), printing the result or
   the exception's class name.
 - ``produce``: put ``--count`` numbered messages (``--start`` offset).
+- ``get``: block in ``get()`` with no timeout; print how it ended.
 - ``consume``: reserve/ack until ``--count`` messages were acked overall
   (counted on the daemon), printing ``acked <value>`` for each ack.
 """
@@ -79,9 +80,23 @@ def consume(args: argparse.Namespace) -> None:
             _say("acked", msg.value)
 
 
+def get(args: argparse.Namespace) -> None:
+    """Block in get() with no timeout; report how it ended and after how long."""
+    import time
+
+    m = connect(args.address, connect_timeout_s=args.connect_timeout_s)
+    q = m.Queue(args.name)
+    _say("waiting")
+    started = time.monotonic()
+    try:
+        _say("got", q.get())
+    except ManagerdError as exc:
+        _say("error", type(exc).__name__, round(time.monotonic() - started, 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["lock", "acquire", "produce", "consume"])
+    parser.add_argument("command", choices=["lock", "acquire", "produce", "consume", "get"])
     parser.add_argument("--address", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--count", type=int, default=0)
@@ -89,7 +104,8 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=30.0)
     parser.add_argument("--connect-timeout-s", type=float, default=30.0)
     args = parser.parse_args()
-    {"lock": lock, "acquire": acquire, "produce": produce, "consume": consume}[args.command](args)
+    roles = {"lock": lock, "acquire": acquire, "produce": produce, "consume": consume, "get": get}
+    roles[args.command](args)
 
 
 if __name__ == "__main__":

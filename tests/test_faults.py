@@ -109,6 +109,20 @@ def test_partitioned_holder_loses_lock_to_fenced_successor(
     _finish(holder)
 
 
+def test_blocked_call_raises_on_dead_network(hosts: netns.TwoHosts, remote_daemon: Daemon) -> None:
+    """A get() with no timeout does not hang when the network dies: ConnectionLost."""
+    getter = _client(hosts, 2, remote_daemon, "get", "--name", "never", "--connect-timeout-s", "1")
+    assert _line(getter) == ["waiting"]
+    hosts.link_down(2)
+    try:
+        word, kind, elapsed_s = _line(getter)  # returns: the session TTL plus a margin
+    finally:
+        hosts.link_up(2)
+    assert (word, kind) == ("error", "ConnectionLost")
+    print(f"get() on a dead network raised ConnectionLost after {elapsed_s}s (ttl {TTL_S}s)")
+    _finish(getter)
+
+
 def _lossy(hosts: netns.TwoHosts, percent: int) -> None:
     for n in (1, 2):
         veth = hosts.veth(n)
