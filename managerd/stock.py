@@ -4,36 +4,78 @@ A stock client sends ``(ident, method, args, kwds)``: with ``ident`` None it
 calls a server method (``create``, ``incref``, ``accept_connection``...);
 otherwise ``ident`` is the object's id, which managerd makes the object's
 *name*, so stock tokens address named objects directly. Replies are
-``('#RETURN', value)`` or ``('#ERROR', exception)``.
+``('#RETURN', value)``, ``('#ERROR', exception)`` or ``('#PROXY', (exposed,
+token))``. A stock client's type names are managerd's (``Queue``, ``dict``,
+``list``, ``Lock``...) and its creation calls take the name first::
+
+    BaseManager.register("Queue")
+    BaseManager.register("dict", proxytype=DictProxy)
+    BaseManager.register("Iterator", proxytype=IteratorProxy, create_method=False)
+    m = BaseManager(address=(host, port), authkey=key); m.connect()
+    m.Queue("jobs").get(timeout=1)
 
 Stock clients send and expect plain values, while objects keep payloads as
 pickled bytes; this module converts at the edge as each method's spec says
 (``Conv``). Only builtin data can cross: values are decoded here with the
 daemon's restricted unpickler, so a payload that a managerd client pickled
-from its own classes is refused to a stock client with a clear error.
+from its own classes reaches a stock client as a ``TypeError`` that says
+so, and is left where it was: a stock ``get`` takes a queue item as a
+reservation and acknowledges it only once it decoded (otherwise it goes
+back to the front), and ``pop``-like calls check the value before removing
+it.
+
+What differs from a stock ``SyncManager`` server:
+
+- Iterating a stock ``DictProxy`` (``for k in d``) works when the client
+  registers ``'Iterator'`` as ``SyncManager`` does (above): ``__iter__``
+  answers ``#PROXY`` with an iterator over a snapshot of the keys taken
+  when iteration starts (the stdlib iterates the live dict and fails if it
+  changes size). The iterator is reference-counted by the client's
+  ``incref``/``decref`` like a stock referent, and also dropped when the
+  connection that opened it closes, so a client without ``'Iterator'``
+  registered (its ``for`` raises ``KeyError: 'Iterator'``) leaks nothing.
+  A stock ``ListProxy`` iterates through ``__getitem__`` until
+  ``IndexError``; ``ArrayProxy`` too.
+- ``_getvalue()`` copies: a dict, a list, a ``Namespace``, a number, a list
+  of numbers, and for a queue the list of its items (the queue is unchanged).
+- A ``Condition`` takes the *name* of a Lock/RLock (``m.Condition("c",
+  "db")``), not a lock proxy, which the daemon would refuse to unpickle.
+- ``shutdown`` over the wire is refused with ``PermissionError``.
+- ``get_methods`` (only called by an ``AutoProxy`` rebuilt without its
+  method list) cannot work: its argument is a pickled ``Token``, which the
+  restricted unpickler refuses.
+- Objects live until deleted (``incref``/``decref`` are no-ops for them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import pickle
-import queue
-import threading
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.managers import Namespace as StockNamespace
+from multiprocessing.managers import Token
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from managerd_client.errors import ArgumentConflict, ForbiddenPayload, ObjectTypeConflict
 from managerd_client.wire import PICKLE_PROTOCOL
 
 from managerd.objects.base import Call, Conv, MethodSpec, SharedObject
-from managerd.registry import Registry
+from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session
 
 if TYPE_CHECKING:
     from managerd.dispatch import ServerOps
 
+log = logging.getLogger("managerd")
+
 #: Methods each stock proxy type calls, by typeid: what ``create`` answers
-#: as ``exposed`` (AutoProxy builds its methods from it).
+#: as ``exposed`` (AutoProxy builds its methods from it) and, for these
+#: types, all a stock client may call (``get_many``, ``reserve``... hand out
+#: raw payloads or take items without the decode check of ``get``).
 STOCK_METHODS: Final[dict[str, tuple[str, ...]]] = {
     "Queue": ("empty", "full", "get", "get_nowait", "put", "put_nowait", "qsize"),
     "JoinableQueue": (
@@ -41,20 +83,41 @@ STOCK_METHODS: Final[dict[str, tuple[str, ...]]] = {
     ),
 }  # fmt: skip
 
+#: The type name a stock client registers for iterators (as SyncManager does).
+ITERATOR_TYPEID: Final = "Iterator"
+ITERATOR_EXPOSED: Final = ("__next__", "close", "send")
+#: A stock connection that never drops its iterators keeps at most this many.
+MAX_ITERATORS_PER_SESSION: Final = 64
+
+#: Every stock request runs as "thread 0" of its session: a stock client
+#: opens one connection (one session) per thread.
+_STOCK_THREAD: Final = 0
+
 _STDLIB_ERROR_MODULES: Final = frozenset({"builtins", "_queue", "queue", "threading"})
+#: managerd errors a stock client gets as the closest builtin (it cannot
+#: unpickle managerd's own classes).
+_AS_BUILTIN: Final[tuple[tuple[type[Exception], type[Exception]], ...]] = (
+    (ObjectTypeConflict, TypeError),
+    (ArgumentConflict, ValueError),
+    (ForbiddenPayload, TypeError),
+)
+
+Reply = Callable[[tuple[str, Any]], None]
 
 
-class StockSink:
+class StockSink(Protocol):
     """What the adapter needs of a connection."""
 
-    def _stock_reply(self, message: tuple[str, Any]) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def _stock_reply(self, message: tuple[str, Any]) -> None: ...
 
 
 def stock_error(exc: BaseException) -> BaseException:
     """``exc`` as something a stock client can unpickle without managerd."""
     if type(exc).__module__ in _STDLIB_ERROR_MODULES:
         return exc
+    for managerd_cls, builtin in _AS_BUILTIN:
+        if isinstance(exc, managerd_cls):
+            return builtin(str(exc))
     for cls in type(exc).__mro__:
         if cls.__module__ == "builtins" and issubclass(cls, Exception):
             try:
@@ -62,6 +125,119 @@ def stock_error(exc: BaseException) -> BaseException:
             except Exception:
                 break
     return RuntimeError(str(exc))
+
+
+def undecodable(exc: Exception) -> TypeError:
+    """The error a stock client gets for a value only managerd clients can read."""
+    return TypeError(
+        f"this value cannot be sent to a stock multiprocessing client ({exc}); "
+        "it was stored by a managerd client: read it with managerd_client"
+    )
+
+
+# -- iterators -------------------------------------------------------------------
+
+
+class _StockIterator:
+    __slots__ = ("it", "owner", "refs")
+
+    def __init__(self, keys: list[Any], owner: Session) -> None:
+        self.it: Iterator[Any] = iter(keys)
+        self.owner = owner
+        self.refs = 1  # the server's own reference, as a stock server's create
+
+
+class IteratorTable:
+    """The referents of stock ``IteratorProxy``s, by token id.
+
+    Ids start with a NUL character, which no object name may contain, so
+    they never collide with a name. The table is a session holding of each session that
+    opened an iterator: when that connection closes, its iterators go.
+    """
+
+    PREFIX: Final = "\0iterator-"
+
+    def __init__(self) -> None:
+        self._iters: dict[str, _StockIterator] = {}
+        self._owned: dict[Session, dict[str, None]] = {}
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def is_id(cls, ident: Any) -> bool:
+        return isinstance(ident, str) and ident.startswith(cls.PREFIX)
+
+    def open(self, session: Session, keys: list[Any]) -> str:
+        ident = f"{self.PREFIX}{next(self._ids)}"
+        self._iters[ident] = _StockIterator(keys, session)
+        owned = self._owned.setdefault(session, {})
+        owned[ident] = None
+        session.hold(self)
+        while len(owned) > MAX_ITERATORS_PER_SESSION:
+            self._drop(next(iter(owned)))
+        return ident
+
+    def _get(self, ident: Any) -> _StockIterator:
+        entry = self._iters.get(ident)
+        if entry is None:
+            raise KeyError(f"no iterator {ident!r} (its connection closed, or it was released)")
+        return entry
+
+    def call(self, ident: Any, method: Any, args: tuple[Any, ...]) -> Any:
+        entry = self._get(ident)
+        if method == "__next__" or (method == "send" and args in ((), (None,))):
+            return next(entry.it)  # StopIteration travels as the stock error
+        if method == "close":
+            entry.it = iter(())
+            return None
+        raise AttributeError(f"an iterator has no method {method!r}")
+
+    def incref(self, ident: Any) -> None:
+        self._get(ident).refs += 1
+
+    def decref(self, ident: Any) -> None:
+        entry = self._iters.get(ident)
+        if entry is None:
+            return  # already dropped with its session
+        entry.refs -= 1
+        if entry.refs <= 0:
+            self._drop(ident)
+
+    def _drop(self, ident: str) -> None:
+        entry = self._iters.pop(ident, None)
+        if entry is None:
+            return
+        owned = self._owned.get(entry.owner)
+        if owned is not None:
+            owned.pop(ident, None)
+
+    def release_session(self, session: Session) -> None:
+        for ident in self._owned.pop(session, {}):
+            self._iters.pop(ident, None)
+
+    def __len__(self) -> int:
+        return len(self._iters)
+
+
+# -- the adapter ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Request:
+    """One stock call on an object, for the handlers of special methods."""
+
+    obj: SharedObject
+    call: Call
+    method: str
+    args: tuple[Any, ...]
+    kwds: dict[str, Any]
+    reply: Reply
+
+
+#: Handlers of methods whose stock form is not the object's method as is.
+Special = Callable[["StockAdapter", _Request], None]
+#: For calls that remove a payload: the payload they would remove (or None),
+#: checked decodable *before* the call so that a refused value stays put.
+Peek = Callable[[SharedObject, Call, list[Any], dict[str, Any]], "bytes | None"]
 
 
 class StockAdapter:
@@ -72,13 +248,17 @@ class StockAdapter:
         self.registry: Registry = ops.registry
         self.decoder = decoder
         self.loop = loop
+        self.iterators = IteratorTable()
 
     # -- conversions ----------------------------------------------------------
     def encode(self, value: Any) -> bytes:
         return pickle.dumps(value, PICKLE_PROTOCOL)
 
     def decode(self, payload: bytes) -> Any:
-        return self.decoder.loads(payload)
+        try:
+            return self.decoder.loads(payload)
+        except ForbiddenPayload as exc:
+            raise undecodable(exc) from None
 
     def _args_in(
         self, spec: MethodSpec, args: tuple[Any, ...], kwds: dict[str, Any]
@@ -132,100 +312,280 @@ class StockAdapter:
     # -- requests -------------------------------------------------------------
     def handle(
         self,
-        conn: Any,
+        conn: StockSink,
         session: Session,
         ident: Any,
         method: Any,
         args: tuple[Any, ...],
         kwds: dict[str, Any],
     ) -> None:
-        reply: Callable[[tuple[str, Any]], None] = conn._stock_reply
+        reply: Reply = conn._stock_reply
         try:
             if ident is None:
                 reply(("#RETURN", self._server_call(method, args, kwds)))
+                return
+            if IteratorTable.is_id(ident):
+                reply(("#RETURN", self.iterators.call(ident, method, args)))
                 return
             obj = self.registry.get(ident)
             if method == "#GETVALUE":
                 reply(("#RETURN", self._getvalue(obj)))
                 return
+            allowed = STOCK_METHODS.get(obj.typeid)
+            if allowed is not None and method not in allowed:
+                raise AttributeError(f"{obj.typeid} has no method {method!r} for stock clients")
+            call = Call(session, _STOCK_THREAD, self.loop)
+            special = _SPECIALS.get((obj.typeid, method))
+            if special is not None:
+                special(self, _Request(obj, call, method, args, kwds, reply))
+                return
             spec = obj.methods.get(method)
             if spec is None:
                 raise AttributeError(f"{obj.typeid} has no method {method!r}")
-            call = Call(session, _thread_of(session), self.loop)
             call_args, call_kwds = self._args_in(spec, args, kwds)
+            peek = _PEEKS.get((obj.typeid, method))
+            if peek is not None:
+                payload = peek(obj, call, call_args, call_kwds)
+                if payload is not None:
+                    self.decode(payload)
             result = spec.fn(obj, call, *call_args, **call_kwds)
+            if isinstance(result, asyncio.Future):
+                self._when_done(reply, result, lambda value: self.result_out(spec.result, value))
+            else:
+                reply(("#RETURN", self.result_out(spec.result, result)))
         except Exception as exc:
-            reply(("#ERROR", stock_error(exc)))
-            return
-        if isinstance(result, asyncio.Future):
-            result.add_done_callback(lambda fut: self._reply_later(reply, spec.result, fut))
-        else:
-            self._reply_value(reply, spec.result, result)
+            self._reply_error(reply, exc)
 
-    def _reply_value(
-        self, reply: Callable[[tuple[str, Any]], None], conv: Conv, value: Any
-    ) -> None:
-        try:
-            reply(("#RETURN", self.result_out(conv, value)))
-        except Exception as exc:
-            reply(("#ERROR", stock_error(exc)))
+    def _reply_error(self, reply: Reply, exc: BaseException) -> None:
+        from managerd.dispatch import EXPECTED_ERRORS
 
-    def _reply_later(
-        self, reply: Callable[[tuple[str, Any]], None], conv: Conv, fut: asyncio.Future[Any]
+        if not isinstance(exc, (*EXPECTED_ERRORS, StopIteration)):
+            log.error("internal error in a stock request", exc_info=exc)
+        reply(("#ERROR", stock_error(exc)))
+
+    def _when_done(
+        self, reply: Reply, fut: asyncio.Future[Any], then: Callable[[Any], Any]
     ) -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            reply(("#ERROR", stock_error(exc)))
-        else:
-            self._reply_value(reply, conv, fut.result())
+        """Reply ``then(result)`` of a parked call, or its error."""
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled():
+                return  # the session ended: nobody is there to read a reply
+            exc = fut.exception()
+            try:
+                if exc is not None:
+                    raise exc
+                value = then(fut.result())
+            except Exception as error:
+                self._reply_error(reply, error)
+                return
+            reply(("#RETURN", value))
+
+        fut.add_done_callback(done)
 
     def _getvalue(self, obj: SharedObject) -> Any:
         value = obj.snapshot()
+        if obj.typeid == "Namespace":
+            return StockNamespace(**self.result_out(Conv.MAPPING, value))
+        if obj.typeid in ("Queue", "JoinableQueue"):
+            return self.result_out(Conv.PAYLOADS, value)
         conv = getattr(obj, "snapshot_conv", Conv.PLAIN)
         return self.result_out(conv, value)
 
+    # -- special methods ---------------------------------------------------------
+    def _queue_get(self, req: _Request) -> None:
+        """``get``: a reservation, acked once its item decoded, else given back."""
+        if req.method == "get_nowait":
+            _no_arguments("get_nowait", req.args, req.kwds)
+            block, timeout = False, None
+        else:
+            block, timeout = _get_params(*req.args, **req.kwds)
+        obj, call = req.obj, req.call
+        reserved = obj.methods["reserve"].fn(obj, call, timeout if block else 0.0)
+
+        def settle(reserved: tuple[int, bytes, int]) -> Any:
+            did, payload, _ = reserved
+            try:
+                value = self.decode(payload)
+            except TypeError:
+                _settle(obj, call, "nack", did, True)  # back to the front of the queue
+                raise
+            _settle(obj, call, "ack", did)
+            return value
+
+        if isinstance(reserved, asyncio.Future):
+            self._when_done(req.reply, reserved, settle)
+        else:
+            req.reply(("#RETURN", settle(reserved)))
+
+    def _pipe_recv(self, req: _Request) -> None:
+        """``recv(end, timeout=None)``; a message that does not decode stays first."""
+        obj = req.obj
+        spec = obj.methods["recv"]
+        args, kwds = self._args_in(spec, req.args, req.kwds)
+        end = args[0] if args else kwds.get("end")
+        inbox: Any = obj.inbox[end] if end in (0, 1) else None  # type: ignore[attr-defined]
+        if inbox:
+            self.decode(inbox[0])
+        result = spec.fn(obj, req.call, *args, **kwds)
+
+        def check(payload: bytes) -> Any:
+            try:
+                return self.decode(payload)
+            except TypeError:
+                inbox.appendleft(payload)
+                raise
+
+        if isinstance(result, asyncio.Future):
+            self._when_done(req.reply, result, check)
+        else:
+            req.reply(("#RETURN", self.decode(result)))
+
+    def _dict_iter(self, req: _Request) -> None:
+        _no_arguments("__iter__", req.args, req.kwds)
+        keys = req.obj.methods["keys"].fn(req.obj, req.call)
+        ident = self.iterators.open(req.call.session, keys)
+        req.reply(("#PROXY", (ITERATOR_EXPOSED, Token(ITERATOR_TYPEID, None, ident))))
+
+    def _dict_update(self, req: _Request) -> None:
+        """``update(other=(), **kwds)`` as ``dict.update`` takes it."""
+        if len(req.args) > 1:
+            raise TypeError(f"update expected at most 1 argument, got {len(req.args)}")
+        pairs: list[tuple[Any, Any]] = []
+        if req.args:
+            other = req.args[0]
+            pairs.extend(other.items() if isinstance(other, dict) else other)
+        pairs.extend(req.kwds.items())
+        encoded = [(k, self.encode(v)) for k, v in pairs]
+        req.obj.methods["update"].fn(req.obj, req.call, encoded)
+        req.reply(("#RETURN", None))
+
+    def _dict_setdefault(self, req: _Request) -> None:
+        """``setdefault(key, default=None)``; an existing value must decode."""
+        key, default = _setdefault_params(*req.args, **req.kwds)
+        current = req.obj.methods["get"].fn(req.obj, req.call, key)
+        if current is None:
+            req.obj.methods["setdefault"].fn(req.obj, req.call, key, self.encode(default))
+            req.reply(("#RETURN", default))
+        else:
+            req.reply(("#RETURN", self.decode(current)))
+
+    # -- server operations ---------------------------------------------------------
     def _server_call(self, method: Any, args: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
-        if method in ("dummy", "incref", "decref", "accept_connection"):
-            return None  # named objects live until deleted; no refcounts
+        if method in ("dummy", "accept_connection"):
+            return None
+        if method in ("incref", "decref"):
+            # Named objects live until deleted; only iterators are counted.
+            if args and IteratorTable.is_id(args[0]):
+                getattr(self.iterators, method)(args[0])
+            return None
         if method == "create":
-            typeid, name, *rest = args
-            cls_params = self._create_params(typeid)
-            if len(rest) > len(cls_params):
-                raise TypeError(f"{typeid} takes at most {len(cls_params)} creation arguments")
-            create_args = dict(zip(cls_params, rest, strict=False))
-            create_args.update(kwds)
-            obj = self.ops.create(typeid, name, create_args)
-            return obj.name, self.exposed(obj)
+            return self._create(args, kwds)
         if method == "get_methods":
             (token,) = args
             return self.exposed(self.registry.get(token.id))
         if method == "number_of_objects":
-            return len(self.registry)
+            return len(self.registry) + len(self.iterators)
         if method == "debug_info":
             return "\n".join(f"{n}: {t}" for n, t in self.registry.listing())
         if method == "shutdown":
             raise PermissionError("shutdown over the wire is disabled; stop the daemon instead")
         raise AttributeError(f"the daemon has no operation {method!r}")
 
-    def _create_params(self, typeid: str) -> tuple[str, ...]:
-        from managerd.registry import TYPES
-
-        cls = TYPES.get(typeid)
+    def _create(self, args: tuple[Any, ...], kwds: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        if not args:
+            raise TypeError("create() needs a type name")
+        typeid = args[0]
+        cls = TYPES.get(typeid) if isinstance(typeid, str) else None
         if cls is None:
-            raise TypeError(f"unknown type {typeid!r}")
-        return cls.create_params
+            raise TypeError(f"unknown type {typeid!r}; the daemon serves {', '.join(TYPES)}")
+        if len(args) < 2:
+            raise TypeError(
+                f"managerd objects are named: call m.{typeid}(name, ...), "
+                f"e.g. m.{typeid}('jobs'), to get or create the {typeid} of that name"
+            )
+        name, rest = args[1], args[2:]
+        params = cls.create_params
+        if len(rest) > len(params):
+            raise TypeError(f"{typeid} takes at most {len(params)} creation arguments")
+        create_args = dict(zip(params, rest, strict=False))
+        for key in kwds:
+            if key in create_args:
+                raise TypeError(f"{typeid}() got multiple values for argument {key!r}")
+        create_args.update(kwds)
+        obj = self.ops.create(typeid, name, create_args)
+        return obj.name, self.exposed(obj)
 
     @staticmethod
     def exposed(obj: SharedObject) -> tuple[str, ...]:
-        return STOCK_METHODS.get(obj.typeid) or tuple(sorted(obj.methods))
+        """What an ``AutoProxy`` of ``obj`` gets: public methods, as a stock server.
+
+        Dunder names would become methods of the AutoProxy class itself
+        (``__setattr__`` would break the proxy), so, as the stdlib's
+        ``public_methods``, they are left to the typed proxies.
+        """
+        methods = STOCK_METHODS.get(obj.typeid)
+        if methods is not None:
+            return methods
+        return tuple(name for name in sorted(obj.methods) if not name.startswith("_"))
 
 
-def _thread_of(session: Session) -> int:
-    # A stock client opens one connection (so one session) per thread.
-    return 0
+# -- helpers ----------------------------------------------------------------------
 
 
-# Keep the names referenced for readers of stock error types.
-_ = (queue.Empty, threading.BrokenBarrierError)
+def _no_arguments(name: str, args: tuple[Any, ...], kwds: dict[str, Any]) -> None:
+    if args or kwds:
+        raise TypeError(f"{name}() takes no arguments")
+
+
+def _get_params(block: bool = True, timeout: float | None = None) -> tuple[bool, float | None]:
+    return block, timeout
+
+
+def _setdefault_params(key: Any, default: Any = None) -> tuple[Any, Any]:
+    return key, default
+
+
+def _settle(obj: SharedObject, call: Call, method: str, did: int, *rest: Any) -> None:
+    """Ack or nack a stock get's reservation (it may have timed out meanwhile)."""
+    try:
+        obj.methods[method].fn(obj, call, did, *rest)
+    except ValueError:
+        pass  # redelivered by its visibility timeout already
+
+
+def _peek_dict_pop(obj: SharedObject, call: Call, args: list[Any], kwds: dict[str, Any]) -> Any:
+    key = args[0] if args else kwds.get("key")
+    result: bytes | None = obj.methods["get"].fn(obj, call, key)
+    return result
+
+
+def _peek_dict_popitem(obj: SharedObject, call: Call, args: list[Any], kwds: dict[str, Any]) -> Any:
+    data: dict[Any, bytes] = obj.data  # type: ignore[attr-defined]
+    return next(reversed(data.values()), None)
+
+
+def _peek_list_pop(obj: SharedObject, call: Call, args: list[Any], kwds: dict[str, Any]) -> Any:
+    index = args[0] if args else kwds.get("index", -1)
+    try:
+        return obj.methods["__getitem__"].fn(obj, call, index)
+    except (IndexError, TypeError):
+        return None  # pop itself raises the right error
+
+
+_SPECIALS: Final[dict[tuple[str, str], Special]] = {
+    ("Queue", "get"): StockAdapter._queue_get,
+    ("Queue", "get_nowait"): StockAdapter._queue_get,
+    ("JoinableQueue", "get"): StockAdapter._queue_get,
+    ("JoinableQueue", "get_nowait"): StockAdapter._queue_get,
+    ("dict", "__iter__"): StockAdapter._dict_iter,
+    ("dict", "update"): StockAdapter._dict_update,
+    ("dict", "setdefault"): StockAdapter._dict_setdefault,
+    ("Pipe", "recv"): StockAdapter._pipe_recv,
+}
+
+_PEEKS: Final[dict[tuple[str, str], Peek]] = {
+    ("dict", "pop"): _peek_dict_pop,
+    ("dict", "popitem"): _peek_dict_popitem,
+    ("list", "pop"): _peek_list_pop,
+}
