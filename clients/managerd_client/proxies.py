@@ -399,7 +399,7 @@ class List(Proxy, MutableSequence[Any]):
     def copy(self) -> list[Any]:
         return [loads(p) for p in self._call("copy")]
 
-    def __iadd__(self, values: Iterable[Any]) -> List:  # type: ignore[override]
+    def __iadd__(self, values: Iterable[Any]) -> List:
         self.extend(values)
         return self
 
@@ -428,10 +428,13 @@ class Namespace(Proxy):
 
     _typeid = "Namespace"
 
-    def __getattr__(self, attr: str) -> Any:
+    def __getattribute__(self, attr: str) -> Any:
+        # Every public name is shared, even one the proxy class defines
+        # (``name``): ``ns.name = "x"`` must read back as "x" (as the stdlib's
+        # NamespaceProxy does).
         if attr.startswith("_"):
-            raise AttributeError(attr)
-        return loads(self._call("__getattribute__", attr))
+            return object.__getattribute__(self, attr)
+        return loads(object.__getattribute__(self, "_call")("__getattribute__", attr))
 
     def __setattr__(self, attr: str, value: Any) -> None:
         if attr.startswith("_"):
@@ -604,14 +607,14 @@ class Semaphore(Lock):
 
     _typeid = "Semaphore"
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # type: ignore[override]
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         token = self._call("acquire", blocking, -1 if timeout is None else timeout)
         if token is False:
             return False
         self._held[self._holder_key()] = (token, self._manager.session_epoch)
         return True
 
-    def release(self, n: int = 1) -> None:  # type: ignore[override]
+    def release(self, n: int = 1) -> None:
         self._call("release", n)
         self._held.pop(self._holder_key(), None)
 

@@ -273,8 +273,10 @@ class List(SharedObject):
     def __mul__(self, call: Call, n: int) -> list[bytes]:
         return self.items * n
 
-    @exposed(result=Conv.PAYLOADS)
-    def __rmul__(self, call: Call, n: int) -> list[bytes]:
+    # Not named __rmul__ here: a reflected operator with a ``call`` argument
+    # is not a valid signature for type checkers.
+    @exposed("__rmul__", result=Conv.PAYLOADS)
+    def rmul(self, call: Call, n: int) -> list[bytes]:
         return self.items * n
 
     @exposed(mutates=True)
@@ -466,7 +468,7 @@ class Array(SharedObject):
             values = list(value) if not isinstance(value, (bytes, bytearray)) else value
             if len(values) != len(current):
                 raise ValueError("Can only assign sequence of same size")
-            if self.typecode == "c":
+            if isinstance(self.data, bytearray):
                 self.data[index] = bytes(values)
             else:
                 self.data[index] = array.array(
