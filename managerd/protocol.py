@@ -70,6 +70,7 @@ class Connection(asyncio.Protocol):
         self._challenge_message = b""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._probe_sock: socket.socket | None = None
+        self._tls_task: asyncio.Task[None] | None = None
 
     # -- asyncio callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -83,11 +84,42 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if not self.core.admit(self):
             return
-        frame, self._challenge_message = make_challenge()
-        self.send_frame(frame)
         self._handshake_timer = self.core.loop.call_later(
             self.core.settings.handshake_timeout_s, self._handshake_expired
         )
+        if self.core.tls is not None:
+            # TLS is started here rather than by create_server so that a
+            # failed handshake is ours to report: one line, with the peer.
+            transport.pause_reading()
+            self._tls_task = self.core.loop.create_task(self._start_tls(transport))
+            return
+        self._challenge()
+
+    def _challenge(self) -> None:
+        frame, self._challenge_message = make_challenge()
+        self.send_frame(frame)
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        assert self.core.tls is not None
+        try:
+            tls = await self.core.loop.start_tls(
+                raw,
+                self,
+                self.core.tls,
+                server_side=True,
+                ssl_handshake_timeout=self.core.settings.handshake_timeout_s,
+            )
+        except (OSError, TimeoutError, asyncio.CancelledError) as exc:
+            self.core.stats.tls_failures += 1
+            reason = str(exc) or type(exc).__name__
+            log.warning("TLS handshake with %s failed: %s", self.peer, reason)
+            raw.close()
+            self.connection_lost(None)
+            return
+        if tls is None or self.state is ConnState.CLOSED:
+            return
+        self.transport = tls
+        self._challenge()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = ConnState.CLOSED

@@ -17,9 +17,11 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any
 
@@ -36,6 +38,10 @@ from managerd.stock import StockAdapter
 log = logging.getLogger("managerd")
 
 
+class StartupError(Exception):
+    """The daemon cannot start as configured; the message says why."""
+
+
 @dataclass
 class Stats:
     """Counters the metrics endpoint reads."""
@@ -45,6 +51,7 @@ class Stats:
     auth_failures: int = 0
     handshake_timeouts: int = 0
     connections_refused: int = 0
+    tls_failures: int = 0
     sessions_expired: int = 0
 
 
@@ -68,6 +75,8 @@ class ServerCore:
         #: for a moment: the old half-open one is closed when it is adopted).
         self.session_conns: dict[Session, Connection] = {}
         self.accepting = True
+        #: The TLS context connections start TLS with (None: plain TCP).
+        self.tls: ssl.SSLContext | None = None
 
     # -- connections ------------------------------------------------------------
     def admit(self, conn: Connection) -> bool:
@@ -149,9 +158,9 @@ class EventLoopServer:
         self._stop = asyncio.Event()
         core = self.core = ServerCore(self.settings, self.authkey, loop)
         sock = _listen(self.settings.host, self.settings.port)
-        server = await loop.create_server(
-            lambda: Connection(core), sock=sock, backlog=1024, ssl=None
-        )
+        core.tls = tls_context(self.settings)
+        loop.set_exception_handler(partial(_one_line_errors, core))
+        server = await loop.create_server(lambda: Connection(core), sock=sock, backlog=1024)
         self.address = sock.getsockname()[:2]
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -185,6 +194,41 @@ class EventLoopServer:
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The daemon's TLS context (TLS 1.2+), or None to serve plain TCP."""
+    if settings.tls_cert is None:
+        if settings.tls_key is not None or settings.tls_require_client_cert:
+            raise ValueError("TLS settings need MANAGERD_TLS_CERT (the certificate)")
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_ca is not None:
+            ctx.load_verify_locations(cafile=settings.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load TLS files: {exc}") from exc
+    if settings.tls_require_client_cert:
+        if settings.tls_ca is None:
+            raise ValueError("MANAGERD_TLS_REQUIRE_CLIENT_CERT needs MANAGERD_TLS_CA")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _one_line_errors(
+    core: ServerCore, loop: asyncio.AbstractEventLoop, context: dict[str, Any]
+) -> None:
+    """A peer's TLS or connection error is one log line, not a traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError)):
+        transport = context.get("transport")
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client"
+        log.warning("connection from %s: %s", where, exc)
+        return
+    loop.default_exception_handler(context)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -234,6 +278,13 @@ def run_server(settings: Settings) -> None:
     """Resolve the authkey, serve until stopped. The CLI's one call."""
     authkey, source = resolve_authkey(settings)
     log.info("authkey from %s", source)
+    try:
+        tls = tls_context(settings)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    if tls is not None:
+        mutual = " with client certificates required" if settings.tls_require_client_cert else ""
+        log.info("TLS on (TLS 1.2+%s)", mutual)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.tls_cert is None:
         log.warning(
             "serving on %s without TLS: traffic (and stock clients' payloads) travel in clear",
@@ -242,5 +293,5 @@ def run_server(settings: Settings) -> None:
     Managerd(settings, authkey).get_server().serve_forever()
 
 
-__all__ = ["EventLoopServer", "Managerd", "ServerShuttingDown", "run_server"]
+__all__ = ["EventLoopServer", "Managerd", "ServerShuttingDown", "StartupError", "run_server"]
 _ = ConnState

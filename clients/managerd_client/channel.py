@@ -89,7 +89,10 @@ def open_socket(
             sock = tls.wrap_socket(sock, server_hostname=server_hostname)
         except ssl.SSLError as exc:
             sock.close()
-            raise AuthenticationFailed(f"TLS handshake with {address[0]} failed: {exc}") from exc
+            raise AuthenticationFailed(
+                f"TLS handshake with {address[0]}:{address[1]} failed: {exc} "
+                "(does the daemon serve TLS, with a certificate your CA signed for this host?)"
+            ) from exc
         except OSError as exc:
             sock.close()
             raise ConnectFailed(f"TLS connection to {address[0]} failed: {exc}") from exc
@@ -120,11 +123,23 @@ class Channel:
             raise AuthenticationFailed(
                 f"managerd at {address[0]}:{address[1]} refused the connection: {exc}"
             ) from None
+        except ssl.SSLError as exc:
+            self._fs.close()
+            raise AuthenticationFailed(
+                f"managerd at {address[0]}:{address[1]} refused the TLS session: {exc}"
+            ) from None
         except (OSError, EOFError) as exc:
             self._fs.close()
+            if tls is not None:
+                raise AuthenticationFailed(
+                    f"managerd at {address[0]}:{address[1]} ended the TLS session during "
+                    f"authentication: {exc or 'closed'} (does it require a client "
+                    "certificate? pass tls_cert= and tls_key=)"
+                ) from None
+            hint = " (if the daemon serves TLS, connect with tls=...)"
             raise ConnectFailed(
                 f"managerd at {address[0]}:{address[1]} closed the connection during "
-                f"authentication: {exc}"
+                f"authentication: {exc or 'closed'}{hint}"
             ) from None
         try:
             self._fs.send_frame(

@@ -326,6 +326,9 @@ def connect(
     *,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     tls: ssl.SSLContext | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
     server_hostname: str | None = None,
     client_name: str | None = None,
 ) -> Manager:
@@ -335,7 +338,14 @@ def connect(
     ``MANAGERD_AUTHKEY_FILE``). Raises ``ConnectFailed`` when no daemon
     answers within ``connect_timeout_s`` and ``AuthenticationFailed`` when
     the key is refused.
+
+    TLS: pass ``tls`` (an ``ssl.SSLContext``), or ``tls_ca`` (the CA that
+    signed the daemon's certificate) and, for mutual TLS, ``tls_cert`` and
+    ``tls_key``. The certificate must name the host you connect to (or pass
+    ``server_hostname``).
     """
+    if tls is None and (tls_ca or tls_cert):
+        tls = client_tls_context(tls_ca, tls_cert, tls_key)
     if authkey is None:
         authkey = _authkey_from_env()
     elif isinstance(authkey, str):
@@ -348,6 +358,19 @@ def connect(
         server_hostname=server_hostname,
         client_name=client_name,
     )
+
+
+def client_tls_context(
+    ca: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> ssl.SSLContext:
+    """A client context: verify the daemon against ``ca``; present ``cert`` if given."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 _shared: dict[tuple[str, int], Manager] = {}
