@@ -20,7 +20,7 @@ import pytest
 from conftest import Daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from managerd_client import Manager
+from managerd_client import ForbiddenPayload, Manager
 from managerd_client.wire import FrameSocket, client_handshake
 
 FUZZ = settings(
@@ -95,7 +95,7 @@ def test_code_execution_pickle_has_no_effect(
     kind, err = _answer(fs)  # type: ignore[misc]
     assert kind == "#ERROR" and "refused to decode posix.system" in str(err)
     fs.close()
-    with pytest.raises(Exception, match="refused to decode posix.system"):
+    with pytest.raises(ForbiddenPayload, match=r"refused to decode posix\.system"):
         m._call(None, None, "ping", (_Boom(marker),))
     assert not marker.exists()
     _still_serving(target)
