@@ -22,7 +22,7 @@ Blocking calls raise the exceptions the standard library raises, so
 existing ``except`` clauses keep working: ``queue.Empty``, ``queue.Full``,
 ``TimeoutError``, ``threading.BrokenBarrierError``, ``RuntimeError``,
 ``ValueError``, ``KeyError``, ``IndexError``, ``TypeError``,
-``AttributeError``.
+``AttributeError``, ``EOFError`` and ``OSError`` (pipes).
 
 The wire carries errors as a ``(kind, message)`` pair, never as a pickled
 exception; :func:`error_kind` and :func:`error_from_kind` are the two ends of
@@ -134,6 +134,10 @@ _KINDS: dict[str, type[BaseException]] = {
     "Attribute": AttributeError,
     "NotImplemented": NotImplementedError,
     "Overflow": OverflowError,
+    "EOF": EOFError,
+    "BrokenPipe": BrokenPipeError,
+    "Permission": PermissionError,
+    "OS": OSError,
     "ConnectionLost": ConnectionLost,
     "ShuttingDown": ServerShuttingDown,
     "SessionExpired": SessionExpired,
