@@ -214,13 +214,29 @@ class Semaphore(SharedObject):
             raise ValueError("n must be one or more")
         if self.bounded and self.value + n > self.initial:
             raise ValueError("Semaphore released too many times")
-        held = self.held.get(call.session, 0)
-        if held:
-            if held > n:
-                self.held[call.session] = held - n
-            else:
-                del self.held[call.session]
+        self._forget_holdings(call.session, n)
         self._give(n)
+
+    def _forget_holdings(self, releaser: Session, n: int) -> None:
+        """Stop counting ``n`` permits as held: the releaser's own first.
+
+        Any client may release a semaphore (as any thread may release a
+        ``threading.Semaphore``). A permit released for another session is
+        no longer that session's, or its end would give it back a second
+        time (and push a BoundedSemaphore past its bound).
+        """
+        for session in [releaser, *(s for s in self.held if s is not releaser)]:
+            if n == 0:
+                return
+            held = self.held.get(session, 0)
+            if not held:
+                continue
+            taken = min(held, n)
+            n -= taken
+            if held > taken:
+                self.held[session] = held - taken
+            else:
+                del self.held[session]
 
     def _give(self, n: int) -> None:
         self.value += n
