@@ -21,8 +21,11 @@ daemon's restricted unpickler, so a payload that a managerd client pickled
 from its own classes reaches a stock client as a ``TypeError`` that says
 so, and is left where it was: a stock ``get`` takes a queue item as a
 reservation and acknowledges it only once it decoded (otherwise it goes
-back to the front), and ``pop``-like calls check the value before removing
-it.
+back to the front, as a ``nack``: it counts as a delivery for a queue with
+``max_deliveries``), ``pop``-like calls check the value before removing
+it, and a pipe message a parked ``recv`` cannot take goes back first in
+line. On queues a stock client has only the stdlib's methods (``reserve``,
+``get_many``... would hand out payloads without that check).
 
 What differs from a stock ``SyncManager`` server:
 
@@ -33,7 +36,9 @@ What differs from a stock ``SyncManager`` server:
   changes size). The iterator is reference-counted by the client's
   ``incref``/``decref`` like a stock referent, and also dropped when the
   connection that opened it closes, so a client without ``'Iterator'``
-  registered (its ``for`` raises ``KeyError: 'Iterator'``) leaks nothing.
+  registered (its ``for`` raises ``KeyError: 'Iterator'``) leaks nothing;
+  a connection keeps at most ``MAX_ITERATORS_PER_SESSION``. Iterators count
+  in ``number_of_objects`` as a stock server's referents do.
   A stock ``ListProxy`` iterates through ``__getitem__`` until
   ``IndexError``; ``ArrayProxy`` too.
 - ``_getvalue()`` copies: a dict, a list, a ``Namespace``, a number, a list
@@ -45,6 +50,9 @@ What differs from a stock ``SyncManager`` server:
   method list) cannot work: its argument is a pickled ``Token``, which the
   restricted unpickler refuses.
 - Objects live until deleted (``incref``/``decref`` are no-ops for them).
+- A stock client opens one connection per thread, so each thread is a
+  session of its own: what it holds (an RLock, permits) is its own, and is
+  released when that connection closes.
 """
 
 from __future__ import annotations

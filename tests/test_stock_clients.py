@@ -106,16 +106,20 @@ def find_python(version: str) -> str | None:
     return None
 
 
-@pytest.fixture(params=VERSIONS, ids=[f"py{v}" for v in VERSIONS])
-def stock_python(request: pytest.FixtureRequest) -> str:
-    version: str = request.param
+def python_or_skip(version: str) -> str:
+    """The interpreter; if missing, a failure under CI and a skip elsewhere."""
     python = find_python(version)
     if python is None:
-        message = f"no Python {version} interpreter found (pyenv, uv or PATH)"
+        message = f"no Python {version} interpreter found (pyenv, PATH or uv)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     return python
+
+
+@pytest.fixture(params=VERSIONS, ids=[f"py{v}" for v in VERSIONS])
+def stock_python(request: pytest.FixtureRequest) -> str:
+    return python_or_skip(request.param)
 
 
 # -- running the stock client ------------------------------------------------------------
@@ -142,6 +146,31 @@ class StockRun:
         assert self.proc.returncode == 0, self.output
         assert self.output.rstrip().endswith("DONE"), self.output
         return self.output
+
+    def _check_running(self) -> None:
+        """Fail at once, with the script's output, if it has already exited."""
+        if self.proc.poll() is not None:
+            self.finish()
+            pytest.fail(f"the stock client exited before the test's side was done:\n{self.output}")
+
+    def parked(self, m: Manager, name: str, key: str = "waiters") -> bool:
+        """Wait until exactly one client (the script) is parked on ``name``."""
+
+        def parked() -> bool:
+            self._check_running()
+            return _describe(m, name).get(key) == 1
+
+        return wait_until(parked, timeout_s=WAIT_S)
+
+    def step(self, m: Manager, prefix: str, name: str) -> bool:
+        """Wait until the script says it got past ``name`` (it sets an Event)."""
+        event = m.Event(f"{prefix}.step.{name}")
+
+        def reached() -> bool:
+            self._check_running()
+            return event.is_set()
+
+        return wait_until(reached, timeout_s=WAIT_S)
 
     def results(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -172,16 +201,6 @@ def _describe(m: Manager, name: str) -> dict[str, Any]:
     return found
 
 
-def _parked(m: Manager, name: str, key: str = "waiters") -> bool:
-    """Wait until exactly one client is parked on ``name``."""
-    return wait_until(lambda: _describe(m, name).get(key) == 1, timeout_s=WAIT_S)
-
-
-def _step(m: Manager, prefix: str, name: str) -> bool:
-    """Wait until the stock client says it got past ``name``."""
-    return m.Event(f"{prefix}.step.{name}").wait(WAIT_S)
-
-
 class Point:
     """A class only managerd clients can unpickle (the daemon never decodes it)."""
 
@@ -197,6 +216,15 @@ class Point:
 # -- tests ---------------------------------------------------------------------------------
 
 
+def test_a_missing_interpreter_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"no Python 3\.99"):
+        python_or_skip("3.99")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"no Python 3\.99"):
+        python_or_skip("3.99")
+
+
 def test_queues_both_ways(
     stock_python: str, shared_daemon: Daemon, m: Manager, uniq: str, capsys: Any
 ) -> None:
@@ -207,7 +235,7 @@ def test_queues_both_ways(
     joinable.put_many(["a", "b"])
     handoff = m.Queue(f"{p}.handoff")
     with StockRun(stock_python, "queues", p, shared_daemon) as run:
-        assert _parked(m, f"{p}.handoff")
+        assert run.parked(m, f"{p}.handoff")
         handoff.put({"from": "managerd"})
         joinable.join(timeout=WAIT_S)  # TimeoutError unless the stock side task_done()s
         run.finish()
@@ -263,27 +291,27 @@ def test_sync_between_stock_and_managerd(
     doomed = m.Barrier(f"{p}.doomed", 2)
     with StockRun(stock_python, "sync", p, shared_daemon) as run:
         # Lock: the stock client waits for our release, then holds it.
-        assert _step(m, p, "lock_probed")
-        assert _parked(m, f"{p}.lock")
+        assert run.step(m, p, "lock_probed")
+        assert run.parked(m, f"{p}.lock")
         lock.release()
-        assert _step(m, p, "lock_held")
+        assert run.step(m, p, "lock_held")
         assert lock.acquire(blocking=False) is False
         m.Event(f"{p}.step.lock_checked").set()
         assert lock.acquire(timeout=WAIT_S)
         lock.release()
         # Semaphore: it waits for one of our two permits.
-        assert _parked(m, f"{p}.sem")
+        assert run.parked(m, f"{p}.sem")
         sem.release()
-        assert _step(m, p, "sem_done")
+        assert run.step(m, p, "sem_done")
         assert sem.get_value() == 1
         sem.release()
         # Event: we set what it waits on, it sets what we wait on.
-        assert _step(m, p, "event_probed")
-        assert _parked(m, f"{p}.event")
+        assert run.step(m, p, "event_probed")
+        assert run.parked(m, f"{p}.event")
         event.set()
         assert m.Event(f"{p}.event_back").wait(WAIT_S)
         # Condition: we notify its wait_for, then it notifies ours.
-        assert _parked(m, f"{p}.cond")
+        assert run.parked(m, f"{p}.cond")
         with cond:
             flags["go"] = 1
             cond.notify()
@@ -291,7 +319,7 @@ def test_sync_between_stock_and_managerd(
             assert cond.wait_for(lambda: flags.get("back") == 1, timeout=WAIT_S)
         # Barrier: one party each; then we abort the one it waits on.
         index = m.Barrier(f"{p}.barrier", 2).wait(WAIT_S)
-        assert _parked(m, f"{p}.doomed", key="n_waiting")
+        assert run.parked(m, f"{p}.doomed", key="n_waiting")
         doomed.abort()
         run.finish()
     assert {index, run.results()["barrier_index"]} == {0, 1}
@@ -308,7 +336,7 @@ def test_errors_and_refusals(
     m.list(f"{p}.list").append(Point(5, 5))
     parked = m.Queue(f"{p}.parked")
     with StockRun(stock_python, "errors", p, shared_daemon) as run:
-        assert _parked(m, f"{p}.parked")
+        assert run.parked(m, f"{p}.parked")
         parked.put(Point(3, 4))
         run.finish()
 

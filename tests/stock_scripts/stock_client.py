@@ -317,6 +317,11 @@ def sync(p: str) -> None:
     with cond:
         flags["back"] = 1
         cond.notify_all()
+    over_lock = m.Condition(f"{p}.cond_over_lock", f"{p}.lock")  # a lock by name
+    with over_lock:
+        check(lock.acquire(False) is False, "a Condition created over a named Lock holds it")
+    check(lock.acquire(False) is True, "... and releases it")
+    lock.release()
 
     # Barrier, and a barrier the test aborts.
     barrier = m.Barrier(f"{p}.barrier", 2)
