@@ -98,6 +98,11 @@ class Condition(SharedObject):
         self.lock.release(call)
 
     @exposed()
+    def locked(self, call: Call) -> bool:
+        """Whether the condition's lock is held (the client proxy is a lock too)."""
+        return self.lock.locked(call)
+
+    @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
         """Release the lock, wait for a notify (True) or the timeout (False)."""
         wait_s = timeout_s(True, max(timeout, 0.0) if timeout is not None else None)
