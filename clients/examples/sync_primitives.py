@@ -1,7 +1,7 @@
 """Lock, Semaphore, Event and Condition coordinating worker processes.
 
 - An **Event** is the starting gun: every worker waits on it, and the main
-  process sets it once all of them are running.
+  process sets it once it has started all of them.
 - A **Semaphore** of 2 lets at most two workers into a section at once.
 - A **Lock** protects the read-modify-write of the shared counters that
   record how many workers are inside that section.
