@@ -159,8 +159,8 @@ class IteratorTable:
     """The referents of stock ``IteratorProxy``s, by token id.
 
     Ids start with a NUL character, which no object name may contain, so
-    they never collide with a name. The table is a session holding of each session that
-    opened an iterator: when that connection closes, its iterators go.
+    they never collide with a name. The table is a holding of each session
+    that opened an iterator: when that connection closes, its iterators go.
     """
 
     PREFIX: Final = "\0iterator-"
