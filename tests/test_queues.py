@@ -119,6 +119,16 @@ def test_queue_surface(manager: Manager, uniq: str) -> None:
     assert q.get() is None  # None is an item like any other
 
 
+def test_queue_maxsize_zero_or_negative_is_unbounded(manager: Manager, uniq: str) -> None:
+    for maxsize in (0, -1):
+        q = manager.Queue(f"{uniq}{maxsize}", maxsize=maxsize)  # as queue.Queue
+        q.put_many(range(20), timeout=1)
+        q.put_nowait(20)
+        q.put(21, timeout=1)
+        assert q.qsize() == 22 and not q.full()
+        assert q.get_many(100) == list(range(22))
+
+
 def test_queue_timeouts(manager: Manager, uniq: str) -> None:
     q = manager.Queue(uniq, maxsize=1)
     with pytest.raises(queue.Empty):

@@ -106,8 +106,13 @@ class Queue(SharedObject):
         }
 
     # -- internals -------------------------------------------------------
+    @property
+    def _bound(self) -> int:
+        """The most items the queue holds; 0 for unbounded (maxsize <= 0, as queue.Queue)."""
+        return max(self.maxsize, 0)
+
     def _is_full(self) -> bool:
-        return 0 < self.maxsize <= len(self.items)
+        return 0 < self._bound <= len(self.items)
 
     def _deliver(self, entry: bytes | _Returned, waiter: Waiter) -> None:
         """Complete a getter with ``entry``."""
@@ -150,7 +155,7 @@ class Queue(SharedObject):
             # A put_many waits for room for all its items, and the putters
             # behind it wait too (FIFO): admitting it on the first free slot
             # would overfill the queue.
-            if self.maxsize and self.maxsize - len(self.items) < len(waiter.data):
+            if self._bound and self._bound - len(self.items) < len(waiter.data):
                 self.putters.appendleft(waiter)
                 return
             for item in waiter.data:
@@ -202,7 +207,7 @@ class Queue(SharedObject):
         """Put all of ``items`` in order; with a maxsize, waits for room for all."""
         if not isinstance(items, (list, tuple)):
             raise TypeError("put_many takes a list of items")
-        if self.maxsize and len(items) > self.maxsize:
+        if self._bound and len(items) > self._bound:
             raise ValueError(f"{len(items)} items can never fit a queue of maxsize {self.maxsize}")
         return self._put(list(items), call, timeout_s(block, timeout))
 
@@ -210,7 +215,7 @@ class Queue(SharedObject):
         for item in items:
             if not isinstance(item, bytes):
                 raise TypeError("queue items travel as pickled bytes")
-        room = self.maxsize - len(self.items) if self.maxsize else len(items)
+        room = self._bound - len(self.items) if self._bound else len(items)
         if room >= len(items) and alive_count(self.putters) == 0:
             for item in items:
                 self._offer(item)
