@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon
-from managerd_client.errors import error_kind
 
 EXAMPLES = Path(__file__).parent.parent / "clients" / "examples"
 RUN_TIMEOUT_S = 100.0
@@ -48,16 +47,6 @@ EXPECTED: dict[str, list[str]] = {
     ],
 }
 
-# managerd_client maps the daemon's EOFError to RemoteError (errors.py has no
-# kind for EOFError/OSError), so a receiver never sees the EOFError that a
-# closed pipe promises. Runs normally once that is fixed.
-_EOF_LOST = error_kind(EOFError()) == "Remote"
-_MARKS = {
-    "pipe_sender_receiver.py": pytest.mark.xfail(
-        _EOF_LOST, reason="client maps EOFError to RemoteError", strict=True
-    )
-}
-
 
 def run_example(script: str, daemon: Daemon, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -74,9 +63,7 @@ def test_every_example_is_tested() -> None:
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
 
 
-@pytest.mark.parametrize(
-    "script", [pytest.param(s, marks=_MARKS.get(s, ()), id=s[:-3]) for s in EXPECTED]
-)
+@pytest.mark.parametrize("script", [pytest.param(s, id=s[:-3]) for s in EXPECTED])
 def test_example_runs(script: str, shared_daemon: Daemon) -> None:
     before = shared_daemon.connect()
     try:
