@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -81,11 +82,11 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from managerd.server import run_server
+    from managerd.server import StartupError, run_server
 
     try:
         run_server(settings)
-    except AuthkeyError as exc:
+    except (AuthkeyError, StartupError) as exc:
         raise _fail(str(exc), 2) from None
     except OSError as exc:
         raise _fail(exc.strerror or str(exc), 1) from None
@@ -138,15 +139,41 @@ def check(
         raise _fail(str(exc), 1) from None
     where = f"{settings.host}:{settings.port}"
     try:
+        tls = _check_tls(settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise _fail(f"cannot load TLS files: {exc}", 1) from None
+    try:
         with connect(
-            (settings.host, settings.port), authkey=authkey, connect_timeout_s=timeout_s
+            (settings.host, settings.port), authkey=authkey, connect_timeout_s=timeout_s, tls=tls
         ) as m:
             m.ping()
-    except AuthenticationFailed:
-        raise _fail(f"a daemon answers at {where} but refused the authkey", 1) from None
+    except AuthenticationFailed as exc:
+        raise _fail(f"a daemon answers at {where} but refused us: {exc}", 1) from None
     except (ManagerdError, OSError) as exc:
         raise _fail(f"no daemon answering at {where}: {exc}", 1) from None
     typer.echo(f"ok: managerd answering at {where}")
+
+
+def _check_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context ``check`` uses against a daemon with these settings.
+
+    The daemon's certificate is pinned by the configured files: trusted if
+    ``tls_ca`` signed it, or if it is ``tls_cert`` itself. The host name is
+    not checked, since ``check`` dials the listening address, which may be
+    0.0.0.0. With client certificates required, ``check`` presents the
+    daemon's own certificate, so that must be acceptable to ``tls_ca``.
+    """
+    if settings.tls_cert is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_verify_locations(cafile=settings.tls_ca or settings.tls_cert)
+    if settings.tls_require_client_cert:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx
 
 
 def main() -> None:

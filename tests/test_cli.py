@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -234,6 +235,30 @@ def test_check_reads_an_authkey_file(daemon: Daemon, tmp_path: Path, home: Path)
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_check_speaks_tls_to_a_tls_daemon(tmp_path: Path, home: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=managerd",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    tls_env = {"MANAGERD_TLS_CERT": str(cert), "MANAGERD_TLS_KEY": str(key)}
+    d = Daemon(tmp_path, env=tls_env).start()
+    try:
+        env = clean_env(home, MANAGERD_AUTHKEY=d.authkey.decode(), **tls_env)
+        done = managerd("check", "--port", str(d.port), env=env)
+        assert done.returncode == 0, done.stderr
+        # Without the TLS settings, check cannot talk to it.
+        plain = clean_env(home, MANAGERD_AUTHKEY=d.authkey.decode())
+        done = managerd("check", "--port", str(d.port), "--timeout-s", "1", env=plain)
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr
+    finally:
+        d.stop()
+
+
 def test_check_never_creates_a_key(tmp_path: Path, home: Path) -> None:
     data_dir = tmp_path / "data"
     for args in ([], ["--data-dir", str(data_dir)]):
@@ -320,6 +345,21 @@ def test_serve_refuses_a_missing_key_file(tmp_path: Path, home: Path) -> None:
     assert str(path) in done.stderr
     assert "Traceback" not in done.stderr
     assert not path.exists()
+
+
+def test_serve_refuses_unusable_tls_settings(tmp_path: Path, home: Path) -> None:
+    missing = tmp_path / "no-such-cert.pem"
+    for extra in (
+        {"MANAGERD_TLS_CERT": str(missing)},
+        {"MANAGERD_TLS_REQUIRE_CLIENT_CERT": "true"},
+    ):
+        env = clean_env(home, MANAGERD_AUTHKEY="k", **extra)
+        done = managerd("serve", "--port", "0", env=env)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines()[-1].startswith("managerd: ")
+        assert "TLS" in done.stderr.splitlines()[-1]
+        assert "Traceback" not in done.stderr
+        assert "serving on" not in done.stderr
 
 
 # -- serve: bad input at runtime ----------------------------------------------------
