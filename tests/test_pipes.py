@@ -5,17 +5,7 @@ from __future__ import annotations
 import pytest
 import workers
 from conftest import Daemon, wait_until
-from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict, RemoteError
-
-# The daemon raises EOFError/OSError/BrokenPipeError as the stdlib does, but
-# managerd_client/errors.py has no wire kind for them: error_kind() sends
-# them as "Remote" and the client raises RemoteError. Strict, so that the
-# fix there turns these into failures that ask for this mark to go.
-needs_os_error_kinds = pytest.mark.xfail(
-    raises=RemoteError,
-    strict=True,
-    reason="errors.py maps EOFError/OSError/BrokenPipeError to RemoteError on the wire",
-)
+from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
 
 
 def _waiters(m: Manager, name: str) -> int:
@@ -51,7 +41,6 @@ def test_poll_blocked_in_this_process_wakes_on_send_from_another(
         workers.join_all([proc])
 
 
-@needs_os_error_kinds
 def test_recv_blocked_in_another_process_gets_eof_on_close(
     shared_daemon: Daemon, manager: Manager, uniq: str
 ) -> None:
@@ -66,7 +55,6 @@ def test_recv_blocked_in_another_process_gets_eof_on_close(
     workers.join_all([proc])  # exit code 0: recv() raised EOFError
 
 
-@needs_os_error_kinds
 def test_eof_after_the_other_end_closes(manager: Manager, uniq: str) -> None:
     a, b = manager.Pipe(uniq)
     b.send("last words")
@@ -80,7 +68,6 @@ def test_eof_after_the_other_end_closes(manager: Manager, uniq: str) -> None:
         a.send("nobody listens")
 
 
-@needs_os_error_kinds
 def test_a_closed_end_refuses_use(manager: Manager, uniq: str) -> None:
     a, _ = manager.Pipe(uniq)
     a.close()
@@ -129,21 +116,18 @@ def test_one_way_pipe_between_two_processes(shared_daemon: Daemon, uniq: str) ->
         assert reader.poll() is True  # the writer closed
 
 
-@needs_os_error_kinds
 def test_one_way_pipe_refuses_to_send_on_the_read_end(manager: Manager, uniq: str) -> None:
     reader, _ = manager.Pipe(uniq, duplex=False)
     with pytest.raises(OSError, match="read-only"):
         reader.send("x")
 
 
-@needs_os_error_kinds
 def test_one_way_pipe_refuses_to_recv_on_the_write_end(manager: Manager, uniq: str) -> None:
     _, writer = manager.Pipe(uniq, duplex=False)
     with pytest.raises(OSError, match="write-only"):
         writer.recv()
 
 
-@needs_os_error_kinds
 def test_one_way_pipe_refuses_to_poll_on_the_write_end(manager: Manager, uniq: str) -> None:
     _, writer = manager.Pipe(uniq, duplex=False)
     with pytest.raises(OSError, match="write-only"):
