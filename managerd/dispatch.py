@@ -28,6 +28,7 @@ from managerd_client.errors import ForbiddenPayload, ManagerdError, error_kind
 from managerd_client.wire import PICKLE_PROTOCOL
 
 from managerd.journal import Journal
+from managerd.metrics import RequestStats
 from managerd.objects.base import Call, MethodSpec, SharedObject
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
@@ -57,6 +58,19 @@ EXPECTED_ERRORS: Final = (
     queue.Full,
     threading.BrokenBarrierError,
 )
+
+
+SERVER_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types"})
+
+
+def _method_label(typeid: Any, method: Any) -> str:
+    """``Type.method`` for the metrics; anything unknown is one label (bounded)."""
+    if typeid is None:
+        return f"server.{method}" if method in SERVER_OPS else "invalid"
+    cls = TYPES.get(typeid) if isinstance(typeid, str) else None
+    if cls is None or method not in cls.methods:
+        return "invalid"
+    return f"{typeid}.{method}"
 
 
 def invoke(
@@ -167,20 +181,25 @@ class Dispatcher:
         self.loop = loop
         self.on_request = on_request
         self.journal: Journal | None = None
+        self.stats = RequestStats()
 
     def handle(self, sink: ReplySink, session: Session, frame: bytes) -> None:
         if len(frame) < RID.size:
             raise ForbiddenPayload("a request frame is shorter than its request id")
         (rid,) = RID.unpack_from(frame)
+        started = time.perf_counter()
         try:
             typeid, name, method, args, thread = self.decoder.loads(memoryview(frame)[RID.size :])
             if not isinstance(args, tuple):
                 raise TypeError("request arguments must be a tuple")
         except Exception as exc:
-            self._reply_error(sink, rid, exc)
+            if isinstance(exc, ForbiddenPayload):
+                self.stats.limit_hit("decode")
+            self._reply_error(sink, rid, "invalid", started, exc)
             return
-        done = partial(self._reply, sink, rid)
-        failed = partial(self._reply_error, sink, rid)
+        label = _method_label(typeid, method)
+        done = partial(self._reply, sink, rid, label, started)
+        failed = partial(self._reply_error, sink, rid, label, started)
         try:
             if typeid is None:
                 answer(self.journal, self._server_call(session, method, args), done, failed)
@@ -215,17 +234,21 @@ class Dispatcher:
             return {typeid: sorted(cls.methods) for typeid, cls in TYPES.items()}
         raise AttributeError(f"the daemon has no operation {method!r}")
 
-    def _reply(self, sink: ReplySink, rid: int, value: Any) -> None:
+    def _reply(self, sink: ReplySink, rid: int, label: str, started: float, value: Any) -> None:
         try:
             body = pickle.dumps(value, PICKLE_PROTOCOL)
         except Exception as exc:  # a daemon bug, but answer rather than hang
-            self._reply_error(sink, rid, exc)
+            self._reply_error(sink, rid, label, started, exc)
             return
         sink.send_frame(REPLY_HEAD.pack(rid, STATUS_OK) + body)
+        self.stats.record(label, "ok", time.perf_counter() - started)
 
-    def _reply_error(self, sink: ReplySink, rid: int, exc: BaseException) -> None:
+    def _reply_error(
+        self, sink: ReplySink, rid: int, label: str, started: float, exc: BaseException
+    ) -> None:
         kind = error_kind(exc)
         # A KeyError carries its key (builtin data, it was decoded safely).
         args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
         body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
         sink.send_frame(REPLY_HEAD.pack(rid, STATUS_ERROR) + body)
+        self.stats.record(label, kind, time.perf_counter() - started)

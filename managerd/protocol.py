@@ -145,6 +145,7 @@ class Connection(asyncio.Protocol):
                 (size,) = _LONG_HEADER.unpack_from(buf, start)
                 start += 8
             if size < 0 or size > self._frame_limit():
+                self.core.requests.limit_hit("frame_size")
                 self.refuse(f"frame of {size} bytes is over the limit of {self._frame_limit()}")
                 return
             if end - start < size:

@@ -28,6 +28,7 @@ from typing import Any
 from managerd_client.errors import ServerShuttingDown
 
 from managerd.dispatch import Dispatcher, ServerOps
+from managerd.metrics import MetricsServer
 from managerd.protocol import Connection, ConnState
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
@@ -70,6 +71,8 @@ class ServerCore:
         self.dispatcher = Dispatcher(self.ops, self.decoder, loop)
         self.stock = StockAdapter(self.ops, self.decoder, loop)
         self.stats = Stats()
+        #: Request counts and latency, kept by the dispatcher.
+        self.requests = self.dispatcher.stats
         self.connections: set[Connection] = set()
         #: The connections of each session (a resumed session may have two
         #: for a moment: the old half-open one is closed when it is adopted).
@@ -168,6 +171,10 @@ class EventLoopServer:
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
         expirer = loop.create_task(core.expire_sessions())
+        metrics = None
+        if self.settings.metrics_port:
+            metrics = MetricsServer(core, self.settings.host, self.settings.metrics_port)
+            metrics.start()
         log.info(
             "managerd serving on %s:%d (%d types; session ttl %.1fs)",
             self.address[0],
@@ -189,6 +196,8 @@ class EventLoopServer:
                 await asyncio.wait_for(server.wait_closed(), self.settings.shutdown_timeout_s)
             except (TimeoutError, asyncio.CancelledError):
                 pass
+            if metrics is not None:
+                metrics.stop()
             log.info("stopped")
 
     def stop(self) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from managerd_client import Manager, connect
 
 READY = re.compile(r"managerd serving on (\S+):(\d+)")
@@ -95,7 +94,7 @@ class Daemon:
 
         self._reader = threading.Thread(target=pump, daemon=True)
         self._reader.start()
-        if not ready.wait(START_TIMEOUT_S) or proc.poll() is not None and not self.port:
+        if not ready.wait(START_TIMEOUT_S) or (proc.poll() is not None and not self.port):
             self.stop()
             raise RuntimeError("managerd did not start:\n" + self.log)
         if proc.poll() is not None:

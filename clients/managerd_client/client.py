@@ -88,7 +88,9 @@ class Manager:
         self._pid = os.getpid()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        self._channel_or_reconnect()
+        # The first connection is tried once: nobody listening is an error
+        # now, not after connect_timeout_s of retries (those are for restarts).
+        self._channel_or_reconnect(retry=False)
         _managers.add(self)
 
     # -- connection ---------------------------------------------------------------
@@ -107,7 +109,7 @@ class Manager:
             hello=hello,
         )
 
-    def _channel_or_reconnect(self) -> Channel:
+    def _channel_or_reconnect(self, retry: bool = True) -> Channel:
         channel = self._channel
         if channel is not None and not channel.peer_closed():
             return channel
@@ -126,7 +128,7 @@ class Manager:
                 except (AuthenticationFailed, ProtocolError):
                     raise
                 except ConnectFailed:
-                    if time.monotonic() + delay > deadline:
+                    if not retry or time.monotonic() + delay > deadline:
                         raise
                     time.sleep(delay)
                     delay = min(delay * 2, _BACKOFF_MAX_S)

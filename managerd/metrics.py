@@ -1,0 +1,317 @@
+"""Prometheus metrics, read from the live state at scrape time.
+
+Gauges (queue depths, lock holders, waiters, sessions) are not kept up to
+date as things happen: a prometheus-client collector reads them from the
+objects when Prometheus scrapes, so they are exact and cost nothing between
+scrapes. Counters and histograms are plain integers and bucket arrays that
+the event loop bumps (no locks, no label lookups on the hot path); the
+collector copies them out. The scrape runs on prometheus-client's HTTP
+thread; it only reads, and copies containers before iterating them (a copy
+of a dict is atomic under the GIL).
+
+Per-object labels are bounded by ``metrics_max_objects``: the first objects
+by name get their own series, the rest are summed under ``_other``, so a
+million queue names cannot blow up Prometheus.
+
+The endpoint also answers ``/healthz`` (the process is alive) and
+``/readyz`` (it accepts clients).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
+
+if TYPE_CHECKING:
+    from managerd.server import ServerCore
+
+log = logging.getLogger("managerd")
+
+#: Seconds; from a fast call on loopback to a long blocking wait.
+LATENCY_BUCKETS_S: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+OTHER: Final = "_other"
+
+
+class Histogram:
+    """Bucket counts bumped on the loop thread; read by the collector."""
+
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value_s: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, value_s)] += 1
+        self.sum += value_s
+        self.count += 1
+
+    def merge(self, other: Histogram) -> None:
+        for i, n in enumerate(other.counts):
+            self.counts[i] += n
+        self.sum += other.sum
+        self.count += other.count
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip(LATENCY_BUCKETS_S, self.counts, strict=False):
+            total += n
+            out.append((repr(bound), float(total)))
+        out.append(("+Inf", float(self.count)))
+        return out
+
+
+class RequestStats:
+    """Request counts by method and outcome, and one latency histogram."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.latency = Histogram()
+        self.limits: dict[str, int] = {}
+
+    def record(self, method: str, outcome: str, seconds: float) -> None:
+        key = (method, outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.latency.observe(seconds)
+
+    def limit_hit(self, limit: str) -> None:
+        self.limits[limit] = self.limits.get(limit, 0) + 1
+
+
+def _bounded(objects: Iterable[Any], limit: int) -> tuple[list[Any], list[Any]]:
+    """(objects with their own series, the rest) — the first ``limit`` by name."""
+    ordered = sorted(objects, key=lambda o: o.name)
+    return ordered[:limit], ordered[limit:]
+
+
+class Collector:
+    """Reads the daemon's state into metric families at scrape time."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # families are only known at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        core = self.core
+        limit = core.settings.metrics_max_objects
+        objects = list(core.registry.objects.values())
+        by_type: dict[str, list[Any]] = {}
+        for obj in objects:
+            by_type.setdefault(obj.typeid, []).append(obj)
+
+        count = GaugeMetricFamily("managerd_objects", "Named objects, by type.", labels=["type"])
+        for typeid, objs in sorted(by_type.items()):
+            count.add_metric([typeid], len(objs))
+        yield count
+
+        queues = by_type.get("Queue", []) + by_type.get("JoinableQueue", [])
+        yield from self._per_object(
+            queues,
+            limit,
+            "queue",
+            [
+                ("managerd_queue_depth", "Items ready in the queue.", "gauge",
+                 lambda q: len(q.items)),
+                ("managerd_queue_reserved", "Items reserved and not yet acked.", "gauge",
+                 lambda q: len(q.reserved)),
+                ("managerd_queue_waiters", "Blocked get/put/join calls.", "gauge",
+                 lambda q: q.waiter_count()),
+                ("managerd_queue_puts_total", "Items put.", "counter", lambda q: q.puts_total),
+                ("managerd_queue_gets_total", "Items taken (get or reserve).", "counter",
+                 lambda q: q.gets_total),
+            ],
+        )  # fmt: skip
+        locks = by_type.get("Lock", []) + by_type.get("RLock", [])
+        yield from self._per_object(
+            locks,
+            limit,
+            "lock",
+            [
+                ("managerd_lock_held", "1 while the lock is held.", "gauge",
+                 lambda lk: 1 if lk.holder is not None else 0),
+                ("managerd_lock_waiters", "Clients waiting to acquire.", "gauge",
+                 lambda lk: lk.waiter_count()),
+                ("managerd_lock_acquires_total", "Successful acquisitions.", "counter",
+                 lambda lk: lk.acquires_total),
+            ],
+        )  # fmt: skip
+        yield from self._histograms(locks, limit, "lock", "managerd_lock_wait_seconds",
+                                    "Time from asking to acquiring.", "wait_hist")  # fmt: skip
+        yield from self._histograms(locks, limit, "lock", "managerd_lock_hold_seconds",
+                                    "Time from acquiring to releasing.", "hold_hist")  # fmt: skip
+        sems = by_type.get("Semaphore", []) + by_type.get("BoundedSemaphore", [])
+        yield from self._per_object(
+            sems,
+            limit,
+            "semaphore",
+            [
+                ("managerd_semaphore_available", "Permits available.", "gauge",
+                 lambda s: s.value),
+                ("managerd_semaphore_held", "Permits held by clients.", "gauge",
+                 lambda s: sum(dict(s.held).values())),
+                ("managerd_semaphore_waiters", "Clients waiting for a permit.", "gauge",
+                 lambda s: s.waiter_count()),
+            ],
+        )  # fmt: skip
+        yield from self._histograms(sems, limit, "semaphore", "managerd_semaphore_wait_seconds",
+                                    "Time from asking to acquiring.", "wait_hist")  # fmt: skip
+        for typeid, label in (
+            ("Event", "event"),
+            ("Condition", "condition"),
+            ("Barrier", "barrier"),
+        ):
+            yield from self._per_object(
+                by_type.get(typeid, []),
+                limit,
+                label,
+                [(f"managerd_{label}_waiters", f"Clients waiting on the {label}.", "gauge",
+                  lambda o: o.waiter_count())],
+            )  # fmt: skip
+
+        sessions = GaugeMetricFamily("managerd_sessions", "Live client sessions.", labels=["kind"])
+        kinds: dict[str, int] = {"managerd": 0, "stock": 0}
+        for session in list(core.sessions):
+            kinds[session.kind.value] = kinds.get(session.kind.value, 0) + 1
+        for kind, n in sorted(kinds.items()):
+            sessions.add_metric([kind], n)
+        yield sessions
+        yield GaugeMetricFamily(
+            "managerd_connections", "Open client connections.", value=len(core.connections)
+        )
+
+        stats = core.stats
+        for name, doc, value in (
+            ("managerd_auth_failures_total", "Failed authkey handshakes.", stats.auth_failures),
+            ("managerd_tls_failures_total", "Failed TLS handshakes.", stats.tls_failures),
+            ("managerd_sessions_expired_total", "Sessions ended by lease expiry.",
+             stats.sessions_expired),
+            ("managerd_received_bytes_total", "Bytes received from clients.", stats.bytes_in),
+            ("managerd_sent_bytes_total", "Bytes sent to clients.", stats.bytes_out),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, doc, value=value)
+
+        requests = core.requests
+        total = CounterMetricFamily(
+            "managerd_requests_total", "Requests answered, by method and outcome.",
+            labels=["method", "outcome"],
+        )  # fmt: skip
+        for (method, outcome), n in sorted(dict(requests.counts).items()):
+            total.add_metric([method, outcome], n)
+        yield total
+        latency = HistogramMetricFamily(
+            "managerd_request_seconds", "Time from a request's arrival to its answer."
+        )
+        latency.add_metric([], requests.latency.buckets(), requests.latency.sum)
+        yield latency
+        limits = CounterMetricFamily(
+            "managerd_limits_hit_total", "Requests or connections refused by a limit.",
+            labels=["limit"],
+        )  # fmt: skip
+        hits = dict(requests.limits)
+        hits.setdefault("frame_size", 0)
+        hits["handshake_timeout"] = stats.handshake_timeouts
+        hits["max_connections"] = stats.connections_refused
+        for name, n in sorted(hits.items()):
+            limits.add_metric([name], n)
+        yield limits
+
+    def _per_object(
+        self,
+        objects: list[Any],
+        limit: int,
+        label: str,
+        families: list[tuple[str, str, str, Callable[[Any], float]]],
+    ) -> Iterator[Metric]:
+        named, rest = _bounded(objects, limit)
+        for name, doc, kind, read in families:
+            family: GaugeMetricFamily | CounterMetricFamily
+            if kind == "counter":
+                family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=[label])
+            else:
+                family = GaugeMetricFamily(name, doc, labels=[label])
+            for obj in named:
+                family.add_metric([obj.name], read(obj))
+            if rest:
+                family.add_metric([OTHER], sum(read(obj) for obj in rest))
+            yield family
+
+    def _histograms(
+        self, objects: list[Any], limit: int, label: str, name: str, doc: str, attr: str
+    ) -> Iterator[Metric]:
+        family = HistogramMetricFamily(name, doc, labels=[label])
+        named, rest = _bounded(objects, limit)
+        for obj in named:
+            hist: Histogram = getattr(obj, attr, None) or Histogram()
+            family.add_metric([obj.name], hist.buckets(), hist.sum)
+        if rest:
+            merged = Histogram()
+            for obj in rest:
+                merged.merge(getattr(obj, attr, None) or Histogram())
+            family.add_metric([OTHER], merged.buckets(), merged.sum)
+        yield family
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a background HTTP thread."""
+
+    def __init__(self, core: ServerCore, host: str, port: int) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Collector(core))
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "/")
+            if path == "/healthz":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            if path == "/readyz":
+                ready = core.accepting
+                start_response(
+                    "200 OK" if ready else "503 Service Unavailable",
+                    [("Content-Type", "text/plain")],
+                )
+                return [b"ready\n" if ready else b"not accepting clients\n"]
+            if path == "/metrics":
+                result: Iterable[bytes] = metrics_app(environ, start_response)
+                return result
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"try /metrics, /healthz or /readyz\n"]
+
+        self.httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="managerd-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
