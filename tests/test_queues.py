@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import workers
 from conftest import Daemon, wait_until
 from managerd_client import ArgumentConflict, Manager, Message, ObjectTypeConflict
-from managerd_client.proxies import Queue
 
 
 def _object(m: Manager, name: str) -> dict[str, Any]:
@@ -256,35 +254,43 @@ def test_blocked_put_many_waits_for_room_for_all_items(
     assert q.get_many(3) == ["c", "x", "y"]
 
 
-def test_put_behind_a_timed_out_put_many_is_admitted(
-    shared_daemon: Daemon, manager: Manager, uniq: str
+@pytest.mark.parametrize("how", ["timeout", "client killed"])
+def test_put_behind_a_put_many_that_gave_up_is_admitted(
+    shared_daemon: Daemon, manager: Manager, uniq: str, how: str
 ) -> None:
     q = manager.Queue(uniq, maxsize=3)
     q.put_many(["a", "b"])
-    outcome: dict[str, Any] = {}
-
-    def attempt(key: str, call: Callable[[Queue], None]) -> None:
-        # Each thread is another client, with its own connection.
-        with shared_daemon.connect() as other:
-            try:
-                call(other.Queue(uniq))
-                outcome[key] = "ok"
-            except BaseException as exc:
-                outcome[key] = exc
-
-    big = threading.Thread(
-        target=attempt, args=("big", lambda q: q.put_many(["x", "y"], timeout=0.5))
-    )
-    big.start()
+    # Room for one: a batch of two (in another process) waits at the head
+    # of the line...
+    big_timeout_s = 2.0 if how == "timeout" else workers.WAIT_S
+    big = workers.start(
+        workers.put_many_until,
+        shared_daemon.address, shared_daemon.authkey, uniq, ["x", "y"], big_timeout_s,
+    )  # fmt: skip
     assert wait_until(lambda: _object(manager, uniq)["waiters"] == 1)
-    small = threading.Thread(target=attempt, args=("small", lambda q: q.put("z", timeout=30)))
-    small.start()
-    assert wait_until(lambda: _object(manager, uniq)["waiters"] == 2)
-    big.join(10)
-    assert isinstance(outcome["big"], queue.Full)
-    # The batch that held the line is gone; the single put fits and goes in.
-    small.join(10)
-    assert not small.is_alive() and outcome["small"] == "ok"
+    # ...and a put of one waits behind it, though it would fit.
+    outcome: list[BaseException | None] = []
+    with shared_daemon.connect() as small_client:
+        small_q = small_client.Queue(uniq)
+
+        def put_small() -> None:
+            try:
+                small_q.put("z", timeout=workers.WAIT_S)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        small = threading.Thread(target=put_small)
+        small.start()
+        assert wait_until(lambda: _object(manager, uniq)["waiters"] == 2)
+        if how == "timeout":
+            workers.join_all([big])  # exit code 0: its put_many raised queue.Full
+        else:
+            big.kill()  # its session ends and its waiter is cancelled
+            big.join(workers.JOIN_TIMEOUT_S)
+        # The batch that held the line is gone: the single put goes in.
+        small.join(workers.JOIN_TIMEOUT_S)
+        assert not small.is_alive() and outcome == [None]
     assert q.get_many(3) == ["a", "b", "z"]
 
 

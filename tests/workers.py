@@ -10,6 +10,7 @@ start and join processes (spawn by default; ``fork`` where a test asks).
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import threading
 from collections.abc import Callable, Iterable
 from multiprocessing.process import BaseProcess
@@ -70,6 +71,18 @@ def put_when_full(address: str, authkey: bytes, name: str, item: Any, ready: str
         q = m.Queue(name)
         m.Event(ready).set()
         q.put(item, timeout=WAIT_S)
+
+
+def put_many_until(
+    address: str, authkey: bytes, name: str, items: list[Any], timeout_s: float
+) -> None:
+    """A put_many that must end in queue.Full after ``timeout_s`` (or be killed first)."""
+    with _connect(address, authkey) as m:
+        try:
+            m.Queue(name).put_many(items, timeout=timeout_s)
+        except queue.Full:
+            return
+        raise AssertionError("put_many did not time out")
 
 
 def reserve_and_exit(address: str, authkey: bytes, name: str, out: str) -> None:
