@@ -5,6 +5,7 @@ Then the stdlib surface method by method, with the stdlib's exception types.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import MutableMapping, MutableSequence
 
 import pytest
@@ -85,6 +86,7 @@ def test_dict_surface(manager: Manager, uniq: str) -> None:
     assert list(d.values()) == [1, [2], None]
     assert list(d.items()) == [("a", 1), (2, [2]), (("t", 3), None)]
     assert d.copy() == {"a": 1, 2: [2], ("t", 3): None}
+    assert dict(d) == {"a": 1, 2: [2], ("t", 3): None}
     assert d == {"a": 1, 2: [2], ("t", 3): None}
     assert d.get("a") == 1 and d.get("missing") is None and d.get("missing", 7) == 7
     assert d.get(("t", 3), "dflt") is None  # a stored None is not "missing"
@@ -217,6 +219,8 @@ def test_list_errors(manager: Manager, uniq: str) -> None:
         lst[::2] = ["one", "two"]  # an extended slice keeps its length
     with pytest.raises(TypeError):
         lst["0"]
+    with pytest.raises(TypeError):
+        lst.sort(key=abs)  # type: ignore[arg-type]  # sorted on the daemon: no key function
     lst.append("mixed")
     with pytest.raises(TypeError):
         lst.sort()
@@ -253,6 +257,8 @@ def test_namespace_surface(manager: Manager, uniq: str) -> None:
     assert getattr(ns, "missing", "default") == "default"
     assert not hasattr(ns, "missing")
     assert "items=[1, 2]" in repr(ns)
+    again = pickle.loads(pickle.dumps(ns))  # pickles by name, like every proxy
+    assert again.items == [1, 2] and again.name == "shared"
 
 
 # -- value and array -------------------------------------------------------------------------------
@@ -292,6 +298,8 @@ def test_value_typecodes(manager: Manager, uniq: str) -> None:
         b.value = 1000
     with pytest.raises(TypeError):
         manager.Value(uniq + ".bad", "z")
+    with pytest.raises(TypeError):
+        manager.Value(uniq + ".float", "i", 1.5)
 
 
 def test_array_surface(manager: Manager, uniq: str) -> None:
