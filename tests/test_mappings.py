@@ -319,6 +319,8 @@ def test_array_surface(manager: Manager, uniq: str) -> None:
         a[-5] = 0
     with pytest.raises(TypeError):
         a[0] = 1.5  # an 'i' array holds ints, as ctypes
+    with pytest.raises(IndexError):
+        a[4] = 1.5  # the index is checked first, as ctypes
     with pytest.raises(TypeError):
         a[0:2] = [1, 2.5]
     with pytest.raises(ValueError):

@@ -474,10 +474,12 @@ class Array(SharedObject):
                 self.data[index] = array.array(
                     self.typecode, [_coerce(self.typecode, v) for v in values]
                 )
-        elif self.typecode == "c":
-            self.data[index] = _coerce("c", value)[0]
         else:
-            self.data[index] = _coerce(self.typecode, value)
+            self.data[index]  # IndexError before TypeError, as ctypes
+            if isinstance(self.data, bytearray):
+                self.data[index] = _coerce("c", value)[0]
+            else:
+                self.data[index] = _coerce(self.typecode, value)
 
     @exposed()
     def tolist(self, call: Call) -> Any:
