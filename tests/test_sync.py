@@ -231,6 +231,9 @@ def test_barrier_timeout_breaks_it(manager: Manager, uniq: str) -> None:
     with pytest.raises(threading.BrokenBarrierError):
         barrier.wait(timeout=1)
     barrier.reset()
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait(timeout=-1)  # as threading: no wait at all, and broken
+    assert barrier.broken is True
     default = manager.Barrier(uniq + ".default", 2, timeout=0.1)
     with pytest.raises(threading.BrokenBarrierError):
         default.wait()  # the barrier's own timeout applies

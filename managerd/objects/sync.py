@@ -189,7 +189,9 @@ class Barrier(SharedObject):
             for i, waiter in enumerate(w for w in waiters if w.alive):
                 waiter.finish(i)
             return self.parties - 1
-        future = self.park(self.waiters, call, timeout_s(True, timeout), self._timed_out)
+        # A negative timeout is 0, as threading.Barrier (it breaks at once).
+        wait_s = timeout_s(True, None if timeout is None else max(timeout, 0.0))
+        future = self.park(self.waiters, call, wait_s, self._timed_out)
         # The waiter is the last one appended.
         self.waiters[-1].on_cancel = self._party_left
         return future
