@@ -370,6 +370,22 @@ def test_max_deliveries_moves_to_dead_letter_queue(manager: Manager, uniq: str) 
     assert q.empty()
 
 
+def test_dead_lettered_item_of_a_joinable_queue_counts_as_done(manager: Manager, uniq: str) -> None:
+    # The consumer calls task_done() after ack() only: an item that went to
+    # the dead-letter queue will never be acked, so it must not hold join().
+    q = manager.JoinableQueue(uniq, max_deliveries=1)
+    q.put_many(["poison", "dropped", "fine"])
+    q.reserve(timeout=1).nack()  # delivered max_deliveries times: dead
+    q.reserve(timeout=1).nack(requeue=False)  # dead-lettered on purpose
+    with q.reserve(timeout=1) as msg:
+        assert msg.value == "fine"
+    q.task_done()
+    q.join(timeout=5)
+    assert manager.Queue(uniq + ".dead").get_many(5) == ["poison", "dropped"]
+    with pytest.raises(ValueError):
+        q.task_done()
+
+
 def test_reservation_of_a_finished_process_comes_back(shared_daemon: Daemon, uniq: str) -> None:
     name, out = uniq, uniq + ".out"
     with shared_daemon.connect() as m:

@@ -176,10 +176,14 @@ class Queue(SharedObject):
         if delivery.timer is not None:
             delivery.timer.cancel()
         if self.max_deliveries and delivery.deliveries >= self.max_deliveries:
-            if self.dead_letter is not None:
-                self.dead_letter(self, delivery.payload)
+            self._drop_dead(delivery.payload)
             return
         self._offer(_Returned(delivery.payload, delivery.deliveries), front=True)
+
+    def _drop_dead(self, payload: bytes) -> None:
+        """An item leaves for good, unacked: to the dead-letter queue if there is one."""
+        if self.dead_letter is not None:
+            self.dead_letter(self, payload)
 
     def _on_get_timeout(self, waiter: Waiter) -> None:
         waiter.fail(queue.Empty())
@@ -307,8 +311,7 @@ class Queue(SharedObject):
         del self.reserved[did]
         if delivery.timer is not None:
             delivery.timer.cancel()
-        if self.dead_letter is not None:
-            self.dead_letter(self, delivery.payload)
+        self._drop_dead(delivery.payload)
 
     @exposed()
     def extend(self, call: Call, did: int, seconds: float) -> None:
@@ -353,7 +356,12 @@ class Queue(SharedObject):
 
 
 class JoinableQueue(Queue):
-    """A Queue whose ``join`` waits until every item put was ``task_done``."""
+    """A Queue whose ``join`` waits until every item put was ``task_done``.
+
+    With ``reserve``, a consumer calls ``task_done`` after ``ack`` (a nacked
+    item comes back and is done later); an item moved to the dead-letter
+    queue is never acked, so it counts as done by itself.
+    """
 
     typeid = "JoinableQueue"
 
@@ -371,10 +379,20 @@ class JoinableQueue(Queue):
     def task_done(self, call: Call) -> None:
         if self.unfinished <= 0:
             raise ValueError("task_done() called too many times")
+        self._finish_one()
+
+    def _finish_one(self) -> None:
         self.unfinished -= 1
         if self.unfinished == 0:
             while (waiter := pop_alive(self.joiners)) is not None:
                 waiter.finish(None)
+
+    def _drop_dead(self, payload: bytes) -> None:
+        # No consumer will ack it, so none will call task_done() for it: it
+        # is done as far as join() is concerned, or join() would never return.
+        super()._drop_dead(payload)
+        if self.unfinished > 0:
+            self._finish_one()
 
     @exposed()
     def join(self, call: Call, timeout: float | None = None) -> Any:
