@@ -21,8 +21,9 @@ def test_workers_fill_a_dict_and_a_list_concurrently(shared_daemon: Daemon, uniq
     addr, key = shared_daemon.address, shared_daemon.authkey
     d_name, l_name, n = uniq + ".d", uniq + ".l", 100
     tags = ["w0", "w1", "w2", "w3"]
-    procs = workers.start_all(workers.fill_dict, [(addr, key, d_name, t, n) for t in tags])
-    procs += workers.start_all(workers.fill_list, [(addr, key, l_name, t, n) for t in tags])
+    procs = workers.start_all(
+        workers.fill_dict_and_list, [(addr, key, d_name, l_name, t, n) for t in tags]
+    )
     workers.join_all(procs)
     with shared_daemon.connect() as m:
         assert m.dict(d_name).copy() == {f"{t}-{i}": (t, i) for t in tags for i in range(n)}

@@ -139,17 +139,13 @@ def answer_on_end(end: Any) -> None:
 # -- mappings -------------------------------------------------------------------------------
 
 
-def fill_dict(address: str, authkey: bytes, name: str, tag: str, n: int) -> None:
+def fill_dict_and_list(
+    address: str, authkey: bytes, dict_name: str, list_name: str, tag: str, n: int
+) -> None:
     with _connect(address, authkey) as m:
-        d = m.dict(name)
+        d, lst = m.dict(dict_name), m.list(list_name)
         for i in range(n):
             d[f"{tag}-{i}"] = (tag, i)
-
-
-def fill_list(address: str, authkey: bytes, name: str, tag: str, n: int) -> None:
-    with _connect(address, authkey) as m:
-        lst = m.list(name)
-        for i in range(n):
             lst.append((tag, i))
 
 
