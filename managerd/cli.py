@@ -10,13 +10,18 @@ import json
 import logging
 import ssl
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
 from managerd.settings import AuthkeyError, Settings, load_settings, resolve_authkey
+
+if TYPE_CHECKING:
+    from managerd_client import Manager
 
 app = typer.Typer(
     add_completion=False,
@@ -130,9 +135,47 @@ def check(
 
     Reads the authkey from the same sources as `serve`, but never creates one.
     """
-    from managerd_client import AuthenticationFailed, ManagerdError, connect
+    settings = _settings(config, host=host, port=port, authkey_file=authkey_file, data_dir=data_dir)
+    with _client(settings, timeout_s) as m:
+        m.ping()
+    typer.echo(f"ok: managerd answering at {settings.host}:{settings.port}")
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    authkey_file: AuthkeyFileOpt = None,
+    data_dir: DataDirOpt = None,
+    interval_s: Annotated[
+        float, typer.Option(help="Seconds between the two samples of rates.")
+    ] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    timeout_s: Annotated[float, typer.Option(help="Give up connecting after this long.")] = 3.0,
+) -> None:
+    """Show queues (depth, reserved, rates), locks (holders, waiters) and sessions."""
+    import time
+
+    from managerd.status import render, summarize
 
     settings = _settings(config, host=host, port=port, authkey_file=authkey_file, data_dir=data_dir)
+    with _client(settings, timeout_s) as m:
+        before = m.status()
+        time.sleep(max(interval_s, 0.01))
+        after = m.status()
+    summary = summarize(before, after, max(interval_s, 0.01))
+    typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+@contextmanager
+def _client(settings: Settings, timeout_s: float) -> Iterator[Manager]:
+    """A client session on the daemon ``settings`` describe, or exit 1 saying why.
+
+    Reads the authkey from the same sources as `serve`, but never creates one.
+    """
+    from managerd_client import AuthenticationFailed, ManagerdError, connect
+
     try:
         authkey, _ = resolve_authkey(settings, generate=False)
     except AuthkeyError as exc:
@@ -143,15 +186,19 @@ def check(
     except (OSError, ssl.SSLError) as exc:
         raise _fail(f"cannot load TLS files: {exc}", 1) from None
     try:
-        with connect(
+        m = connect(
             (settings.host, settings.port), authkey=authkey, connect_timeout_s=timeout_s, tls=tls
-        ) as m:
-            m.ping()
+        )
     except AuthenticationFailed as exc:
         raise _fail(f"a daemon answers at {where} but refused us: {exc}", 1) from None
     except (ManagerdError, OSError) as exc:
         raise _fail(f"no daemon answering at {where}: {exc}", 1) from None
-    typer.echo(f"ok: managerd answering at {where}")
+    try:
+        yield m
+    except (ManagerdError, OSError) as exc:
+        raise _fail(f"the daemon at {where} stopped answering: {exc}", 1) from None
+    finally:
+        m.close()
 
 
 def _check_tls(settings: Settings) -> ssl.SSLContext | None:

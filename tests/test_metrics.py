@@ -1,0 +1,221 @@
+"""Prometheus metrics from a real daemon: exact gauges, counted waits, bounded labels."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, wait_until
+
+from managerd_client import connect
+
+spawn = multiprocessing.get_context("spawn")
+SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int, path: str = "/metrics") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        body: bytes = response.read()
+        return body.decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if not m:
+            continue
+        labels = frozenset(
+            tuple(part.split("=", 1)) for part in re.findall(r'\w+="[^"]*"', m["labels"] or "")
+        )
+        labels = frozenset((k, v.strip('"')) for k, v in labels)
+        out[(m["name"], labels)] = float(m["value"])
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, int]]:
+    port = free_port()
+    d = Daemon(
+        tmp_path_factory.mktemp("metrics"),
+        env={"MANAGERD_METRICS_MAX_OBJECTS": "5"},
+        args=["--metrics-port", str(port)],
+    ).start()
+    assert wait_until(lambda: "metrics on http://" in d.log)
+    try:
+        yield d, port
+    finally:
+        d.stop()
+
+
+def _churn(address: str, authkey: bytes, name: str, puts: int, gets: int) -> None:
+    with connect(address, authkey=authkey) as m:
+        q = m.Queue(name)
+        for i in range(puts):
+            q.put(i)
+        for _ in range(gets):
+            q.get(timeout=10)
+
+
+def test_scraped_depth_equals_qsize_after_concurrent_clients(metered: tuple[Daemon, int]) -> None:
+    d, port = metered
+    procs = [
+        spawn.Process(target=_churn, args=(d.address, d.authkey, "m.jobs", 300, 100))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with d.connect() as m:
+        depth = m.Queue("m.jobs").qsize()
+    text = scrape(port)
+    assert depth == 800
+    assert value(text, "managerd_queue_depth", queue="m.jobs") == depth
+    assert value(text, "managerd_queue_puts_total", queue="m.jobs") == 1200
+    assert value(text, "managerd_queue_gets_total", queue="m.jobs") == 400
+    assert value(text, "managerd_requests_total", method="Queue.put", outcome="ok") >= 1200
+
+
+def test_contended_lock_wait_histogram_counts_the_waits(metered: tuple[Daemon, int]) -> None:
+    d, port = metered
+    with d.connect() as a, d.connect() as b:
+        lock_a, lock_b = a.Lock("m.lock"), b.Lock("m.lock")
+        before = samples(scrape(port)).get(
+            ("managerd_lock_wait_seconds_count", frozenset({("lock", "m.lock")})), 0.0
+        )
+        for _ in range(3):
+            assert lock_a.acquire()
+            t = threading.Thread(target=lock_b.acquire)
+            t.start()
+            assert wait_until(
+                lambda: value(scrape(port), "managerd_lock_waiters", lock="m.lock") == 1
+            )
+            text = scrape(port)
+            assert value(text, "managerd_lock_held", lock="m.lock") == 1
+            lock_a.release()
+            t.join(10)
+            lock_b.release()
+        text = scrape(port)
+        waited = value(text, "managerd_lock_wait_seconds_count", lock="m.lock") - before
+        assert waited == 3
+        assert value(text, "managerd_lock_held", lock="m.lock") == 0
+        assert value(text, "managerd_lock_hold_seconds_count", lock="m.lock") >= 6
+
+
+def test_per_object_labels_are_bounded(metered: tuple[Daemon, int]) -> None:
+    d, port = metered
+    with d.connect() as m:
+        for i in range(12):
+            m.Queue(f"m.many.{i:02d}").put(i)
+    text = scrape(port)
+    queues = {dict(labels)["queue"] for (name, labels) in samples(text) if name == "managerd_queue_depth"}
+    assert len(queues) == 6  # five named (MANAGERD_METRICS_MAX_OBJECTS) + _other
+    assert "_other" in queues
+    total = sum(v for (name, _), v in samples(text).items() if name == "managerd_queue_depth")
+    with d.connect() as m:
+        assert total == sum(m.Queue(n).qsize() for n, t in m.objects() if t == "Queue")
+
+
+def test_health_and_readiness(metered: tuple[Daemon, int]) -> None:
+    _, port = metered
+    assert scrape(port, "/healthz") == "ok\n"
+    assert scrape(port, "/readyz") == "ready\n"
+    with pytest.raises(urllib.error.HTTPError):
+        scrape(port, "/nope")
+
+
+def test_sessions_connections_and_auth_failures(metered: tuple[Daemon, int]) -> None:
+    d, port = metered
+    before = value(scrape(port), "managerd_auth_failures_total")
+    with pytest.raises(Exception, match="refused"):
+        connect(d.address, authkey=b"wrong")
+    with d.connect(), d.connect():
+        text = scrape(port)
+        assert value(text, "managerd_sessions", kind="managerd") >= 2
+        assert value(text, "managerd_connections") >= 2
+    assert value(scrape(port), "managerd_auth_failures_total") == before + 1
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing (apt-get install prometheus)")
+        pytest.skip("promtool is missing")
+    return path
+
+
+def test_exposition_passes_promtool(metered: tuple[Daemon, int]) -> None:
+    promtool = _promtool()
+    _, port = metered
+    done = subprocess.run(
+        [promtool, "check", "metrics"], input=scrape(port), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_real_prometheus_scrapes_the_right_depth(
+    metered: tuple[Daemon, int], tmp_path: Path
+) -> None:
+    _promtool()
+    prometheus = shutil.which("prometheus")
+    assert prometheus is not None
+    d, port = metered
+    with d.connect() as m:
+        q = m.Queue("m.prom")
+        q.put_many(list(range(7)))
+    config = (Path(__file__).resolve().parent.parent / "deploy" / "prometheus.yml").read_text()
+    config = re.sub(r"managerd:\d+", f"127.0.0.1:{port}", config)
+    config = re.sub(r"(scrape|evaluation)_interval:\s*\S+", r"\1_interval: 1s", config)
+    config = re.sub(r"\n\s*rule_files:.*?(?=\n\S|\Z)", "\n", config, flags=re.S)
+    (tmp_path / "prometheus.yml").write_text(config)
+    web = free_port()
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        query = f"http://127.0.0.1:{web}/api/v1/query?query=managerd_queue_depth%7Bqueue%3D%22m.prom%22%7D"
+
+        def depth() -> float | None:
+            try:
+                with urllib.request.urlopen(query, timeout=2) as r:
+                    import json
+
+                    result = json.load(r)["data"]["result"]
+            except (OSError, KeyError, ValueError):
+                return None
+            return float(result[0]["value"][1]) if result else None
+
+        assert wait_until(lambda: depth() == 7.0, timeout_s=60, interval_s=0.5)
+    finally:
+        proc.terminate()
+        proc.wait(30)
