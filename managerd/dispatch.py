@@ -24,15 +24,14 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final, Protocol
 
-from managerd_client.errors import ForbiddenPayload, ManagerdError, error_kind
-from managerd_client.wire import PICKLE_PROTOCOL
-
 from managerd.journal import Journal
 from managerd.metrics import RequestStats
 from managerd.objects.base import Call, MethodSpec, SharedObject
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
+from managerd_client.errors import ForbiddenPayload, ManagerdError, error_kind
+from managerd_client.wire import PICKLE_PROTOCOL
 
 log = logging.getLogger("managerd")
 

@@ -23,6 +23,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Final
 
+from managerd.sessions import Session, SessionKind
 from managerd_client.errors import ForbiddenPayload, ProtocolError
 from managerd_client.wire import (
     CHALLENGE,
@@ -36,8 +37,6 @@ from managerd_client.wire import (
     make_challenge,
     verify_response,
 )
-
-from managerd.sessions import Session, SessionKind
 
 if TYPE_CHECKING:
     from managerd.server import ServerCore

@@ -14,17 +14,16 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any, Final
 
-from managerd_client.errors import (
-    NoSuchObject,
-    ObjectTypeConflict,
-    ServerShuttingDown,
-)
-
 from managerd.objects.base import SharedObject
 from managerd.objects.locks import BoundedSemaphore, Lock, RLock, Semaphore
 from managerd.objects.mappings import Array, Dict, List, Namespace, Value
 from managerd.objects.queues import DEAD_LETTER_SUFFIX, JoinableQueue, Pipe, Queue
 from managerd.objects.sync import Barrier, Condition, Event
+from managerd_client.errors import (
+    NoSuchObject,
+    ObjectTypeConflict,
+    ServerShuttingDown,
+)
 
 TYPES: Final[dict[str, type[SharedObject]]] = {
     cls.typeid: cls

@@ -25,8 +25,6 @@ from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any
 
-from managerd_client.errors import ServerShuttingDown
-
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.metrics import MetricsServer
 from managerd.protocol import Connection, ConnState
@@ -35,6 +33,7 @@ from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
 from managerd.settings import Settings, resolve_authkey
 from managerd.stock import StockAdapter
+from managerd_client.errors import ServerShuttingDown
 
 log = logging.getLogger("managerd")
 

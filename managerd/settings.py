@@ -15,7 +15,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from managerd_client.wire import DEFAULT_MAX_FRAME_BYTES
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -23,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from managerd_client.wire import DEFAULT_MAX_FRAME_BYTES
 
 log = logging.getLogger("managerd")
 

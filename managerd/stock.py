@@ -67,13 +67,12 @@ from multiprocessing.managers import Namespace as StockNamespace
 from multiprocessing.managers import Token
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from managerd_client.errors import ArgumentConflict, ForbiddenPayload, ObjectTypeConflict
-from managerd_client.wire import PICKLE_PROTOCOL
-
 from managerd.objects.base import Call, Conv, MethodSpec, SharedObject
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session
+from managerd_client.errors import ArgumentConflict, ForbiddenPayload, ObjectTypeConflict
+from managerd_client.wire import PICKLE_PROTOCOL
 
 if TYPE_CHECKING:
     from managerd.dispatch import ServerOps

@@ -40,8 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import netns  # noqa: E402
 from managerd_client import ManagerdError, connect  # noqa: E402
+
+import netns  # noqa: E402
 
 TTL_S = 2.0
 QUEUE = "chaos.jobs"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from managerd_client import Manager, connect
 
 READY = re.compile(r"managerd serving on (\S+):(\d+)")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from conftest import Daemon
+
 from managerd_client import ForbiddenPayload, NoSuchObject, ObjectTypeConflict
+
+from conftest import Daemon
 
 
 def test_unknown_type_is_a_clear_error(shared_daemon: Daemon, uniq: str) -> None:

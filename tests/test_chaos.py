@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import netns
 import pytest
+
+import netns
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 

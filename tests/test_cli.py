@@ -22,8 +22,10 @@ from multiprocessing.managers import BaseManager
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_until
+
 from managerd_client import AuthenticationFailed, ConnectFailed, connect
+
+from conftest import Daemon, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 60.0

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import Daemon
 
 EXAMPLES = Path(__file__).parent.parent / "clients" / "examples"

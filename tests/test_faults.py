@@ -15,8 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import netns
 import pytest
+
+import netns
 from conftest import Daemon
 
 pytestmark = pytest.mark.multihost

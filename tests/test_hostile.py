@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from managerd_client import ForbiddenPayload, Manager
 from managerd_client.wire import FrameSocket, client_handshake
+
+from conftest import Daemon
 
 FUZZ = settings(
     max_examples=int(os.environ.get("MANAGERD_FUZZ_EXAMPLES", "60")),

@@ -6,9 +6,11 @@ import threading
 from typing import Any
 
 import pytest
+
+from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
+
 import workers
 from conftest import Daemon, wait_until
-from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
 
 
 def _assert_never_overlapped(events: list[tuple[str, str]], expected_sections: int) -> None:

@@ -9,10 +9,12 @@ import pickle
 from collections.abc import MutableMapping, MutableSequence
 
 import pytest
-import workers
-from conftest import Daemon
+
 from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
 from managerd_client.proxies import RLock
+
+import workers
+from conftest import Daemon
 
 # -- across processes ------------------------------------------------------------------------------
 

@@ -19,10 +19,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import netns
 import pytest
-from conftest import Daemon, wait_until
+
 from managerd_client import Manager, connect
+
+import netns
+from conftest import Daemon, wait_until
 
 pytestmark = pytest.mark.multihost
 

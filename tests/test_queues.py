@@ -11,9 +11,11 @@ import threading
 from typing import Any
 
 import pytest
+
+from managerd_client import ArgumentConflict, Manager, Message, ObjectTypeConflict
+
 import workers
 from conftest import Daemon, wait_until
-from managerd_client import ArgumentConflict, Manager, Message, ObjectTypeConflict
 
 
 def _object(m: Manager, name: str) -> dict[str, Any]:

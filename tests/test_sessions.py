@@ -9,14 +9,16 @@ import threading
 from typing import Any
 
 import pytest
-import workers_sessions as w
-from conftest import Daemon, wait_until
+
 from managerd_client import (
     ConnectionLost,
     LockLost,
     Manager,
     ServerShuttingDown,
 )
+
+import workers_sessions as w
+from conftest import Daemon, wait_until
 
 fork = multiprocessing.get_context("fork")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 
 import pytest
+
 from conftest import Daemon
 
 

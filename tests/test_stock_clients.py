@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, wait_until
-from managerd_client import Manager
 from stock_scripts.stock_client import SAMPLES
+
+from managerd_client import Manager
+
+from conftest import Daemon, wait_until
 
 VERSIONS = ("3.11", "3.12", "3.13")
 SCRIPT = Path(__file__).parent / "stock_scripts" / "stock_client.py"

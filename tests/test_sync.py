@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+
+from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
+
 import workers
 from conftest import Daemon, wait_until
-from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
 
 
 def _waiters(m: Manager, name: str) -> int:

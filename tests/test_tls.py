@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_until
+
 from managerd_client import AuthenticationFailed, ConnectFailed, connect
+
+from conftest import Daemon, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

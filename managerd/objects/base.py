@@ -25,9 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from managerd_client.errors import ArgumentConflict
-
 from managerd.sessions import Session
+from managerd_client.errors import ArgumentConflict
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,12 +90,13 @@ class Call:
 class Waiter:
     """A blocked call, parked on an object until it can complete."""
 
-    __slots__ = ("alive", "data", "future", "on_cancel", "session", "timer")
+    __slots__ = ("alive", "data", "future", "on_cancel", "session", "since", "timer")
 
     def __init__(self, session: Session, future: asyncio.Future[Any], data: Any = None) -> None:
         self.session = session
         self.future = future
         self.data = data
+        self.since = future.get_loop().time()  # for wait-time histograms
         self.alive = True
         self.timer: asyncio.TimerHandle | None = None
         self.on_cancel: Callable[[Waiter], None] | None = None

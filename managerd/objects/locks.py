@@ -13,6 +13,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
+from managerd.metrics import Histogram
 from managerd.objects.base import (
     Call,
     Conv,
@@ -58,14 +59,18 @@ class Lock(SharedObject):
         self.acquired_at = 0.0
         self.waiters: deque[Waiter] = deque()
         self.acquires_total = 0
+        self.wait_hist = Histogram()  # every acquisition's wait (0 when free)
+        self.hold_hist = Histogram()
 
-    def _grant(self, session: Session, thread: int) -> int:
+    def _grant(self, session: Session, thread: int, asked_at: float | None = None) -> int:
+        now = self.loop.time()
         self.holder = session
         self.holder_thread = thread
         self.count = 1
         self.token += 1
         self.acquires_total += 1
-        self.acquired_at = self.loop.time()
+        self.acquired_at = now
+        self.wait_hist.observe(0.0 if asked_at is None else now - asked_at)
         session.hold(self)
         return self.token
 
@@ -98,12 +103,13 @@ class Lock(SharedObject):
         self._hand_over()
 
     def _hand_over(self) -> None:
+        self.hold_hist.observe(self.loop.time() - self.acquired_at)
         self.holder = None
         self.count = 0
         waiter = pop_alive(self.waiters)
         if waiter is not None:
             thread, depth, result = waiter.data
-            token = self._grant(waiter.session, thread)
+            token = self._grant(waiter.session, thread, waiter.since)
             self.count = depth
             waiter.finish(token if result is None else result)
 
@@ -187,11 +193,13 @@ class Semaphore(SharedObject):
         self.waiters: deque[Waiter] = deque()
         self.held: dict[Session, int] = {}
         self.acquires_total = 0
+        self.wait_hist = Histogram()
 
     def creation_args(self) -> dict[str, Any]:
         return {"value": self.initial}
 
-    def _grant(self, session: Session) -> int:
+    def _grant(self, session: Session, asked_at: float | None = None) -> int:
+        self.wait_hist.observe(0.0 if asked_at is None else self.loop.time() - asked_at)
         self.value -= 1
         self.held[session] = self.held.get(session, 0) + 1
         session.hold(self)
@@ -244,7 +252,7 @@ class Semaphore(SharedObject):
             waiter = pop_alive(self.waiters)
             if waiter is None:
                 return
-            waiter.finish(self._grant(waiter.session))
+            waiter.finish(self._grant(waiter.session, waiter.since))
 
     @exposed()
     def get_value(self, call: Call) -> int:

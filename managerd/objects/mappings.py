@@ -16,10 +16,9 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any, ClassVar, Final
 
-from managerd_client.errors import ForbiddenPayload
-
 from managerd.objects.base import Call, Conv, SharedObject, exposed
 from managerd.safepickle import SafeDecoder
+from managerd_client.errors import ForbiddenPayload
 
 _DECODER: Final = SafeDecoder()
 NO_DEFAULT: Final = object()
