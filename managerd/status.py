@@ -16,7 +16,7 @@ LOCK_TYPES = ("Lock", "RLock", "Semaphore", "BoundedSemaphore")
 
 
 def _rate(new: dict[str, Any], old: dict[str, Any], key: str, interval_s: float) -> float:
-    return round((new.get(key, 0) - old.get(key, 0)) / interval_s, 1)
+    return round(float(new.get(key, 0) - old.get(key, 0)) / interval_s, 1)
 
 
 def summarize(before: dict[str, Any], after: dict[str, Any], interval_s: float) -> dict[str, Any]:
