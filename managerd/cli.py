@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from managerd.settings import AuthkeyError, Settings, load_settings, resolve_authkey
+from managerd.settings import (
+    AuthkeyError,
+    FsyncMode,
+    Settings,
+    load_settings,
+    resolve_authkey,
+)
 
 if TYPE_CHECKING:
     from managerd_client import Manager
@@ -70,6 +76,23 @@ def serve(
     metrics_port: MetricsPortOpt = None,
     session_ttl_s: SessionTtlOpt = None,
     log_level: LogLevelOpt = None,
+    fsync: Annotated[
+        FsyncMode | None, typer.Option(help="always, interval or never [interval].")
+    ] = None,
+    fsync_interval_s: Annotated[
+        float | None, typer.Option(help="Longest time between fsyncs with --fsync interval.")
+    ] = None,
+    recover: Annotated[
+        bool | None,
+        typer.Option("--recover", help="Start even if a journal is corrupt, cutting it there."),
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve TLS with this certificate.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key.")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA that signs client certificates.")] = None,
+    tls_require_client_cert: Annotated[
+        bool | None,
+        typer.Option("--tls-require-client-cert", help="Mutual TLS: refuse clients without one."),
+    ] = None,
 ) -> None:
     """Run the daemon until SIGTERM or Ctrl-C."""
     settings = _settings(
@@ -81,6 +104,13 @@ def serve(
         metrics_port=metrics_port,
         session_ttl_s=session_ttl_s,
         log_level=log_level,
+        fsync=fsync,
+        fsync_interval_s=fsync_interval_s,
+        recover=recover,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        tls_require_client_cert=tls_require_client_cert,
     )
     logging.basicConfig(
         level=settings.log_level,

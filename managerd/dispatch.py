@@ -218,6 +218,8 @@ class Dispatcher:
     def _server_call(self, session: Session, method: str, args: tuple[Any, ...]) -> Any:
         if method == "ping":
             return None
+        if method in ("create", "delete") and self.journal is not None:
+            self.journal.check_writable()
         if method == "create":
             typeid, name, create_args = args
             self.ops.create(typeid, name, create_args)

@@ -268,6 +268,20 @@ class Connection(asyncio.Protocol):
         self.core.stock.handle(self, self.session, ident, method, args, kwds)
 
     def _stock_reply(self, message: tuple[str, Any]) -> None:
+        """Send a stock reply; with ``fsync=always``, once the journal is on disk."""
+        journal = self.core.journal
+        barrier = journal.barrier() if journal is not None else None
+        if barrier is None:
+            self._send_stock(message)
+            return
+
+        def durable(fut: asyncio.Future[None]) -> None:
+            exc = fut.exception()
+            self._send_stock(message if exc is None else ("#ERROR", OSError(str(exc))))
+
+        barrier.add_done_callback(durable)
+
+    def _send_stock(self, message: tuple[str, Any]) -> None:
         try:
             body = pickle.dumps(message, 4)
         except Exception as exc:

@@ -11,9 +11,11 @@ attaches to ``jobs`` whatever its maxsize.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any, Final
 
+from managerd.journal import Journal
 from managerd.objects.base import SharedObject
 from managerd.objects.locks import BoundedSemaphore, Lock, RLock, Semaphore
 from managerd.objects.mappings import Array, Dict, List, Namespace, Value
@@ -48,6 +50,8 @@ TYPES: Final[dict[str, type[SharedObject]]] = {
 
 MAX_NAME_LENGTH: Final = 256
 
+log = logging.getLogger("managerd")
+
 
 def check_name(name: Any) -> str:
     if not isinstance(name, str):
@@ -65,6 +69,9 @@ class Registry:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.objects: dict[str, SharedObject] = {}
+        #: Where creations, deletions and durable objects' changes are
+        #: journaled; None for a memory-only daemon (and during recovery).
+        self.journal: Journal | None = None
 
     def get(self, name: str, typeid: str | None = None) -> SharedObject:
         obj = self.objects.get(name)
@@ -91,8 +98,16 @@ class Registry:
             obj.check_conflicts(args)
             return obj
         obj = self._construct(cls, name, args)
-        self.objects[name] = obj
+        self._add(obj, args)
         return obj
+
+    def _add(self, obj: SharedObject, args: dict[str, Any]) -> None:
+        obj.created_with = dict(args)
+        self.objects[obj.name] = obj
+        if self.journal is not None:
+            self.journal.append(("create", obj.typeid, obj.name, obj.created_with))
+            if obj.durable:
+                obj.journal = self.journal
 
     def _construct(self, cls: type[SharedObject], name: str, args: dict[str, Any]) -> SharedObject:
         if cls is Condition:
@@ -100,7 +115,7 @@ class Registry:
             lock = self.objects.get(lock_name)
             if lock is None:
                 lock = RLock(check_name(lock_name), self.loop)
-                self.objects[lock_name] = lock
+                self._add(lock, {})
             if not isinstance(lock, Lock):
                 raise ObjectTypeConflict(f"{lock_name!r} is a {lock.typeid}, not a Lock or RLock")
             return Condition(name, self.loop, lock=lock)
@@ -112,9 +127,17 @@ class Registry:
     def _dead_letter(self, source: Queue, payload: bytes) -> None:
         name = source.name + DEAD_LETTER_SUFFIX
         dead = self.objects.get(name)
-        if not isinstance(dead, Queue):
+        if dead is None:
             dead = self.get_or_create("Queue", name, {})
-        assert isinstance(dead, Queue)
+        if not isinstance(dead, Queue):
+            # Never drop the item: it stays in its queue, and the log says why.
+            log.error(
+                "cannot dead-letter an item of %r: %r is a %s, not a Queue; "
+                "the item goes back to %r",
+                source.name, name, dead.typeid, source.name,
+            )  # fmt: skip
+            source._offer(payload, front=True)
+            return
         dead.dead_letter = None  # a dead letter is never dead-lettered again
         dead._offer(payload)
         dead.puts_total += 1
@@ -124,7 +147,49 @@ class Registry:
         if obj is None:
             return False
         obj.shutdown(NoSuchObject(f"{name!r} was deleted"))
+        if self.journal is not None:
+            self.journal.append(("delete", name))
         return True
+
+    # -- durability -------------------------------------------------------------
+    def replay(self, records: list[tuple[Any, ...]]) -> int:
+        """Rebuild the objects from journal records; the number of queued items."""
+        assert self.journal is None, "replay before the journal is attached"
+        for record in records:
+            kind = record[0]
+            if kind == "create":
+                _, typeid, name, args = record
+                self.get_or_create(typeid, name, args)
+            elif kind == "delete":
+                self.delete(record[1])
+            elif kind == "state":
+                self.objects[record[1]].load_state(record[2])
+            elif kind == "op":
+                self.objects[record[1]].apply(tuple(record[2:]))
+            else:
+                raise ValueError(f"unknown journal record {kind!r}")
+        items = 0
+        for obj in self.objects.values():
+            obj.recovered()
+            if isinstance(obj, Queue):
+                items += len(obj.items)
+        return items
+
+    def attach(self, journal: Journal) -> None:
+        """Journal from now on: durable objects' changes, creations, deletions."""
+        self.journal = journal
+        for obj in self.objects.values():
+            if obj.durable:
+                obj.journal = journal
+
+    def state_records(self) -> list[tuple[Any, ...]]:
+        """The records that rebuild every object as it is now (a snapshot)."""
+        records: list[tuple[Any, ...]] = []
+        for obj in self.objects.values():
+            records.append(("create", obj.typeid, obj.name, obj.created_with))
+            if obj.durable:
+                records.append(("state", obj.name, obj.dump_state()))
+        return records
 
     def shutdown(self) -> None:
         for obj in self.objects.values():

@@ -26,12 +26,13 @@ from multiprocessing.managers import BaseManager
 from typing import Any
 
 from managerd.dispatch import Dispatcher, ServerOps
+from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
 from managerd.protocol import Connection, ConnState
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
-from managerd.settings import Settings, resolve_authkey
+from managerd.settings import FsyncMode, Settings, resolve_authkey
 from managerd.stock import StockAdapter
 from managerd_client.errors import ServerShuttingDown
 
@@ -79,6 +80,35 @@ class ServerCore:
         self.accepting = True
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
+        #: The journal of durable state (None: memory only).
+        self.journal: Journal | None = None
+
+    # -- durability ---------------------------------------------------------------
+    def recover(self, journal: Journal) -> None:
+        """Rebuild the objects from the data directory, then journal from here on."""
+        records, info = journal.recover(repair=self.settings.recover)
+        items = self.registry.replay(records)
+        log.info(
+            "recovered %d objects and %d queued items from %s (%d records, snapshot %s, "
+            "%d journal files) in %.3fs",
+            len(self.registry), items, journal.dir, info.records, info.snapshot or "none",
+            info.journals, info.seconds,
+        )  # fmt: skip
+        journal.open(self.loop)
+        self.journal = journal
+        self.registry.attach(journal)
+        self.dispatcher.journal = journal
+        self.stock.journal = journal
+        if records:
+            # Start from a snapshot of what was recovered: later records then
+            # never depend on how recovery settled reserved items.
+            journal.compact(self.registry.state_records())
+
+    async def compact_when_due(self, journal: Journal) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if journal.compaction_due():
+                journal.compact(self.registry.state_records())
 
     # -- connections ------------------------------------------------------------
     def admit(self, conn: Connection) -> bool:
@@ -161,6 +191,11 @@ class EventLoopServer:
         core = self.core = ServerCore(self.settings, self.authkey, loop)
         sock = _listen(self.settings.host, self.settings.port)
         core.tls = tls_context(self.settings)
+        journal = _journal(self.settings)
+        compactor = None
+        if journal is not None:
+            core.recover(journal)
+            compactor = loop.create_task(core.compact_when_due(journal))
         loop.set_exception_handler(partial(_one_line_errors, core))
         server = await loop.create_server(lambda: Connection(core), sock=sock, backlog=1024)
         self.address = sock.getsockname()[:2]
@@ -191,6 +226,10 @@ class EventLoopServer:
             server.close()
             await core.shutdown()
             expirer.cancel()
+            if compactor is not None:
+                compactor.cancel()
+            if journal is not None:
+                await journal.close()
             try:
                 await asyncio.wait_for(server.wait_closed(), self.settings.shutdown_timeout_s)
             except (TimeoutError, asyncio.CancelledError):
@@ -202,6 +241,13 @@ class EventLoopServer:
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+
+
+def _journal(settings: Settings) -> Journal | None:
+    """The journal of the data directory, unless state is memory only."""
+    if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
+        return None
+    return Journal(settings.data_dir.expanduser(), settings.fsync, settings.fsync_interval_s)
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -298,7 +344,14 @@ def run_server(settings: Settings) -> None:
             "serving on %s without TLS: traffic (and stock clients' payloads) travel in clear",
             settings.host,
         )
-    Managerd(settings, authkey).get_server().serve_forever()
+    try:
+        Managerd(settings, authkey).get_server().serve_forever()
+    except CorruptJournal as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        if settings.data_dir is not None and exc.filename is not None:
+            raise StartupError(f"data directory: {exc.strerror}: {exc.filename}") from None
+        raise
 
 
 __all__ = ["EventLoopServer", "Managerd", "ServerShuttingDown", "StartupError", "run_server"]

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     fsync: FsyncMode = FsyncMode.INTERVAL
     fsync_interval_s: float = Field(DEFAULT_FSYNC_INTERVAL_S, gt=0)
+    #: Start even if a journal is corrupt in the middle, cutting it there.
+    recover: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

@@ -67,6 +67,7 @@ from multiprocessing.managers import Namespace as StockNamespace
 from multiprocessing.managers import Token
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from managerd.journal import Journal
 from managerd.objects.base import Call, Conv, MethodSpec, SharedObject
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
@@ -256,6 +257,9 @@ class StockAdapter:
         self.decoder = decoder
         self.loop = loop
         self.iterators = IteratorTable()
+        #: Set by the server when state is journaled: mutations refused while
+        #: the data directory cannot take writes.
+        self.journal: Journal | None = None
 
     # -- conversions ----------------------------------------------------------
     def encode(self, value: Any) -> bytes:
@@ -341,6 +345,9 @@ class StockAdapter:
             allowed = STOCK_METHODS.get(obj.typeid)
             if allowed is not None and method not in allowed:
                 raise AttributeError(f"{obj.typeid} has no method {method!r} for stock clients")
+            target = obj.methods.get(method)
+            if self.journal is not None and target is not None and target.mutates:
+                self.journal.check_writable()
             call = Call(session, _STOCK_THREAD, self.loop)
             special = _SPECIALS.get((obj.typeid, method))
             if special is not None:

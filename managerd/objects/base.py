@@ -23,10 +23,13 @@ import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from managerd.sessions import Session
 from managerd_client.errors import ArgumentConflict
+
+if TYPE_CHECKING:
+    from managerd.journal import Journal
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,9 +188,16 @@ class SharedObject:
     #: a later get-or-create may pass another without a conflict.
     state_params: ClassVar[tuple[str, ...]] = ()
 
+    #: Whether the object's state is journaled (its existence always is).
+    durable: ClassVar[bool] = False
+
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.loop = loop
+        #: Set by the registry on durable objects when a data directory is used.
+        self.journal: Journal | None = None
+        #: The creation arguments it was made with (journaled, snapshotted).
+        self.created_with: dict[str, Any] = {}
 
     # -- creation ---------------------------------------------------------
     def creation_args(self) -> dict[str, Any]:
@@ -236,6 +246,27 @@ class SharedObject:
     def describe(self) -> dict[str, Any]:
         """A summary for ``objects()`` and status."""
         return {"type": self.typeid, "args": self.creation_args()}
+
+    # -- durability (journal records; see managerd/journal.py) --------------------
+    def _j(self, *effect: Any) -> None:
+        """Journal one change of this object's state (no-op when memory only)."""
+        journal = self.journal
+        if journal is not None:
+            journal.append(("op", self.name, *effect))
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        """Redo one journaled change (recovery; no sessions, no waiters)."""
+        raise TypeError(f"a {self.typeid} journals no changes")
+
+    def dump_state(self) -> Any:
+        """The state a snapshot keeps (builtin data and payload bytes)."""
+        return None
+
+    def load_state(self, state: Any) -> None:
+        """Take the state a snapshot kept."""
+
+    def recovered(self) -> None:
+        """Recovery is over: settle what cannot outlive a restart."""
 
     def snapshot(self) -> Any:
         """The whole value, for a stock client's ``_getvalue()``."""

@@ -43,6 +43,7 @@ class Dict(SharedObject):
 
     typeid = "dict"
     snapshot_conv: ClassVar[Conv] = Conv.MAPPING
+    durable = True
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name, loop)
@@ -57,10 +58,12 @@ class Dict(SharedObject):
     def __setitem__(self, call: Call, key: Any, value: bytes) -> None:
         self.data[_check_key(key)] = _check_payload(value)
         self.writes_total += 1
+        self._j("set", key, value)
 
     @exposed(mutates=True)
     def __delitem__(self, call: Call, key: Any) -> None:
         del self.data[_check_key(key)]
+        self._j("del", key)
 
     @exposed()
     def __contains__(self, call: Call, key: Any) -> bool:
@@ -84,19 +87,27 @@ class Dict(SharedObject):
 
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, key: Any, default: Any = NO_DEFAULT) -> bytes:
+        if _check_key(key) in self.data:
+            self._j("del", key)
+            return self.data.pop(key)
         if default is NO_DEFAULT:
-            return self.data.pop(_check_key(key))
-        return self.data.pop(_check_key(key), default)
+            raise KeyError(key)
+        return default  # type: ignore[no-any-return]
 
     @exposed(result=Conv.PAIR, mutates=True)
     def popitem(self, call: Call) -> tuple[Any, bytes]:
         if not self.data:
             raise KeyError("popitem(): dictionary is empty")
-        return self.data.popitem()
+        key, value = self.data.popitem()
+        self._j("del", key)
+        return key, value
 
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def setdefault(self, call: Call, key: Any, default: bytes) -> bytes:
-        return self.data.setdefault(_check_key(key), _check_payload(default))
+        if _check_key(key) not in self.data:
+            self.data[key] = _check_payload(default)
+            self._j("set", key, default)
+        return self.data[key]
 
     @exposed(pairs=Conv.PAIRS, mutates=True)
     def update(self, call: Call, pairs: Iterable[tuple[Any, bytes]] = ()) -> None:
@@ -110,10 +121,31 @@ class Dict(SharedObject):
             new[_check_key(pair[0])] = _check_payload(pair[1])
         self.data.update(new)
         self.writes_total += len(new)
+        self._j("update", list(new.items()))
 
     @exposed(mutates=True)
     def clear(self, call: Call) -> None:
         self.data.clear()
+        self._j("clear")
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        op = effect[0]
+        if op == "set":
+            self.data[effect[1]] = effect[2]
+        elif op == "del":
+            self.data.pop(effect[1], None)
+        elif op == "update":
+            self.data.update(effect[1])
+        elif op == "clear":
+            self.data.clear()
+        else:
+            raise ValueError(f"unknown dict record {op!r}")
+
+    def dump_state(self) -> Any:
+        return list(self.data.items())
+
+    def load_state(self, state: Any) -> None:
+        self.data = dict(state)
 
     @exposed()
     def keys(self, call: Call) -> list[Any]:
@@ -165,6 +197,7 @@ class List(SharedObject):
 
     typeid = "list"
     snapshot_conv: ClassVar[Conv] = Conv.PAYLOADS
+    durable = True
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name, loop)
@@ -180,13 +213,16 @@ class List(SharedObject):
         if isinstance(index, slice):
             if not isinstance(value, (list, tuple)):
                 raise TypeError("can only assign a list of items to a slice")
-            self.items[index] = [_check_payload(v) for v in value]
+            value = [_check_payload(v) for v in value]
+            self.items[index] = value
         else:
             self.items[index] = _check_payload(value)
+        self._j("set", index, value)
 
     @exposed(mutates=True)
     def __delitem__(self, call: Call, index: Any) -> None:
         del self.items[_index(index)]
+        self._j("del", index)
 
     @exposed()
     def __len__(self, call: Call) -> int:
@@ -199,30 +235,37 @@ class List(SharedObject):
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def append(self, call: Call, value: bytes) -> None:
         self.items.append(_check_payload(value))
+        self._j("extend", [value])
 
     @exposed(values=Conv.PAYLOADS, mutates=True)
     def extend(self, call: Call, values: list[bytes]) -> None:
         if not isinstance(values, (list, tuple)):
             raise TypeError("extend takes a list of items")
-        self.items.extend(_check_payload(v) for v in values)
+        values = [_check_payload(v) for v in values]
+        self.items.extend(values)
+        self._j("extend", values)
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def insert(self, call: Call, index: int, value: bytes) -> None:
         if isinstance(index, bool) or not isinstance(index, int):
             raise TypeError("insert index must be an int")
         self.items.insert(index, _check_payload(value))
+        self._j("insert", index, value)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, index: int = -1) -> bytes:
         if not self.items:
             raise IndexError("pop from empty list")
-        return self.items.pop(index)
+        item = self.items.pop(index)
+        self._j("del", index)
+        return item
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def remove(self, call: Call, value: bytes) -> None:
         for i, item in enumerate(self.items):
             if _same(item, value):
                 del self.items[i]
+                self._j("del", i)
                 return
         raise ValueError("list.remove(x): x not in list")
 
@@ -242,6 +285,7 @@ class List(SharedObject):
     @exposed(mutates=True)
     def reverse(self, call: Call) -> None:
         self.items.reverse()
+        self._j("all", self.items)
 
     @exposed(mutates=True)
     def sort(self, call: Call, key: None = None, reverse: bool = False) -> None:
@@ -255,10 +299,12 @@ class List(SharedObject):
             decoded.append(value)
         order = sorted(range(len(decoded)), key=decoded.__getitem__, reverse=bool(reverse))
         self.items = [self.items[i] for i in order]
+        self._j("all", self.items)
 
     @exposed(mutates=True)
     def clear(self, call: Call) -> None:
         self.items.clear()
+        self._j("all", [])
 
     @exposed(result=Conv.PAYLOADS)
     def copy(self, call: Call) -> list[bytes]:
@@ -283,10 +329,32 @@ class List(SharedObject):
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError("can't multiply a list by a non-int")
         self.items *= n
+        self._j("all", self.items)
 
     @exposed(result=Conv.PAYLOADS)
     def __reversed__(self, call: Call) -> list[bytes]:
         return self.items[::-1]
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        op = effect[0]
+        if op == "set":
+            self.items[effect[1]] = effect[2]
+        elif op == "del":
+            del self.items[effect[1]]
+        elif op == "extend":
+            self.items.extend(effect[1])
+        elif op == "insert":
+            self.items.insert(effect[1], effect[2])
+        elif op == "all":
+            self.items = list(effect[1])
+        else:
+            raise ValueError(f"unknown list record {op!r}")
+
+    def dump_state(self) -> Any:
+        return list(self.items)
+
+    def load_state(self, state: Any) -> None:
+        self.items = list(state)
 
     def snapshot(self) -> list[bytes]:
         return list(self.items)
@@ -300,6 +368,7 @@ class Namespace(SharedObject):
 
     typeid = "Namespace"
     snapshot_conv: ClassVar[Conv] = Conv.MAPPING
+    durable = True
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name, loop)
@@ -321,6 +390,7 @@ class Namespace(SharedObject):
     @exposed("__setattr__", value=Conv.PAYLOAD, mutates=True)
     def setattr(self, call: Call, name: str, value: bytes) -> None:
         self.attrs[self._attr(name)] = _check_payload(value)
+        self._j("set", name, value)
 
     @exposed("__delattr__", mutates=True)
     def delattr(self, call: Call, name: str) -> None:
@@ -328,6 +398,21 @@ class Namespace(SharedObject):
             del self.attrs[self._attr(name)]
         except KeyError:
             raise AttributeError(f"'Namespace' object has no attribute {name!r}") from None
+        self._j("del", name)
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        if effect[0] == "set":
+            self.attrs[effect[1]] = effect[2]
+        elif effect[0] == "del":
+            self.attrs.pop(effect[1], None)
+        else:
+            raise ValueError(f"unknown namespace record {effect[0]!r}")
+
+    def dump_state(self) -> Any:
+        return dict(self.attrs)
+
+    def load_state(self, state: Any) -> None:
+        self.attrs = dict(state)
 
     @exposed(result=Conv.PAIRS)
     def items(self, call: Call) -> list[tuple[str, bytes]]:
@@ -364,6 +449,7 @@ class Value(SharedObject):
     typeid = "Value"
     create_params = ("typecode", "value")
     state_params = ("value",)
+    durable = True
 
     def __init__(
         self, name: str, loop: asyncio.AbstractEventLoop, typecode: str = "i", value: Any = 0
@@ -382,6 +468,7 @@ class Value(SharedObject):
     @exposed(mutates=True)
     def set(self, call: Call, value: Any) -> None:
         self.value = _coerce(self.typecode, value)
+        self._j("set", self.value)
 
     @exposed(mutates=True)
     def add(self, call: Call, delta: Any) -> Any:
@@ -389,7 +476,19 @@ class Value(SharedObject):
         if self.typecode == "c":
             raise TypeError("cannot add to a 'c' value")
         self.value = _coerce(self.typecode, self.value + delta)
+        self._j("set", self.value)
         return self.value
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        if effect[0] != "set":
+            raise ValueError(f"unknown value record {effect[0]!r}")
+        self.value = effect[1]
+
+    def dump_state(self) -> Any:
+        return self.value
+
+    def load_state(self, state: Any) -> None:
+        self.value = state
 
     def snapshot(self) -> Any:
         return self.value
@@ -404,6 +503,7 @@ class Array(SharedObject):
     typeid = "Array"
     create_params = ("typecode", "sequence")
     state_params = ("sequence",)
+    durable = True
 
     def __init__(
         self,
@@ -462,6 +562,10 @@ class Array(SharedObject):
     @exposed(mutates=True)
     def __setitem__(self, call: Call, index: Any, value: Any) -> None:
         index = _index(index)
+        self._store(index, value)
+        self._j("set", index, self._out(self.data[index]))
+
+    def _store(self, index: int | slice, value: Any) -> None:
         if isinstance(index, slice):
             current = range(len(self.data))[index]
             values = list(value) if not isinstance(value, (bytes, bytearray)) else value
@@ -483,6 +587,17 @@ class Array(SharedObject):
     @exposed()
     def tolist(self, call: Call) -> Any:
         return self.snapshot()
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        if effect[0] != "set":
+            raise ValueError(f"unknown array record {effect[0]!r}")
+        self._store(effect[1], effect[2])
+
+    def dump_state(self) -> Any:
+        return self.snapshot()
+
+    def load_state(self, state: Any) -> None:
+        self._store(slice(None), state)
 
     def snapshot(self) -> Any:
         if isinstance(self.data, bytearray):

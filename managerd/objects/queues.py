@@ -70,6 +70,7 @@ class Queue(SharedObject):
 
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
+    durable = True
 
     def __init__(
         self,
@@ -93,6 +94,8 @@ class Queue(SharedObject):
         self.getters: deque[Waiter] = deque()
         self.putters: deque[Waiter] = deque()
         self.reserved: dict[int, _Delivery] = {}
+        #: Deliveries journaled as reserved, while recovering (no sessions then).
+        self._recovering: dict[int, tuple[bytes, int]] = {}
         self.puts_total = 0
         self.gets_total = 0
         #: Set by the registry: where items delivered too often go.
@@ -115,10 +118,11 @@ class Queue(SharedObject):
         return 0 < self._bound <= len(self.items)
 
     def _deliver(self, entry: bytes | _Returned, waiter: Waiter) -> None:
-        """Complete a getter with ``entry``."""
+        """Complete a getter with ``entry`` (journaled as queued, then taken)."""
         kind = waiter.data
         payload = entry.payload if isinstance(entry, _Returned) else entry
         self.gets_total += 1
+        self._j("pop", 1)
         if kind == _RESERVE:
             waiter.finish(self._reserve(entry, waiter.session))
         elif kind == _GET_MANY:
@@ -136,11 +140,17 @@ class Queue(SharedObject):
             self.visibility_timeout_s, self._redeliver, delivery.id
         )
         self.reserved[delivery.id] = delivery
+        self._j("res", delivery.id, payload, deliveries)
         session.hold(self)
         return delivery.id, payload, deliveries
 
     def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
         """Hand ``entry`` to a live getter, else queue it."""
+        if self.journal is not None:
+            if isinstance(entry, _Returned):
+                self._j("front", entry.payload, entry.deliveries)
+            else:
+                self._j("front" if front else "push", entry, 0)
         waiter = pop_alive(self.getters)
         if waiter is not None:
             self._deliver(entry, waiter)
@@ -165,6 +175,7 @@ class Queue(SharedObject):
 
     def _take(self) -> bytes | _Returned:
         entry = self.items.popleft()
+        self._j("pop", 1)
         self._admit_putters()
         return entry
 
@@ -173,6 +184,7 @@ class Queue(SharedObject):
         delivery = self.reserved.pop(did, None)
         if delivery is None:
             return
+        self._j("unres", did)
         if delivery.timer is not None:
             delivery.timer.cancel()
         if self.max_deliveries and delivery.deliveries >= self.max_deliveries:
@@ -251,6 +263,7 @@ class Queue(SharedObject):
             while self.items and len(out) < max_items:
                 entry = self.items.popleft()
                 out.append(entry.payload if isinstance(entry, _Returned) else entry)
+            self._j("pop", len(out))
             self.gets_total += len(out)
             self._admit_putters()
             return out
@@ -299,6 +312,7 @@ class Queue(SharedObject):
     def ack(self, call: Call, did: int) -> None:
         delivery = self._own_delivery(call, did)
         del self.reserved[did]
+        self._j("unres", did)
         if delivery.timer is not None:
             delivery.timer.cancel()
 
@@ -309,6 +323,7 @@ class Queue(SharedObject):
             self._redeliver(did)
             return
         del self.reserved[did]
+        self._j("unres", did)
         if delivery.timer is not None:
             delivery.timer.cancel()
         self._drop_dead(delivery.payload)
@@ -332,6 +347,42 @@ class Queue(SharedObject):
         for did in reversed(mine):
             self._redeliver(did)
 
+    # -- durability ---------------------------------------------------------
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        op = effect[0]
+        if op == "push":
+            self.items.append(effect[1])
+        elif op == "front":
+            payload, deliveries = effect[1], effect[2]
+            self.items.appendleft(_Returned(payload, deliveries) if deliveries else payload)
+        elif op == "pop":
+            for _ in range(effect[1]):
+                self.items.popleft()
+        elif op == "res":
+            self._recovering[effect[1]] = (effect[2], effect[3])
+        elif op == "unres":
+            self._recovering.pop(effect[1], None)
+        else:
+            raise ValueError(f"unknown queue record {op!r}")
+
+    def recovered(self) -> None:
+        """Reserved-but-unacked items come back, at the front, in delivery order."""
+        for did in sorted(self._recovering, reverse=True):
+            payload, deliveries = self._recovering[did]
+            self.items.appendleft(_Returned(payload, deliveries))
+        self._recovering.clear()
+
+    def dump_state(self) -> Any:
+        reserved = sorted(self.reserved.values(), key=lambda d: d.id)
+        ready = [(d.payload, d.deliveries) for d in reserved]
+        ready += [
+            (e.payload, e.deliveries) if isinstance(e, _Returned) else (e, 0) for e in self.items
+        ]
+        return ready
+
+    def load_state(self, state: Any) -> None:
+        self.items = deque(_Returned(p, n) if n else p for p, n in state)
+
     # -- bookkeeping ------------------------------------------------------
     def waiter_count(self) -> int:
         return alive_count(self.getters) + alive_count(self.putters)
@@ -349,6 +400,8 @@ class Queue(SharedObject):
             "depth": len(self.items),
             "reserved": len(self.reserved),
             "waiters": self.waiter_count(),
+            "puts_total": self.puts_total,
+            "gets_total": self.gets_total,
         }
 
     def snapshot(self) -> list[bytes]:
@@ -373,6 +426,7 @@ class JoinableQueue(Queue):
     def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
         if not isinstance(entry, _Returned):
             self.unfinished += 1  # a returned item was counted when first put
+            self._j("unfinished", self.unfinished)
         super()._offer(entry, front)
 
     @exposed(mutates=True)
@@ -383,6 +437,7 @@ class JoinableQueue(Queue):
 
     def _finish_one(self) -> None:
         self.unfinished -= 1
+        self._j("unfinished", self.unfinished)
         if self.unfinished == 0:
             while (waiter := pop_alive(self.joiners)) is not None:
                 waiter.finish(None)
@@ -399,6 +454,19 @@ class JoinableQueue(Queue):
         if self.unfinished == 0:
             return None
         return self.park(self.joiners, call, timeout_s(True, timeout), _join_timeout)
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        if effect[0] == "unfinished":
+            self.unfinished = effect[1]
+        else:
+            super().apply(effect)
+
+    def dump_state(self) -> Any:
+        return {"items": super().dump_state(), "unfinished": self.unfinished}
+
+    def load_state(self, state: Any) -> None:
+        super().load_state(state["items"])
+        self.unfinished = state["unfinished"]
 
     def waiter_count(self) -> int:
         return super().waiter_count() + alive_count(self.joiners)

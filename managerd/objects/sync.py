@@ -32,6 +32,7 @@ class Event(SharedObject):
     """``threading.Event``."""
 
     typeid = "Event"
+    durable = True
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name, loop)
@@ -44,12 +45,16 @@ class Event(SharedObject):
 
     @exposed(mutates=True)
     def set(self, call: Call) -> None:
+        if not self.flag:
+            self._j("flag", True)
         self.flag = True
         while (waiter := pop_alive(self.waiters)) is not None:
             waiter.finish(True)
 
     @exposed(mutates=True)
     def clear(self, call: Call) -> None:
+        if self.flag:
+            self._j("flag", False)
         self.flag = False
 
     @exposed()
@@ -66,6 +71,17 @@ class Event(SharedObject):
 
     def shutdown(self, exc: BaseException) -> None:
         fail_all(self.waiters, exc)
+
+    def apply(self, effect: tuple[Any, ...]) -> None:
+        if effect[0] != "flag":
+            raise ValueError(f"unknown event record {effect[0]!r}")
+        self.flag = bool(effect[1])
+
+    def dump_state(self) -> Any:
+        return self.flag
+
+    def load_state(self, state: Any) -> None:
+        self.flag = bool(state)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "set": self.flag, "waiters": self.waiter_count()}
