@@ -46,14 +46,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from managerd.safepickle import SafeDecoder
-from managerd.settings import FsyncMode
+from managerd.settings import DEFAULT_JOURNAL_COMPACT_BYTES, FsyncMode
 
 log = logging.getLogger("managerd")
 
 MAGIC: Final = b"MANAGERD-JOURNAL-1\n"
 SNAPSHOT_MAGIC: Final = b"MANAGERD-SNAPSHOT-1\n"
 _FRAME: Final = struct.Struct("!II")
-DEFAULT_COMPACT_BYTES: Final = 16 * 1024 * 1024
 _PICKLE_PROTOCOL: Final = 5
 
 
@@ -101,7 +100,7 @@ class Journal:
         directory: Path,
         mode: FsyncMode,
         interval_s: float,
-        compact_bytes: int = DEFAULT_COMPACT_BYTES,
+        compact_bytes: int = DEFAULT_JOURNAL_COMPACT_BYTES,
     ) -> None:
         self.dir = directory
         self.mode = mode
@@ -241,8 +240,16 @@ class Journal:
                 self._cv.notify()
 
     def barrier(self) -> asyncio.Future[None] | None:
-        """In ``always`` mode, a future done once everything appended is on disk."""
-        if self.mode is not FsyncMode.ALWAYS or self._durable >= self._appended:
+        """In ``always`` mode, a future done once everything appended is on disk.
+
+        While the directory cannot take writes there is none: mutations are
+        refused up front then, and reads must keep working.
+        """
+        if (
+            self.mode is not FsyncMode.ALWAYS
+            or self._durable >= self._appended
+            or self.failed is not None
+        ):
             return None
         assert self._loop is not None
         future: asyncio.Future[None] = self._loop.create_future()

@@ -247,7 +247,12 @@ def _journal(settings: Settings) -> Journal | None:
     """The journal of the data directory, unless state is memory only."""
     if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
         return None
-    return Journal(settings.data_dir.expanduser(), settings.fsync, settings.fsync_interval_s)
+    return Journal(
+        settings.data_dir.expanduser(),
+        settings.fsync,
+        settings.fsync_interval_s,
+        compact_bytes=settings.journal_compact_bytes,
+    )
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -35,6 +35,7 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_FSYNC_INTERVAL_S = 1.0
 DEFAULT_METRICS_MAX_OBJECTS = 1000
+DEFAULT_JOURNAL_COMPACT_BYTES = 16 * 1024 * 1024
 DEFAULT_AUTHKEY_FILE = Path("~/.config/managerd/authkey")
 
 
@@ -67,6 +68,8 @@ class Settings(BaseSettings):
     fsync_interval_s: float = Field(DEFAULT_FSYNC_INTERVAL_S, gt=0)
     #: Start even if a journal is corrupt in the middle, cutting it there.
     recover: bool = False
+    #: A journal this large (and larger than the last snapshot) is compacted.
+    journal_compact_bytes: int = Field(DEFAULT_JOURNAL_COMPACT_BYTES, ge=4096)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
