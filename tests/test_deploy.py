@@ -342,14 +342,16 @@ def test_compose_services_fit_together() -> None:
     # Grafana: provisioning, and the dashboards where the provider looks.
     grafana = services["grafana"]
     mounts = {Path(v["source"]): v["target"] for v in grafana["volumes"] if v["type"] == "bind"}
-    assert mounts[DEPLOY / "grafana" / "provisioning"] == "/etc/grafana/provisioning"
+    for kind in ("datasources", "dashboards"):
+        provisioning = DEPLOY / "grafana" / "provisioning" / kind
+        assert mounts[provisioning] == f"/etc/grafana/provisioning/{kind}"
     (provider,) = load_yaml(DASHBOARD_PROVIDERS)["providers"]
     assert mounts[DASHBOARD.parent] == provider["options"]["path"]
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
     (datasource,) = load_yaml(DATASOURCES)["datasources"]
-    published = {p["target"] for p in prometheus["ports"]}
-    assert datasource["url"] == f"http://prometheus:{published.pop()}"
+    (prometheus_port,) = {p["target"] for p in prometheus["ports"]}
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}"
 
 
 # -- Prometheus -----------------------------------------------------------------------
