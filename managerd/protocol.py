@@ -21,7 +21,7 @@ import os
 import pickle
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from managerd.sessions import Session, SessionKind
 from managerd_client.errors import ForbiddenPayload, ProtocolError
@@ -73,8 +73,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         sock = transport.get_extra_info("socket")
@@ -89,8 +89,8 @@ class Connection(asyncio.Protocol):
         if self.core.tls is not None:
             # TLS is started here rather than by create_server so that a
             # failed handshake is ours to report: one line, with the peer.
-            transport.pause_reading()
-            self._tls_task = self.core.loop.create_task(self._start_tls(transport))
+            self.transport.pause_reading()
+            self._tls_task = self.core.loop.create_task(self._start_tls(self.transport))
             return
         self._challenge()
 

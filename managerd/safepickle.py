@@ -82,9 +82,28 @@ class SafeDecoder:
         return value
 
 
+_SCALARS: Final = frozenset({bytes, str, int, float, bool, type(None), slice})
+
+
+def _shallow(value: Any) -> bool:
+    """A tuple of scalars and flat tuples/lists: what almost every request is."""
+    if type(value) is not tuple:
+        return False
+    for child in value:
+        kind = type(child)
+        if kind in _SCALARS:
+            continue
+        if kind is not tuple and kind is not list:
+            return False
+        for grandchild in child:
+            if type(grandchild) not in _SCALARS:
+                return False
+    return True
+
+
 def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
     """Refuse containers nested more than ``limit`` deep (iteratively, no recursion)."""
-    if not isinstance(value, (tuple, list, dict, set, frozenset)):
+    if not isinstance(value, (tuple, list, dict, set, frozenset)) or _shallow(value):
         return
     stack: list[tuple[Any, int]] = [(value, 1)]
     seen: set[int] = set()

@@ -32,7 +32,7 @@ from managerd.protocol import Connection, ConnState
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
-from managerd.settings import FsyncMode, Settings, resolve_authkey
+from managerd.settings import EventLoop, FsyncMode, Settings, resolve_authkey
 from managerd.stock import StockAdapter
 from managerd_client.errors import ServerShuttingDown
 
@@ -183,7 +183,12 @@ class EventLoopServer:
 
     def serve_forever(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
-        asyncio.run(self.serve(ready))
+        factory = loop_factory(self.settings.event_loop)
+        if factory is None:
+            asyncio.run(self.serve(ready))
+        else:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(self.serve(ready))
 
     async def serve(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -241,6 +246,24 @@ class EventLoopServer:
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+
+
+def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to serve on: uvloop when asked (or ``auto`` and installed).
+
+    uvloop is optional (``pip install uvloop``); see BENCHMARKS.md for what
+    it changes here.
+    """
+    if choice is EventLoop.ASYNCIO:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice is EventLoop.UVLOOP:
+            raise StartupError("event_loop=uvloop, but uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _journal(settings: Settings) -> Journal | None:

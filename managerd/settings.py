@@ -45,6 +45,12 @@ class FsyncMode(enum.Enum):
     NEVER = "never"
 
 
+class EventLoop(enum.Enum):
+    AUTO = "auto"  # uvloop if installed, else asyncio's
+    ASYNCIO = "asyncio"
+    UVLOOP = "uvloop"
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be told."""
 
@@ -75,6 +81,7 @@ class Settings(BaseSettings):
     tls_ca: Path | None = None
     tls_require_client_cert: bool = False
     log_level: str = "INFO"
+    event_loop: EventLoop = EventLoop.AUTO
 
     @field_validator("log_level")
     @classmethod

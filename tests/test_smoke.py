@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import queue
+from pathlib import Path
 
 import pytest
 
 from conftest import Daemon
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_queue_round_trip_on_each_event_loop(tmp_path: Path, event_loop: str) -> None:
+    d = Daemon(tmp_path, env={"MANAGERD_EVENT_LOOP": event_loop}).start()
+    try:
+        with d.connect() as m:
+            q = m.Queue("jobs")
+            q.put({"id": 1})
+            assert q.get(timeout=1) == {"id": 1}
+            with m.Lock("l"):
+                assert m.status()["objects"]["l"]["held"]
+    finally:
+        d.stop()
 
 
 def test_queue_round_trip(daemon: Daemon) -> None:

@@ -46,6 +46,9 @@ _RID: Final = struct.Struct("!Q")
 _REPLY_HEAD: Final = struct.Struct("!QB")
 _STATUS_OK: Final = 0
 _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+#: An idle connection is checked for a hang-up before a call is sent into it;
+#: one that answered this recently is not (that would be a syscall per call).
+_IDLE_CHECK_AFTER_S: Final = 0.05
 
 
 class _Slot:
@@ -257,6 +260,8 @@ class Channel:
             # connection. Do not send into it; reconnect.
             self._die(ConnectionLost(f"nothing heard from managerd for {self.session_ttl_s}s"))
             return True
+        if time.monotonic() - self.last_heard < _IDLE_CHECK_AFTER_S:
+            return False  # busy: a closed connection shows up as ConnectionLost soon enough
         if self._reading or not self._poll_lock.acquire(blocking=False):
             return False  # another thread is reading or checking right now
         try:
