@@ -19,6 +19,12 @@ Both run until SIGTERM or Ctrl-C (exit 0), or until ``--jobs N`` jobs are
 done. If the daemon stays away longer than the client reconnects for, the
 worker exits 1 with the error, and a container's restart policy starts it
 again.
+
+With no role, like the other examples, it runs once and checks itself: a
+producer and two consumers as local processes share 12 jobs on objects
+whose names are unique to the run, then it deletes them and prints ``OK``:
+
+    python compose_worker.py --address 127.0.0.1:50000
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import socket
 import sys
 import threading
 import time
+import uuid
+from multiprocessing import Process
 from typing import Any
 
 from managerd_client import connect
@@ -79,9 +87,62 @@ def consumer(args: argparse.Namespace, stop: threading.Event) -> int:
     return 0
 
 
+DEMO_JOBS = 12
+DEMO_CONSUMERS = 2
+DEMO_TIMEOUT_S = 30.0
+
+
+def _run(role: str, args: argparse.Namespace) -> None:
+    """A worker process of the demo; its exit code is the role's."""
+    sys.exit((producer if role == "producer" else consumer)(args, threading.Event()))
+
+
+def demo(args: argparse.Namespace) -> int:
+    run = uuid.uuid4().hex[:8]  # names unique to this run
+    names = {"queue": f"example-compose-jobs-{run}", "done": f"example-compose-done-{run}"}
+    jobs_each = DEMO_JOBS // DEMO_CONSUMERS
+    workers = [
+        Process(
+            target=_run,
+            args=("producer", argparse.Namespace(**{**vars(args), **names, "jobs": DEMO_JOBS})),
+        )
+    ]
+    workers += [
+        Process(
+            target=_run,
+            args=("consumer", argparse.Namespace(**{**vars(args), **names, "jobs": jobs_each})),
+        )
+        for _ in range(DEMO_CONSUMERS)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(DEMO_TIMEOUT_S)
+    with connect(args.address) as m:
+        done = dict(m.dict(names["done"]))
+        left = m.Queue(names["queue"]).qsize()
+        for name in (names["queue"], names["done"], f"{names['done']}-lock"):
+            m.delete(name)  # named objects live until deleted
+    per_consumer = sorted(v for k, v in done.items() if "/" in k)
+    print(f"{len(per_consumer)} consumers did {per_consumer} jobs; {left} left on the queue")
+    if any(w.exitcode != 0 for w in workers):
+        print(f"FAILED: worker exit codes {[w.exitcode for w in workers]}")
+        return 1
+    if done.get("total") != DEMO_JOBS or sum(per_consumer) != DEMO_JOBS or left:
+        print("FAILED: a job was lost or done twice")
+        return 1
+    print(f"OK: {DEMO_JOBS} jobs produced, reserved, done and acked")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("role", choices=["producer", "consumer"])
+    parser.add_argument(
+        "role",
+        nargs="?",
+        choices=["producer", "consumer"],
+        help="run as a long-lived worker; without it, a self-checking demo",
+    )
     parser.add_argument(
         "--address",
         default=os.environ.get("MANAGERD_ADDRESS", "127.0.0.1:50000"),
@@ -97,6 +158,9 @@ def main() -> int:
     parser.add_argument("--work-s", type=float, default=1.0, help="consumer: time per job")
     parser.add_argument("--jobs", type=int, default=None, help="stop after this many jobs")
     args = parser.parse_args()
+    if args.role is None:
+        args.interval_s = args.work_s = 0.0
+        return demo(args)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
