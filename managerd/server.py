@@ -183,7 +183,7 @@ class EventLoopServer:
 
     def serve_forever(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
-        factory = loop_factory(self.settings.event_loop)
+        factory = loop_factory(self.settings.event_loop, tls=self.settings.tls_cert is not None)
         if factory is None:
             asyncio.run(self.serve(ready))
         else:
@@ -248,13 +248,22 @@ class EventLoopServer:
             self._stop.set()
 
 
-def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(
+    choice: EventLoop, tls: bool = False
+) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop to serve on: uvloop when asked (or ``auto`` and installed).
 
     uvloop is optional (``pip install uvloop``); see BENCHMARKS.md for what
-    it changes here.
+    it changes here. With TLS the daemon serves on asyncio's loop: each
+    connection is handed to ``start_tls`` from ``connection_made`` (so that a
+    failed handshake is reported with its peer), and uvloop starts reading
+    the connection before that can happen.
     """
     if choice is EventLoop.ASYNCIO:
+        return None
+    if tls:
+        if choice is EventLoop.UVLOOP:
+            log.warning("event_loop=uvloop is not used with TLS; serving on asyncio's loop")
         return None
     try:
         import uvloop

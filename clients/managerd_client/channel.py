@@ -40,6 +40,7 @@ from managerd_client.wire import (
     FrameSocket,
     client_handshake,
     set_nodelay,
+    set_receive_timeout,
 )
 
 _RID: Final = struct.Struct("!Q")
@@ -168,7 +169,7 @@ class Channel:
         # Heartbeats bring a reply every ttl/3, so silence this long means a
         # dead network (or daemon), never a slow call.
         self.dead_after_s = self.session_ttl_s + dead_margin_s
-        sock.settimeout(self.dead_after_s)
+        set_receive_timeout(sock, self.dead_after_s)
         self._rids = iter(range(1, 1 << 63))
         self._pending: dict[int, _Slot] = {}
         self._cond = threading.Condition(threading.Lock())
