@@ -226,3 +226,25 @@ def test_real_prometheus_scrapes_the_right_depth(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_readme_metric_table_matches_the_exposition(metered: tuple[Daemon, int]) -> None:
+    d, port = metered
+    with d.connect() as m:  # one of each kind, so every family has samples
+        m.Queue("m.t.q").put(1)
+        m.Lock("m.t.l")
+        m.Semaphore("m.t.s")
+        m.Event("m.t.e")
+        m.Condition("m.t.c")
+        m.Barrier("m.t.b", 2)
+    types = dict(
+        line.split()[2:4] for line in scrape(port).splitlines() if line.startswith("# TYPE ")
+    )
+    # prometheus-client names a counter's family with its _total suffix.
+    exposed = {
+        (name if kind != "counter" or name.endswith("_total") else name + "_total", kind)
+        for name, kind in types.items()
+    }
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(managerd_\w+)` \| (\w+) \|", readme, flags=re.M))
+    assert documented == exposed
