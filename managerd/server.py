@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -275,6 +276,31 @@ def loop_factory(
     return factory
 
 
+def _raise_file_limit(max_connections: int) -> None:
+    """Let the process hold ``max_connections`` sockets, if the hard limit allows.
+
+    The usual soft limit of 1,024 descriptors would refuse clients long
+    before ``max_connections``; each connection takes one (two while a parked
+    waiter's peer is being probed).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections * 2 + 64
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit to %d: %s", want, exc)
+            return
+        soft = want
+    if soft < max_connections + 64:
+        log.warning(
+            "open-file limit %d is below max_connections %d: raise it (ulimit -n)",
+            soft, max_connections,
+        )  # fmt: skip
+
+
 def _journal(settings: Settings) -> Journal | None:
     """The journal of the data directory, unless state is memory only."""
     if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
@@ -369,6 +395,7 @@ def run_server(settings: Settings) -> None:
     """Resolve the authkey, serve until stopped. The CLI's one call."""
     authkey, source = resolve_authkey(settings)
     log.info("authkey from %s", source)
+    _raise_file_limit(settings.max_connections)
     try:
         tls = tls_context(settings)
     except ValueError as exc:
