@@ -1,0 +1,79 @@
+"""The benchmark suite runs: ``benchmarks/suite.py --quick`` (CI's seconds-long smoke).
+
+Every workload is executed against the raw floor, a stock manager and
+managerd, with tiny counts. This checks that each one RAN and produced a
+figure, and that the correctness checks inside the suite (every message
+received exactly once, FIFO wakes) held — never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "benchmarks" / "suite.py"
+
+#: Every workload of the quick run, and the systems that must have a figure.
+EXPECTED = {
+    "floor_pingpong_100B": ("floor",),
+    "noop_ping": ("floor", "stock", "managerd"),
+    "noop_value_get": ("floor", "stock", "managerd"),
+    "queue_put_get_100B": ("floor", "stock", "managerd"),
+    "queue_put_get_32KB": ("floor", "stock", "managerd"),
+    "roundtrip_32KB_ms": ("floor", "stock", "managerd"),
+    "queue_put_get_1MB": ("floor", "stock", "managerd"),
+    "put_only_100B": ("floor", "stock", "managerd"),
+    "dict_set": ("stock", "managerd"),
+    "dict_get": ("stock", "managerd"),
+    "lock_uncontended": ("stock", "managerd"),
+    "lock_contended_4procs": ("stock", "managerd"),
+    "queue_2p2c_100B": ("stock", "managerd"),
+    "queue_8p8c_100B": ("stock", "managerd"),
+    "queue_1p1c_100B": ("stock", "managerd"),
+    "batch_1000_1p1c_100B": ("stock", "managerd"),
+    "connect_first_call_ms": ("floor", "stock", "managerd"),
+    "blocked_get_50_wake_ms": ("stock", "managerd"),
+    "client_imports": ("managerd",),
+    "noop_ping_asyncio": ("managerd",),
+    "noop_ping_uvloop": ("managerd",),
+    "idle_50_server_rss_mb": ("stock", "managerd"),
+    "idle_50_other_call_p99_ms": ("stock", "managerd"),
+    "connections_200_accepted": ("managerd",),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_quick_suite_runs_every_workload(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    report = json.loads(out.read_text())
+    assert report["correctness_failures"] == []
+    workloads = report["workloads"]
+    assert set(EXPECTED) <= set(workloads), f"missing: {set(EXPECTED) - set(workloads)}"
+    for key, systems in EXPECTED.items():
+        for system in systems:
+            figure = workloads[key].get(system)
+            assert isinstance(figure, (int, float)) and figure > 0, (key, system, figure)
+    imports = workloads["client_imports"]["details"]
+    assert imports["third_party"] == {}, imports
+    assert workloads["connections_200_accepted"]["managerd"] == 200
+    for key in ("queue_2p2c_100B", "queue_8p8c_100B", "queue_1p1c_100B", "batch_1000_1p1c_100B"):
+        for system, details in workloads[key]["details"].items():
+            assert details["ok"], (key, system, details)
+            assert details["received"] == details["sent"] > 0, (key, system, details)
+    for system, details in workloads["blocked_get_50_wake_ms"]["details"].items():
+        assert details["fifo"] and details["exactly_one_per_put"], (system, details)
+        assert details["woken"] == 50, (system, details)
