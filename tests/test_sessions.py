@@ -171,9 +171,12 @@ def test_closed_session_releases_everything(shared_daemon: Daemon, uniq: str) ->
         assert other.Semaphore(uniq + "s").get_value() == 2
 
 
-def test_sigterm_answers_waiters_then_exits_zero(daemon: Daemon, uniq: str) -> None:
+def _blocked_get(
+    daemon: Daemon, name: str
+) -> tuple[Manager, threading.Thread, list[BaseException]]:
+    """A client whose thread is parked in get() on the daemon; its error lands in the list."""
     m = daemon.connect(connect_timeout_s=0.5)
-    q = m.Queue(uniq)
+    q = m.Queue(name)
     errors: list[BaseException] = []
 
     def get() -> None:
@@ -184,7 +187,12 @@ def test_sigterm_answers_waiters_then_exits_zero(daemon: Daemon, uniq: str) -> N
 
     t = threading.Thread(target=get)
     t.start()
-    assert wait_until(lambda: _waiters(m, uniq) == 1)
+    assert wait_until(lambda: _waiters(m, name) == 1)
+    return m, t, errors
+
+
+def test_sigterm_answers_waiters_then_exits_zero(daemon: Daemon, uniq: str) -> None:
+    m, t, errors = _blocked_get(daemon, uniq)
     daemon.signal(signal.SIGTERM)
     t.join(15)
     assert len(errors) == 1 and isinstance(errors[0], ServerShuttingDown), errors
@@ -213,19 +221,7 @@ def test_restart_clients_reconnect_and_go_on(daemon: Daemon, uniq: str) -> None:
 
 
 def test_call_in_flight_when_daemon_dies_raises_connection_lost(daemon: Daemon, uniq: str) -> None:
-    m = daemon.connect(connect_timeout_s=0.5)
-    q = m.Queue(uniq)
-    errors: list[BaseException] = []
-
-    def get() -> None:
-        try:
-            q.get()
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=get)
-    t.start()
-    assert wait_until(lambda: _waiters(m, uniq) == 1)
+    m, t, errors = _blocked_get(daemon, uniq)
     daemon.kill()
     t.join(15)
     assert len(errors) == 1 and isinstance(errors[0], ConnectionLost), errors
