@@ -226,3 +226,15 @@ def test_call_in_flight_when_daemon_dies_raises_connection_lost(daemon: Daemon, 
     t.join(15)
     assert len(errors) == 1 and isinstance(errors[0], ConnectionLost), errors
     m.close()
+
+
+def test_close_from_another_thread_wakes_a_blocked_call_and_ends_the_session(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    m, t, errors = _blocked_get(shared_daemon, uniq)
+    session = m.session_id
+    m.close()
+    t.join(5)
+    assert not t.is_alive() and isinstance(errors[0], ConnectionLost)
+    with shared_daemon.connect() as other:
+        assert wait_until(lambda: session not in {s["id"] for s in other.status()["sessions"]})

@@ -198,6 +198,11 @@ class FrameSocket:
         self._end += n
 
     def close(self) -> None:
+        """Shut down, then close: a thread blocked in recv() wakes (close alone would not)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
