@@ -46,6 +46,10 @@ EXPECTED: dict[str, list[str]] = {
         r"^at most [12] workers were inside the section at once \(limit 2\)$",
         r"^OK: 4 workers started together, shared 2 slots and reported back$",
     ],
+    "compose_worker.py": [
+        r"^2 consumers did \[6, 6\] jobs; 0 left on the queue$",
+        r"^OK: 12 jobs produced, reserved, done and acked$",
+    ],
 }
 
 

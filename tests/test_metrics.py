@@ -191,7 +191,7 @@ def test_real_prometheus_scrapes_the_right_depth(
     assert prometheus is not None
     d, port = metered
     with d.connect() as m:
-        q = m.Queue("m.prom")
+        q = m.Queue("0.prom")
         q.put_many(list(range(7)))
     config = (Path(__file__).resolve().parent.parent / "deploy" / "prometheus.yml").read_text()
     config = re.sub(r"managerd:\d+", f"127.0.0.1:{port}", config)
@@ -210,7 +210,7 @@ def test_real_prometheus_scrapes_the_right_depth(
         stderr=subprocess.DEVNULL,
     )
     try:
-        query = f"http://127.0.0.1:{web}/api/v1/query?query=managerd_queue_depth%7Bqueue%3D%22m.prom%22%7D"
+        query = f"http://127.0.0.1:{web}/api/v1/query?query=managerd_queue_depth%7Bqueue%3D%220.prom%22%7D"
 
         def depth() -> float | None:
             try:
