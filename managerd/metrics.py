@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -282,6 +282,7 @@ class MetricsServer:
     def __init__(self, core: ServerCore, host: str, port: int) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(core))
+        ProcessCollector(registry=registry)  # process_* : memory, CPU, open files
         metrics_app = make_wsgi_app(registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
