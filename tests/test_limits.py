@@ -602,6 +602,27 @@ def test_allowed_classes_lets_exactly_those_in(tmp_path: Path, daemons: list[Dae
         writer.Queue("allowed.q").put(decimal.Decimal("1.5"))  # type: ignore[attr-defined]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a refused decode (a forbidden global such as posix.system: someone with the key "
+    "trying to run code) is never logged, and from a stock client not counted either: "
+    "managerd/dispatch.py Dispatcher.handle only bumps limits_hit{limit='decode'}, and "
+    "managerd/protocol.py Connection._stock_request neither counts nor logs. Fix: both log one "
+    "line naming the peer and the refused global (the ForbiddenPayload message) and count "
+    "limit_hit('decode')",
+)
+def test_refused_decodes_are_logged_and_counted(tmp_path: Path, daemons: list[Daemon]) -> None:
+    d, port = metered(tmp_path, {})
+    daemons.append(d)
+    with pytest.raises(Exception, match=r"refused to decode fractions\.Fraction"):
+        stock(d).Queue("refused.q").put(fractions.Fraction(1, 3))  # type: ignore[attr-defined]
+    with d.connect() as m, pytest.raises(ForbiddenPayload, match=r"posix\.system"):
+        m._call(None, None, "ping", (os.system,))
+    assert limit_hits(port, "decode") == 2
+    assert wait_until(lambda: d.log.count("refused to decode") >= 2), d.log
+    assert d.log.count("refused to decode") == 2
+
+
 # -- non-loopback without TLS -----------------------------------------------------------------
 
 WARNING = re.compile(r"WARNING managerd: serving on \S+ without TLS")
