@@ -32,6 +32,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 from multiprocessing.managers import BaseManager
 from pathlib import Path
@@ -151,9 +152,10 @@ def daemons() -> Iterator[list[Daemon]]:
 
 
 def _dribble(sock: socket.socket, stop: threading.Event) -> None:
-    """A 48-byte answer to the challenge, one byte every 50 ms, until the daemon hangs up."""
+    """A 200-byte answer to the challenge (10 s at one byte every 50 ms), until the daemon
+    hangs up."""
     try:
-        sock.sendall(struct.pack("!i", 48))
+        sock.sendall(struct.pack("!i", 200))
         while not stop.wait(0.05):
             sock.sendall(b"\x00")
     except OSError:
@@ -262,7 +264,9 @@ def test_max_connections_refuses_the_excess_cleanly(tmp_path: Path, daemons: lis
         # A raw peer is closed before any challenge; a stock client gets an error.
         with closing(raw(d)) as extra:
             assert closed_by_daemon(extra)
-            with pytest.raises((EOFError, ConnectionError)):
+            # A stock client fails at once too: EOFError on a bare close; on a frame that is
+            # not a challenge, AssertionError (3.11's answer_challenge) or AuthenticationError.
+            with pytest.raises((EOFError, ConnectionError, AssertionError, AuthenticationError)):
                 Client(("127.0.0.1", d.port), authkey=d.authkey)
             assert wait_until(lambda: peer_lines(d, extra))
             lines = peer_lines(d, extra)
@@ -287,15 +291,6 @@ def test_max_connections_refuses_the_excess_cleanly(tmp_path: Path, daemons: lis
             m.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="managerd/server.py ServerCore.admit closes an excess connection before the "
-    "challenge without saying why, so the client can only report 'closed the connection "
-    "during authentication ... (if the daemon serves TLS, connect with tls=...)'. Fix: admit "
-    "sends one refusal frame first (e.g. b'#REFUSED#too many connections (5 open)', under the "
-    "256-byte handshake limit) and closes; managerd_client/wire.py client_handshake raises "
-    "ConnectFailed with that reason when the first frame starts with #REFUSED#",
-)
 def test_max_connections_refusal_says_why(tmp_path: Path, daemons: list[Daemon]) -> None:
     d = Daemon(tmp_path, env={"MANAGERD_MAX_CONNECTIONS": "1"}).start()
     daemons.append(d)
@@ -330,10 +325,10 @@ def test_oversized_frame_is_refused_by_disconnecting(tmp_path: Path, daemons: li
         assert len(lines) == 1 and "over the limit of 65536" in lines[0], lines
         assert limit_hits(port, "frame_size") == 1
 
-        # The managerd client's 100 KB put fails (today: the connection is dropped).
+        # The managerd client's 100 KB put fails: the daemon drops the connection, or the
+        # client (knowing the limit from the hello) does not send it.
         with pytest.raises(ManagerdError):
             q.put(b"x" * 100_000)
-        assert limit_hits(port, "frame_size") == 2
 
         # Nothing was stored; the daemon serves the other client and the sender again.
         assert other.dict("frame.d")["k"] == "v"
@@ -343,16 +338,6 @@ def test_oversized_frame_is_refused_by_disconnecting(tmp_path: Path, daemons: li
     assert "Traceback" not in d.log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an oversized managerd request costs the client its connection and with it its "
-    "session (locks released, LockLost) and gets ConnectionLost('connection closed by peer'). "
-    "Fix in managerd_client/channel.py Channel.call: compare len(body)+8 with "
-    "self.info['max_frame_bytes'] (the daemon already sends it in the hello reply) and raise a "
-    "clear error naming both sizes before sending; optionally managerd/protocol.py "
-    "Connection.data_received in MANAGERD state could skip the oversized frame's bytes "
-    "unbuffered and answer its request id with an error instead of closing",
-)
 def test_oversized_managerd_request_is_a_clear_error_and_keeps_the_session(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
@@ -387,21 +372,6 @@ def _memo_index_bomb() -> bytes:
     return b"\x80\x04N" + b"r" + struct.pack("<I", 1 << 24) + b"."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decoding a request may allocate far more than the request's size. (1) "
-    "managerd/safepickle.py allows builtins.bytearray/bytes/set/frozenset/range and "
-    "array.array as callables, so a tiny pickle builds an object thousands of times its size "
-    "while the event loop waits (bytearray(1<<28): +256 MiB; set(range(10**7)): ~3 s with "
-    "every client stalled). Fix: RestrictedUnpickler.find_class returns, for those globals, "
-    "wrappers that charge what they would build (an int argument, or len() of a sized "
-    "argument such as a range) to a per-decode budget (e.g. 4x the frame plus 1 MiB) and "
-    "raise ForbiddenPayload once it is spent. (2) a PUT/BINPUT/LONG_BINPUT opcode with a huge "
-    "memo index makes the C unpickler allocate and zero-fill 16 bytes per index (9 bytes "
-    "sent, up to 64 GiB: found by scripts/fuzz.py, the daemon hangs or is OOM-killed). Fix: "
-    "SafeDecoder.loads scans the opcodes first (pickletools.genops) and refuses a memo index "
-    "larger than the number of opcodes before it",
-)
 @pytest.mark.parametrize(
     "bomb",
     [_bytearray_bomb(), _set_of_range_bomb(), _memo_index_bomb()],
@@ -452,18 +422,6 @@ def _managerd_mode(d: Daemon) -> FrameSocket:
     return fs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an exception escapes managerd/dispatch.py Dispatcher.handle into asyncio, which logs "
-    "a 17-line traceback ('Fatal error: protocol.data_received() call failed') and drops the "
-    "connection unanswered, for (a) a managerd frame shorter than its 8-byte request id "
-    "(handle raises ForbiddenPayload itself) and (b) an envelope whose method (or typeid) is "
-    "unhashable: _method_label's `method in SERVER_OPS` / `method not in cls.methods` raise "
-    "TypeError outside the try (found by scripts/fuzz.py). Any authenticated client can fill "
-    "the log this way. Fix: in handle, check len(frame) >= 8 in managerd/protocol.py "
-    "Connection.frame_received and refuse with one line otherwise; check that typeid is None "
-    "or str and name and method are str inside the decode try, so they get an error reply",
-)
 def test_malformed_envelopes_get_an_answer_not_a_traceback(shared_daemon: Daemon) -> None:
     with closing(_managerd_mode(shared_daemon)) as fs:
         fs.send_frame(struct.pack("!Q", 7) + pickle.dumps(("Queue", "x", ["get"], (), 1)))
@@ -551,15 +509,6 @@ def test_md5_clients_per_setting(
     assert stored == (["3.11", "3.12", "3.13"] if allow_md5 is None else ["3.12", "3.13"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with MANAGERD_ALLOW_MD5_AUTH=false a Python 3.11 client is logged as "
-    "'authentication failed (wrong authkey)', which sends the operator after the key. Fix in "
-    "managerd/protocol.py Connection.frame_received (CHALLENGED branch): when the response is "
-    "a bare 16-byte HMAC-MD5 and allow_md5_auth is off, refuse with a reason that says so "
-    "(e.g. 'legacy HMAC-MD5 authentication refused (MANAGERD_ALLOW_MD5_AUTH=false): a Python "
-    "3.11 client?')",
-)
 def test_md5_refusal_is_logged_as_such(tmp_path: Path, daemons: list[Daemon]) -> None:
     python = stock_python("3.11")
     d = Daemon(tmp_path, env={"MANAGERD_ALLOW_MD5_AUTH": "false"}).start()
@@ -602,15 +551,6 @@ def test_allowed_classes_lets_exactly_those_in(tmp_path: Path, daemons: list[Dae
         writer.Queue("allowed.q").put(decimal.Decimal("1.5"))  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with a data directory, a value of an allowed class that the daemon keeps decoded "
-    "(a dict key) is journaled, but managerd/journal.py Journal.__init__ builds SafeDecoder() "
-    "without settings.allowed_classes, so the next start refuses the journal ('offset N: "
-    "undecodable record (refused to decode fractions.Fraction ...)') and --recover would cut "
-    "it there. Fix: pass allowed_classes from managerd/server.py _journal(settings) into "
-    "Journal and its SafeDecoder",
-)
 def test_allowed_classes_survive_a_restart(tmp_path: Path, daemons: list[Daemon]) -> None:
     d = Daemon(
         tmp_path,
@@ -625,15 +565,6 @@ def test_allowed_classes_survive_a_restart(tmp_path: Path, daemons: list[Daemon]
         assert m.dict("allowed.d")[fractions.Fraction(1, 2)] == "half"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refused decode (a forbidden global such as posix.system: someone with the key "
-    "trying to run code) is never logged, and from a stock client not counted either: "
-    "managerd/dispatch.py Dispatcher.handle only bumps limits_hit{limit='decode'}, and "
-    "managerd/protocol.py Connection._stock_request neither counts nor logs. Fix: both log one "
-    "line naming the peer and the refused global (the ForbiddenPayload message) and count "
-    "limit_hit('decode')",
-)
 def test_refused_decodes_are_logged_and_counted(tmp_path: Path, daemons: list[Daemon]) -> None:
     d, port = metered(tmp_path, {})
     daemons.append(d)
