@@ -183,17 +183,18 @@ class Dispatcher:
         self.stats = RequestStats()
 
     def handle(self, sink: ReplySink, session: Session, frame: bytes) -> None:
-        if len(frame) < RID.size:
-            raise ForbiddenPayload("a request frame is shorter than its request id")
+        """Answer one envelope (the connection checked it is at least a request id long)."""
         (rid,) = RID.unpack_from(frame)
         started = time.perf_counter()
         try:
             typeid, name, method, args, thread = self.decoder.loads(memoryview(frame)[RID.size :])
             if not isinstance(args, tuple):
                 raise TypeError("request arguments must be a tuple")
+            if not (typeid is None or isinstance(typeid, str)) or not isinstance(method, str):
+                raise TypeError("a request names its type and method with strings")
         except Exception as exc:
             if isinstance(exc, ForbiddenPayload):
-                self.stats.limit_hit("decode")
+                self.refused_decode(session.peer, exc)
             self._reply_error(sink, rid, "invalid", started, exc)
             return
         label = _method_label(typeid, method)
@@ -214,6 +215,11 @@ class Dispatcher:
         except Exception as exc:
             log.exception("internal error in %s.%s", typeid, method)
             failed(exc)
+
+    def refused_decode(self, peer: str, exc: ForbiddenPayload) -> None:
+        """Someone with the key sent what the daemon will not decode: one line, counted."""
+        self.stats.limit_hit("decode")
+        log.warning("refused a request from %s: %s", peer, exc)
 
     def _server_call(self, session: Session, method: str, args: tuple[Any, ...]) -> Any:
         if method == "ping":

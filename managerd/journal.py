@@ -40,7 +40,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -101,12 +101,14 @@ class Journal:
         mode: FsyncMode,
         interval_s: float,
         compact_bytes: int = DEFAULT_JOURNAL_COMPACT_BYTES,
+        allowed_classes: Iterable[str] = (),
     ) -> None:
         self.dir = directory
         self.mode = mode
         self.interval_s = interval_s
         self.compact_bytes = compact_bytes
-        self._decoder = SafeDecoder()
+        # The journal holds what requests held: the same classes decode.
+        self._decoder = SafeDecoder(allowed_classes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cv = threading.Condition()
         self._buf = bytearray()  # encoded records not yet written (guarded by _cv)

@@ -175,6 +175,9 @@ class Connection(asyncio.Protocol):
         state = self.state
         if state is ConnState.MANAGERD:
             assert self.session is not None
+            if len(frame) < 8:
+                self.refuse(f"a request of {len(frame)} bytes is shorter than its request id")
+                return
             self.session.touch()
             self.core.dispatcher.handle(self, self.session, frame)
         elif state is ConnState.STOCK:
@@ -191,7 +194,13 @@ class Connection(asyncio.Protocol):
             else:
                 self.send_frame(FAILURE)
                 self.core.stats.auth_failures += 1
-                self.refuse("authentication failed (wrong authkey)", quiet=False)
+                if len(frame) == 16 and not self.core.settings.allow_md5_auth:
+                    self.refuse(
+                        "authentication failed: legacy HMAC-MD5 refused "
+                        "(MANAGERD_ALLOW_MD5_AUTH=false; a Python 3.11 client?)"
+                    )
+                else:
+                    self.refuse("authentication failed (wrong authkey)", quiet=False)
         elif state is ConnState.AWAIT_PEER_CHALLENGE:
             if not frame.startswith(CHALLENGE):
                 self.refuse("expected the peer's challenge")
@@ -257,6 +266,8 @@ class Connection(asyncio.Protocol):
             if not isinstance(args, tuple) or not isinstance(kwds, dict):
                 raise TypeError("request args must be a tuple and kwds a dict")
         except (ForbiddenPayload, TypeError, ValueError) as exc:
+            if isinstance(exc, ForbiddenPayload):
+                self.core.dispatcher.refused_decode(self.peer, exc)
             self._stock_reply(("#ERROR", _plain_error(exc)))
             return
         if ident is None and method == HELLO:

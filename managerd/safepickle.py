@@ -14,8 +14,11 @@ values (``list.index``, ``list.sort``, ...), which use the same unpickler.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
+import pickletools
+import struct
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -29,7 +32,6 @@ SAFE_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
         ("builtins", "bytearray"),
         ("builtins", "complex"),
         ("builtins", "slice"),
-        ("builtins", "range"),
         ("builtins", "bytes"),
         ("_codecs", "encode"),  # how protocols 0-2 spell bytes
         ("array", "array"),
@@ -40,6 +42,46 @@ SAFE_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
 MAX_DEPTH: Final = 100
 
 
+def _from_data(cls: Any, position: int = 0) -> Any:
+    """``cls``, refusing to build from a size (``bytearray(1 << 28)``) or an iterator.
+
+    Called with the data itself, what these build is as large as what was
+    sent; called with an int, 30 bytes of pickle could zero-fill gigabytes.
+    """
+
+    def build(*args: Any) -> Any:
+        if len(args) > position and not isinstance(
+            args[position], (bytes, bytearray, str, list, tuple)
+        ):
+            raise ForbiddenPayload(
+                f"refused to decode {cls.__name__}() from a "
+                f"{type(args[position]).__name__}: only from the data itself"
+            )
+        return cls(*args)
+
+    return build
+
+
+_GUARDED: Final[dict[tuple[str, str], Any]] = {
+    ("builtins", "set"): _from_data(set),
+    ("builtins", "frozenset"): _from_data(frozenset),
+    ("builtins", "bytearray"): _from_data(bytearray),
+    ("builtins", "bytes"): _from_data(bytes),
+}
+
+# Opcodes that store into the memo at an index the pickle chooses. The C
+# unpickler grows its memo to twice that index and zero-fills it, so 9 bytes
+# could cost gigabytes. Python's picklers use MEMOIZE (protocol 4+) or
+# sequential indices, never one beyond the number of opcodes so far.
+_PUT, _LONG_BINPUT, _STOP = ord("p"), ord("r"), ord(".")
+_TAKE1, _TAKE4, _TAKE8 = (struct.Struct(f).unpack_from for f in ("<B", "<I", "<Q"))
+#: GLOBAL and INST take two newline-terminated arguments (module, name).
+_TWO_LINES: Final = frozenset({ord("c"), ord("i")})
+_OPCODE_ARGS: Final[dict[int, int]] = {
+    ord(op.code): (op.arg.n if op.arg is not None else 0) for op in pickletools.opcodes
+}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves allow-listed globals only."""
 
@@ -48,6 +90,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocols 0-2 spell Python 2 names (``__builtin__.set``).
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        guarded = _GUARDED.get((module, name))
+        if guarded is not None:
+            return guarded
         if (module, name) in self._allowed:
             return super().find_class(module, name)
         raise ForbiddenPayload(
@@ -70,8 +119,11 @@ class SafeDecoder:
         self.allowed = SAFE_GLOBALS | frozenset(extra)
 
     def loads(self, data: bytes | memoryview) -> Any:
+        raw = bytes(data) if isinstance(data, memoryview) else data
+        if _PUT in raw or _LONG_BINPUT in raw:  # rare in protocol 4/5: then walk the opcodes
+            check_memo_indices(raw)
         try:
-            value = RestrictedUnpickler(data, self.allowed).load()
+            value = RestrictedUnpickler(raw, self.allowed).load()
         except ForbiddenPayload:
             raise
         except RecursionError as exc:
@@ -80,6 +132,52 @@ class SafeDecoder:
             raise ForbiddenPayload(f"the request is not a valid pickle: {exc}") from exc
         check_depth(value)
         return value
+
+
+def check_memo_indices(data: bytes) -> None:
+    """Refuse a PUT/LONG_BINPUT whose index is beyond the opcodes read so far.
+
+    Walks the opcode stream (arguments skipped by their encoded sizes); the
+    unpickler then refuses anything malformed that this walk lets through.
+    """
+    pos, count, end = 0, 0, len(data)
+    take1, take4, take8 = _TAKE1, _TAKE4, _TAKE8
+    while pos < end:
+        code = data[pos]
+        count += 1
+        size = _OPCODE_ARGS.get(code)
+        if size is None:
+            return  # unknown opcode: the unpickler refuses it
+        pos += 1
+        if code == _LONG_BINPUT and pos + 4 <= end and take4(data, pos)[0] > count:
+            raise ForbiddenPayload("refused a pickle that stores far beyond its own size")
+        if size >= 0:
+            pos += size
+        elif size == pickletools.UP_TO_NEWLINE:
+            newline = data.find(b"\n", pos)
+            if newline >= 0 and code in _TWO_LINES:
+                newline = data.find(b"\n", newline + 1)
+            if newline < 0:
+                return
+            if code == _PUT:
+                text = data[pos:newline]
+                if text.isdigit() and int(text) > count:
+                    raise ForbiddenPayload("refused a pickle that stores far beyond its own size")
+            pos = newline + 1
+        elif size == pickletools.TAKEN_FROM_ARGUMENT1 and pos < end:
+            pos += 1 + take1(data, pos)[0]
+        elif size in (pickletools.TAKEN_FROM_ARGUMENT4, pickletools.TAKEN_FROM_ARGUMENT4U):
+            if pos + 4 > end:
+                return
+            pos += 4 + take4(data, pos)[0]
+        elif size == pickletools.TAKEN_FROM_ARGUMENT8U:
+            if pos + 8 > end:
+                return
+            pos += 8 + take8(data, pos)[0]
+        else:
+            return
+        if code == _STOP:
+            return
 
 
 _SCALARS: Final = frozenset({bytes, str, int, float, bool, type(None), slice})

@@ -36,6 +36,7 @@ from managerd.sessions import Session, SessionTable
 from managerd.settings import EventLoop, FsyncMode, Settings, resolve_authkey
 from managerd.stock import StockAdapter
 from managerd_client.errors import ServerShuttingDown
+from managerd_client.wire import REFUSED
 
 log = logging.getLogger("managerd")
 
@@ -116,7 +117,9 @@ class ServerCore:
         if not self.accepting or len(self.connections) >= self.settings.max_connections:
             self.stats.connections_refused += 1
             why = "shutting down" if not self.accepting else "too many connections"
-            conn.refuse(f"refused: {why} ({len(self.connections)} open)")
+            reason = f"{why} ({len(self.connections)} open)"
+            conn.send_frame(REFUSED + reason.encode())  # before any challenge: says why
+            conn.refuse(f"refused: {reason}")
             return False
         self.connections.add(conn)
         return True
@@ -310,6 +313,7 @@ def _journal(settings: Settings) -> Journal | None:
         settings.fsync,
         settings.fsync_interval_s,
         compact_bytes=settings.journal_compact_bytes,
+        allowed_classes=settings.allowed_classes,
     )
 
 

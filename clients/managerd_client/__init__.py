@@ -28,6 +28,7 @@ from managerd_client.errors import (
     ObjectTypeConflict,
     ProtocolError,
     RemoteError,
+    RequestTooLarge,
     ServerShuttingDown,
     SessionExpired,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "ObjectTypeConflict",
     "ProtocolError",
     "RemoteError",
+    "RequestTooLarge",
     "ServerShuttingDown",
     "SessionExpired",
     "connect",

@@ -31,9 +31,11 @@ from managerd_client.errors import (
     ConnectFailed,
     ConnectionLost,
     ProtocolError,
+    RequestTooLarge,
     error_from_kind,
 )
 from managerd_client.wire import (
+    DEFAULT_MAX_FRAME_BYTES,
     HELLO,
     PICKLE_PROTOCOL,
     PROTOCOL_VERSION,
@@ -166,6 +168,7 @@ class Channel:
         self.server_id: str = info["server_id"]
         self.resumed: bool = bool(info.get("resumed"))
         self.session_ttl_s = float(info["session_ttl_s"])
+        self.max_frame_bytes = int(info.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES))
         # Heartbeats bring a reply every ttl/3, so silence this long means a
         # dead network (or daemon), never a slow call.
         self.dead_after_s = self.session_ttl_s + dead_margin_s
@@ -184,6 +187,12 @@ class Channel:
     # -- calls ------------------------------------------------------------------
     def call(self, typeid: str | None, name: str | None, method: str, args: tuple[Any, ...]) -> Any:
         body = pickle.dumps((typeid, name, method, args, threading.get_ident()), PICKLE_PROTOCOL)
+        if len(body) + _RID.size > self.max_frame_bytes:
+            # The daemon would hang up on it (and end this session): don't send it.
+            raise RequestTooLarge(
+                f"a {method} request of {len(body) + _RID.size} bytes is over the daemon's "
+                f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
+            )
         slot = _Slot()
         with self._cond:
             if self.dead is not None:

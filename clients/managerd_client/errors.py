@@ -15,6 +15,7 @@
     │   ├── ObjectTypeConflict       the name is taken by another type
     │   └── ArgumentConflict         conflicting creation arguments
     ├── ForbiddenPayload             the daemon refused to decode a request
+    ├── RequestTooLarge              (also a ValueError) over the daemon's frame limit
     ├── ProtocolError                a frame that is not managerd's protocol
     └── RemoteError                  an unexpected failure inside the daemon
 
@@ -48,6 +49,7 @@ __all__ = [
     "ObjectTypeConflict",
     "ProtocolError",
     "RemoteError",
+    "RequestTooLarge",
     "ServerShuttingDown",
     "SessionExpired",
     "error_from_kind",
@@ -108,6 +110,10 @@ class ArgumentConflict(ObjectError):
 
 class ForbiddenPayload(ManagerdError):
     """The daemon refused to decode a request (a class it does not trust)."""
+
+
+class RequestTooLarge(ManagerdError, ValueError):
+    """A request is larger than the daemon accepts (``max_frame_bytes``); not sent."""
 
 
 class ProtocolError(ManagerdError):

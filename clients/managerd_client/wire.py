@@ -36,6 +36,7 @@ __all__ = [
     "FAILURE",
     "HELLO",
     "PROTOCOL_VERSION",
+    "REFUSED",
     "WELCOME",
     "FrameSocket",
     "create_response",
@@ -47,6 +48,9 @@ __all__ = [
 CHALLENGE: Final = b"#CHALLENGE#"
 WELCOME: Final = b"#WELCOME#"
 FAILURE: Final = b"#FAILURE#"
+#: Sent by the daemon instead of a challenge when it will not take the
+#: connection (too many connections, shutting down), followed by why.
+REFUSED: Final = b"#REFUSED#"
 CHALLENGE_RANDOM_BYTES: Final = 40
 HANDSHAKE_MAX_FRAME_BYTES: Final = 256
 DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
@@ -229,6 +233,9 @@ def client_handshake(fs: FrameSocket, authkey: bytes) -> None:
     Raises ``PermissionError`` when either side refuses the other.
     """
     challenge = fs.recv_frame()
+    if challenge.startswith(REFUSED):
+        reason = challenge[len(REFUSED) :].decode("utf-8", "replace")
+        raise ConnectionRefusedError(f"the daemon refused the connection: {reason}")
     if len(challenge) > HANDSHAKE_MAX_FRAME_BYTES or not challenge.startswith(CHALLENGE):
         raise PermissionError("the peer did not send an authentication challenge")
     try:
