@@ -34,6 +34,7 @@ See BENCHMARKS.md for what each figure means and the issue's targets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -84,6 +85,7 @@ BOUNDED_QUEUE = 10_000  # maxsize of the producer/consumer queues (both systems)
 BATCH = 1_000  # items per put_many / get_many
 GET_TIMEOUT_S = 60.0  # a consumer that waits this long reports a failure
 GO_TIMEOUT_S = 300.0  # workers wait at most this long for the start signal
+CHECK_EVERY = 50  # blocked consumers: puts between two checks of the parked count
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -182,6 +184,10 @@ StockManager.register("Value", callable=stock_value, proxytype=ValueProxy)
 # -- the floor server -----------------------------------------------------------------------------
 
 FLOOR_HEAD = struct.Struct("!cI")  # op (E echo, P put, G get), payload length
+#: Reads go into one preallocated buffer: ``recv(n)`` allocates n bytes per
+#: call (an mmap/munmap pair above 128 KiB), which would cost more than the
+#: round trip.
+RECV_CHUNK = 256 * 1024
 
 
 def _floor_server(port_out: Any) -> None:
@@ -196,22 +202,23 @@ def _floor_server(port_out: Any) -> None:
 
 
 def _floor_conn(conn: socket.socket, store: deque[bytes]) -> None:
-    buf = bytearray()
     head = FLOOR_HEAD.size
+    chunk = memoryview(bytearray(RECV_CHUNK))
+    buf = bytearray()
     with conn:
         while True:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
+            n = conn.recv_into(chunk)
+            if not n:
                 return
-            buf += chunk
+            buf += chunk[:n]
             while len(buf) >= head:
-                op, n = FLOOR_HEAD.unpack_from(buf)
-                if len(buf) < head + n:
+                op, size = FLOOR_HEAD.unpack_from(buf)
+                if len(buf) < head + size:
                     break
-                payload = bytes(buf[head : head + n])
-                del buf[: head + n]
+                payload = bytes(buf[head : head + size])
+                del buf[: head + size]
                 if op == b"E":
-                    conn.sendall(FLOOR_HEAD.pack(b"E", n) + payload)
+                    conn.sendall(FLOOR_HEAD.pack(b"E", size) + payload)
                 elif op == b"P":
                     store.append(payload)
                     conn.sendall(FLOOR_HEAD.pack(b"P", 0))
@@ -227,21 +234,22 @@ class FloorClient:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
+        self.chunk = memoryview(bytearray(RECV_CHUNK))
 
     def call(self, op: bytes, payload: bytes = b"") -> bytes:
         self.sock.sendall(FLOOR_HEAD.pack(op, len(payload)) + payload)
         buf, head = self.buf, FLOOR_HEAD.size
         while True:
             if len(buf) >= head:
-                _, n = FLOOR_HEAD.unpack_from(buf)
-                if len(buf) >= head + n:
-                    out = bytes(buf[head : head + n])
-                    del buf[: head + n]
+                _, size = FLOOR_HEAD.unpack_from(buf)
+                if len(buf) >= head + size:
+                    out = bytes(buf[head : head + size])
+                    del buf[: head + size]
                     return out
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
+            n = self.sock.recv_into(self.chunk)
+            if not n:
                 raise EOFError("the floor server closed the connection")
-            buf += chunk
+            buf += self.chunk[:n]
 
     def close(self) -> None:
         self.sock.close()
@@ -292,11 +300,11 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads), in seconds."""
+def proc_cpu_s(pid: int) -> tuple[float, float]:
+    """(utime, stime) of process ``pid`` (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def vmrss_mb(pid: int) -> float:
@@ -357,7 +365,7 @@ def measure(
     per_op: list[list[float]] = [[] for _ in ops]
     iters: list[float] = []
     pc = time.perf_counter
-    server0, client0 = proc_cpu_s(server_pid), time.process_time()
+    server0, client0 = proc_cpu_s(server_pid), os.times()
     start = pc()
     end = start + seconds
     n = 0
@@ -374,7 +382,9 @@ def measure(
         if t >= end:
             break
     elapsed = t - start
-    server_cpu, client_cpu = proc_cpu_s(server_pid) - server0, time.process_time() - client0
+    server1, client1 = proc_cpu_s(server_pid), os.times()
+    server_user, server_sys = server1[0] - server0[0], server1[1] - server0[1]
+    client_user, client_sys = client1.user - client0.user, client1.system - client0.system
     us = 1e6
     return {
         "iterations": n,
@@ -384,8 +394,12 @@ def measure(
         "p99_us": pct(iters, 0.99) * us,
         "per_op_p50_us": [pct(b, 0.5) * us for b in per_op],
         "per_op_p99_us": [pct(b, 0.99) * us for b in per_op],
-        "server_cpu_us_per_iter": server_cpu / n * us if n else 0.0,
-        "client_cpu_us_per_iter": client_cpu / n * us if n else 0.0,
+        "server_cpu_us_per_iter": (server_user + server_sys) / n * us if n else 0.0,
+        "server_user_us_per_iter": server_user / n * us if n else 0.0,
+        "server_sys_us_per_iter": server_sys / n * us if n else 0.0,
+        "client_cpu_us_per_iter": (client_user + client_sys) / n * us if n else 0.0,
+        "client_user_us_per_iter": client_user / n * us if n else 0.0,
+        "client_sys_us_per_iter": client_sys / n * us if n else 0.0,
     }
 
 
@@ -902,21 +916,27 @@ def w_idle_stock(ready: Callable[[], float], t: Target, count: int, release: Any
     opened: list[int] = []
     failures: list[str] = []
 
-    def one() -> None:
+    def one(done: threading.Event) -> None:
         try:
             v.get()
             opened.append(1)
         except Exception as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
+        done.set()
         hold.wait(GO_TIMEOUT_S)
 
     started = time.monotonic()
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
-    for th in threads:
+    threads = []
+    # One at a time, as the managerd clients connect: the stock listener's
+    # backlog is 16, and a burst of connects beyond it waits for SYN retries.
+    for _ in range(count):
+        done = threading.Event()
+        th = threading.Thread(target=one, args=(done,), daemon=True)
         th.start()
-    deadline = time.monotonic() + 300
-    while len(opened) + len(failures) < count and time.monotonic() < deadline:
-        time.sleep(0.01)
+        threads.append(th)
+        if not done.wait(60):
+            failures.append("no connection within 60s")
+            break
     connect_s = time.monotonic() - started
     ready()
     release.wait(GO_TIMEOUT_S)
@@ -931,6 +951,7 @@ def w_idle_stock(ready: Callable[[], float], t: Target, count: int, release: Any
 def run_idle(t: Target, clients: int, procs: int, plan: Plan) -> dict[str, Any]:
     """A probe client connects, then ``clients`` idle ones; the probe's calls are timed."""
     worker = w_idle_managerd if t.system == "managerd" else w_idle_stock
+    print(f"    {clients} idle clients on {t.system} (server pid {t.pid})", flush=True)
     gang = Gang()
     release = CTX.Event()
     rss_empty = vmrss_mb(t.pid)
@@ -978,23 +999,16 @@ def w_blocked_consumers(
     events = {i: threading.Event() for i in indices}
     clients: list[Client] = []
     queues = {}
-    if t.system == "managerd":
-        for i in indices:
-            c = Client(t)
-            clients.append(c)
-            queues[i] = c.queue(name)
-    else:
-        c = Client(t)
-        clients.append(c)
-        shared = c.queue(name)
-        for i in indices:
-            queues[i] = shared
+    opened = threading.Event()
 
     def consume(i: int) -> None:
         q = queues[i]
-        if t.system == "stock":
-            q.qsize()  # opens this thread's connection before its get() is timed
-        ready_q.put(i)
+        try:
+            q.qsize()  # (stock: opens this thread's connection) before get() is timed
+        except BaseException:
+            ready_q.put(("error", traceback.format_exc()))
+            return
+        opened.set()
         if not events[i].wait(GO_TIMEOUT_S):
             return
         try:
@@ -1003,9 +1017,30 @@ def w_blocked_consumers(
         except BaseException as exc:
             out.put((i, f"error: {type(exc).__name__}: {exc}", time.monotonic()))
 
-    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in indices]
-    for th in threads:
-        th.start()
+    threads = []
+    try:
+        if t.system == "stock":
+            c = Client(t)
+            clients.append(c)
+            shared = c.queue(name)
+        for i in indices:
+            if t.system == "managerd":
+                c = Client(t)
+                clients.append(c)
+                queues[i] = c.queue(name)
+            else:
+                queues[i] = shared
+            # One connection at a time (the stock listener's backlog is 16).
+            opened.clear()
+            th = threading.Thread(target=consume, args=(i,), daemon=True)
+            th.start()
+            threads.append(th)
+            if not opened.wait(60):
+                raise TimeoutError(f"consumer {i} did not connect within 60s")
+    except BaseException:
+        ready_q.put(("error", traceback.format_exc()))
+        return
+    ready_q.put(("ready", len(indices)))
     for _ in range(len(indices) + 1):
         if not commands.poll(GO_TIMEOUT_S):
             break
@@ -1050,8 +1085,10 @@ def run_blocked(t: Target, consumers: int, procs: int, plan: Plan) -> dict[str, 
     wakes: list[float] = []
     errors: list[str] = []
     try:
-        for _ in range(consumers):
-            ready_q.get(timeout=GO_TIMEOUT_S)
+        for _ in range(procs):
+            what, info = ready_q.get(timeout=GO_TIMEOUT_S)
+            if what != "ready":
+                raise RuntimeError(f"a consumer process failed:\n{info}")
         # Arrival order: consumer i calls get() only once i-1 is seen parked.
         started = time.monotonic()
         for i in range(consumers):
@@ -1066,17 +1103,25 @@ def run_blocked(t: Target, consumers: int, procs: int, plan: Plan) -> dict[str, 
                 errors.append(f"consumer {i} not seen waiting (waiters={waiters()})")
                 break
         arrive_s = time.monotonic() - started
-        check_every = 1 if consumers <= 1000 else 10
+        # The parked count is checked every CHECK_EVERY puts (a managerd status()
+        # with 1,000 sessions costs ~10 ms of daemon time); the wake right
+        # after a check is left out of the latencies.
+        after_check = False
+        woken = 0
         for k in range(consumers if arrival_ok else 0):
             t_put = time.monotonic()
             q.put(k)
             index, item, t_recv = out.get(timeout=30)
-            wakes.append(t_recv - t_put)
+            woken += 1
+            if not after_check:
+                wakes.append(t_recv - t_put)
+            after_check = False
             if index != k or item != k:
                 fifo_ok = False
                 errors.append(f"put {k} woke consumer {index} with {item!r}")
-            if k % check_every == 0 or k == consumers - 1:
+            if k % CHECK_EVERY == CHECK_EVERY - 1 or k == consumers - 1:
                 left = waiters()
+                after_check = True
                 if left != consumers - k - 1:
                     one_each = False
                     errors.append(f"after put {k}: {left} waiting, not {consumers - k - 1}")
@@ -1105,10 +1150,11 @@ def run_blocked(t: Target, consumers: int, procs: int, plan: Plan) -> dict[str, 
         "wake_p50_ms": pct(wakes, 0.5) * 1000,
         "wake_p99_ms": pct(wakes, 0.99) * 1000,
         "wake_max_ms": max(wakes, default=0.0) * 1000,
-        "woken": len(wakes),
+        "woken": woken,
+        "wakes_timed": len(wakes),
         "fifo": fifo_ok and arrival_ok,
         "exactly_one_per_put": one_each,
-        "ok": arrival_ok and fifo_ok and one_each and len(wakes) == consumers,
+        "ok": arrival_ok and fifo_ok and one_each and woken == consumers,
         "errors": errors[:5],
     }
 
@@ -1401,13 +1447,15 @@ class Suite:
                     details={k: v["probe"] for k, v in details.items()})  # fmt: skip
 
     def many(self, tmp: Path) -> None:
+        """As many connections as the target: the probe and N - 1 idle sessions."""
         plan = self.plan
         with managerd_server(tmp / "many") as md:
             limit = open_files_limit(md.pid)
-            m = run_idle(md, plan.many_connections, plan.many_procs, plan)
-        m["daemon_open_files_limit"] = limit
+            m = run_idle(md, plan.many_connections - 1, plan.many_procs, plan)
+        m["daemon_open_files_limit_at_start"] = limit
+        m["accepted_with_probe"] = m["connected"] + 1
         self.record(f"connections_{plan.many_connections}_accepted", unit="sessions",
-                    better="higher", managerd=m["connected"], details=m)  # fmt: skip
+                    better="higher", managerd=m["connected"] + 1, details=m)  # fmt: skip
 
 
 def _rounded(value: Any) -> Any:
@@ -1482,15 +1530,17 @@ def print_table(results: dict[str, dict[str, Any]], goals: list[dict[str, Any]])
         print(f"{key:<32}{r['unit']:<26}{fmt(r.get('floor')):>11}{fmt(r.get('stock')):>11}"
               f"{fmt(r.get('managerd')):>11}{fmt(r.get('managerd/stock')):>10}"
               f"{fmt(r.get('managerd/floor')):>10}  {r['better']}")  # fmt: skip
-    print(f"\n{'latency and CPU per iteration (µs)':<40}{'p50':>9}{'p99':>9}{'server CPU':>12}"
-          f"{'client CPU':>12}")  # fmt: skip
+    print(f"\n{'latency and CPU per iteration (µs)':<44}{'p50':>9}{'p99':>9}"
+          f"{'server CPU (user+sys)':>24}{'client CPU (user+sys)':>24}")  # fmt: skip
     for key, r in results.items():
         for system, d in r.get("details", {}).items():
             if isinstance(d, dict) and "server_cpu_us_per_iter" in d:
-                print(
-                    f"{key + ' ' + system:<40}{d['p50_us']:>9.1f}{d['p99_us']:>9.1f}"
-                    f"{d['server_cpu_us_per_iter']:>12.1f}{d['client_cpu_us_per_iter']:>12.1f}"
-                )
+                server = (f"{d['server_cpu_us_per_iter']:.1f} ({d['server_user_us_per_iter']:.1f}"
+                          f"+{d['server_sys_us_per_iter']:.1f})")  # fmt: skip
+                client = (f"{d['client_cpu_us_per_iter']:.1f} ({d['client_user_us_per_iter']:.1f}"
+                          f"+{d['client_sys_us_per_iter']:.1f})")  # fmt: skip
+                print(f"{key + ' ' + system:<44}{d['p50_us']:>9.1f}{d['p99_us']:>9.1f}"
+                      f"{server:>24}{client:>24}")  # fmt: skip
     print(f"\n{'target':<52}{'measured':>14}  met")
     for g in goals:
         print(f"{g['target']:<52}{fmt(g['measured']):>14}  {fmt(g['met'])}")
@@ -1506,8 +1556,11 @@ def main() -> int:
         help="comma-separated groups: floor,noop,putget,putonly,dict,lock,mpmc,batch,"
         "connect,blocked,imports,loops,idle,many",
     )
+    parser.add_argument("--connections", type=int, help="the many-connections workload's count")
     args = parser.parse_args()
     plan = plan_for(args.quick, args.seconds)
+    if args.connections:
+        plan = dataclasses.replace(plan, many_connections=args.connections)
     only = set(args.only.split(",")) if args.only else None
     info = machine()
     load_start = os.getloadavg()
