@@ -194,37 +194,71 @@ def _floor_server(port_out: Any) -> None:
     """A raw TCP server: a thread per connection, one recv for a small frame."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     port_out.send(listener.getsockname()[1])
-    store: deque[bytes] = deque()
+    store: deque[bytes | bytearray] = deque()
     while True:  # until the suite terminates this process
         conn, _ = listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         threading.Thread(target=_floor_conn, args=(conn, store), daemon=True).start()
 
 
-def _floor_conn(conn: socket.socket, store: deque[bytes]) -> None:
-    head = FLOOR_HEAD.size
-    chunk = memoryview(bytearray(RECV_CHUNK))
-    buf = bytearray()
-    with conn:
-        while True:
-            n = conn.recv_into(chunk)
+class FrameReader:
+    """Reads floor frames: small ones through one reused buffer, large ones straight in place."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.chunk = memoryview(bytearray(RECV_CHUNK))
+
+    def _fill(self) -> bool:
+        n = self.sock.recv_into(self.chunk)
+        self.buf += self.chunk[:n]
+        return n > 0
+
+    def read(self) -> tuple[bytes, bytes | bytearray] | None:
+        buf, head = self.buf, FLOOR_HEAD.size
+        while len(buf) < head:
+            if not self._fill():
+                return None
+        op, size = FLOOR_HEAD.unpack_from(buf)
+        if len(buf) >= head + size:
+            payload = bytes(buf[head : head + size])
+            del buf[: head + size]
+            return op, payload
+        # A large frame: everything buffered is its beginning (each side
+        # waits for the reply before sending again); read the rest in place.
+        whole = bytearray(size)
+        view = memoryview(whole)
+        have = len(buf) - head
+        view[:have] = buf[head:]
+        buf.clear()
+        while have < size:
+            n = self.sock.recv_into(view[have:])
             if not n:
-                return
-            buf += chunk[:n]
-            while len(buf) >= head:
-                op, size = FLOOR_HEAD.unpack_from(buf)
-                if len(buf) < head + size:
-                    break
-                payload = bytes(buf[head : head + size])
-                del buf[: head + size]
-                if op == b"E":
-                    conn.sendall(FLOOR_HEAD.pack(b"E", size) + payload)
-                elif op == b"P":
-                    store.append(payload)
-                    conn.sendall(FLOOR_HEAD.pack(b"P", 0))
-                else:
-                    item = store.popleft()
-                    conn.sendall(FLOOR_HEAD.pack(b"G", len(item)) + item)
+                return None
+            have += n
+        return op, whole
+
+
+def send_floor(sock: socket.socket, op: bytes, payload: bytes | bytearray) -> None:
+    if len(payload) < 65536:
+        sock.sendall(FLOOR_HEAD.pack(op, len(payload)) + payload)
+    else:  # no copy of a large payload
+        sock.sendall(FLOOR_HEAD.pack(op, len(payload)))
+        sock.sendall(payload)
+
+
+def _floor_conn(conn: socket.socket, store: deque[bytes | bytearray]) -> None:
+    reader = FrameReader(conn)
+    with conn:
+        while (frame := reader.read()) is not None:
+            op, payload = frame
+            if op == b"E":
+                send_floor(conn, b"E", payload)
+            elif op == b"P":
+                store.append(payload)
+                send_floor(conn, b"P", b"")
+            else:
+                send_floor(conn, b"G", store.popleft())
 
 
 class FloorClient:
@@ -233,23 +267,14 @@ class FloorClient:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-        self.chunk = memoryview(bytearray(RECV_CHUNK))
+        self.reader = FrameReader(self.sock)
 
-    def call(self, op: bytes, payload: bytes = b"") -> bytes:
-        self.sock.sendall(FLOOR_HEAD.pack(op, len(payload)) + payload)
-        buf, head = self.buf, FLOOR_HEAD.size
-        while True:
-            if len(buf) >= head:
-                _, size = FLOOR_HEAD.unpack_from(buf)
-                if len(buf) >= head + size:
-                    out = bytes(buf[head : head + size])
-                    del buf[: head + size]
-                    return out
-            n = self.sock.recv_into(self.chunk)
-            if not n:
-                raise EOFError("the floor server closed the connection")
-            buf += self.chunk[:n]
+    def call(self, op: bytes, payload: bytes = b"") -> bytes | bytearray:
+        send_floor(self.sock, op, payload)
+        frame = self.reader.read()
+        if frame is None:
+            raise EOFError("the floor server closed the connection")
+        return frame[1]
 
     def close(self) -> None:
         self.sock.close()
@@ -300,11 +325,11 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-def proc_cpu_s(pid: int) -> tuple[float, float]:
-    """(utime, stime) of process ``pid`` (all its threads), in seconds."""
+def proc_cpu_s(pid: int) -> tuple[float, float, int]:
+    """(utime, stime, minor page faults) of process ``pid`` (all its threads); seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7])
 
 
 def vmrss_mb(pid: int) -> float:
@@ -366,6 +391,7 @@ def measure(
     iters: list[float] = []
     pc = time.perf_counter
     server0, client0 = proc_cpu_s(server_pid), os.times()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = pc()
     end = start + seconds
     n = 0
@@ -385,6 +411,8 @@ def measure(
     server1, client1 = proc_cpu_s(server_pid), os.times()
     server_user, server_sys = server1[0] - server0[0], server1[1] - server0[1]
     client_user, client_sys = client1.user - client0.user, client1.system - client0.system
+    server_faults = server1[2] - server0[2]
+    client_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     us = 1e6
     return {
         "iterations": n,
@@ -400,6 +428,8 @@ def measure(
         "client_cpu_us_per_iter": (client_user + client_sys) / n * us if n else 0.0,
         "client_user_us_per_iter": client_user / n * us if n else 0.0,
         "client_sys_us_per_iter": client_sys / n * us if n else 0.0,
+        "server_page_faults_per_iter": server_faults / n if n else 0.0,
+        "client_page_faults_per_iter": client_faults / n if n else 0.0,
     }
 
 
@@ -1530,17 +1560,16 @@ def print_table(results: dict[str, dict[str, Any]], goals: list[dict[str, Any]])
         print(f"{key:<32}{r['unit']:<26}{fmt(r.get('floor')):>11}{fmt(r.get('stock')):>11}"
               f"{fmt(r.get('managerd')):>11}{fmt(r.get('managerd/stock')):>10}"
               f"{fmt(r.get('managerd/floor')):>10}  {r['better']}")  # fmt: skip
-    print(f"\n{'latency and CPU per iteration (µs)':<44}{'p50':>9}{'p99':>9}"
-          f"{'server CPU (user+sys)':>24}{'client CPU (user+sys)':>24}")  # fmt: skip
+    print(f"\n{'per iteration: latency, CPU (µs), faults':<44}{'p50':>9}{'p99':>9}"
+          f"{'server user+sys':>22}{'faults':>8}{'client user+sys':>22}{'faults':>8}")  # fmt: skip
     for key, r in results.items():
         for system, d in r.get("details", {}).items():
             if isinstance(d, dict) and "server_cpu_us_per_iter" in d:
-                server = (f"{d['server_cpu_us_per_iter']:.1f} ({d['server_user_us_per_iter']:.1f}"
-                          f"+{d['server_sys_us_per_iter']:.1f})")  # fmt: skip
-                client = (f"{d['client_cpu_us_per_iter']:.1f} ({d['client_user_us_per_iter']:.1f}"
-                          f"+{d['client_sys_us_per_iter']:.1f})")  # fmt: skip
+                server = f"{d['server_user_us_per_iter']:.1f}+{d['server_sys_us_per_iter']:.1f}"
+                client = f"{d['client_user_us_per_iter']:.1f}+{d['client_sys_us_per_iter']:.1f}"
                 print(f"{key + ' ' + system:<44}{d['p50_us']:>9.1f}{d['p99_us']:>9.1f}"
-                      f"{server:>24}{client:>24}")  # fmt: skip
+                      f"{server:>22}{d['server_page_faults_per_iter']:>8.1f}"
+                      f"{client:>22}{d['client_page_faults_per_iter']:>8.1f}")  # fmt: skip
     print(f"\n{'target':<52}{'measured':>14}  met")
     for g in goals:
         print(f"{g['target']:<52}{fmt(g['measured']):>14}  {fmt(g['met'])}")
