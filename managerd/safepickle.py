@@ -33,6 +33,7 @@ SAFE_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
         ("builtins", "complex"),
         ("builtins", "slice"),
         ("builtins", "bytes"),
+        ("builtins", "range"),
         ("_codecs", "encode"),  # how protocols 0-2 spell bytes
         ("array", "array"),
         ("array", "_array_reconstructor"),
@@ -62,7 +63,21 @@ def _from_data(cls: Any, position: int = 0) -> Any:
     return build
 
 
+#: A range is a few bytes whatever its length, but ``array.array`` expands it.
+MAX_RANGE_LENGTH: Final = 1 << 16
+
+
+def _bounded_range(*args: Any) -> range:
+    r = range(*args)
+    if len(r) > MAX_RANGE_LENGTH:
+        raise ForbiddenPayload(
+            f"refused to decode a range of {len(r)} (at most {MAX_RANGE_LENGTH})"
+        )
+    return r
+
+
 _GUARDED: Final[dict[tuple[str, str], Any]] = {
+    ("builtins", "range"): _bounded_range,
     ("builtins", "set"): _from_data(set),
     ("builtins", "frozenset"): _from_data(frozenset),
     ("builtins", "bytearray"): _from_data(bytearray),
