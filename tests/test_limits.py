@@ -11,6 +11,7 @@ scrape. What tests/test_hostile.py (fuzzed input) and tests/test_tls.py
 
 from __future__ import annotations
 
+import array
 import decimal
 import fractions
 import glob
@@ -36,7 +37,13 @@ from pathlib import Path
 
 import pytest
 
-from managerd_client import ForbiddenPayload, Manager, ManagerdConnectionError, ManagerdError
+from managerd_client import (
+    ForbiddenPayload,
+    Manager,
+    ManagerdConnectionError,
+    ManagerdError,
+    RequestTooLarge,
+)
 from managerd_client.wire import HELLO, PROTOCOL_VERSION, WELCOME, FrameSocket, create_response
 
 from conftest import Daemon, wait_until
@@ -322,10 +329,11 @@ def test_oversized_frame_is_refused_by_disconnecting(tmp_path: Path, daemons: li
         assert len(lines) == 1 and "over the limit of 65536" in lines[0], lines
         assert limit_hits(port, "frame_size") == 1
 
-        # The managerd client's 100 KB put fails: the daemon drops the connection, or the
-        # client (knowing the limit from the hello) does not send it.
-        with pytest.raises(ManagerdError):
+        # The managerd client knows the limit from the hello: its 100 KB put is refused
+        # before it is sent, so the daemon sees nothing of it.
+        with pytest.raises(RequestTooLarge):
             q.put(b"x" * 100_000)
+        assert limit_hits(port, "frame_size") == 1
 
         # Nothing was stored; the daemon serves the other client and the sender again.
         assert other.dict("frame.d")["k"] == "v"
@@ -340,12 +348,16 @@ def test_oversized_managerd_request_is_a_clear_error_and_keeps_the_session(
 ) -> None:
     d = Daemon(tmp_path, env={"MANAGERD_MAX_FRAME_BYTES": "65536"}).start()
     daemons.append(d)
-    with d.connect() as m:
+    with d.connect() as m, d.connect() as other:
         session = m.session_id
+        assert m.Lock("frame.lock").acquire(timeout=5)
         with pytest.raises(ManagerdError, match=r"65536"):
             m.Queue("frame.q").put(b"x" * 100_000)
         m.ping()
         assert m.session_id == session
+        # The session kept what it held.
+        assert not other.Lock("frame.lock").acquire(blocking=False)
+        m.Lock("frame.lock").release()
 
 
 # -- decoding: bounded allocation -----------------------------------------------------------
@@ -363,6 +375,15 @@ def _set_of_range_bomb() -> bytes:
     )
 
 
+def _array_of_range_bomb() -> bytes:
+    """47 bytes that, unpickled, fill a 256 MiB array (array.array("q", range(1<<25)))."""
+    return (
+        b"\x80\x04carray\narray\nX\x01\x00\x00\x00qcbuiltins\nrange\nJ"
+        + struct.pack("<i", 1 << 25)
+        + b"\x85R\x86R."
+    )
+
+
 def _memo_index_bomb() -> bytes:
     """9 bytes: LONG_BINPUT at memo index 1<<24; CPython's C unpickler grows its memo array
     to twice the index and zero-fills it (256 MiB here, 64 GiB for index 2**32-1)."""
@@ -371,12 +392,15 @@ def _memo_index_bomb() -> bytes:
 
 @pytest.mark.parametrize(
     "bomb",
-    [_bytearray_bomb(), _set_of_range_bomb(), _memo_index_bomb()],
-    ids=["bytearray-256MiB", "set-of-range", "memo-index"],
+    [_bytearray_bomb(), _set_of_range_bomb(), _array_of_range_bomb(), _memo_index_bomb()],
+    ids=["bytearray-256MiB", "set-of-range", "array-of-range", "memo-index"],
 )
 def test_a_tiny_request_cannot_allocate_a_lot_while_decoding(
     tmp_path: Path, daemons: list[Daemon], bomb: bytes
 ) -> None:
+    """Each bomb is refused with an error before anything big is built (measured by the
+    daemon's peak RSS, VmHWM): builtins callables get no size or range to expand, and no
+    memo index beyond the pickle's own opcodes reaches the C unpickler."""
     d = Daemon(tmp_path).start()
     daemons.append(d)
     with d.connect() as m:
@@ -392,12 +416,14 @@ def test_a_tiny_request_cannot_allocate_a_lot_while_decoding(
 
 
 def test_genuine_bombs() -> None:
-    """The payloads above really build what they say (so the xfail means it)."""
+    """The payloads above really build what they say (so the test above means it)."""
     assert len(_bytearray_bomb()) < 64 and len(_set_of_range_bomb()) < 64
     small = _bytearray_bomb().replace(struct.pack("<i", 1 << 28), struct.pack("<i", 5))
     assert pickle.loads(small) == bytearray(5)
     small = _set_of_range_bomb().replace(struct.pack("<i", 1 << 21), struct.pack("<i", 5))
     assert pickle.loads(small) == {0, 1, 2, 3, 4}
+    small = _array_of_range_bomb().replace(struct.pack("<i", 1 << 25), struct.pack("<i", 5))
+    assert pickle.loads(small) == array.array("q", range(5)) and len(small) < 64
     assert len(_memo_index_bomb()) == 9 and pickle.loads(_memo_index_bomb()) is None
     ops = [(op.name, arg) for op, arg, _ in pickletools.genops(_memo_index_bomb())]
     assert ("LONG_BINPUT", 1 << 24) in ops
