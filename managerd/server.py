@@ -29,7 +29,7 @@ from typing import Any
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
-from managerd.protocol import Connection, ConnState
+from managerd.protocol import Connection
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
@@ -423,4 +423,3 @@ def run_server(settings: Settings) -> None:
 
 
 __all__ = ["EventLoopServer", "Managerd", "ServerShuttingDown", "StartupError", "run_server"]
-_ = ConnState
