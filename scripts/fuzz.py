@@ -23,18 +23,24 @@ Two phases, both against ``managerd serve`` processes over real sockets:
 
 A **crash** is the daemon exiting or not answering the well-behaved client
 (within ``--hang-s``); its signature is the input family, how it died and
-the last traceback line in the log. Each crash's input is saved under
-``--crash-dir`` and the daemon restarted. Tracebacks the daemon logs while
-it keeps serving (an exception escaping a handler) are not crashes; they
-are counted and listed as *internal errors* by signature, to be fixed too.
-The daemon journals to a data directory (``--fsync interval``); at the end
-it is restarted on it, and recovery must bring the canary back.
+the first line the daemon logged after the input. Each crash's input is
+saved under ``--crash-dir`` and the daemon restarted. Reported too, not
+counted as crashes: *internal errors* (tracebacks the daemon logged while it
+kept serving, by signature), *memory spikes* (an input that raised the
+daemon's peak RSS by over ``--spike-mb``; the peak is reset before each
+input through ``/proc/PID/clear_refs``) and *stalls* (an input and the
+canary's next ping took over a second); their inputs are saved as well.
+The fuzzed daemon runs with an address-space limit (``--daemon-memory-mb``,
+4 GiB) so that an input asking for tens of gigabytes fails inside it
+instead of taking the machine down. It journals to a data directory
+(``--fsync interval``); at the end it is restarted on it, and recovery must
+bring the canary back.
 
-Exit code 0 when there were no crashes (internal errors are reported, not
-fatal). Usage::
+Exit code 0 when there were no crashes. Usage::
 
     uv run python scripts/fuzz.py                              # ~8 minutes
     uv run python scripts/fuzz.py --hypothesis-examples 0 --duration-s 60 --seed 7
+    uv run python scripts/fuzz.py --replay fuzz-crashes/spike-1-managerd-bytes.pickle
 """
 
 from __future__ import annotations
@@ -664,15 +670,19 @@ def run_mutation(args: argparse.Namespace, workdir: Path) -> Stats:
         ok = answers(m, daemon, args.hang_s)
         if ok:
             spike_mb = (daemon.rss_kb("VmHWM") - rss_before) // 1024
-            if stats.peak_tracking and spike_mb > args.spike_mb:
+            spiked = stats.peak_tracking and spike_mb > args.spike_mb
+            stalled_s = time.monotonic() - t0
+            if spiked or stalled_s > 1.0:
+                path = _save(crash_dir, "spike" if spiked else "stall", next(saved), inp)
+                print(
+                    f"  {inp.family}: +{spike_mb} MiB peak RSS, {stalled_s:.1f}s ({path})",
+                    flush=True,
+                )
+            if spiked:
                 stats.spikes[inp.family] += 1
                 stats.largest_spike_mb = max(stats.largest_spike_mb, spike_mb)
-                path = _save(crash_dir, "spike", next(saved), inp)
-                print(f"  memory spike +{spike_mb} MiB from {inp.family} ({path})", flush=True)
-            if time.monotonic() - t0 > 1.0:
+            if stalled_s > 1.0:
                 stats.stalls[inp.family] += 1
-                path = _save(crash_dir, "stall", next(saved), inp)
-                print(f"  stall after {inp.family} ({ending}; {path})", flush=True)
         if ok and stats.inputs % 200 == 0:
             if not canary_intact(m):
                 stats.canary_damage += 1
@@ -733,6 +743,37 @@ def run_mutation(args: argparse.Namespace, workdir: Path) -> Stats:
     return stats
 
 
+def replay(paths: list[str], memory_mb: int) -> int:
+    """Send saved inputs to a fresh daemon, one by one; print what each did."""
+    with tempfile.TemporaryDirectory(prefix="managerd-replay-") as tmp:
+        daemon = Daemon(Path(tmp) / "data", secrets.token_hex(16), memory_mb)
+        try:
+            corpus = record_corpus(daemon)  # for the hello frame
+            m = canary(daemon)
+            for path in paths:
+                inp: Input = pickle.loads(Path(path).read_bytes())
+                mark = daemon.lines
+                daemon.reset_peak()
+                before = daemon.rss_kb()
+                t0 = time.monotonic()
+                ending = send_input(daemon, corpus, inp, 60.0)
+                ok = answers(m, daemon, 60.0)
+                print(
+                    f"{path}: {inp.family}, {len(inp.frames)} frames; connection {ending}; "
+                    f"{time.monotonic() - t0:.2f}s; peak RSS "
+                    f"+{(daemon.rss_kb('VmHWM') - before) // 1024} MiB; daemon "
+                    f"{'answers' if ok else 'DOES NOT ANSWER'}; logged: "
+                    f"{_logged_since(daemon, mark)}",
+                    flush=True,
+                )
+                if not ok:
+                    return 1
+            m.close()
+        finally:
+            daemon.stop()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hypothesis-examples", type=int, default=3000,
@@ -748,7 +789,11 @@ def main() -> int:
                         help="RLIMIT_AS of the fuzzed daemon (0: none)")  # fmt: skip
     parser.add_argument("--spike-mb", type=int, default=64,
                         help="report an input that raises the daemon's peak RSS more")  # fmt: skip
+    parser.add_argument("--replay", nargs="+", metavar="FILE",
+                        help="only send these saved inputs to a fresh daemon")  # fmt: skip
     args = parser.parse_args()
+    if args.replay:
+        return replay(args.replay, args.daemon_memory_mb)
     if args.seed is None:
         args.seed = secrets.randbelow(2**32)
     started = time.monotonic()
