@@ -7,6 +7,10 @@ politeness), the managerd client and stock ``multiprocessing`` clients for
 what a well-behaved one sees. Counters are read from a real ``/metrics``
 scrape. What tests/test_hostile.py (fuzzed input) and tests/test_tls.py
 (certificates) already cover is not repeated here.
+
+A test marked ``xfail(strict=True)`` checks something the code does not do
+yet; its reason says what to change, and it fails (remove the mark) once
+that is done.
 """
 
 from __future__ import annotations
