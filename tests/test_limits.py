@@ -306,15 +306,6 @@ def test_max_connections_refusal_says_why(tmp_path: Path, daemons: list[Daemon])
         d.connect(connect_timeout_s=5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="clients/managerd_client/channel.py Channel.__init__ turns the ConnectionRefusedError "
-    "that wire.client_handshake raises for a #REFUSED# frame into 'managerd ... closed the "
-    "connection during authentication: the daemon refused the connection: too many "
-    "connections (1 open) (if the daemon serves TLS, connect with tls=...)': the TLS hint "
-    "sends the user the wrong way. Fix: catch ConnectionRefusedError before the (OSError, "
-    "EOFError) branch and raise ConnectFailed with the daemon's reason only",
-)
 def test_max_connections_refusal_gives_no_tls_hint(tmp_path: Path, daemons: list[Daemon]) -> None:
     d = Daemon(tmp_path, env={"MANAGERD_MAX_CONNECTIONS": "1"}).start()
     daemons.append(d)

@@ -134,6 +134,9 @@ class Channel:
             raise AuthenticationFailed(
                 f"managerd at {address[0]}:{address[1]} refused the TLS session: {exc}"
             ) from None
+        except ConnectionRefusedError as exc:  # a #REFUSED# frame: the daemon said why
+            self._fs.close()
+            raise ConnectFailed(f"managerd at {address[0]}:{address[1]}: {exc}") from None
         except (OSError, EOFError) as exc:
             self._fs.close()
             if tls is not None:
