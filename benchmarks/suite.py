@@ -85,6 +85,8 @@ BOUNDED_QUEUE = 10_000  # maxsize of the producer/consumer queues (both systems)
 BATCH = 1_000  # items per put_many / get_many
 GET_TIMEOUT_S = 60.0  # a consumer that waits this long reports a failure
 GO_TIMEOUT_S = 300.0  # workers wait at most this long for the start signal
+CONNECT_PHASE_S = 180.0  # idle clients: a worker stops connecting after this long
+FINAL_PINGS_S = 60.0  # idle clients: the check that every session still answers
 CHECK_EVERY = 50  # blocked consumers: puts between two checks of the parked count
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -338,6 +340,37 @@ def vmrss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+class CpuWindow:
+    """CPU that a server process, and the whole machine, spent between start and stop."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.server0 = proc_cpu_s(pid)
+        self.machine0 = _machine_ticks()
+        self.wall0 = time.monotonic()
+
+    def stop(self, messages: int) -> dict[str, float]:
+        server1, machine1 = proc_cpu_s(self.pid), _machine_ticks()
+        wall = time.monotonic() - self.wall0
+        cpu = (server1[0] - self.server0[0]) + (server1[1] - self.server0[1])
+        busy = (machine1[0] - self.machine0[0]) / CLK_TCK
+        total = (machine1[1] - self.machine0[1]) / CLK_TCK
+        return {
+            "server_cpu_us_per_msg": cpu / messages * 1e6 if messages else 0.0,
+            "server_cores_busy": cpu / wall if wall > 0 else 0.0,
+            "machine_busy_fraction": busy / total if total > 0 else 0.0,
+            "machine_cpu_us_per_msg": busy / messages * 1e6 if messages else 0.0,
+        }
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
 
 
 def open_files_limit(pid: int) -> list[int | str]:
@@ -739,6 +772,7 @@ def run_mpmc(t: Target, producers: int, consumers: int, plan: Plan) -> dict[str,
         gang.spawn(w_consumer, t, name, plan.max_ops * producers)
     try:
         gang.wait_ready(producers + consumers)
+        cpu = CpuWindow(t.pid)
         t_go = gang.go()
         results: dict[int, dict[str, Any]] = {}
         while sum(1 for r in results.values() if r["role"] == "producer") < producers:
@@ -748,6 +782,7 @@ def run_mpmc(t: Target, producers: int, consumers: int, plan: Plan) -> dict[str,
         while len(results) < producers + consumers:
             index, value = gang.result(GET_TIMEOUT_S + 60)
             results[index] = value
+        usage = cpu.stop(sum(r["received"] for r in results.values() if r["role"] == "consumer"))
     finally:
         gang.join()
     sent = {r["index"]: r["sent"] for r in results.values() if r["role"] == "producer"}
@@ -762,6 +797,7 @@ def run_mpmc(t: Target, producers: int, consumers: int, plan: Plan) -> dict[str,
         "received": received,
         "elapsed_s": round(elapsed, 3),
         "exactly_once": check,
+        **usage,
         "ok": check["ok"] and not errors,
         "errors": errors,
     }
@@ -834,8 +870,10 @@ def run_pipe(t: Target, batch: int, plan: Plan) -> dict[str, Any]:
     gang.spawn(w_pipe_consumer, t, name, batch, plan.max_ops * 10)
     try:
         gang.wait_ready(2)
+        cpu = CpuWindow(t.pid)
         t_go = gang.go()
         results = dict(gang.result(plan.seconds + GET_TIMEOUT_S + 60) for _ in range(2))
+        usage = cpu.stop(results[1]["received"])
     finally:
         gang.join()
     prod, cons = results[0], results[1]
@@ -848,6 +886,7 @@ def run_pipe(t: Target, batch: int, plan: Plan) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 3),
         "batch": batch,
         "ok": ok,
+        **usage,
     }
 
 
@@ -875,8 +914,10 @@ def run_lock_contended(t: Target, procs: int, plan: Plan) -> dict[str, Any]:
         gang.spawn(w_lock_contender, t, name, plan.seconds, plan.max_ops)
     try:
         gang.wait_ready(procs)
+        cpu = CpuWindow(t.pid)
         t_go = gang.go()
         results = [gang.result(plan.seconds + 120)[1] for _ in range(procs)]
+        usage = cpu.stop(sum(r["pairs"] for r in results))
     finally:
         gang.join()
     pairs = sum(r["pairs"] for r in results)
@@ -884,6 +925,7 @@ def run_lock_contended(t: Target, procs: int, plan: Plan) -> dict[str, Any]:
     return {
         "rate": pairs / elapsed if elapsed > 0 else 0.0,
         "per_process": [r["pairs"] for r in results],
+        **usage,
         "elapsed_s": round(elapsed, 3),
     }
 
@@ -905,15 +947,22 @@ def w_probe(ready: Callable[[], float], t: Target, seconds: float, max_ops: int)
 def w_idle_managerd(
     ready: Callable[[], float], t: Target, count: int, release: Any
 ) -> dict[str, Any]:
-    """``count`` connect() sessions, each pinged once, held until ``release``."""
+    """``count`` connect() sessions, each pinged once, held until ``release``.
+
+    Connecting stops after CONNECT_PHASE_S; the final pings stop after
+    FINAL_PINGS_S (a session that was lost reconnects on its next call).
+    """
     nofile = raise_nofile(count + 256)
     threading.stack_size(256 * 1024)  # one heartbeat thread per session
     managers = []
     failures: list[str] = []
     started = time.monotonic()
     for _ in range(count):
+        if time.monotonic() - started > CONNECT_PHASE_S:
+            failures.append(f"stopped connecting after {CONNECT_PHASE_S:.0f}s")
+            break
         try:
-            m = connect(t.address, authkey=t.authkey, connect_timeout_s=30)
+            m = connect(t.address, authkey=t.authkey, connect_timeout_s=5)
             m.ping()
             managers.append(m)
         except (ManagerdError, OSError) as exc:
@@ -923,17 +972,22 @@ def w_idle_managerd(
     connect_s = time.monotonic() - started
     ready()
     release.wait(GO_TIMEOUT_S)
+    # A session lost and started again (lease expired, connection dropped)
+    # shows as a session epoch above 1.
+    replaced = sum(m.session_epoch - 1 for m in managers)
     alive = 0
+    deadline = time.monotonic() + FINAL_PINGS_S
     for m in managers:
-        try:
-            m.ping()
-            alive += 1
-        except ManagerdError:
-            pass
+        if time.monotonic() < deadline:
+            try:
+                m.ping()
+                alive += 1
+            except ManagerdError:
+                pass
         m.close()
     return {"connected": len(managers), "alive_at_end": alive, "failures": len(failures),
             "first_failures": failures[:3], "connect_s": round(connect_s, 2),
-            "nofile_soft": nofile}  # fmt: skip
+            "sessions_replaced": replaced, "nofile_soft": nofile}  # fmt: skip
 
 
 def w_idle_stock(ready: Callable[[], float], t: Target, count: int, release: Any) -> dict[str, Any]:
@@ -975,7 +1029,7 @@ def w_idle_stock(ready: Callable[[], float], t: Target, count: int, release: Any
         th.join(10)
     return {"connected": len(opened), "alive_at_end": len(opened), "failures": len(failures),
             "first_failures": failures[:3], "connect_s": round(connect_s, 2),
-            "nofile_soft": nofile}  # fmt: skip
+            "sessions_replaced": 0, "nofile_soft": nofile}  # fmt: skip
 
 
 def run_idle(t: Target, clients: int, procs: int, plan: Plan) -> dict[str, Any]:
@@ -1010,6 +1064,8 @@ def run_idle(t: Target, clients: int, procs: int, plan: Plan) -> dict[str, Any]:
         "connected": sum(r["connected"] for r in crowd),
         "alive_at_end": sum(r["alive_at_end"] for r in crowd),
         "failures": sum(r["failures"] for r in crowd),
+        "sessions_replaced": sum(r["sessions_replaced"] for r in crowd),
+        "daemon_log": daemon_warnings(t.pid) if t.system == "managerd" else None,
         "first_failures": [f for r in crowd for f in r["first_failures"]][:3],
         "connect_all_s": round(connect_s, 2),
         "server_rss_mb_before": round(rss_empty, 1),
@@ -1265,13 +1321,32 @@ def stock_server() -> Iterator[Target]:
         manager.shutdown()
 
 
+#: The running daemons by pid (their log lines tell of expired sessions).
+DAEMONS: dict[int, Daemon] = {}
+
+
+def daemon_warnings(pid: int) -> dict[str, Any]:
+    """What the daemon logged above INFO: expired sessions counted, the rest sampled."""
+    d = DAEMONS.get(pid)
+    lines = [] if d is None else [line for line in d.lines if " INFO " not in line]
+    expired = [line for line in lines if "expired" in line]
+    others = [line for line in lines if "expired" not in line]
+    return {"sessions_expired": len(expired), "other_warnings": len(others),
+            "first_warnings": (expired[:2] + others[:3])}  # fmt: skip
+
+
 @contextmanager
 def managerd_server(tmp: Path, env: dict[str, str] | None = None) -> Iterator[Target]:
     tmp.mkdir(parents=True, exist_ok=True)
     d = Daemon(tmp, env=env).start()
     assert d.proc is not None
+    DAEMONS[d.proc.pid] = d
     try:
         yield Target("managerd", d.address, d.authkey, d.proc.pid)
+    except BaseException:
+        tail = "\n".join(d.lines[-40:])
+        print(f"the daemon's last log lines:\n{tail}", file=sys.stderr, flush=True)
+        raise
     finally:
         d.stop()
 
@@ -1570,6 +1645,14 @@ def print_table(results: dict[str, dict[str, Any]], goals: list[dict[str, Any]])
                 print(f"{key + ' ' + system:<44}{d['p50_us']:>9.1f}{d['p99_us']:>9.1f}"
                       f"{server:>22}{d['server_page_faults_per_iter']:>8.1f}"
                       f"{client:>22}{d['client_page_faults_per_iter']:>8.1f}")  # fmt: skip
+    print(f"\n{'multi-process: CPU per message (µs)':<44}{'server':>9}{'all procs':>11}"
+          f"{'server cores':>14}{'machine busy':>14}")  # fmt: skip
+    for key, r in results.items():
+        for system, d in r.get("details", {}).items():
+            if isinstance(d, dict) and "server_cpu_us_per_msg" in d:
+                print(f"{key + ' ' + system:<44}{d['server_cpu_us_per_msg']:>9.1f}"
+                      f"{d['machine_cpu_us_per_msg']:>11.1f}{d['server_cores_busy']:>14.2f}"
+                      f"{d['machine_busy_fraction']:>14.0%}")  # fmt: skip
     print(f"\n{'target':<52}{'measured':>14}  met")
     for g in goals:
         print(f"{g['target']:<52}{fmt(g['measured']):>14}  {fmt(g['met'])}")
