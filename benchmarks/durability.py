@@ -46,28 +46,26 @@ class StockManager(BaseManager):
 StockManager.register("Queue", callable=lambda: _stock_queue)
 
 
+def _put_for(q: Any, seconds: float) -> int:
+    """Put 100-byte items for ``seconds``; how many."""
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        q.put(PAYLOAD)
+        n += 1
+    return n
+
+
 def _produce_managerd(address: str, authkey: bytes, seconds: float, out: Any) -> None:
     with connect(address, authkey=authkey) as m:
-        q = m.Queue("bench")
-        n = 0
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            q.put(PAYLOAD)
-            n += 1
-        out.put(n)
+        out.put(_put_for(m.Queue("bench"), seconds))
 
 
 def _produce_stock(address: tuple[str, int], authkey: bytes, seconds: float, out: Any) -> None:
     StockManager.register("Queue")
     m = StockManager(address=address, authkey=authkey)
     m.connect()
-    q = m.Queue()
-    n = 0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        q.put(PAYLOAD)
-        n += 1
-    out.put(n)
+    out.put(_put_for(m.Queue(), seconds))
 
 
 def _rate(target: Any, args: tuple[Any, ...], producers: int, seconds: float) -> float:
