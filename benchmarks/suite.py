@@ -104,6 +104,7 @@ class Plan:
     many_procs: int
     consumers: int
     consumer_procs: int
+    rounds: int  # single-client and multi-process workloads: systems measured in turn
     quick: bool
 
 
@@ -119,6 +120,7 @@ def plan_for(quick: bool, seconds: float | None) -> Plan:
             many_procs=2,
             consumers=50,
             consumer_procs=2,
+            rounds=1,
             quick=True,
         )
     return Plan(
@@ -128,9 +130,10 @@ def plan_for(quick: bool, seconds: float | None) -> Plan:
         idle_clients=1_000,
         idle_procs=4,
         many_connections=10_000,
-        many_procs=8,
+        many_procs=16,
         consumers=1_000,
         consumer_procs=4,
+        rounds=2,
         quick=False,
     )
 
@@ -464,6 +467,25 @@ def measure(
         "server_page_faults_per_iter": server_faults / n if n else 0.0,
         "client_page_faults_per_iter": client_faults / n if n else 0.0,
     }
+
+
+def mean_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one measurement as one: numbers averaged, flags all-true, the rest listed."""
+    if len(rounds) == 1:
+        return {**rounds[0], "rate_per_round": [rounds[0].get("rate")]}
+    out: dict[str, Any] = {}
+    for key, first in rounds[0].items():
+        values = [r.get(key) for r in rounds]
+        if isinstance(first, bool):
+            out[key] = all(values)
+        elif isinstance(first, (int, float)):
+            out[key] = sum(values) / len(values)
+        elif isinstance(first, list) and all(isinstance(x, (int, float)) for x in first):
+            out[key] = [sum(column) / len(column) for column in zip(*values, strict=True)]
+        else:
+            out[key] = values if any(v != first for v in values) else first
+    out["rate_per_round"] = [r.get("rate") for r in rounds]
+    return out
 
 
 # -- running in children --------------------------------------------------------------------------
@@ -1433,87 +1455,108 @@ class Suite:
         if self.wanted("many"):
             self.many(tmp)
 
+    def compare(self, runs: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """Each run ``plan.rounds`` times, the systems in turn; the mean of the rounds.
+
+        Taking turns spreads a burst of other work on the machine over all
+        the systems instead of landing on one of them.
+        """
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+        for _ in range(self.plan.rounds):
+            for name, run in runs.items():
+                rounds[name].append(run())
+        return {name: mean_of(measured) for name, measured in rounds.items()}
+
     def single_client(self, floor: Target, stock: Target, md: Target) -> None:
         plan = self.plan
-        ping = None
-        if (
-            self.wanted("floor")
-            or self.wanted("noop")
-            or self.wanted("dict")
-            or self.wanted("lock")
-        ):
-            ping = in_child(w_floor_echo, floor, 100, plan)
+        ping: dict[str, Any] = {}
+        if any(self.wanted(g) for g in ("floor", "noop", "dict", "lock")):
+            r = self.compare({
+                "floor": lambda: in_child(w_floor_echo, floor, 100, plan),
+                "stock": lambda: in_child(w_noop, stock, "value", plan),
+                "ping": lambda: in_child(w_noop, md, "ping", plan),
+                "value": lambda: in_child(w_noop, md, "value", plan),
+            })  # fmt: skip
+            ping = r["floor"]
             self.record("floor_pingpong_100B", unit="round trips/s", better="higher",
                         floor=ping["rate"], details={"floor": ping})  # fmt: skip
-        if self.wanted("noop"):
-            stock_get = in_child(w_noop, stock, "value", plan)
             for which, label in (("ping", "noop_ping"), ("value", "noop_value_get")):
-                r = in_child(w_noop, md, which, plan)
                 self.record(label, unit="calls/s", better="higher", floor=ping["rate"],
-                            stock=stock_get["rate"], managerd=r["rate"],
-                            details={"floor": ping, "stock": stock_get, "managerd": r})  # fmt: skip
+                            stock=r["stock"]["rate"], managerd=r[which]["rate"],
+                            details={"floor": ping, "stock": r["stock"],
+                                     "managerd": r[which]})  # fmt: skip
         if self.wanted("putget"):
             for label, size in SIZES.items():
-                f = in_child(w_floor_putget, floor, size, plan)
-                s = in_child(w_putget, stock, size, plan)
-                m = in_child(w_putget, md, size, plan)
+                r = self.compare({
+                    "floor": lambda size=size: in_child(w_floor_putget, floor, size, plan),
+                    "stock": lambda size=size: in_child(w_putget, stock, size, plan),
+                    "managerd": lambda size=size: in_child(w_putget, md, size, plan),
+                })  # fmt: skip
                 self.record(f"queue_put_get_{label}", unit="pairs/s", better="higher",
-                            floor=f["rate"], stock=s["rate"], managerd=m["rate"],
-                            details={"floor": f, "stock": s, "managerd": m})  # fmt: skip
+                            **{k: v["rate"] for k, v in r.items()}, details=r)  # fmt: skip
                 if label == "32KB":
                     # One call (a put, or a get) is one round trip of the 32 KB payload.
-                    rt = {k: max(v["per_op_p50_us"]) / 1000 for k, v in
-                          (("floor", f), ("stock", s), ("managerd", m))}  # fmt: skip
-                    p99 = {k: max(v["per_op_p99_us"]) / 1000 for k, v in
-                           (("floor", f), ("stock", s), ("managerd", m))}  # fmt: skip
+                    rt = {k: max(v["per_op_p50_us"]) / 1000 for k, v in r.items()}
+                    p99 = {k: max(v["per_op_p99_us"]) / 1000 for k, v in r.items()}
                     self.record("roundtrip_32KB_ms", unit="ms per call (p50)", better="lower",
                                 **rt, details={"p99_ms": p99})  # fmt: skip
         if self.wanted("putonly"):
-            f = in_child(w_floor_putget, floor, 100, plan, True)
-            s = in_child(w_putget, stock, 100, plan, True)
-            m = in_child(w_putget, md, 100, plan, True)
-            self.record("put_only_100B", unit="puts/s", better="higher", floor=f["rate"],
-                        stock=s["rate"], managerd=m["rate"],
-                        details={"floor": f, "stock": s, "managerd": m})  # fmt: skip
+            r = self.compare({
+                "floor": lambda: in_child(w_floor_putget, floor, 100, plan, True),
+                "stock": lambda: in_child(w_putget, stock, 100, plan, True),
+                "managerd": lambda: in_child(w_putget, md, 100, plan, True),
+            })  # fmt: skip
+            self.record("put_only_100B", unit="puts/s", better="higher",
+                        **{k: v["rate"] for k, v in r.items()}, details=r)  # fmt: skip
         if self.wanted("dict"):
             for op in ("set", "get"):
-                s = in_child(w_dict, stock, op, plan)
-                m = in_child(w_dict, md, op, plan)
+                r = self.compare({
+                    "stock": lambda op=op: in_child(w_dict, stock, op, plan),
+                    "managerd": lambda op=op: in_child(w_dict, md, op, plan),
+                })  # fmt: skip
                 self.record(f"dict_{op}", unit="ops/s", better="higher", floor=ping["rate"],
-                            stock=s["rate"], managerd=m["rate"],
-                            details={"stock": s, "managerd": m})  # fmt: skip
+                            **{k: v["rate"] for k, v in r.items()}, details=r)  # fmt: skip
         if self.wanted("lock"):
-            s = in_child(w_lock, stock, plan)
-            m = in_child(w_lock, md, plan)
+            r = self.compare({
+                "stock": lambda: in_child(w_lock, stock, plan),
+                "managerd": lambda: in_child(w_lock, md, plan),
+            })  # fmt: skip
             self.record("lock_uncontended", unit="pairs/s", better="higher",
-                        floor=ping["rate"] / 2, stock=s["rate"], managerd=m["rate"],
-                        details={"stock": s, "managerd": m})  # fmt: skip
+                        floor=ping["rate"] / 2, **{k: v["rate"] for k, v in r.items()},
+                        details=r)  # fmt: skip
 
     def multi_process(self, stock: Target, md: Target) -> None:
         plan = self.plan
         if self.wanted("lock"):
-            s = run_lock_contended(stock, 4, plan)
-            m = run_lock_contended(md, 4, plan)
+            r = self.compare({
+                "stock": lambda: run_lock_contended(stock, 4, plan),
+                "managerd": lambda: run_lock_contended(md, 4, plan),
+            })  # fmt: skip
             self.record("lock_contended_4procs", unit="pairs/s (total)", better="higher",
-                        stock=s["rate"], managerd=m["rate"],
-                        details={"stock": s, "managerd": m})  # fmt: skip
+                        **{k: v["rate"] for k, v in r.items()}, details=r)  # fmt: skip
         if self.wanted("mpmc"):
             for n in (2, 8):
-                s = run_mpmc(stock, n, n, plan)
-                m = run_mpmc(md, n, n, plan)
+                r = self.compare({
+                    "stock": lambda n=n: run_mpmc(stock, n, n, plan),
+                    "managerd": lambda n=n: run_mpmc(md, n, n, plan),
+                })  # fmt: skip
                 self.record(f"queue_{n}p{n}c_100B", unit="messages/s", better="higher",
-                            stock=s["rate"], managerd=m["rate"], ok=s["ok"] and m["ok"],
-                            details={"stock": s, "managerd": m})  # fmt: skip
+                            **{k: v["rate"] for k, v in r.items()},
+                            ok=r["stock"]["ok"] and r["managerd"]["ok"], details=r)  # fmt: skip
         if self.wanted("batch"):
-            s = run_pipe(stock, 1, plan)
-            single = run_pipe(md, 1, plan)
-            m = run_pipe(md, BATCH, plan)
+            r = self.compare({
+                "stock": lambda: run_pipe(stock, 1, plan),
+                "single": lambda: run_pipe(md, 1, plan),
+                "batch": lambda: run_pipe(md, BATCH, plan),
+            })  # fmt: skip
             self.record("queue_1p1c_100B", unit="messages/s", better="higher",
-                        stock=s["rate"], managerd=single["rate"], ok=s["ok"] and single["ok"],
-                        details={"stock": s, "managerd": single})  # fmt: skip
+                        stock=r["stock"]["rate"], managerd=r["single"]["rate"],
+                        ok=r["stock"]["ok"] and r["single"]["ok"],
+                        details={"stock": r["stock"], "managerd": r["single"]})  # fmt: skip
             self.record(f"batch_{BATCH}_1p1c_100B", unit="messages/s", better="higher",
-                        stock=s["rate"], managerd=m["rate"], ok=m["ok"],
-                        details={"stock (single put/get)": s, "managerd": m})  # fmt: skip
+                        stock=r["stock"]["rate"], managerd=r["batch"]["rate"], ok=r["batch"]["ok"],
+                        details={"stock (single put/get)": r["stock"],
+                                 "managerd": r["batch"]})  # fmt: skip
 
     def blocked(self, stock: Target, md: Target) -> None:
         plan = self.plan
