@@ -187,7 +187,7 @@ class Dispatcher:
         (rid,) = RID.unpack_from(frame)
         started = time.perf_counter()
         try:
-            typeid, name, method, args, thread = self.decoder.loads(memoryview(frame)[RID.size :])
+            typeid, name, method, args, thread = self.decoder.loads(frame, RID.size)
             if not isinstance(args, tuple):
                 raise TypeError("request arguments must be a tuple")
             if not (typeid is None or isinstance(typeid, str)) or not isinstance(method, str):

@@ -149,7 +149,7 @@ class Connection(asyncio.Protocol):
                 return
             if end - start < size:
                 break
-            frame = bytes(buf[start : start + size])
+            frame = bytes(memoryview(buf)[start : start + size])  # one copy, not two
             pos = start + size
             self.frame_received(frame)
         if pos:

@@ -100,8 +100,12 @@ _OPCODE_ARGS: Final[dict[int, int]] = {
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves allow-listed globals only."""
 
-    def __init__(self, data: bytes | memoryview, allowed: frozenset[tuple[str, str]]) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(
+        self, data: bytes | memoryview, allowed: frozenset[tuple[str, str]], offset: int = 0
+    ) -> None:
+        stream = io.BytesIO(data)  # shares a bytes object's buffer: no copy
+        stream.seek(offset)
+        super().__init__(stream)
         self._allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:
@@ -133,12 +137,13 @@ class SafeDecoder:
                 extra.add((module, name))
         self.allowed = SAFE_GLOBALS | frozenset(extra)
 
-    def loads(self, data: bytes | memoryview) -> Any:
+    def loads(self, data: bytes | memoryview, offset: int = 0) -> Any:
+        """Decode the pickle in ``data`` from ``offset`` on."""
         raw = bytes(data) if isinstance(data, memoryview) else data
-        if _PUT in raw or _LONG_BINPUT in raw:  # rare in protocol 4/5: then walk the opcodes
-            check_memo_indices(raw)
+        if _PUT in raw or _LONG_BINPUT in raw:  # then walk the opcodes for memo indices
+            check_memo_indices(raw, offset)
         try:
-            value = RestrictedUnpickler(raw, self.allowed).load()
+            value = RestrictedUnpickler(raw, self.allowed, offset).load()
         except ForbiddenPayload:
             raise
         except RecursionError as exc:
@@ -149,13 +154,13 @@ class SafeDecoder:
         return value
 
 
-def check_memo_indices(data: bytes) -> None:
+def check_memo_indices(data: bytes, pos: int = 0) -> None:
     """Refuse a PUT/LONG_BINPUT whose index is beyond the opcodes read so far.
 
     Walks the opcode stream (arguments skipped by their encoded sizes); the
     unpickler then refuses anything malformed that this walk lets through.
     """
-    pos, count, end = 0, 0, len(data)
+    count, end = 0, len(data)
     take1, take4, take8 = _TAKE1, _TAKE4, _TAKE8
     while pos < end:
         code = data[pos]

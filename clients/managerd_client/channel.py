@@ -204,7 +204,7 @@ class Channel:
             self._pending[rid] = slot
         try:
             with self._send_lock:
-                self._fs.send_frame(_RID.pack(rid) + body)
+                self._fs.send_frame(body, prefix=_RID.pack(rid))
         except OSError as exc:
             self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
         self._await(slot)

@@ -146,11 +146,13 @@ class FrameSocket:
         self._end = 0
         self._max_frame_bytes = max_frame_bytes
 
-    def send_frame(self, body: bytes) -> None:
-        if len(body) < 65536:
-            self.sock.sendall(frame_header(len(body)) + body)
-        else:  # avoid copying a large body just to prepend four bytes
-            self.sock.sendall(frame_header(len(body)))
+    def send_frame(self, body: bytes, prefix: bytes = b"") -> None:
+        """Send ``prefix + body`` as one frame (without copying a large body)."""
+        size = len(prefix) + len(body)
+        if size < 65536:
+            self.sock.sendall(frame_header(size) + prefix + body)
+        else:
+            self.sock.sendall(frame_header(size) + prefix)
             self.sock.sendall(body)
 
     def recv_frame(self) -> bytes:
@@ -173,7 +175,7 @@ class FrameSocket:
                 if size < 0 or size > self._max_frame_bytes:
                     raise OSError(f"frame of {size} bytes is over the limit")
                 if avail >= head + size:
-                    frame = bytes(buf[start + head : start + head + size])
+                    frame = bytes(memoryview(buf)[start + head : start + head + size])
                     self._start = start + head + size
                     if self._start == self._end:
                         self._start = self._end = 0
