@@ -833,6 +833,7 @@ def w_pipe_producer(
     q = c.queue(name, BOUNDED_QUEUE)
     pack, mono = HEAD.pack, time.monotonic
     deadline = ready() + seconds
+    cpu0 = os.times()
     seq = 0
     if batch == 1:
         put = q.put
@@ -846,7 +847,9 @@ def w_pipe_producer(
             seq += batch
     q.put(SENTINEL)
     c.close()
-    return {"role": "producer", "sent": seq}
+    cpu1 = os.times()
+    return {"role": "producer", "sent": seq,
+            "cpu_s": cpu1.user - cpu0.user + cpu1.system - cpu0.system}  # fmt: skip
 
 
 def w_pipe_consumer(
@@ -857,6 +860,7 @@ def w_pipe_consumer(
     q = c.queue(name, BOUNDED_QUEUE)
     unpack = HEAD.unpack_from
     ready()
+    cpu0 = os.times()
     expect = 0
     in_order = True
     error = None
@@ -876,13 +880,16 @@ def w_pipe_consumer(
             if item == SENTINEL:
                 last = time.monotonic()
                 c.close()
-                return {"role": "consumer", "received": expect, "in_order": in_order, "last": last}
+                cpu1 = os.times()
+                cpu_s = cpu1.user - cpu0.user + cpu1.system - cpu0.system
+                return {"role": "consumer", "received": expect, "in_order": in_order,
+                        "last": last, "cpu_s": cpu_s}  # fmt: skip
             if unpack(item)[1] != expect:
                 in_order = False
             expect += 1
     c.close()
     return {"role": "consumer", "received": expect, "in_order": False, "last": time.monotonic(),
-            "error": error}  # fmt: skip
+            "error": error, "cpu_s": 0.0}  # fmt: skip
 
 
 def run_pipe(t: Target, batch: int, plan: Plan) -> dict[str, Any]:
@@ -908,6 +915,8 @@ def run_pipe(t: Target, batch: int, plan: Plan) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 3),
         "batch": batch,
         "ok": ok,
+        "producer_cores_busy": prod["cpu_s"] / elapsed if elapsed > 0 else 0.0,
+        "consumer_cores_busy": cons["cpu_s"] / elapsed if elapsed > 0 else 0.0,
         **usage,
     }
 
@@ -1697,19 +1706,22 @@ def print_table(results: dict[str, dict[str, Any]], goals: list[dict[str, Any]])
                       f"{server:>22}{d['server_page_faults_per_iter']:>8.1f}"
                       f"{client:>22}{d['client_page_faults_per_iter']:>8.1f}")  # fmt: skip
     print(f"\n{'multi-process: CPU per message (µs)':<44}{'server':>9}{'all procs':>11}"
-          f"{'server cores':>14}{'machine busy':>14}")  # fmt: skip
+          f"{'server cores':>14}{'machine busy':>14}{'prod/cons cores':>17}")  # fmt: skip
     for key, r in results.items():
         for system, d in r.get("details", {}).items():
             if isinstance(d, dict) and "server_cpu_us_per_msg" in d:
+                pc = (f"{d['producer_cores_busy']:.2f}/{d['consumer_cores_busy']:.2f}"
+                      if "producer_cores_busy" in d else "-")  # fmt: skip
                 print(f"{key + ' ' + system:<44}{d['server_cpu_us_per_msg']:>9.1f}"
                       f"{d['machine_cpu_us_per_msg']:>11.1f}{d['server_cores_busy']:>14.2f}"
-                      f"{d['machine_busy_fraction']:>14.0%}")  # fmt: skip
+                      f"{d['machine_busy_fraction']:>14.0%}{pc:>17}")  # fmt: skip
     print(f"\n{'target':<52}{'measured':>14}  met")
     for g in goals:
         print(f"{g['target']:<52}{fmt(g['measured']):>14}  {fmt(g['met'])}")
 
 
 def main() -> int:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, help="per timed loop (default 2; 0.25 quick)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke (CI)")
@@ -1720,7 +1732,9 @@ def main() -> int:
         "connect,blocked,imports,loops,idle,many",
     )
     parser.add_argument("--connections", type=int, help="the many-connections workload's count")
+    parser.add_argument("--batch", type=int, default=BATCH, help="items per put_many/get_many")
     args = parser.parse_args()
+    BATCH = args.batch
     plan = plan_for(args.quick, args.seconds)
     if args.connections:
         plan = dataclasses.replace(plan, many_connections=args.connections)
