@@ -21,6 +21,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from managerd.sessions import Session, SessionKind
@@ -54,6 +55,36 @@ class ConnState(enum.Enum):
     STOCK = "stock"
     MANAGERD = "managerd"
     CLOSED = "closed"
+
+
+class LogBudget:
+    """At most ``lines`` refusal log lines per ``window_s``; then one line with the count.
+
+    A peer failing thousands of handshakes a second must not cost the
+    daemon (and everyone it serves) a formatted, written log line each.
+    """
+
+    def __init__(self, lines: int = 20, window_s: float = 10.0) -> None:
+        self.lines = lines
+        self.window_s = window_s
+        self._window_start = 0.0
+        self._logged = 0
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._window_start >= self.window_s:
+            if self._suppressed:
+                log.warning(
+                    "%d more refused connections were not logged in the last %.0fs",
+                    self._suppressed, self.window_s,
+                )  # fmt: skip
+            self._window_start, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self.lines:
+            self._logged += 1
+            return True
+        self._suppressed += 1
+        return False
 
 
 class Connection(asyncio.Protocol):
@@ -111,7 +142,8 @@ class Connection(asyncio.Protocol):
         except (OSError, TimeoutError, asyncio.CancelledError) as exc:
             self.core.stats.tls_failures += 1
             reason = str(exc) or type(exc).__name__
-            log.warning("TLS handshake with %s failed: %s", self.peer, reason)
+            if self.core.refusals.allow():
+                log.warning("TLS handshake with %s failed: %s", self.peer, reason)
             raw.close()
             self.connection_lost(None)
             return
@@ -341,8 +373,8 @@ class Connection(asyncio.Protocol):
         self.refuse(f"no authentication within {self.core.settings.handshake_timeout_s}s")
 
     def refuse(self, reason: str, quiet: bool = False) -> None:
-        """Log one line and close the connection."""
-        if not quiet:
+        """Log one line (within the log budget) and close the connection."""
+        if not quiet and self.core.refusals.allow():
             log.warning("closing connection from %s: %s", self.peer, reason)
         self.close()
 

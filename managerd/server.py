@@ -29,7 +29,7 @@ from typing import Any
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
-from managerd.protocol import Connection
+from managerd.protocol import Connection, LogBudget
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
@@ -80,6 +80,8 @@ class ServerCore:
         #: for a moment: the old half-open one is closed when it is adopted).
         self.session_conns: dict[Session, Connection] = {}
         self.accepting = True
+        #: Refusal log lines allowed per window (a flood must not cost a line each).
+        self.refusals = LogBudget()
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
         #: The journal of durable state (None: memory only).
