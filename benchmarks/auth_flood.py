@@ -41,9 +41,13 @@ from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 from managerd_client import connect
-from managerd_client.wire import FAILURE, FrameSocket
+from managerd_client.wire import FAILURE, REFUSED, FrameSocket
 
 spawn = multiprocessing.get_context("spawn")
+#: The flooder's source address: another host, as far as the daemon can tell
+#: (the well-behaved client connects from 127.0.0.1).
+FLOOD_FROM = "127.0.0.2"
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux; bind(port 0) would search for a port per connection
 
 
 # -- the daemon -----------------------------------------------------------------------------
@@ -52,11 +56,11 @@ spawn = multiprocessing.get_context("spawn")
 class Daemon:
     """``managerd serve`` on an ephemeral port; its log is read and counted, not kept."""
 
-    def __init__(self, authkey: str, cpus: set[int] | None) -> None:
+    def __init__(self, authkey: str, cpus: set[int] | None, env_extra: dict[str, str]) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.metrics_port = s.getsockname()[1]
-        env = dict(os.environ, MANAGERD_AUTHKEY=authkey, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, MANAGERD_AUTHKEY=authkey, PYTHONUNBUFFERED="1", **env_extra)
         cmd = [
             sys.executable, "-m", "managerd", "serve", "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", str(self.metrics_port),
@@ -83,13 +87,17 @@ class Daemon:
             ["wc", "-l"], stdin=self.proc.stdout, stdout=subprocess.PIPE, text=True
         )
 
-    def auth_failures(self) -> float:
+    def counters(self) -> tuple[float, float]:
+        """The daemon's failed authentications and connections refused by a penalty."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        match = re.search(r"^managerd_auth_failures_total (\S+)$", text, re.MULTILINE)
-        assert match is not None
-        return float(match.group(1))
+        failed = re.search(r"^managerd_auth_failures_total (\S+)$", text, re.MULTILINE)
+        refused = re.search(
+            r'^managerd_limits_hit_total\{limit="auth_penalty"\} (\S+)$', text, re.MULTILINE
+        )
+        assert failed is not None and refused is not None
+        return float(failed.group(1)), float(refused.group(1))
 
     def stop(self) -> int:
         """Stop the daemon; the number of log lines it wrote after starting."""
@@ -106,30 +114,62 @@ class Daemon:
 # -- the flood (a separate process) ---------------------------------------------------------
 
 
+def _connect_from(source: str, where: tuple[str, int]) -> socket.socket:
+    """A connection from ``source`` (the port picked at connect, as for any client)."""
+    sock = socket.socket()
+    sock.settimeout(30)
+    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((source, 0))
+    sock.connect(where)
+    return sock
+
+
 def flood(
     address: str,
     sockets: int,
+    spin: bool,
     started: EventType,
     stop: EventType,
     counts: Any,
     cpus: set[int] | None,
 ) -> None:
-    """Fail authentication as fast as possible until ``stop``; count in ``counts``."""
+    """Fail authentication as fast as possible until ``stop``.
+
+    ``counts`` gets connections opened, failures seen, refusals seen and
+    connection errors. ``spin``: send the wrong answer without reading the
+    challenge and close at once, never waiting for the daemon.
+    """
     if cpus:
         os.sched_setaffinity(0, cpus)
+    if sockets == 0:  # the control: as busy, never touching the daemon
+        while not stop.is_set():
+            sum(range(10000))
+            started.set()
+        return
     host, _, port = address.rpartition(":")
     where = (host, int(port))
     wrong = b"{sha256}" + bytes(32)  # well formed, never the right HMAC
-    failed = errors = 0
+    opened = failed = refused = errors = 0
     while not stop.is_set():
         conns: list[FrameSocket] = []
         try:
             for _ in range(sockets):
-                conns.append(FrameSocket(socket.create_connection(where, timeout=30)))
+                conns.append(FrameSocket(_connect_from(FLOOD_FROM, where)))
+                opened += 1
+                counts[0] = opened
+            if spin:
+                for fs in conns:
+                    fs.send_frame(wrong)
+                continue
+            answered = []
             for fs in conns:
-                fs.recv_frame()
-                fs.send_frame(wrong)
-            for fs in conns:
+                if fs.recv_frame().startswith(REFUSED):
+                    refused += 1
+                    counts[2] = refused
+                else:
+                    fs.send_frame(wrong)
+                    answered.append(fs)
+            for fs in answered:
                 if fs.recv_frame() == FAILURE:
                     failed += 1
         except (OSError, EOFError):
@@ -137,8 +177,8 @@ def flood(
         finally:
             for fs in conns:
                 fs.close()
-        counts[0], counts[1] = failed, errors
-        started.set()
+            counts[0], counts[1], counts[2], counts[3] = opened, failed, refused, errors
+            started.set()
 
 
 # -- the well-behaved client ----------------------------------------------------------------
@@ -173,6 +213,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alone/flood pairs")
     parser.add_argument("--flood-sockets", type=int, default=50, help="handshakes in flight")
     parser.add_argument("--pin", action="store_true", help="pin daemon, client, flooder to CPUs")
+    parser.add_argument(
+        "--spin", action="store_true",
+        help="the flooder never reads: connect, send a wrong answer, close",
+    )  # fmt: skip
+    parser.add_argument(
+        "--auth-failure-limit", type=int, default=None,
+        help="the daemon's MANAGERD_AUTH_FAILURE_LIMIT (0: no penalty; default: the daemon's)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     cores = sorted(os.sched_getaffinity(0))
@@ -187,12 +235,21 @@ def main() -> int:
         flush=True,
     )
     authkey = secrets.token_hex(16)
-    daemon = Daemon(authkey, daemon_cpus)
+    env_extra = {}
+    if args.auth_failure_limit is not None:
+        env_extra["MANAGERD_AUTH_FAILURE_LIMIT"] = str(args.auth_failure_limit)
+    print(
+        f"flooder: {args.flood_sockets} connections at a time, "
+        f"{'never reading' if args.spin else 'reading every answer'}; "
+        f"daemon auth_failure_limit: {env_extra.get('MANAGERD_AUTH_FAILURE_LIMIT', 'default')}",
+        flush=True,
+    )
+    daemon = Daemon(authkey, daemon_cpus, env_extra)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
     alone_runs: list[dict[str, float]] = []
     flood_runs: list[dict[str, float]] = []
-    rates: list[float] = []
+    rates: list[tuple[float, float, float]] = []
     try:
         with connect(daemon.address, authkey=authkey) as m:
             timed_pings(m, 1000)  # warm up
@@ -200,34 +257,40 @@ def main() -> int:
                 alone = summary(timed_pings(m, args.calls))
 
                 started, stop = spawn.Event(), spawn.Event()
-                counts = spawn.Array("q", 2)
+                counts = spawn.Array("q", 4)
                 flooder = spawn.Process(
                     target=flood,
-                    args=(daemon.address, args.flood_sockets, started, stop, counts, flood_cpus),
-                )
+                    args=(
+                        daemon.address, args.flood_sockets, args.spin, started, stop, counts,
+                        flood_cpus,
+                    ),
+                    daemon=True,
+                )  # fmt: skip
                 flooder.start()
                 if not started.wait(60):
                     raise SystemExit("the flood process did not get going")
-                failed_before, daemon_before = counts[0], daemon.auth_failures()
+                before, (failed_before, refused_before) = counts[:], daemon.counters()
                 t0 = time.perf_counter()
                 flooded = summary(timed_pings(m, args.calls))
                 window_s = time.perf_counter() - t0
-                failed_after, daemon_after = counts[0], daemon.auth_failures()
+                after, (failed_after, refused_after) = counts[:], daemon.counters()
                 stop.set()
                 flooder.join(60)
-                rate = (failed_after - failed_before) / window_s
-                daemon_rate = (daemon_after - daemon_before) / window_s
+                opened = (after[0] - before[0]) / window_s
+                failed = (failed_after - failed_before) / window_s
+                refused = (refused_after - refused_before) / window_s
 
                 alone_runs.append(alone)
                 flood_runs.append(flooded)
-                rates.append(daemon_rate)
+                rates.append((opened, failed, refused))
                 print(f"round {round_no}:", flush=True)
                 print("  " + show("alone", alone))
                 print("  " + show("under flood", flooded))
                 print(
-                    f"  failed auths/s during the window: {rate:,.0f} (flooder), "
-                    f"{daemon_rate:,.0f} (daemon's managerd_auth_failures_total); "
-                    f"flooder connection errors: {counts[1]}"
+                    f"  during the window, per second: {opened:,.0f} connections opened by the "
+                    f"flooder, {failed:,.0f} failed authentications and {refused:,.0f} "
+                    f"connections refused by the penalty (daemon's counters); "
+                    f"flooder connection errors: {after[3]}"
                 )
                 print(
                     f"  ratio flood/alone: p50 x{flooded['p50'] / alone['p50']:.2f}, "
@@ -246,11 +309,13 @@ def main() -> int:
     print("  " + show("alone", {k: med(alone_runs, k) for k in ("p50", "p99", "mean")}))
     print("  " + show("under flood", {k: med(flood_runs, k) for k in ("p50", "p99", "mean")}))
     print(
-        f"  failed auths/s (daemon-counted): {statistics.median(rates):,.0f}; "
+        f"  per second: {statistics.median(r[0] for r in rates):,.0f} connections opened, "
+        f"{statistics.median(r[1] for r in rates):,.0f} failed authentications, "
+        f"{statistics.median(r[2] for r in rates):,.0f} refused by the penalty; "
         f"ratio p50 x{med(flood_runs, 'p50') / med(alone_runs, 'p50'):.2f}, "
         f"p99 x{med(flood_runs, 'p99') / med(alone_runs, 'p99'):.2f}"
     )
-    print(f"  daemon log lines (one per failed authentication): {log_lines:,}")
+    print(f"  daemon log lines: {log_lines:,}")
     return 0
 
 

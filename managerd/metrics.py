@@ -198,6 +198,21 @@ class Collector:
         yield GaugeMetricFamily(
             "managerd_connections", "Open client connections.", value=len(core.connections)
         )
+        yield GaugeMetricFamily(
+            "managerd_handshakes_pending",
+            "Open connections that have not authenticated yet.",
+            value=core.peers.pending(),
+        )
+        yield GaugeMetricFamily(
+            "managerd_addresses_penalized",
+            "Addresses refused for failing too many handshakes.",
+            value=len(core.peers.penalized()),
+        )
+        yield CounterMetricFamily(
+            "managerd_address_penalties",
+            "Times an address was penalized for failed handshakes.",
+            value=core.peers.penalties,
+        )
 
         stats = core.stats
         for name, doc, value in (
@@ -231,6 +246,8 @@ class Collector:
         hits.setdefault("frame_size", 0)
         hits["handshake_timeout"] = stats.handshake_timeouts
         hits["max_connections"] = stats.connections_refused
+        hits["auth_penalty"] = core.peers.penalty_refusals
+        hits["handshakes_per_peer"] = core.peers.pending_refusals
         for name, n in sorted(hits.items()):
             limits.add_metric([name], n)
         yield limits

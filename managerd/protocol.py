@@ -21,9 +21,9 @@ import os
 import pickle
 import socket
 import struct
-import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from managerd.peers import PENALTY_HOLD_S
 from managerd.sessions import Session, SessionKind
 from managerd_client.errors import ForbiddenPayload, ProtocolError
 from managerd_client.wire import (
@@ -32,6 +32,7 @@ from managerd_client.wire import (
     HANDSHAKE_MAX_FRAME_BYTES,
     HELLO,
     PROTOCOL_VERSION,
+    REFUSED,
     WELCOME,
     create_response,
     frame_header,
@@ -49,42 +50,13 @@ _LONG_HEADER: Final = struct.Struct("!Q")
 
 
 class ConnState(enum.Enum):
+    HELD = "held"  # a penalized address: no challenge, input ignored, refused soon
     CHALLENGED = "challenged"  # we sent our challenge, await the answer
     AWAIT_PEER_CHALLENGE = "await-peer-challenge"
     AWAIT_VERDICT = "await-verdict"  # we answered the peer's challenge
     STOCK = "stock"
     MANAGERD = "managerd"
     CLOSED = "closed"
-
-
-class LogBudget:
-    """At most ``lines`` refusal log lines per ``window_s``; then one line with the count.
-
-    A peer failing thousands of handshakes a second must not cost the
-    daemon (and everyone it serves) a formatted, written log line each.
-    """
-
-    def __init__(self, lines: int = 20, window_s: float = 10.0) -> None:
-        self.lines = lines
-        self.window_s = window_s
-        self._window_start = 0.0
-        self._logged = 0
-        self._suppressed = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self._window_start >= self.window_s:
-            if self._suppressed:
-                log.warning(
-                    "%d more refused connections were not logged in the last %.0fs",
-                    self._suppressed, self.window_s,
-                )  # fmt: skip
-            self._window_start, self._logged, self._suppressed = now, 0, 0
-        if self._logged < self.lines:
-            self._logged += 1
-            return True
-        self._suppressed += 1
-        return False
 
 
 class Connection(asyncio.Protocol):
@@ -96,6 +68,12 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.peer = "?"
+        #: The peer's IP address: what failed handshakes are counted against.
+        self.address = "?"
+        #: Counted among the address's pending handshakes (until authenticated or closed).
+        self._pending = False
+        #: In the authkey (or TLS) handshake: a refusal now is a failed handshake.
+        self._handshaking = False
         self.session: Session | None = None
         self._challenge_message = b""
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -107,13 +85,37 @@ class Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if isinstance(peer, tuple):
+            self.address = peer[0]
+            self.peer = f"{peer[0]}:{peer[1]}"
+        else:
+            self.address = self.peer = str(peer)
+        if not self.core.admit(self):
+            return
+        peers = self.core.peers
+        refusal = peers.refusal(self.address)
+        if refusal is not None:
+            reason, hold = refusal
+            if not hold:
+                self._refuse_at_once(reason)
+                return
+            # Penalized: no challenge, no HMAC, no timer of the handshake's;
+            # the peer waits in silence, then is told why.
+            peers.begin(self.address)
+            self._pending = True
+            self.state = ConnState.HELD
+            self.transport.pause_reading()
+            self._handshake_timer = self.core.loop.call_later(
+                PENALTY_HOLD_S, self._refuse_at_once, reason
+            )
+            return
+        # Only now: a refused connection should cost as little as it can.
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if not self.core.admit(self):
-            return
+        peers.begin(self.address)
+        self._pending = self._handshaking = True
         self._handshake_timer = self.core.loop.call_later(
             self.core.settings.handshake_timeout_s, self._handshake_expired
         )
@@ -141,6 +143,7 @@ class Connection(asyncio.Protocol):
             )
         except (OSError, TimeoutError, asyncio.CancelledError) as exc:
             self.core.stats.tls_failures += 1
+            self._handshake_failed()
             reason = str(exc) or type(exc).__name__
             if self.core.refusals.allow():
                 log.warning("TLS handshake with %s failed: %s", self.peer, reason)
@@ -154,6 +157,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = ConnState.CLOSED
+        self._handshaking = False
+        if self._pending:
+            self._pending = False
+            self.core.peers.end(self.address)
         if self._probe_sock is not None:
             self._probe_sock.close()
             self._probe_sock = None
@@ -162,6 +169,8 @@ class Connection(asyncio.Protocol):
         self.core.forget(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.state is ConnState.HELD:
+            return  # uvloop may deliver what arrived with the connection
         buf = self.buf
         buf += data
         self.core.stats.bytes_in += len(data)
@@ -255,6 +264,10 @@ class Connection(asyncio.Protocol):
                 self._handshake_timer.cancel()
                 self._handshake_timer = None
             self.state = ConnState.STOCK
+            self._handshaking = False
+            if self._pending:
+                self._pending = False
+                self.core.peers.end(self.address)
 
     def peer_alive(self) -> bool:
         """Peek at the socket: False if the peer has closed or reset it.
@@ -372,8 +385,25 @@ class Connection(asyncio.Protocol):
         self.core.stats.handshake_timeouts += 1
         self.refuse(f"no authentication within {self.core.settings.handshake_timeout_s}s")
 
+    def _handshake_failed(self) -> None:
+        """Count a failed handshake against the peer's address, once."""
+        if self._handshaking:
+            self._handshaking = False
+            self.core.peers.failed(self.address)
+
+    def _refuse_at_once(self, reason: str) -> None:
+        """Refuse before any challenge: one ``#REFUSED#`` frame says why."""
+        self._handshake_timer = None
+        self.send_frame(REFUSED + reason.encode())
+        self.refuse(reason, quiet=True)
+
     def refuse(self, reason: str, quiet: bool = False) -> None:
-        """Log one line (within the log budget) and close the connection."""
+        """Log one line (within the log budget) and close the connection.
+
+        During the handshake this counts as a failed handshake of the
+        peer's address (see :mod:`managerd.peers`).
+        """
+        self._handshake_failed()
         if not quiet and self.core.refusals.allow():
             log.warning("closing connection from %s: %s", self.peer, reason)
         self.close()

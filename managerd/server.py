@@ -29,7 +29,8 @@ from typing import Any
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
-from managerd.protocol import Connection, LogBudget
+from managerd.peers import LogBudget, PeerGuard
+from managerd.protocol import Connection
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
@@ -82,6 +83,13 @@ class ServerCore:
         self.accepting = True
         #: Refusal log lines allowed per window (a flood must not cost a line each).
         self.refusals = LogBudget()
+        #: Failed handshakes, penalties and pending handshakes per address.
+        self.peers = PeerGuard(
+            settings.auth_failure_limit,
+            settings.auth_penalty_s,
+            settings.max_handshakes_per_peer,
+            self.refusals,
+        )
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
         #: The journal of durable state (None: memory only).

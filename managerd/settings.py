@@ -33,6 +33,9 @@ DEFAULT_SESSION_TTL_S = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 10000
+DEFAULT_MAX_HANDSHAKES_PER_PEER = 1000
+DEFAULT_AUTH_FAILURE_LIMIT = 20
+DEFAULT_AUTH_PENALTY_S = 10.0
 DEFAULT_FSYNC_INTERVAL_S = 1.0
 DEFAULT_METRICS_MAX_OBJECTS = 1000
 DEFAULT_JOURNAL_COMPACT_BYTES = 16 * 1024 * 1024
@@ -65,6 +68,12 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(DEFAULT_SHUTDOWN_TIMEOUT_S, gt=0)
     max_frame_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, ge=1024)
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    #: Connections one address may have open that have not authenticated yet.
+    max_handshakes_per_peer: int = Field(DEFAULT_MAX_HANDSHAKES_PER_PEER, ge=1)
+    #: Failed handshakes from one address within ``auth_penalty_s`` after
+    #: which that address is refused for ``auth_penalty_s`` (0: never).
+    auth_failure_limit: int = Field(DEFAULT_AUTH_FAILURE_LIMIT, ge=0)
+    auth_penalty_s: float = Field(DEFAULT_AUTH_PENALTY_S, gt=0)
     allow_md5_auth: bool = True
     allowed_classes: list[str] = Field(default_factory=list)
     metrics_port: int = Field(0, ge=0, le=65535)

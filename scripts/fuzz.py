@@ -105,7 +105,11 @@ class Daemon:
     def __init__(self, data_dir: Path, authkey: str, memory_mb: int = 0) -> None:
         self.data_dir = data_dir
         self.authkey = authkey.encode()
-        env = dict(os.environ, MANAGERD_AUTHKEY=authkey, PYTHONUNBUFFERED="1")
+        # No failed-handshake penalty: every fuzzed input must reach the handshake.
+        env = dict(
+            os.environ, MANAGERD_AUTHKEY=authkey, PYTHONUNBUFFERED="1",
+            MANAGERD_AUTH_FAILURE_LIMIT="0",
+        )  # fmt: skip
         cmd = [
             sys.executable, "-m", "managerd", "serve", "--host", "127.0.0.1", "--port", "0",
             "--data-dir", str(data_dir), "--fsync", "interval",

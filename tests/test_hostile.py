@@ -34,14 +34,24 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def target(shared_daemon: Daemon) -> Iterator[tuple[Daemon, Manager]]:
-    """The daemon, and a well-behaved client with known contents."""
-    m = shared_daemon.connect()
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Manager]]:
+    """The daemon, and a well-behaved client with known contents.
+
+    The failed-handshake penalty is off: every fuzzed input must reach the
+    handshake code, not be refused at accept after the first twenty
+    (tests/test_peers.py tests the penalty).
+    """
+    daemon = Daemon(tmp_path_factory.mktemp("hostile"), env={"MANAGERD_AUTH_FAILURE_LIMIT": "0"})
+    daemon.start()
+    m = daemon.connect()
     q = m.Queue("hostile.q")
     q.put_many(["a", "b", "c"])
     m.dict("hostile.d").update({"k": [1, 2, 3]})
-    yield shared_daemon, m
-    m.close()
+    try:
+        yield daemon, m
+    finally:
+        m.close()
+        daemon.stop()
 
 
 def _still_serving(target: tuple[Daemon, Manager], rss_limit_kb: int = 400_000) -> None:
