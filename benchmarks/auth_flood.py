@@ -2,26 +2,36 @@
 
 Starts a daemon (with metrics), then for each round:
 
-1. *alone*: a well-behaved managerd client times ``--calls`` ``m.ping()``
-   calls, one after the other;
-2. *under flood*: the same, while another process fails authentication as
-   fast as it can: raw sockets that connect, read the challenge, answer it
-   with a wrong HMAC and read the ``#FAILURE#`` (``--flood-sockets`` at a
-   time, so the daemon always has handshakes queued).
+1. *alone*: a well-behaved managerd client (connected from 127.0.0.1 before
+   the flood) times ``--calls`` ``m.ping()`` calls, one after the other;
+2. *under flood*: the same, while another process, connecting from
+   127.0.0.2, fails authentication as fast as it can: raw sockets that
+   connect, read the challenge, answer it with a wrong HMAC and read the
+   ``#FAILURE#`` (``--flood-sockets`` at a time). Once the daemon penalizes
+   that address (``auth_failure_limit``), its connections are held and then
+   refused, which the flooder reads too.
 
-It prints p50/p99/mean latency of both, the ratio, and the failed
-authentications per second during the timed window, as counted by the flood
-process and by the daemon (``managerd_auth_failures_total``, scraped before
-and after). Each failed authentication also costs the daemon a log line,
-which this script reads and throws away, as a log shipper would.
+``--spin``: the flooder never reads — connect, send a wrong answer, close —
+so a penalty cannot slow it: a connection flood. ``--flood-sockets 0``: the
+control, a process as busy as the flooder that never touches the daemon (on
+a machine with fewer cores than the three processes need, part of any
+figure is the scheduler sharing cores). ``--auth-failure-limit 0``: the
+daemon without the penalty.
 
-A number to read, not a test. On a machine with fewer cores than the three
-processes (daemon, client, flooder) need, part of what is measured is the
-scheduler sharing cores; ``--pin`` puts the daemon on CPU 0, the client on
-CPU 1 and the flooder on the rest (or beside the client on 2 cores)::
+It prints p50/p99/mean latency of both, the ratios, and per second of the
+timed window the connections the flooder opened, and the failed
+authentications and penalty refusals the daemon counted
+(``managerd_auth_failures_total``, ``managerd_limits_hit_total{limit=
+"auth_penalty"}``, scraped before and after); then the totals over all
+windows. ``--pin`` puts the daemon on CPU 0, the client on CPU 1 and the
+flooder on the rest (or beside the client on 2 cores).
 
-    uv run python benchmarks/auth_flood.py
-    uv run python benchmarks/auth_flood.py --calls 5000 --rounds 3 --pin
+A number to read, not a test::
+
+    uv run python benchmarks/auth_flood.py --rounds 5 --calls 20000
+    uv run python benchmarks/auth_flood.py --rounds 5 --calls 20000 --auth-failure-limit 0
+    uv run python benchmarks/auth_flood.py --rounds 5 --calls 20000 --spin
+    uv run python benchmarks/auth_flood.py --rounds 5 --calls 20000 --flood-sockets 0
 """
 
 from __future__ import annotations
@@ -250,6 +260,7 @@ def main() -> int:
     alone_runs: list[dict[str, float]] = []
     flood_runs: list[dict[str, float]] = []
     rates: list[tuple[float, float, float]] = []
+    totals = [0.0, 0.0, 0.0, 0.0]  # opened, failed, refused, seconds
     try:
         with connect(daemon.address, authkey=authkey) as m:
             timed_pings(m, 1000)  # warm up
@@ -283,6 +294,10 @@ def main() -> int:
                 alone_runs.append(alone)
                 flood_runs.append(flooded)
                 rates.append((opened, failed, refused))
+                totals[0] += after[0] - before[0]
+                totals[1] += failed_after - failed_before
+                totals[2] += refused_after - refused_before
+                totals[3] += window_s
                 print(f"round {round_no}:", flush=True)
                 print("  " + show("alone", alone))
                 print("  " + show("under flood", flooded))
@@ -314,6 +329,10 @@ def main() -> int:
         f"{statistics.median(r[2] for r in rates):,.0f} refused by the penalty; "
         f"ratio p50 x{med(flood_runs, 'p50') / med(alone_runs, 'p50'):.2f}, "
         f"p99 x{med(flood_runs, 'p99') / med(alone_runs, 'p99'):.2f}"
+    )
+    print(
+        f"  over all {totals[3]:.1f} s of flood: {totals[0]:,.0f} connections opened, "
+        f"{totals[1]:,.0f} failed authentications, {totals[2]:,.0f} refused by the penalty"
     )
     print(f"  daemon log lines: {log_lines:,}")
     return 0

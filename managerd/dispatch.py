@@ -27,6 +27,7 @@ from typing import Any, Final, Protocol
 from managerd.journal import Journal
 from managerd.metrics import RequestStats
 from managerd.objects.base import Call, MethodSpec, SharedObject
+from managerd.peers import PeerGuard
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
@@ -147,6 +148,8 @@ class ServerOps:
         self.registry = registry
         self.sessions = sessions
         self.started_at = started_at
+        #: Per-address handshake state (set by the server core).
+        self.peers: PeerGuard | None = None
 
     def create(self, typeid: str, name: str, args: dict[str, Any]) -> SharedObject:
         if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
@@ -161,6 +164,11 @@ class ServerOps:
             "uptime_s": round(time.time() - self.started_at, 3),
             "objects": {name: obj.describe() for name, obj in self.registry.objects.items()},
             "sessions": [s.describe() for s in self.sessions],
+            "handshakes_pending": self.peers.pending() if self.peers else 0,
+            "penalized": {
+                address: round(left, 1)
+                for address, left in (self.peers.penalized() if self.peers else {}).items()
+            },
         }
 
 

@@ -73,9 +73,15 @@ class PeerGuard:
     """Failed-handshake counts, penalties and pending handshakes per address."""
 
     def __init__(
-        self, failure_limit: int, penalty_s: float, max_pending: int, log_budget: LogBudget
+        self,
+        failure_limit: int,
+        penalty_s: float,
+        max_pending: int,
+        log_budget: LogBudget,
+        max_tracked: int = MAX_TRACKED,
     ) -> None:
         self.log_budget = log_budget
+        self.max_tracked = max_tracked
         #: 0 turns the failure penalty off.
         self.failure_limit = failure_limit
         self.penalty_s = penalty_s
@@ -137,14 +143,14 @@ class PeerGuard:
         now = time.monotonic()
         entry = self._failures.get(address)
         if entry is None or now - entry.since >= self.penalty_s:
-            if entry is None and len(self._failures) >= MAX_TRACKED:
+            if entry is None and len(self._failures) >= self.max_tracked:
                 self._forget_expired(now)
             entry = self._failures[address] = _Failures(now, 0)
         entry.count += 1
         if entry.count < self.failure_limit:
             return
         del self._failures[address]
-        if address not in self._penalized and len(self._penalized) >= MAX_TRACKED:
+        if address not in self._penalized and len(self._penalized) >= self.max_tracked:
             self._forget_expired(now)
         self._penalized[address] = now + self.penalty_s
         self.penalties += 1
@@ -163,7 +169,7 @@ class PeerGuard:
                 del self._penalized[address]
         # Still full: forget the oldest (dicts keep insertion order).
         for table in (self._failures, self._penalized):
-            while len(table) >= MAX_TRACKED:
+            while len(table) >= self.max_tracked:
                 del table[next(iter(table))]
 
     # -- reading --------------------------------------------------------------------

@@ -90,6 +90,7 @@ class ServerCore:
             settings.max_handshakes_per_peer,
             self.refusals,
         )
+        self.ops.peers = self.peers
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
         #: The journal of durable state (None: memory only).

@@ -70,6 +70,11 @@ def summarize(before: dict[str, Any], after: dict[str, Any], interval_s: float) 
         "queues": queues,
         "locks": locks,
         "sessions": sessions,
+        "handshakes_pending": after.get("handshakes_pending", 0),
+        "penalized": [
+            {"address": address, "refused_for_s": left}
+            for address, left in sorted(after.get("penalized", {}).items())
+        ],
     }
 
 
@@ -139,4 +144,13 @@ def render(summary: dict[str, Any]) -> str:
             ],
         )
     )
+    if summary["penalized"]:
+        parts.append(
+            _table(
+                "addresses refused for failed handshakes",
+                ["address", "refused for s"],
+                [[p["address"], p["refused_for_s"]] for p in summary["penalized"]],
+            )
+        )
+    parts.append(f"handshakes pending: {summary['handshakes_pending']}")
     return "\n\n".join(parts)

@@ -11,10 +11,12 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,3 +196,21 @@ def wait_until(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.01
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a daemon's metrics endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """One sample of a real scrape of ``/metrics``, by name and exact labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    selector = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "")
+    match = re.search(rf"^{selector} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"no sample {name}{{{want}}} in the scrape"
+    return float(match.group(1))

@@ -31,7 +31,6 @@ import struct
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
 from multiprocessing import AuthenticationError
@@ -50,7 +49,7 @@ from managerd_client import (
 )
 from managerd_client.wire import HELLO, PROTOCOL_VERSION, WELCOME, FrameSocket, create_response
 
-from conftest import Daemon, wait_until
+from conftest import Daemon, free_port, metric, wait_until
 
 #: A hang guard for raw sockets, far above every timeout the daemon is given.
 SOCKET_TIMEOUT_S = 30.0
@@ -59,29 +58,12 @@ SOCKET_TIMEOUT_S = 30.0
 # -- helpers --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def metered(tmp: Path, env: dict[str, str]) -> tuple[Daemon, int]:
     """A started daemon with ``env`` and a ``/metrics`` port."""
     port = free_port()
     d = Daemon(tmp, env=env, args=["--metrics-port", str(port)]).start()
     assert wait_until(lambda: "metrics on http://" in d.log)
     return d, port
-
-
-def metric(port: int, name: str, **labels: str) -> float:
-    """One sample of a real scrape, by name and exact labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    selector = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "")
-    match = re.search(rf"^{selector} (\S+)$", text, re.MULTILINE)
-    assert match is not None, f"no sample {name}{{{want}}} in the scrape"
-    return float(match.group(1))
 
 
 def limit_hits(port: int, limit: str) -> float:

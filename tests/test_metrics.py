@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import urllib.error
@@ -18,18 +17,12 @@ import pytest
 
 from managerd_client import connect
 
-from conftest import Daemon, wait_until
+from conftest import Daemon, free_port, wait_until
 
 spawn = multiprocessing.get_context("spawn")
 SAMPLE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int, path: str = "/metrics") -> str:
