@@ -227,7 +227,8 @@ class EventLoopServer:
         expirer = loop.create_task(core.expire_sessions())
         metrics = None
         if self.settings.metrics_port:
-            metrics = MetricsServer(core, self.settings.host, self.settings.metrics_port)
+            metrics_host = self.settings.metrics_host or self.settings.host
+            metrics = MetricsServer(core, metrics_host, self.settings.metrics_port)
             metrics.start()
         log.info(
             "managerd serving on %s:%d (%d types; session ttl %.1fs)",

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     allow_md5_auth: bool = True
     allowed_classes: list[str] = Field(default_factory=list)
     metrics_port: int = Field(0, ge=0, le=65535)
+    #: Where the metrics endpoint listens (None: the daemon's ``host``).
+    metrics_host: str | None = None
     metrics_max_objects: int = Field(DEFAULT_METRICS_MAX_OBJECTS, ge=1)
     data_dir: Path | None = None
     fsync: FsyncMode = FsyncMode.INTERVAL

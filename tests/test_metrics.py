@@ -242,3 +242,20 @@ def test_readme_metric_table_matches_the_exposition(metered: tuple[Daemon, int])
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     documented = set(re.findall(r"^\| `(managerd_\w+)` \| (\w+) \|", readme, flags=re.M))
     assert documented == exposed
+
+
+def test_metrics_host_binds_the_endpoint_elsewhere(tmp_path: Path) -> None:
+    port = free_port()
+    d = Daemon(
+        tmp_path, env={"MANAGERD_METRICS_HOST": "127.0.0.2"}, args=["--metrics-port", str(port)]
+    ).start()
+    try:
+        assert wait_until(lambda: f"metrics on http://127.0.0.2:{port}" in d.log)
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/healthz", timeout=5) as response:
+            assert response.read() == b"ok\n"
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        with d.connect() as m:  # the daemon itself still listens on its host
+            m.ping()
+    finally:
+        d.stop()
