@@ -6,6 +6,7 @@ reports a failure as one line on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import ssl
@@ -54,7 +55,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(config: Path | None, **flags: Any) -> Settings:
+def _settings(config: Path | None = None, **flags: Any) -> Settings:
     try:
         return load_settings(config, **flags)
     except ValidationError as exc:
@@ -95,23 +96,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run the daemon until SIGTERM or Ctrl-C."""
-    settings = _settings(
-        config,
-        host=host,
-        port=port,
-        authkey_file=authkey_file,
-        data_dir=data_dir,
-        metrics_port=metrics_port,
-        session_ttl_s=session_ttl_s,
-        log_level=log_level,
-        fsync=fsync,
-        fsync_interval_s=fsync_interval_s,
-        recover=recover,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_ca=tls_ca,
-        tls_require_client_cert=tls_require_client_cert,
-    )
+    settings = _settings(**locals())  # every parameter is a settings flag
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -127,29 +112,15 @@ def serve(
         raise _fail(exc.strerror or str(exc), 1) from None
 
 
-@app.command()
-def config(
-    config: ConfigOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    authkey_file: AuthkeyFileOpt = None,
-    data_dir: DataDirOpt = None,
-    metrics_port: MetricsPortOpt = None,
-    session_ttl_s: SessionTtlOpt = None,
-    log_level: LogLevelOpt = None,
-) -> None:
+def config(**flags: Any) -> None:
     """Print the settings `serve` would use with these flags, as JSON (secrets masked)."""
-    settings = _settings(
-        config,
-        host=host,
-        port=port,
-        authkey_file=authkey_file,
-        data_dir=data_dir,
-        metrics_port=metrics_port,
-        session_ttl_s=session_ttl_s,
-        log_level=log_level,
-    )
+    settings = _settings(**flags)
     typer.echo(json.dumps(settings.masked(), indent=2, sort_keys=True))
+
+
+# `config` takes exactly the flags `serve` takes: one list, kept in one place.
+config.__signature__ = inspect.signature(serve, eval_str=True)  # type: ignore[attr-defined]
+app.command()(config)
 
 
 @app.command()

@@ -149,6 +149,28 @@ def test_config_without_authkey_shows_none_and_creates_no_key(home: Path) -> Non
     assert not (home / ".config" / "managerd").exists()
 
 
+def test_config_takes_every_flag_serve_takes(tmp_path: Path, home: Path) -> None:
+    """`config` shows what `serve` would run with, for every flag `serve` has."""
+
+    def help_of(command: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "managerd", command, "--help"],
+            env=dict(clean_env(home), COLUMNS="200"), capture_output=True, text=True,
+            timeout=RUN_TIMEOUT_S, check=True,
+        ).stdout  # fmt: skip
+
+    flags = set(re.findall(r"--[a-z][a-z-]+", help_of("serve")))
+    assert {"--fsync", "--recover", "--tls-cert", "--tls-require-client-cert"} <= flags
+    assert flags == set(re.findall(r"--[a-z][a-z-]+", help_of("config")))
+    cert = tmp_path / "cert.pem"
+    shown = config_json(
+        "--fsync", "always", "--fsync-interval-s", "0.5", "--recover", "--tls-cert", str(cert),
+        "--tls-require-client-cert", "--data-dir", str(tmp_path), env=clean_env(home),
+    )  # fmt: skip
+    assert (shown["fsync"], shown["fsync_interval_s"], shown["recover"]) == ("always", 0.5, True)
+    assert (shown["tls_cert"], shown["tls_require_client_cert"]) == (str(cert), True)
+
+
 def test_config_precedence_flags_over_env_over_toml_over_defaults(
     tmp_path: Path, home: Path
 ) -> None:
