@@ -174,6 +174,17 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 @pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test starts; each is stopped afterwards."""
+    started: list[Daemon] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            d.stop()
+
+
+@pytest.fixture
 def manager(shared_daemon: Daemon) -> Iterator[Manager]:
     m = shared_daemon.connect()
     try:

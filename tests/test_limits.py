@@ -31,7 +31,6 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from contextlib import closing
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
@@ -125,17 +124,6 @@ def stock(d: Daemon) -> BaseManager:
     m = Stock(address=("127.0.0.1", d.port), authkey=d.authkey)
     m.connect()
     return m
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; each is stopped afterwards."""
-    started: list[Daemon] = []
-    try:
-        yield started
-    finally:
-        for d in started:
-            d.stop()
 
 
 # -- handshake timeout (slowloris) ----------------------------------------------------------

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -35,16 +34,6 @@ from conftest import Daemon, free_port, metric, wait_until
 
 HOSTILE = "127.0.0.2"
 WRONG = b"{sha256}" + bytes(32)  # well formed, never the right HMAC
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    try:
-        yield started
-    finally:
-        for d in started:
-            d.stop()
 
 
 def start(tmp: Path, daemons: list[Daemon], **env: str) -> tuple[Daemon, int]:
@@ -96,12 +85,16 @@ def authenticates(d: Daemon, source: str = HOSTILE) -> bool:
 def test_an_address_failing_too_often_is_refused_and_others_are_not(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    d, port = start(tmp_path, daemons, auth_failure_limit="5", auth_penalty_s="3")
+    d, port = start(tmp_path, daemons, auth_failure_limit="5", auth_penalty_s="10")
     with d.connect() as m:  # connected before the flood; stays served throughout
         m.Queue("p.q").put("kept")
         for _ in range(5):
             fail_once(d)
         assert wait_until(lambda: "refusing connections from 127.0.0.2" in d.log)
+        # Operators see who is refused, and for how long.
+        shown = status(d)
+        assert "addresses refused for failed handshakes (1)" in shown
+        assert "127.0.0.2" in shown
 
         # The next connection from that address gets no challenge: one REFUSED frame.
         with closing(dial(d)) as fs:
@@ -122,13 +115,9 @@ def test_an_address_failing_too_often_is_refused_and_others_are_not(
         assert metric(port, "managerd_addresses_penalized") == 1
         assert metric(port, "managerd_limits_hit_total", limit="auth_penalty") == 2
         assert d.log.count("refusing connections from 127.0.0.2") == 1
-        # Operators see who is refused, and for how long.
-        shown = status(d)
-        assert "addresses refused for failed handshakes (1)" in shown
-        assert "127.0.0.2" in shown
 
         # The penalty ends by itself.
-        assert wait_until(lambda: metric(port, "managerd_addresses_penalized") == 0, 10)
+        assert wait_until(lambda: metric(port, "managerd_addresses_penalized") == 0, 20)
         assert authenticates(d)
         m.ping()
 
