@@ -13,8 +13,10 @@ blocked inside the object.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import platform
 import resource
 import signal
 import socket
@@ -40,6 +42,11 @@ from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
 
 log = logging.getLogger("managerd")
+
+# glibc's mallopt(3) parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # HEAP_MAX/2 on 64-bit: larger values are refused
 
 
 class StartupError(Exception):
@@ -407,11 +414,36 @@ class Managerd(BaseManager):
         raise NotImplementedError("run the daemon with `managerd serve` (or get_server())")
 
 
+def _retain_freed_memory(retain_bytes: int) -> None:
+    """Let glibc keep up to ``retain_bytes`` of freed memory for reuse.
+
+    By default glibc serves a large allocation (a 1 MB frame, its payload,
+    the reply) with mmap, or trims the heap once 2x its threshold is free,
+    so every large request faults its pages in afresh: ~780 page faults
+    per 1 MB put+get, most of the time that pair takes (BENCHMARKS.md).
+    Allocations under half of ``retain_bytes`` now come from the heap, and
+    the heap is trimmed only above ``retain_bytes``: the daemon's resident
+    memory may stay that much above what it holds. 0 leaves glibc alone;
+    other C libraries are left alone.
+    """
+    if not retain_bytes or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, min(retain_bytes // 2, _MMAP_THRESHOLD_MAX))
+        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, retain_bytes)
+    except (OSError, AttributeError):
+        ok = 0
+    if not ok:
+        log.warning("could not tune the allocator (mallopt); large requests will be slower")
+
+
 def run_server(settings: Settings) -> None:
     """Resolve the authkey, serve until stopped. The CLI's one call."""
     authkey, source = resolve_authkey(settings)
     log.info("authkey from %s", source)
     _raise_file_limit(settings.max_connections)
+    _retain_freed_memory(settings.malloc_retain_bytes)
     try:
         tls = tls_context(settings)
     except ValueError as exc:

@@ -36,6 +36,7 @@ DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_MAX_HANDSHAKES_PER_PEER = 1000
 DEFAULT_AUTH_FAILURE_LIMIT = 20
 DEFAULT_AUTH_PENALTY_S = 10.0
+DEFAULT_MALLOC_RETAIN_BYTES = 64 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL_S = 1.0
 DEFAULT_METRICS_MAX_OBJECTS = 1000
 DEFAULT_JOURNAL_COMPACT_BYTES = 16 * 1024 * 1024
@@ -91,6 +92,8 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_require_client_cert: bool = False
+    #: Freed memory glibc may keep for reuse rather than give back (0: its defaults).
+    malloc_retain_bytes: int = Field(DEFAULT_MALLOC_RETAIN_BYTES, ge=0)
     log_level: str = "INFO"
     event_loop: EventLoop = EventLoop.AUTO
 

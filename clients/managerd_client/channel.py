@@ -55,20 +55,46 @@ _IDLE_CHECK_AFTER_S: Final = 0.05
 
 
 class _Slot:
-    """Where a reply lands for the thread that waits for it."""
+    """Where a reply lands for the thread that waits for it.
 
-    __slots__ = ("error", "frame")
+    The thread reading the socket decodes its own reply straight from the
+    read buffer (``value`` or ``failure``); a reply for another thread is
+    copied out as ``frame``, for that thread to decode.
+    """
+
+    __slots__ = ("decoded", "error", "failure", "frame", "value")
 
     def __init__(self) -> None:
         self.frame: bytes | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the connection failed
+        self.decoded = False
+        self.value: Any = None
+        self.failure: BaseException | None = None  # the call raised on the daemon
 
     @property
     def done(self) -> bool:
-        return self.frame is not None or self.error is not None
+        return self.decoded or self.frame is not None or self.error is not None
+
+    def decode(self, frame: bytes | memoryview) -> None:
+        try:
+            self.value = _decode_reply(frame)
+        except Exception as exc:
+            self.failure = exc
+        self.decoded = True
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        if not self.decoded:
+            assert self.frame is not None
+            self.decode(self.frame)
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        return self.value
 
 
-def _decode_reply(frame: bytes) -> Any:
+def _decode_reply(frame: bytes | memoryview) -> Any:
     _, status = _REPLY_HEAD.unpack_from(frame)
     value = pickle.loads(memoryview(frame)[_REPLY_HEAD.size :])
     if status == _STATUS_OK:
@@ -208,10 +234,7 @@ class Channel:
         except OSError as exc:
             self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
         self._await(slot)
-        if slot.error is not None:
-            raise slot.error
-        assert slot.frame is not None
-        return _decode_reply(slot.frame)
+        return slot.result()
 
     def _await(self, slot: _Slot) -> None:
         cond = self._cond
@@ -233,7 +256,7 @@ class Channel:
         fs = self._fs
         while not slot.done:
             try:
-                frame = fs.recv_frame()
+                frame = fs.recv_frame_view()
             except TimeoutError:
                 self._die(
                     ConnectionLost(
@@ -250,13 +273,19 @@ class Channel:
                 self._die(ProtocolError("the daemon sent a frame too short to be a reply"))
                 return
             (rid,) = _RID.unpack_from(frame)
+            if rid in self._pending and self._pending[rid] is slot:
+                # Ours: decoded before the next read reuses the buffer.
+                with self._cond:
+                    del self._pending[rid]
+                slot.decode(frame)
+                continue
+            copy = bytes(frame)
             with self._cond:
                 target = self._pending.pop(rid, None)
                 if target is None:
                     continue
-                target.frame = frame
-                if target is not slot:
-                    self._cond.notify_all()
+                target.frame = copy
+                self._cond.notify_all()
 
     def peer_closed(self) -> bool:
         """Whether an idle connection was closed by the daemon (it restarted).

@@ -68,6 +68,9 @@ PICKLE_PROTOCOL: Final = 5
 _LEGACY_MD5_LENGTHS: Final = (16, 20)
 _ALLOWED_DIGESTS: Final = frozenset({b"md5", b"sha256", b"sha384", b"sha3_256", b"sha3_384"})
 _READ_BUFFER_BYTES: Final = 65536
+#: A read buffer grown for a large frame is kept up to this size: the next
+#: large frame then lands in memory already paged in, not in a fresh buffer.
+_KEEP_BUFFER_BYTES: Final = 4 * 1024 * 1024
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
 
@@ -161,6 +164,10 @@ class FrameSocket:
         A receive timeout raises ``TimeoutError`` with the partial frame kept
         in the buffer, so the caller may simply call again.
         """
+        return bytes(self.recv_frame_view())
+
+    def recv_frame_view(self) -> memoryview:
+        """The next frame as a view of the read buffer, valid until the next read."""
         while True:
             buf, start, avail = self._buf, self._start, self._end - self._start
             if avail >= 4:
@@ -175,11 +182,11 @@ class FrameSocket:
                 if size < 0 or size > self._max_frame_bytes:
                     raise OSError(f"frame of {size} bytes is over the limit")
                 if avail >= head + size:
-                    frame = bytes(memoryview(buf)[start + head : start + head + size])
+                    frame = memoryview(buf)[start + head : start + head + size]
                     self._start = start + head + size
                     if self._start == self._end:
                         self._start = self._end = 0
-                        if len(buf) > _READ_BUFFER_BYTES:  # a big frame passed: shrink back
+                        if len(buf) > _KEEP_BUFFER_BYTES:  # a huge frame passed: shrink back
                             self._buf = bytearray(_READ_BUFFER_BYTES)
                     return frame
                 self._fill(head + size)
@@ -192,7 +199,7 @@ class FrameSocket:
         if self._start + want > len(buf):
             unread = buf[self._start : self._end]
             if want > len(buf):
-                buf = self._buf = bytearray(want)
+                buf = self._buf = bytearray(max(want, min(2 * len(buf), _KEEP_BUFFER_BYTES)))
             buf[: len(unread)] = unread
             self._start, self._end = 0, len(unread)
         try:
