@@ -7,8 +7,11 @@ its session ended gets no reply: nobody is there to read it.
 managerd envelopes (after the hello) are ``<rid:u64><pickle of (typeid,
 name, method, args, thread)>``; replies are ``<rid:u64><status:u8><pickle of
 value>`` with status 0 for a result and 1 for an ``(error kind, message)``
-pair. The request id stays outside the pickle so that a request the daemon
-refuses to decode still gets an answer the client can match.
+pair, or ``<rid:u64><2><bytes>`` for a large ``bytes`` result (a stored
+payload, sent as it is rather than pickled again) to clients that said
+``raw_replies`` in their hello. The request id stays outside the pickle so
+that a request the daemon refuses to decode still gets an answer the client
+can match.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ RID: Final = struct.Struct("!Q")
 REPLY_HEAD: Final = struct.Struct("!QB")
 STATUS_OK: Final = 0
 STATUS_ERROR: Final = 1
+#: The body is the result itself, a bytes object (a stored payload), sent to
+#: clients that asked for it in their hello (``raw_replies``).
+STATUS_RAW: Final = 2
+RAW_REPLY_MIN_BYTES: Final = 65536
 
 #: Exceptions an object method raises to mean "the caller asked for
 #: something wrong"; anything else is a daemon bug and is logged in full.
@@ -138,7 +145,12 @@ def answer(
 class ReplySink(Protocol):
     """The side of a connection that writes frames."""
 
+    #: The client takes a bytes result as raw bytes (``STATUS_RAW``).
+    raw_replies: bool
+
     def send_frame(self, body: bytes) -> None: ...
+
+    def send_frame_parts(self, head: bytes, body: bytes) -> None: ...
 
 
 class ServerOps:
@@ -206,7 +218,7 @@ class Dispatcher:
             self._reply_error(sink, rid, "invalid", started, exc)
             return
         label = _method_label(typeid, method)
-        done = partial(self._reply, sink, rid, label, started)
+        done = partial(self._reply_raw, sink, rid, label, started)
         failed = partial(self._reply_error, sink, rid, label, started)
         try:
             if typeid is None:
@@ -257,6 +269,14 @@ class Dispatcher:
             return
         sink.send_frame(REPLY_HEAD.pack(rid, STATUS_OK) + body)
         self.stats.record(label, "ok", time.perf_counter() - started)
+
+    def _reply_raw(self, sink: ReplySink, rid: int, label: str, started: float, value: Any) -> None:
+        """A large stored payload goes out as it is: no pickling, no copy."""
+        if type(value) is bytes and len(value) >= RAW_REPLY_MIN_BYTES and sink.raw_replies:
+            sink.send_frame_parts(REPLY_HEAD.pack(rid, STATUS_RAW), value)
+            self.stats.record(label, "ok", time.perf_counter() - started)
+        else:
+            self._reply(sink, rid, label, started, value)
 
     def _reply_error(
         self, sink: ReplySink, rid: int, label: str, started: float, exc: BaseException

@@ -75,6 +75,8 @@ class Connection(asyncio.Protocol):
         #: In the authkey (or TLS) handshake: a refusal now is a failed handshake.
         self._handshaking = False
         self.session: Session | None = None
+        #: The client takes large bytes results raw (it said so in its hello).
+        self.raw_replies = False
         self._challenge_message = b""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._probe_sock: socket.socket | None = None
@@ -211,6 +213,15 @@ class Connection(asyncio.Protocol):
             transport.write(frame_header(len(body)) + body)
         else:
             transport.writelines((frame_header(len(body)), body))
+
+    def send_frame_parts(self, head: bytes, body: bytes) -> None:
+        """Send ``head + body`` as one frame without joining them (``body`` is large)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        size = len(head) + len(body)
+        self.core.stats.bytes_out += size + 4
+        transport.writelines((frame_header(size) + head, body))
 
     def frame_received(self, frame: bytes) -> None:
         state = self.state
@@ -364,6 +375,7 @@ class Connection(asyncio.Protocol):
         session.probe = self.peer_alive
         session.touch()
         self.state = ConnState.MANAGERD
+        self.raw_replies = info.get("raw_replies") is True
         self._stock_reply(
             (
                 "#RETURN",
@@ -373,6 +385,7 @@ class Connection(asyncio.Protocol):
                     "server_id": self.core.server_id,
                     "session_ttl_s": self.core.settings.session_ttl_s,
                     "max_frame_bytes": self.core.settings.max_frame_bytes,
+                    "raw_replies": self.raw_replies,
                 },
             )
         )

@@ -6,6 +6,7 @@ a queue, batches, and acknowledged delivery with ``reserve()``.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any
@@ -401,3 +402,60 @@ def test_reservation_of_a_finished_process_comes_back(shared_daemon: Daemon, uni
         msg = q.reserve(timeout=10)  # back when the worker's session ended
         assert msg.value == "job" and msg.deliveries == 2
         msg.ack()
+
+
+# -- large payloads (spliced into requests, sent raw in replies) ----------------------------------
+
+
+def test_large_payloads_round_trip_every_way(manager: Manager, uniq: str) -> None:
+    blob = os.urandom(1 << 20)
+    obj = {"blob": blob, "list": list(range(50_000)), "text": "é" * 100_000}
+    q = manager.Queue(uniq)
+    q.put(blob)
+    q.put(obj)
+    q.put(bytearray(blob))  # not bytes: pickled in the envelope as before
+    assert q.get(timeout=5) == blob
+    assert q.get(timeout=5) == obj
+    assert q.get(timeout=5) == bytearray(blob)
+    d = manager.dict(uniq + ".d")
+    d[b"\x00managerd:splice"] = blob  # a key that looks like the splice marker
+    assert d[b"\x00managerd:splice"] == blob
+    assert d.pop(b"\x00managerd:splice") == blob
+    assert d.setdefault("k", blob) == blob
+    lst = manager.list(uniq + ".l")
+    lst.append(blob)
+    assert lst[0] == blob and lst.pop(0) == blob
+
+
+def test_large_payload_holding_a_proxy_is_rebuilt_on_the_same_connection(
+    manager: Manager, uniq: str
+) -> None:
+    # Unpickling the payload rebuilds the proxy, which calls the daemon on this
+    # very connection: that must not wait for the read that delivered it.
+    d = manager.dict(uniq + ".d")
+    q = manager.Queue(uniq)
+    q.put((d, os.urandom(300_000)))
+    proxy, blob = q.get(timeout=5)
+    proxy["seen"] = len(blob)
+    assert d["seen"] == 300_000
+
+
+def test_large_payloads_from_threads_sharing_one_connection(manager: Manager, uniq: str) -> None:
+    blobs = [bytes([i]) * (200_000 + i) for i in range(8)]
+    q = manager.Queue(uniq)
+    got: list[bytes] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        for _ in range(10):
+            q.put(blobs[i])
+            item = q.get(timeout=10)
+            with lock:
+                got.append(item)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == sorted(b for b in blobs for _ in range(10))

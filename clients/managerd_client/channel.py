@@ -12,6 +12,13 @@ A connection is dead when a send fails, the peer closes, or nothing at all
 arrives for ``dead_after_s`` while a thread is reading (heartbeats make sure
 something does on a live one). Death fails every call in flight with
 ``ConnectionLost``; a call is never sent twice.
+
+Large payloads are not copied on the way: a ``bytes`` argument of 64 KiB or
+more is spliced into the request's pickle as it is sent, a large ``bytes``
+result comes back raw (status 2) and is unpickled straight from the read
+buffer, and a read buffer grown for a large frame is kept (two of them, so a
+frame being unpickled by its thread need not be copied out of the way of the
+next read). Fresh megabyte buffers cost a page fault per 4 KiB each time.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from managerd_client.errors import (
@@ -48,6 +56,11 @@ from managerd_client.wire import (
 _RID: Final = struct.Struct("!Q")
 _REPLY_HEAD: Final = struct.Struct("!QB")
 _STATUS_OK: Final = 0
+_STATUS_RAW: Final = 2  # the body is the result, a bytes object, as it is
+#: A bytes argument this large is spliced into the request rather than
+#: copied into it (see ``_encode_request``).
+_SPLICE_MIN_BYTES: Final = 65536
+_SPLICE_MARKER: Final = b"\x00managerd:splice"  # 16 bytes
 _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 #: An idle connection is checked for a hang-up before a call is sent into it;
 #: one that answered this recently is not (that would be a syscall per call).
@@ -62,10 +75,12 @@ class _Slot:
     copied out as ``frame``, for that thread to decode.
     """
 
-    __slots__ = ("decoded", "error", "failure", "frame", "value")
+    __slots__ = ("decode_with", "decoded", "error", "failure", "frame", "value")
 
-    def __init__(self) -> None:
-        self.frame: bytes | None = None
+    def __init__(self, decode_with: Callable[[Any], Any] | None = None) -> None:
+        #: Applied to the result (a payload) before the call returns it.
+        self.decode_with = decode_with
+        self.frame: bytes | memoryview | None = None
         self.error: BaseException | None = None  # the connection failed
         self.decoded = False
         self.value: Any = None
@@ -77,7 +92,7 @@ class _Slot:
 
     def decode(self, frame: bytes | memoryview) -> None:
         try:
-            self.value = _decode_reply(frame)
+            self.value = _decode_reply(frame, self.decode_with)
         except Exception as exc:
             self.failure = exc
         self.decoded = True
@@ -94,15 +109,47 @@ class _Slot:
         return self.value
 
 
-def _decode_reply(frame: bytes | memoryview) -> Any:
+def _decode_reply(frame: bytes | memoryview, decode: Callable[[Any], Any] | None = None) -> Any:
     _, status = _REPLY_HEAD.unpack_from(frame)
-    value = pickle.loads(memoryview(frame)[_REPLY_HEAD.size :])
+    body = memoryview(frame)[_REPLY_HEAD.size :]
+    if status == _STATUS_RAW:
+        return bytes(body) if decode is None else decode(body)
+    value = pickle.loads(body)
     if status == _STATUS_OK:
-        return value
+        return value if decode is None else decode(value)
     kind, message, args = value
     if kind == "Key" and args:
         raise KeyError(*args)
     raise error_from_kind(kind, message)
+
+
+def _encode_request(envelope: tuple[Any, ...]) -> list[bytes]:
+    """The pickled request, in parts to send back to back.
+
+    A large payload (a ``bytes`` argument of ``_SPLICE_MIN_BYTES`` or more,
+    as ``put`` sends) is not copied into the pickle: the envelope is pickled
+    with a 16-byte marker in its place (protocol 3: no framing, so lengths
+    inside the pickle stay right) and the payload goes out between the
+    pieces as a ``BINBYTES`` item. The daemon reads an ordinary pickle.
+    """
+    args = envelope[3]
+    i = next(
+        (i for i, a in enumerate(args) if type(a) is bytes and len(a) >= _SPLICE_MIN_BYTES), None
+    )
+    if i is None:
+        return [pickle.dumps(envelope, PICKLE_PROTOCOL)]
+    arg = args[i]
+    marked = (*envelope[:3], (*args[:i], _SPLICE_MARKER, *args[i + 1 :]), *envelope[4:])
+    pickled = pickle.dumps(marked, 3)
+    needle = b"C\x10" + _SPLICE_MARKER  # SHORT_BINBYTES, 16 bytes
+    at = pickled.find(needle)
+    if at < 0 or pickled.find(needle, at + 1) >= 0:  # another argument holds the marker
+        return [pickle.dumps(envelope, PICKLE_PROTOCOL)]
+    return [
+        pickled[:at] + b"B" + struct.pack("<I", len(arg)),  # BINBYTES, 4-byte length
+        arg,
+        pickled[at + len(needle) :],
+    ]
 
 
 def open_socket(
@@ -179,7 +226,7 @@ class Channel:
         try:
             self._fs.send_frame(
                 pickle.dumps(
-                    (None, HELLO, ({"protocol": PROTOCOL_VERSION, **(hello or {})},), {}),
+                    (None, HELLO, (self._hello_info(hello),), {}),
                     PICKLE_PROTOCOL,
                 )
             )
@@ -214,15 +261,24 @@ class Channel:
         self._poller.register(sock.fileno(), _HANGUP)
 
     # -- calls ------------------------------------------------------------------
-    def call(self, typeid: str | None, name: str | None, method: str, args: tuple[Any, ...]) -> Any:
-        body = pickle.dumps((typeid, name, method, args, threading.get_ident()), PICKLE_PROTOCOL)
-        if len(body) + _RID.size > self.max_frame_bytes:
+    def call(
+        self,
+        typeid: str | None,
+        name: str | None,
+        method: str,
+        args: tuple[Any, ...],
+        decode: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """The result of ``method`` on the daemon, passed through ``decode`` if given."""
+        parts = _encode_request((typeid, name, method, args, threading.get_ident()))
+        size = sum(len(p) for p in parts) + _RID.size
+        if size > self.max_frame_bytes:
             # The daemon would hang up on it (and end this session): don't send it.
             raise RequestTooLarge(
-                f"a {method} request of {len(body) + _RID.size} bytes is over the daemon's "
+                f"a {method} request of {size} bytes is over the daemon's "
                 f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
             )
-        slot = _Slot()
+        slot = _Slot(decode)
         with self._cond:
             if self.dead is not None:
                 raise ConnectionLost(str(self.dead))
@@ -230,11 +286,16 @@ class Channel:
             self._pending[rid] = slot
         try:
             with self._send_lock:
-                self._fs.send_frame(body, prefix=_RID.pack(rid))
+                self._fs.send_frame_parts(parts, prefix=_RID.pack(rid))
         except OSError as exc:
             self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
         self._await(slot)
-        return slot.result()
+        try:
+            return slot.result()
+        finally:
+            if isinstance(slot.frame, memoryview):
+                self._fs.recycle(slot.frame.obj)
+                slot.frame = None
 
     def _await(self, slot: _Slot) -> None:
         cond = self._cond
@@ -274,10 +335,14 @@ class Channel:
                 return
             (rid,) = _RID.unpack_from(frame)
             if rid in self._pending and self._pending[rid] is slot:
-                # Ours: decoded before the next read reuses the buffer.
                 with self._cond:
                     del self._pending[rid]
-                slot.decode(frame)
+                if slot.decode_with is None:
+                    slot.decode(frame)  # before the next read reuses the buffer
+                else:
+                    # Unpickling a payload may call back into this channel (a
+                    # proxy rebuilt): it happens after this thread stops reading.
+                    slot.frame = fs.detach_frame(frame)
                 continue
             copy = bytes(frame)
             with self._cond:
@@ -286,6 +351,11 @@ class Channel:
                     continue
                 target.frame = copy
                 self._cond.notify_all()
+
+    @staticmethod
+    def _hello_info(hello: dict[str, Any] | None) -> dict[str, Any]:
+        """What the client says of itself: protocol, raw large results, then ``hello``."""
+        return {"protocol": PROTOCOL_VERSION, "raw_replies": True, **(hello or {})}
 
     def peer_closed(self) -> bool:
         """Whether an idle connection was closed by the daemon (it restarted).

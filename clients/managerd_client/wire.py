@@ -140,11 +140,13 @@ class FrameSocket:
     call, which measured here costs ~20 us, as much as the round trip).
     """
 
-    __slots__ = ("_buf", "_end", "_max_frame_bytes", "_start", "sock")
+    __slots__ = ("_buf", "_end", "_max_frame_bytes", "_spare", "_start", "sock")
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self.sock = sock
         self._buf = bytearray(_READ_BUFFER_BYTES)
+        #: A large read buffer handed back (see detach_frame), for the next one.
+        self._spare: bytearray | None = None
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
         self._max_frame_bytes = max_frame_bytes
@@ -157,6 +159,16 @@ class FrameSocket:
         else:
             self.sock.sendall(frame_header(size) + prefix)
             self.sock.sendall(body)
+
+    def send_frame_parts(self, parts: list[bytes], prefix: bytes = b"") -> None:
+        """Send ``prefix`` and ``parts`` back to back as one frame, without joining them."""
+        if len(parts) == 1:
+            self.send_frame(parts[0], prefix)
+            return
+        size = len(prefix) + sum(len(p) for p in parts)
+        self.sock.sendall(frame_header(size) + prefix + parts[0])
+        for part in parts[1:]:
+            self.sock.sendall(part)
 
     def recv_frame(self) -> bytes:
         """The next frame; ``EOFError`` when the peer closed the connection.
@@ -192,6 +204,29 @@ class FrameSocket:
                 self._fill(head + size)
             else:
                 self._fill(4)
+
+    def detach_frame(self, frame: memoryview) -> memoryview:
+        """Keep ``frame`` (the last view returned) valid past the next read.
+
+        A small frame is copied. A large one keeps the read buffer it lies in:
+        reading goes on in a spare buffer (what follows the frame moves
+        there), and :meth:`recycle` makes the old one the next spare, so large
+        frames alternate between two buffers already paged in.
+        """
+        if len(frame) < _READ_BUFFER_BYTES or frame.obj is not self._buf:
+            return memoryview(bytes(frame))
+        rest = self._buf[self._start : self._end]
+        spare, self._spare = self._spare, None
+        if spare is None or len(spare) < len(rest):
+            spare = bytearray(max(_READ_BUFFER_BYTES, len(rest)))
+        spare[: len(rest)] = rest
+        self._buf, self._start, self._end = spare, 0, len(rest)
+        return frame
+
+    def recycle(self, buffer: object) -> None:
+        """``buffer`` (of a detached frame) is no longer read: reuse it."""
+        if isinstance(buffer, bytearray) and len(buffer) <= _KEEP_BUFFER_BYTES:
+            self._spare = buffer
 
     def _fill(self, want: int) -> None:
         """Read more, making room for a frame of ``want`` bytes at ``_start``."""
