@@ -405,10 +405,10 @@ class Connection(asyncio.Protocol):
             self.core.peers.failed(self.address)
 
     def _refuse_at_once(self, reason: str) -> None:
-        """Refuse before any challenge: one ``#REFUSED#`` frame says why."""
+        """Refuse before any challenge: one ``#REFUSED#`` frame says why (and the log)."""
         self._handshake_timer = None
         self.send_frame(REFUSED + reason.encode())
-        self.refuse(reason, quiet=True)
+        self.refuse(f"refused: {reason}")
 
     def refuse(self, reason: str, quiet: bool = False) -> None:
         """Log one line (within the log budget) and close the connection.

@@ -115,6 +115,8 @@ def test_an_address_failing_too_often_is_refused_and_others_are_not(
         assert metric(port, "managerd_addresses_penalized") == 1
         assert metric(port, "managerd_limits_hit_total", limit="auth_penalty") == 2
         assert d.log.count("refusing connections from 127.0.0.2") == 1
+        # Each refused connection is a log line too (within the refusal log budget).
+        assert "refused: too many failed authentications from 127.0.0.2" in d.log
 
         # The penalty ends by itself.
         assert wait_until(lambda: metric(port, "managerd_addresses_penalized") == 0, 20)
@@ -200,6 +202,7 @@ def test_one_address_cannot_hold_more_than_its_pending_handshakes(
         refused = fs.recv_frame()
     assert refused.startswith(REFUSED)
     assert b"too many unauthenticated connections from 127.0.0.2" in refused
+    assert wait_until(lambda: "refused: too many unauthenticated connections" in d.log)
     assert metric(port, "managerd_handshakes_pending") == 3
     assert metric(port, "managerd_limits_hit_total", limit="handshakes_per_peer") == 1
     # Another address is not affected.
