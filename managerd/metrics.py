@@ -20,6 +20,7 @@ The endpoint also answers ``/healthz`` (the process is alive) and
 from __future__ import annotations
 
 import bisect
+import hmac
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -296,7 +297,10 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a background HTTP thread."""
 
-    def __init__(self, core: ServerCore, host: str, port: int) -> None:
+    def __init__(self, core: ServerCore, host: str, port: int, token: bytes | None = None) -> None:
+        #: With a token, ``/metrics`` answers only ``Authorization: Bearer <token>``
+        #: (the health endpoints stay open: they tell nothing but up or down).
+        expected = b"Bearer " + token if token else None
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(core))
         ProcessCollector(registry=registry)  # process_* : memory, CPU, open files
@@ -315,6 +319,13 @@ class MetricsServer:
                 )
                 return [b"ready\n" if ready else b"not accepting clients\n"]
             if path == "/metrics":
+                given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+                if expected is not None and not hmac.compare_digest(given, expected):
+                    start_response(
+                        "401 Unauthorized",
+                        [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+                    )
+                    return [b"a bearer token is required (metrics_token_file)\n"]
                 result: Iterable[bytes] = metrics_app(environ, start_response)
                 return result
             start_response("404 Not Found", [("Content-Type", "text/plain")])

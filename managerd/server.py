@@ -36,7 +36,7 @@ from managerd.protocol import Connection
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
-from managerd.settings import EventLoop, FsyncMode, Settings, resolve_authkey
+from managerd.settings import EventLoop, FsyncMode, Settings, read_key_file, resolve_authkey
 from managerd.stock import StockAdapter
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
@@ -201,6 +201,11 @@ class EventLoopServer:
         self.authkey = authkey
         self.address: tuple[str, int] | None = None
         self.core: ServerCore | None = None
+        token_file = settings.metrics_token_file
+        #: What ``/metrics`` requires as a bearer token (read before listening).
+        self.metrics_token = (
+            read_key_file(token_file.expanduser(), "metrics token") if token_file else None
+        )
         self._stop: asyncio.Event | None = None
 
     def serve_forever(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
@@ -235,7 +240,9 @@ class EventLoopServer:
         metrics = None
         if self.settings.metrics_port:
             metrics_host = self.settings.metrics_host or self.settings.host
-            metrics = MetricsServer(core, metrics_host, self.settings.metrics_port)
+            metrics = MetricsServer(
+                core, metrics_host, self.settings.metrics_port, self.metrics_token
+            )
             metrics.start()
         log.info(
             "managerd serving on %s:%d (%d types; session ttl %.1fs)",

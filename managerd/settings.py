@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535)
     #: Where the metrics endpoint listens (None: the daemon's ``host``).
     metrics_host: str | None = None
+    #: A file holding a token ``/metrics`` requires as ``Authorization: Bearer``.
+    metrics_token_file: Path | None = None
     metrics_max_objects: int = Field(DEFAULT_METRICS_MAX_OBJECTS, ge=1)
     data_dir: Path | None = None
     fsync: FsyncMode = FsyncMode.INTERVAL
@@ -139,22 +141,22 @@ class AuthkeyError(Exception):
     """The authkey could not be read safely."""
 
 
-def read_key_file(path: Path) -> bytes:
-    """The key in ``path``, refusing a file that others may read."""
+def read_key_file(path: Path, what: str = "authkey") -> bytes:
+    """The secret in ``path`` (an authkey, a token), refusing a file that others may read."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise AuthkeyError(f"cannot read authkey file {path}: {exc.strerror}") from exc
+        raise AuthkeyError(f"cannot read {what} file {path}: {exc.strerror}") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise AuthkeyError(
-            f"authkey file {path} is readable by group or others; fix it with: chmod 600 {path}"
+            f"{what} file {path} is readable by group or others; fix it with: chmod 600 {path}"
         )
     try:
         key = path.read_bytes().strip()
     except OSError as exc:
-        raise AuthkeyError(f"cannot read authkey file {path}: {exc.strerror}") from exc
+        raise AuthkeyError(f"cannot read {what} file {path}: {exc.strerror}") from exc
     if not key:
-        raise AuthkeyError(f"authkey file {path} is empty")
+        raise AuthkeyError(f"{what} file {path} is empty")
     return key
 
 

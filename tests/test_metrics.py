@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -179,17 +181,29 @@ def test_exposition_passes_promtool(metered: tuple[Daemon, int]) -> None:
 def test_real_prometheus_scrapes_the_right_depth(
     metered: tuple[Daemon, int], tmp_path: Path
 ) -> None:
-    _promtool()
-    prometheus = shutil.which("prometheus")
-    assert prometheus is not None
     d, port = metered
     with d.connect() as m:
         q = m.Queue("0.prom")
         q.put_many(list(range(7)))
+    assert _prometheus_reads_depth(port, tmp_path, "0.prom") == 7.0
+
+
+def _prometheus_reads_depth(
+    port: int, tmp_path: Path, queue: str, token_file: Path | None = None
+) -> float | None:
+    """Run a real Prometheus with deploy/prometheus.yml against ``port``; the depth it reads."""
+    _promtool()
+    prometheus = shutil.which("prometheus")
+    assert prometheus is not None
     config = (Path(__file__).resolve().parent.parent / "deploy" / "prometheus.yml").read_text()
     config = re.sub(r"managerd:\d+", f"127.0.0.1:{port}", config)
     config = re.sub(r"(scrape|evaluation)_interval:\s*\S+", r"\1_interval: 1s", config)
     config = re.sub(r"\n\s*rule_files:.*?(?=\n\S|\Z)", "\n", config, flags=re.S)
+    if token_file is not None:
+        config = config.replace(
+            "    static_configs:",
+            f"    authorization:\n      credentials_file: {token_file}\n    static_configs:",
+        )
     (tmp_path / "prometheus.yml").write_text(config)
     web = free_port()
     proc = subprocess.Popen(
@@ -202,23 +216,74 @@ def test_real_prometheus_scrapes_the_right_depth(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    seen: list[float | None] = [None]
     try:
-        query = f"http://127.0.0.1:{web}/api/v1/query?query=managerd_queue_depth%7Bqueue%3D%220.prom%22%7D"
+        query = (
+            f"http://127.0.0.1:{web}/api/v1/query?"
+            f"query=managerd_queue_depth%7Bqueue%3D%22{queue}%22%7D"
+        )
 
         def depth() -> float | None:
             try:
                 with urllib.request.urlopen(query, timeout=2) as r:
-                    import json
-
                     result = json.load(r)["data"]["result"]
             except (OSError, KeyError, ValueError):
                 return None
-            return float(result[0]["value"][1]) if result else None
+            seen[0] = float(result[0]["value"][1]) if result else None
+            return seen[0]
 
-        assert wait_until(lambda: depth() == 7.0, timeout_s=60, interval_s=0.5)
+        wait_until(lambda: depth() is not None, timeout_s=60, interval_s=0.5)
     finally:
         proc.terminate()
         proc.wait(30)
+    return seen[0]
+
+
+def test_metrics_token_is_required_and_prometheus_sends_it(tmp_path: Path) -> None:
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    d = Daemon(
+        tmp_path, env={"MANAGERD_METRICS_TOKEN_FILE": str(token_file)},
+        args=["--metrics-port", str(port)],
+    ).start()  # fmt: skip
+    try:
+        assert wait_until(lambda: "metrics on http://" in d.log)
+        with d.connect() as m:
+            m.Queue("tok.q").put_many([1, 2, 3])
+        url = f"http://127.0.0.1:{port}/metrics"
+        for header in (None, "Bearer wrong", "s3cret-token", "Bearer s3cret-token2"):
+            request = urllib.request.Request(url)
+            if header is not None:
+                request.add_header("Authorization", header)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)
+            assert refused.value.code == 401
+            refused.value.close()
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret-token"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert b'managerd_queue_depth{queue="tok.q"} 3.0' in response.read()
+        assert scrape(port, "/healthz") == "ok\n"  # open: up or down, nothing more
+        # A real Prometheus with `authorization: credentials_file` scrapes it.
+        assert _prometheus_reads_depth(port, tmp_path, "tok.q", token_file) == 3.0
+        assert "s3cret-token" not in d.log
+    finally:
+        d.stop()
+
+
+def test_metrics_token_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o644)
+    env = dict(os.environ, MANAGERD_AUTHKEY="k" * 32, MANAGERD_METRICS_TOKEN_FILE=str(token_file))
+    done = subprocess.run(
+        [sys.executable, "-m", "managerd", "serve", "--port", "0", "--metrics-port", "0"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"metrics token file {token_file} is readable by group or others" in done.stderr
+    assert f"chmod 600 {token_file}" in done.stderr
 
 
 def test_readme_metric_table_matches_the_exposition(metered: tuple[Daemon, int]) -> None:
