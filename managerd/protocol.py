@@ -159,10 +159,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = ConnState.CLOSED
-        self._handshaking = False
-        if self._pending:
-            self._pending = False
-            self.core.peers.end(self.address)
+        self._handshake_over()
         if self._probe_sock is not None:
             self._probe_sock.close()
             self._probe_sock = None
@@ -275,10 +272,7 @@ class Connection(asyncio.Protocol):
                 self._handshake_timer.cancel()
                 self._handshake_timer = None
             self.state = ConnState.STOCK
-            self._handshaking = False
-            if self._pending:
-                self._pending = False
-                self.core.peers.end(self.address)
+            self._handshake_over()
 
     def peer_alive(self) -> bool:
         """Peek at the socket: False if the peer has closed or reset it.
@@ -397,6 +391,13 @@ class Connection(asyncio.Protocol):
             return
         self.core.stats.handshake_timeouts += 1
         self.refuse(f"no authentication within {self.core.settings.handshake_timeout_s}s")
+
+    def _handshake_over(self) -> None:
+        """Authenticated or gone: no longer a pending handshake of the address."""
+        self._handshaking = False
+        if self._pending:
+            self._pending = False
+            self.core.peers.end(self.address)
 
     def _handshake_failed(self) -> None:
         """Count a failed handshake against the peer's address, once."""
