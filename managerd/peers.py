@@ -14,7 +14,8 @@ Two limits keep one address from costing everyone else:
   so it cannot fill ``max_connections`` with half-open handshakes.
 
 An address is the peer's IP address as the socket reports it. Everything here
-runs on the event loop; the tables are bounded (:data:`MAX_TRACKED`).
+runs on the event loop, but for the readers the metrics thread calls; the
+tables are bounded (:data:`MAX_TRACKED`).
 """
 
 from __future__ import annotations
@@ -172,12 +173,12 @@ class PeerGuard:
             while len(table) >= self.max_tracked:
                 del table[next(iter(table))]
 
-    # -- reading --------------------------------------------------------------------
+    # -- reading (also from the metrics thread: copy first, in one C call) -----------
     def penalized(self) -> dict[str, float]:
         """Penalized addresses and the seconds each has left."""
         now = time.monotonic()
-        return {a: until - now for a, until in self._penalized.items() if until > now}
+        return {a: until - now for a, until in list(self._penalized.items()) if until > now}
 
     def pending(self) -> int:
         """Connections that have not authenticated yet."""
-        return sum(self._pending.values())
+        return sum(list(self._pending.values()))
