@@ -373,11 +373,19 @@ def _memo_index_bomb() -> bytes:
     return b"\x80\x04N" + b"r" + struct.pack("<I", 1 << 24) + b"."
 
 
+def _memo_put_bomb() -> bytes:
+    """The same with the text PUT opcode (protocol 0's): ``p16777216\\n``."""
+    return b"\x80\x02N" + b"p16777216\n" + b"."
+
+
 @pytest.mark.parametrize(
     "bomb",
-    [_bytearray_bomb(), _set_of_range_bomb(), _array_of_range_bomb(), _memo_index_bomb()],
-    ids=["bytearray-256MiB", "set-of-range", "array-of-range", "memo-index"],
-)
+    [
+        _bytearray_bomb(), _set_of_range_bomb(), _array_of_range_bomb(), _memo_index_bomb(),
+        _memo_put_bomb(),
+    ],
+    ids=["bytearray-256MiB", "set-of-range", "array-of-range", "memo-index", "memo-put"],
+)  # fmt: skip
 def test_a_tiny_request_cannot_allocate_a_lot_while_decoding(
     tmp_path: Path, daemons: list[Daemon], bomb: bytes
 ) -> None:
@@ -410,6 +418,9 @@ def test_genuine_bombs() -> None:
     assert len(_memo_index_bomb()) == 9 and pickle.loads(_memo_index_bomb()) is None
     ops = [(op.name, arg) for op, arg, _ in pickletools.genops(_memo_index_bomb())]
     assert ("LONG_BINPUT", 1 << 24) in ops
+    assert pickle.loads(_memo_put_bomb()) is None
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(_memo_put_bomb())]
+    assert ("PUT", 1 << 24) in ops
 
 
 # -- malformed managerd envelopes -------------------------------------------------------------
