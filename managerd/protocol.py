@@ -202,14 +202,14 @@ class Connection(asyncio.Protocol):
         return HANDSHAKE_MAX_FRAME_BYTES
 
     def send_frame(self, body: bytes) -> None:
+        if len(body) >= 16384:
+            self.send_frame_parts(b"", body)  # not joined: one copy fewer
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         self.core.stats.bytes_out += len(body) + 4
-        if len(body) < 16384:
-            transport.write(frame_header(len(body)) + body)
-        else:
-            transport.writelines((frame_header(len(body)), body))
+        transport.write(frame_header(len(body)) + body)
 
     def send_frame_parts(self, head: bytes, body: bytes) -> None:
         """Send ``head + body`` as one frame without joining them (``body`` is large)."""
