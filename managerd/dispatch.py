@@ -162,6 +162,10 @@ class ServerOps:
         self.started_at = started_at
         #: Per-address handshake state (set by the server core).
         self.peers: PeerGuard | None = None
+        #: The daemon's version and the settings an operator looks at (set by the core).
+        self.about: dict[str, Any] = {}
+        #: Deadlocks as they stand, and how many were found (set by the core).
+        self.deadlocks: Callable[[], tuple[list[dict[str, Any]], int]] | None = None
 
     def create(self, typeid: str, name: str, args: dict[str, Any]) -> SharedObject:
         if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
@@ -172,7 +176,11 @@ class ServerOps:
         return self.registry.listing()
 
     def status(self) -> dict[str, Any]:
+        cycles, found = self.deadlocks() if self.deadlocks is not None else ([], 0)
         return {
+            **self.about,
+            "deadlocks": cycles,
+            "deadlocks_total": found,
             "uptime_s": round(time.time() - self.started_at, 3),
             "objects": {name: obj.describe() for name, obj in self.registry.objects.items()},
             "sessions": [s.describe() for s in self.sessions],

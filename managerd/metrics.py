@@ -14,16 +14,23 @@ by name get their own series, the rest are summed under ``_other``, so a
 million queue names cannot blow up Prometheus.
 
 The endpoint also answers ``/healthz`` (the process is alive) and
-``/readyz`` (it accepts clients).
+``/readyz`` (it accepts clients), and serves the status page: ``/`` (a
+self-contained page from ``managerd/web``) and ``/status.json``, the
+document ``managerd status --json`` prints. ``/status.json`` is read on
+the event loop (the objects are the loop's), never from this thread.
 """
 
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import hmac
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -294,6 +301,56 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+#: The page's files (package data), served as they are.
+WEB_FILES: Final = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+STATUS_TIMEOUT_S: Final = 5.0
+#: Rates on /status.json come from the sample before this one, if it is at least this old.
+MIN_RATE_INTERVAL_S: Final = 0.5
+
+
+def web_file(name: str) -> bytes:
+    return resources.files("managerd").joinpath("web", name).read_bytes()
+
+
+class StatusSource:
+    """``/status.json``: a status sample taken on the loop, rates against the previous one."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+        self._lock = threading.Lock()
+        self._previous: tuple[float, dict[str, Any]] | None = None
+
+    def _sample(self) -> dict[str, Any]:
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                future.set_result(self.core.ops.status())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.core.loop.call_soon_threadsafe(take)
+        return future.result(STATUS_TIMEOUT_S)
+
+    def document(self) -> dict[str, Any]:
+        from managerd.status import summarize
+
+        now = time.monotonic()
+        after = self._sample()
+        with self._lock:
+            previous = self._previous
+            if previous is None or now - previous[0] >= MIN_RATE_INTERVAL_S:
+                self._previous = (now, after)
+        if previous is None:
+            return summarize(after, after, 1.0)
+        return summarize(previous[1], after, max(now - previous[0], 1e-3))
+
+
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a background HTTP thread."""
 
@@ -305,6 +362,17 @@ class MetricsServer:
         registry.register(Collector(core))
         ProcessCollector(registry=registry)  # process_* : memory, CPU, open files
         metrics_app = make_wsgi_app(registry)
+        status = StatusSource(core)
+
+        def authorized(environ: dict[str, Any], start_response: Callable[..., Any]) -> bool:
+            given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+            if expected is None or hmac.compare_digest(given, expected):
+                return True
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+            )
+            return False
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "/")
@@ -319,17 +387,39 @@ class MetricsServer:
                 )
                 return [b"ready\n" if ready else b"not accepting clients\n"]
             if path == "/metrics":
-                given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
-                if expected is not None and not hmac.compare_digest(given, expected):
-                    start_response(
-                        "401 Unauthorized",
-                        [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
-                    )
+                if not authorized(environ, start_response):
                     return [b"a bearer token is required (metrics_token_file)\n"]
                 result: Iterable[bytes] = metrics_app(environ, start_response)
                 return result
+            if path == "/status.json":
+                if not authorized(environ, start_response):
+                    return [b"a bearer token is required (metrics_token_file)\n"]
+                try:
+                    doc = status.document()
+                except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+                    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                    return [f"the daemon did not answer: {exc}\n".encode()]
+                body = json.dumps(doc, default=str).encode()
+                start_response(
+                    "200 OK",
+                    [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+                )
+                return [body]
+            if path in WEB_FILES:
+                # The page holds no data (it fetches /status.json with the token).
+                file, content_type = WEB_FILES[path]
+                start_response(
+                    "200 OK",
+                    [
+                        ("Content-Type", content_type),
+                        ("Cache-Control", "no-cache"),
+                        ("X-Content-Type-Options", "nosniff"),
+                        ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:"),
+                    ],
+                )
+                return [web_file(file)]
             start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"try /metrics, /healthz or /readyz\n"]
+            return [b"try /, /status.json, /metrics, /healthz or /readyz\n"]
 
         self.httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
         self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]

@@ -28,6 +28,7 @@ from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any
 
+from managerd import __version__
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
@@ -98,6 +99,7 @@ class ServerCore:
             self.refusals,
         )
         self.ops.peers = self.peers
+        self.ops.about = about(settings)
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
         #: The journal of durable state (None: memory only).
@@ -276,6 +278,27 @@ class EventLoopServer:
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+
+
+def about(settings: Settings) -> dict[str, Any]:
+    """The version and the settings an operator looks at first (status, the page)."""
+    if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
+        store = "memory"
+    else:
+        store = f"journal in {settings.data_dir}"
+    if settings.tls_cert is None:
+        tls = "off"
+    else:
+        tls = "mutual" if settings.tls_require_client_cert else "on"
+    return {
+        "version": __version__,
+        "settings": {
+            "store": store,
+            "fsync": settings.fsync.value if store != "memory" else "-",
+            "tls": tls,
+            "session_ttl_s": settings.session_ttl_s,
+        },
+    }
 
 
 def loop_factory(

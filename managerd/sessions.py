@@ -92,6 +92,15 @@ class Session:
         for obj in holdings:
             obj.release_session(self)
 
+    def who(self) -> dict[str, Any]:
+        """Who this session is, without what it does."""
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "host": self.info.get("host"),
+            "pid": self.info.get("pid"),
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -101,6 +110,10 @@ class Session:
             "pid": self.info.get("pid"),
             "age_s": round(time.time() - self.created_at, 3),
             "waiting": len(self.waiters),
+            "holds": sorted({str(getattr(o, "name", "?")) for o in list(self.holdings)}),
+            "waits_for": sorted(
+                {w.obj.name for w in list(self.waiters) if w.alive and w.obj is not None}
+            ),
         }
 
 

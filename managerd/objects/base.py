@@ -93,7 +93,7 @@ class Call:
 class Waiter:
     """A blocked call, parked on an object until it can complete."""
 
-    __slots__ = ("alive", "data", "future", "on_cancel", "session", "since", "timer")
+    __slots__ = ("alive", "data", "future", "obj", "on_cancel", "session", "since", "timer")
 
     def __init__(self, session: Session, future: asyncio.Future[Any], data: Any = None) -> None:
         self.session = session
@@ -103,6 +103,8 @@ class Waiter:
         self.alive = True
         self.timer: asyncio.TimerHandle | None = None
         self.on_cancel: Callable[[Waiter], None] | None = None
+        #: The object it waits on (for status and the wait-for graph).
+        self.obj: SharedObject | None = None
 
     def detach(self) -> None:
         """Leave the object's queue without completing (the future moves on)."""
@@ -231,6 +233,7 @@ class SharedObject:
         """Register a waiter for ``call``; ``on_timeout`` runs after ``wait_s``."""
         future: asyncio.Future[Any] = call.loop.create_future()
         waiter = Waiter(call.session, future, data)
+        waiter.obj = self
         waiters.append(waiter)
         call.session.waiters.add(waiter)
         if wait_s is not None:

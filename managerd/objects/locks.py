@@ -146,6 +146,7 @@ class Lock(SharedObject):
                 future.set_result(result)
             return
         waiter = Waiter(session, future, (thread, depth, result))
+        waiter.obj = self
         self.waiters.append(waiter)
         session.waiters.add(waiter)
 
@@ -160,10 +161,15 @@ class Lock(SharedObject):
         return {
             **super().describe(),
             "held": holder is not None,
-            "holder": holder.describe() if holder is not None else None,
+            "holder": (
+                {**holder.describe(), "thread": self.holder_thread} if holder is not None else None
+            ),
             "held_for_s": round(self.loop.time() - self.acquired_at, 3) if holder else None,
             "token": self.token,
             "waiters": self.waiter_count(),
+            "waiting": [
+                {**w.session.who(), "thread": w.data[0]} for w in list(self.waiters) if w.alive
+            ],
         }
 
 
@@ -276,6 +282,7 @@ class Semaphore(SharedObject):
             "holders": [{**s.describe(), "permits": n} for s, n in self.held.items()],
             "token": self.token,
             "waiters": self.waiter_count(),
+            "waiting": [w.session.who() for w in list(self.waiters) if w.alive],
         }
 
 

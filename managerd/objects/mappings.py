@@ -421,6 +421,9 @@ class Namespace(SharedObject):
     def snapshot(self) -> dict[str, bytes]:
         return dict(self.attrs)
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "len": len(self.attrs)}
+
 
 #: ctypes typecodes multiprocessing.Value/Array accept; 'c' is a byte.
 TYPECODES: Final = frozenset("cubBhHiIlLqQfd")
