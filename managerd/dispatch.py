@@ -17,6 +17,7 @@ can match.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import pickle
 import queue
@@ -67,7 +68,9 @@ EXPECTED_ERRORS: Final = (
 )
 
 
-SERVER_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types"})
+SERVER_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types", "peek"})
+#: The most items ``peek`` returns of one object.
+MAX_PEEK_ITEMS: Final = 1000
 
 
 def _method_label(typeid: Any, method: Any) -> str:
@@ -175,6 +178,39 @@ class ServerOps:
     def objects(self) -> list[tuple[str, str]]:
         return self.registry.listing()
 
+    def peek(self, name: str, limit: int) -> dict[str, Any]:
+        """An object's contents as stored, without taking anything (``managerd get``).
+
+        Payloads stay the clients' pickled bytes: the caller decodes what it
+        can. At most ``limit`` items of a queue, list, dict or namespace.
+        """
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ValueError("limit must be an int >= 0")
+        limit = min(limit, MAX_PEEK_ITEMS)
+        obj = self.registry.get(name)
+        info = obj.describe()
+        try:
+            value = obj.snapshot()
+        except TypeError:  # locks, events...: their description is their content
+            return {"type": obj.typeid, "describe": info, "kind": "none"}
+        if isinstance(value, dict):
+            return {
+                "type": obj.typeid,
+                "describe": info,
+                "kind": "mapping",
+                "total": len(value),
+                "items": list(itertools.islice(value.items(), limit)),
+            }
+        if isinstance(value, list) and obj.typeid != "Array":
+            return {
+                "type": obj.typeid,
+                "describe": info,
+                "kind": "sequence",
+                "total": len(value),
+                "items": value[:limit],
+            }
+        return {"type": obj.typeid, "describe": info, "kind": "plain", "value": value}
+
     def status(self) -> dict[str, Any]:
         cycles, found = self.deadlocks() if self.deadlocks is not None else ([], 0)
         return {
@@ -265,6 +301,9 @@ class Dispatcher:
             return self.ops.objects()
         if method == "status":
             return self.ops.status()
+        if method == "peek":
+            name, limit = args
+            return self.ops.peek(name, limit)
         if method == "types":
             return {typeid: sorted(cls.methods) for typeid, cls in TYPES.items()}
         raise AttributeError(f"the daemon has no operation {method!r}")

@@ -191,6 +191,15 @@ class Manager:
         result: dict[str, Any] = self._call(None, None, "status", ())
         return result
 
+    def peek(self, name: str, limit: int = 10) -> dict[str, Any]:
+        """``name``'s contents as the daemon stores them, taking nothing (``managerd get``).
+
+        Payloads come back as the pickled bytes clients stored; at most
+        ``limit`` items of a queue, list, dict or namespace.
+        """
+        result: dict[str, Any] = self._call(None, None, "peek", (name, limit))
+        return result
+
     def _create(self, typeid: str, name: str, args: dict[str, Any]) -> str:
         channel = self._channel_or_reconnect()
         channel.call(None, None, "create", (typeid, name, args))
