@@ -24,6 +24,7 @@ from typer._click import Context, exceptions
 from typer.core import TyperCommand
 
 from managerd import __version__
+from managerd.deadlock import DeadlockMode
 from managerd.settings import (
     AuthkeyError,
     FsyncMode,
@@ -143,6 +144,10 @@ def serve(
     tls_require_client_cert: Annotated[
         bool | None,
         typer.Option("--tls-require-client-cert", help="Mutual TLS: refuse clients without one."),
+    ] = None,
+    deadlock: Annotated[
+        DeadlockMode | None,
+        typer.Option(help="A wait that closes a cycle of lock waiters: report, raise or off."),
     ] = None,
 ) -> None:
     """Run the daemon until SIGTERM or Ctrl-C."""

@@ -228,6 +228,8 @@ class Collector:
             ("managerd_tls_failures_total", "Failed TLS handshakes.", stats.tls_failures),
             ("managerd_sessions_expired_total", "Sessions ended by lease expiry.",
              stats.sessions_expired),
+            ("managerd_deadlocks_total", "Cycles of lock waiters found (deadlock setting).",
+             core.deadlocks.found_total),
             ("managerd_received_bytes_total", "Bytes received from clients.", stats.bytes_in),
             ("managerd_sent_bytes_total", "Bytes sent to clients.", stats.bytes_out),
         ):  # fmt: skip

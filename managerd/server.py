@@ -29,6 +29,7 @@ from multiprocessing.managers import BaseManager
 from typing import Any
 
 from managerd import __version__
+from managerd.deadlock import DeadlockMode, Detector
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
@@ -100,6 +101,11 @@ class ServerCore:
         )
         self.ops.peers = self.peers
         self.ops.about = about(settings)
+        #: The wait-for graph's walker, given to every session.
+        self.deadlocks = Detector(settings.deadlock)
+        if settings.deadlock is not DeadlockMode.OFF:
+            self.sessions.deadlocks = self.deadlocks
+        self.ops.deadlocks = lambda: (self.deadlocks.standing(), self.deadlocks.found_total)
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
         #: The journal of durable state (None: memory only).
@@ -297,6 +303,7 @@ def about(settings: Settings) -> dict[str, Any]:
             "fsync": settings.fsync.value if store != "memory" else "-",
             "tls": tls,
             "session_ttl_s": settings.session_ttl_s,
+            "deadlock": settings.deadlock.value,
         },
     }
 

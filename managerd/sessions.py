@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from managerd.deadlock import Detector
     from managerd.objects.base import Waiter
 
 
@@ -55,6 +56,8 @@ class Session:
         self.holdings: dict[Holder, None] = {}  # ordered set
         #: Asks the connection whether the peer is still there (set by it).
         self.probe: Callable[[], bool] | None = None
+        #: The daemon's wait-for graph walker (set by the table; None: off).
+        self.deadlocks: Detector | None = None
 
     @property
     def active(self) -> bool:
@@ -122,9 +125,12 @@ class SessionTable:
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        #: Given to every session it opens (set by the server core).
+        self.deadlocks: Detector | None = None
 
     def open(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> Session:
         session = Session(kind, peer, info)
+        session.deadlocks = self.deadlocks
         self._sessions[session.id] = session
         return session
 

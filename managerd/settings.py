@@ -23,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from managerd.deadlock import DeadlockMode
 from managerd_client.wire import DEFAULT_MAX_FRAME_BYTES
 
 log = logging.getLogger("managerd")
@@ -97,6 +98,8 @@ class Settings(BaseSettings):
     #: Freed memory glibc may keep for reuse rather than give back (0: its defaults).
     malloc_retain_bytes: int = Field(DEFAULT_MALLOC_RETAIN_BYTES, ge=0)
     log_level: str = "INFO"
+    #: What a wait that closes a cycle of lock waiters does (managerd/deadlock.py).
+    deadlock: DeadlockMode = DeadlockMode.REPORT
     event_loop: EventLoop = EventLoop.AUTO
 
     @field_validator("log_level")

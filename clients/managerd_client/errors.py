@@ -14,6 +14,7 @@
     │   ├── NoSuchObject             (also a KeyError) no object has that name
     │   ├── ObjectTypeConflict       the name is taken by another type
     │   └── ArgumentConflict         conflicting creation arguments
+    ├── DeadlockDetected             the acquire would close a cycle of waiters
     ├── ForbiddenPayload             the daemon refused to decode a request
     ├── RequestTooLarge              (also a ValueError) over the daemon's frame limit
     ├── ProtocolError                a frame that is not managerd's protocol
@@ -40,6 +41,7 @@ __all__ = [
     "AuthenticationFailed",
     "ConnectFailed",
     "ConnectionLost",
+    "DeadlockDetected",
     "ForbiddenPayload",
     "LockLost",
     "ManagerdConnectionError",
@@ -108,6 +110,14 @@ class ArgumentConflict(ObjectError):
     """The object exists with creation arguments that conflict with these."""
 
 
+class DeadlockDetected(ManagerdError):
+    """The acquire would close a cycle of waiters (daemon setting ``deadlock=raise``).
+
+    The message names every session, thread and lock in the cycle. The
+    others in it keep waiting: one of them must give up what it holds.
+    """
+
+
 class ForbiddenPayload(ManagerdError):
     """The daemon refused to decode a request (a class it does not trust)."""
 
@@ -152,6 +162,7 @@ _KINDS: dict[str, type[BaseException]] = {
     "TypeConflict": ObjectTypeConflict,
     "ArgumentConflict": ArgumentConflict,
     "Forbidden": ForbiddenPayload,
+    "Deadlock": DeadlockDetected,
     "Protocol": ProtocolError,
     "Remote": RemoteError,
 }

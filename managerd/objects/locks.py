@@ -13,6 +13,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
+from managerd.deadlock import check_deadlock
 from managerd.metrics import Histogram
 from managerd.objects.base import (
     Call,
@@ -88,6 +89,7 @@ class Lock(SharedObject):
             return self._grant(call.session, call.thread)
         if wait_s == 0.0:
             return False
+        check_deadlock(call, self)
         return self.park(self.waiters, call, wait_s, _not_acquired, (call.thread, 1, None))
 
     @exposed(mutates=True)
@@ -220,7 +222,9 @@ class Semaphore(SharedObject):
             return self._grant(call.session)
         if wait_s == 0.0:
             return False
-        return self.park(self.waiters, call, wait_s, _not_acquired)
+        check_deadlock(call, self)
+        # The thread is for the wait-for graph (managerd/deadlock.py).
+        return self.park(self.waiters, call, wait_s, _not_acquired, call.thread)
 
     @exposed(mutates=True)
     def release(self, call: Call, n: int = 1) -> None:
