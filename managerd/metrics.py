@@ -423,7 +423,14 @@ class MetricsServer:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"try /, /status.json, /metrics, /healthz or /readyz\n"]
 
-        self.httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        try:
+            self.httpd = make_server(
+                host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler
+            )
+        except OSError as exc:  # said as the main port's is (server._listen)
+            raise OSError(
+                exc.errno, f"cannot listen on {host}:{port} (metrics): {exc.strerror}"
+            ) from None
         self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="managerd-metrics", daemon=True

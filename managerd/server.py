@@ -38,7 +38,14 @@ from managerd.protocol import Connection
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
-from managerd.settings import EventLoop, FsyncMode, Settings, read_key_file, resolve_authkey
+from managerd.settings import (
+    EventLoop,
+    FsyncMode,
+    Settings,
+    generated_key_path,
+    read_key_file,
+    resolve_authkey,
+)
 from managerd.stock import StockAdapter
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
@@ -204,8 +211,10 @@ class ServerCore:
 class EventLoopServer:
     """The server behind :class:`Managerd`: listens and runs the loop."""
 
-    def __init__(self, settings: Settings, authkey: bytes) -> None:
+    def __init__(self, settings: Settings, authkey: bytes | None) -> None:
         self.settings = settings
+        #: None: resolved (and generated if need be) once the ports are bound,
+        #: so that a start that cannot listen leaves no key or directory behind.
         self.authkey = authkey
         self.address: tuple[str, int] | None = None
         self.core: ServerCore | None = None
@@ -228,8 +237,28 @@ class EventLoopServer:
     async def serve(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        core = self.core = ServerCore(self.settings, self.authkey, loop)
         sock = _listen(self.settings.host, self.settings.port)
+        core = self.core = ServerCore(self.settings, self.authkey or b"", loop)
+        metrics = None
+        if self.settings.metrics_port:
+            metrics_host = self.settings.metrics_host or self.settings.host
+            try:
+                metrics = MetricsServer(
+                    core, metrics_host, self.settings.metrics_port, self.metrics_token
+                )
+            except OSError:
+                sock.close()
+                raise
+        if self.authkey is None:
+            try:
+                self.authkey, source = resolve_authkey(self.settings)
+            except BaseException:
+                sock.close()
+                if metrics is not None:
+                    metrics.httpd.server_close()  # never served: nothing to shut down
+                raise
+            core.authkey = self.authkey
+            log.info("authkey from %s", source)
         core.tls = tls_context(self.settings)
         journal = _journal(self.settings)
         compactor = None
@@ -245,12 +274,7 @@ class EventLoopServer:
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
         expirer = loop.create_task(core.expire_sessions())
-        metrics = None
-        if self.settings.metrics_port:
-            metrics_host = self.settings.metrics_host or self.settings.host
-            metrics = MetricsServer(
-                core, metrics_host, self.settings.metrics_port, self.metrics_token
-            )
+        if metrics is not None:
             metrics.start()
         log.info(
             "managerd serving on %s:%d (%d types; session ttl %.1fs)",
@@ -476,9 +500,19 @@ def _retain_freed_memory(retain_bytes: int) -> None:
 
 
 def run_server(settings: Settings) -> None:
-    """Resolve the authkey, serve until stopped. The CLI's one call."""
-    authkey, source = resolve_authkey(settings)
-    log.info("authkey from %s", source)
+    """Resolve the authkey, serve until stopped. The CLI's one call.
+
+    A key to generate is written only once the ports are bound (a start
+    that fails leaves nothing behind: no new key, no new data directory).
+    """
+    authkey: bytes | None = None
+    if (
+        settings.authkey is not None
+        or settings.authkey_file is not None
+        or generated_key_path(settings).exists()
+    ):
+        authkey, source = resolve_authkey(settings)
+        log.info("authkey from %s", source)
     _raise_file_limit(settings.max_connections)
     _retain_freed_memory(settings.malloc_retain_bytes)
     try:
@@ -494,7 +528,7 @@ def run_server(settings: Settings) -> None:
             settings.host,
         )
     try:
-        Managerd(settings, authkey).get_server().serve_forever()
+        EventLoopServer(settings, authkey).serve_forever()
     except CorruptJournal as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:

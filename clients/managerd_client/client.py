@@ -48,10 +48,17 @@ def _authkey_from_env() -> bytes:
         return key.encode()
     path = os.environ.get("MANAGERD_AUTHKEY_FILE")
     if path:
-        with open(path, "rb") as f:
-            data = f.read().strip()
-        if data:
-            return data
+        try:
+            with open(path, "rb") as f:
+                data = f.read().strip()  # as the daemon reads its key file
+        except OSError as exc:
+            raise ValueError(
+                f"MANAGERD_AUTHKEY_FILE names {path}, which cannot be read: "
+                f"{exc.strerror or exc}"
+            ) from None
+        if not data:
+            raise ValueError(f"MANAGERD_AUTHKEY_FILE names {path}, which is empty")
+        return data
     raise ValueError(
         "no authkey: pass authkey=..., or set MANAGERD_AUTHKEY or MANAGERD_AUTHKEY_FILE"
     )
@@ -346,7 +353,8 @@ def connect(
     """Connect to the daemon at ``"host:port"`` and open a session.
 
     ``authkey`` defaults to ``MANAGERD_AUTHKEY`` (or the file named by
-    ``MANAGERD_AUTHKEY_FILE``). Raises ``ConnectFailed`` when no daemon
+    ``MANAGERD_AUTHKEY_FILE``); a trailing newline is dropped, as the daemon
+    drops it from its key file. Raises ``ConnectFailed`` when no daemon
     answers within ``connect_timeout_s`` and ``AuthenticationFailed`` when
     the key is refused.
 
@@ -361,6 +369,9 @@ def connect(
         authkey = _authkey_from_env()
     elif isinstance(authkey, str):
         authkey = authkey.encode()
+    # The daemon strips its key file's whitespace; so does a key read from a
+    # file here (``open(path, "rb").read()`` ends with a newline).
+    authkey = authkey.rstrip(b"\r\n")
     return Manager(
         parse_address(address),
         authkey,
