@@ -118,3 +118,9 @@ def test_the_readme_serves_without_the_dev_tools() -> None:
     assert "uv run --no-dev" in serve_line and "&&" in serve_line  # still one line
     dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]["dev"]
     assert any(dep.startswith("mypy") for dep in dev)  # the test command still gets them
+
+
+def test_podman_is_told_to_keep_the_healthcheck() -> None:
+    deploy = (ROOT / "deploy" / "README.md").read_text()
+    assert "podman build --format docker -f deploy/Dockerfile" in deploy
+    assert "HEALTHCHECK" in (ROOT / "deploy" / "Dockerfile").read_text()

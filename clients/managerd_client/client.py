@@ -53,8 +53,7 @@ def _authkey_from_env() -> bytes:
                 data = f.read().strip()  # as the daemon reads its key file
         except OSError as exc:
             raise ValueError(
-                f"MANAGERD_AUTHKEY_FILE names {path}, which cannot be read: "
-                f"{exc.strerror or exc}"
+                f"MANAGERD_AUTHKEY_FILE names {path}, which cannot be read: {exc.strerror or exc}"
             ) from None
         if not data:
             raise ValueError(f"MANAGERD_AUTHKEY_FILE names {path}, which is empty")
