@@ -194,3 +194,44 @@ def test_status_json_never_shows_payloads(web: tuple[Daemon, int]) -> None:
         text = json.dumps(status_json(port))
     for secret in ("secret-item-1", "secret-value-2", "secret-attr-3", daemon.authkey.decode()):
         assert secret not in text
+
+
+def test_page_names_a_deadlock_until_a_timeout_breaks_it(web: tuple[Daemon, int]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    daemon, port = web
+    with daemon.connect() as a, daemon.connect() as b:
+        both = threading.Barrier(2)
+
+        def cross(m: Manager, first: str, second: str, timeout_s: float) -> None:
+            m.Lock(first).acquire()
+            both.wait(30)
+            if m.Lock(second).acquire(timeout=timeout_s):
+                m.Lock(second).release()
+            m.Lock(first).release()
+
+        threads = [
+            threading.Thread(target=cross, args=(a, "left", "right", 6.0)),
+            threading.Thread(target=cross, args=(b, "right", "left", 30.0)),
+        ]
+        for t in threads:
+            t.start()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+
+                def shown() -> str:
+                    if page.is_hidden("#deadlocks-box"):
+                        return ""
+                    return str(page.text_content("#deadlocks"))
+
+                assert wait_until(lambda: "Lock 'left'" in shown(), timeout_s=20)
+                assert "Lock 'right'" in shown() and f":{os.getpid()}:" in shown()
+                # The 6 s timeout breaks it; the page stops showing it, without a reload.
+                assert wait_until(lambda: shown() == "", timeout_s=30)
+            finally:
+                browser.close()
+        for t in threads:
+            t.join(40)
