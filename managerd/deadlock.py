@@ -4,8 +4,9 @@ Every blocked acquire is a parked waiter (DESIGN.md, principle 2), so the
 daemon knows at any moment who waits for what and who holds it. An *actor*
 is one client thread: ``(session, thread)``. An actor waiting on a Lock,
 RLock, Semaphore or BoundedSemaphore (a Condition's acquire and its
-re-acquire after ``wait`` are waits on its lock) waits for the holders of
-that object. When an actor is about to park, :meth:`Detector.parking`
+re-acquire after ``wait`` are waits on its lock; a re-acquire is reported,
+never refused, having no acquire to fail) waits for the holders of that
+object. When an actor is about to park, :meth:`Detector.parking`
 follows the edges from the holders it would wait for; if they lead back to
 the actor, that wait closes a cycle and nobody in it can ever proceed:
 
@@ -143,18 +144,24 @@ class Detector:
         self.found_total = 0
         self._cycles: list[Cycle] = []
 
-    def parking(self, call: Call, obj: SharedObject) -> None:
-        """``call`` is about to wait on ``obj``: report (or refuse) a wait that closes a cycle."""
+    def parking(
+        self, session: Session, thread: int, obj: SharedObject, *, refuse: bool = True
+    ) -> None:
+        """A thread is about to wait on ``obj``: report (or refuse) a wait that closes a cycle.
+
+        ``refuse=False``: report even with ``deadlock=raise`` (a Condition's
+        re-acquire after ``wait``, which has no acquire to fail).
+        """
         if self.mode is DeadlockMode.OFF:
             return
-        start: Actor = (call.session, call.thread)
+        start: Actor = (session, thread)
         path = self._path_back(start, obj, start, set())
         if path is None:
             return
         cycle = Cycle([(start, obj), *path])
         self.found_total += 1
         text = cycle.text()
-        if self.mode is DeadlockMode.RAISE:
+        if self.mode is DeadlockMode.RAISE and refuse:
             log.warning("deadlock refused (deadlock=raise): %s", text)
             raise DeadlockDetected(f"this acquire would close a deadlock: {text}")
         log.warning("deadlock: %s", text)
@@ -209,4 +216,11 @@ def check_deadlock(call: Call, obj: SharedObject) -> None:
     """The hook a lock or semaphore calls just before parking ``call``."""
     detector = call.session.deadlocks
     if detector is not None:
-        detector.parking(call, obj)
+        detector.parking(call.session, call.thread, obj)
+
+
+def report_deadlock(session: Session, thread: int, obj: SharedObject) -> None:
+    """The hook a Condition's re-acquire calls before it waits for the lock (never refuses)."""
+    detector = session.deadlocks
+    if detector is not None:
+        detector.parking(session, thread, obj, refuse=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -154,5 +155,32 @@ def test_off_checks_nothing(tmp_path: Path) -> None:
             lock.acquire()
             assert lock.acquire(timeout=0.2) is False  # waits, as threading.Lock would
             assert m.status()["deadlocks_total"] == 0
+    finally:
+        d.stop()
+
+
+def test_a_conditions_reacquire_that_closes_a_cycle_is_reported(tmp_path: Path) -> None:
+    d = deadlock_daemon(tmp_path, "raise")  # a re-acquire has no acquire to fail: reported
+    try:
+        with d.connect() as a, d.connect() as b:
+            results: dict[str, Any] = {}
+
+            def waiter() -> None:
+                a.Lock("other").acquire()
+                cond = a.Condition("c")
+                with cond:
+                    results["notified"] = cond.wait(1.0)  # times out, then re-acquires
+                a.Lock("other").release()
+
+            t = threading.Thread(target=waiter)
+            t.start()
+            assert wait_until(lambda: status(d)["objects"].get("c", {}).get("waiters") == 1)
+            cond_b = b.Condition("c")
+            with cond_b:  # holds c's lock, then waits for "other" (held by a)
+                results["other"] = b.Lock("other").acquire(timeout=4)
+            t.join(20)
+            assert results == {"notified": False, "other": False}
+        lines = [line for line in d.lines if "deadlock: " in line]
+        assert len(lines) == 1 and "RLock 'c.lock'" in lines[0] and "Lock 'other'" in lines[0]
     finally:
         d.stop()

@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from managerd.deadlock import check_deadlock
+from managerd.deadlock import check_deadlock, report_deadlock
 from managerd.metrics import Histogram
 from managerd.objects.base import (
     Call,
@@ -147,6 +147,7 @@ class Lock(SharedObject):
             if not future.done():
                 future.set_result(result)
             return
+        report_deadlock(session, thread, self)
         waiter = Waiter(session, future, (thread, depth, result))
         waiter.obj = self
         self.waiters.append(waiter)
