@@ -181,6 +181,22 @@ def test_page_needs_the_token_when_metrics_need_one(tmp_path: Path) -> None:
         assert doc["objects"] == 0
         text = json.dumps(doc)
         assert d.authkey.decode() not in text and "s3cret" not in text
+
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")  # the page's files hold no data
+                assert wait_until(lambda: page.is_visible("#auth"))
+                assert polls(page) == 0
+                page.fill("#token", "s3cret")
+                page.click("#auth button")
+                assert wait_until(lambda: polls(page) >= 1)
+                assert page.is_hidden("#auth")
+            finally:
+                browser.close()
     finally:
         d.stop()
 
