@@ -14,13 +14,14 @@ closing the parent's) and opens its own session on first use.
 
 from __future__ import annotations
 
+import builtins
 import os
 import socket
 import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
 
 from managerd_client import proxies as p
@@ -209,7 +210,10 @@ class Manager:
         visibility_timeout_s: float | None = None,
         max_deliveries: int | None = None,
     ) -> p.Queue:
-        """The queue ``name`` (created with ``maxsize``, 0 = unbounded)."""
+        """The queue ``name`` (created with ``maxsize``, 0 = unbounded).
+
+        A ``queue.Queue``: ``task_done()`` and ``join()`` as well.
+        """
         return self._make(
             p.Queue, name, maxsize=maxsize,
             visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
@@ -223,6 +227,7 @@ class Manager:
         visibility_timeout_s: float | None = None,
         max_deliveries: int | None = None,
     ) -> p.JoinableQueue:
+        """The queue ``name`` under multiprocessing's name (a ``Queue`` has ``join`` too)."""
         return self._make(
             p.JoinableQueue, name, maxsize=maxsize,
             visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
@@ -233,14 +238,27 @@ class Manager:
         args = {} if duplex is None else {"duplex": duplex}
         return p.PipeEnd(self, name, args, end=0), p.PipeEnd(self, name, args, end=1)
 
-    def dict(self, name: str) -> p.Dict:
-        return self._make(p.Dict, name)
+    # Initial contents apply when the call creates the object. Attaching
+    # with none is always fine; with some, they must equal the ones it was
+    # created with (else ArgumentConflict), whatever it holds now.
+    def dict(self, name: str, /, *args: Any, **kwargs: Any) -> p.Dict:
+        """The dict ``name``; created with ``dict(*args, **kwargs)`` when given."""
+        if not args and not kwargs:
+            return self._make(p.Dict, name)
+        pairs = [(k, p.dumps(v)) for k, v in builtins.dict(*args, **kwargs).items()]
+        return self._make(p.Dict, name, contents=pairs)
 
-    def list(self, name: str) -> p.List:
-        return self._make(p.List, name)
+    def list(self, name: str, sequence: Iterable[Any] | None = None, /) -> p.List:
+        """The list ``name``; created with the items of ``sequence`` when given."""
+        if sequence is None:
+            return self._make(p.List, name)
+        return self._make(p.List, name, contents=[p.dumps(v) for v in sequence])
 
-    def Namespace(self, name: str) -> p.Namespace:
-        return self._make(p.Namespace, name)
+    def Namespace(self, name: str, /, **attrs: Any) -> p.Namespace:
+        """The namespace ``name``; created with the attributes ``attrs`` when given."""
+        if not attrs:
+            return self._make(p.Namespace, name)
+        return self._make(p.Namespace, name, contents=[(k, p.dumps(v)) for k, v in attrs.items()])
 
     def Value(self, name: str, typecode: str, value: Any = None) -> p.Value:
         """The typed value ``name``; ``value`` is its initial value when created."""

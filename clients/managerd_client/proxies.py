@@ -134,8 +134,12 @@ class Proxy:
             raise TypeError("an object name must be a non-empty str")
         self._manager = manager
         self._name = name
-        self._args = args
         self._server_id = manager._create(self._typeid, name, args)
+        # Initial contents are for the creation only: a proxy re-attaching
+        # (daemon restart, unpickled in a child) does not resend them.
+        if "contents" in args:
+            args = {k: v for k, v in args.items() if k != "contents"}
+        self._args = args
 
     @property
     def name(self) -> str:
@@ -262,18 +266,19 @@ class Queue(Proxy):
         did, payload, deliveries = self._call("reserve", timeout)
         return Message(self, did, loads(payload), deliveries)
 
-
-class JoinableQueue(Queue):
-    """A named ``multiprocessing.JoinableQueue``."""
-
-    _typeid = "JoinableQueue"
-
     def task_done(self) -> None:
+        """One item taken is handled (``ValueError`` if more than were put)."""
         self._call("task_done")
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait until every item put has been marked ``task_done``."""
+        """Wait until every item put has been marked ``task_done`` (``TimeoutError``)."""
         self._call("join", timeout)
+
+
+class JoinableQueue(Queue):
+    """A named ``multiprocessing.JoinableQueue`` (a ``Queue`` under its own type name)."""
+
+    _typeid = "JoinableQueue"
 
 
 class PipeEnd(Proxy):
