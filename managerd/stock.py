@@ -561,13 +561,15 @@ class StockAdapter:
 def _list_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
     if not rest and not kwds:
         return {}
-    return {"contents": [adapter.encode(v) for v in list(*rest, **kwds)]}
+    values: list[Any] = list(*rest, **kwds)  # list()'s own errors
+    return {"contents": [adapter.encode(v) for v in values]}
 
 
 def _dict_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
     if not rest and not kwds:
         return {}
-    return {"contents": [(k, adapter.encode(v)) for k, v in dict(*rest, **kwds).items()]}
+    mapping: dict[Any, Any] = dict(*rest, **kwds)  # dict()'s own errors
+    return {"contents": [(k, adapter.encode(v)) for k, v in mapping.items()]}
 
 
 def _namespace_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:

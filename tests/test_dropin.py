@@ -99,11 +99,11 @@ def test_namespace_is_created_with_attributes(manager: Manager, uniq: str) -> No
 
 
 def test_attach_with_other_contents_is_a_conflict(manager: Manager, uniq: str) -> None:
-    l = manager.list(f"{uniq}.l", [1, 2, 3])
+    lst = manager.list(f"{uniq}.l", [1, 2, 3])
     d = manager.dict(f"{uniq}.d", {"a": 1, "b": 2})
     ns = manager.Namespace(f"{uniq}.ns", x=1)
     # What it holds now does not matter: the contents it was created with do.
-    l.append(4)
+    lst.append(4)
     d["c"] = 3
     ns.x = 2
     with pytest.raises(ArgumentConflict, match="created with other contents"):
@@ -133,12 +133,12 @@ def test_attach_with_other_contents_is_a_conflict(manager: Manager, uniq: str) -
 
 
 def test_a_proxy_passed_on_does_not_carry_its_contents(manager: Manager, uniq: str) -> None:
-    l = manager.list(uniq, range(1000))
-    assert len(pickle.dumps(l)) < 1000
-    l.clear()
-    clone = pickle.loads(pickle.dumps(l))
+    lst = manager.list(uniq, range(1000))
+    assert len(pickle.dumps(lst)) < 1000
+    lst.clear()
+    clone = pickle.loads(pickle.dumps(lst))
     clone.append("x")
-    assert l[:] == ["x"]
+    assert lst[:] == ["x"]
 
 
 def test_contents_survive_kill_9_and_a_snapshot(durable: Daemon) -> None:
@@ -149,8 +149,7 @@ def test_contents_survive_kill_9_and_a_snapshot(durable: Daemon) -> None:
     durable.kill()  # right after the creations were answered
     for _ in range(2):  # recovered from the journal, then from the snapshot after recovery
         durable.start(port=durable.port)
-        data = durable.tmp / "data"
-        assert wait_until(lambda: any(data.glob("snapshot-*.bin")))
+        assert wait_until(lambda: any((durable.tmp / "data").glob("snapshot-*.bin")))
         with durable.connect() as m:
             assert m.list("l")[:] == [1, "two", (3,)]
             assert m.dict("d").copy() == {"a": 1, "b": [2]}
@@ -169,10 +168,10 @@ def test_stock_client_creates_with_contents(
     shared_daemon: Daemon, manager: Manager, uniq: str
 ) -> None:
     stock = _stock(shared_daemon)
-    l = stock.list(f"{uniq}.l", [1, 2, 3])  # type: ignore[attr-defined]
+    lst = stock.list(f"{uniq}.l", [1, 2, 3])  # type: ignore[attr-defined]
     d = stock.dict(f"{uniq}.d", {"a": 1}, b=2)  # type: ignore[attr-defined]
     ns = stock.Namespace(f"{uniq}.ns", x="y")  # type: ignore[attr-defined]
-    assert l[:] == [1, 2, 3] and d.copy() == {"a": 1, "b": 2} and ns.x == "y"
+    assert lst[:] == [1, 2, 3] and d.copy() == {"a": 1, "b": 2} and ns.x == "y"
     assert manager.list(f"{uniq}.l", [1, 2, 3])[:] == [1, 2, 3]
     assert manager.dict(f"{uniq}.d", a=1, b=2).copy() == {"a": 1, "b": 2}
     assert manager.Namespace(f"{uniq}.ns", x="y").x == "y"
@@ -199,10 +198,10 @@ def _sequence(
 ) -> list[Any]:
     """What a SyncManager user does with contents at creation; every result seen."""
     seen: list[Any] = []
-    l = new_list([1, 2, 3])
-    l.append(4)
-    l.extend(["a"])
-    seen += [l[:], len(l), l[1]]
+    lst = new_list([1, 2, 3])
+    lst.append(4)
+    lst.extend(["a"])
+    seen += [lst[:], len(lst), lst[1]]
     seen.append(new_list(range(3))[:])
     seen.append(new_list("ab")[:])
     seen.append(new_list((None, 2.5, (1, 2)))[:])
@@ -336,8 +335,7 @@ def test_unfinished_count_survives_kill_9(durable: Daemon) -> None:
     durable.kill()
     for _ in range(2):  # from the journal, then from the snapshot after recovery
         durable.start(port=durable.port)
-        data = durable.tmp / "data"
-        assert wait_until(lambda: any(data.glob("snapshot-*.bin")))
+        assert wait_until(lambda: any((durable.tmp / "data").glob("snapshot-*.bin")))
         with durable.connect() as m:
             assert m.status()["objects"]["q"]["unfinished"] == 2
         durable.kill()
