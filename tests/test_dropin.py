@@ -89,6 +89,22 @@ def test_dict_is_created_exactly_as_dict_takes_its_arguments(manager: Manager, u
     assert (f"{uniq}.bad", "dict") not in manager.objects()
 
 
+def test_daemon_refuses_contents_that_are_not_payloads(manager: Manager, uniq: str) -> None:
+    """What another client could send: the daemon checks contents, and creates nothing."""
+    bad = [
+        ("list", "not a list"),
+        ("list", [1, 2]),
+        ("dict", [("k", b"ok"), ("no pair",)]),
+        ("dict", [([1], pickle.dumps(1))]),
+        ("Namespace", [(1, pickle.dumps(1))]),
+    ]
+    for i, (typeid, contents) in enumerate(bad):
+        with pytest.raises(TypeError):
+            manager._create(typeid, f"{uniq}.{i}", {"contents": contents})
+    assert not [name for name, _ in manager.objects() if name.startswith(uniq)]
+    assert manager.list(name=f"{uniq}.kw", sequence=(1,))[:] == [1]
+
+
 def test_namespace_is_created_with_attributes(manager: Manager, uniq: str) -> None:
     ns = manager.Namespace(uniq, x=1, label="here", nested={"a": [1]})
     assert (ns.x, ns.label, ns.nested) == (1, "here", {"a": [1]})

@@ -240,7 +240,8 @@ class Manager:
 
     # Initial contents apply when the call creates the object. Attaching
     # with none is always fine; with some, they must equal the ones it was
-    # created with (else ArgumentConflict), whatever it holds now.
+    # created with (else ArgumentConflict), whatever it holds now. The name
+    # of a dict or Namespace is positional-only: ``name=`` is a key.
     def dict(self, name: str, /, *args: Any, **kwargs: Any) -> p.Dict:
         """The dict ``name``; created with ``dict(*args, **kwargs)`` when given."""
         if not args and not kwargs:
@@ -248,7 +249,7 @@ class Manager:
         pairs = [(k, p.dumps(v)) for k, v in builtins.dict(*args, **kwargs).items()]
         return self._make(p.Dict, name, contents=pairs)
 
-    def list(self, name: str, sequence: Iterable[Any] | None = None, /) -> p.List:
+    def list(self, name: str, sequence: Iterable[Any] | None = None) -> p.List:
         """The list ``name``; created with the items of ``sequence`` when given."""
         if sequence is None:
             return self._make(p.List, name)
