@@ -39,6 +39,7 @@ from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
 from managerd.settings import EventLoop, FsyncMode, Settings, read_key_file, resolve_authkey
 from managerd.stock import StockAdapter
+from managerd.tokens import TokenSource, TokenStoreError
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
 
@@ -75,7 +76,10 @@ class ServerCore:
         self.authkey = authkey
         self.loop = loop
         self.server_id = os.urandom(8).hex()
-        self.registry = Registry(loop)
+        data_dir = settings.data_dir.expanduser() if settings.data_dir is not None else None
+        #: Fencing tokens, increasing across restarts (a ceiling kept in the data directory).
+        self.tokens = TokenSource(data_dir)
+        self.registry = Registry(loop, self.tokens)
         self.sessions = SessionTable()
         self.decoder = SafeDecoder(settings.allowed_classes)
         self.ops = ServerOps(self.registry, self.sessions, time.time())
@@ -513,7 +517,7 @@ def _run_locked(settings: Settings, data_dir_lock: DataDirLock | None) -> None:
         )
     try:
         Managerd(settings, authkey, data_dir_lock).get_server().serve_forever()
-    except CorruptJournal as exc:
+    except (CorruptJournal, TokenStoreError) as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
         if settings.data_dir is not None and exc.filename is not None:

@@ -86,7 +86,11 @@ class SessionExpired(ManagerdError):
 
 
 class LockLost(SessionExpired):
-    """A lock this client believed it held was released when its session ended."""
+    """A lock this client believed it held was released.
+
+    Its session ended (a partition, lease expiry) or the daemon restarted;
+    the message says which.
+    """
 
 
 class ObjectError(ManagerdError):
