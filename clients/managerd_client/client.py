@@ -88,6 +88,9 @@ class Manager:
         self._pid = os.getpid()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        #: Lock proxies made on this manager: a forked child forgets their
+        #: holdings (the parent's, not the child's).
+        self._lock_proxies: weakref.WeakSet[p.Lock] = weakref.WeakSet()
         # The first connection is tried once: nobody listening is an error
         # now, not after connect_timeout_s of retries (those are for restarts).
         self._channel_or_reconnect(retry=False)
@@ -164,6 +167,14 @@ class Manager:
         return self._channel_or_reconnect().call(typeid, name, method, args)
 
     def _after_fork(self) -> None:
+        """In a forked child: a session of its own, and nothing held.
+
+        What the parent's threads hold belongs to the parent's session (the
+        daemon releases it only when the parent's session ends). The child's
+        copies of the lock proxies' holding records are dropped, not turned
+        into ``LockLost``: the child never held anything, as with the stdlib's
+        proxies, whose child also starts with a connection of its own.
+        """
         channel = self._channel
         if channel is not None:
             channel.abandon()
@@ -173,6 +184,8 @@ class Manager:
         self._stop = threading.Event()
         self._heartbeat = None
         self._pid = os.getpid()
+        for proxy in list(self._lock_proxies):
+            proxy._forget_holdings()
 
     # -- daemon-level operations -----------------------------------------------------
     def ping(self) -> None:
@@ -315,6 +328,8 @@ def _heartbeat_loop(
 
 
 def _after_fork_in_child() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()  # a parent thread may have held it at the fork
     for manager in list(_managers):
         manager._after_fork()
 

@@ -587,6 +587,11 @@ class Lock(Proxy):
         self._local = threading.local()
         #: thread -> (token, session epoch, server id) of each holding
         self._held: dict[int, tuple[int, int, str]] = {}
+        manager._lock_proxies.add(self)
+
+    def _forget_holdings(self) -> None:
+        """After a fork, in the child: the parent's holdings are not the child's."""
+        self._held = {}
 
     def _call(self, method: str, *args: Any) -> Any:
         channel = self._manager._channel_or_reconnect()
@@ -648,8 +653,12 @@ class RLock(Lock):
     _typeid = "RLock"
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
-        super().__init__(manager, name, args)
         self._depth: dict[int, int] = {}
+        super().__init__(manager, name, args)
+
+    def _forget_holdings(self) -> None:
+        super()._forget_holdings()
+        self._depth = {}
 
     def _holder_key(self) -> int:
         return threading.get_ident()
