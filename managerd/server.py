@@ -101,6 +101,7 @@ class ServerCore:
             settings.auth_penalty_s,
             settings.max_handshakes_per_peer,
             self.refusals,
+            exempt=settings.auth_penalty_exempt,
         )
         self.ops.peers = self.peers
         #: The TLS context connections start TLS with (None: plain TCP).

@@ -6,7 +6,10 @@ the session TTL, which keeps the lease and lets a dead network be noticed.
 When the connection is lost, the calls in flight raise ``ConnectionLost``
 and the next call reconnects (with backoff, for up to ``connect_timeout_s``),
 resuming the session if the daemon still has it. A lock proxy whose session
-did not survive raises ``LockLost`` on its next call.
+did not survive raises ``LockLost`` on its next call. A connection refused
+because this address is penalized (too many failed handshakes from it,
+maybe by another process) is retried once the penalty ends, if that is
+within ``connect_timeout_s``.
 
 After ``os.fork()`` the child drops the inherited connection (without
 closing the parent's) and opens its own session on first use.
@@ -37,6 +40,8 @@ from managerd_client.wire import parse_address
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 _BACKOFF_FIRST_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 1.0
+#: Slept past a refusal's retry-after, so the retry does not arrive a hair early.
+_REFUSAL_MARGIN_S: Final = 0.05
 
 _managers: weakref.WeakSet[Manager] = weakref.WeakSet()
 P = TypeVar("P", bound=p.Proxy)
@@ -130,7 +135,13 @@ class Manager:
                     break
                 except (AuthenticationFailed, ProtocolError):
                     raise
-                except ConnectFailed:
+                except ConnectFailed as exc:
+                    if exc.retry_after_s is not None:
+                        # Refused for a while (this address was penalized,
+                        # maybe for another process's failures): wait it out
+                        # if the connect timeout allows, even on a first connect.
+                        _wait_out_refusal(exc, deadline, self.connect_timeout_s)
+                        continue
                     if not retry or time.monotonic() + delay > deadline:
                         raise
                     time.sleep(delay)
@@ -310,6 +321,20 @@ class Manager:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"session {self._session_id}"
         return f"<managerd Manager {self.address[0]}:{self.address[1]} {state}>"
+
+
+def _wait_out_refusal(exc: ConnectFailed, deadline: float, timeout_s: float) -> None:
+    """Sleep until a refusal's retry-after has passed, or raise if that is past ``deadline``."""
+    assert exc.retry_after_s is not None
+    wake = time.monotonic() + exc.retry_after_s + _REFUSAL_MARGIN_S
+    if wake > deadline:
+        failed = ConnectFailed(
+            f"{exc}; waiting {exc.retry_after_s:.1f}s more would outlast "
+            f"connect_timeout_s={timeout_s:g}"
+        )
+        failed.retry_after_s = exc.retry_after_s
+        raise failed from None
+    time.sleep(max(wake - time.monotonic(), 0.0))
 
 
 def _heartbeat_loop(

@@ -66,7 +66,13 @@ class ManagerdConnectionError(ManagerdError, ConnectionError):
 
 
 class ConnectFailed(ManagerdConnectionError):
-    """No daemon answered at the address within the connect timeout."""
+    """No daemon answered at the address within the connect timeout.
+
+    ``retry_after_s`` is set when the daemon refused the connection for a
+    while (a penalized address) and said how long is left.
+    """
+
+    retry_after_s: float | None = None
 
 
 class AuthenticationFailed(ManagerdConnectionError):
