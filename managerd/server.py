@@ -28,6 +28,7 @@ from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any
 
+from managerd.datadir import DataDirInUse, DataDirLock
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
@@ -38,6 +39,7 @@ from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
 from managerd.settings import EventLoop, FsyncMode, Settings, read_key_file, resolve_authkey
 from managerd.stock import StockAdapter
+from managerd.tokens import TokenSource, TokenStoreError
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
 
@@ -74,7 +76,10 @@ class ServerCore:
         self.authkey = authkey
         self.loop = loop
         self.server_id = os.urandom(8).hex()
-        self.registry = Registry(loop)
+        data_dir = settings.data_dir.expanduser() if settings.data_dir is not None else None
+        #: Fencing tokens, increasing across restarts (a ceiling kept in the data directory).
+        self.tokens = TokenSource(data_dir)
+        self.registry = Registry(loop, self.tokens)
         self.sessions = SessionTable()
         self.decoder = SafeDecoder(settings.allowed_classes)
         self.ops = ServerOps(self.registry, self.sessions, time.time())
@@ -96,6 +101,7 @@ class ServerCore:
             settings.auth_penalty_s,
             settings.max_handshakes_per_peer,
             self.refusals,
+            exempt=settings.auth_penalty_exempt,
         )
         self.ops.peers = self.peers
         #: The TLS context connections start TLS with (None: plain TCP).
@@ -196,9 +202,14 @@ class ServerCore:
 class EventLoopServer:
     """The server behind :class:`Managerd`: listens and runs the loop."""
 
-    def __init__(self, settings: Settings, authkey: bytes) -> None:
+    def __init__(
+        self, settings: Settings, authkey: bytes, data_dir_lock: DataDirLock | None = None
+    ) -> None:
         self.settings = settings
         self.authkey = authkey
+        #: The data directory's lock, when the caller took it (``run_server``
+        #: does, before the authkey); otherwise :meth:`serve_forever` takes it.
+        self.data_dir_lock = data_dir_lock
         self.address: tuple[str, int] | None = None
         self.core: ServerCore | None = None
         token_file = settings.metrics_token_file
@@ -210,12 +221,20 @@ class EventLoopServer:
 
     def serve_forever(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
-        factory = loop_factory(self.settings.event_loop, tls=self.settings.tls_cert is not None)
-        if factory is None:
-            asyncio.run(self.serve(ready))
-        else:
-            with asyncio.Runner(loop_factory=factory) as runner:
-                runner.run(self.serve(ready))
+        own_lock = None
+        if self.data_dir_lock is None:
+            own_lock = self.data_dir_lock = lock_data_dir(self.settings)
+        try:
+            factory = loop_factory(self.settings.event_loop, tls=self.settings.tls_cert is not None)
+            if factory is None:
+                asyncio.run(self.serve(ready))
+            else:
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(self.serve(ready))
+        finally:
+            if own_lock is not None:
+                own_lock.release()
+                self.data_dir_lock = None
 
     async def serve(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -330,6 +349,21 @@ def _raise_file_limit(max_connections: int) -> None:
         )  # fmt: skip
 
 
+def lock_data_dir(settings: Settings) -> DataDirLock | None:
+    """The data directory's exclusive lock (None without one); taken before anything else."""
+    if settings.data_dir is None:
+        return None
+    directory = settings.data_dir.expanduser()
+    try:
+        return DataDirLock(directory)
+    except DataDirInUse as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(
+            f"data directory: {exc.strerror or exc}: {exc.filename or directory}"
+        ) from None
+
+
 def _journal(settings: Settings) -> Journal | None:
     """The journal of the data directory, unless state is memory only."""
     if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
@@ -407,15 +441,21 @@ class Managerd(BaseManager):
         typeid: (None, tuple(sorted(cls.methods)), None, None) for typeid, cls in TYPES.items()
     }
 
-    def __init__(self, settings: Settings, authkey: bytes | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        authkey: bytes | None = None,
+        data_dir_lock: DataDirLock | None = None,
+    ) -> None:
         if authkey is None:
             authkey, _ = resolve_authkey(settings)
         super().__init__(address=(settings.host, settings.port), authkey=authkey)
         self.settings = settings
         self.authkey = authkey
+        self.data_dir_lock = data_dir_lock
 
     def get_server(self) -> EventLoopServer:  # type: ignore[override]
-        return EventLoopServer(self.settings, self.authkey)
+        return EventLoopServer(self.settings, self.authkey, self.data_dir_lock)
 
     def start(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("run the daemon with `managerd serve` (or get_server())")
@@ -446,7 +486,20 @@ def _retain_freed_memory(retain_bytes: int) -> None:
 
 
 def run_server(settings: Settings) -> None:
-    """Resolve the authkey, serve until stopped. The CLI's one call."""
+    """Lock the data directory, resolve the authkey, serve until stopped. The CLI's one call.
+
+    The lock comes first: a second daemon on the same directory must leave
+    it exactly as it found it (no authkey written, no journal compacted).
+    """
+    data_dir_lock = lock_data_dir(settings)
+    try:
+        _run_locked(settings, data_dir_lock)
+    finally:
+        if data_dir_lock is not None:
+            data_dir_lock.release()
+
+
+def _run_locked(settings: Settings, data_dir_lock: DataDirLock | None) -> None:
     authkey, source = resolve_authkey(settings)
     log.info("authkey from %s", source)
     _raise_file_limit(settings.max_connections)
@@ -464,8 +517,8 @@ def run_server(settings: Settings) -> None:
             settings.host,
         )
     try:
-        Managerd(settings, authkey).get_server().serve_forever()
-    except CorruptJournal as exc:
+        Managerd(settings, authkey, data_dir_lock).get_server().serve_forever()
+    except (CorruptJournal, TokenStoreError) as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
         if settings.data_dir is not None and exc.filename is not None:

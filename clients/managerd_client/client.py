@@ -6,7 +6,10 @@ the session TTL, which keeps the lease and lets a dead network be noticed.
 When the connection is lost, the calls in flight raise ``ConnectionLost``
 and the next call reconnects (with backoff, for up to ``connect_timeout_s``),
 resuming the session if the daemon still has it. A lock proxy whose session
-did not survive raises ``LockLost`` on its next call.
+did not survive raises ``LockLost`` on its next call. A connection refused
+because this address is penalized (too many failed handshakes from it,
+maybe by another process) is retried once the penalty ends, if that is
+within ``connect_timeout_s``.
 
 After ``os.fork()`` the child drops the inherited connection (without
 closing the parent's) and opens its own session on first use.
@@ -38,6 +41,8 @@ from managerd_client.wire import parse_address
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 _BACKOFF_FIRST_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 1.0
+#: Slept past a refusal's retry-after, so the retry does not arrive a hair early.
+_REFUSAL_MARGIN_S: Final = 0.05
 
 _managers: weakref.WeakSet[Manager] = weakref.WeakSet()
 P = TypeVar("P", bound=p.Proxy)
@@ -89,6 +94,9 @@ class Manager:
         self._pid = os.getpid()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        #: Lock proxies made on this manager: a forked child forgets their
+        #: holdings (the parent's, not the child's).
+        self._lock_proxies: weakref.WeakSet[p.Lock] = weakref.WeakSet()
         # The first connection is tried once: nobody listening is an error
         # now, not after connect_timeout_s of retries (those are for restarts).
         self._channel_or_reconnect(retry=False)
@@ -128,7 +136,13 @@ class Manager:
                     break
                 except (AuthenticationFailed, ProtocolError):
                     raise
-                except ConnectFailed:
+                except ConnectFailed as exc:
+                    if exc.retry_after_s is not None:
+                        # Refused for a while (this address was penalized,
+                        # maybe for another process's failures): wait it out
+                        # if the connect timeout allows, even on a first connect.
+                        _wait_out_refusal(exc, deadline, self.connect_timeout_s)
+                        continue
                     if not retry or time.monotonic() + delay > deadline:
                         raise
                     time.sleep(delay)
@@ -165,6 +179,14 @@ class Manager:
         return self._channel_or_reconnect().call(typeid, name, method, args)
 
     def _after_fork(self) -> None:
+        """In a forked child: a session of its own, and nothing held.
+
+        What the parent's threads hold belongs to the parent's session (the
+        daemon releases it only when the parent's session ends). The child's
+        copies of the lock proxies' holding records are dropped, not turned
+        into ``LockLost``: the child never held anything, as with the stdlib's
+        proxies, whose child also starts with a connection of its own.
+        """
         channel = self._channel
         if channel is not None:
             channel.abandon()
@@ -174,6 +196,8 @@ class Manager:
         self._stop = threading.Event()
         self._heartbeat = None
         self._pid = os.getpid()
+        for proxy in list(self._lock_proxies):
+            proxy._forget_holdings()
 
     # -- daemon-level operations -----------------------------------------------------
     def ping(self) -> None:
@@ -318,6 +342,20 @@ class Manager:
         return f"<managerd Manager {self.address[0]}:{self.address[1]} {state}>"
 
 
+def _wait_out_refusal(exc: ConnectFailed, deadline: float, timeout_s: float) -> None:
+    """Sleep until a refusal's retry-after has passed, or raise if that is past ``deadline``."""
+    assert exc.retry_after_s is not None
+    wake = time.monotonic() + exc.retry_after_s + _REFUSAL_MARGIN_S
+    if wake > deadline:
+        failed = ConnectFailed(
+            f"{exc}; waiting {exc.retry_after_s:.1f}s more would outlast "
+            f"connect_timeout_s={timeout_s:g}"
+        )
+        failed.retry_after_s = exc.retry_after_s
+        raise failed from None
+    time.sleep(max(wake - time.monotonic(), 0.0))
+
+
 def _heartbeat_loop(
     ref: Callable[[], Manager | None], stop: threading.Event, interval_s: float
 ) -> None:
@@ -334,6 +372,8 @@ def _heartbeat_loop(
 
 
 def _after_fork_in_child() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()  # a parent thread may have held it at the fork
     for manager in list(_managers):
         manager._after_fork()
 
