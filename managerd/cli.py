@@ -145,6 +145,13 @@ def serve(
         bool | None,
         typer.Option("--tls-require-client-cert", help="Mutual TLS: refuse clients without one."),
     ] = None,
+    auth_penalty_exempt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A network (CIDR) never penalized for failed handshakes; repeat or separate "
+            "with commas; '' exempts none [127.0.0.0/8, ::1/128]."
+        ),
+    ] = None,
     deadlock: Annotated[
         DeadlockMode | None,
         typer.Option(help="A wait that closes a cycle of lock waiters: report, raise or off."),

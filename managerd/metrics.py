@@ -353,13 +353,34 @@ class StatusSource:
         return summarize(previous[1], after, max(now - previous[0], 1e-3))
 
 
+def _not_yet(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"starting\n"]
+
+
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a background HTTP thread."""
 
-    def __init__(self, core: ServerCore, host: str, port: int, token: bytes | None = None) -> None:
+    def __init__(self, host: str, port: int, token: bytes | None = None) -> None:
+        """Bind the port (before the daemon touches its data directory); :meth:`start` serves."""
         #: With a token, ``/metrics`` answers only ``Authorization: Bearer <token>``
         #: (the health endpoints stay open: they tell nothing but up or down).
-        expected = b"Bearer " + token if token else None
+        self._expected = b"Bearer " + token if token else None
+        try:
+            self.httpd = make_server(
+                host, port, _not_yet, ThreadingWSGIServer, handler_class=_QuietHandler
+            )
+        except OSError as exc:  # said as the main port's is (server._listen)
+            raise OSError(
+                exc.errno, f"cannot listen on {host}:{port} (metrics): {exc.strerror}"
+            ) from None
+        self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="managerd-metrics", daemon=True
+        )
+
+    def _app(self, core: ServerCore) -> Callable[..., Iterable[bytes]]:
+        expected = self._expected
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(core))
         ProcessCollector(registry=registry)  # process_* : memory, CPU, open files
@@ -423,23 +444,17 @@ class MetricsServer:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"try /, /status.json, /metrics, /healthz or /readyz\n"]
 
-        try:
-            self.httpd = make_server(
-                host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler
-            )
-        except OSError as exc:  # said as the main port's is (server._listen)
-            raise OSError(
-                exc.errno, f"cannot listen on {host}:{port} (metrics): {exc.strerror}"
-            ) from None
-        self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="managerd-metrics", daemon=True
-        )
+        return app
 
-    def start(self) -> None:
+    def start(self, core: ServerCore) -> None:
+        self.httpd.set_app(self._app(core))
         self._thread.start()
-        log.info("metrics on http://%s:%d/metrics", *self.address)
+        log.info("metrics on http://%s:%d/metrics, the status page on /", *self.address)
 
     def stop(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def close(self) -> None:
+        """Give the port back without having served (the daemon did not start)."""
         self.httpd.server_close()

@@ -21,6 +21,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from managerd.peers import PENALTY_HOLD_S
@@ -32,11 +33,11 @@ from managerd_client.wire import (
     HANDSHAKE_MAX_FRAME_BYTES,
     HELLO,
     PROTOCOL_VERSION,
-    REFUSED,
     WELCOME,
     create_response,
     frame_header,
     make_challenge,
+    refused_frame,
     verify_response,
 )
 
@@ -97,9 +98,9 @@ class Connection(asyncio.Protocol):
         peers = self.core.peers
         refusal = peers.refusal(self.address)
         if refusal is not None:
-            reason, hold = refusal
+            reason, hold, until = refusal
             if not hold:
-                self._refuse_at_once(reason)
+                self._refuse_at_once(reason, until)
                 return
             # Penalized: no challenge, no HMAC, no timer of the handshake's;
             # the peer waits in silence, then is told why.
@@ -108,7 +109,7 @@ class Connection(asyncio.Protocol):
             self.state = ConnState.HELD
             self.transport.pause_reading()
             self._handshake_timer = self.core.loop.call_later(
-                PENALTY_HOLD_S, self._refuse_at_once, reason
+                PENALTY_HOLD_S, self._refuse_at_once, reason, until
             )
             return
         # Only now: a refused connection should cost as little as it can.
@@ -405,10 +406,16 @@ class Connection(asyncio.Protocol):
             self._handshaking = False
             self.core.peers.failed(self.address)
 
-    def _refuse_at_once(self, reason: str) -> None:
-        """Refuse before any challenge: one ``#REFUSED#`` frame says why (and the log)."""
+    def _refuse_at_once(self, reason: str, until: float | None = None) -> None:
+        """Refuse before any challenge: one ``#REFUSED#`` frame says why (and the log).
+
+        ``until`` (monotonic) is when a penalty ends: the frame says how long
+        is left *now*, after the hold, so a client can wait and retry.
+        """
         self._handshake_timer = None
-        self.send_frame(REFUSED + reason.encode())
+        retry_after_s = None if until is None else until - time.monotonic()
+        frame = refused_frame(reason, retry_after_s)
+        self.send_frame(frame)
         self.refuse(f"refused: {reason}")
 
     def refuse(self, reason: str, quiet: bool = False) -> None:

@@ -29,6 +29,7 @@ from multiprocessing.managers import BaseManager
 from typing import Any
 
 from managerd import __version__
+from managerd.datadir import DataDirInUse, DataDirLock
 from managerd.deadlock import DeadlockMode, Detector
 from managerd.dispatch import Dispatcher, ServerOps
 from managerd.journal import CorruptJournal, Journal
@@ -38,15 +39,9 @@ from managerd.protocol import Connection
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
 from managerd.sessions import Session, SessionTable
-from managerd.settings import (
-    EventLoop,
-    FsyncMode,
-    Settings,
-    generated_key_path,
-    read_key_file,
-    resolve_authkey,
-)
+from managerd.settings import EventLoop, FsyncMode, Settings, read_key_file, resolve_authkey
 from managerd.stock import StockAdapter
+from managerd.tokens import TokenSource, TokenStoreError
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
 
@@ -83,7 +78,10 @@ class ServerCore:
         self.authkey = authkey
         self.loop = loop
         self.server_id = os.urandom(8).hex()
-        self.registry = Registry(loop)
+        data_dir = settings.data_dir.expanduser() if settings.data_dir is not None else None
+        #: Fencing tokens, increasing across restarts (a ceiling kept in the data directory).
+        self.tokens = TokenSource(data_dir)
+        self.registry = Registry(loop, self.tokens)
         self.sessions = SessionTable()
         self.decoder = SafeDecoder(settings.allowed_classes)
         self.ops = ServerOps(self.registry, self.sessions, time.time())
@@ -105,6 +103,7 @@ class ServerCore:
             settings.auth_penalty_s,
             settings.max_handshakes_per_peer,
             self.refusals,
+            exempt=settings.auth_penalty_exempt,
         )
         self.ops.peers = self.peers
         self.ops.about = about(settings)
@@ -211,11 +210,16 @@ class ServerCore:
 class EventLoopServer:
     """The server behind :class:`Managerd`: listens and runs the loop."""
 
-    def __init__(self, settings: Settings, authkey: bytes | None) -> None:
+    def __init__(
+        self, settings: Settings, authkey: bytes | None, data_dir_lock: DataDirLock | None = None
+    ) -> None:
         self.settings = settings
-        #: None: resolved (and generated if need be) once the ports are bound,
-        #: so that a start that cannot listen leaves no key or directory behind.
+        #: None: resolved (and generated if none is configured) once the ports
+        #: are bound and the data directory is locked.
         self.authkey = authkey
+        #: The data directory's lock, when the caller took it; otherwise
+        #: :meth:`serve` takes it once the ports are bound.
+        self.data_dir_lock = data_dir_lock
         self.address: tuple[str, int] | None = None
         self.core: ServerCore | None = None
         token_file = settings.metrics_token_file
@@ -227,38 +231,45 @@ class EventLoopServer:
 
     def serve_forever(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
-        factory = loop_factory(self.settings.event_loop, tls=self.settings.tls_cert is not None)
-        if factory is None:
-            asyncio.run(self.serve(ready))
-        else:
-            with asyncio.Runner(loop_factory=factory) as runner:
-                runner.run(self.serve(ready))
+        given_lock = self.data_dir_lock
+        try:
+            factory = loop_factory(self.settings.event_loop, tls=self.settings.tls_cert is not None)
+            if factory is None:
+                asyncio.run(self.serve(ready))
+            else:
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(self.serve(ready))
+        finally:
+            if given_lock is None and self.data_dir_lock is not None:
+                self.data_dir_lock.release()  # serve() took it
+                self.data_dir_lock = None
 
     async def serve(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # In this order, so that a start that fails leaves nothing behind: the
+        # ports; the data directory's lock (a second daemon on it must leave it
+        # as it found it); the authkey (generated if none is configured); then
+        # the token ceiling and the journal in the directory.
         sock = _listen(self.settings.host, self.settings.port)
-        core = self.core = ServerCore(self.settings, self.authkey or b"", loop)
         metrics = None
-        if self.settings.metrics_port:
-            metrics_host = self.settings.metrics_host or self.settings.host
-            try:
+        try:
+            if self.settings.metrics_port:
+                metrics_host = self.settings.metrics_host or self.settings.host
                 metrics = MetricsServer(
-                    core, metrics_host, self.settings.metrics_port, self.metrics_token
+                    metrics_host, self.settings.metrics_port, self.metrics_token
                 )
-            except OSError:
-                sock.close()
-                raise
-        if self.authkey is None:
-            try:
+            if self.data_dir_lock is None:
+                self.data_dir_lock = lock_data_dir(self.settings)
+            if self.authkey is None:
                 self.authkey, source = resolve_authkey(self.settings)
-            except BaseException:
-                sock.close()
-                if metrics is not None:
-                    metrics.httpd.server_close()  # never served: nothing to shut down
-                raise
-            core.authkey = self.authkey
-            log.info("authkey from %s", source)
+                log.info("authkey from %s", source)
+        except BaseException:
+            sock.close()
+            if metrics is not None:
+                metrics.close()
+            raise
+        core = self.core = ServerCore(self.settings, self.authkey, loop)
         core.tls = tls_context(self.settings)
         journal = _journal(self.settings)
         compactor = None
@@ -275,7 +286,7 @@ class EventLoopServer:
                 pass
         expirer = loop.create_task(core.expire_sessions())
         if metrics is not None:
-            metrics.start()
+            metrics.start(core)
         log.info(
             "managerd serving on %s:%d (%d types; session ttl %.1fs)",
             self.address[0],
@@ -384,6 +395,21 @@ def _raise_file_limit(max_connections: int) -> None:
         )  # fmt: skip
 
 
+def lock_data_dir(settings: Settings) -> DataDirLock | None:
+    """The data directory's exclusive lock (None without one); taken before anything else."""
+    if settings.data_dir is None:
+        return None
+    directory = settings.data_dir.expanduser()
+    try:
+        return DataDirLock(directory)
+    except DataDirInUse as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(
+            f"data directory: {exc.strerror or exc}: {exc.filename or directory}"
+        ) from None
+
+
 def _journal(settings: Settings) -> Journal | None:
     """The journal of the data directory, unless state is memory only."""
     if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
@@ -461,15 +487,21 @@ class Managerd(BaseManager):
         typeid: (None, tuple(sorted(cls.methods)), None, None) for typeid, cls in TYPES.items()
     }
 
-    def __init__(self, settings: Settings, authkey: bytes | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        authkey: bytes | None = None,
+        data_dir_lock: DataDirLock | None = None,
+    ) -> None:
         if authkey is None:
             authkey, _ = resolve_authkey(settings)
         super().__init__(address=(settings.host, settings.port), authkey=authkey)
         self.settings = settings
         self.authkey = authkey
+        self.data_dir_lock = data_dir_lock
 
     def get_server(self) -> EventLoopServer:  # type: ignore[override]
-        return EventLoopServer(self.settings, self.authkey)
+        return EventLoopServer(self.settings, self.authkey, self.data_dir_lock)
 
     def start(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("run the daemon with `managerd serve` (or get_server())")
@@ -500,19 +532,13 @@ def _retain_freed_memory(retain_bytes: int) -> None:
 
 
 def run_server(settings: Settings) -> None:
-    """Resolve the authkey, serve until stopped. The CLI's one call.
+    """Serve until stopped. The CLI's one call.
 
-    A key to generate is written only once the ports are bound (a start
-    that fails leaves nothing behind: no new key, no new data directory).
+    The daemon binds its ports, then locks the data directory, then reads
+    (or generates) the authkey: a start that cannot listen, or a second
+    daemon on a directory in use, leaves the directory exactly as it found
+    it (no key written, no journal compacted, no directory made).
     """
-    authkey: bytes | None = None
-    if (
-        settings.authkey is not None
-        or settings.authkey_file is not None
-        or generated_key_path(settings).exists()
-    ):
-        authkey, source = resolve_authkey(settings)
-        log.info("authkey from %s", source)
     _raise_file_limit(settings.max_connections)
     _retain_freed_memory(settings.malloc_retain_bytes)
     try:
@@ -528,8 +554,8 @@ def run_server(settings: Settings) -> None:
             settings.host,
         )
     try:
-        EventLoopServer(settings, authkey).serve_forever()
-    except CorruptJournal as exc:
+        EventLoopServer(settings, None).serve_forever()
+    except (CorruptJournal, TokenStoreError) as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
         if settings.data_dir is not None and exc.filename is not None:

@@ -14,6 +14,9 @@ token))``. A stock client's type names are managerd's (``Queue``, ``dict``,
     m = BaseManager(address=(host, port), authkey=key); m.connect()
     m.Queue("jobs").get(timeout=1)
 
+``list``, ``dict`` and ``Namespace`` take initial contents after the name
+as the builtins do (``m.dict("d", {"a": 1}, b=2)``), applied on creation.
+
 Stock clients send and expect plain values, while objects keep payloads as
 pickled bytes; this module converts at the edge as each method's spec says
 (``Conv``). Only builtin data can cross: values are decoded here with the
@@ -85,7 +88,9 @@ log = logging.getLogger("managerd")
 #: types, all a stock client may call (``get_many``, ``reserve``... hand out
 #: raw payloads or take items without the decode check of ``get``).
 STOCK_METHODS: Final[dict[str, tuple[str, ...]]] = {
-    "Queue": ("empty", "full", "get", "get_nowait", "put", "put_nowait", "qsize"),
+    "Queue": (
+        "empty", "full", "get", "get_nowait", "join", "put", "put_nowait", "qsize", "task_done",
+    ),
     "JoinableQueue": (
         "empty", "full", "get", "get_nowait", "join", "put", "put_nowait", "qsize", "task_done",
     ),
@@ -519,6 +524,10 @@ class StockAdapter:
                 f"e.g. m.{typeid}('jobs'), to get or create the {typeid} of that name"
             )
         name, rest = args[1], args[2:]
+        contents = _STOCK_CONTENTS.get(typeid)
+        if contents is not None:
+            obj = self.ops.create(typeid, name, contents(self, rest, kwds))
+            return obj.name, self.exposed(obj)
         params = cls.create_params
         if len(rest) > len(params):
             raise TypeError(f"{typeid} takes at most {len(params)} creation arguments")
@@ -542,6 +551,42 @@ class StockAdapter:
         if methods is not None:
             return methods
         return tuple(name for name in sorted(obj.methods) if not name.startswith("_"))
+
+
+# -- creation with contents ------------------------------------------------------------
+# A stock client passes contents as the builtin would take them
+# (``m.dict("d", {"a": 1}, b=2)``); the object takes encoded payloads.
+
+
+def _list_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+    if not rest and not kwds:
+        return {}
+    values: list[Any] = list(*rest, **kwds)  # list()'s own errors
+    return {"contents": [adapter.encode(v) for v in values]}
+
+
+def _dict_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+    if not rest and not kwds:
+        return {}
+    mapping: dict[Any, Any] = dict(*rest, **kwds)  # dict()'s own errors
+    return {"contents": [(k, adapter.encode(v)) for k, v in mapping.items()]}
+
+
+def _namespace_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+    if rest:
+        raise TypeError("Namespace() takes keyword arguments only")
+    if not kwds:
+        return {}
+    return {"contents": [(k, adapter.encode(v)) for k, v in kwds.items()]}
+
+
+_STOCK_CONTENTS: Final[
+    dict[str, Callable[[StockAdapter, tuple[Any, ...], dict[str, Any]], Any]]
+] = {
+    "list": _list_contents,
+    "dict": _dict_contents,
+    "Namespace": _namespace_contents,
+}
 
 
 # -- helpers ----------------------------------------------------------------------

@@ -48,6 +48,7 @@ from managerd_client.wire import (
     PICKLE_PROTOCOL,
     PROTOCOL_VERSION,
     FrameSocket,
+    Refused,
     client_handshake,
     set_nodelay,
     set_receive_timeout,
@@ -207,9 +208,11 @@ class Channel:
             raise AuthenticationFailed(
                 f"managerd at {address[0]}:{address[1]} refused the TLS session: {exc}"
             ) from None
-        except ConnectionRefusedError as exc:  # a #REFUSED# frame: the daemon said why
+        except Refused as exc:  # a #REFUSED# frame: the daemon said why (and maybe how long)
             self._fs.close()
-            raise ConnectFailed(f"managerd at {address[0]}:{address[1]}: {exc}") from None
+            failed = ConnectFailed(f"managerd at {address[0]}:{address[1]}: {exc}")
+            failed.retry_after_s = exc.retry_after_s
+            raise failed from None
         except (OSError, EOFError) as exc:
             self._fs.close()
             if tls is not None:

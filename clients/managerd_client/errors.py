@@ -68,7 +68,13 @@ class ManagerdConnectionError(ManagerdError, ConnectionError):
 
 
 class ConnectFailed(ManagerdConnectionError):
-    """No daemon answered at the address within the connect timeout."""
+    """No daemon answered at the address within the connect timeout.
+
+    ``retry_after_s`` is set when the daemon refused the connection for a
+    while (a penalized address) and said how long is left.
+    """
+
+    retry_after_s: float | None = None
 
 
 class AuthenticationFailed(ManagerdConnectionError):
@@ -88,7 +94,11 @@ class SessionExpired(ManagerdError):
 
 
 class LockLost(SessionExpired):
-    """A lock this client believed it held was released when its session ended."""
+    """A lock this client believed it held was released.
+
+    Its session ended (a partition, lease expiry) or the daemon restarted;
+    the message says which.
+    """
 
 
 class ObjectError(ManagerdError):

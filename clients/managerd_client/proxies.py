@@ -134,8 +134,12 @@ class Proxy:
             raise TypeError("an object name must be a non-empty str")
         self._manager = manager
         self._name = name
-        self._args = args
         self._server_id = manager._create(self._typeid, name, args)
+        # Initial contents are for the creation only: a proxy re-attaching
+        # (daemon restart, unpickled in a child) does not resend them.
+        if "contents" in args:
+            args = {k: v for k, v in args.items() if k != "contents"}
+        self._args = args
 
     @property
     def name(self) -> str:
@@ -262,18 +266,19 @@ class Queue(Proxy):
         did, payload, deliveries = self._call("reserve", timeout)
         return Message(self, did, loads(payload), deliveries)
 
-
-class JoinableQueue(Queue):
-    """A named ``multiprocessing.JoinableQueue``."""
-
-    _typeid = "JoinableQueue"
-
     def task_done(self) -> None:
+        """One item taken is handled (``ValueError`` if more than were put)."""
         self._call("task_done")
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait until every item put has been marked ``task_done``."""
+        """Wait until every item put has been marked ``task_done`` (``TimeoutError``)."""
         self._call("join", timeout)
+
+
+class JoinableQueue(Queue):
+    """A named ``multiprocessing.JoinableQueue`` (a ``Queue`` under its own type name)."""
+
+    _typeid = "JoinableQueue"
 
 
 class PipeEnd(Proxy):
@@ -585,20 +590,34 @@ class Lock(Proxy):
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
         super().__init__(manager, name, args)
         self._local = threading.local()
-        self._held: dict[int, tuple[int, int]] = {}  # thread -> (token, session epoch)
+        #: thread -> (token, session epoch, server id) of each holding
+        self._held: dict[int, tuple[int, int, str]] = {}
+        manager._lock_proxies.add(self)
+
+    def _forget_holdings(self) -> None:
+        """After a fork, in the child: the parent's holdings are not the child's."""
+        self._held = {}
 
     def _call(self, method: str, *args: Any) -> Any:
-        self._manager._channel_or_reconnect()
+        channel = self._manager._channel_or_reconnect()
         epoch = self._manager.session_epoch
-        lost = [t for t, (_, e) in self._held.items() if e != epoch]
+        lost = [(t, sid) for t, (_, e, sid) in self._held.items() if e != epoch]
         if lost:
-            for thread in lost:
+            for thread, _ in lost:
                 del self._held[thread]
-            raise LockLost(
-                f"{self._typeid} {self._name!r} was released by the daemon when this "
-                "client's session ended (partition or lease expiry)"
-            )
+            old = lost[0][1]
+            if old != channel.server_id:
+                why = (
+                    f"the daemon restarted (server id {old} is now {channel.server_id}); "
+                    "a restarted daemon holds nothing for anyone"
+                )
+            else:
+                why = "this client's session ended (partition or lease expiry)"
+            raise LockLost(f"{self._typeid} {self._name!r} was released by the daemon: {why}")
         return super()._call(method, *args)
+
+    def _hold(self, token: int) -> None:
+        self._held[self._holder_key()] = (token, self._manager.session_epoch, self._server_id)
 
     def _holder_key(self) -> int:
         return 0  # a Lock belongs to the client, not to a thread
@@ -607,7 +626,7 @@ class Lock(Proxy):
         token = self._call("acquire", blocking, timeout)
         if token is False:
             return False
-        self._held[self._holder_key()] = (token, self._manager.session_epoch)
+        self._hold(token)
         return True
 
     def release(self) -> None:
@@ -639,8 +658,12 @@ class RLock(Lock):
     _typeid = "RLock"
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
-        super().__init__(manager, name, args)
         self._depth: dict[int, int] = {}
+        super().__init__(manager, name, args)
+
+    def _forget_holdings(self) -> None:
+        super()._forget_holdings()
+        self._depth = {}
 
     def _holder_key(self) -> int:
         return threading.get_ident()
@@ -671,7 +694,7 @@ class Semaphore(Lock):
         token = self._call("acquire", blocking, -1 if timeout is None else timeout)
         if token is False:
             return False
-        self._held[self._holder_key()] = (token, self._manager.session_epoch)
+        self._hold(token)
         return True
 
     def release(self, n: int = 1) -> None:

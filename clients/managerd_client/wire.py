@@ -25,6 +25,7 @@ can share one connection and pipeline calls.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import socket
 import struct
@@ -37,11 +38,14 @@ __all__ = [
     "HELLO",
     "PROTOCOL_VERSION",
     "REFUSED",
+    "RETRY_AFTER",
     "WELCOME",
     "FrameSocket",
+    "Refused",
     "create_response",
     "frame_header",
     "make_challenge",
+    "refused_frame",
     "verify_response",
 ]
 
@@ -51,6 +55,8 @@ FAILURE: Final = b"#FAILURE#"
 #: Sent by the daemon instead of a challenge when it will not take the
 #: connection (too many connections, shutting down), followed by why.
 REFUSED: Final = b"#REFUSED#"
+#: Ends a ``#REFUSED#`` frame that says when to try again: ``#RETRY-AFTER#<seconds>``.
+RETRY_AFTER: Final = b"#RETRY-AFTER#"
 CHALLENGE_RANDOM_BYTES: Final = 40
 HANDSHAKE_MAX_FRAME_BYTES: Final = 256
 DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
@@ -271,15 +277,54 @@ def set_receive_timeout(sock: socket.socket, timeout_s: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
+class Refused(ConnectionRefusedError):
+    """The daemon sent ``#REFUSED#`` instead of a challenge; maybe with when to retry."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def refused_frame(reason: str, retry_after_s: float | None = None) -> bytes:
+    """A ``#REFUSED#`` frame; with ``retry_after_s``, the text and a trailer say it.
+
+    The seconds travel as a trailer (not only in the words) so that a client
+    need not parse a sentence; stock clients never get this far anyway.
+    """
+    if retry_after_s is None:
+        return REFUSED + reason.encode()
+    left = max(retry_after_s, 0.0)
+    text = f"{reason}; refused for another {math.ceil(left)}s"
+    return REFUSED + text.encode() + RETRY_AFTER + f"{left:.3f}".encode()
+
+
+def parse_refused(frame: bytes) -> tuple[str, float | None]:
+    """The reason of a ``#REFUSED#`` frame and its retry-after seconds (None if none)."""
+    body = frame[len(REFUSED) :]
+    retry_after_s = None
+    head, sep, tail = body.rpartition(RETRY_AFTER)
+    if sep:
+        try:
+            retry_after_s = float(tail.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            retry_after_s = None
+        else:
+            body = head
+        if retry_after_s is not None and not 0.0 <= retry_after_s < 86_400.0:
+            retry_after_s = None  # nonsense (or NaN): not worth waiting for
+    return body.decode("utf-8", "replace"), retry_after_s
+
+
 def client_handshake(fs: FrameSocket, authkey: bytes) -> None:
     """Authenticate to a daemon (answer its challenge, then challenge it).
 
-    Raises ``PermissionError`` when either side refuses the other.
+    Raises ``PermissionError`` when either side refuses the other, and
+    :class:`Refused` when the daemon refuses the connection itself.
     """
     challenge = fs.recv_frame()
     if challenge.startswith(REFUSED):
-        reason = challenge[len(REFUSED) :].decode("utf-8", "replace")
-        raise ConnectionRefusedError(f"the daemon refused the connection: {reason}")
+        reason, retry_after_s = parse_refused(challenge)
+        raise Refused(f"the daemon refused the connection: {reason}", retry_after_s)
     if len(challenge) > HANDSHAKE_MAX_FRAME_BYTES or not challenge.startswith(CHALLENGE):
         raise PermissionError("the peer did not send an authentication challenge")
     try:

@@ -1,10 +1,13 @@
 """Locks, re-entrant locks and semaphores, owned by sessions.
 
-Every successful acquire returns a fencing token, monotonic per object: a
-client that holds token 7 knows that anyone holding the lock after it holds
-8 or more. When a session ends, what it held is released and goes to the
-next live waiter (whose waiter was not cancelled, because the dead session's
-own waiters are cancelled before its holdings are released).
+Every successful acquire returns a fencing token from the daemon's one
+:class:`~managerd.tokens.TokenSource`, given to each lock by the registry: a
+client that holds token 7 knows that anyone holding the lock after it, on
+this daemon or on one that replaced it, holds a larger one (tokens are
+increasing, not consecutive; see ``tokens.py``). When a session ends, what
+it held is released and goes to the next live waiter (whose waiter was not
+cancelled, because the dead session's own waiters are cancelled before its
+holdings are released).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from managerd.objects.base import (
     pop_alive,
 )
 from managerd.sessions import Session
+from managerd.tokens import TokenSource
 
 
 def _acquire_wait_s(blocking: bool, timeout: float | None) -> float | None:
@@ -51,8 +55,9 @@ class Lock(SharedObject):
     typeid = "Lock"
     owned_by_thread = False
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, tokens: TokenSource) -> None:
         super().__init__(name, loop)
+        self.tokens = tokens
         self.holder: Session | None = None
         self.holder_thread = 0
         self.count = 0  # recursion depth (RLock); 1 while a Lock is held
@@ -68,7 +73,7 @@ class Lock(SharedObject):
         self.holder = session
         self.holder_thread = thread
         self.count = 1
-        self.token += 1
+        self.token = self.tokens.next()
         self.acquires_total += 1
         self.acquired_at = now
         self.wait_hist.observe(0.0 if asked_at is None else now - asked_at)
@@ -80,7 +85,7 @@ class Lock(SharedObject):
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
     def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
-        """The fencing token (an int >= 1) when acquired, else False."""
+        """The fencing token (a positive int, see ``tokens.py``) when acquired, else False."""
         wait_s = _acquire_wait_s(blocking, timeout)
         if self.owned_by_thread and self._owns(call):
             self.count += 1
@@ -190,8 +195,11 @@ class Semaphore(SharedObject):
     create_params = ("value",)
     bounded = False
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, value: int = 1) -> None:
+    def __init__(
+        self, name: str, loop: asyncio.AbstractEventLoop, value: int = 1, *, tokens: TokenSource
+    ) -> None:
         super().__init__(name, loop)
+        self.tokens = tokens
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError("semaphore value must be an int")
         if value < 0:
@@ -212,7 +220,7 @@ class Semaphore(SharedObject):
         self.value -= 1
         self.held[session] = self.held.get(session, 0) + 1
         session.hold(self)
-        self.token += 1
+        self.token = self.tokens.next()
         self.acquires_total += 1
         return self.token
 

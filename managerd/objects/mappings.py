@@ -7,18 +7,26 @@ with the request; dict values, list items and attributes are payloads
 restricted unpickler, falling back to comparing bytes for items of classes
 the daemon does not decode. ``Value`` and ``Array`` hold numbers the daemon
 type-checks as ``ctypes`` would (``array`` does the checking).
+
+A dict, list or namespace may be created with contents (``contents``: a
+list of payloads, or of ``(key, payload)`` pairs), as ``dict(...)`` and
+``list(...)`` are. They are part of the creation, journaled in its one
+record. A later get-or-create that names contents must name the ones the
+object was created with (equal values; what it holds now does not matter,
+so every process can run the same ``m.dict("config", defaults)``); one
+created without contents was created empty.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Final
 
 from managerd.objects.base import Call, Conv, SharedObject, exposed
 from managerd.safepickle import SafeDecoder
-from managerd_client.errors import ForbiddenPayload
+from managerd_client.errors import ArgumentConflict, ForbiddenPayload
 
 _DECODER: Final = SafeDecoder()
 NO_DEFAULT: Final = object()
@@ -38,17 +46,62 @@ def _check_key(key: Any) -> Any:
     return key
 
 
-class Dict(SharedObject):
+def _payload_list(contents: Any) -> list[bytes]:
+    """Initial list contents: a list of payloads."""
+    if not isinstance(contents, (list, tuple)):
+        raise TypeError("initial contents travel as a list of pickled items")
+    return [_check_payload(v) for v in contents]
+
+
+def _payload_pairs(contents: Any, check_key: Callable[[Any], Any]) -> dict[Any, bytes]:
+    """Initial mapping contents: ``(key, payload)`` pairs (a later key wins, as in dict())."""
+    if not isinstance(contents, (list, tuple)):
+        raise TypeError("initial contents travel as a list of (key, pickled value) pairs")
+    out: dict[Any, bytes] = {}
+    for pair in contents:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise TypeError("initial contents travel as (key, pickled value) pairs")
+        out[check_key(pair[0])] = _check_payload(pair[1])
+    return out
+
+
+class _Contents(SharedObject):
+    """Creation with initial ``contents``; an attach naming others is a conflict."""
+
+    create_params = ("contents",)
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        raise NotImplementedError
+
+    def check_conflicts(self, args: dict[str, Any]) -> None:
+        super().check_conflicts(args)
+        if "contents" not in args:
+            return
+        if not self._same_contents(self.created_with.get("contents", []), args["contents"]):
+            raise ArgumentConflict(
+                f"{self.typeid} {self.name!r} exists, created with other contents; "
+                "attach without contents, or with the ones it was created with"
+            )
+
+
+def _same_mapping(a: dict[Any, bytes], b: dict[Any, bytes]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+
+
+class Dict(_Contents):
     """``dict``: builtin keys, payload values."""
 
     typeid = "dict"
     snapshot_conv: ClassVar[Conv] = Conv.MAPPING
     durable = True
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, contents: Any = ()) -> None:
         super().__init__(name, loop)
-        self.data: dict[Any, bytes] = {}
+        self.data: dict[Any, bytes] = _payload_pairs(contents, _check_key)
         self.writes_total = 0
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        return _same_mapping(_payload_pairs(created, _check_key), _payload_pairs(given, _check_key))
 
     @exposed(result=Conv.PAYLOAD)
     def __getitem__(self, call: Call, key: Any) -> bytes:
@@ -192,16 +245,20 @@ def _index(index: Any) -> int | slice:
     return index
 
 
-class List(SharedObject):
+class List(_Contents):
     """``list`` of payloads."""
 
     typeid = "list"
     snapshot_conv: ClassVar[Conv] = Conv.PAYLOADS
     durable = True
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, contents: Any = ()) -> None:
         super().__init__(name, loop)
-        self.items: list[bytes] = []
+        self.items: list[bytes] = _payload_list(contents)
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        a, b = _payload_list(created), _payload_list(given)
+        return len(a) == len(b) and all(map(_same, a, b))
 
     @exposed(result=Conv.ITEM_OR_ITEMS)
     def __getitem__(self, call: Call, index: Any) -> bytes | list[bytes]:
@@ -363,16 +420,19 @@ class List(SharedObject):
         return {**super().describe(), "len": len(self.items)}
 
 
-class Namespace(SharedObject):
+class Namespace(_Contents):
     """``multiprocessing.managers.Namespace``: attributes holding payloads."""
 
     typeid = "Namespace"
     snapshot_conv: ClassVar[Conv] = Conv.MAPPING
     durable = True
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, contents: Any = ()) -> None:
         super().__init__(name, loop)
-        self.attrs: dict[str, bytes] = {}
+        self.attrs: dict[str, bytes] = _payload_pairs(contents, self._attr)
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        return _same_mapping(_payload_pairs(created, self._attr), _payload_pairs(given, self._attr))
 
     @staticmethod
     def _attr(name: Any) -> str:

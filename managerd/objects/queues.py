@@ -5,6 +5,11 @@ to the first live waiter, or appends it. Because a dead session's waiters
 are cancelled before anything else happens, an item is never handed to a
 consumer that is gone.
 
+Every queue counts unfinished tasks as ``queue.Queue`` does: a put adds
+one, ``task_done`` takes one off, ``join`` waits for none. The count is not
+journaled per put: replay counts the journaled pushes, and ``task_done``
+journals a ``done`` record (a queue that never calls it pays nothing).
+
 ``reserve`` is acknowledged delivery: the item leaves the queue but is kept
 as a *delivery* owned by the consumer's session until ``ack``. ``nack``, the
 visibility timeout, or the end of the session put it back at the front; a
@@ -66,7 +71,13 @@ _delivery_ids = itertools.count(1)
 
 
 class Queue(SharedObject):
-    """``queue.Queue`` semantics, plus batches and acknowledged delivery."""
+    """``queue.Queue`` semantics, plus batches and acknowledged delivery.
+
+    ``join`` waits until every item put was ``task_done``. With ``reserve``,
+    a consumer calls ``task_done`` after ``ack`` (a nacked item comes back
+    and is done later); an item moved to the dead-letter queue is never
+    acked, so it counts as done by itself.
+    """
 
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
@@ -98,6 +109,9 @@ class Queue(SharedObject):
         self._recovering: dict[int, tuple[bytes, int]] = {}
         self.puts_total = 0
         self.gets_total = 0
+        #: Items put and not yet ``task_done`` (queue.Queue's unfinished_tasks).
+        self.unfinished = 0
+        self.joiners: deque[Waiter] = deque()
         #: Set by the registry: where items delivered too often go.
         self.dead_letter: Callable[[Queue, bytes], None] | None = None
 
@@ -146,6 +160,8 @@ class Queue(SharedObject):
 
     def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
         """Hand ``entry`` to a live getter, else queue it."""
+        if not isinstance(entry, _Returned):
+            self.unfinished += 1  # a returned item was counted when first put
         if self.journal is not None:
             if isinstance(entry, _Returned):
                 self._j("front", entry.payload, entry.deliveries)
@@ -196,6 +212,10 @@ class Queue(SharedObject):
         """An item leaves for good, unacked: to the dead-letter queue if there is one."""
         if self.dead_letter is not None:
             self.dead_letter(self, payload)
+        # No consumer will ack it, so none will call task_done() for it: it
+        # is done as far as join() is concerned, or join() would never return.
+        if self.unfinished > 0:
+            self._finish_one()
 
     def _on_get_timeout(self, waiter: Waiter) -> None:
         waiter.fail(queue.Empty())
@@ -293,6 +313,25 @@ class Queue(SharedObject):
     def full(self, call: Call) -> bool:
         return self._is_full()
 
+    @exposed(mutates=True)
+    def task_done(self, call: Call) -> None:
+        if self.unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._finish_one()
+
+    def _finish_one(self) -> None:
+        self.unfinished -= 1
+        self._j("done")
+        if self.unfinished == 0:
+            while (waiter := pop_alive(self.joiners)) is not None:
+                waiter.finish(None)
+
+    @exposed()
+    def join(self, call: Call, timeout: float | None = None) -> Any:
+        if self.unfinished == 0:
+            return None
+        return self.park(self.joiners, call, timeout_s(True, timeout), _join_timeout)
+
     # -- acknowledged delivery -------------------------------------------
     @exposed(mutates=True)
     def reserve(self, call: Call, timeout: float | None = None) -> Any:
@@ -362,8 +401,18 @@ class Queue(SharedObject):
             self._recovering[effect[1]] = (effect[2], effect[3])
         elif op == "unres":
             self._recovering.pop(effect[1], None)
+        elif op == "done":
+            self.unfinished = max(self.unfinished - 1, 0)
+        elif op == "unfinished":
+            # A journal of an older daemon: a JoinableQueue journaled its
+            # count, ``n`` = count + 1 just before each push it came from
+            # (the push counts it here); any other ``n`` is the count itself.
+            if effect[1] != self.unfinished + 1:
+                self.unfinished = effect[1]
         else:
             raise ValueError(f"unknown queue record {op!r}")
+        if op == "push" or (op == "front" and not effect[2]):
+            self.unfinished += 1
 
     def recovered(self) -> None:
         """Reserved-but-unacked items come back, at the front, in delivery order."""
@@ -378,18 +427,24 @@ class Queue(SharedObject):
         ready += [
             (e.payload, e.deliveries) if isinstance(e, _Returned) else (e, 0) for e in self.items
         ]
-        return ready
+        return {"items": ready, "unfinished": self.unfinished}
 
     def load_state(self, state: Any) -> None:
-        self.items = deque(_Returned(p, n) if n else p for p, n in state)
+        if isinstance(state, dict):
+            ready, self.unfinished = state["items"], state["unfinished"]
+        else:  # an older daemon's snapshot of a Queue: its items are unfinished
+            ready = state
+            self.unfinished = len(ready)
+        self.items = deque(_Returned(p, n) if n else p for p, n in ready)
 
     # -- bookkeeping ------------------------------------------------------
     def waiter_count(self) -> int:
-        return alive_count(self.getters) + alive_count(self.putters)
+        return alive_count(self.getters) + alive_count(self.putters) + alive_count(self.joiners)
 
     def shutdown(self, exc: BaseException) -> None:
         fail_all(self.getters, exc)
         fail_all(self.putters, exc)
+        fail_all(self.joiners, exc)
         for delivery in self.reserved.values():
             if delivery.timer is not None:
                 delivery.timer.cancel()
@@ -402,6 +457,7 @@ class Queue(SharedObject):
             "waiters": self.waiter_count(),
             "puts_total": self.puts_total,
             "gets_total": self.gets_total,
+            "unfinished": self.unfinished,
         }
 
     def snapshot(self) -> list[bytes]:
@@ -409,71 +465,11 @@ class Queue(SharedObject):
 
 
 class JoinableQueue(Queue):
-    """A Queue whose ``join`` waits until every item put was ``task_done``.
-
-    With ``reserve``, a consumer calls ``task_done`` after ``ack`` (a nacked
-    item comes back and is done later); an item moved to the dead-letter
-    queue is never acked, so it counts as done by itself.
-    """
+    """``multiprocessing.JoinableQueue``: a Queue (which has ``task_done``/``join``
+    too, as ``queue.Queue``) under its own type name, so a name taken by one
+    is refused to the other."""
 
     typeid = "JoinableQueue"
-
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
-        super().__init__(name, loop, **kwargs)
-        self.unfinished = 0
-        self.joiners: deque[Waiter] = deque()
-
-    def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
-        if not isinstance(entry, _Returned):
-            self.unfinished += 1  # a returned item was counted when first put
-            self._j("unfinished", self.unfinished)
-        super()._offer(entry, front)
-
-    @exposed(mutates=True)
-    def task_done(self, call: Call) -> None:
-        if self.unfinished <= 0:
-            raise ValueError("task_done() called too many times")
-        self._finish_one()
-
-    def _finish_one(self) -> None:
-        self.unfinished -= 1
-        self._j("unfinished", self.unfinished)
-        if self.unfinished == 0:
-            while (waiter := pop_alive(self.joiners)) is not None:
-                waiter.finish(None)
-
-    def _drop_dead(self, payload: bytes) -> None:
-        # No consumer will ack it, so none will call task_done() for it: it
-        # is done as far as join() is concerned, or join() would never return.
-        super()._drop_dead(payload)
-        if self.unfinished > 0:
-            self._finish_one()
-
-    @exposed()
-    def join(self, call: Call, timeout: float | None = None) -> Any:
-        if self.unfinished == 0:
-            return None
-        return self.park(self.joiners, call, timeout_s(True, timeout), _join_timeout)
-
-    def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] == "unfinished":
-            self.unfinished = effect[1]
-        else:
-            super().apply(effect)
-
-    def dump_state(self) -> Any:
-        return {"items": super().dump_state(), "unfinished": self.unfinished}
-
-    def load_state(self, state: Any) -> None:
-        super().load_state(state["items"])
-        self.unfinished = state["unfinished"]
-
-    def waiter_count(self) -> int:
-        return super().waiter_count() + alive_count(self.joiners)
-
-    def shutdown(self, exc: BaseException) -> None:
-        super().shutdown(exc)
-        fail_all(self.joiners, exc)
 
 
 def _join_timeout(waiter: Waiter) -> None:
