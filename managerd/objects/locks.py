@@ -15,9 +15,9 @@ from typing import Any
 
 from managerd.metrics import Histogram
 from managerd.objects.base import (
+    TIMEOUT_MAX,
     Call,
     Conv,
-    TIMEOUT_MAX,
     SharedObject,
     Waiter,
     alive_count,

@@ -15,11 +15,11 @@ from collections import deque
 from typing import Any
 
 from managerd.objects.base import (
+    TIMEOUT_MAX,
     Call,
     Conv,
     SharedObject,
     Waiter,
-    TIMEOUT_MAX,
     alive_count,
     checked_wait,
     exposed,
