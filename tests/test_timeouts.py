@@ -33,7 +33,7 @@ import pytest
 
 from managerd_client import Manager
 
-from conftest import Daemon
+from conftest import Daemon, wait_until
 
 NAN = float("nan")
 INF = float("inf")
@@ -459,6 +459,37 @@ def test_barrier_default_timeout(m: Manager, uniq: str, value: Any) -> None:
         # The stdlib accepts it and fails each wait() with the same kind of error.
         if expected is not ValueError:
             check(outcome(lambda: threading.Barrier(2, timeout=value).wait()), expected)
+
+
+# -- the longest wait allowed --------------------------------------------------------------
+
+
+def test_timeout_max_itself_parks_and_completes(
+    loop_daemon: Daemon, m: Manager, other: Manager, uniq: str
+) -> None:
+    """TIMEOUT_MAX is accepted (uvloop caps its timers at ~100 years; asyncio does not
+    mind): the call waits, and completes when the item or the lock comes."""
+    q = m.Queue(uniq)
+    got: list[Any] = []
+    getter = threading.Thread(target=lambda: got.append(q.get(timeout=TIMEOUT_MAX)))
+    getter.start()
+    assert wait_until(lambda: waiters(other, uniq) == 1)
+    other.Queue(uniq).put("late")
+    getter.join(10)
+    assert got == ["late"]
+
+    theirs = other.Lock(uniq + ".lock")
+    assert theirs.acquire(timeout=1)
+    acquired: list[bool] = []
+    with loop_daemon.connect() as third:
+        lock = third.Lock(uniq + ".lock")
+        waiter = threading.Thread(target=lambda: acquired.append(lock.acquire(timeout=TIMEOUT_MAX)))
+        waiter.start()
+        assert wait_until(lambda: waiters(other, uniq + ".lock") == 1)
+        theirs.release()
+        waiter.join(10)
+        assert acquired == [True]
+        lock.release()
 
 
 # -- the issue's two reproductions ----------------------------------------------------------
