@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 from managerd.sessions import Session
 from managerd_client.errors import ArgumentConflict
@@ -157,15 +158,82 @@ def alive_count(waiters: deque[Waiter]) -> int:
     return sum(1 for w in waiters if w.alive)
 
 
-def timeout_s(block: bool, timeout: float | None) -> float | None:
-    """The stdlib's (block, timeout) pair as seconds to wait (0: don't)."""
+#: The longest wait a timeout may ask for: ``threading``'s (longer is an OverflowError).
+TIMEOUT_MAX: Final = threading.TIMEOUT_MAX
+
+
+def seconds(value: object, what: str = "timeout") -> float:
+    """``value`` as a float of seconds, or the stdlib's error for a non-number.
+
+    A str, a list or None (where None means nothing) is a TypeError; an int
+    too large for a float an OverflowError, as the stdlib's arithmetic on it.
+    A bool is an int (1 or 0 seconds), as for ``threading``. NaN and the
+    infinities pass: whether they are an error depends on whether the call
+    waits (:func:`checked_wait`).
+    """
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return float(value)  # OverflowError beyond ~1.8e308
+    raise TypeError(f"{what} must be a number, not {type(value).__name__}")
+
+
+def checked_wait(wait_s: float | None) -> float | None:
+    """The seconds a call may really wait for (None: no end), or the error.
+
+    NaN is a ValueError (threading's locks refuse it; the stdlib calls that
+    accept it spin forever); more than ``TIMEOUT_MAX`` (an infinity
+    included) is an OverflowError, as ``threading`` raises before it would
+    block. What this returns is finite and in ``[0, TIMEOUT_MAX]``, which
+    ``loop.call_later`` takes on both asyncio's loop and uvloop (uvloop
+    raises on NaN; asyncio would put a NaN in its timer heap). ``park``
+    applies it before anything is registered.
+    """
+    if wait_s is None:
+        return None
+    if wait_s != wait_s:
+        raise ValueError("Invalid value NaN (not a number)")
+    if wait_s > TIMEOUT_MAX:
+        raise OverflowError(f"timeout value is too large (more than {TIMEOUT_MAX:.0f} s)")
+    if wait_s < 0:  # a policy below maps negatives first; this is a guard
+        raise ValueError("timeout value must be a non-negative number")
+    return wait_s
+
+
+def timeout_s(block: bool, timeout: object) -> float | None:
+    """``queue.Queue``'s (block, timeout) as seconds to wait (0: don't).
+
+    As ``queue.Queue``: a non-blocking call ignores the timeout; a negative
+    one is a ValueError and a non-number a TypeError, at once; NaN and
+    beyond ``TIMEOUT_MAX`` are refused only if the call has to wait.
+    """
     if not block:
         return 0.0
     if timeout is None:
         return None
-    if timeout < 0:
+    wait_s = seconds(timeout)
+    if wait_s < 0:
         raise ValueError("'timeout' must be a non-negative number")
-    return float(timeout)
+    return wait_s
+
+
+def wait_or_now_s(timeout: object) -> float | None:
+    """``threading``'s timeout of Event/Condition/Barrier/Semaphore waits and
+    ``Connection.poll``: None waits for ever, a negative one does not wait."""
+    if timeout is None:
+        return None
+    wait_s = seconds(timeout)
+    return 0.0 if wait_s < 0 else wait_s
+
+
+def positive_s(value: object, what: str) -> float:
+    """A duration that must be > 0 (visibility timeouts, ``extend``), checked whole."""
+    duration = seconds(value, what)
+    if not duration > 0:  # NaN too
+        raise ValueError(f"{what} must be a positive number")
+    if duration > TIMEOUT_MAX:
+        raise OverflowError(f"{what} is too large (more than {TIMEOUT_MAX:.0f} s)")
+    return duration
 
 
 class SharedObject:
@@ -230,14 +298,20 @@ class SharedObject:
         on_timeout: Callable[[Waiter], None],
         data: Any = None,
     ) -> asyncio.Future[Any]:
-        """Register a waiter for ``call``; ``on_timeout`` runs after ``wait_s``."""
+        """Register a waiter for ``call``; ``on_timeout`` runs after ``wait_s``.
+
+        Everything that can raise (the wait's check, the timer) comes before
+        the waiter is registered anywhere: a call that fails here leaves no
+        waiter behind to take the next item or lock.
+        """
+        wait_s = checked_wait(wait_s)
         future: asyncio.Future[Any] = call.loop.create_future()
         waiter = Waiter(call.session, future, data)
         waiter.obj = self
-        waiters.append(waiter)
-        call.session.waiters.add(waiter)
         if wait_s is not None:
             waiter.timer = call.loop.call_later(wait_s, on_timeout, waiter)
+        waiters.append(waiter)
+        call.session.waiters.add(waiter)
         return future
 
     def waiter_count(self) -> int:

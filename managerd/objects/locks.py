@@ -19,6 +19,7 @@ from typing import Any
 from managerd.deadlock import check_deadlock, report_deadlock
 from managerd.metrics import Histogram
 from managerd.objects.base import (
+    TIMEOUT_MAX,
     Call,
     Conv,
     SharedObject,
@@ -27,22 +28,53 @@ from managerd.objects.base import (
     exposed,
     fail_all,
     pop_alive,
+    seconds,
+    wait_or_now_s,
 )
 from managerd.sessions import Session
 from managerd.tokens import TokenSource
 
 
-def _acquire_wait_s(blocking: bool, timeout: float | None) -> float | None:
-    """threading's (blocking, timeout) as seconds to wait; -1/None is forever."""
+def _acquire_wait_s(blocking: bool, timeout: object) -> float | None:
+    """``threading.Lock.acquire``'s (blocking, timeout) as seconds to wait.
+
+    Checked whole before anything happens, in the order and with the error
+    types of ``_thread``'s lock (which checks even when the lock is free):
+    a non-number (None included) is a TypeError, NaN a ValueError, beyond
+    ``TIMEOUT_MAX`` either way an OverflowError; -1 waits for ever.
+    """
+    wait_s = seconds(timeout)
+    if wait_s != wait_s:
+        raise ValueError("Invalid value NaN (not a number)")
+    if abs(wait_s) > TIMEOUT_MAX:
+        raise OverflowError("timeout value is too large")
     if not blocking:
-        if timeout not in (None, -1):
+        if wait_s != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
         return 0.0
-    if timeout is None or timeout == -1:
+    if wait_s == -1:
         return None
-    if timeout < 0:
-        raise ValueError("timeout value must be a non-negative number")
-    return float(timeout)
+    if wait_s < 0:
+        raise ValueError("timeout value must be positive")
+    return wait_s
+
+
+def _semaphore_wait_s(blocking: bool, timeout: object) -> float | None:
+    """``threading.Semaphore.acquire``'s (blocking, timeout) as seconds to wait.
+
+    None waits for ever, and so does -1 (the managerd client sends -1 for
+    None); any other negative does not wait, as ``threading.Semaphore``.
+    """
+    if not blocking:
+        if timeout is not None and timeout != -1:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        return 0.0
+    if timeout is None:
+        return None
+    wait_s = seconds(timeout)
+    if wait_s == -1:
+        return None
+    return wait_or_now_s(wait_s)
 
 
 def _not_acquired(waiter: Waiter) -> None:
@@ -84,7 +116,7 @@ class Lock(SharedObject):
         return self.holder is call.session and self.holder_thread == call.thread
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
-    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
         """The fencing token (a positive int, see ``tokens.py``) when acquired, else False."""
         wait_s = _acquire_wait_s(blocking, timeout)
         if self.owned_by_thread and self._owns(call):
@@ -226,7 +258,7 @@ class Semaphore(SharedObject):
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
     def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
-        wait_s = _acquire_wait_s(blocking, timeout)
+        wait_s = _semaphore_wait_s(blocking, timeout)
         if self.value > 0 and alive_count(self.waiters) == 0:
             return self._grant(call.session)
         if wait_s == 0.0:

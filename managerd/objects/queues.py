@@ -32,10 +32,13 @@ from managerd.objects.base import (
     SharedObject,
     Waiter,
     alive_count,
+    checked_wait,
     exposed,
     fail_all,
     pop_alive,
+    positive_s,
     timeout_s,
+    wait_or_now_s,
 )
 from managerd.sessions import Session
 
@@ -94,12 +97,13 @@ class Queue(SharedObject):
         super().__init__(name, loop)
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise TypeError("maxsize must be an int")
-        if not isinstance(visibility_timeout_s, (int, float)) or visibility_timeout_s <= 0:
-            raise ValueError("visibility_timeout_s must be a positive number")
+        # Checked whole here: every reserve starts a timer of this length, after
+        # its item has left the queue (a timer that failed then would lose it).
+        visibility_s = positive_s(visibility_timeout_s, "visibility_timeout_s")
         if not isinstance(max_deliveries, int) or max_deliveries < 0:
             raise ValueError("max_deliveries must be a non-negative int")
         self.maxsize = maxsize
-        self.visibility_timeout_s = float(visibility_timeout_s)
+        self.visibility_timeout_s = visibility_s
         self.max_deliveries = max_deliveries
         self.items: deque[bytes | _Returned] = deque()
         self.getters: deque[Waiter] = deque()
@@ -278,6 +282,7 @@ class Queue(SharedObject):
         """Up to ``max_items`` items; waits (as ``get``) only while there are none."""
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError("max_items must be a positive int")
+        wait_s = timeout_s(block, timeout)
         if self.items:
             out: list[bytes] = []
             while self.items and len(out) < max_items:
@@ -287,7 +292,7 @@ class Queue(SharedObject):
             self.gets_total += len(out)
             self._admit_putters()
             return out
-        return self._get(call, timeout_s(block, timeout), _GET_MANY)
+        return self._get(call, wait_s, _GET_MANY)
 
     def _get(self, call: Call, wait_s: float | None, kind: str) -> Any:
         if self.items:
@@ -328,9 +333,10 @@ class Queue(SharedObject):
 
     @exposed()
     def join(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = timeout_s(True, timeout)
         if self.unfinished == 0:
             return None
-        return self.park(self.joiners, call, timeout_s(True, timeout), _join_timeout)
+        return self.park(self.joiners, call, wait_s, _join_timeout)
 
     # -- acknowledged delivery -------------------------------------------
     @exposed(mutates=True)
@@ -369,12 +375,11 @@ class Queue(SharedObject):
 
     @exposed()
     def extend(self, call: Call, did: int, seconds: float) -> None:
+        extend_s = positive_s(seconds, "seconds")
         delivery = self._own_delivery(call, did)
-        if not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise ValueError("seconds must be a positive number")
         if delivery.timer is not None:
             delivery.timer.cancel()
-        delivery.timer = self.loop.call_later(float(seconds), self._redeliver, did)
+        delivery.timer = self.loop.call_later(extend_s, self._redeliver, did)
 
     @exposed()
     def reserved_count(self, call: Call) -> int:
@@ -545,21 +550,25 @@ class Pipe(SharedObject):
     def recv(self, call: Call, end: int, timeout: float | None = None) -> Any:
         end = self._end(end)
         self._read_check(end)
+        wait_s = timeout_s(True, timeout)
         if self.inbox[end]:
             return self.inbox[end].popleft()
         if self.closed[1 - end]:
             raise EOFError("the other end of the pipe is closed")
-        return self.park(self.readers[end], call, timeout_s(True, timeout), _recv_timeout, "recv")
+        return self.park(self.readers[end], call, wait_s, _recv_timeout, "recv")
 
     @exposed()
     def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:
         end = self._end(end)
         self._read_check(end)
+        # Checked whole at once, as Connection.poll (NaN and a timeout too large
+        # for it fail even when a message is waiting); a negative one is 0.
+        wait_s = checked_wait(wait_or_now_s(timeout))
         if self.inbox[end] or self.closed[1 - end]:
             return True
-        if timeout is not None and timeout <= 0:
+        if wait_s == 0.0:
             return False
-        return self.park(self.readers[end], call, timeout, _poll_timeout, "poll")
+        return self.park(self.readers[end], call, wait_s, _poll_timeout, "poll")
 
     @exposed(mutates=True)
     def close(self, call: Call, end: int) -> None:

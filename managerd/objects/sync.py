@@ -15,15 +15,18 @@ from collections import deque
 from typing import Any
 
 from managerd.objects.base import (
+    TIMEOUT_MAX,
     Call,
     Conv,
     SharedObject,
     Waiter,
     alive_count,
+    checked_wait,
     exposed,
     fail_all,
     pop_alive,
-    timeout_s,
+    seconds,
+    wait_or_now_s,
 )
 from managerd.objects.locks import Lock
 
@@ -59,9 +62,9 @@ class Event(SharedObject):
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = wait_or_now_s(timeout)
         if self.flag:
             return True
-        wait_s = timeout_s(True, max(timeout, 0.0) if timeout is not None else None)
         if wait_s == 0.0:
             return False
         return self.park(self.waiters, call, wait_s, _false)
@@ -106,7 +109,7 @@ class Condition(SharedObject):
         return {"lock": self.lock.name}
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
-    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
         return self.lock.acquire(call, blocking, timeout)
 
     @exposed(mutates=True)
@@ -121,7 +124,9 @@ class Condition(SharedObject):
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
         """Release the lock, wait for a notify (True) or the timeout (False)."""
-        wait_s = timeout_s(True, max(timeout, 0.0) if timeout is not None else None)
+        # Checked whole before the lock is let go: a wait that cannot start
+        # must leave the caller holding it.
+        wait_s = checked_wait(wait_or_now_s(timeout))
         depth = self.lock.release_fully(call)
         future = self.park(self.waiters, call, wait_s, self._timed_out, (call.thread, depth))
         return future
@@ -180,8 +185,13 @@ class Barrier(SharedObject):
         super().__init__(name, loop)
         if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
             raise ValueError("parties must be an int > 0")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-            raise ValueError("timeout must be a non-negative number or None")
+        if timeout is not None:
+            # Refused here rather than by every wait() that would use it.
+            default_s = seconds(timeout)
+            if not default_s >= 0:  # NaN too
+                raise ValueError("timeout must be a non-negative number or None")
+            if default_s > TIMEOUT_MAX:
+                raise OverflowError(f"timeout is too large (more than {TIMEOUT_MAX:.0f} s)")
         self.parties = parties
         self.timeout = timeout
         self.waiters: deque[Waiter] = deque()
@@ -193,10 +203,9 @@ class Barrier(SharedObject):
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = wait_or_now_s(self.timeout if timeout is None else timeout)
         if self.broken:
             raise threading.BrokenBarrierError()
-        if timeout is None:
-            timeout = self.timeout
         index = alive_count(self.waiters)
         if index + 1 == self.parties:
             # The last party: release the generation.
@@ -206,7 +215,6 @@ class Barrier(SharedObject):
                 waiter.finish(i)
             return self.parties - 1
         # A negative timeout is 0, as threading.Barrier (it breaks at once).
-        wait_s = timeout_s(True, None if timeout is None else max(timeout, 0.0))
         future = self.park(self.waiters, call, wait_s, self._timed_out)
         # The waiter is the last one appended.
         self.waiters[-1].on_cancel = self._party_left
