@@ -361,7 +361,7 @@ def test_lock_acquire_held(m: Manager, other: Manager, uniq: str, typeid: str, v
     theirs.release()
     assert not lock.locked()  # no parked waiter of ours took it
     assert theirs.acquire(timeout=1) is True
-    assert theirs.fencing_token == (token or 0) + 1
+    assert theirs.fencing_token > (token or 0)  # tokens follow the clock (tokens.py)
     theirs.release()
 
 
