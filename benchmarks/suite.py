@@ -38,14 +38,14 @@ it), measured in the same invocation and taking turns with this
 checkout's ``managerd`` within every round. The clients are always this
 checkout's ``managerd_client`` (the comparison is of the daemon's code, so
 the two revisions must speak the same wire protocol). The report adds its
-figures, a column per other checkout, and ``managerd/managerd@<rev>``
+figures, a table per other checkout with ``managerd/managerd@<rev>``
 (this checkout's figure over the other's; see each workload's
 ``better``); the JSON adds ``compared`` (path, rev, interpreter, where
 managerd was imported from)::
 
-    git worktree add /tmp/base main && (cd /tmp/base && uv sync)
+    git worktree add --detach /tmp/base main && (cd /tmp/base && uv sync)
     uv run python benchmarks/suite.py --managerd-from /tmp/base --only noop,putget,mpmc,batch
-    git worktree remove /tmp/base
+    git worktree remove --force /tmp/base  # --force: its .venv is untracked
 
 The parts live in ``benchmarks/bench/`` (servers, workloads, crowds,
 measure, report, runner); this file is the command.
