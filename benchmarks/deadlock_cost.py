@@ -30,8 +30,8 @@ spawn = multiprocessing.get_context("spawn")
 
 
 def _client(
-    address: str, authkey: bytes, name: str, seconds: float, out: multiprocessing.Queue
-) -> None:  # type: ignore[type-arg]
+    address: str, authkey: bytes, name: str, seconds: float, out: multiprocessing.Queue[int]
+) -> None:
     with connect(address, authkey=authkey) as m:
         lock = m.Lock(name)
         pairs = 0
@@ -44,7 +44,7 @@ def _client(
 
 
 def _round(address: str, authkey: bytes, clients: int, seconds: float, shared: bool) -> float:
-    out: multiprocessing.Queue = spawn.Queue()  # type: ignore[type-arg]
+    out: multiprocessing.Queue[int] = spawn.Queue()
     procs = [
         spawn.Process(target=_client, args=(address, authkey, "shared" if shared else f"own-{i}",
                                             seconds, out))
