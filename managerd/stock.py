@@ -116,6 +116,10 @@ Reply = Callable[[tuple[str, Any]], None]
 class StockSink(Protocol):
     """What the adapter needs of a connection."""
 
+    #: The call last parked (``(object, method, future)``), which a next
+    #: request on the connection abandons (see ``Connection._stock_abandon``).
+    stock_parked: tuple[SharedObject, str, asyncio.Future[Any]] | None
+
     def _stock_reply(self, message: tuple[str, Any]) -> None: ...
 
 
@@ -239,6 +243,7 @@ class _Request:
     args: tuple[Any, ...]
     kwds: dict[str, Any]
     reply: Reply
+    conn: StockSink
 
 
 #: Handlers of methods whose stock form is not the object's method as is.
@@ -351,7 +356,7 @@ class StockAdapter:
             call = Call(session, _STOCK_THREAD, self.loop)
             special = _SPECIALS.get((obj.typeid, method))
             if special is not None:
-                special(self, _Request(obj, call, method, args, kwds, reply))
+                special(self, _Request(obj, call, method, args, kwds, reply, conn))
                 return
             spec = obj.methods.get(method)
             if spec is None:
@@ -364,6 +369,7 @@ class StockAdapter:
                     self.decode(payload)
             result = spec.fn(obj, call, *call_args, **call_kwds)
             if isinstance(result, asyncio.Future):
+                conn.stock_parked = (obj, method, result)
                 self._when_done(reply, result, lambda value: self.result_out(spec.result, value))
             else:
                 reply(("#RETURN", self.result_out(spec.result, result)))
@@ -428,6 +434,7 @@ class StockAdapter:
             return value
 
         if isinstance(reserved, asyncio.Future):
+            req.conn.stock_parked = (obj, req.method, reserved)
             self._when_done(req.reply, reserved, settle)
         else:
             req.reply(("#RETURN", settle(reserved)))
@@ -451,6 +458,7 @@ class StockAdapter:
                 raise
 
         if isinstance(result, asyncio.Future):
+            req.conn.stock_parked = (obj, req.method, result)
             self._when_done(req.reply, result, check)
         else:
             req.reply(("#RETURN", self.decode(result)))

@@ -67,6 +67,19 @@ _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _IDLE_CHECK_AFTER_S: Final = 0.05
 
 
+#: A thread waiting for another to read re-checks this often that the reader
+#: role was not left taken (an exception in the reader's ``finally``).
+_READER_CHECK_S: Final = 1.0
+_CANCEL: Final = "cancel"
+
+_abandoned = threading.local()
+
+
+def abandoned_by(exc: BaseException) -> bool:
+    """Whether ``exc`` made this thread give up its last call (and cancel it)."""
+    return getattr(_abandoned, "exc", None) is exc
+
+
 class _Slot:
     """Where a reply lands for the thread that waits for it.
 
@@ -75,7 +88,7 @@ class _Slot:
     copied out as ``frame``, for that thread to decode.
     """
 
-    __slots__ = ("decode_with", "decoded", "error", "failure", "frame", "value")
+    __slots__ = ("decode_with", "decoded", "error", "failure", "frame", "raised", "value")
 
     def __init__(self, decode_with: Callable[[Any], Any] | None = None) -> None:
         #: Applied to the result (a payload) before the call returns it.
@@ -85,6 +98,8 @@ class _Slot:
         self.decoded = False
         self.value: Any = None
         self.failure: BaseException | None = None  # the call raised on the daemon
+        #: What result() raised: an answer, not an interrupt.
+        self.raised: BaseException | None = None
 
     @property
     def done(self) -> bool:
@@ -99,12 +114,14 @@ class _Slot:
 
     def result(self) -> Any:
         if self.error is not None:
+            self.raised = self.error
             raise self.error
         if not self.decoded:
             assert self.frame is not None
             self.decode(self.frame)
         if self.failure is not None:
             failure, self.failure = self.failure, None
+            self.raised = failure
             raise failure
         return self.value
 
@@ -285,39 +302,93 @@ class Channel:
             rid = next(self._rids)
             self._pending[rid] = slot
         try:
-            with self._send_lock:
-                self._fs.send_frame_parts(parts, prefix=_RID.pack(rid))
-        except OSError as exc:
-            self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
-        self._await(slot)
-        try:
+            self._send(parts, rid)
+            self._await(slot)
             return slot.result()
+        except BaseException as exc:
+            if exc is not slot.raised:
+                # Not the answer: an interrupt (Ctrl-C, a signal handler's
+                # exception, an asynchronous exception) ended the wait.
+                self._abandon(rid, exc)
+            raise
         finally:
             if isinstance(slot.frame, memoryview):
                 self._fs.recycle(slot.frame.obj)
                 slot.frame = None
+
+    def _send(self, parts: list[bytes], rid: int) -> None:
+        """Send one request frame; one interrupted half-way kills the connection.
+
+        ``list.extend`` over ``map`` records each completed ``sendall`` in C,
+        so an exception raised as the last one returns still counts it sent.
+        A frame cut short would make the daemon read the next request as
+        its rest: the connection is closed instead (its session ends).
+        """
+        chunks = self._fs.frame_chunks(parts, _RID.pack(rid))
+        sent: list[None] = []
+        sending = False
+        try:
+            with self._send_lock:
+                sending = True
+                sent.extend(map(self._fs.sock.sendall, chunks))
+        except OSError as exc:
+            self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+        except BaseException:
+            if sending and len(sent) != len(chunks):
+                self._die(
+                    ConnectionLost(
+                        "a request was interrupted while it was being sent; "
+                        "the connection was closed (a cut frame cannot be resumed)"
+                    )
+                )
+            raise
+
+    def _abandon(self, rid: int, exc: BaseException) -> None:
+        """Stop waiting for ``rid`` and ask the daemon to cancel it.
+
+        The daemon drops the call if it is still parked, or gives back what
+        its answer handed over (an item to the front of its queue, a lock or
+        a permit released) if it was answered: nothing this thread will not
+        see is lost, nothing is delivered twice. The cancel is not answered.
+        """
+        _abandoned.exc = exc
+        with self._cond:
+            self._pending.pop(rid, None)
+            if self.dead is not None:
+                return  # the session ends with the connection: the daemon drops the call
+            crid = next(self._rids)
+        request = (None, None, _CANCEL, (rid,), threading.get_ident())
+        self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
 
     def _await(self, slot: _Slot) -> None:
         cond = self._cond
         while True:
             with cond:
                 while not slot.done and self._reading:
-                    cond.wait()
+                    cond.wait(_READER_CHECK_S)
                 if slot.done:
                     return
                 self._reading = True
             try:
                 self._read_until(slot)
+            except BaseException:
+                # An interrupt in the read: go on with the stream if it is
+                # intact (the usual case: it struck inside recv), else close.
+                if not self._fs.recover():
+                    self._die(ConnectionLost("a read was interrupted mid-frame; connection closed"))
+                raise
             finally:
+                # The role first (a plain store): a second interrupt here
+                # must not leave it taken; waiters re-check it anyway.
+                self._reading = False
                 with cond:
-                    self._reading = False
                     cond.notify_all()
 
     def _read_until(self, slot: _Slot) -> None:
         fs = self._fs
         while not slot.done:
             try:
-                frame = fs.recv_frame_view()
+                frame = fs.next_frame_view()
             except TimeoutError:
                 self._die(
                     ConnectionLost(
@@ -333,24 +404,30 @@ class Channel:
             if len(frame) < _REPLY_HEAD.size:
                 self._die(ProtocolError("the daemon sent a frame too short to be a reply"))
                 return
+            # A frame is marked read (done_frame) only once it reached its
+            # slot: an interrupt before that reads it again, and a frame
+            # whose slot is no longer pending is skipped, so none is lost.
             (rid,) = _RID.unpack_from(frame)
             if rid in self._pending and self._pending[rid] is slot:
                 with self._cond:
                     del self._pending[rid]
                 if slot.decode_with is None:
                     slot.decode(frame)  # before the next read reuses the buffer
+                    fs.done_frame()
                 else:
                     # Unpickling a payload may call back into this channel (a
                     # proxy rebuilt): it happens after this thread stops reading.
+                    fs.done_frame()
                     slot.frame = fs.detach_frame(frame)
                 continue
-            copy = bytes(frame)
-            with self._cond:
-                target = self._pending.pop(rid, None)
-                if target is None:
-                    continue
-                target.frame = copy
-                self._cond.notify_all()
+            target = self._pending.get(rid)
+            if target is not None:
+                copy = bytes(frame)
+                with self._cond:
+                    target.frame = copy
+                    self._pending.pop(rid, None)
+                    self._cond.notify_all()
+            fs.done_frame()
 
     @staticmethod
     def _hello_info(hello: dict[str, Any] | None) -> dict[str, Any]:

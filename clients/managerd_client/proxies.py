@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping, Mutabl
 from multiprocessing.context import get_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from managerd_client.channel import abandoned_by
 from managerd_client.errors import LockLost
 from managerd_client.wire import PICKLE_PROTOCOL
 
@@ -715,9 +716,52 @@ class Condition(RLock):
 
     _typeid = "Condition"
 
+    def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
+        super().__init__(manager, name, args)
+        #: Per thread: ``with`` exits that must not release (see ``wait``).
+        self._lost_exits: dict[int, int] = {}
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Release the lock until notified (True) or ``timeout`` passes (False)."""
-        return bool(self._call("wait", timeout))
+        """Release the lock until notified (True) or ``timeout`` passes (False).
+
+        Interrupted (Ctrl-C, an exception from a signal handler...), it takes
+        the lock back before the exception goes on, as
+        ``threading.Condition.wait`` does in its ``finally``: code in the
+        ``with`` block's ``finally`` holds the lock, and the block's exit
+        releases it. A second interrupt while it waits for the lock gives
+        up: the exception goes on without the lock, and this thread's
+        ``with`` exits do not release it (they would raise ``RuntimeError``
+        over the interrupt).
+        """
+        try:
+            return bool(self._call("wait", timeout))
+        except BaseException as exc:
+            if abandoned_by(exc):
+                self._restore()
+            raise
+
+    def _restore(self) -> None:
+        key = self._holder_key()
+        held: Any = False
+        try:
+            held = self._call("restore")
+        finally:
+            if not held:
+                depth = self._depth.pop(key, 0)
+                self._held.pop(key, None)
+                if depth:
+                    self._lost_exits[key] = depth
+
+    def __exit__(self, *exc: object) -> None:
+        key = self._holder_key()
+        lost = self._lost_exits.get(key, 0)
+        if lost:
+            if lost > 1:
+                self._lost_exits[key] = lost - 1
+            else:
+                del self._lost_exits[key]
+            return
+        self.release()
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         end = None if timeout is None else time.monotonic() + timeout
