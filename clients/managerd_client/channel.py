@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import signal
 import socket
 import ssl
 import struct
@@ -73,6 +74,13 @@ _READER_CHECK_S: Final = 1.0
 _CANCEL: Final = "cancel"
 
 _abandoned = threading.local()
+
+
+def _block_signals() -> set[signal.Signals] | None:
+    """Block every signal for this thread; the mask it had (None: not possible here)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
 
 def abandoned_by(exc: BaseException) -> bool:
@@ -352,13 +360,20 @@ class Channel:
         see is lost, nothing is delivered twice. The cancel is not answered.
         """
         _abandoned.exc = exc
-        with self._cond:
-            self._pending.pop(rid, None)
-            if self.dead is not None:
-                return  # the session ends with the connection: the daemon drops the call
-            crid = next(self._rids)
-        request = (None, None, _CANCEL, (rid,), threading.get_ident())
-        self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
+        # A second signal must not stop the cancel on its way (the answer's
+        # undo waits for it): signals wait until it is sent (a few us).
+        blocked = _block_signals()
+        try:
+            with self._cond:
+                self._pending.pop(rid, None)
+                if self.dead is not None:
+                    return  # the session ends with the connection: the daemon drops the call
+                crid = next(self._rids)
+            request = (None, None, _CANCEL, (rid,), threading.get_ident())
+            self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _await(self, slot: _Slot) -> None:
         cond = self._cond

@@ -112,6 +112,15 @@ def loads(payload: bytes | memoryview | None) -> Any:
     return None if payload is None else pickle.loads(payload)
 
 
+def _loads_all(payloads: list[bytes]) -> list[Any]:
+    return [loads(p) for p in payloads]
+
+
+def _loads_reserved(reserved: tuple[int, bytes, int]) -> tuple[int, Any, int]:
+    did, payload, deliveries = reserved
+    return did, loads(payload), deliveries
+
+
 def _rebuild(
     cls: type[Proxy],
     address: tuple[str, int],
@@ -246,7 +255,9 @@ class Queue(Proxy):
         self, max_items: int, block: bool = True, timeout: float | None = None
     ) -> list[Any]:
         """Up to ``max_items`` items in one round trip; waits only while there are none."""
-        return [loads(p) for p in self._call("get_many", max_items, block, timeout)]
+        # Unpickled inside the call: an interrupt meanwhile gives them back.
+        result: list[Any] = self._call_decoded(_loads_all, "get_many", (max_items, block, timeout))
+        return result
 
     def qsize(self) -> int:
         result: int = self._call("qsize")
@@ -260,8 +271,8 @@ class Queue(Proxy):
 
     def reserve(self, timeout: float | None = None) -> Message:
         """Take the next item with acknowledged delivery (``queue.Empty`` on timeout)."""
-        did, payload, deliveries = self._call("reserve", timeout)
-        return Message(self, did, loads(payload), deliveries)
+        did, value, deliveries = self._call_decoded(_loads_reserved, "reserve", (timeout,))
+        return Message(self, did, value, deliveries)
 
 
 class JoinableQueue(Queue):
