@@ -78,9 +78,7 @@ EXPECTED_ERRORS: Final = (
 )
 
 
-SERVER_OPS: Final = frozenset(
-    {"ping", "create", "delete", "objects", "status", "types", "cancel"}
-)
+SERVER_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types", "cancel"})
 
 
 def _method_label(typeid: Any, method: Any) -> str:
@@ -236,12 +234,11 @@ def _settled(
             failed(exc)
         return
     value = future.result()
-    if parked is not None and calls is not None and parked.undo is not None:
-        if value is not False:
-            if parked.cancelled:
-                getattr(parked.obj, parked.undo)(parked.call, parked.args, value)
-                return
-            calls.remember(rid, parked.obj, parked.undo, parked.call, parked.args, value)
+    if parked is not None and calls is not None and parked.undo is not None and value is not False:
+        if parked.cancelled:
+            getattr(parked.obj, parked.undo)(parked.call, parked.args, value)
+            return
+        calls.remember(rid, parked.obj, parked.undo, parked.call, parked.args, value)
     if parked is not None and parked.cancelled:
         return
     answer(journal, value, done, failed)
@@ -347,10 +344,15 @@ class Dispatcher:
             self._reply_error(sink, rid, "invalid", started, exc)
             return
         calls = sink.calls
-        if typeid is None and method == "cancel":
-            if len(args) == 1 and type(args[0]) is int and type(thread) is int:
-                calls.cancel(session, thread, args[0])  # no answer: nobody waits for one
-                return
+        if (
+            typeid is None
+            and method == "cancel"
+            and len(args) == 1
+            and type(args[0]) is int
+            and type(thread) is int
+        ):
+            calls.cancel(session, thread, args[0])  # no answer: nobody waits for one
+            return
         if calls.answered:
             # This thread's previous answer arrived (it asks again): no undo now.
             calls.answered.pop(thread, None)

@@ -24,10 +24,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import workers_interrupts as wi
 
 from managerd_client import Manager
 
-import workers_interrupts as wi
 from conftest import Daemon, wait_until
 
 WAIT_S = 30.0

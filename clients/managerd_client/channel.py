@@ -76,7 +76,7 @@ _CANCEL: Final = "cancel"
 _abandoned = threading.local()
 
 
-def _block_signals() -> set[signal.Signals] | None:
+def _block_signals() -> set[int | signal.Signals] | None:
     """Block every signal for this thread; the mask it had (None: not possible here)."""
     if not hasattr(signal, "pthread_sigmask"):
         return None

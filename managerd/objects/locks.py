@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from managerd.metrics import Histogram
 from managerd.objects.base import (
@@ -49,7 +49,7 @@ class Lock(SharedObject):
 
     typeid = "Lock"
     owned_by_thread = False
-    undo_methods = {"acquire": "_undo_acquire"}
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name, loop)
@@ -197,7 +197,7 @@ class Semaphore(SharedObject):
     typeid = "Semaphore"
     create_params = ("value",)
     bounded = False
-    undo_methods = {"acquire": "_undo_acquire"}
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, value: int = 1) -> None:
         super().__init__(name, loop)

@@ -19,7 +19,7 @@ import itertools
 import queue
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from managerd.objects.base import (
     Call,
@@ -71,7 +71,7 @@ class Queue(SharedObject):
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
     durable = True
-    undo_methods = {
+    undo_methods: ClassVar[dict[str, str]] = {
         "get": "_undo_get",
         "get_nowait": "_undo_get",
         "get_many": "_undo_get_many",
@@ -537,7 +537,7 @@ class Pipe(SharedObject):
 
     typeid = "Pipe"
     create_params = ("duplex",)
-    undo_methods = {"recv": "_undo_recv"}
+    undo_methods: ClassVar[dict[str, str]] = {"recv": "_undo_recv"}
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, duplex: bool = True) -> None:
         super().__init__(name, loop)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from managerd.objects.base import (
     Call,
@@ -96,7 +96,10 @@ class Condition(SharedObject):
 
     typeid = "Condition"
     create_params = ("lock",)
-    undo_methods = {"acquire": "_undo_acquire", "restore": "_undo_restore"}
+    undo_methods: ClassVar[dict[str, str]] = {
+        "acquire": "_undo_acquire",
+        "restore": "_undo_restore",
+    }
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, lock: Lock) -> None:
         super().__init__(name, loop)
