@@ -21,12 +21,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import workers_interrupts as wi
+from test_tls import _tls_daemon, pki  # noqa: F401  (pki: a fixture used here)
 
-from managerd_client import Manager
+from managerd_client import Manager, connect
 
 from conftest import Daemon, wait_until
 
@@ -44,7 +46,11 @@ class Child:
         theirs.close()
 
     def recv(self) -> Any:
-        assert self.conn.poll(WAIT_S), f"the child said nothing (exit code {self.proc.exitcode})"
+        if not self.conn.poll(WAIT_S):
+            if self.proc.is_alive():
+                self.signal(signal.SIGUSR2)  # its stacks to stderr (faulthandler)
+                time.sleep(1)
+            pytest.fail(f"the child said nothing (exit code {self.proc.exitcode})")
         return self.conn.recv()
 
     def send(self, message: Any) -> None:
@@ -115,6 +121,38 @@ def test_an_interrupted_get_does_not_swallow_the_next_item(
         c.send("go")
         assert c.recv() == ("again", "b")
         c.finish()
+
+
+def test_an_interrupted_get_over_tls_keeps_the_connection(
+    tmp_path: Path,
+    pki: dict[str, Path],  # noqa: F811  (the fixture)
+    uniq: str,
+) -> None:
+    """Over TLS the client waits for data before it reads: Ctrl-C there reads nothing."""
+    daemon = _tls_daemon(tmp_path, pki)
+    try:
+        with (
+            connect(daemon.address, authkey=daemon.authkey, tls_ca=pki["ca"]) as m,
+            child(
+                wi.blocked_tls_child, daemon.address, daemon.authkey, str(pki["ca"]), "get", uniq
+            ) as c,
+        ):
+            q = m.Queue(uniq)
+            _interrupt(c, m, uniq, signal.SIGINT)
+            sessions = {s["id"] for s in m.status()["sessions"]}
+            assert len(sessions) == 2  # the child's is still there
+            q.put("a")
+            assert q.qsize() == 1
+            assert q.get(timeout=2) == "a"
+            q.put("b")
+            c.send("go")
+            assert c.recv() == ("again", "b")
+            # The same session all along: the connection was not closed.
+            assert {s["id"] for s in m.status()["sessions"]} == sessions
+            assert "closing connection" not in daemon.log
+            c.finish()
+    finally:
+        daemon.stop()
 
 
 def test_an_interrupted_get_many_and_reserve(daemon: Daemon, uniq: str) -> None:
@@ -344,7 +382,8 @@ def test_no_item_is_lost_or_duplicated_under_random_interrupts(daemon: Daemon, u
             stop.set()
             thread.join()
         q.put(None)
-        got, interrupts = c.recv()
+        got, interrupts, epoch = c.recv()
+        assert epoch == 1, "the connection was closed (a frame was cut): the session changed"
         rest = []
         while True:
             try:

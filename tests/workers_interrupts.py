@@ -10,6 +10,7 @@ test says so, to show that the connection and session are still good.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import queue
 import signal
@@ -114,23 +115,35 @@ def _ops(m: managerd_client.Manager, kind: str, name: str) -> tuple[Callable[[],
 
 def blocked_child(address: str, authkey: bytes, kind: str, name: str, conn: Connection) -> None:
     """Block in ``kind``'s call until interrupted; report; call again when told."""
+    with managerd_client.connect(address, authkey=authkey) as m:
+        _blocked(m, kind, name, conn)
+
+
+def blocked_tls_child(
+    address: str, authkey: bytes, tls_ca: str, kind: str, name: str, conn: Connection
+) -> None:
+    """:func:`blocked_child` over TLS."""
+    with managerd_client.connect(address, authkey=authkey, tls_ca=tls_ca) as m:
+        _blocked(m, kind, name, conn)
+
+
+def _blocked(m: managerd_client.Manager, kind: str, name: str, conn: Connection) -> None:
     global ARMED
     signal.signal(signal.SIGUSR1, _raise_interrupted)
-    with managerd_client.connect(address, authkey=authkey) as m:
-        first, again = _ops(m, kind, name)
-        conn.send("ready")
-        ARMED = True
-        try:
-            conn.send(("returned", first()))
-        except (KeyboardInterrupt, Interrupted) as exc:
-            ARMED = False
-            conn.send(("interrupted", type(exc).__name__))
+    first, again = _ops(m, kind, name)
+    conn.send("ready")
+    ARMED = True
+    try:
+        conn.send(("returned", first()))
+    except (KeyboardInterrupt, Interrupted) as exc:
         ARMED = False
-        assert conn.poll(WAIT_S), "the test did not say to go on"
-        conn.recv()
-        conn.send(("again", again()))
-        assert conn.poll(WAIT_S)
-        conn.recv()
+        conn.send(("interrupted", type(exc).__name__))
+    ARMED = False
+    assert conn.poll(WAIT_S), "the test did not say to go on"
+    conn.recv()
+    conn.send(("again", again()))
+    assert conn.poll(WAIT_S)
+    conn.recv()
 
 
 def thread_child(address: str, authkey: bytes, name: str, conn: Connection) -> None:
@@ -184,6 +197,7 @@ def racing_child(address: str, authkey: bytes, name: str, conn: Connection) -> N
     lost by any Python code (the stdlib's ``queue.get`` too); this test is
     about the call. Ends at a None item; reports what it got.
     """
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     interrupts = [0]
 
     def on_sigint(signum: int, frame: types.FrameType | None) -> None:
@@ -207,4 +221,4 @@ def racing_child(address: str, authkey: bytes, name: str, conn: Connection) -> N
                 break
             got.append(item)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        conn.send((got, interrupts[0]))
+        conn.send((got, interrupts[0], m.session_epoch))

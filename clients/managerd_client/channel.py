@@ -274,9 +274,18 @@ class Channel:
         # dead network (or daemon), never a slow call.
         self.dead_after_s = self.session_ttl_s + dead_margin_s
         set_receive_timeout(sock, self.dead_after_s)
+        self._fs.read_timeout_s = self.dead_after_s
         self._rids = iter(range(1, 1 << 63))
         self._pending: dict[int, _Slot] = {}
-        self._cond = threading.Condition(threading.Lock())
+        # ``with self._lock``, never ``with self._cond``: Condition.__enter__
+        # is Python code, and an interrupt as it returns would leave the
+        # lock taken for good; a C lock's __enter__ cannot be split so.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        #: Per client thread: its call in flight, until its answer is
+        #: returned. One still there when the thread calls again was
+        #: abandoned without its cancel sent (a second interrupt): sent then.
+        self._unconfirmed: dict[int, int] = {}
         self._send_lock = threading.Lock()
         self._reading = False
         self.dead: BaseException | None = None
@@ -295,7 +304,8 @@ class Channel:
         decode: Callable[[Any], Any] | None = None,
     ) -> Any:
         """The result of ``method`` on the daemon, passed through ``decode`` if given."""
-        parts = _encode_request((typeid, name, method, args, threading.get_ident()))
+        ident = threading.get_ident()
+        parts = _encode_request((typeid, name, method, args, ident))
         size = sum(len(p) for p in parts) + _RID.size
         if size > self.max_frame_bytes:
             # The daemon would hang up on it (and end this session): don't send it.
@@ -303,74 +313,133 @@ class Channel:
                 f"a {method} request of {size} bytes is over the daemon's "
                 f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
             )
+        stale = self._unconfirmed.get(ident)
+        if stale is not None:
+            self._abandon(stale, None)  # before this request confirms its answer
         slot = _Slot(decode)
-        with self._cond:
+        with self._lock:
             if self.dead is not None:
                 raise ConnectionLost(str(self.dead))
             rid = next(self._rids)
             self._pending[rid] = slot
+        self._unconfirmed[ident] = rid
         try:
             self._send(parts, rid)
             self._await(slot)
-            return slot.result()
+            try:
+                value = slot.result()
+            finally:
+                if isinstance(slot.frame, memoryview):
+                    self._fs.recycle(slot.frame.obj)
+                    slot.frame = None
         except BaseException as exc:
-            if exc is not slot.raised:
+            if exc is slot.raised:
+                self._unconfirmed.pop(ident, None)  # answered (an error, or the connection died)
+            else:
                 # Not the answer: an interrupt (Ctrl-C, a signal handler's
                 # exception, an asynchronous exception) ended the wait.
                 self._abandon(rid, exc)
             raise
-        finally:
-            if isinstance(slot.frame, memoryview):
-                self._fs.recycle(slot.frame.obj)
-                slot.frame = None
+        # No call between these two lines: nothing can interrupt them apart.
+        del self._unconfirmed[ident]
+        return value
 
     def _send(self, parts: list[bytes], rid: int) -> None:
-        """Send one request frame; one interrupted half-way kills the connection.
+        """Send one request frame, whole, even if an interrupt strikes in the middle.
 
-        ``list.extend`` over ``map`` records each completed ``sendall`` in C,
-        so an exception raised as the last one returns still counts it sent.
-        A frame cut short would make the daemon read the next request as
-        its rest: the connection is closed instead (its session ends).
+        Each ``send`` is made by ``list.extend`` over ``map``, which keeps
+        its byte count in C: an exception raised as it returns (a signal
+        handler runs there) cannot lose it, and one raised inside it means
+        it sent nothing. So after an interrupt this knows how much of the
+        frame went out, and sends the rest (signals blocked meanwhile)
+        before the exception goes on: the daemon never reads the next
+        request as the rest of a cut one. Over TLS a write interrupted
+        from inside may have sent its bytes or not: the connection is
+        closed then (the session ends).
         """
         chunks = self._fs.frame_chunks(parts, _RID.pack(rid))
-        sent: list[None] = []
-        sending = False
+        counts: list[int] = []
+        inside = [0]
         try:
             with self._send_lock:
-                sending = True
-                sent.extend(map(self._fs.sock.sendall, chunks))
+                try:
+                    self._write(chunks, counts, inside, 0)
+                except OSError:
+                    raise
+                except BaseException:
+                    self._finish_frame(chunks, counts, inside[0] > len(counts))
+                    raise
         except OSError as exc:
             self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
-        except BaseException:
-            if sending and len(sent) != len(chunks):
-                self._die(
-                    ConnectionLost(
-                        "a request was interrupted while it was being sent; "
-                        "the connection was closed (a cut frame cannot be resumed)"
-                    )
-                )
-            raise
 
-    def _abandon(self, rid: int, exc: BaseException) -> None:
+    def _write(self, chunks: list[bytes], counts: list[int], inside: list[int], skip: int) -> None:
+        """Send ``chunks`` from byte ``skip`` on; each send's count lands in ``counts``."""
+        write = self._fs.write_fn
+        pos = 0
+        for chunk in chunks:
+            end = pos + len(chunk)
+            while skip < end:
+                pieces = map(write, (memoryview(chunk)[skip - pos :],))
+                n = len(counts) + 1
+                inside[0] = n  # no call from here into the write: nothing in between
+                counts.extend(pieces)
+                skip += counts[-1]
+            pos = end
+
+    def _finish_frame(self, chunks: list[bytes], counts: list[int], unsure: bool) -> None:
+        """After an interrupt: send what is left of a frame begun, or close."""
+        total = sum(len(c) for c in chunks)
+        done = sum(counts)
+        if unsure and self._fs.tls:
+            self._die(
+                ConnectionLost(
+                    "a request was interrupted inside a TLS write; the connection was closed "
+                    "(what the write sent is unknown)"
+                )
+            )
+            return
+        if done == 0 or done >= total:
+            return  # nothing of it sent, or all of it
+        blocked = _block_signals()
+        try:
+            self._write(chunks, [], [0], done)
+        except OSError as exc:
+            self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _abandon(self, rid: int, exc: BaseException | None, ident: int | None = None) -> None:
         """Stop waiting for ``rid`` and ask the daemon to cancel it.
 
         The daemon drops the call if it is still parked, or gives back what
         its answer handed over (an item to the front of its queue, a lock or
         a permit released) if it was answered: nothing this thread will not
         see is lost, nothing is delivered twice. The cancel is not answered.
+        ``exc`` is what ended the wait (None: an earlier abandoned call);
+        ``ident`` the client thread that made the call (this one if None).
         """
-        _abandoned.exc = exc
+        if ident is None:
+            ident = threading.get_ident()
+        if exc is not None:
+            _abandoned.exc = exc
         # A second signal must not stop the cancel on its way (the answer's
-        # undo waits for it): signals wait until it is sent (a few us).
+        # undo waits for it): signals wait until it is sent (a few us). If
+        # one strikes before this line, the thread's next call sends it.
         blocked = _block_signals()
         try:
-            with self._cond:
+            with self._lock:
                 self._pending.pop(rid, None)
                 if self.dead is not None:
+                    self._unconfirmed.pop(ident, None)
                     return  # the session ends with the connection: the daemon drops the call
                 crid = next(self._rids)
-            request = (None, None, _CANCEL, (rid,), threading.get_ident())
-            self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
+            request = (None, None, _CANCEL, (rid,), ident)
+            try:
+                self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
+            finally:
+                if self._unconfirmed.get(ident) == rid:
+                    del self._unconfirmed[ident]
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -378,7 +447,7 @@ class Channel:
     def _await(self, slot: _Slot) -> None:
         cond = self._cond
         while True:
-            with cond:
+            with self._lock:
                 while not slot.done and self._reading:
                     cond.wait(_READER_CHECK_S)
                 if slot.done:
@@ -396,7 +465,7 @@ class Channel:
                 # The role first (a plain store): a second interrupt here
                 # must not leave it taken; waiters re-check it anyway.
                 self._reading = False
-                with cond:
+                with self._lock:
                     cond.notify_all()
 
     def _read_until(self, slot: _Slot) -> None:
@@ -424,7 +493,7 @@ class Channel:
             # whose slot is no longer pending is skipped, so none is lost.
             (rid,) = _RID.unpack_from(frame)
             if rid in self._pending and self._pending[rid] is slot:
-                with self._cond:
+                with self._lock:
                     del self._pending[rid]
                 if slot.decode_with is None:
                     slot.decode(frame)  # before the next read reuses the buffer
@@ -438,7 +507,7 @@ class Channel:
             target = self._pending.get(rid)
             if target is not None:
                 copy = bytes(frame)
-                with self._cond:
+                with self._lock:
                     target.frame = copy
                     self._pending.pop(rid, None)
                     self._cond.notify_all()
@@ -477,7 +546,7 @@ class Channel:
         return hung_up
 
     def _die(self, exc: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             if self.dead is None:
                 self.dead = exc
             pending, self._pending = self._pending, {}
@@ -488,13 +557,23 @@ class Channel:
 
     # -- lifecycle ----------------------------------------------------------------
     def close(self) -> None:
+        # Calls abandoned without their cancel sent, by this thread or by
+        # threads gone since: cancelled now, or the session's end would not
+        # give back what their answers handed over. (A live thread's call
+        # may be returning its answer right now: not that one.)
+        me = threading.get_ident()
+        live = {t.ident for t in threading.enumerate()} - {me}
+        for ident, rid in list(self._unconfirmed.items()):
+            if ident not in live and self.dead is None:
+                self._abandon(rid, None, ident)
         self._die(ConnectionLost("the client closed the connection"))
 
     def abandon(self) -> None:
         """Drop an inherited connection in a forked child without touching the parent's."""
         self.dead = ConnectionLost("connection belongs to the parent process")
         self._pending = {}
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
         try:
             os.close(self._fs.sock.detach())  # close(2) only: no FIN, no TLS alert

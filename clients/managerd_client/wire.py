@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import hmac
 import os
+import select
 import socket
 import ssl
 import struct
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, cast
 
 __all__ = [
     "CHALLENGE",
@@ -148,9 +150,11 @@ class FrameSocket:
         "_got",
         "_max_frame_bytes",
         "_next",
+        "_poller",
         "_spare",
         "_start",
         "_tls",
+        "read_timeout_s",
         "sock",
         "torn",
     )
@@ -169,9 +173,30 @@ class FrameSocket:
         self._got: list[int] = []
         self._base = 0
         self._tls = isinstance(sock, ssl.SSLSocket)
+        self._poller: select.poll | None = None
+        #: How long a TLS read waits for data (see _await_readable); set it
+        #: with set_receive_timeout's value.
+        self.read_timeout_s: float | None = sock.gettimeout()
         #: An exception (Ctrl-C...) left the read state unknown: the stream
         #: cannot be used any more.
         self.torn = False
+
+    @property
+    def tls(self) -> bool:
+        return self._tls
+
+    @property
+    def write_fn(self) -> Callable[[Any], int]:
+        """A C function that sends bytes and returns how many it sent.
+
+        ``socket.send``; over TLS the TLS object's ``write`` (what
+        ``ssl.SSLSocket.send`` calls: that one is Python code, and an
+        interrupt inside it could lose the count).
+        """
+        if self._tls:
+            write: Callable[[Any], int] = self.sock._sslobj.write  # type: ignore[attr-defined]
+            return write
+        return self.sock.send
 
     def send_frame(self, body: bytes, prefix: bytes = b"") -> None:
         """Send ``prefix + body`` as one frame (without copying a large body)."""
@@ -281,7 +306,8 @@ class FrameSocket:
 
         Interrupt-safe (see :meth:`recover`): the count that ``recv_into``
         returns is kept by ``list.extend`` in C, so an exception raised as
-        the call returns (a signal handler runs there) cannot lose it.
+        the call returns (a signal handler runs there) cannot lose it. Over
+        TLS, it waits for data before it reads (see ``_await_readable``).
         """
         buf = self._buf
         if self._start + want > len(buf):
@@ -295,9 +321,13 @@ class FrameSocket:
             self.torn = False
         got = self._got
         self._base = self._end
-        # Over TLS, recv_into is Python code: an interrupt inside it may lose
-        # what it read, so an interrupted TLS read leaves the stream torn.
-        self.torn = self._tls
+        if self._tls:
+            # A TLS read may lose what it decrypted if an interrupt strikes
+            # inside it (ssl.SSLSocket.recv_into is Python code; _ssl checks
+            # signals after SSL_read): so wait for data first, where an
+            # interrupt reads nothing, and count the read itself as torn.
+            self._await_readable()
+            self.torn = True
         try:
             got.extend(map(self.sock.recv_into, (memoryview(buf)[self._base :],)))
         except BlockingIOError as exc:  # SO_RCVTIMEO ran out (see set_receive_timeout)
@@ -306,6 +336,18 @@ class FrameSocket:
         self.torn = False
         if not self._settle():
             raise EOFError("connection closed by peer")
+
+    def _await_readable(self) -> None:
+        """Wait until the TLS socket has something to read (poll(2) reads nothing)."""
+        sock = cast(ssl.SSLSocket, self.sock)
+        if sock.pending():
+            return  # decrypted bytes already buffered in the TLS layer
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        timeout_s = self.read_timeout_s
+        if not self._poller.poll(None if timeout_s is None else timeout_s * 1000):
+            raise TimeoutError("no data before the receive timeout")
 
     def _settle(self) -> int:
         """Count the bytes the last ``recv_into`` returned (idempotent)."""
@@ -322,9 +364,11 @@ class FrameSocket:
 
         An interrupt (``KeyboardInterrupt``, an exception from a signal
         handler, an asynchronous exception) may strike anywhere in a read.
-        Inside ``recv_into`` nothing was read; just after it, the count is in
-        ``_got`` and is applied here; while the buffer was being rearranged,
-        or in a TLS read, what was read is unknown: the stream is torn.
+        Inside ``recv_into`` (or, over TLS, while waiting for data) nothing
+        was read; just after it, the count is in ``_got`` and is applied
+        here; while the buffer was being rearranged, or inside the TLS read
+        itself (microseconds: data was there), what was read is unknown: the
+        stream is torn.
         """
         if self.torn:
             return False
