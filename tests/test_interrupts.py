@@ -201,6 +201,11 @@ def test_an_answer_interrupted_while_decoded_goes_back_first(
             q = m.Queue(uniq)
             q.put_many([wi.Trap(), "x"])
         assert c.recv() == ("interrupted", "KeyboardInterrupt")
+        # The child's cancel and this client's calls travel on two connections.
+        if kind == "Pipe":
+            assert wait_until(lambda: _status(m, uniq, "buffered") == [0, 2])
+        else:
+            assert wait_until(lambda: q.qsize() == 2), "the item did not come back"
         if kind == "Pipe":
             assert [end1.recv(timeout=2), end1.recv(timeout=2)] == ["trap", "x"]
             end0.send("y")
@@ -212,7 +217,6 @@ def test_an_answer_interrupted_while_decoded_goes_back_first(
             assert q.get(timeout=2) == "x"
             q.put("y")
         else:
-            assert q.qsize() == 2
             assert q.get_many(10, timeout=2) == ["trap", "x"]
             q.put("y")
         c.send("go")
@@ -238,11 +242,13 @@ def test_an_answered_acquire_that_is_cancelled_is_released(
         assert mine.acquire()
         m.ping()  # this thread asks again: it had its answer, nothing to undo
         _cancel_last_call(m)
+        m.ping()  # the cancel was handled before this (one connection, in order)
         assert not theirs.acquire(blocking=False)
         mine.release()
         assert mine.acquire()
         _cancel_last_call(m)
-        assert wait_until(lambda: theirs.acquire(blocking=False)), "the holding was not undone"
+        m.ping()
+        assert theirs.acquire(blocking=False), "the holding was not undone"
         theirs.release()
 
 
@@ -251,6 +257,7 @@ def test_an_answered_reentrant_acquire_undoes_one_level(shared_daemon: Daemon, u
         mine, theirs = m.RLock(uniq), other.RLock(uniq)
         assert mine.acquire() and mine.acquire()
         _cancel_last_call(m)  # one level down: still held once
+        m.ping()
         assert not theirs.acquire(blocking=False)
         m._call("RLock", uniq, "release", ())
         assert theirs.acquire(blocking=False)
