@@ -286,6 +286,9 @@ class Channel:
         #: returned. One still there when the thread calls again was
         #: abandoned without its cancel sent (a second interrupt): sent then.
         self._unconfirmed: dict[int, int] = {}
+        #: Threads inside a call: a call made while its thread decodes an
+        #: answer (a proxy in a payload re-created) is nested, not the next.
+        self._calling: set[int] = set()
         self._send_lock = threading.Lock()
         self._reading = False
         self.dead: BaseException | None = None
@@ -313,16 +316,20 @@ class Channel:
                 f"a {method} request of {size} bytes is over the daemon's "
                 f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
             )
-        stale = self._unconfirmed.get(ident)
-        if stale is not None:
-            self._abandon(stale, None)  # before this request confirms its answer
+        outer = ident not in self._calling
+        if outer:
+            stale = self._unconfirmed.get(ident)
+            if stale is not None:
+                self._abandon(stale, None)  # before this request confirms its answer
         slot = _Slot(decode)
         with self._lock:
             if self.dead is not None:
                 raise ConnectionLost(str(self.dead))
             rid = next(self._rids)
             self._pending[rid] = slot
-        self._unconfirmed[ident] = rid
+        if outer:
+            self._unconfirmed[ident] = rid
+            self._calling.add(ident)
         try:
             self._send(parts, rid)
             self._await(slot)
@@ -333,15 +340,21 @@ class Channel:
                     self._fs.recycle(slot.frame.obj)
                     slot.frame = None
         except BaseException as exc:
-            if exc is slot.raised:
-                self._unconfirmed.pop(ident, None)  # answered (an error, or the connection died)
-            else:
+            if outer:
+                self._calling.discard(ident)
+            if exc is not slot.raised:
                 # Not the answer: an interrupt (Ctrl-C, a signal handler's
                 # exception, an asynchronous exception) ended the wait.
                 self._abandon(rid, exc)
+            elif outer:
+                self._unconfirmed.pop(ident, None)  # answered (an error, or the connection died)
             raise
-        # No call between these two lines: nothing can interrupt them apart.
-        del self._unconfirmed[ident]
+        if outer:
+            # An interrupt as discard() returns leaves the marker: the
+            # thread's next call cancels this one (its value never got out).
+            self._calling.discard(ident)
+            # No call from here to the return: nothing can come in between.
+            del self._unconfirmed[ident]
         return value
 
     def _send(self, parts: list[bytes], rid: int) -> None:
