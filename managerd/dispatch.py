@@ -22,7 +22,9 @@ answered, the *last* answer of that client thread that handed it something
 (an item, a lock, a permit) is undone by the object's undo method (item back
 at the front, lock released...). A client thread makes one call at a time,
 so its next request confirms it read the previous answer: that answer's undo
-record is dropped then (one dict operation per call).
+record is dropped then (one dict operation per call). A record keeps the
+answer (an item's bytes) until then: one per client thread that last took
+something, at most ``MAX_ANSWERED_THREADS`` per connection.
 """
 
 from __future__ import annotations

@@ -13,6 +13,17 @@ arrives for ``dead_after_s`` while a thread is reading (heartbeats make sure
 something does on a live one). Death fails every call in flight with
 ``ConnectionLost``; a call is never sent twice.
 
+An exception that ends a wait without an answer — Ctrl-C (KeyboardInterrupt),
+an exception raised by a signal handler, an asynchronous exception in a
+thread — *abandons* the call: the thread sends ``cancel`` for it and the
+daemon drops it if still parked, or undoes its answer (an item back at the
+front, a lock released; see ``managerd/dispatch.py``). The stream stays in
+step: a frame is marked read only once its slot has it, the read buffer
+survives an interrupt in ``recv`` (see ``FrameSocket.recover``), and a
+request interrupted half-sent is finished first (see ``_send``). Where
+that cannot be known (inside a TLS read or write), the connection is
+closed, as after a crash.
+
 Large payloads are not copied on the way: a ``bytes`` argument of 64 KiB or
 more is spliced into the request's pickle as it is sent, a large ``bytes``
 result comes back raw (status 2) and is unpickled straight from the read
