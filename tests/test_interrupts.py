@@ -471,3 +471,33 @@ def test_the_cancel_request_is_not_answered(shared_daemon: Daemon, uniq: str) ->
         channel._abandon(10**9, RuntimeError("unknown call"))
         assert q.get(timeout=2) == "a"
         assert pickle.loads(pickle.dumps(q)).qsize() == 0
+
+
+# -- what an undo leaves behind ---------------------------------------------------------------
+
+
+def test_an_undone_get_is_journaled_and_counted_once(tmp_path: Path, uniq: str) -> None:
+    """Back at the front across a SIGKILL restart; a JoinableQueue's count is not doubled."""
+    daemon = Daemon(tmp_path, args=["--data-dir", str(tmp_path / "data"), "--fsync", "always"])
+    daemon.start()
+    try:
+        with daemon.connect() as m:
+            q = m.Queue(uniq)
+            q.put_many(["a", "b"])
+            assert q.get() == "a"
+            _cancel_last_call(m)
+            m.ping()
+            jq = m.JoinableQueue(uniq + ".j")
+            jq.put("x")
+            assert jq.get() == "x"
+            _cancel_last_call(m)
+            m.ping()
+            assert jq.get(timeout=2) == "x"
+            jq.task_done()
+            jq.join(timeout=2)  # one put, one task_done: not waiting for a second
+        daemon.kill()
+        daemon.start(port=daemon.port)
+        with daemon.connect() as m:
+            assert m.Queue(uniq).get_many(10, timeout=2) == ["a", "b"]
+    finally:
+        daemon.stop()
