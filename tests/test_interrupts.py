@@ -28,7 +28,8 @@ import pytest
 import workers_interrupts as wi
 from test_tls import _tls_daemon, pki  # noqa: F401  (pki: a fixture used here)
 
-from managerd_client import Manager, connect
+from managerd_client import ConnectionLost, Manager, connect
+from managerd_client.channel import Channel
 
 from conftest import Daemon, wait_until
 
@@ -501,3 +502,40 @@ def test_an_undone_get_is_journaled_and_counted_once(tmp_path: Path, uniq: str) 
             assert m.Queue(uniq).get_many(10, timeout=2) == ["a", "b"]
     finally:
         daemon.stop()
+
+
+def test_a_resumed_session_drops_the_waits_of_its_old_connection(daemon: Daemon, uniq: str) -> None:
+    """Found on the way: a get parked on the connection a resume replaced took the next item.
+
+    Its answer went to the closed connection: the item was lost.
+    """
+    with daemon.connect() as m, daemon.connect() as other:
+        q = m.Queue(uniq)
+        failures: list[BaseException] = []
+
+        def get() -> None:
+            try:
+                q.get()
+            except ConnectionLost as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=get)
+        thread.start()
+        assert _parked(other, uniq, 1)
+        # The session resumed on a new connection, as after a healed partition.
+        host, port = daemon.address.rsplit(":", 1)
+        again = Channel(
+            (host, int(port)),
+            daemon.authkey,
+            connect_timeout_s=5,
+            hello={"resume": m.session_id},
+        )
+        try:
+            assert again.resumed
+            thread.join(WAIT_S)
+            assert len(failures) == 1
+            assert _parked(other, uniq, 0)
+            other.Queue(uniq).put("a")
+            assert other.Queue(uniq).qsize() == 1
+        finally:
+            again.close()
