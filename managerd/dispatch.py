@@ -12,6 +12,19 @@ payload, sent as it is rather than pickled again) to clients that said
 ``raw_replies`` in their hello. The request id stays outside the pickle so
 that a request the daemon refuses to decode still gets an answer the client
 can match.
+
+**Cancelling.** A client whose blocked call is interrupted (Ctrl-C, an
+exception from a signal handler, a thread stopped) sends ``(None, None,
+"cancel", (rid,), thread)`` and does not wait for an answer (none is sent).
+The connection's :class:`CallTable` knows the call: still parked, its waiter
+is dropped as a session's end drops it (``SharedObject.abandon``); already
+answered, the *last* answer of that client thread that handed it something
+(an item, a lock, a permit) is undone by the object's undo method (item back
+at the front, lock released...). A client thread makes one call at a time,
+so its next request confirms it read the previous answer: that answer's undo
+record is dropped then (one dict operation per call). A record keeps the
+answer (an item's bytes) until then: one per client thread that last took
+something, at most ``MAX_ANSWERED_THREADS`` per connection.
 """
 
 from __future__ import annotations
@@ -24,13 +37,13 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Final, Protocol
 
 from managerd.journal import Journal
 from managerd.metrics import RequestStats
-from managerd.objects.base import Call, MethodSpec, SharedObject
+from managerd.objects.base import Call, MethodSpec, SharedObject, waiter_of
 from managerd.peers import PeerGuard
 from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
@@ -68,7 +81,9 @@ EXPECTED_ERRORS: Final = (
 )
 
 
-SERVER_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types", "peek"})
+SERVER_OPS: Final = frozenset(
+    {"ping", "create", "delete", "objects", "status", "types", "peek", "cancel"}
+)
 #: The most items ``peek`` returns of one object.
 MAX_PEEK_ITEMS: Final = 1000
 
@@ -83,44 +98,157 @@ def _method_label(typeid: Any, method: Any) -> str:
     return f"{typeid}.{method}"
 
 
+class _Parked:
+    """A call whose answer waits on a future, as the connection knows it."""
+
+    __slots__ = ("args", "call", "cancelled", "future", "method", "obj", "undo")
+
+    def __init__(
+        self,
+        obj: SharedObject,
+        method: str,
+        call: Call,
+        args: tuple[Any, ...],
+        future: asyncio.Future[Any],
+        undo: str | None,
+    ) -> None:
+        self.obj = obj
+        self.method = method
+        self.call = call
+        self.args = args
+        self.future = future
+        self.undo = undo
+        #: The client gave up after the future completed but before its
+        #: answer went out: undo the result instead of answering.
+        self.cancelled = False
+
+
+#: ``(rid, object, undo method name, call, args, result)``
+_Answered = tuple[int, SharedObject, str, Call, tuple[Any, ...], Any]
+#: A connection remembers this many client threads' last answers at most (a
+#: client that starts and ends many threads would otherwise grow the table).
+MAX_ANSWERED_THREADS: Final = 1024
+
+
+class CallTable:
+    """One managerd connection's calls that its client may still cancel.
+
+    ``parked``: calls waiting on a future, by request id. ``answered``: per
+    client thread, the last answer that handed something over, until that
+    thread's next request (see the module docstring).
+    """
+
+    __slots__ = ("answered", "parked")
+
+    def __init__(self) -> None:
+        self.parked: dict[int, _Parked] = {}
+        self.answered: dict[int, _Answered] = {}
+
+    def remember(self, rid: int, obj: SharedObject, undo: str, call: Call,
+                 args: tuple[Any, ...], value: Any) -> None:  # fmt: skip
+        answered = self.answered
+        if len(answered) >= MAX_ANSWERED_THREADS and call.thread not in answered:
+            del answered[next(iter(answered))]
+        answered[call.thread] = (rid, obj, undo, call, args, value)
+
+    def cancel(self, session: Session, thread: int, rid: int) -> None:
+        """The client gave the call ``rid`` up: drop its wait, or undo its answer."""
+        parked = self.parked.get(rid)
+        if parked is not None:
+            if parked.future.done():
+                parked.cancelled = True  # answered, not yet sent: _settled undoes it
+                return
+            waiter = waiter_of(session, parked.future)
+            if waiter is None:
+                parked.future.cancel()
+            else:
+                parked.obj.abandon(waiter, parked.method)
+            return
+        record = self.answered.get(thread)
+        if record is not None and record[0] == rid:
+            del self.answered[thread]
+            _, obj, undo, call, args, value = record
+            getattr(obj, undo)(call, args, value)
+
+    def drop_parked(self) -> None:
+        """The connection is replaced (its session resumed elsewhere): its waits end.
+
+        Their answers would go to a closed connection, so an item or a lock
+        handed to one would be lost; dropped, they go to a live waiter.
+        """
+        parked, self.parked = self.parked, {}
+        for entry in parked.values():
+            if not entry.future.done():
+                waiter = waiter_of(entry.call.session, entry.future)
+                if waiter is None:
+                    entry.future.cancel()
+                else:
+                    waiter.cancel()
+
+
 def invoke(
     journal: Journal | None,
     spec: MethodSpec,
     obj: SharedObject,
     call: Call,
-    args: Sequence[Any],
+    args: tuple[Any, ...],
     kwargs: dict[str, Any],
     done: Callable[[Any], None],
     failed: Callable[[BaseException], None],
+    calls: CallTable | None = None,
+    rid: int = 0,
 ) -> None:
     """Run one exposed method; ``done``/``failed`` get its answer when it may be sent.
 
     A method that parks a waiter answers when its future completes (never,
-    if the session ended). With ``fsync=always`` an answer also waits until
-    everything journaled before it is on disk. Synchronous errors propagate.
+    if the session ended or the client cancelled). With ``fsync=always`` an
+    answer also waits until everything journaled before it is on disk.
+    Synchronous errors propagate. With ``calls``, the call can be cancelled
+    by its client (see :class:`CallTable`).
     """
     if spec.mutates and journal is not None:
         journal.check_writable()
     result = spec.fn(obj, call, *args, **kwargs)
+    undo = obj.undo_methods.get(spec.name) if obj.undo_methods else None
     if isinstance(result, asyncio.Future):
-        result.add_done_callback(partial(_settled, journal, done, failed))
-    else:
-        answer(journal, result, done, failed)
+        parked = None
+        if calls is not None:
+            parked = _Parked(obj, spec.name, call, args, result, undo)
+            calls.parked[rid] = parked
+        result.add_done_callback(partial(_settled, journal, done, failed, calls, rid, parked))
+        return
+    if undo is not None and calls is not None and result is not False:
+        calls.remember(rid, obj, undo, call, args, result)
+    answer(journal, result, done, failed)
 
 
 def _settled(
     journal: Journal | None,
     done: Callable[[Any], None],
     failed: Callable[[BaseException], None],
+    calls: CallTable | None,
+    rid: int,
+    parked: _Parked | None,
     future: asyncio.Future[Any],
 ) -> None:
+    if calls is not None and calls.parked.get(rid) is parked:
+        del calls.parked[rid]
     if future.cancelled():
-        return  # the session ended: nobody to answer
+        return  # the session ended or the client gave up: nobody to answer
     exc = future.exception()
     if exc is not None:
-        failed(exc)
-    else:
-        answer(journal, future.result(), done, failed)
+        if parked is None or not parked.cancelled:
+            failed(exc)
+        return
+    value = future.result()
+    if parked is not None and calls is not None and parked.undo is not None and value is not False:
+        if parked.cancelled:
+            getattr(parked.obj, parked.undo)(parked.call, parked.args, value)
+            return
+        calls.remember(rid, parked.obj, parked.undo, parked.call, parked.args, value)
+    if parked is not None and parked.cancelled:
+        return
+    answer(journal, value, done, failed)
 
 
 def answer(
@@ -150,6 +278,8 @@ class ReplySink(Protocol):
 
     #: The client takes a bytes result as raw bytes (``STATUS_RAW``).
     raw_replies: bool
+    #: The connection's calls its client may still cancel.
+    calls: CallTable
 
     def send_frame(self, body: bytes) -> None: ...
 
@@ -261,6 +391,19 @@ class Dispatcher:
                 self.refused_decode(session.peer, exc)
             self._reply_error(sink, rid, "invalid", started, exc)
             return
+        calls = sink.calls
+        if (
+            typeid is None
+            and method == "cancel"
+            and len(args) == 1
+            and type(args[0]) is int
+            and type(thread) is int
+        ):
+            calls.cancel(session, thread, args[0])  # no answer: nobody waits for one
+            return
+        if calls.answered:
+            # This thread's previous answer arrived (it asks again): no undo now.
+            calls.answered.pop(thread, None)
         label = _method_label(typeid, method)
         done = partial(self._reply_raw, sink, rid, label, started)
         failed = partial(self._reply_error, sink, rid, label, started)
@@ -273,7 +416,7 @@ class Dispatcher:
                 if spec is None:
                     raise AttributeError(f"{typeid} has no method {method!r}")
                 call = Call(session, thread, self.loop)
-                invoke(self.journal, spec, obj, call, args, {}, done, failed)
+                invoke(self.journal, spec, obj, call, args, {}, done, failed, calls, rid)
         except EXPECTED_ERRORS as exc:
             failed(exc)
         except Exception as exc:

@@ -24,6 +24,8 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from managerd.dispatch import CallTable
+from managerd.objects.base import SharedObject, waiter_of
 from managerd.peers import PENALTY_HOLD_S
 from managerd.sessions import Session, SessionKind
 from managerd_client.errors import ForbiddenPayload, ProtocolError
@@ -78,6 +80,10 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         #: The client takes large bytes results raw (it said so in its hello).
         self.raw_replies = False
+        #: managerd mode: the calls its client may cancel (parked, or answered).
+        self.calls = CallTable()
+        #: Stock mode: the call last parked, ``(object, method, future)``.
+        self.stock_parked: tuple[SharedObject, str, asyncio.Future[Any]] | None = None
         self._challenge_message = b""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._probe_sock: socket.socket | None = None
@@ -327,7 +333,31 @@ class Connection(asyncio.Protocol):
         if self.session is None:
             self.session = self.core.sessions.open(SessionKind.STOCK, self.peer)
             self.session.probe = self.peer_alive
+        if self.stock_parked is not None:
+            self._stock_abandon(self.session)
         self.core.stock.handle(self, self.session, ident, method, args, kwds)
+
+    def _stock_abandon(self, session: Session) -> None:
+        """A request while a call is parked: the stock client gave that call up.
+
+        A stock connection is strictly one request, then its reply (a stock
+        client opens one per thread), so a new request means the client
+        stopped reading for the parked one (Ctrl-C in ``q.get()``): the wait
+        is dropped, as a session's end drops it, before it can take an item
+        the client would never read. Had its answer been sent already, the
+        client reads it as the answer to this request: a limit of the stock
+        protocol (README).
+        """
+        assert self.stock_parked is not None
+        obj, method, future = self.stock_parked
+        self.stock_parked = None
+        if future.done():
+            return
+        waiter = waiter_of(session, future)
+        if waiter is None:
+            future.cancel()
+        else:
+            obj.abandon(waiter, method, stock=True)
 
     def _stock_reply(self, message: tuple[str, Any]) -> None:
         """Send a stock reply; with ``fsync=always``, once the journal is on disk."""

@@ -161,6 +161,7 @@ class ServerCore:
         old = self.session_conns.get(session)
         if old is not None and old is not conn:
             old.session = None  # so that closing it does not end the session
+            old.calls.drop_parked()  # their answers could not reach the client
             old.close()
         self.session_conns[session] = conn
 

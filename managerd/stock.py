@@ -121,6 +121,10 @@ Reply = Callable[[tuple[str, Any]], None]
 class StockSink(Protocol):
     """What the adapter needs of a connection."""
 
+    #: The call last parked (``(object, method, future)``), which a next
+    #: request on the connection abandons (see ``Connection._stock_abandon``).
+    stock_parked: tuple[SharedObject, str, asyncio.Future[Any]] | None
+
     def _stock_reply(self, message: tuple[str, Any]) -> None: ...
 
 
@@ -244,6 +248,7 @@ class _Request:
     args: tuple[Any, ...]
     kwds: dict[str, Any]
     reply: Reply
+    conn: StockSink
 
 
 #: Handlers of methods whose stock form is not the object's method as is.
@@ -356,7 +361,7 @@ class StockAdapter:
             call = Call(session, _STOCK_THREAD, self.loop)
             special = _SPECIALS.get((obj.typeid, method))
             if special is not None:
-                special(self, _Request(obj, call, method, args, kwds, reply))
+                special(self, _Request(obj, call, method, args, kwds, reply, conn))
                 return
             spec = obj.methods.get(method)
             if spec is None:
@@ -369,6 +374,7 @@ class StockAdapter:
                     self.decode(payload)
             result = spec.fn(obj, call, *call_args, **call_kwds)
             if isinstance(result, asyncio.Future):
+                conn.stock_parked = (obj, method, result)
                 self._when_done(reply, result, lambda value: self.result_out(spec.result, value))
             else:
                 reply(("#RETURN", self.result_out(spec.result, result)))
@@ -433,6 +439,7 @@ class StockAdapter:
             return value
 
         if isinstance(reserved, asyncio.Future):
+            req.conn.stock_parked = (obj, req.method, reserved)
             self._when_done(req.reply, reserved, settle)
         else:
             req.reply(("#RETURN", settle(reserved)))
@@ -456,6 +463,7 @@ class StockAdapter:
                 raise
 
         if isinstance(result, asyncio.Future):
+            req.conn.stock_parked = (obj, req.method, result)
             self._when_done(req.reply, result, check)
         else:
             req.reply(("#RETURN", self.decode(result)))

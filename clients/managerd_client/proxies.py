@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping, Mutabl
 from multiprocessing.context import get_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from managerd_client.channel import abandoned_by
 from managerd_client.errors import LockLost
 from managerd_client.wire import PICKLE_PROTOCOL
 
@@ -109,6 +110,15 @@ def dump_one(value: Any) -> bytes:
 
 def loads(payload: bytes | memoryview | None) -> Any:
     return None if payload is None else pickle.loads(payload)
+
+
+def _loads_all(payloads: list[bytes]) -> list[Any]:
+    return [loads(p) for p in payloads]
+
+
+def _loads_reserved(reserved: tuple[int, bytes, int]) -> tuple[int, Any, int]:
+    did, payload, deliveries = reserved
+    return did, loads(payload), deliveries
 
 
 def _rebuild(
@@ -249,7 +259,9 @@ class Queue(Proxy):
         self, max_items: int, block: bool = True, timeout: float | None = None
     ) -> list[Any]:
         """Up to ``max_items`` items in one round trip; waits only while there are none."""
-        return [loads(p) for p in self._call("get_many", max_items, block, timeout)]
+        # Unpickled inside the call: an interrupt meanwhile gives them back.
+        result: list[Any] = self._call_decoded(_loads_all, "get_many", (max_items, block, timeout))
+        return result
 
     def qsize(self) -> int:
         result: int = self._call("qsize")
@@ -263,8 +275,8 @@ class Queue(Proxy):
 
     def reserve(self, timeout: float | None = None) -> Message:
         """Take the next item with acknowledged delivery (``queue.Empty`` on timeout)."""
-        did, payload, deliveries = self._call("reserve", timeout)
-        return Message(self, did, loads(payload), deliveries)
+        did, value, deliveries = self._call_decoded(_loads_reserved, "reserve", (timeout,))
+        return Message(self, did, value, deliveries)
 
     def task_done(self) -> None:
         """One item taken is handled (``ValueError`` if more than were put)."""
@@ -738,9 +750,52 @@ class Condition(RLock):
 
     _typeid = "Condition"
 
+    def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
+        super().__init__(manager, name, args)
+        #: Per thread: ``with`` exits that must not release (see ``wait``).
+        self._lost_exits: dict[int, int] = {}
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Release the lock until notified (True) or ``timeout`` passes (False)."""
-        return bool(self._call("wait", timeout))
+        """Release the lock until notified (True) or ``timeout`` passes (False).
+
+        Interrupted (Ctrl-C, an exception from a signal handler...), it takes
+        the lock back before the exception goes on, as
+        ``threading.Condition.wait`` does in its ``finally``: code in the
+        ``with`` block's ``finally`` holds the lock, and the block's exit
+        releases it. A second interrupt while it waits for the lock gives
+        up: the exception goes on without the lock, and this thread's
+        ``with`` exits do not release it (they would raise ``RuntimeError``
+        over the interrupt).
+        """
+        try:
+            return bool(self._call("wait", timeout))
+        except BaseException as exc:
+            if abandoned_by(exc):
+                self._restore()
+            raise
+
+    def _restore(self) -> None:
+        key = self._holder_key()
+        held: Any = False
+        try:
+            held = self._call("restore")
+        finally:
+            if not held:
+                depth = self._depth.pop(key, 0)
+                self._held.pop(key, None)
+                if depth:
+                    self._lost_exits[key] = depth
+
+    def __exit__(self, *exc: object) -> None:
+        key = self._holder_key()
+        lost = self._lost_exits.get(key, 0)
+        if lost:
+            if lost > 1:
+                self._lost_exits[key] = lost - 1
+            else:
+                del self._lost_exits[key]
+            return
+        self.release()
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         end = None if timeout is None else time.monotonic() + timeout

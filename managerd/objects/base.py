@@ -138,6 +138,14 @@ class Waiter:
             self.on_cancel(self)
 
 
+def waiter_of(session: Session, future: asyncio.Future[Any]) -> Waiter | None:
+    """The parked waiter of ``session`` that completes ``future`` (for a cancel: rare)."""
+    for waiter in session.waiters:
+        if waiter.future is future and waiter.alive:
+            return waiter
+    return None
+
+
 def pop_alive(waiters: deque[Waiter]) -> Waiter | None:
     """The first waiter still alive, dropping dead ones on the way.
 
@@ -261,6 +269,13 @@ class SharedObject:
     #: Whether the object's state is journaled (its existence always is).
     durable: ClassVar[bool] = False
 
+    #: Methods whose result hands the caller something (an item, a lock, a
+    #: permit), by name, and the method that gives it back: called as
+    #: ``undo(call, args, result)`` when the client cancels a call it had
+    #: already been answered (see ``Dispatcher.cancel``). Each object keeps
+    #: its undo methods next to the methods they undo.
+    undo_methods: ClassVar[dict[str, str]] = {}
+
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.loop = loop
@@ -313,6 +328,16 @@ class SharedObject:
         waiters.append(waiter)
         call.session.waiters.add(waiter)
         return future
+
+    def abandon(self, waiter: Waiter, method: str, stock: bool = False) -> None:
+        """The client gave up the parked call ``method`` (it was interrupted).
+
+        The wait is dropped as a session's end drops it, except where an
+        object says otherwise (a Barrier party that leaves does not break the
+        barrier; a Condition wait takes its lock back unless ``stock``: a
+        stock client cannot ask for it, see ``Condition.restore``).
+        """
+        waiter.cancel()
 
     def waiter_count(self) -> int:
         return 0

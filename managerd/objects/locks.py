@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from managerd.deadlock import check_deadlock, report_deadlock
 from managerd.metrics import Histogram
@@ -86,6 +86,7 @@ class Lock(SharedObject):
 
     typeid = "Lock"
     owned_by_thread = False
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, tokens: TokenSource) -> None:
         super().__init__(name, loop)
@@ -128,6 +129,22 @@ class Lock(SharedObject):
             return False
         check_deadlock(call, self)
         return self.park(self.waiters, call, wait_s, _not_acquired, (call.thread, 1, None))
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        """An acquire granted but abandoned by its client: that holding is released.
+
+        Only if the lock is still held by that session (and thread, for an
+        RLock) under the token it was granted; an RLock goes one level down.
+        """
+        if self.holder is not call.session or self.token != token:
+            return
+        if self.owned_by_thread:
+            if self.holder_thread != call.thread:
+                return
+            self.count -= 1
+            if self.count:
+                return
+        self._hand_over()
 
     @exposed(mutates=True)
     def release(self, call: Call) -> None:
@@ -226,6 +243,7 @@ class Semaphore(SharedObject):
     typeid = "Semaphore"
     create_params = ("value",)
     bounded = False
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
 
     def __init__(
         self, name: str, loop: asyncio.AbstractEventLoop, value: int = 1, *, tokens: TokenSource
@@ -266,6 +284,12 @@ class Semaphore(SharedObject):
         check_deadlock(call, self)
         # The thread is for the wait-for graph (managerd/deadlock.py).
         return self.park(self.waiters, call, wait_s, _not_acquired, call.thread)
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        """A permit granted but abandoned by its client comes back (if still held)."""
+        if self.held.get(call.session, 0) > 0:
+            self._forget_holdings(call.session, 1)
+            self._give(1)
 
     @exposed(mutates=True)
     def release(self, call: Call, n: int = 1) -> None:

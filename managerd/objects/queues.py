@@ -24,7 +24,7 @@ import itertools
 import queue
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from managerd.objects.base import (
     Call,
@@ -85,6 +85,12 @@ class Queue(SharedObject):
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
     durable = True
+    undo_methods: ClassVar[dict[str, str]] = {
+        "get": "_undo_get",
+        "get_nowait": "_undo_get",
+        "get_many": "_undo_get_many",
+        "reserve": "_undo_reserve",
+    }
 
     def __init__(
         self,
@@ -306,6 +312,30 @@ class Queue(SharedObject):
             raise queue.Empty()
         return self.park(self.getters, call, wait_s, self._on_get_timeout, kind)
 
+    # -- giving back what a cancelled call took (see dispatch.CallTable) ---------
+    def _undo_get(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
+        """A get answered but abandoned by its client: the item is first again."""
+        self._put_back([payload])
+
+    def _undo_get_many(self, call: Call, args: tuple[Any, ...], payloads: list[bytes]) -> None:
+        self._put_back(list(payloads))
+
+    def _put_back(self, entries: list[bytes | _Returned]) -> None:
+        """Return taken entries to the front, in their order, then to parked getters.
+
+        Journaled as the ``front`` records of a nack. Not an ``_offer``: the
+        items were counted when put (a JoinableQueue's unfinished count
+        already has them), and a bounded queue takes them back even if full.
+        """
+        for entry in reversed(entries):
+            if isinstance(entry, _Returned):
+                self._j("front", entry.payload, entry.deliveries)
+            else:
+                self._j("front", entry, 0)
+            self.items.appendleft(entry)
+        while self.items and (waiter := pop_alive(self.getters)) is not None:
+            self._deliver(self.items.popleft(), waiter)
+
     @exposed()
     def qsize(self, call: Call) -> int:
         return len(self.items)
@@ -343,6 +373,24 @@ class Queue(SharedObject):
     def reserve(self, call: Call, timeout: float | None = None) -> Any:
         """``(delivery_id, payload, deliveries)``; ``queue.Empty`` on timeout."""
         return self._get(call, timeout_s(True, timeout), _RESERVE)
+
+    def _undo_reserve(self, call: Call, args: tuple[Any, ...], result: Any) -> None:
+        """A reservation abandoned by its client: back to the front, not counted.
+
+        Unlike a nack, the delivery count is what it was before: the client
+        never saw the item. Nothing happens if it was acked, nacked or
+        redelivered meanwhile.
+        """
+        did = result[0]
+        delivery = self.reserved.get(did)
+        if delivery is None or delivery.session is not call.session:
+            return
+        del self.reserved[did]
+        self._j("unres", did)
+        if delivery.timer is not None:
+            delivery.timer.cancel()
+        before = delivery.deliveries - 1
+        self._put_back([_Returned(delivery.payload, before) if before else delivery.payload])
 
     def _own_delivery(self, call: Call, did: int) -> _Delivery:
         delivery = self.reserved.get(did)
@@ -490,6 +538,7 @@ class Pipe(SharedObject):
 
     typeid = "Pipe"
     create_params = ("duplex",)
+    undo_methods: ClassVar[dict[str, str]] = {"recv": "_undo_recv"}
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, duplex: bool = True) -> None:
         super().__init__(name, loop)
@@ -556,6 +605,21 @@ class Pipe(SharedObject):
         if self.closed[1 - end]:
             raise EOFError("the other end of the pipe is closed")
         return self.park(self.readers[end], call, wait_s, _recv_timeout, "recv")
+
+    def _undo_recv(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
+        """A recv answered but abandoned by its client: the message is first again."""
+        end = self._end(args[0])
+        inbox = self.inbox[end]
+        inbox.appendleft(payload)
+        readers = self.readers[end]
+        while inbox and readers:
+            waiter = readers.popleft()
+            if not waiter.alive:
+                continue
+            if waiter.data == "poll":
+                waiter.finish(True)
+            else:
+                waiter.finish(inbox.popleft())
 
     @exposed()
     def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from managerd.objects.base import (
     TIMEOUT_MAX,
@@ -99,6 +99,10 @@ class Condition(SharedObject):
 
     typeid = "Condition"
     create_params = ("lock",)
+    undo_methods: ClassVar[dict[str, str]] = {
+        "acquire": "_undo_acquire",
+        "restore": "_undo_restore",
+    }
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, lock: Lock) -> None:
         super().__init__(name, loop)
@@ -130,6 +134,57 @@ class Condition(SharedObject):
         depth = self.lock.release_fully(call)
         future = self.park(self.waiters, call, wait_s, self._timed_out, (call.thread, depth))
         return future
+
+    def abandon(self, waiter: Waiter, method: str, stock: bool = False) -> None:
+        """An interrupted ``wait`` takes the lock back, as ``threading.Condition``'s finally.
+
+        Still waiting for a notify, it stops and queues for the lock as a
+        timeout would; already queued for the lock, it stays. The client
+        then calls ``restore`` to wait for the lock (see there). A stock
+        client cannot: its wait is dropped without the lock.
+        """
+        if method == "wait" and not stock:
+            if waiter in self.waiters:
+                self._wake(waiter, False)
+            return
+        waiter.cancel()
+
+    @exposed(mutates=True)
+    def restore(self, call: Call) -> Any:
+        """After this thread's ``wait`` was interrupted: its lock back, as a token.
+
+        The token once this thread holds the lock again (at once if the
+        wait had taken it back already), False if it does not and will not
+        (the wait was never parked, or its session changed). An interrupted
+        ``restore`` is cancelled as an acquire: parked, it stops queueing;
+        answered, the lock is released (see ``_undo_restore``).
+        """
+        lock = self.lock
+        if lock.holder is call.session and lock.holder_thread == call.thread:
+            return lock.token
+        for waiter in lock.waiters:
+            if waiter.alive and waiter.session is call.session and waiter.data[0] == call.thread:
+                # The interrupted wait's reacquisition: this call answers it now.
+                old = waiter.future
+                waiter.future = call.loop.create_future()
+                thread, depth, _ = waiter.data
+                waiter.data = (thread, depth, None)  # answered with the token
+                old.cancel()
+                return waiter.future
+        return False
+
+    def _undo_restore(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        """A restore answered but abandoned (a second interrupt): release fully."""
+        lock = self.lock
+        if (
+            lock.holder is call.session
+            and lock.holder_thread == call.thread
+            and lock.token == token
+        ):
+            lock._hand_over()
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        self.lock._undo_acquire(call, args, token)
 
     def _wake(self, waiter: Waiter, result: bool) -> None:
         thread, depth = waiter.data
@@ -223,6 +278,16 @@ class Barrier(SharedObject):
     def _timed_out(self, waiter: Waiter) -> None:
         waiter.fail(threading.BrokenBarrierError())
         self._break()
+
+    def abandon(self, waiter: Waiter, method: str, stock: bool = False) -> None:
+        """An interrupted party leaves the count; the barrier does not break.
+
+        The others keep waiting for ``parties`` arrivals (the interrupted
+        client may come back with another ``wait``). A party whose session
+        ends still breaks it: nobody will come back for it.
+        """
+        waiter.on_cancel = None
+        waiter.cancel()
 
     def _party_left(self, waiter: Waiter) -> None:
         self._break()
