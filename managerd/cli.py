@@ -24,14 +24,9 @@ from typer._click import Context, exceptions
 from typer.core import TyperCommand
 
 from managerd import __version__
-from managerd.deadlock import DeadlockMode
-from managerd.settings import (
-    AuthkeyError,
-    FsyncMode,
-    Settings,
-    load_settings,
-    resolve_authkey,
-)
+from managerd.settings import AuthkeyError, Settings, load_settings, resolve_authkey
+from managerd.store.memory.deadlock import DeadlockMode
+from managerd.store.memory.journal import FsyncMode
 
 if TYPE_CHECKING:
     from managerd_client import Manager

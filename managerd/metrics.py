@@ -22,16 +22,16 @@ the event loop (the objects are the loop's), never from this thread.
 
 from __future__ import annotations
 
-import bisect
+import asyncio
 import concurrent.futures
 import hmac
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
@@ -43,65 +43,49 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-if TYPE_CHECKING:
-    from managerd.server import ServerCore
+from managerd.histogram import Histogram
+from managerd.service.ops import ServerOps
+from managerd.service.peers import PeerGuard
+from managerd.service.requests import RequestStats, Stats
+from managerd.service.sessions import SessionTable
+from managerd.settings import Settings
+from managerd.store.memory.deadlock import Detector
+from managerd.store.memory.registry import Registry
+
+
+class MetricsCore(Protocol):
+    """What the metrics endpoint reads of the daemon (``server.ServerCore`` is one).
+
+    Passed in rather than imported: the server imports this module.
+    """
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def accepting(self) -> bool: ...
+    @property
+    def connections(self) -> Sized: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def sessions(self) -> SessionTable: ...
+    @property
+    def ops(self) -> ServerOps: ...
+    @property
+    def peers(self) -> PeerGuard: ...
+    @property
+    def deadlocks(self) -> Detector: ...
+    @property
+    def requests(self) -> RequestStats: ...
+    @property
+    def stats(self) -> Stats: ...
+
 
 log = logging.getLogger("managerd")
 
-#: Seconds; from a fast call on loopback to a long blocking wait.
-LATENCY_BUCKETS_S: Final = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
 OTHER: Final = "_other"
-
-
-class Histogram:
-    """Bucket counts bumped on the loop thread; read by the collector."""
-
-    __slots__ = ("count", "counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value_s: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, value_s)] += 1
-        self.sum += value_s
-        self.count += 1
-
-    def merge(self, other: Histogram) -> None:
-        for i, n in enumerate(other.counts):
-            self.counts[i] += n
-        self.sum += other.sum
-        self.count += other.count
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        total = 0
-        for bound, n in zip(LATENCY_BUCKETS_S, self.counts, strict=False):
-            total += n
-            out.append((repr(bound), float(total)))
-        out.append(("+Inf", float(self.count)))
-        return out
-
-
-class RequestStats:
-    """Request counts by method and outcome, and one latency histogram."""
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
-        self.latency = Histogram()
-        self.limits: dict[str, int] = {}
-
-    def record(self, method: str, outcome: str, seconds: float) -> None:
-        key = (method, outcome)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        self.latency.observe(seconds)
-
-    def limit_hit(self, limit: str) -> None:
-        self.limits[limit] = self.limits.get(limit, 0) + 1
 
 
 def _bounded(objects: Iterable[Any], limit: int) -> tuple[list[Any], list[Any]]:
@@ -113,7 +97,7 @@ def _bounded(objects: Iterable[Any], limit: int) -> tuple[list[Any], list[Any]]:
 class Collector:
     """Reads the daemon's state into metric families at scrape time."""
 
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: MetricsCore) -> None:
         self.core = core
 
     def describe(self) -> Iterator[Metric]:
@@ -322,7 +306,7 @@ def web_file(name: str) -> bytes:
 class StatusSource:
     """``/status.json``: a status sample taken on the loop, rates against the previous one."""
 
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: MetricsCore) -> None:
         self.core = core
         self._lock = threading.Lock()
         self._previous: tuple[float, dict[str, Any]] | None = None
@@ -379,7 +363,7 @@ class MetricsServer:
             target=self.httpd.serve_forever, name="managerd-metrics", daemon=True
         )
 
-    def _app(self, core: ServerCore) -> Callable[..., Iterable[bytes]]:
+    def _app(self, core: MetricsCore) -> Callable[..., Iterable[bytes]]:
         expected = self._expected
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(core))
@@ -446,7 +430,7 @@ class MetricsServer:
 
         return app
 
-    def start(self, core: ServerCore) -> None:
+    def start(self, core: MetricsCore) -> None:
         self.httpd.set_app(self._app(core))
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics, the status page on /", *self.address)

@@ -13,61 +13,43 @@ blocked inside the object.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
-import platform
-import resource
 import signal
 import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any
 
 from managerd import __version__
-from managerd.datadir import DataDirInUse, DataDirLock
-from managerd.deadlock import DeadlockMode, Detector
-from managerd.dispatch import Dispatcher, ServerOps
-from managerd.journal import CorruptJournal, Journal
 from managerd.metrics import MetricsServer
-from managerd.peers import LogBudget, PeerGuard
-from managerd.protocol import Connection
-from managerd.registry import TYPES, Registry
+from managerd.osutil import raise_file_limit, retain_freed_memory
 from managerd.safepickle import SafeDecoder
-from managerd.sessions import Session, SessionTable
-from managerd.settings import EventLoop, FsyncMode, Settings, read_key_file, resolve_authkey
-from managerd.stock import StockAdapter
-from managerd.tokens import TokenSource, TokenStoreError
+from managerd.service.ops import ServerOps
+from managerd.service.peers import LogBudget, PeerGuard
+from managerd.service.requests import Stats
+from managerd.service.sessions import SessionTable
+from managerd.settings import EventLoop, Settings, read_key_file, resolve_authkey
+from managerd.store.memory.datadir import DataDirInUse, DataDirLock
+from managerd.store.memory.deadlock import DeadlockMode, Detector
+from managerd.store.memory.journal import CorruptJournal, FsyncMode, Journal
+from managerd.store.memory.registry import TYPES, Registry
+from managerd.store.memory.tokens import TokenSource, TokenStoreError
+from managerd.store.sessions import Session
+from managerd.wire.connection import Connection
+from managerd.wire.managerd_dialect import Dispatcher
+from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
 
 log = logging.getLogger("managerd")
 
-# glibc's mallopt(3) parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # HEAP_MAX/2 on 64-bit: larger values are refused
-
 
 class StartupError(Exception):
     """The daemon cannot start as configured; the message says why."""
-
-
-@dataclass
-class Stats:
-    """Counters the metrics endpoint reads."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    auth_failures: int = 0
-    handshake_timeouts: int = 0
-    connections_refused: int = 0
-    tls_failures: int = 0
-    sessions_expired: int = 0
 
 
 class ServerCore:
@@ -371,31 +353,6 @@ def loop_factory(
     return factory
 
 
-def _raise_file_limit(max_connections: int) -> None:
-    """Let the process hold ``max_connections`` sockets, if the hard limit allows.
-
-    The usual soft limit of 1,024 descriptors would refuse clients long
-    before ``max_connections``; each connection takes one (two while a parked
-    waiter's peer is being probed).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max_connections * 2 + 64
-    if hard != resource.RLIM_INFINITY:
-        want = min(want, hard)
-    if want > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-file limit to %d: %s", want, exc)
-            return
-        soft = want
-    if soft < max_connections + 64:
-        log.warning(
-            "open-file limit %d is below max_connections %d: raise it (ulimit -n)",
-            soft, max_connections,
-        )  # fmt: skip
-
-
 def lock_data_dir(settings: Settings) -> DataDirLock | None:
     """The data directory's exclusive lock (None without one); taken before anything else."""
     if settings.data_dir is None:
@@ -508,30 +465,6 @@ class Managerd(BaseManager):
         raise NotImplementedError("run the daemon with `managerd serve` (or get_server())")
 
 
-def _retain_freed_memory(retain_bytes: int) -> None:
-    """Let glibc keep up to ``retain_bytes`` of freed memory for reuse.
-
-    By default glibc serves a large allocation (a 1 MB frame, its payload,
-    the reply) with mmap, or trims the heap once 2x its threshold is free,
-    so every large request faults its pages in afresh: ~780 page faults
-    per 1 MB put+get, most of the time that pair takes (BENCHMARKS.md).
-    Allocations under half of ``retain_bytes`` now come from the heap, and
-    the heap is trimmed only above ``retain_bytes``: the daemon's resident
-    memory may stay that much above what it holds. 0 leaves glibc alone;
-    other C libraries are left alone.
-    """
-    if not retain_bytes or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, min(retain_bytes // 2, _MMAP_THRESHOLD_MAX))
-        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, retain_bytes)
-    except (OSError, AttributeError):
-        ok = 0
-    if not ok:
-        log.warning("could not tune the allocator (mallopt); large requests will be slower")
-
-
 def run_server(settings: Settings) -> None:
     """Serve until stopped. The CLI's one call.
 
@@ -540,8 +473,8 @@ def run_server(settings: Settings) -> None:
     daemon on a directory in use, leaves the directory exactly as it found
     it (no key written, no journal compacted, no directory made).
     """
-    _raise_file_limit(settings.max_connections)
-    _retain_freed_memory(settings.malloc_retain_bytes)
+    raise_file_limit(settings.max_connections)
+    retain_freed_memory(settings.malloc_retain_bytes)
     try:
         tls = tls_context(settings)
     except ValueError as exc:

@@ -26,7 +26,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from managerd.deadlock import DeadlockMode
+from managerd.store.memory.deadlock import DeadlockMode
+from managerd.store.memory.journal import DEFAULT_JOURNAL_COMPACT_BYTES, FsyncMode
 from managerd_client.wire import DEFAULT_MAX_FRAME_BYTES
 
 log = logging.getLogger("managerd")
@@ -47,14 +48,7 @@ DEFAULT_AUTH_PENALTY_EXEMPT = ("127.0.0.0/8", "::1/128")
 DEFAULT_MALLOC_RETAIN_BYTES = 64 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL_S = 1.0
 DEFAULT_METRICS_MAX_OBJECTS = 1000
-DEFAULT_JOURNAL_COMPACT_BYTES = 16 * 1024 * 1024
 DEFAULT_AUTHKEY_FILE = Path("~/.config/managerd/authkey")
-
-
-class FsyncMode(enum.Enum):
-    ALWAYS = "always"
-    INTERVAL = "interval"
-    NEVER = "never"
 
 
 class EventLoop(enum.Enum):
@@ -110,7 +104,7 @@ class Settings(BaseSettings):
     #: Freed memory glibc may keep for reuse rather than give back (0: its defaults).
     malloc_retain_bytes: int = Field(DEFAULT_MALLOC_RETAIN_BYTES, ge=0)
     log_level: str = "INFO"
-    #: What a wait that closes a cycle of lock waiters does (managerd/deadlock.py).
+    #: What a wait that closes a cycle of lock waiters does (managerd/store/memory/deadlock.py).
     deadlock: DeadlockMode = DeadlockMode.REPORT
     event_loop: EventLoop = EventLoop.AUTO
 

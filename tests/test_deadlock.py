@@ -1,4 +1,4 @@
-"""Deadlocks named as they form, with real client processes (managerd/deadlock.py)."""
+"""Deadlocks named as they form, with real client processes (managerd/store/memory/deadlock.py)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from managerd.journal import MAGIC, _encode
+from managerd.store.memory.journal import MAGIC, _encode
 from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
 
 import workers

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from managerd.peers import LogBudget, PeerGuard
+from managerd.service.peers import LogBudget, PeerGuard
 from managerd_client import ConnectFailed, connect
 from managerd_client.wire import (
     CHALLENGE,

@@ -17,7 +17,7 @@ An exception that ends a wait without an answer — Ctrl-C (KeyboardInterrupt),
 an exception raised by a signal handler, an asynchronous exception in a
 thread — *abandons* the call: the thread sends ``cancel`` for it and the
 daemon drops it if still parked, or undoes its answer (an item back at the
-front, a lock released; see ``managerd/dispatch.py``). The stream stays in
+front, a lock released; see ``managerd/service/invoker.py``). The stream stays in
 step: a frame is marked read only once its slot has it, the read buffer
 survives an interrupt in ``recv`` (see ``FrameSocket.recover``), and a
 request interrupted half-sent is finished first (see ``_send``). Where

@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Final
 from managerd_client.errors import DeadlockDetected
 
 if TYPE_CHECKING:
-    from managerd.objects.base import Call, SharedObject
-    from managerd.sessions import Session
+    from managerd.store.api import Call
+    from managerd.store.memory.base import SharedObject
+    from managerd.store.sessions import Session
 
 log = logging.getLogger("managerd")
 

@@ -20,14 +20,20 @@ import logging
 import os
 import pickle
 import socket
+import ssl
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
-from managerd.dispatch import CallTable
-from managerd.objects.base import SharedObject, waiter_of
-from managerd.peers import PENALTY_HOLD_S
-from managerd.sessions import Session, SessionKind
+from managerd.safepickle import SafeDecoder
+from managerd.service.invoker import CallTable
+from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
+from managerd.service.requests import RequestStats, Stats
+from managerd.service.sessions import SessionTable
+from managerd.store.memory.base import SharedObject, waiter_of
+from managerd.store.sessions import Session, SessionKind
+from managerd.wire.managerd_dialect import Dispatcher
+from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ForbiddenPayload, ProtocolError
 from managerd_client.wire import (
     CHALLENGE,
@@ -42,9 +48,6 @@ from managerd_client.wire import (
     refused_frame,
     verify_response,
 )
-
-if TYPE_CHECKING:
-    from managerd.server import ServerCore
 
 log = logging.getLogger("managerd")
 
@@ -62,10 +65,70 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+class ConnectionSettings(Protocol):
+    """The settings a connection reads (``managerd.settings.Settings``)."""
+
+    @property
+    def allow_md5_auth(self) -> bool: ...
+    @property
+    def handshake_timeout_s(self) -> float: ...
+    @property
+    def max_frame_bytes(self) -> int: ...
+    @property
+    def session_ttl_s(self) -> float: ...
+
+
+class Durable(Protocol):
+    """The journal as a connection sees it: when is everything so far on disk."""
+
+    def barrier(self) -> asyncio.Future[None] | None: ...
+
+
+class ConnectionContext(Protocol):
+    """What a connection needs of the daemon (``server.ServerCore`` is one).
+
+    The wire layer may not import the server above it: the core is passed
+    in, and this is all a connection may use of it.
+    """
+
+    @property
+    def settings(self) -> ConnectionSettings: ...
+    @property
+    def authkey(self) -> bytes: ...
+    @property
+    def server_id(self) -> str: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def tls(self) -> ssl.SSLContext | None: ...
+    @property
+    def journal(self) -> Durable | None: ...
+    @property
+    def decoder(self) -> SafeDecoder: ...
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+    @property
+    def stock(self) -> StockAdapter: ...
+    @property
+    def sessions(self) -> SessionTable: ...
+    @property
+    def peers(self) -> PeerGuard: ...
+    @property
+    def refusals(self) -> LogBudget: ...
+    @property
+    def requests(self) -> RequestStats: ...
+    @property
+    def stats(self) -> Stats: ...
+
+    def admit(self, conn: Connection) -> bool: ...
+    def adopt(self, session: Session, conn: Connection) -> None: ...
+    def forget(self, conn: Connection) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """The daemon's end of one TCP (or TLS) connection."""
 
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: ConnectionContext) -> None:
         self.core = core
         self.state = ConnState.CHALLENGED
         self.transport: asyncio.Transport | None = None
@@ -452,7 +515,7 @@ class Connection(asyncio.Protocol):
         """Log one line (within the log budget) and close the connection.
 
         During the handshake this counts as a failed handshake of the
-        peer's address (see :mod:`managerd.peers`).
+        peer's address (see :mod:`managerd.service.peers`).
         """
         self._handshake_failed()
         if not quiet and self.core.refusals.allow():

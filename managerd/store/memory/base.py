@@ -7,88 +7,28 @@ object *and* with the caller's session, so a session that ends cancels it
 before it can take an item or a lock. A method never blocks the loop.
 
 A Task per call would cost more than most calls, so the daemon awaits only
-the futures that methods return (see ``dispatch.py``).
+the futures that methods return (see ``service/invoker.py``).
 
 Payloads (queue items, dict and list values, namespace attributes) are the
 client's pickled bytes and stay opaque here. Each exposed method declares
 which arguments and results are payloads so that the stock-client adapter
-can convert plain values at the edge (``stock.py``).
+can convert plain values at the edge (``wire/stock_dialect.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
-from managerd.sessions import Session
+from managerd.store.api import Call, MethodSpec
+from managerd.store.sessions import Session
 from managerd_client.errors import ArgumentConflict
 
 if TYPE_CHECKING:
-    from managerd.journal import Journal
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Conv(enum.Enum):
-    """How the stock-client adapter converts an argument or a result."""
-
-    PLAIN = "plain"  # builtin data, passed as is
-    PAYLOAD = "payload"  # one value <-> pickled bytes
-    PAYLOADS = "payloads"  # a sequence of values <-> list of pickled bytes
-    PAIRS = "pairs"  # (key, value) pairs <-> list of (key, pickled bytes)
-    ITEM_OR_ITEMS = "item_or_items"  # list.__setitem__: one value, or many for a slice
-    ACQUIRED = "acquired"  # a fencing token (or False) <-> True/False
-    PAIR = "pair"  # one (key, value) pair <-> (key, pickled bytes)
-    MAPPING = "mapping"  # a dict of values <-> dict of pickled bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MethodSpec:
-    """One exposed method: the function and how its values travel."""
-
-    name: str
-    fn: Callable[..., Any]
-    args: dict[str, Conv] = field(default_factory=dict)
-    params: tuple[str, ...] = ()
-    result: Conv = Conv.PLAIN
-    mutates: bool = False
-
-
-def exposed(
-    name: str | None = None,
-    *,
-    result: Conv = Conv.PLAIN,
-    mutates: bool = False,
-    **args: Conv,
-) -> Callable[[F], F]:
-    """Mark an object method as callable by clients under ``name``."""
-
-    def mark(fn: F) -> F:
-        params = tuple(inspect.signature(fn).parameters)[2:]  # skip self, call
-        unknown = set(args) - set(params)
-        if unknown:
-            raise TypeError(f"{fn.__qualname__}: no parameters {sorted(unknown)}")
-        fn.__managerd_spec__ = MethodSpec(  # type: ignore[attr-defined]
-            name or fn.__name__, fn, dict(args), params, result, mutates
-        )
-        return fn
-
-    return mark
-
-
-@dataclass(slots=True)
-class Call:
-    """The context of one request: who asks, from which client thread."""
-
-    session: Session
-    thread: int
-    loop: asyncio.AbstractEventLoop
+    from managerd.store.memory.journal import Journal
 
 
 class Waiter:
@@ -142,7 +82,7 @@ def waiter_of(session: Session, future: asyncio.Future[Any]) -> Waiter | None:
     """The parked waiter of ``session`` that completes ``future`` (for a cancel: rare)."""
     for waiter in session.waiters:
         if waiter.future is future and waiter.alive:
-            return waiter
+            return cast("Waiter", waiter)  # a session parks only Waiters
     return None
 
 
@@ -242,6 +182,12 @@ def positive_s(value: object, what: str) -> float:
     if duration > TIMEOUT_MAX:
         raise OverflowError(f"{what} is too large (more than {TIMEOUT_MAX:.0f} s)")
     return duration
+
+
+def sequence_index(index: Any) -> int | slice:
+    if isinstance(index, bool) or not isinstance(index, (int, slice)):
+        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
+    return index
 
 
 class SharedObject:
@@ -349,7 +295,7 @@ class SharedObject:
         """A summary for ``objects()`` and status."""
         return {"type": self.typeid, "args": self.creation_args()}
 
-    # -- durability (journal records; see managerd/journal.py) --------------------
+    # -- durability (journal records; see store/memory/journal.py) --------------------
     def _j(self, *effect: Any) -> None:
         """Journal one change of this object's state (no-op when memory only)."""
         journal = self.journal

@@ -15,13 +15,15 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Final
 
-from managerd.journal import Journal
-from managerd.objects.base import SharedObject
-from managerd.objects.locks import BoundedSemaphore, Lock, RLock, Semaphore
-from managerd.objects.mappings import Array, Dict, List, Namespace, Value
-from managerd.objects.queues import DEAD_LETTER_SUFFIX, JoinableQueue, Pipe, Queue
-from managerd.objects.sync import Barrier, Condition, Event
-from managerd.tokens import TokenSource
+from managerd.store.memory.base import SharedObject
+from managerd.store.memory.journal import Journal
+from managerd.store.memory.locks import BoundedSemaphore, Lock, RLock, Semaphore
+from managerd.store.memory.mappings import Dict, List, Namespace
+from managerd.store.memory.pipes import Pipe
+from managerd.store.memory.queues import DEAD_LETTER_SUFFIX, JoinableQueue, Queue
+from managerd.store.memory.sync import Barrier, Condition, Event
+from managerd.store.memory.tokens import TokenSource
+from managerd.store.memory.values import Array, Value
 from managerd_client.errors import (
     NoSuchObject,
     ObjectTypeConflict,

@@ -1,7 +1,7 @@
 """Locks, re-entrant locks and semaphores, owned by sessions.
 
 Every successful acquire returns a fencing token from the daemon's one
-:class:`~managerd.tokens.TokenSource`, given to each lock by the registry: a
+:class:`~managerd.store.memory.tokens.TokenSource`, given to each lock by the registry: a
 client that holds token 7 knows that anyone holding the lock after it, on
 this daemon or on one that replaced it, holds a larger one (tokens are
 increasing, not consecutive; see ``tokens.py``). When a session ends, what
@@ -16,23 +16,21 @@ import asyncio
 from collections import deque
 from typing import Any, ClassVar
 
-from managerd.deadlock import check_deadlock, report_deadlock
-from managerd.metrics import Histogram
-from managerd.objects.base import (
+from managerd.histogram import Histogram
+from managerd.store.api import Call, Conv, exposed
+from managerd.store.memory.base import (
     TIMEOUT_MAX,
-    Call,
-    Conv,
     SharedObject,
     Waiter,
     alive_count,
-    exposed,
     fail_all,
     pop_alive,
     seconds,
     wait_or_now_s,
 )
-from managerd.sessions import Session
-from managerd.tokens import TokenSource
+from managerd.store.memory.deadlock import check_deadlock, report_deadlock
+from managerd.store.memory.tokens import TokenSource
+from managerd.store.sessions import Session
 
 
 def _acquire_wait_s(blocking: bool, timeout: object) -> float | None:
@@ -282,7 +280,7 @@ class Semaphore(SharedObject):
         if wait_s == 0.0:
             return False
         check_deadlock(call, self)
-        # The thread is for the wait-for graph (managerd/deadlock.py).
+        # The thread is for the wait-for graph (managerd/store/memory/deadlock.py).
         return self.park(self.waiters, call, wait_s, _not_acquired, call.thread)
 
     def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:

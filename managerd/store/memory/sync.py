@@ -14,21 +14,19 @@ import threading
 from collections import deque
 from typing import Any, ClassVar
 
-from managerd.objects.base import (
+from managerd.store.api import Call, Conv, exposed
+from managerd.store.memory.base import (
     TIMEOUT_MAX,
-    Call,
-    Conv,
     SharedObject,
     Waiter,
     alive_count,
     checked_wait,
-    exposed,
     fail_all,
     pop_alive,
     seconds,
     wait_or_now_s,
 )
-from managerd.objects.locks import Lock
+from managerd.store.memory.locks import Lock
 
 
 class Event(SharedObject):
