@@ -306,7 +306,9 @@ def _serve_second(d: Daemon, data: Path) -> subprocess.CompletedProcess[str]:
 
 def test_second_daemon_on_a_data_directory_refuses_and_touches_nothing(tmp_path: Path) -> None:
     """Issue 11 (3): a second daemon exits at once, naming the holder; the first loses nothing."""
-    d = _durable(tmp_path, fsync="interval").start()
+    # fsync=always: the puts are on disk when acknowledged, so the sizes below
+    # change only if the second daemon writes (with "interval" they grow late).
+    d = _durable(tmp_path, fsync="always").start()
     data = tmp_path / "data"
     try:
         with d.connect() as m:
