@@ -316,7 +316,7 @@ class StatusSource:
 
         def take() -> None:
             try:
-                future.set_result(self.core.ops.status())
+                future.set_result(self.core.ops.report())
             except BaseException as exc:
                 future.set_exception(exc)
 

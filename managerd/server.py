@@ -28,9 +28,10 @@ from managerd import __version__
 from managerd.metrics import MetricsServer
 from managerd.osutil import raise_file_limit, retain_freed_memory
 from managerd.safepickle import SafeDecoder
+from managerd.service.invoker import Invoker
 from managerd.service.ops import ServerOps
 from managerd.service.peers import LogBudget, PeerGuard
-from managerd.service.requests import Stats
+from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
 from managerd.settings import EventLoop, Settings, read_key_file, resolve_authkey
 from managerd.store.memory.datadir import DataDirInUse, DataDirLock
@@ -67,11 +68,12 @@ class ServerCore:
         self.sessions = SessionTable()
         self.decoder = SafeDecoder(settings.allowed_classes)
         self.ops = ServerOps(self.registry, self.sessions, time.time())
-        self.dispatcher = Dispatcher(self.ops, self.decoder, loop)
-        self.stock = StockAdapter(self.ops, self.decoder, loop)
+        #: Request counts and latency, kept by the invoker for both dialects.
+        self.requests = RequestStats()
+        self.invoker = Invoker(self.registry, self.ops, TYPES, loop, self.requests)
+        self.dispatcher = Dispatcher(self.invoker, self.decoder)
+        self.stock = StockAdapter(self.invoker, self.decoder)
         self.stats = Stats()
-        #: Request counts and latency, kept by the dispatcher.
-        self.requests = self.dispatcher.stats
         self.connections: set[Connection] = set()
         #: The connections of each session (a resumed session may have two
         #: for a moment: the old half-open one is closed when it is adopted).
@@ -113,8 +115,7 @@ class ServerCore:
         journal.open(self.loop)
         self.journal = journal
         self.registry.attach(journal)
-        self.dispatcher.journal = journal
-        self.stock.journal = journal
+        self.invoker.journal = journal
         if records:
             # Start from a snapshot of what was recovered: later records then
             # never depend on how recovery settled reserved items.

@@ -34,22 +34,16 @@ LAYER_PACKAGES = ("managerd.store", "managerd.store.memory", "managerd.service",
 #: ``store.api`` and ``store.sessions``. These still reach in.
 ALLOWED: frozenset[tuple[str, str]] = frozenset(
     {
-        # issue 12 step 2 removes this (invoke checks the journal and waits on it)
-        ("managerd.service.invoker", "managerd.store.memory.journal"),
-        # issue 12 step 2 removes this (SharedObject, waiter_of)
+        # issue 12 step 2 removes this (waiter_of, to drop a cancelled call's wait)
         ("managerd.service.invoker", "managerd.store.memory.base"),
         # issue 12 step 2 removes this (create/peek read the registry's objects)
         ("managerd.service.ops", "managerd.store.memory.base"),
         ("managerd.service.ops", "managerd.store.memory.registry"),
         # issue 12 step 2 removes this (a cancelled stock call abandons its waiter)
         ("managerd.wire.connection", "managerd.store.memory.base"),
-        # issue 12 step 2 removes this (method labels from TYPES; the journal for answers)
-        ("managerd.wire.managerd_dialect", "managerd.store.memory.journal"),
-        ("managerd.wire.managerd_dialect", "managerd.store.memory.registry"),
-        # issue 12 step 2 removes this (the stock adapter reads objects directly)
+        # the stock adapter's special methods (queue get as reserve+ack, pipe recv
+        # peeking at the inbox, #GETVALUE) still read objects directly
         ("managerd.wire.stock_dialect", "managerd.store.memory.base"),
-        ("managerd.wire.stock_dialect", "managerd.store.memory.journal"),
-        ("managerd.wire.stock_dialect", "managerd.store.memory.registry"),
     }
 )
 

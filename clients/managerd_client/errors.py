@@ -18,7 +18,8 @@
     ├── ForbiddenPayload             the daemon refused to decode a request
     ├── RequestTooLarge              (also a ValueError) over the daemon's frame limit
     ├── ProtocolError                a frame that is not managerd's protocol
-    └── RemoteError                  an unexpected failure inside the daemon
+    ├── RemoteError                  an unexpected failure inside the daemon
+    └── InternalError                a bug in the daemon (its log has the traceback)
 
 Blocking calls raise the exceptions the standard library raises, so
 existing ``except`` clauses keep working: ``queue.Empty``, ``queue.Full``,
@@ -43,6 +44,7 @@ __all__ = [
     "ConnectionLost",
     "DeadlockDetected",
     "ForbiddenPayload",
+    "InternalError",
     "LockLost",
     "ManagerdConnectionError",
     "ManagerdError",
@@ -144,6 +146,13 @@ class RemoteError(ManagerdError):
     """An unexpected failure inside the daemon; the message says what."""
 
 
+class InternalError(ManagerdError):
+    """A bug in the daemon failed the call; the daemon logged it with its traceback.
+
+    What the call had done before the failure stands: retrying may repeat it.
+    """
+
+
 # Kinds the wire carries, mapped to the class the client raises. Builtin and
 # stdlib types come first so that subclasses (NoSuchObject is a KeyError) are
 # found by the most specific entry in error_kind().
@@ -175,6 +184,7 @@ _KINDS: dict[str, type[BaseException]] = {
     "Deadlock": DeadlockDetected,
     "Protocol": ProtocolError,
     "Remote": RemoteError,
+    "Internal": InternalError,
 }
 _KIND_OF: dict[type[BaseException], str] = {cls: kind for kind, cls in _KINDS.items()}
 

@@ -1,43 +1,105 @@
-"""Running one exposed method and sending its answer when it may be sent.
+"""The one request pipeline, for both wire dialects: :meth:`Invoker.run`.
 
-A method's result is answered at once, or — when it is an ``asyncio.Future``
-(a parked waiter) — when the future completes; with ``fsync=always`` an
-answer also waits for the journal. :class:`CallTable` keeps what a client
-may still cancel (see ``wire/managerd_dialect.py`` for the cancel request).
+A dialect decodes a request into an :class:`Invocation` and turns the
+:class:`Outcome` it is given back into a reply frame; everything between is
+here, once:
+
+1. *resolve*: the named object (its type checked), or the daemon's own
+   operations (``service/ops.py``) for a call on no object;
+2. *check*: the method exists, the journal can take writes if it mutates;
+3. *call*: the method (or the dialect's conversion of its arguments first);
+4. *settle*: a result that is an ``asyncio.Future`` (a parked waiter) is
+   answered when it completes; cancelled (the session ended, the client
+   gave up), it gets no outcome at all;
+5. *durability*: with ``fsync=always`` the outcome waits until everything
+   journaled before it is on disk;
+6. *metrics*: ``managerd_requests_total{method, outcome}`` and the latency
+   histogram, for managerd and stock clients alike;
+7. *classification*: what the caller did wrong is the caller's error;
+   anything else is a daemon bug, logged with its traceback and answered
+   as kind ``Internal``.
+
+**Whose error.** Everything refused before the call (no such object or
+method, arguments that do not bind to the method's parameters, a
+dialect's conversion of them) is the caller's. From the call itself, only
+the errors a method raises on purpose are (:data:`CALLER_ERRORS`: the
+``Refusal`` subclasses of ``store/api.py`` stand for the ``TypeError``,
+``AttributeError``, ``RuntimeError`` a method raises on purpose, so that
+the same builtins raised by a bug are not mistaken for the caller's). A
+``TypeError`` from the call is also the caller's when the arguments do not
+bind to the method's signature (checked only then: a call that succeeds
+pays nothing for it).
+
+:class:`CallTable` keeps what a managerd client may still cancel (see
+``wire/managerd_dialect.py`` for the cancel request).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
-from functools import partial
-from typing import Any, Final
+from dataclasses import dataclass, field
+from functools import cache, partial
+from typing import Any, Final, Protocol
 
-from managerd.store.api import Call, MethodSpec
-from managerd.store.memory.base import SharedObject, waiter_of
-from managerd.store.memory.journal import Journal
+from managerd.service.requests import RequestStats
+from managerd.store.api import BadArgument, Call, MethodSpec, NoAttribute, Refusal
+from managerd.store.memory.base import waiter_of
 from managerd.store.sessions import Session
-from managerd_client.errors import ManagerdError
+from managerd_client.errors import InternalError, ManagerdError, NoSuchObject, error_kind
 
-#: Exceptions an object method raises to mean "the caller asked for
-#: something wrong"; anything else is a daemon bug and is logged in full.
-EXPECTED_ERRORS: Final = (
+log = logging.getLogger("managerd")
+
+#: What a method raises on purpose to mean "the caller asked for something
+#: wrong" (answered as the caller's error); anything else escaping a call is
+#: a daemon bug, logged in full and answered as an :class:`InternalError`.
+#: ``OSError``/``EOFError``: a closed pipe, a data directory that cannot
+#: take writes. ``StopIteration``: the end of a stock client's iterator.
+CALLER_ERRORS: Final = (
     ManagerdError,
+    Refusal,
     LookupError,
     ValueError,
-    TypeError,
-    RuntimeError,
-    AttributeError,
+    OverflowError,
+    TimeoutError,
     OSError,
     EOFError,
-    ArithmeticError,
-    NotImplementedError,
+    StopIteration,
     queue.Empty,
     queue.Full,
     threading.BrokenBarrierError,
 )
+
+
+class Exposed(Protocol):
+    """An object the invoker calls: a named object, or the daemon's operations."""
+
+    @property
+    def typeid(self) -> str: ...
+    @property
+    def methods(self) -> dict[str, MethodSpec]: ...
+    @property
+    def undo_methods(self) -> dict[str, str]: ...
+
+    def abandon(self, waiter: Any, method: str, stock: bool = False) -> None: ...
+
+
+class Objects(Protocol):
+    """The registry as the invoker sees it."""
+
+    def get(self, name: str, typeid: str | None = None) -> Any: ...
+
+
+class Durability(Protocol):
+    """The journal as the invoker sees it."""
+
+    def check_writable(self) -> None: ...
+    def barrier(self) -> asyncio.Future[None] | None: ...
 
 
 class _Parked:
@@ -47,7 +109,7 @@ class _Parked:
 
     def __init__(
         self,
-        obj: SharedObject,
+        obj: Exposed,
         method: str,
         call: Call,
         args: tuple[Any, ...],
@@ -66,7 +128,7 @@ class _Parked:
 
 
 #: ``(rid, object, undo method name, call, args, result)``
-_Answered = tuple[int, SharedObject, str, Call, tuple[Any, ...], Any]
+_Answered = tuple[int, Exposed, str, Call, tuple[Any, ...], Any]
 
 
 #: A connection remembers this many client threads' last answers at most (a
@@ -88,7 +150,7 @@ class CallTable:
         self.parked: dict[int, _Parked] = {}
         self.answered: dict[int, _Answered] = {}
 
-    def remember(self, rid: int, obj: SharedObject, undo: str, call: Call,
+    def remember(self, rid: int, obj: Exposed, undo: str, call: Call,
                  args: tuple[Any, ...], value: Any) -> None:  # fmt: skip
         answered = self.answered
         if len(answered) >= MAX_ANSWERED_THREADS and call.thread not in answered:
@@ -130,88 +192,245 @@ class CallTable:
                     waiter.cancel()
 
 
-def invoke(
-    journal: Journal | None,
-    spec: MethodSpec,
-    obj: SharedObject,
-    call: Call,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    done: Callable[[Any], None],
-    failed: Callable[[BaseException], None],
-    calls: CallTable | None = None,
-    rid: int = 0,
-) -> None:
-    """Run one exposed method; ``done``/``failed`` get its answer when it may be sent.
+@dataclass(slots=True)
+class Prepared:
+    """A dialect's form of one call, made once the object and method are known."""
 
-    A method that parks a waiter answers when its future completes (never,
-    if the session ended or the client cancelled). With ``fsync=always`` an
-    answer also waits until everything journaled before it is on disk.
-    Synchronous errors propagate. With ``calls``, the call can be cancelled
-    by its client (see :class:`CallTable`).
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    #: Runs instead of the method (a dialect's multi-step form of it).
+    body: Callable[[Any, Call], Any] | None = None
+    #: Turns the result into what the dialect answers; may refuse it.
+    finish: Callable[[Any], Any] | None = None
+
+
+@dataclass(slots=True)
+class Invocation:
+    """One decoded request: who calls what, with which arguments.
+
+    ``name`` None (and ``typeid`` None) is a call on the daemon's own
+    operations. ``typeid`` None with a name takes the object of that name
+    whatever its type (a stock client's token carries no type).
     """
-    if spec.mutates and journal is not None:
-        journal.check_writable()
-    result = spec.fn(obj, call, *args, **kwargs)
-    undo = obj.undo_methods.get(spec.name) if obj.undo_methods else None
-    if isinstance(result, asyncio.Future):
-        parked = None
-        if calls is not None:
-            parked = _Parked(obj, spec.name, call, args, result, undo)
-            calls.parked[rid] = parked
-        result.add_done_callback(partial(_settled, journal, done, failed, calls, rid, parked))
-        return
-    if undo is not None and calls is not None and result is not False:
-        calls.remember(rid, obj, undo, call, args, result)
-    answer(journal, result, done, failed)
+
+    session: Session
+    thread: int
+    typeid: str | None
+    name: str | None
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: ``Type.method`` in the metrics; set by :meth:`Invoker.run`.
+    label: str = "invalid"
+    #: The dialect's conversion of the call, given the object and the spec.
+    prepare: Callable[[Exposed, MethodSpec | None, Invocation], Prepared] | None = None
+    #: managerd dialect: what the client may still cancel, and this call's id.
+    calls: CallTable | None = None
+    rid: int = 0
+    #: Stock dialect: told of a parked call (a next request abandons it).
+    on_parked: Callable[[Exposed, str, asyncio.Future[Any]], None] | None = None
 
 
-def _settled(
-    journal: Journal | None,
-    done: Callable[[Any], None],
-    failed: Callable[[BaseException], None],
-    calls: CallTable | None,
-    rid: int,
-    parked: _Parked | None,
-    future: asyncio.Future[Any],
-) -> None:
-    if calls is not None and calls.parked.get(rid) is parked:
-        del calls.parked[rid]
-    if future.cancelled():
-        return  # the session ended or the client gave up: nobody to answer
-    exc = future.exception()
-    if exc is not None:
-        if parked is None or not parked.cancelled:
-            failed(exc)
-        return
-    value = future.result()
-    if parked is not None and calls is not None and parked.undo is not None and value is not False:
-        if parked.cancelled:
-            getattr(parked.obj, parked.undo)(parked.call, parked.args, value)
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a call came to: a value, or the error to answer."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+    @property
+    def kind(self) -> str:
+        """``ok``, or the error's wire kind (the ``outcome`` label of the metrics)."""
+        return "ok" if self.error is None else error_kind(self.error)
+
+
+#: What a client gets for a bug in the daemon (the log has the traceback).
+INTERNAL_MESSAGE: Final = "internal error in the daemon, see its log"
+
+
+@cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _binds(
+    spec: MethodSpec, obj: Any, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    try:
+        _signature(spec.fn).bind(obj, call, *args, **kwargs)
+    except TypeError:
+        return False
+    return True
+
+
+class Invoker:
+    """Runs invocations for both wire dialects (see the module docstring)."""
+
+    def __init__(
+        self,
+        registry: Objects,
+        ops: Exposed,
+        types: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        stats: RequestStats,
+    ) -> None:
+        self.registry = registry
+        self.ops = ops
+        #: The types served, by typeid (for metric labels of calls that fail early).
+        self.types = types
+        self.loop = loop
+        self.stats = stats
+        #: Set by the server when state is journaled.
+        self.journal: Durability | None = None
+
+    def label(self, typeid: Any, method: Any) -> str:
+        """``Type.method`` for the metrics; anything unknown is one label (bounded)."""
+        if typeid is None:
+            return f"server.{method}" if method in self.ops.methods else "invalid"
+        cls = self.types.get(typeid) if isinstance(typeid, str) else None
+        if cls is None or method not in cls.methods:
+            return "invalid"
+        return f"{typeid}.{method}"
+
+    def run(self, inv: Invocation, on_outcome: Callable[[Outcome], None]) -> None:
+        """Run ``inv``; ``on_outcome`` gets its outcome when it may be answered (or never)."""
+        started = time.perf_counter()
+        deliver = partial(self._deliver, inv, started, on_outcome)
+        # 1-2: resolve and check. Every refusal here is the caller's.
+        try:
+            if inv.name is None and inv.typeid is None:
+                obj: Exposed = self.ops
+                inv.label = self.label(None, inv.method)
+            else:
+                if inv.typeid is not None:  # counted under its method even if not found
+                    inv.label = self.label(inv.typeid, inv.method)
+                if not isinstance(inv.name, str):
+                    raise NoSuchObject(f"no object named {inv.name!r}")
+                obj = self.registry.get(inv.name, inv.typeid)
+            spec = obj.methods.get(inv.method)
+            prepared = inv.prepare(obj, spec, inv) if inv.prepare is not None else None
+            if prepared is None:
+                args, kwargs, body, finish = inv.args, inv.kwargs, None, None
+            else:
+                args, kwargs = prepared.args, prepared.kwargs
+                body, finish = prepared.body, prepared.finish
+            if spec is None and body is None:
+                raise NoAttribute(f"{obj.typeid} has no method {inv.method!r}")
+            inv.label = f"{obj.typeid}.{inv.method}"
+            if spec is not None and spec.mutates and self.journal is not None:
+                self.journal.check_writable()
+        except Exception as exc:
+            deliver(Outcome(error=exc))
             return
-        calls.remember(rid, parked.obj, parked.undo, parked.call, parked.args, value)
-    if parked is not None and parked.cancelled:
-        return
-    answer(journal, value, done, failed)
+        # 3: call.
+        call = Call(inv.session, inv.thread, self.loop)
+        try:
+            if body is not None:
+                result = body(obj, call)
+            else:
+                assert spec is not None
+                result = spec.fn(obj, call, *args, **kwargs)
+        except Exception as exc:
+            if (
+                body is None
+                and spec is not None
+                and isinstance(exc, TypeError)
+                and not isinstance(exc, Refusal)
+                and not _binds(spec, obj, call, args, kwargs)
+            ):
+                deliver(Outcome(error=BadArgument(f"{inv.label}(): {exc}")))
+            else:
+                deliver(self._classify(inv, exc))
+            return
+        # 4: settle.
+        calls = inv.calls
+        undo = obj.undo_methods.get(inv.method) if obj.undo_methods else None
+        if isinstance(result, asyncio.Future):
+            parked = None
+            if calls is not None:
+                parked = _Parked(obj, inv.method, call, args, result, undo)
+                calls.parked[inv.rid] = parked
+            if inv.on_parked is not None:
+                inv.on_parked(obj, inv.method, result)
+            result.add_done_callback(partial(self._settled, inv, finish, deliver, parked))
+            return
+        if undo is not None and calls is not None and result is not False:
+            calls.remember(inv.rid, obj, undo, call, args, result)
+        self._answer(inv, finish, result, deliver)
 
-
-def answer(
-    journal: Journal | None,
-    value: Any,
-    done: Callable[[Any], None],
-    failed: Callable[[BaseException], None],
-) -> None:
-    """``done(value)`` now, or once the journal is durable up to here."""
-    barrier = journal.barrier() if journal is not None else None
-    if barrier is None:
-        done(value)
-        return
-
-    def durable(fut: asyncio.Future[None]) -> None:
-        exc = fut.exception()
+    def _settled(
+        self,
+        inv: Invocation,
+        finish: Callable[[Any], Any] | None,
+        deliver: Callable[[Outcome], None],
+        parked: _Parked | None,
+        future: asyncio.Future[Any],
+    ) -> None:
+        calls = inv.calls
+        if calls is not None and calls.parked.get(inv.rid) is parked:
+            del calls.parked[inv.rid]
+        if future.cancelled():
+            return  # the session ended or the client gave up: nobody to answer
+        exc = future.exception()
         if exc is not None:
-            failed(exc)
-        else:
-            done(value)
+            if parked is None or not parked.cancelled:
+                deliver(self._classify(inv, exc))
+            return
+        value = future.result()
+        if (
+            parked is not None
+            and calls is not None
+            and parked.undo is not None
+            and value is not False
+        ):
+            if parked.cancelled:
+                getattr(parked.obj, parked.undo)(parked.call, parked.args, value)
+                return
+            calls.remember(inv.rid, parked.obj, parked.undo, parked.call, parked.args, value)
+        if parked is not None and parked.cancelled:
+            return
+        self._answer(inv, finish, value, deliver)
 
-    barrier.add_done_callback(durable)
+    def _answer(
+        self,
+        inv: Invocation,
+        finish: Callable[[Any], Any] | None,
+        value: Any,
+        deliver: Callable[[Outcome], None],
+    ) -> None:
+        """5: the outcome now, or once the journal is durable up to here."""
+        if finish is not None:
+            try:
+                value = finish(value)
+            except Exception as exc:
+                deliver(self._classify(inv, exc))
+                return
+        journal = self.journal
+        barrier = journal.barrier() if journal is not None else None
+        if barrier is None:
+            deliver(Outcome(value))
+            return
+
+        def durable(fut: asyncio.Future[None]) -> None:
+            exc = fut.exception()
+            deliver(Outcome(value) if exc is None else Outcome(error=exc))
+
+        barrier.add_done_callback(durable)
+
+    def _classify(self, inv: Invocation, exc: BaseException) -> Outcome:
+        """7: the caller's error as it is; a daemon bug logged and answered as internal."""
+        if isinstance(exc, CALLER_ERRORS):
+            return Outcome(error=exc)
+        log.error("internal error in %s", inv.label, exc_info=exc)
+        return Outcome(error=InternalError(INTERNAL_MESSAGE))
+
+    def _deliver(
+        self,
+        inv: Invocation,
+        started: float,
+        on_outcome: Callable[[Outcome], None],
+        outcome: Outcome,
+    ) -> None:
+        """6: count the outcome, then hand it to the dialect."""
+        self.stats.record(inv.label, outcome.kind, time.perf_counter() - started)
+        on_outcome(outcome)

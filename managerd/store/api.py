@@ -3,6 +3,16 @@
 ``exposed`` marks a method callable by clients; ``MethodSpec`` says which
 arguments and results are payloads (pickled bytes) so that the stock-client
 adapter converts plain values at the edge; ``Call`` is who calls.
+
+**Errors raised on purpose.** A method refuses what its caller asked with
+an exception the invoker answers as the caller's (see
+``service/invoker.py``): a ``ManagerdError``, a lookup or value error, an
+empty/full queue... ``TypeError``, ``AttributeError``, ``RuntimeError`` and
+``NotImplementedError`` are also what a bug in the daemon raises, so a
+method raises those on purpose as :class:`BadArgument`, :class:`NoAttribute`,
+:class:`BadState` and :class:`Unsupported` (subclasses of the builtins, so
+clients see the builtin); the same builtins escaping otherwise are daemon
+bugs, logged and answered as an internal error.
 """
 
 from __future__ import annotations
@@ -32,6 +42,26 @@ class Conv(enum.Enum):
     MAPPING = "mapping"  # a dict of values <-> dict of pickled bytes
 
 
+class Refusal(Exception):
+    """A method refused the call on purpose: the caller's error (see the module docstring)."""
+
+
+class BadArgument(Refusal, TypeError):
+    """An argument of the wrong type or shape."""
+
+
+class NoAttribute(Refusal, AttributeError):
+    """No such method or attribute (a ``Namespace`` field, a ``Barrier`` property)."""
+
+
+class BadState(Refusal, RuntimeError):
+    """Not allowed in the object's state (releasing a lock not held...)."""
+
+
+class Unsupported(Refusal, NotImplementedError):
+    """A call the object does not support."""
+
+
 @dataclass(frozen=True, slots=True)
 class MethodSpec:
     """One exposed method: the function and how its values travel."""
@@ -56,6 +86,7 @@ def exposed(
     def mark(fn: F) -> F:
         params = tuple(inspect.signature(fn).parameters)[2:]  # skip self, call
         unknown = set(args) - set(params)
+        # Raised at import, a programming error: not a refusal of a call.
         if unknown:
             raise TypeError(f"{fn.__qualname__}: no parameters {sorted(unknown)}")
         fn.__managerd_spec__ = MethodSpec(  # type: ignore[attr-defined]
@@ -73,3 +104,14 @@ class Call:
     session: Session
     thread: int
     loop: asyncio.AbstractEventLoop
+
+
+def methods_of(cls: type) -> dict[str, MethodSpec]:
+    """The exposed methods of ``cls`` and its bases, by name."""
+    methods: dict[str, MethodSpec] = {}
+    for klass in reversed(cls.__mro__):
+        for attr in vars(klass).values():
+            spec = getattr(attr, "__managerd_spec__", None)
+            if isinstance(spec, MethodSpec):
+                methods[spec.name] = spec
+    return methods

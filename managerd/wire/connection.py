@@ -26,11 +26,11 @@ import time
 from typing import Any, Final, Protocol, cast
 
 from managerd.safepickle import SafeDecoder
-from managerd.service.invoker import CallTable
+from managerd.service.invoker import CallTable, Exposed
 from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
-from managerd.store.memory.base import SharedObject, waiter_of
+from managerd.store.memory.base import waiter_of
 from managerd.store.sessions import Session, SessionKind
 from managerd.wire.managerd_dialect import Dispatcher
 from managerd.wire.stock_dialect import StockAdapter
@@ -78,12 +78,6 @@ class ConnectionSettings(Protocol):
     def session_ttl_s(self) -> float: ...
 
 
-class Durable(Protocol):
-    """The journal as a connection sees it: when is everything so far on disk."""
-
-    def barrier(self) -> asyncio.Future[None] | None: ...
-
-
 class ConnectionContext(Protocol):
     """What a connection needs of the daemon (``server.ServerCore`` is one).
 
@@ -101,8 +95,6 @@ class ConnectionContext(Protocol):
     def loop(self) -> asyncio.AbstractEventLoop: ...
     @property
     def tls(self) -> ssl.SSLContext | None: ...
-    @property
-    def journal(self) -> Durable | None: ...
     @property
     def decoder(self) -> SafeDecoder: ...
     @property
@@ -146,7 +138,7 @@ class Connection(asyncio.Protocol):
         #: managerd mode: the calls its client may cancel (parked, or answered).
         self.calls = CallTable()
         #: Stock mode: the call last parked, ``(object, method, future)``.
-        self.stock_parked: tuple[SharedObject, str, asyncio.Future[Any]] | None = None
+        self.stock_parked: tuple[Exposed, str, asyncio.Future[Any]] | None = None
         self._challenge_message = b""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._probe_sock: socket.socket | None = None
@@ -388,7 +380,7 @@ class Connection(asyncio.Protocol):
         except (ForbiddenPayload, TypeError, ValueError) as exc:
             if isinstance(exc, ForbiddenPayload):
                 self.core.dispatcher.refused_decode(self.peer, exc)
-            self._stock_reply(("#ERROR", _plain_error(exc)))
+            self.send_stock(("#ERROR", _plain_error(exc)))
             return
         if ident is None and method == HELLO:
             self._hello(args)
@@ -422,21 +414,8 @@ class Connection(asyncio.Protocol):
         else:
             obj.abandon(waiter, method, stock=True)
 
-    def _stock_reply(self, message: tuple[str, Any]) -> None:
-        """Send a stock reply; with ``fsync=always``, once the journal is on disk."""
-        journal = self.core.journal
-        barrier = journal.barrier() if journal is not None else None
-        if barrier is None:
-            self._send_stock(message)
-            return
-
-        def durable(fut: asyncio.Future[None]) -> None:
-            exc = fut.exception()
-            self._send_stock(message if exc is None else ("#ERROR", OSError(str(exc))))
-
-        barrier.add_done_callback(durable)
-
-    def _send_stock(self, message: tuple[str, Any]) -> None:
+    def send_stock(self, message: tuple[str, Any]) -> None:
+        """Send a stock reply (the invoker waited for the journal where it had to)."""
         try:
             body = pickle.dumps(message, 4)
         except Exception as exc:
@@ -446,7 +425,7 @@ class Connection(asyncio.Protocol):
     def _hello(self, args: tuple[Any, ...]) -> None:
         info = args[0] if args and isinstance(args[0], dict) else {}
         if info.get("protocol") != PROTOCOL_VERSION:
-            self._stock_reply(
+            self.send_stock(
                 ("#ERROR", ProtocolError(f"protocol {info.get('protocol')!r} is not supported"))
             )
             return
@@ -464,7 +443,7 @@ class Connection(asyncio.Protocol):
         session.touch()
         self.state = ConnState.MANAGERD
         self.raw_replies = info.get("raw_replies") is True
-        self._stock_reply(
+        self.send_stock(
             (
                 "#RETURN",
                 {

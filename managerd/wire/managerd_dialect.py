@@ -1,8 +1,8 @@
-"""From a decoded request to an object method, and its reply back.
+"""The managerd dialect: request envelopes to invocations, outcomes to reply frames.
 
-A method's result is sent at once, or — when it is an ``asyncio.Future``
-(a parked waiter) — when the future completes. A future cancelled because
-its session ended gets no reply: nobody is there to read it.
+Everything between (the object, the method's checks, parked calls, the
+journal, metrics, whose error it is) is the invoker's
+(``service/invoker.py``); this module only translates.
 
 managerd envelopes (after the hello) are ``<rid:u64><pickle of (typeid,
 name, method, args, thread)>``; replies are ``<rid:u64><status:u8><pickle of
@@ -29,27 +29,16 @@ something, at most ``MAX_ANSWERED_THREADS`` per connection.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pickle
 import struct
 import time
-from collections.abc import Callable
 from functools import partial
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from managerd.safepickle import SafeDecoder
-from managerd.service.invoker import (
-    EXPECTED_ERRORS,
-    CallTable,
-    answer,
-    invoke,
-)
-from managerd.service.ops import ServerOps
+from managerd.service.invoker import CallTable, Invocation, Invoker, Outcome
 from managerd.service.requests import RequestStats
-from managerd.store.api import Call
-from managerd.store.memory.journal import Journal
-from managerd.store.memory.registry import TYPES
 from managerd.store.sessions import Session
 from managerd_client.errors import ForbiddenPayload, error_kind
 from managerd_client.wire import PICKLE_PROTOCOL
@@ -66,21 +55,6 @@ STATUS_RAW: Final = 2
 RAW_REPLY_MIN_BYTES: Final = 65536
 
 
-SERVER_OPS: Final = frozenset(
-    {"ping", "create", "delete", "objects", "status", "types", "peek", "cancel"}
-)
-
-
-def _method_label(typeid: Any, method: Any) -> str:
-    """``Type.method`` for the metrics; anything unknown is one label (bounded)."""
-    if typeid is None:
-        return f"server.{method}" if method in SERVER_OPS else "invalid"
-    cls = TYPES.get(typeid) if isinstance(typeid, str) else None
-    if cls is None or method not in cls.methods:
-        return "invalid"
-    return f"{typeid}.{method}"
-
-
 class ReplySink(Protocol):
     """The side of a connection that writes frames."""
 
@@ -95,22 +69,12 @@ class ReplySink(Protocol):
 
 
 class Dispatcher:
-    """Runs managerd-envelope requests against the registry."""
+    """Translates managerd envelopes into invocations, and outcomes into replies."""
 
-    def __init__(
-        self,
-        ops: ServerOps,
-        decoder: SafeDecoder,
-        loop: asyncio.AbstractEventLoop,
-        on_request: Callable[[str, str, float], None] | None = None,
-    ) -> None:
-        self.ops = ops
-        self.registry = ops.registry
+    def __init__(self, invoker: Invoker, decoder: SafeDecoder) -> None:
+        self.invoker = invoker
         self.decoder = decoder
-        self.loop = loop
-        self.on_request = on_request
-        self.journal: Journal | None = None
-        self.stats = RequestStats()
+        self.stats: RequestStats = invoker.stats
 
     def handle(self, sink: ReplySink, session: Session, frame: bytes) -> None:
         """Answer one envelope (the connection checked it is at least a request id long)."""
@@ -122,10 +86,13 @@ class Dispatcher:
                 raise TypeError("request arguments must be a tuple")
             if not (typeid is None or isinstance(typeid, str)) or not isinstance(method, str):
                 raise TypeError("a request names its type and method with strings")
+            if type(thread) is not int:
+                raise TypeError("a request names its client thread with an int")
         except Exception as exc:
             if isinstance(exc, ForbiddenPayload):
                 self.refused_decode(session.peer, exc)
-            self._reply_error(sink, rid, "invalid", started, exc)
+            self.stats.record("invalid", error_kind(exc), time.perf_counter() - started)
+            self._send_error(sink, rid, exc)
             return
         calls = sink.calls
         if (
@@ -140,76 +107,43 @@ class Dispatcher:
         if calls.answered:
             # This thread's previous answer arrived (it asks again): no undo now.
             calls.answered.pop(thread, None)
-        label = _method_label(typeid, method)
-        done = partial(self._reply_raw, sink, rid, label, started)
-        failed = partial(self._reply_error, sink, rid, label, started)
-        try:
-            if typeid is None:
-                answer(self.journal, self._server_call(session, method, args), done, failed)
-            else:
-                obj = self.registry.get(name, typeid)
-                spec = obj.methods.get(method)
-                if spec is None:
-                    raise AttributeError(f"{typeid} has no method {method!r}")
-                call = Call(session, thread, self.loop)
-                invoke(self.journal, spec, obj, call, args, {}, done, failed, calls, rid)
-        except EXPECTED_ERRORS as exc:
-            failed(exc)
-        except Exception as exc:
-            log.exception("internal error in %s.%s", typeid, method)
-            failed(exc)
+        invocation = Invocation(
+            session,
+            thread,
+            typeid,
+            None if typeid is None else name,
+            method,
+            args,
+            calls=calls,
+            rid=rid,
+        )
+        self.invoker.run(invocation, partial(self._reply, sink, rid))
 
     def refused_decode(self, peer: str, exc: ForbiddenPayload) -> None:
         """Someone with the key sent what the daemon will not decode: one line, counted."""
         self.stats.limit_hit("decode")
         log.warning("refused a request from %s: %s", peer, exc)
 
-    def _server_call(self, session: Session, method: str, args: tuple[Any, ...]) -> Any:
-        if method == "ping":
-            return None
-        if method in ("create", "delete") and self.journal is not None:
-            self.journal.check_writable()
-        if method == "create":
-            typeid, name, create_args = args
-            self.ops.create(typeid, name, create_args)
-            return None
-        if method == "delete":
-            (name,) = args
-            return self.registry.delete(name)
-        if method == "objects":
-            return self.ops.objects()
-        if method == "status":
-            return self.ops.status()
-        if method == "peek":
-            name, limit = args
-            return self.ops.peek(name, limit)
-        if method == "types":
-            return {typeid: sorted(cls.methods) for typeid, cls in TYPES.items()}
-        raise AttributeError(f"the daemon has no operation {method!r}")
-
-    def _reply(self, sink: ReplySink, rid: int, label: str, started: float, value: Any) -> None:
+    def _reply(self, sink: ReplySink, rid: int, outcome: Outcome) -> None:
+        if outcome.error is not None:
+            self._send_error(sink, rid, outcome.error)
+            return
+        value = outcome.value
+        if type(value) is bytes and len(value) >= RAW_REPLY_MIN_BYTES and sink.raw_replies:
+            # A large stored payload goes out as it is: no pickling, no copy.
+            sink.send_frame_parts(REPLY_HEAD.pack(rid, STATUS_RAW), value)
+            return
         try:
             body = pickle.dumps(value, PICKLE_PROTOCOL)
         except Exception as exc:  # a daemon bug, but answer rather than hang
-            self._reply_error(sink, rid, label, started, exc)
+            log.error("cannot pickle the answer to request %d", rid, exc_info=exc)
+            self._send_error(sink, rid, exc)
             return
         sink.send_frame(REPLY_HEAD.pack(rid, STATUS_OK) + body)
-        self.stats.record(label, "ok", time.perf_counter() - started)
 
-    def _reply_raw(self, sink: ReplySink, rid: int, label: str, started: float, value: Any) -> None:
-        """A large stored payload goes out as it is: no pickling, no copy."""
-        if type(value) is bytes and len(value) >= RAW_REPLY_MIN_BYTES and sink.raw_replies:
-            sink.send_frame_parts(REPLY_HEAD.pack(rid, STATUS_RAW), value)
-            self.stats.record(label, "ok", time.perf_counter() - started)
-        else:
-            self._reply(sink, rid, label, started, value)
-
-    def _reply_error(
-        self, sink: ReplySink, rid: int, label: str, started: float, exc: BaseException
-    ) -> None:
+    def _send_error(self, sink: ReplySink, rid: int, exc: BaseException) -> None:
         kind = error_kind(exc)
         # A KeyError carries its key (builtin data, it was decoded safely).
         args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
         body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
         sink.send_frame(REPLY_HEAD.pack(rid, STATUS_ERROR) + body)
-        self.stats.record(label, kind, time.perf_counter() - started)

@@ -30,6 +30,13 @@ it, and a pipe message a parked ``recv`` cannot take goes back first in
 line. On queues a stock client has only the stdlib's methods (``reserve``,
 ``get_many``... would hand out payloads without that check).
 
+The request pipeline (the object, the checks, parked calls, the journal,
+metrics, whose error it is) is the invoker's (``service/invoker.py``), as
+for managerd clients: this module makes an ``Invocation`` of a request
+(``prepare`` converts its arguments once the object is known) and a reply
+of its ``Outcome``. Server calls go to the daemon's operations object
+(``service/ops.py``).
+
 What differs from a stock ``SyncManager`` server:
 
 - Iterating a stock ``DictProxy`` (``for k in d``) works when the client
@@ -60,25 +67,34 @@ What differs from a stock ``SyncManager`` server:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.managers import Namespace as StockNamespace
 from multiprocessing.managers import Token
 from typing import Any, Final, Protocol
 
 from managerd.safepickle import SafeDecoder
-from managerd.service.invoker import EXPECTED_ERRORS
-from managerd.service.ops import ServerOps
-from managerd.store.api import Call, Conv, MethodSpec
+from managerd.service.invoker import (
+    CALLER_ERRORS,
+    Exposed,
+    Invocation,
+    Invoker,
+    Outcome,
+    Prepared,
+)
+from managerd.store.api import BadArgument, Call, Conv, MethodSpec, NoAttribute
 from managerd.store.memory.base import SharedObject
-from managerd.store.memory.journal import Journal
-from managerd.store.memory.registry import TYPES, Registry
 from managerd.store.sessions import Session
 from managerd.wire.iterators import IteratorTable
-from managerd_client.errors import ArgumentConflict, ForbiddenPayload, ObjectTypeConflict
+from managerd_client.errors import (
+    ArgumentConflict,
+    ForbiddenPayload,
+    InternalError,
+    ObjectTypeConflict,
+)
 from managerd_client.wire import PICKLE_PROTOCOL
 
 log = logging.getLogger("managerd")
@@ -96,6 +112,19 @@ STOCK_METHODS: Final[dict[str, tuple[str, ...]]] = {
     ),
 }  # fmt: skip
 
+#: A stock client's server calls, and the daemon operation each runs.
+STOCK_SERVER_OPS: Final[dict[str, str]] = {
+    "create": "stock_create",
+    "incref": "incref",
+    "decref": "decref",
+    "number_of_objects": "number_of_objects",
+    "debug_info": "debug_info",
+    "get_methods": "get_methods",
+    "dummy": "dummy",
+    "accept_connection": "accept_connection",
+    "shutdown": "shutdown",
+}
+
 #: The type name a stock client registers for iterators (as SyncManager does).
 ITERATOR_TYPEID: Final = "Iterator"
 ITERATOR_EXPOSED: Final = ("__next__", "close", "send")
@@ -111,9 +140,8 @@ _AS_BUILTIN: Final[tuple[tuple[type[Exception], type[Exception]], ...]] = (
     (ObjectTypeConflict, TypeError),
     (ArgumentConflict, ValueError),
     (ForbiddenPayload, TypeError),
+    (InternalError, RuntimeError),
 )
-
-Reply = Callable[[tuple[str, Any]], None]
 
 
 class StockSink(Protocol):
@@ -121,9 +149,9 @@ class StockSink(Protocol):
 
     #: The call last parked (``(object, method, future)``), which a next
     #: request on the connection abandons (see ``Connection._stock_abandon``).
-    stock_parked: tuple[SharedObject, str, asyncio.Future[Any]] | None
+    stock_parked: tuple[Exposed, str, Any] | None
 
-    def _stock_reply(self, message: tuple[str, Any]) -> None: ...
+    def send_stock(self, message: tuple[str, Any]) -> None: ...
 
 
 def stock_error(exc: BaseException) -> BaseException:
@@ -144,50 +172,36 @@ def stock_error(exc: BaseException) -> BaseException:
 
 def undecodable(exc: Exception) -> TypeError:
     """The error a stock client gets for a value only managerd clients can read."""
-    return TypeError(
+    return BadArgument(
         f"this value cannot be sent to a stock multiprocessing client ({exc}); "
         "it was stored by a managerd client: read it with managerd_client"
     )
 
 
-# -- iterators -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Proxy:
+    """An outcome answered as ``#PROXY`` (a new referent), not ``#RETURN``."""
+
+    exposed: tuple[str, ...]
+    token: Token
 
 
-# -- the adapter ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Request:
-    """One stock call on an object, for the handlers of special methods."""
-
-    obj: SharedObject
-    call: Call
-    method: str
-    args: tuple[Any, ...]
-    kwds: dict[str, Any]
-    reply: Reply
-    conn: StockSink
-
-
-#: Handlers of methods whose stock form is not the object's method as is.
-Special = Callable[["StockAdapter", _Request], None]
+#: A stock method whose form is not the object's method as is: given the
+#: adapter, the object, a call context and the request's arguments, how to
+#: run it.
+Special = Callable[["StockAdapter", SharedObject, Call, tuple[Any, ...], dict[str, Any]], Prepared]
 #: For calls that remove a payload: the payload they would remove (or None),
 #: checked decodable *before* the call so that a refused value stays put.
 Peek = Callable[[SharedObject, Call, list[Any], dict[str, Any]], "bytes | None"]
 
 
 class StockAdapter:
-    """Translates stock requests into object calls and back."""
+    """Translates stock requests into invocations, and outcomes into stock replies."""
 
-    def __init__(self, ops: ServerOps, decoder: SafeDecoder, loop: asyncio.AbstractEventLoop):
-        self.ops = ops
-        self.registry: Registry = ops.registry
+    def __init__(self, invoker: Invoker, decoder: SafeDecoder) -> None:
+        self.invoker = invoker
         self.decoder = decoder
-        self.loop = loop
         self.iterators = IteratorTable()
-        #: Set by the server when state is journaled: mutations refused while
-        #: the data directory cannot take writes.
-        self.journal: Journal | None = None
 
     # -- conversions ----------------------------------------------------------
     def encode(self, value: Any) -> bytes:
@@ -204,10 +218,10 @@ class StockAdapter:
     ) -> tuple[list[Any], dict[str, Any]]:
         """Positional and keyword arguments with payloads encoded."""
         if len(args) > len(spec.params):
-            raise TypeError(f"{spec.name}() takes at most {len(spec.params)} arguments")
+            raise BadArgument(f"{spec.name}() takes at most {len(spec.params)} arguments")
         for key in kwds:
             if key not in spec.params:
-                raise TypeError(f"{spec.name}() got an unexpected keyword argument {key!r}")
+                raise BadArgument(f"{spec.name}() got an unexpected keyword argument {key!r}")
         first = args[0] if args else kwds.get(spec.params[0]) if spec.params else None
         out_args = [
             self._arg_in(spec, name, first, value)
@@ -258,71 +272,104 @@ class StockAdapter:
         args: tuple[Any, ...],
         kwds: dict[str, Any],
     ) -> None:
-        reply: Reply = conn._stock_reply
-        try:
-            if ident is None:
-                reply(("#RETURN", self._server_call(method, args, kwds)))
-                return
-            if IteratorTable.is_id(ident):
-                reply(("#RETURN", self.iterators.call(ident, method, args)))
-                return
-            obj = self.registry.get(ident)
-            if method == "#GETVALUE":
-                reply(("#RETURN", self._getvalue(obj)))
-                return
-            allowed = STOCK_METHODS.get(obj.typeid)
-            if allowed is not None and method not in allowed:
-                raise AttributeError(f"{obj.typeid} has no method {method!r} for stock clients")
-            target = obj.methods.get(method)
-            if self.journal is not None and target is not None and target.mutates:
-                self.journal.check_writable()
-            call = Call(session, _STOCK_THREAD, self.loop)
-            special = _SPECIALS.get((obj.typeid, method))
-            if special is not None:
-                special(self, _Request(obj, call, method, args, kwds, reply, conn))
-                return
-            spec = obj.methods.get(method)
-            if spec is None:
-                raise AttributeError(f"{obj.typeid} has no method {method!r}")
-            call_args, call_kwds = self._args_in(spec, args, kwds)
-            peek = _PEEKS.get((obj.typeid, method))
-            if peek is not None:
-                payload = peek(obj, call, call_args, call_kwds)
-                if payload is not None:
-                    self.decode(payload)
-            result = spec.fn(obj, call, *call_args, **call_kwds)
-            if isinstance(result, asyncio.Future):
-                conn.stock_parked = (obj, method, result)
-                self._when_done(reply, result, lambda value: self.result_out(spec.result, value))
-            else:
-                reply(("#RETURN", self.result_out(spec.result, result)))
-        except Exception as exc:
-            self._reply_error(reply, exc)
+        if IteratorTable.is_id(ident):
+            self._iterator_call(conn, ident, method, args)
+            return
+        reply = partial(self._reply, conn)
+        if ident is None:
+            op = STOCK_SERVER_OPS.get(method) if isinstance(method, str) else None
+            invocation = Invocation(
+                session,
+                _STOCK_THREAD,
+                None,
+                None,
+                op if op is not None else str(method),
+                args,
+                kwds,
+                prepare=self._prepare_server,
+            )
+        else:
+            invocation = Invocation(
+                session,
+                _STOCK_THREAD,
+                None,
+                ident,
+                method if isinstance(method, str) else str(method),
+                args,
+                kwds,
+                prepare=self._prepare,
+                on_parked=partial(_parked, conn),
+            )
+        self.invoker.run(invocation, reply)
 
-    def _reply_error(self, reply: Reply, exc: BaseException) -> None:
-        if not isinstance(exc, (*EXPECTED_ERRORS, StopIteration)):
-            log.error("internal error in a stock request", exc_info=exc)
-        reply(("#ERROR", stock_error(exc)))
+    def _reply(self, conn: StockSink, outcome: Outcome) -> None:
+        if outcome.error is not None:
+            conn.send_stock(("#ERROR", stock_error(outcome.error)))
+        elif isinstance(outcome.value, _Proxy):
+            conn.send_stock(("#PROXY", (outcome.value.exposed, outcome.value.token)))
+        else:
+            conn.send_stock(("#RETURN", outcome.value))
 
-    def _when_done(
-        self, reply: Reply, fut: asyncio.Future[Any], then: Callable[[Any], Any]
+    def _iterator_call(
+        self, conn: StockSink, ident: str, method: Any, args: tuple[Any, ...]
     ) -> None:
-        """Reply ``then(result)`` of a parked call, or its error."""
+        """A dict iterator lives on the connection, not in the store: answered here."""
+        try:
+            value = self.iterators.call(ident, method, args)
+        except Exception as exc:
+            if not isinstance(exc, CALLER_ERRORS):
+                log.error("internal error in a stock iterator call", exc_info=exc)
+            conn.send_stock(("#ERROR", stock_error(exc)))
+            return
+        conn.send_stock(("#RETURN", value))
 
-        def done(fut: asyncio.Future[Any]) -> None:
-            if fut.cancelled():
-                return  # the session ended: nobody is there to read a reply
-            exc = fut.exception()
-            try:
-                if exc is not None:
-                    raise exc
-                value = then(fut.result())
-            except Exception as error:
-                self._reply_error(reply, error)
-                return
-            reply(("#RETURN", value))
+    def _prepare(self, obj: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
+        """A stock call on an object: its arguments encoded, its result decoded."""
+        assert isinstance(obj, SharedObject)
+        method, args, kwds = inv.method, inv.args, inv.kwargs
+        if method == "#GETVALUE":
+            return Prepared(args, kwds, body=lambda obj, call: self._getvalue(obj))
+        allowed = STOCK_METHODS.get(obj.typeid)
+        if allowed is not None and method not in allowed:
+            raise NoAttribute(f"{obj.typeid} has no method {method!r} for stock clients")
+        call = Call(inv.session, inv.thread, self.invoker.loop)
+        special = _SPECIALS.get((obj.typeid, method))
+        if special is not None:
+            return special(self, obj, call, args, kwds)
+        if spec is None:
+            raise NoAttribute(f"{obj.typeid} has no method {method!r}")
+        call_args, call_kwds = self._args_in(spec, args, kwds)
+        peek = _PEEKS.get((obj.typeid, method))
+        if peek is not None:
+            payload = peek(obj, call, call_args, call_kwds)
+            if payload is not None:
+                self.decode(payload)
+        return Prepared(tuple(call_args), call_kwds, finish=partial(self.result_out, spec.result))
 
-        fut.add_done_callback(done)
+    def _prepare_server(self, ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
+        """A stock server call, as the daemon operation it maps to."""
+        method, args, kwds = inv.method, inv.args, inv.kwargs
+        if method not in STOCK_SERVER_OPS.values():
+            raise NoAttribute(f"the daemon has no operation {method!r}")
+        if method == "stock_create":
+            contents = None
+            maker = (
+                _STOCK_CONTENTS.get(args[0])
+                if len(args) >= 2 and isinstance(args[0], str)
+                else None
+            )
+            if maker is not None:
+                contents = maker(self, args[2:], kwds)
+            return Prepared((args, kwds, contents), {}, finish=_created)
+        if method in ("incref", "decref") and args and IteratorTable.is_id(args[0]):
+            # Named objects live until deleted; only iterators are counted.
+            count = getattr(self.iterators, method)
+            return Prepared(args, kwds, body=lambda ops, call: count(args[0]))
+        if method == "number_of_objects":
+            return Prepared(args, kwds, finish=lambda n: n + len(self.iterators))
+        if method == "get_methods":
+            return Prepared(args, kwds, finish=lambda made: _stock_exposed(*made[1:]))
+        return Prepared(args, kwds)
 
     def _getvalue(self, obj: SharedObject) -> Any:
         value = obj.snapshot()
@@ -334,42 +381,49 @@ class StockAdapter:
         return self.result_out(conv, value)
 
     # -- special methods ---------------------------------------------------------
-    def _queue_get(self, req: _Request) -> None:
+    def _queue_get(
+        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> Prepared:
         """``get``: a reservation, acked once its item decoded, else given back."""
-        if req.method == "get_nowait":
-            _no_arguments("get_nowait", req.args, req.kwds)
-            block, timeout = False, None
-        else:
-            block, timeout = _get_params(*req.args, **req.kwds)
-        obj, call = req.obj, req.call
-        reserved = obj.methods["reserve"].fn(obj, call, timeout if block else 0.0)
+        block, timeout = _get_params(*args, **kwds)
+        return Prepared(
+            args,
+            kwds,
+            body=lambda obj, call: obj.methods["reserve"].fn(obj, call, timeout if block else 0.0),
+            finish=partial(self._settle_get, obj, call),
+        )
 
-        def settle(reserved: tuple[int, bytes, int]) -> Any:
-            did, payload, _ = reserved
-            try:
-                value = self.decode(payload)
-            except TypeError:
-                _settle(obj, call, "nack", did, True)  # back to the front of the queue
-                raise
-            _settle(obj, call, "ack", did)
-            return value
+    def _queue_get_nowait(
+        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> Prepared:
+        _no_arguments("get_nowait", args, kwds)
+        return Prepared(
+            args,
+            kwds,
+            body=lambda obj, call: obj.methods["reserve"].fn(obj, call, 0.0),
+            finish=partial(self._settle_get, obj, call),
+        )
 
-        if isinstance(reserved, asyncio.Future):
-            req.conn.stock_parked = (obj, req.method, reserved)
-            self._when_done(req.reply, reserved, settle)
-        else:
-            req.reply(("#RETURN", settle(reserved)))
+    def _settle_get(self, obj: SharedObject, call: Call, reserved: tuple[int, bytes, int]) -> Any:
+        did, payload, _ = reserved
+        try:
+            value = self.decode(payload)
+        except TypeError:
+            _settle(obj, call, "nack", did, True)  # back to the front of the queue
+            raise
+        _settle(obj, call, "ack", did)
+        return value
 
-    def _pipe_recv(self, req: _Request) -> None:
+    def _pipe_recv(
+        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> Prepared:
         """``recv(end, timeout=None)``; a message that does not decode stays first."""
-        obj = req.obj
         spec = obj.methods["recv"]
-        args, kwds = self._args_in(spec, req.args, req.kwds)
-        end = args[0] if args else kwds.get("end")
+        call_args, call_kwds = self._args_in(spec, args, kwds)
+        end = call_args[0] if call_args else call_kwds.get("end")
         inbox: Any = obj.inbox[end] if end in (0, 1) else None  # type: ignore[attr-defined]
         if inbox:
             self.decode(inbox[0])
-        result = spec.fn(obj, req.call, *args, **kwds)
 
         def check(payload: bytes) -> Any:
             try:
@@ -378,103 +432,53 @@ class StockAdapter:
                 inbox.appendleft(payload)
                 raise
 
-        if isinstance(result, asyncio.Future):
-            req.conn.stock_parked = (obj, req.method, result)
-            self._when_done(req.reply, result, check)
-        else:
-            req.reply(("#RETURN", self.decode(result)))
+        return Prepared(tuple(call_args), call_kwds, finish=check)
 
-    def _dict_iter(self, req: _Request) -> None:
-        _no_arguments("__iter__", req.args, req.kwds)
-        keys = req.obj.methods["keys"].fn(req.obj, req.call)
-        ident = self.iterators.open(req.call.session, keys)
-        req.reply(("#PROXY", (ITERATOR_EXPOSED, Token(ITERATOR_TYPEID, None, ident))))
+    def _dict_iter(
+        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> Prepared:
+        _no_arguments("__iter__", args, kwds)
 
-    def _dict_update(self, req: _Request) -> None:
+        def open_iterator(keys: list[Any]) -> _Proxy:
+            ident = self.iterators.open(call.session, keys)
+            return _Proxy(ITERATOR_EXPOSED, Token(ITERATOR_TYPEID, None, ident))
+
+        return Prepared(
+            (),
+            {},
+            body=lambda obj, call: obj.methods["keys"].fn(obj, call),
+            finish=open_iterator,
+        )
+
+    def _dict_update(
+        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> Prepared:
         """``update(other=(), **kwds)`` as ``dict.update`` takes it."""
-        if len(req.args) > 1:
-            raise TypeError(f"update expected at most 1 argument, got {len(req.args)}")
+        if len(args) > 1:
+            raise BadArgument(f"update expected at most 1 argument, got {len(args)}")
         pairs: list[tuple[Any, Any]] = []
-        if req.args:
-            other = req.args[0]
+        if args:
+            other = args[0]
             pairs.extend(other.items() if isinstance(other, dict) else other)
-        pairs.extend(req.kwds.items())
+        pairs.extend(kwds.items())
         encoded = [(k, self.encode(v)) for k, v in pairs]
-        req.obj.methods["update"].fn(req.obj, req.call, encoded)
-        req.reply(("#RETURN", None))
+        return Prepared((encoded,), {}, finish=lambda _: None)
 
-    def _dict_setdefault(self, req: _Request) -> None:
+    def _dict_setdefault(
+        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+    ) -> Prepared:
         """``setdefault(key, default=None)``; an existing value must decode."""
-        key, default = _setdefault_params(*req.args, **req.kwds)
-        current = req.obj.methods["get"].fn(req.obj, req.call, key)
-        if current is None:
-            req.obj.methods["setdefault"].fn(req.obj, req.call, key, self.encode(default))
-            req.reply(("#RETURN", default))
-        else:
-            req.reply(("#RETURN", self.decode(current)))
+        key, default = _setdefault_params(*args, **kwds)
+        encoded = self.encode(default)
 
-    # -- server operations ---------------------------------------------------------
-    def _server_call(self, method: Any, args: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
-        if method in ("dummy", "accept_connection"):
-            return None
-        if method in ("incref", "decref"):
-            # Named objects live until deleted; only iterators are counted.
-            if args and IteratorTable.is_id(args[0]):
-                getattr(self.iterators, method)(args[0])
-            return None
-        if method == "create":
-            return self._create(args, kwds)
-        if method == "get_methods":
-            (token,) = args
-            return self.exposed(self.registry.get(token.id))
-        if method == "number_of_objects":
-            return len(self.registry) + len(self.iterators)
-        if method == "debug_info":
-            return "\n".join(f"{n}: {t}" for n, t in self.registry.listing())
-        if method == "shutdown":
-            raise PermissionError("shutdown over the wire is disabled; stop the daemon instead")
-        raise AttributeError(f"the daemon has no operation {method!r}")
+        def run(obj: Any, call: Call) -> Any:
+            current = obj.methods["get"].fn(obj, call, key)
+            if current is None:
+                obj.methods["setdefault"].fn(obj, call, key, encoded)
+                return default
+            return self.decode(current)
 
-    def _create(self, args: tuple[Any, ...], kwds: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
-        if not args:
-            raise TypeError("create() needs a type name")
-        typeid = args[0]
-        cls = TYPES.get(typeid) if isinstance(typeid, str) else None
-        if cls is None:
-            raise TypeError(f"unknown type {typeid!r}; the daemon serves {', '.join(TYPES)}")
-        if len(args) < 2:
-            raise TypeError(
-                f"managerd objects are named: call m.{typeid}(name, ...), "
-                f"e.g. m.{typeid}('jobs'), to get or create the {typeid} of that name"
-            )
-        name, rest = args[1], args[2:]
-        contents = _STOCK_CONTENTS.get(typeid)
-        if contents is not None:
-            obj = self.ops.create(typeid, name, contents(self, rest, kwds))
-            return obj.name, self.exposed(obj)
-        params = cls.create_params
-        if len(rest) > len(params):
-            raise TypeError(f"{typeid} takes at most {len(params)} creation arguments")
-        create_args = dict(zip(params, rest, strict=False))
-        for key in kwds:
-            if key in create_args:
-                raise TypeError(f"{typeid}() got multiple values for argument {key!r}")
-        create_args.update(kwds)
-        obj = self.ops.create(typeid, name, create_args)
-        return obj.name, self.exposed(obj)
-
-    @staticmethod
-    def exposed(obj: SharedObject) -> tuple[str, ...]:
-        """What an ``AutoProxy`` of ``obj`` gets: public methods, as a stock server.
-
-        Dunder names would become methods of the AutoProxy class itself
-        (``__setattr__`` would break the proxy), so, as the stdlib's
-        ``public_methods``, they are left to the typed proxies.
-        """
-        methods = STOCK_METHODS.get(obj.typeid)
-        if methods is not None:
-            return methods
-        return tuple(name for name in sorted(obj.methods) if not name.startswith("_"))
+        return Prepared((key, encoded), {}, body=run)
 
 
 # -- creation with contents ------------------------------------------------------------
@@ -498,7 +502,7 @@ def _dict_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str,
 
 def _namespace_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
     if rest:
-        raise TypeError("Namespace() takes keyword arguments only")
+        raise BadArgument("Namespace() takes keyword arguments only")
     if not kwds:
         return {}
     return {"contents": [(k, adapter.encode(v)) for k, v in kwds.items()]}
@@ -516,9 +520,24 @@ _STOCK_CONTENTS: Final[
 # -- helpers ----------------------------------------------------------------------
 
 
+def _stock_exposed(typeid: str, methods: tuple[str, ...]) -> tuple[str, ...]:
+    """What ``create`` answers as ``exposed``: the stock methods of the type, if listed."""
+    return STOCK_METHODS.get(typeid, methods)
+
+
+def _created(made: tuple[str, str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:
+    """A stock ``create`` answers the new referent's id and its exposed methods."""
+    name, typeid, methods = made
+    return name, _stock_exposed(typeid, methods)
+
+
+def _parked(conn: StockSink, obj: Exposed, method: str, future: Any) -> None:
+    conn.stock_parked = (obj, method, future)
+
+
 def _no_arguments(name: str, args: tuple[Any, ...], kwds: dict[str, Any]) -> None:
     if args or kwds:
-        raise TypeError(f"{name}() takes no arguments")
+        raise BadArgument(f"{name}() takes no arguments")
 
 
 def _get_params(block: bool = True, timeout: float | None = None) -> tuple[bool, float | None]:
@@ -558,9 +577,9 @@ def _peek_list_pop(obj: SharedObject, call: Call, args: list[Any], kwds: dict[st
 
 _SPECIALS: Final[dict[tuple[str, str], Special]] = {
     ("Queue", "get"): StockAdapter._queue_get,
-    ("Queue", "get_nowait"): StockAdapter._queue_get,
+    ("Queue", "get_nowait"): StockAdapter._queue_get_nowait,
     ("JoinableQueue", "get"): StockAdapter._queue_get,
-    ("JoinableQueue", "get_nowait"): StockAdapter._queue_get,
+    ("JoinableQueue", "get_nowait"): StockAdapter._queue_get_nowait,
     ("dict", "__iter__"): StockAdapter._dict_iter,
     ("dict", "update"): StockAdapter._dict_update,
     ("dict", "setdefault"): StockAdapter._dict_setdefault,

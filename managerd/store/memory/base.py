@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
-from managerd.store.api import Call, MethodSpec
+from managerd.store.api import BadArgument, Call, MethodSpec
 from managerd.store.sessions import Session
 from managerd_client.errors import ArgumentConflict
 
@@ -123,7 +123,7 @@ def seconds(value: object, what: str = "timeout") -> float:
         return value
     if isinstance(value, int):
         return float(value)  # OverflowError beyond ~1.8e308
-    raise TypeError(f"{what} must be a number, not {type(value).__name__}")
+    raise BadArgument(f"{what} must be a number, not {type(value).__name__}")
 
 
 def checked_wait(wait_s: float | None) -> float | None:
@@ -186,7 +186,7 @@ def positive_s(value: object, what: str) -> float:
 
 def sequence_index(index: Any) -> int | slice:
     if isinstance(index, bool) or not isinstance(index, (int, slice)):
-        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
+        raise BadArgument(f"list indices must be integers or slices, not {type(index).__name__}")
     return index
 
 
@@ -318,7 +318,7 @@ class SharedObject:
 
     def snapshot(self) -> Any:
         """The whole value, for a stock client's ``_getvalue()``."""
-        raise TypeError(f"a {self.typeid} has no value to copy")
+        raise BadArgument(f"a {self.typeid} has no value to copy")
 
 
 def fail_all(waiters: deque[Waiter], exc: BaseException) -> None:

@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any, ClassVar
 
 from managerd.histogram import Histogram
-from managerd.store.api import Call, Conv, exposed
+from managerd.store.api import BadArgument, BadState, Call, Conv, exposed
 from managerd.store.memory.base import (
     TIMEOUT_MAX,
     SharedObject,
@@ -147,10 +147,10 @@ class Lock(SharedObject):
     @exposed(mutates=True)
     def release(self, call: Call) -> None:
         if self.holder is None:
-            raise RuntimeError("release unlocked lock")
+            raise BadState("release unlocked lock")
         if self.owned_by_thread:
             if not self._owns(call):
-                raise RuntimeError("cannot release un-acquired lock")
+                raise BadState("cannot release un-acquired lock")
             self.count -= 1
             if self.count:
                 return
@@ -184,7 +184,7 @@ class Lock(SharedObject):
     def release_fully(self, call: Call) -> int:
         """Release whatever depth ``call`` holds; the depth, to restore later."""
         if self.holder is None or (self.owned_by_thread and not self._owns(call)):
-            raise RuntimeError("cannot wait on un-acquired lock")
+            raise BadState("cannot wait on un-acquired lock")
         depth = self.count
         self._hand_over()
         return depth
@@ -249,7 +249,7 @@ class Semaphore(SharedObject):
         super().__init__(name, loop)
         self.tokens = tokens
         if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("semaphore value must be an int")
+            raise BadArgument("semaphore value must be an int")
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
         self.initial = value

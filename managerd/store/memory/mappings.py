@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Final
 
 from managerd.safepickle import SafeDecoder
-from managerd.store.api import Call, Conv, exposed
+from managerd.store.api import BadArgument, Call, Conv, NoAttribute, exposed
 from managerd.store.memory.base import SharedObject, sequence_index
 from managerd_client.errors import ArgumentConflict, ForbiddenPayload
 
@@ -33,7 +33,7 @@ NO_DEFAULT: Final = object()
 
 def _check_payload(value: Any) -> bytes:
     if not isinstance(value, bytes):
-        raise TypeError("values travel as pickled bytes")
+        raise BadArgument("values travel as pickled bytes")
     return value
 
 
@@ -41,25 +41,25 @@ def _check_key(key: Any) -> Any:
     try:
         hash(key)
     except TypeError as exc:
-        raise TypeError(f"unhashable key: {exc}") from None
+        raise BadArgument(f"unhashable key: {exc}") from None
     return key
 
 
 def _payload_list(contents: Any) -> list[bytes]:
     """Initial list contents: a list of payloads."""
     if not isinstance(contents, (list, tuple)):
-        raise TypeError("initial contents travel as a list of pickled items")
+        raise BadArgument("initial contents travel as a list of pickled items")
     return [_check_payload(v) for v in contents]
 
 
 def _payload_pairs(contents: Any, check_key: Callable[[Any], Any]) -> dict[Any, bytes]:
     """Initial mapping contents: ``(key, payload)`` pairs (a later key wins, as in dict())."""
     if not isinstance(contents, (list, tuple)):
-        raise TypeError("initial contents travel as a list of (key, pickled value) pairs")
+        raise BadArgument("initial contents travel as a list of (key, pickled value) pairs")
     out: dict[Any, bytes] = {}
     for pair in contents:
         if not isinstance(pair, tuple) or len(pair) != 2:
-            raise TypeError("initial contents travel as (key, pickled value) pairs")
+            raise BadArgument("initial contents travel as (key, pickled value) pairs")
         out[check_key(pair[0])] = _check_payload(pair[1])
     return out
 
@@ -133,7 +133,7 @@ class Dict(_Contents):
     def get_many(self, call: Call, keys: list[Any]) -> list[bytes | None]:
         """The value of each key, ``None`` where it is missing; one round trip."""
         if not isinstance(keys, (list, tuple)):
-            raise TypeError("get_many takes a list of keys")
+            raise BadArgument("get_many takes a list of keys")
         data = self.data
         return [data.get(_check_key(k)) for k in keys]
 
@@ -165,11 +165,11 @@ class Dict(_Contents):
     def update(self, call: Call, pairs: Iterable[tuple[Any, bytes]] = ()) -> None:
         """Set many keys in one round trip (``pairs`` of key and payload)."""
         if not isinstance(pairs, (list, tuple)):
-            raise TypeError("update takes a list of (key, value) pairs")
+            raise BadArgument("update takes a list of (key, value) pairs")
         new = {}
         for pair in pairs:
             if not isinstance(pair, tuple) or len(pair) != 2:
-                raise TypeError("update takes (key, value) pairs")
+                raise BadArgument("update takes (key, value) pairs")
             new[_check_key(pair[0])] = _check_payload(pair[1])
         self.data.update(new)
         self.writes_total += len(new)
@@ -262,7 +262,7 @@ class List(_Contents):
         index = sequence_index(index)
         if isinstance(index, slice):
             if not isinstance(value, (list, tuple)):
-                raise TypeError("can only assign a list of items to a slice")
+                raise BadArgument("can only assign a list of items to a slice")
             value = [_check_payload(v) for v in value]
             self.items[index] = value
         else:
@@ -290,7 +290,7 @@ class List(_Contents):
     @exposed(values=Conv.PAYLOADS, mutates=True)
     def extend(self, call: Call, values: list[bytes]) -> None:
         if not isinstance(values, (list, tuple)):
-            raise TypeError("extend takes a list of items")
+            raise BadArgument("extend takes a list of items")
         values = [_check_payload(v) for v in values]
         self.items.extend(values)
         self._j("extend", values)
@@ -298,7 +298,7 @@ class List(_Contents):
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def insert(self, call: Call, index: int, value: bytes) -> None:
         if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError("insert index must be an int")
+            raise BadArgument("insert index must be an int")
         self.items.insert(index, _check_payload(value))
         self._j("insert", index, value)
 
@@ -340,12 +340,12 @@ class List(_Contents):
     @exposed(mutates=True)
     def sort(self, call: Call, key: None = None, reverse: bool = False) -> None:
         if key is not None:
-            raise TypeError("sort() on a shared list takes no key function")
+            raise BadArgument("sort() on a shared list takes no key function")
         decoded = []
         for item in self.items:
             ok, value = _decoded(item)
             if not ok:
-                raise TypeError("sort() on a shared list needs items of builtin types")
+                raise BadArgument("sort() on a shared list needs items of builtin types")
             decoded.append(value)
         order = sorted(range(len(decoded)), key=decoded.__getitem__, reverse=bool(reverse))
         self.items = [self.items[i] for i in order]
@@ -377,7 +377,7 @@ class List(_Contents):
     @exposed(mutates=True)
     def __imul__(self, call: Call, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError("can't multiply a list by a non-int")
+            raise BadArgument("can't multiply a list by a non-int")
         self.items *= n
         self._j("all", self.items)
 
@@ -430,7 +430,7 @@ class Namespace(_Contents):
     @staticmethod
     def _attr(name: Any) -> str:
         if not isinstance(name, str):
-            raise TypeError("attribute name must be a string")
+            raise BadArgument("attribute name must be a string")
         return name
 
     @exposed("__getattribute__", result=Conv.PAYLOAD)
@@ -438,7 +438,7 @@ class Namespace(_Contents):
         try:
             return self.attrs[self._attr(name)]
         except KeyError:
-            raise AttributeError(f"'Namespace' object has no attribute {name!r}") from None
+            raise NoAttribute(f"'Namespace' object has no attribute {name!r}") from None
 
     @exposed("__setattr__", value=Conv.PAYLOAD, mutates=True)
     def setattr(self, call: Call, name: str, value: bytes) -> None:
@@ -450,7 +450,7 @@ class Namespace(_Contents):
         try:
             del self.attrs[self._attr(name)]
         except KeyError:
-            raise AttributeError(f"'Namespace' object has no attribute {name!r}") from None
+            raise NoAttribute(f"'Namespace' object has no attribute {name!r}") from None
         self._j("del", name)
 
     def apply(self, effect: tuple[Any, ...]) -> None:

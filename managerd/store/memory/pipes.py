@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from typing import Any, ClassVar
 
-from managerd.store.api import Call, Conv, exposed
+from managerd.store.api import BadArgument, Call, Conv, exposed
 from managerd.store.memory.base import (
     SharedObject,
     Waiter,
@@ -41,7 +41,7 @@ class Pipe(SharedObject):
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, duplex: bool = True) -> None:
         super().__init__(name, loop)
         if not isinstance(duplex, bool):
-            raise TypeError("duplex must be a bool")
+            raise BadArgument("duplex must be a bool")
         self.duplex = duplex
         self.inbox: tuple[deque[bytes], deque[bytes]] = (deque(), deque())
         self.readers: tuple[deque[Waiter], deque[Waiter]] = (deque(), deque())
@@ -68,7 +68,7 @@ class Pipe(SharedObject):
         if not self.duplex and end == 0:
             raise OSError("connection is read-only")
         if not isinstance(payload, bytes):
-            raise TypeError("pipe messages travel as pickled bytes")
+            raise BadArgument("pipe messages travel as pickled bytes")
         other = 1 - end
         if self.closed[other]:
             raise BrokenPipeError("the other end of the pipe is closed")

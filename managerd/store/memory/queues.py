@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from managerd.store.api import Call, Conv, exposed
+from managerd.store.api import BadArgument, Call, Conv, exposed
 from managerd.store.memory.base import (
     SharedObject,
     Waiter,
@@ -98,7 +98,7 @@ class Queue(SharedObject):
     ) -> None:
         super().__init__(name, loop)
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
-            raise TypeError("maxsize must be an int")
+            raise BadArgument("maxsize must be an int")
         # Checked whole here: every reserve starts a timer of this length, after
         # its item has left the queue (a timer that failed then would lose it).
         visibility_s = positive_s(visibility_timeout_s, "visibility_timeout_s")
@@ -248,7 +248,7 @@ class Queue(SharedObject):
     ) -> Any:
         """Put all of ``items`` in order; with a maxsize, waits for room for all."""
         if not isinstance(items, (list, tuple)):
-            raise TypeError("put_many takes a list of items")
+            raise BadArgument("put_many takes a list of items")
         if self._bound and len(items) > self._bound:
             raise ValueError(f"{len(items)} items can never fit a queue of maxsize {self.maxsize}")
         return self._put(list(items), call, timeout_s(block, timeout))
@@ -256,7 +256,7 @@ class Queue(SharedObject):
     def _put(self, items: list[bytes], call: Call, wait_s: float | None) -> Any:
         for item in items:
             if not isinstance(item, bytes):
-                raise TypeError("queue items travel as pickled bytes")
+                raise BadArgument("queue items travel as pickled bytes")
         room = self._bound - len(self.items) if self._bound else len(items)
         if room >= len(items) and alive_count(self.putters) == 0:
             for item in items:

@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from typing import Any, ClassVar
 
-from managerd.store.api import Call, Conv, exposed
+from managerd.store.api import BadState, Call, Conv, NoAttribute, exposed
 from managerd.store.memory.base import (
     TIMEOUT_MAX,
     SharedObject,
@@ -210,7 +210,7 @@ class Condition(SharedObject):
     def _check_owned(self, call: Call) -> None:
         lock = self.lock
         if lock.holder is None or (lock.owned_by_thread and not lock._owns(call)):
-            raise RuntimeError("cannot notify on un-acquired lock")
+            raise BadState("cannot notify on un-acquired lock")
 
     def waiter_count(self) -> int:
         return alive_count(self.waiters)
@@ -311,7 +311,7 @@ class Barrier(SharedObject):
             return alive_count(self.waiters)
         if name == "broken":
             return self.broken
-        raise AttributeError(f"'Barrier' has no attribute {name!r}")
+        raise NoAttribute(f"'Barrier' has no attribute {name!r}")
 
     @exposed()
     def state(self, call: Call) -> tuple[int, int, bool]:

@@ -10,7 +10,7 @@ import array
 import asyncio
 from typing import Any, Final
 
-from managerd.store.api import Call, exposed
+from managerd.store.api import BadArgument, Call, exposed
 from managerd.store.memory.base import SharedObject, sequence_index
 
 #: ctypes typecodes multiprocessing.Value/Array accept; 'c' is a byte.
@@ -19,7 +19,7 @@ TYPECODES: Final = frozenset("cubBhHiIlLqQfd")
 
 def _check_typecode(typecode: Any) -> str:
     if not isinstance(typecode, str) or typecode not in TYPECODES:
-        raise TypeError(f"typecode must be one of {''.join(sorted(TYPECODES))}, not {typecode!r}")
+        raise BadArgument(f"typecode must be one of {''.join(sorted(TYPECODES))}, not {typecode!r}")
     return typecode
 
 
@@ -27,7 +27,7 @@ def _coerce(typecode: str, value: Any) -> Any:
     """``value`` as the C type would hold it; TypeError/OverflowError if it can't."""
     if typecode == "c":
         if not isinstance(value, bytes) or len(value) != 1:
-            raise TypeError("a 'c' value is one byte (bytes of length 1)")
+            raise BadArgument("a 'c' value is one byte (bytes of length 1)")
         return value
     if isinstance(value, bool):
         value = int(value)
@@ -65,7 +65,7 @@ class Value(SharedObject):
     def add(self, call: Call, delta: Any) -> Any:
         """Add ``delta`` atomically; the new value."""
         if self.typecode == "c":
-            raise TypeError("cannot add to a 'c' value")
+            raise BadArgument("cannot add to a 'c' value")
         self.value = _coerce(self.typecode, self.value + delta)
         self._j("set", self.value)
         return self.value
@@ -112,11 +112,11 @@ class Array(SharedObject):
         elif isinstance(sequence, (list, tuple, bytes, bytearray, str)):
             init = sequence
         else:
-            raise TypeError("sequence must be a size (int) or a list of values")
+            raise BadArgument("sequence must be a size (int) or a list of values")
         self.data: bytearray | array.array[Any]
         if typecode == "c":
             if not isinstance(init, (bytes, bytearray)):
-                raise TypeError("a 'c' array is initialised from bytes")
+                raise BadArgument("a 'c' array is initialised from bytes")
             self.data = bytearray(init)
         else:
             self.data = array.array(typecode, init)
