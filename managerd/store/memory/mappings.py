@@ -347,7 +347,10 @@ class List(_Contents):
             if not ok:
                 raise BadArgument("sort() on a shared list needs items of builtin types")
             decoded.append(value)
-        order = sorted(range(len(decoded)), key=decoded.__getitem__, reverse=bool(reverse))
+        try:
+            order = sorted(range(len(decoded)), key=decoded.__getitem__, reverse=bool(reverse))
+        except TypeError as exc:  # items that do not compare ('<' between int and str)
+            raise BadArgument(str(exc)) from None
         self.items = [self.items[i] for i in order]
         self._j("all", self.items)
 

@@ -31,7 +31,10 @@ def _coerce(typecode: str, value: Any) -> Any:
         return value
     if isinstance(value, bool):
         value = int(value)
-    return array.array(typecode, [value])[0]
+    try:
+        return array.array(typecode, [value])[0]
+    except TypeError as exc:  # a str for an 'i' value...
+        raise BadArgument(str(exc)) from None
 
 
 class Value(SharedObject):
@@ -66,7 +69,11 @@ class Value(SharedObject):
         """Add ``delta`` atomically; the new value."""
         if self.typecode == "c":
             raise BadArgument("cannot add to a 'c' value")
-        self.value = _coerce(self.typecode, self.value + delta)
+        try:
+            total = self.value + delta
+        except TypeError as exc:
+            raise BadArgument(str(exc)) from None
+        self.value = _coerce(self.typecode, total)
         self._j("set", self.value)
         return self.value
 
@@ -119,7 +126,10 @@ class Array(SharedObject):
                 raise BadArgument("a 'c' array is initialised from bytes")
             self.data = bytearray(init)
         else:
-            self.data = array.array(typecode, init)
+            try:
+                self.data = array.array(typecode, init)
+            except TypeError as exc:  # values the typecode cannot hold
+                raise BadArgument(str(exc)) from None
 
     def creation_args(self) -> dict[str, Any]:
         return {"typecode": self.typecode, "length": len(self.data)}
@@ -157,6 +167,14 @@ class Array(SharedObject):
         self._j("set", index, self._out(self.data[index]))
 
     def _store(self, index: int | slice, value: Any) -> None:
+        try:
+            self._store_checked(index, value)
+        except TypeError as exc:  # values the typecode cannot hold, not a sequence...
+            if isinstance(exc, BadArgument):
+                raise
+            raise BadArgument(str(exc)) from None
+
+    def _store_checked(self, index: int | slice, value: Any) -> None:
         if isinstance(index, slice):
             current = range(len(self.data))[index]
             values = list(value) if not isinstance(value, (bytes, bytearray)) else value
