@@ -13,6 +13,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from multiprocessing.managers import BaseManager
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,41 @@ def test_per_object_labels_are_bounded(metered: tuple[Daemon, int]) -> None:
     total = sum(v for (name, _), v in samples(text).items() if name == "managerd_queue_depth")
     with d.connect() as m:
         assert total == sum(m.Queue(n).qsize() for n, t in m.objects() if t == "Queue")
+
+
+class Stock(BaseManager):
+    """A stock stdlib client of managerd."""
+
+
+Stock.register("Queue")
+
+
+def test_stock_requests_are_counted_with_managerd_ones(metered: tuple[Daemon, int]) -> None:
+    d, port = metered
+
+    def count(text: str, method: str, outcome: str) -> float:
+        key = ("managerd_requests_total", frozenset({"method": method, "outcome": outcome}.items()))
+        return samples(text).get(key, 0.0)
+
+    before = scrape(port)
+    stock = Stock(address=("127.0.0.1", d.port), authkey=d.authkey)
+    stock.connect()
+    q = stock.Queue("m.stock")  # type: ignore[attr-defined]
+    for i in range(3):
+        q.put(i)
+    assert [q.get(timeout=5) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(TypeError):
+        q.put(1, True, None, "one too many")  # the caller's error, not the daemon's
+    with d.connect() as m:
+        m.Queue("m.stock").put(3)
+    after = scrape(port)
+    assert count(after, "Queue.put", "ok") - count(before, "Queue.put", "ok") == 4
+    assert count(after, "Queue.get", "ok") - count(before, "Queue.get", "ok") == 3
+    assert count(after, "Queue.put", "Type") - count(before, "Queue.put", "Type") == 1
+    assert (
+        count(after, "server.stock_create", "ok") - count(before, "server.stock_create", "ok") == 1
+    )
+    assert "internal error" not in d.log
 
 
 def test_health_and_readiness(metered: tuple[Daemon, int]) -> None:

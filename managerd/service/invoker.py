@@ -308,6 +308,8 @@ class Invoker:
                     raise NoSuchObject(f"no object named {inv.name!r}")
                 obj = self.registry.get(inv.name, inv.typeid)
             spec = obj.methods.get(inv.method)
+            if spec is not None:
+                inv.label = f"{obj.typeid}.{inv.method}"
             prepared = inv.prepare(obj, spec, inv) if inv.prepare is not None else None
             if prepared is None:
                 args, kwargs, body, finish = inv.args, inv.kwargs, None, None
