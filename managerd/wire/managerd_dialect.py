@@ -37,8 +37,9 @@ from functools import partial
 from typing import Final, Protocol
 
 from managerd.safepickle import SafeDecoder
-from managerd.service.invoker import CallTable, Invocation, Invoker, Outcome
+from managerd.service.invoker import CallTable, Exposed, Invocation, Invoker, Outcome, Prepared
 from managerd.service.requests import RequestStats
+from managerd.store.api import MethodSpec, NoAttribute
 from managerd.store.sessions import Session
 from managerd_client.errors import ForbiddenPayload, error_kind
 from managerd_client.wire import PICKLE_PROTOCOL
@@ -53,6 +54,10 @@ STATUS_ERROR: Final = 1
 #: clients that asked for it in their hello (``raw_replies``).
 STATUS_RAW: Final = 2
 RAW_REPLY_MIN_BYTES: Final = 65536
+
+#: The daemon operations a managerd client calls (``cancel`` is the
+#: connection's own, above); the others are a stock client's.
+MANAGERD_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types", "peek"})
 
 
 class ReplySink(Protocol):
@@ -114,6 +119,7 @@ class Dispatcher:
             None if typeid is None else name,
             method,
             args,
+            prepare=None if typeid is not None or method in MANAGERD_OPS else _no_operation,
             calls=calls,
             rid=rid,
         )
@@ -147,3 +153,8 @@ class Dispatcher:
         args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
         body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
         sink.send_frame(REPLY_HEAD.pack(rid, STATUS_ERROR) + body)
+
+
+def _no_operation(ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
+    """A daemon operation that is not a managerd client's (``incref`` is a stock client's)."""
+    raise NoAttribute(f"the daemon has no operation {inv.method!r}")

@@ -286,7 +286,7 @@ class StockAdapter:
                 op if op is not None else str(method),
                 args,
                 kwds,
-                prepare=self._prepare_server,
+                prepare=self._prepare_server if op is not None else _no_operation,
             )
         else:
             invocation = Invocation(
@@ -349,8 +349,6 @@ class StockAdapter:
     def _prepare_server(self, ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
         """A stock server call, as the daemon operation it maps to."""
         method, args, kwds = inv.method, inv.args, inv.kwargs
-        if method not in STOCK_SERVER_OPS.values():
-            raise NoAttribute(f"the daemon has no operation {method!r}")
         if method == "stock_create":
             contents = None
             maker = (
@@ -523,6 +521,11 @@ _STOCK_CONTENTS: Final[
 def _stock_exposed(typeid: str, methods: tuple[str, ...]) -> tuple[str, ...]:
     """What ``create`` answers as ``exposed``: the stock methods of the type, if listed."""
     return STOCK_METHODS.get(typeid, methods)
+
+
+def _no_operation(ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
+    """A server call that is not one of a stock client's (``ping`` is managerd's)."""
+    raise NoAttribute(f"the daemon has no operation {inv.method!r}")
 
 
 def _created(made: tuple[str, str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:
