@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from multiprocessing.managers import BaseManager
+
 import pytest
 
 from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
@@ -155,3 +158,52 @@ def test_pipe_end_passed_to_a_child_process(manager: Manager, uniq: str) -> None
     proc = workers.start(workers.answer_on_end, far)
     assert near.recv(timeout=workers.WAIT_S) == ("ping", "pong")
     workers.join_all([proc])
+
+
+class Opaque:
+    """A class only managerd clients can read (the daemon never decodes it)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Opaque)
+
+    __hash__ = object.__hash__
+
+
+class Stock(BaseManager):
+    """A stock stdlib client of managerd."""
+
+
+Stock.register("Pipe")
+
+
+def test_a_message_a_stock_client_cannot_read_stays_first(shared_daemon: Daemon, uniq: str) -> None:
+    stock = Stock(address=("127.0.0.1", shared_daemon.port), authkey=shared_daemon.authkey)
+    stock.connect()
+    with shared_daemon.connect() as m:
+        near, far = m.Pipe(uniq)
+        pipe = stock.Pipe(uniq)  # type: ignore[attr-defined]
+        near.send(Opaque())
+        near.send("plain")
+        for _ in range(2):  # refused, and still first
+            with pytest.raises(TypeError, match="read it with managerd_client"):
+                pipe.recv(1)
+        assert far.recv() == Opaque()
+        assert pipe.recv(1) == "plain"
+        # A parked stock recv that is handed one gives it back too.
+        failures: list[BaseException] = []
+
+        def blocked() -> None:
+            try:
+                pipe.recv(1, 30)
+            except TypeError as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=blocked)
+        thread.start()
+        assert wait_until(lambda: _waiters(m, uniq) == 1)
+        near.send(Opaque())
+        thread.join(30)
+        assert len(failures) == 1
+        assert far.poll(5) is True
+        assert far.recv() == Opaque()
+        assert far.poll() is False

@@ -202,6 +202,10 @@ class Prepared:
     body: Callable[[Any, Call], Any] | None = None
     #: Turns the result into what the dialect answers; may refuse it.
     finish: Callable[[Any], Any] | None = None
+    #: A result ``finish`` refuses goes back through the object's undo method
+    #: (a stock client cannot read a message a managerd client pickled: it
+    #: stays first in line for one that can).
+    give_back: bool = False
 
 
 @dataclass(slots=True)
@@ -347,6 +351,9 @@ class Invoker:
         # 4: settle.
         calls = inv.calls
         undo = obj.undo_methods.get(inv.method) if obj.undo_methods else None
+        give_back = None
+        if prepared is not None and prepared.give_back and undo is not None:
+            give_back = partial(getattr(obj, undo), call, args)
         if isinstance(result, asyncio.Future):
             parked = None
             if calls is not None:
@@ -354,16 +361,19 @@ class Invoker:
                 calls.parked[inv.rid] = parked
             if inv.on_parked is not None:
                 inv.on_parked(obj, inv.method, result)
-            result.add_done_callback(partial(self._settled, inv, finish, deliver, parked))
+            result.add_done_callback(
+                partial(self._settled, inv, finish, give_back, deliver, parked)
+            )
             return
         if undo is not None and calls is not None and result is not False:
             calls.remember(inv.rid, obj, undo, call, args, result)
-        self._answer(inv, finish, result, deliver)
+        self._answer(inv, finish, give_back, result, deliver)
 
     def _settled(
         self,
         inv: Invocation,
         finish: Callable[[Any], Any] | None,
+        give_back: Callable[[Any], None] | None,
         deliver: Callable[[Outcome], None],
         parked: _Parked | None,
         future: asyncio.Future[Any],
@@ -391,22 +401,26 @@ class Invoker:
             calls.remember(inv.rid, parked.obj, parked.undo, parked.call, parked.args, value)
         if parked is not None and parked.cancelled:
             return
-        self._answer(inv, finish, value, deliver)
+        self._answer(inv, finish, give_back, value, deliver)
 
     def _answer(
         self,
         inv: Invocation,
         finish: Callable[[Any], Any] | None,
+        give_back: Callable[[Any], None] | None,
         value: Any,
         deliver: Callable[[Outcome], None],
     ) -> None:
         """5: the outcome now, or once the journal is durable up to here."""
         if finish is not None:
             try:
-                value = finish(value)
+                finished = finish(value)
             except Exception as exc:
+                if give_back is not None:
+                    give_back(value)
                 deliver(self._classify(inv, exc))
                 return
+            value = finished
         journal = self.journal
         barrier = journal.barrier() if journal is not None else None
         if barrier is None:

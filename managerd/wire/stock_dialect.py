@@ -418,19 +418,9 @@ class StockAdapter:
         """``recv(end, timeout=None)``; a message that does not decode stays first."""
         spec = obj.methods["recv"]
         call_args, call_kwds = self._args_in(spec, args, kwds)
-        end = call_args[0] if call_args else call_kwds.get("end")
-        inbox: Any = obj.inbox[end] if end in (0, 1) else None  # type: ignore[attr-defined]
-        if inbox:
-            self.decode(inbox[0])
-
-        def check(payload: bytes) -> Any:
-            try:
-                return self.decode(payload)
-            except TypeError:
-                inbox.appendleft(payload)
-                raise
-
-        return Prepared(tuple(call_args), call_kwds, finish=check)
+        if not call_args and "end" in call_kwds:  # the undo method reads the end first
+            call_args = [call_kwds.pop("end")]
+        return Prepared(tuple(call_args), call_kwds, finish=self.decode, give_back=True)
 
     def _dict_iter(
         self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
