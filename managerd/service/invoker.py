@@ -300,7 +300,9 @@ class Invoker:
         """Run ``inv``; ``on_outcome`` gets its outcome when it may be answered (or never)."""
         started = time.perf_counter()
         deliver = partial(self._deliver, inv, started, on_outcome)
-        # 1-2: resolve and check. Every refusal here is the caller's.
+        # 1-2: resolve, convert (the dialect's prepare), check: what fails here is
+        # the caller's, including a TypeError from converting the caller's values
+        # (``dict(*args)`` of a stock create); anything else is still a bug.
         try:
             if inv.name is None and inv.typeid is None:
                 obj: Exposed = self.ops
@@ -326,7 +328,7 @@ class Invoker:
             if spec is not None and spec.mutates and self.journal is not None:
                 self.journal.check_writable()
         except Exception as exc:
-            deliver(Outcome(error=exc))
+            deliver(Outcome(error=exc) if isinstance(exc, TypeError) else self._classify(inv, exc))
             return
         # 3: call.
         call = Call(inv.session, inv.thread, self.loop)
