@@ -388,7 +388,9 @@ def test_an_older_journal_of_a_joinable_queue_keeps_its_count(tmp_path: Path) ->
         ("create", "Queue", "q", {}),
         ("op", "q", "push", pickle.dumps("c"), 0),
     ]
-    (data / "journal-0.log").write_bytes(b"MANAGERD-JOURNAL-1\n" + b"".join(_encode(r) for r in records))
+    (data / "journal-0.log").write_bytes(
+        b"MANAGERD-JOURNAL-1\n" + b"".join(_encode(r) for r in records)
+    )
     d = Daemon(tmp_path, args=["--data-dir", str(data), "--fsync", "always"]).start()
     try:
         with d.connect() as m:

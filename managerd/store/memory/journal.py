@@ -151,7 +151,7 @@ class Journal:
 
     # -- recovery ------------------------------------------------------------------
     def recover(self, *, repair: bool = False) -> tuple[list[tuple[Any, ...]], Recovery]:
-        """Every record to replay (in the current format), oldest first. Call before :meth:`open`."""
+        """Every record to replay, upgraded to this format, oldest first (before :meth:`open`)."""
         started = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         info = Recovery()

@@ -26,8 +26,8 @@ from managerd.store.memory.base import (
     seconds,
     wait_or_now_s,
 )
-from managerd.store.memory.records import EventOp
 from managerd.store.memory.locks import Lock
+from managerd.store.memory.records import EventOp
 
 
 class Event(SharedObject):
