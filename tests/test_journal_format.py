@@ -261,3 +261,45 @@ def test_records_and_waiter_kinds_are_enums_not_strings() -> None:
                         found.append(f"{path.name}:{node.lineno}: a record compared to a string")
     assert changes > 30  # the walk found the journaled changes
     assert found == []
+
+
+def test_on_disk_values_are_pinned_and_cover_every_journaled_type() -> None:
+    """Changing a value on disk breaks every data directory: it must be a new format."""
+    from managerd.store.memory.records import EFFECTS, FORMAT1_EFFECTS, RecordKind
+    from managerd.store.memory.registry import TYPES
+
+    pinned = {
+        "RecordKind": {"CREATE": 1, "DELETE": 2, "STATE": 3, "OP": 4},
+        "QueueOp": {
+            "PUSH": 1, "FRONT": 2, "POP": 3, "RES": 4, "UNRES": 5, "DONE": 6, "UNFINISHED": 7,
+        },
+        "EventOp": {"FLAG": 1},
+        "DictOp": {"SET": 1, "DEL": 2, "UPDATE": 3, "CLEAR": 4},
+        "ListOp": {"SET": 1, "DEL": 2, "EXTEND": 3, "INSERT": 4, "ALL": 5},
+        "NamespaceOp": {"SET": 1, "DEL": 2},
+        "ValueOp": {"SET": 1},
+        "ArrayOp": {"SET": 1},
+    }  # fmt: skip
+    enums = {RecordKind, *EFFECTS.values()}
+    assert {e.__name__: {m.name: m.value for m in e} for e in enums} == pinned
+    durable = {typeid for typeid, cls in TYPES.items() if cls.durable}
+    assert set(EFFECTS) == durable == set(FORMAT1_EFFECTS)
+    for typeid, table in FORMAT1_EFFECTS.items():  # every effect has its format-1 string
+        assert set(table.values()) == set(EFFECTS[typeid])
+
+
+def test_a_journal_with_a_torn_header_is_begun_again(tmp_path: Path) -> None:
+    """A crash while a journal's header was written: it holds nothing, and stays readable."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "journal-0.log").write_bytes(b"MANAGERD-JOU")
+    d = _daemon(tmp_path, data).start()
+    try:
+        with d.connect() as m:
+            m.Queue("q").put_many([1, 2])
+        d.kill()
+        d.start(port=d.port)  # journal-0 is whole now: read, not "not a managerd file"
+        with d.connect() as m:
+            assert m.Queue("q").get_many(10, block=False) == [1, 2]
+    finally:
+        d.stop()

@@ -176,7 +176,11 @@ class Journal:
         info.journals = len(journals)
         info.records = len(records)
         self._number = _number(journals[-1]) if journals else base
-        if journals and self._version_of(journals[-1]) != FORMAT_VERSION:
+        version = self._version_of(journals[-1]) if journals else FORMAT_VERSION
+        if version is None:
+            # Its header was torn (it holds nothing): begin it again.
+            journals[-1].unlink()
+        elif version != FORMAT_VERSION:
             # Never append this format's records to a file of another: a new journal.
             self._number += 1
         info.seconds = time.perf_counter() - started
