@@ -57,7 +57,7 @@ READABLE_VERSIONS: Final = (1, 2)
 
 JOURNAL_HEADER: Final = b"MANAGERD-JOURNAL-"
 SNAPSHOT_HEADER: Final = b"MANAGERD-SNAPSHOT-"
-#: The longest header line a reader looks at (any version).
+#: A header line of any version (a reader looks at the first 40 bytes).
 _HEADER_LINE: Final = re.compile(rb"(MANAGERD-(?:JOURNAL|SNAPSHOT)-)([0-9]{1,9})\n")
 
 
@@ -195,7 +195,7 @@ class Format1:
         self.types: dict[str, str] = {}
 
     def seen(self, record: tuple[Any, ...]) -> None:
-        """Note a format-2 record (a later file): creations and deletions only."""
+        """Note which type each name has (from an upgraded CREATE or DELETE record)."""
         if record[0] == RecordKind.CREATE:
             self.types[record[2]] = record[1]
         elif record[0] == RecordKind.DELETE:
