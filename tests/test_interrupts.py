@@ -30,8 +30,8 @@ import pytest
 import workers_interrupts as wi
 from test_tls import _tls_daemon, pki  # noqa: F401  (pki: a fixture used here)
 
-from managerd_client import ConnectionLost, Manager, connect
 import managerd_client.channel as channel_module
+from managerd_client import ConnectionLost, Manager, connect
 from managerd_client.channel import Channel
 
 from conftest import Daemon, wait_until

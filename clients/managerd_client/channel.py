@@ -450,17 +450,17 @@ class Channel:
         blocked = _block_signals()
         try:
             while done < total:
-                counts: list[int] = []
+                sent: list[int] = []
                 inside = [0]
                 try:
-                    self._write(chunks, counts, inside, done)
+                    self._write(chunks, sent, inside, done)
                     return
                 except OSError as exc:
                     self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
                     return
                 except BaseException:
-                    done += sum(counts)
-                    if inside[0] > len(counts) and self._fs.tls:
+                    done += sum(sent)
+                    if inside[0] > len(sent) and self._fs.tls:
                         self._die(ConnectionLost("a request was interrupted inside a TLS write"))
                         return
         finally:
