@@ -80,8 +80,8 @@ _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _IDLE_CHECK_AFTER_S: Final = 0.05
 
 
-#: A thread waiting for another to read re-checks this often that the reader
-#: role was not left taken (an exception in the reader's ``finally``).
+#: A thread waiting for another to read re-checks this often whether its
+#: reply came or the reader role is free (a safety net: wake-ups are sent).
 _READER_CHECK_S: Final = 1.0
 _CANCEL: Final = "cancel"
 
@@ -294,11 +294,15 @@ class Channel:
         self._fs.read_timeout_s = self.dead_after_s
         self._rids = iter(range(1, 1 << 63))
         self._pending: dict[int, _Slot] = {}
-        # ``with self._lock``, never ``with self._cond``: Condition.__enter__
-        # is Python code, and an interrupt as it returns would leave the
-        # lock taken for good; a C lock's __enter__ cannot be split so.
+        # ``with self._lock`` only, and no ``threading.Condition`` on it:
+        # Condition's methods are Python code that releases and retakes the
+        # lock, and an interrupt between the two would leave it released
+        # inside a ``with`` (whose exit then releases another thread's
+        # hold). A C lock's __enter__/__exit__ cannot be split so.
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        #: Threads waiting for a reply another thread reads: each sleeps on
+        #: its own locked C lock, released by ``_wake_all`` (see ``_await``).
+        self._sleepers: list[threading.Lock] = []
         #: Per client thread: its call in flight, until its answer is
         #: returned. One still there when the thread calls again was
         #: abandoned without its cancel sent (a second interrupt): sent then.
@@ -511,20 +515,28 @@ class Channel:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _await(self, slot: _Slot) -> None:
-        cond = self._cond
         while True:
             # The role is taken inside the try, in the same statement as
             # ``reading`` (no call in between): an interrupt as the lock's
             # ``__exit__`` returns must not leave it taken for good (every
             # later call of the process would wait for a reader that is gone).
             reading = False
+            wake: threading.Lock | None = None
             try:
                 with self._lock:
-                    while not slot.done and self._reading:
-                        cond.wait(_READER_CHECK_S)
                     if slot.done:
                         return
-                    self._reading = reading = True
+                    if self._reading:
+                        wake = threading.Lock()
+                        wake.acquire()
+                        self._sleepers.append(wake)
+                    else:
+                        self._reading = reading = True
+                if wake is not None:
+                    # One C call: an interrupt in it or as it returns leaves
+                    # nothing half done (the lock is only a wake-up call).
+                    wake.acquire(timeout=_READER_CHECK_S)
+                    continue
                 self._read_until(slot)
             except BaseException:
                 # An interrupt in the read: go on with the stream if it is
@@ -538,7 +550,13 @@ class Channel:
                     # here must not leave it taken.
                     self._reading = False
                     with self._lock:
-                        cond.notify_all()
+                        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wake the threads waiting in ``_await`` (called with ``_lock`` held)."""
+        sleepers, self._sleepers = self._sleepers, []
+        for wake in sleepers:
+            wake.release()
 
     def _read_until(self, slot: _Slot) -> None:
         fs = self._fs
@@ -582,7 +600,7 @@ class Channel:
                 with self._lock:
                     target.frame = copy
                     self._pending.pop(rid, None)
-                    self._cond.notify_all()
+                    self._wake_all()
             fs.done_frame()
 
     @staticmethod
@@ -624,7 +642,7 @@ class Channel:
             pending, self._pending = self._pending, {}
             for slot in pending.values():
                 slot.error = exc
-            self._cond.notify_all()
+            self._wake_all()
         self._fs.close()
 
     # -- lifecycle ----------------------------------------------------------------
@@ -645,7 +663,7 @@ class Channel:
         self.dead = ConnectionLost("connection belongs to the parent process")
         self._pending = {}
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._sleepers = []
         self._send_lock = threading.Lock()
         try:
             os.close(self._fs.sock.detach())  # close(2) only: no FIN, no TLS alert
