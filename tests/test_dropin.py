@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from managerd.store.memory.journal import MAGIC, _encode
+from managerd.store.memory.journal import _encode
 from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
 
 import workers
@@ -369,7 +369,10 @@ def test_unfinished_count_survives_kill_9(durable: Daemon) -> None:
 
 
 def test_an_older_journal_of_a_joinable_queue_keeps_its_count(tmp_path: Path) -> None:
-    """An older daemon journaled a JoinableQueue's count before each push it came from."""
+    """An older daemon journaled a JoinableQueue's count before each push it came from.
+
+    Its records are of data format 1 (strings), read by the format-1 reader.
+    """
     data = tmp_path / "data"
     data.mkdir()
     records = [
@@ -385,7 +388,9 @@ def test_an_older_journal_of_a_joinable_queue_keeps_its_count(tmp_path: Path) ->
         ("create", "Queue", "q", {}),
         ("op", "q", "push", pickle.dumps("c"), 0),
     ]
-    (data / "journal-0.log").write_bytes(MAGIC + b"".join(_encode(r) for r in records))
+    (data / "journal-0.log").write_bytes(
+        b"MANAGERD-JOURNAL-1\n" + b"".join(_encode(r) for r in records)
+    )
     d = Daemon(tmp_path, args=["--data-dir", str(data), "--fsync", "always"]).start()
     try:
         with d.connect() as m:

@@ -9,6 +9,7 @@ real signals; each child stays alive and uses its ``Manager`` afterwards.
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import pickle
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,7 @@ import pytest
 import workers_interrupts as wi
 from test_tls import _tls_daemon, pki  # noqa: F401  (pki: a fixture used here)
 
+import managerd_client.channel as channel_module
 from managerd_client import ConnectionLost, Manager, connect
 from managerd_client.channel import Channel
 
@@ -548,3 +551,85 @@ def test_a_resumed_session_drops_the_waits_of_its_old_connection(daemon: Daemon,
             assert other.Queue(uniq).qsize() == 1
         finally:
             again.close()
+
+
+# -- a second interrupt in the client's own bookkeeping ------------------------------------------
+
+
+def test_a_cancel_stopped_by_a_second_interrupt_is_sent_by_the_next_call(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    """The get's answer ("a") was in; Ctrl-C, then a second one before its cancel went out.
+
+    Blocking signals in the thread does not defer a Python handler while
+    another thread (the heartbeat's) can take the signal, so the second
+    interrupt can strike there. The call stays marked and the thread's next
+    call sends the cancel: "a" is first again (it was lost: the next get
+    confirmed the answer the client never saw).
+    """
+    with shared_daemon.connect() as m:
+        q = m.Queue(uniq)
+        q.put_many(["a", "b"])
+        assert q.get() == "a"
+        ch = m._channel
+        assert ch is not None
+        rid = next(ch._rids) - 1  # the get's request id (one id is skipped: harmless)
+        # As inside call(): the interrupt struck before it returned "a".
+        ch._unconfirmed[threading.get_ident()] = rid
+
+        def second_interrupt() -> None:
+            raise KeyboardInterrupt
+
+        channel_module._before_cancel = second_interrupt
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ch._abandon(rid, KeyboardInterrupt())
+        finally:
+            channel_module._before_cancel = None
+        assert q.get(timeout=2) == "a", "the cancel was never sent: 'a' was lost"
+        assert q.get(timeout=2) == "b"
+
+
+def test_an_interrupt_as_the_reader_role_is_taken_does_not_leave_it_taken(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    """Ctrl-C just after ``_await`` took the reader role: the next calls do not hang.
+
+    A signal handler can run as the lock's ``__exit__`` returns; the role
+    was taken outside the ``try`` that gives it back, so every later call of
+    the process waited for a reader that was gone (the hang of the random test).
+    """
+    lines, first = inspect.getsourcelines(Channel._await)
+    taken = next(
+        first + i for i, line in enumerate(lines) if "self._reading =" in line and "True" in line
+    )
+    with shared_daemon.connect() as m:
+        q = m.Queue(uniq)
+        ch = m._channel
+        assert ch is not None
+        fired: list[int] = []
+
+        def local(frame: types.FrameType, event: str, arg: Any) -> Any:
+            # The first line after the role was taken (not the with's exit,
+            # where no signal handler can run).
+            if event == "line" and not fired and frame.f_lineno > taken and ch._reading:
+                fired.append(frame.f_lineno)
+                raise KeyboardInterrupt
+            return local
+
+        def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+            return local if frame.f_code is Channel._await.__code__ else None
+
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                q.get(timeout=WAIT_S)
+        finally:
+            sys.settrace(None)
+        assert fired, "the interrupt was not raised inside _await"
+        q.put("a")
+        got: list[Any] = []
+        thread = threading.Thread(target=lambda: got.append(q.get(timeout=WAIT_S)), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert got == ["a"], "the next call waited for a reader that was gone"

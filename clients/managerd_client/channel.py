@@ -80,12 +80,15 @@ _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _IDLE_CHECK_AFTER_S: Final = 0.05
 
 
-#: A thread waiting for another to read re-checks this often that the reader
-#: role was not left taken (an exception in the reader's ``finally``).
+#: A thread waiting for another to read re-checks this often whether its
+#: reply came or the reader role is free (a safety net: wake-ups are sent).
 _READER_CHECK_S: Final = 1.0
 _CANCEL: Final = "cancel"
 
 _abandoned = threading.local()
+#: Test hook: called in ``_abandon`` just before the cancel is sent (an
+#: interrupt can strike there; tests raise from it). None in production.
+_before_cancel: Callable[[], None] | None = None
 
 
 def _block_signals() -> set[int | signal.Signals] | None:
@@ -291,11 +294,15 @@ class Channel:
         self._fs.read_timeout_s = self.dead_after_s
         self._rids = iter(range(1, 1 << 63))
         self._pending: dict[int, _Slot] = {}
-        # ``with self._lock``, never ``with self._cond``: Condition.__enter__
-        # is Python code, and an interrupt as it returns would leave the
-        # lock taken for good; a C lock's __enter__ cannot be split so.
+        # ``with self._lock`` only, and no ``threading.Condition`` on it:
+        # Condition's methods are Python code that releases and retakes the
+        # lock, and an interrupt between the two would leave it released
+        # inside a ``with`` (whose exit then releases another thread's
+        # hold). A C lock's __enter__/__exit__ cannot be split so.
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        #: Threads waiting for a reply another thread reads: each sleeps on
+        #: its own locked C lock, released by ``_wake_all`` (see ``_await``).
+        self._sleepers: list[threading.Lock] = []
         #: Per client thread: its call in flight, until its answer is
         #: returned. One still there when the thread calls again was
         #: abandoned without its cancel sent (a second interrupt): sent then.
@@ -344,8 +351,12 @@ class Channel:
             self._pending[rid] = slot
         if outer:
             self._unconfirmed[ident] = rid
-            self._calling.add(ident)
         try:
+            if outer:
+                # Inside the try: an interrupt as add() returns must not
+                # leave this thread marked as calling (all its calls would
+                # then be nested: no marker, no late cancel).
+                self._calling.add(ident)
             self._send(parts, rid)
             self._await(slot)
             try:
@@ -436,11 +447,26 @@ class Channel:
             return
         if done == 0 or done >= total:
             return  # nothing of it sent, or all of it
+        # Blocking signals defers a handler only while no other thread can
+        # take the signal (CPython runs it in the main thread whichever
+        # thread got it): one that strikes anyway is swallowed here (the
+        # first interrupt goes on) and the rest of the frame still sent.
         blocked = _block_signals()
         try:
-            self._write(chunks, [], [0], done)
-        except OSError as exc:
-            self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+            while done < total:
+                sent: list[int] = []
+                inside = [0]
+                try:
+                    self._write(chunks, sent, inside, done)
+                    return
+                except OSError as exc:
+                    self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+                    return
+                except BaseException:
+                    done += sum(sent)
+                    if inside[0] > len(sent) and self._fs.tls:
+                        self._die(ConnectionLost("a request was interrupted inside a TLS write"))
+                        return
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -459,9 +485,13 @@ class Channel:
             ident = threading.get_ident()
         if exc is not None:
             _abandoned.exc = exc
-        # A second signal must not stop the cancel on its way (the answer's
-        # undo waits for it): signals wait until it is sent (a few us). If
-        # one strikes before this line, the thread's next call sends it.
+        # A second signal should not stop the cancel on its way (the
+        # answer's undo waits for it): signals wait until it is sent (a few
+        # us). That holds only while no other thread (the heartbeat's) can
+        # take the signal: CPython runs a handler in the main thread
+        # whichever thread the kernel gave the signal to. So the marker in
+        # ``_unconfirmed`` is what guarantees the cancel: it is dropped only
+        # once the cancel is sent, else the thread's next call sends it.
         blocked = _block_signals()
         try:
             with self._lock:
@@ -471,38 +501,62 @@ class Channel:
                     return  # the session ends with the connection: the daemon drops the call
                 crid = next(self._rids)
             request = (None, None, _CANCEL, (rid,), ident)
-            try:
-                self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
-            finally:
-                if self._unconfirmed.get(ident) == rid:
-                    del self._unconfirmed[ident]
+            if _before_cancel is not None:
+                _before_cancel()
+            self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
+            # Only now, not in a ``finally``: the marker stays if an
+            # interrupt kept the cancel from going out, and the thread's
+            # next call sends it (a cancel sent twice is harmless: the
+            # first one used the undo record up).
+            if self._unconfirmed.get(ident) == rid:
+                del self._unconfirmed[ident]
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _await(self, slot: _Slot) -> None:
-        cond = self._cond
         while True:
-            with self._lock:
-                while not slot.done and self._reading:
-                    cond.wait(_READER_CHECK_S)
-                if slot.done:
-                    return
-                self._reading = True
+            # The role is taken inside the try, in the same statement as
+            # ``reading`` (no call in between): an interrupt as the lock's
+            # ``__exit__`` returns must not leave it taken for good (every
+            # later call of the process would wait for a reader that is gone).
+            reading = False
+            wake: threading.Lock | None = None
             try:
+                with self._lock:
+                    if slot.done:
+                        return
+                    if self._reading:
+                        wake = threading.Lock()
+                        wake.acquire()
+                        self._sleepers.append(wake)
+                    else:
+                        self._reading = reading = True
+                if wake is not None:
+                    # One C call: an interrupt in it or as it returns leaves
+                    # nothing half done (the lock is only a wake-up call).
+                    wake.acquire(timeout=_READER_CHECK_S)
+                    continue
                 self._read_until(slot)
             except BaseException:
                 # An interrupt in the read: go on with the stream if it is
                 # intact (the usual case: it struck inside recv), else close.
-                if not self._fs.recover():
+                if reading and not self._fs.recover():
                     self._die(ConnectionLost("a read was interrupted mid-frame; connection closed"))
                 raise
             finally:
-                # The role first (a plain store): a second interrupt here
-                # must not leave it taken; waiters re-check it anyway.
-                self._reading = False
-                with self._lock:
-                    cond.notify_all()
+                if reading:
+                    # The role first (a plain store): a second interrupt
+                    # here must not leave it taken.
+                    self._reading = False
+                    with self._lock:
+                        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wake the threads waiting in ``_await`` (called with ``_lock`` held)."""
+        sleepers, self._sleepers = self._sleepers, []
+        for wake in sleepers:
+            wake.release()
 
     def _read_until(self, slot: _Slot) -> None:
         fs = self._fs
@@ -546,7 +600,7 @@ class Channel:
                 with self._lock:
                     target.frame = copy
                     self._pending.pop(rid, None)
-                    self._cond.notify_all()
+                    self._wake_all()
             fs.done_frame()
 
     @staticmethod
@@ -588,7 +642,7 @@ class Channel:
             pending, self._pending = self._pending, {}
             for slot in pending.values():
                 slot.error = exc
-            self._cond.notify_all()
+            self._wake_all()
         self._fs.close()
 
     # -- lifecycle ----------------------------------------------------------------
@@ -609,7 +663,7 @@ class Channel:
         self.dead = ConnectionLost("connection belongs to the parent process")
         self._pending = {}
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._sleepers = []
         self._send_lock = threading.Lock()
         try:
             os.close(self._fs.sock.detach())  # close(2) only: no FIN, no TLS alert

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 from managerd.store.api import BadArgument, Call, MethodSpec
+from managerd.store.memory.records import Effect, RecordKind
 from managerd.store.sessions import Session
 from managerd_client.errors import ArgumentConflict
 
@@ -105,6 +106,9 @@ def pop_alive(waiters: deque[Waiter]) -> Waiter | None:
 def alive_count(waiters: deque[Waiter]) -> int:
     return sum(1 for w in waiters if w.alive)
 
+
+#: A change record's kind, as the file holds it (``_j`` runs on every journaled change).
+_OP: Final = int(RecordKind.OP)
 
 #: The longest wait a timeout may ask for: ``threading``'s (longer is an OverflowError).
 TIMEOUT_MAX: Final = threading.TIMEOUT_MAX
@@ -296,14 +300,21 @@ class SharedObject:
         return {"type": self.typeid, "args": self.creation_args()}
 
     # -- durability (journal records; see store/memory/journal.py) --------------------
-    def _j(self, *effect: Any) -> None:
-        """Journal one change of this object's state (no-op when memory only)."""
+    def _j(self, effect: Effect, *arguments: Any) -> None:
+        """Journal one change of this object's state (no-op when memory only).
+
+        ``effect`` is a member of the type's effect enum (``records.py``);
+        the file holds its value.
+        """
         journal = self.journal
         if journal is not None:
-            journal.append(("op", self.name, *effect))
+            journal.append((_OP, self.name, int(effect), *arguments))
 
     def apply(self, effect: tuple[Any, ...]) -> None:
-        """Redo one journaled change (recovery; no sessions, no waiters)."""
+        """Redo one journaled change (recovery; no sessions, no waiters).
+
+        ``effect[0]`` is the value of a member of the type's effect enum.
+        """
         raise TypeError(f"a {self.typeid} journals no changes")
 
     def dump_state(self) -> Any:

@@ -1,19 +1,21 @@
 """Durable state: an append-only journal with snapshot compaction.
 
 Objects live in memory; every change that must survive a restart is also
-appended here as a record — ``("create", typeid, name, args)``,
-``("delete", name)``, ``("op", name, effect...)`` — and replayed in order on
-start. When a journal grows past ``compact_bytes`` (and past the last
-snapshot), the live state is written as a new snapshot and older files go,
-so a million put/get cycles leave the directory small.
+appended here as a record (a creation, a deletion, one object's change) and
+replayed in order on start. When a journal grows past ``compact_bytes`` (and
+past the last snapshot), the live state is written as a new snapshot and
+older files go, so a million put/get cycles leave the directory small.
 
 Files, in ``data_dir``: ``snapshot-<n>.bin`` holds the state before
 ``journal-<n>.log``; recovery loads the newest snapshot and replays the
-journals from its number on. Each file starts with a magic line and holds
-frames ``<u32 length><u32 crc32><pickle>``. A torn last frame (a crash
-mid-write) is dropped with a log line; a bad frame followed by more data is
-corruption: the daemon refuses to start, naming file and offset, unless
-told to ``recover`` (then the journal is cut there).
+journals from its number on. Each file starts with a header line that names
+its format version and holds frames ``<u32 length><u32 crc32><pickle>``;
+``records.py`` owns that format (the record kinds, each type's effects, the
+compatibility rule) and reads the previous version. A torn last frame (a
+crash mid-write) is dropped with a log line; a bad frame followed by more
+data is corruption: the daemon refuses to start, naming file and offset,
+unless told to ``recover`` (then the journal is cut there). A file of a
+newer format stops the start, whatever ``recover`` says.
 
 Fsync modes: ``always`` — the daemon answers a call only once every record
 appended before its answer is on disk; a writer thread fsyncs batches, so
@@ -47,6 +49,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from managerd.safepickle import SafeDecoder
+from managerd.store.memory.records import (
+    FORMAT_VERSION,
+    JOURNAL_HEADER,
+    READABLE_VERSIONS,
+    SNAPSHOT_HEADER,
+    Format1,
+    header,
+    read_header,
+)
 
 DEFAULT_JOURNAL_COMPACT_BYTES = 16 * 1024 * 1024
 
@@ -59,14 +70,18 @@ class FsyncMode(enum.Enum):
 
 log = logging.getLogger("managerd")
 
-MAGIC: Final = b"MANAGERD-JOURNAL-1\n"
-SNAPSHOT_MAGIC: Final = b"MANAGERD-SNAPSHOT-1\n"
+MAGIC: Final = header(JOURNAL_HEADER)
+SNAPSHOT_MAGIC: Final = header(SNAPSHOT_HEADER)
 _FRAME: Final = struct.Struct("!II")
 _PICKLE_PROTOCOL: Final = 5
 
 
 class CorruptJournal(Exception):
     """A journal or snapshot has a bad record before its end."""
+
+
+class NewerFormat(CorruptJournal):
+    """A file of a format newer than this daemon's: not corrupt, but not readable here."""
 
 
 class NotDurable(OSError):
@@ -136,17 +151,18 @@ class Journal:
 
     # -- recovery ------------------------------------------------------------------
     def recover(self, *, repair: bool = False) -> tuple[list[tuple[Any, ...]], Recovery]:
-        """Every record to replay, oldest first. Call before :meth:`open`."""
+        """Every record to replay, upgraded to this format, oldest first (before :meth:`open`)."""
         started = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         info = Recovery()
         snapshots = sorted(self.dir.glob("snapshot-*.bin"), key=_number)
         records: list[tuple[Any, ...]] = []
         base = 0
+        format1 = Format1()  # one for all files: format-1 changes need the types created before
         if snapshots:
             snap = snapshots[-1]
             base = _number(snap)
-            records.extend(self._read(snap, SNAPSHOT_MAGIC, repair=False, info=info))
+            records.extend(self._read(snap, SNAPSHOT_HEADER, format1, repair=False, info=info))
             info.snapshot = snap.name
             self._snapshot_bytes = snap.stat().st_size
         journals = [
@@ -154,24 +170,54 @@ class Journal:
         ]
         for i, path in enumerate(journals):
             last = i == len(journals) - 1
-            records.extend(self._read(path, MAGIC, repair=repair, info=info, tail_ok=last))
+            records.extend(
+                self._read(path, JOURNAL_HEADER, format1, repair=repair, info=info, tail_ok=last)
+            )
         info.journals = len(journals)
         info.records = len(records)
         self._number = _number(journals[-1]) if journals else base
+        version = self._version_of(journals[-1]) if journals else FORMAT_VERSION
+        if version is None:
+            # Its header was torn (it holds nothing): begin it again.
+            journals[-1].unlink()
+        elif version != FORMAT_VERSION:
+            # Never append this format's records to a file of another: a new journal.
+            self._number += 1
         info.seconds = time.perf_counter() - started
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
         return records, info
 
+    @staticmethod
+    def _version_of(path: Path) -> int | None:
+        with open(path, "rb") as f:
+            found = read_header(JOURNAL_HEADER, f.read(64))
+        return None if found is None else found[0]
+
     def _read(
-        self, path: Path, magic: bytes, *, repair: bool, info: Recovery, tail_ok: bool = False
+        self,
+        path: Path,
+        prefix: bytes,
+        format1: Format1,
+        *,
+        repair: bool,
+        info: Recovery,
+        tail_ok: bool = False,
     ) -> Iterator[tuple[Any, ...]]:
         data = path.read_bytes()
-        if not data.startswith(magic):
-            if tail_ok and len(data) < len(magic) and magic.startswith(data):
+        found = read_header(prefix, data)
+        if found is None:
+            if tail_ok and any(header(prefix, v).startswith(data) for v in READABLE_VERSIONS):
                 return  # created, crashed before the header was complete
             raise CorruptJournal(f"{path}: offset 0: not a managerd file (bad header)")
-        pos = len(magic)
+        version, pos = found
+        if version not in READABLE_VERSIONS:
+            known = ", ".join(map(str, READABLE_VERSIONS))
+            raise NewerFormat(
+                f"{path}: data format {version} is not one this managerd reads ({known}): "
+                "it was written by a newer managerd; run that version, or another data directory"
+            )
+        upgrade = format1.upgrade if version == 1 else None
         out: list[tuple[Any, ...]] = []
         while pos < len(data):
             bad = None
@@ -188,15 +234,16 @@ class Journal:
                 else:
                     try:
                         record = self._decoder.loads(body)
+                        if not isinstance(record, tuple) or not record:
+                            raise ValueError("record is not a tuple")
+                        if upgrade is not None:
+                            record = upgrade(record)
                     except Exception as exc:
                         bad = f"undecodable record ({exc})"
                     else:
-                        if not isinstance(record, tuple) or not record:
-                            bad = "record is not a tuple"
-                        else:
-                            out.append(record)
-                            pos = end
-                            continue
+                        out.append(record)
+                        pos = end
+                        continue
             # A bad frame: a torn tail is expected after a crash; anything
             # else is corruption.
             torn_tail = tail_ok and bad.startswith("truncated")

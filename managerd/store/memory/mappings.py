@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Final
 from managerd.safepickle import SafeDecoder
 from managerd.store.api import BadArgument, Call, Conv, NoAttribute, exposed
 from managerd.store.memory.base import SharedObject, sequence_index
+from managerd.store.memory.records import DictOp, ListOp, NamespaceOp
 from managerd_client.errors import ArgumentConflict, ForbiddenPayload
 
 _DECODER: Final = SafeDecoder()
@@ -110,12 +111,12 @@ class Dict(_Contents):
     def __setitem__(self, call: Call, key: Any, value: bytes) -> None:
         self.data[_check_key(key)] = _check_payload(value)
         self.writes_total += 1
-        self._j("set", key, value)
+        self._j(DictOp.SET, key, value)
 
     @exposed(mutates=True)
     def __delitem__(self, call: Call, key: Any) -> None:
         del self.data[_check_key(key)]
-        self._j("del", key)
+        self._j(DictOp.DEL, key)
 
     @exposed()
     def __contains__(self, call: Call, key: Any) -> bool:
@@ -140,7 +141,7 @@ class Dict(_Contents):
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, key: Any, default: Any = NO_DEFAULT) -> bytes:
         if _check_key(key) in self.data:
-            self._j("del", key)
+            self._j(DictOp.DEL, key)
             return self.data.pop(key)
         if default is NO_DEFAULT:
             raise KeyError(key)
@@ -151,14 +152,14 @@ class Dict(_Contents):
         if not self.data:
             raise KeyError("popitem(): dictionary is empty")
         key, value = self.data.popitem()
-        self._j("del", key)
+        self._j(DictOp.DEL, key)
         return key, value
 
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def setdefault(self, call: Call, key: Any, default: bytes) -> bytes:
         if _check_key(key) not in self.data:
             self.data[key] = _check_payload(default)
-            self._j("set", key, default)
+            self._j(DictOp.SET, key, default)
         return self.data[key]
 
     @exposed(pairs=Conv.PAIRS, mutates=True)
@@ -173,22 +174,22 @@ class Dict(_Contents):
             new[_check_key(pair[0])] = _check_payload(pair[1])
         self.data.update(new)
         self.writes_total += len(new)
-        self._j("update", list(new.items()))
+        self._j(DictOp.UPDATE, list(new.items()))
 
     @exposed(mutates=True)
     def clear(self, call: Call) -> None:
         self.data.clear()
-        self._j("clear")
+        self._j(DictOp.CLEAR)
 
     def apply(self, effect: tuple[Any, ...]) -> None:
         op = effect[0]
-        if op == "set":
+        if op == DictOp.SET:
             self.data[effect[1]] = effect[2]
-        elif op == "del":
+        elif op == DictOp.DEL:
             self.data.pop(effect[1], None)
-        elif op == "update":
+        elif op == DictOp.UPDATE:
             self.data.update(effect[1])
-        elif op == "clear":
+        elif op == DictOp.CLEAR:
             self.data.clear()
         else:
             raise ValueError(f"unknown dict record {op!r}")
@@ -267,12 +268,12 @@ class List(_Contents):
             self.items[index] = value
         else:
             self.items[index] = _check_payload(value)
-        self._j("set", index, value)
+        self._j(ListOp.SET, index, value)
 
     @exposed(mutates=True)
     def __delitem__(self, call: Call, index: Any) -> None:
         del self.items[sequence_index(index)]
-        self._j("del", index)
+        self._j(ListOp.DEL, index)
 
     @exposed()
     def __len__(self, call: Call) -> int:
@@ -285,7 +286,7 @@ class List(_Contents):
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def append(self, call: Call, value: bytes) -> None:
         self.items.append(_check_payload(value))
-        self._j("extend", [value])
+        self._j(ListOp.EXTEND, [value])
 
     @exposed(values=Conv.PAYLOADS, mutates=True)
     def extend(self, call: Call, values: list[bytes]) -> None:
@@ -293,21 +294,21 @@ class List(_Contents):
             raise BadArgument("extend takes a list of items")
         values = [_check_payload(v) for v in values]
         self.items.extend(values)
-        self._j("extend", values)
+        self._j(ListOp.EXTEND, values)
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def insert(self, call: Call, index: int, value: bytes) -> None:
         if isinstance(index, bool) or not isinstance(index, int):
             raise BadArgument("insert index must be an int")
         self.items.insert(index, _check_payload(value))
-        self._j("insert", index, value)
+        self._j(ListOp.INSERT, index, value)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, index: int = -1) -> bytes:
         if not self.items:
             raise IndexError("pop from empty list")
         item = self.items.pop(index)
-        self._j("del", index)
+        self._j(ListOp.DEL, index)
         return item
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
@@ -315,7 +316,7 @@ class List(_Contents):
         for i, item in enumerate(self.items):
             if _same(item, value):
                 del self.items[i]
-                self._j("del", i)
+                self._j(ListOp.DEL, i)
                 return
         raise ValueError("list.remove(x): x not in list")
 
@@ -335,7 +336,7 @@ class List(_Contents):
     @exposed(mutates=True)
     def reverse(self, call: Call) -> None:
         self.items.reverse()
-        self._j("all", self.items)
+        self._j(ListOp.ALL, self.items)
 
     @exposed(mutates=True)
     def sort(self, call: Call, key: None = None, reverse: bool = False) -> None:
@@ -352,12 +353,12 @@ class List(_Contents):
         except TypeError as exc:  # items that do not compare ('<' between int and str)
             raise BadArgument(str(exc)) from None
         self.items = [self.items[i] for i in order]
-        self._j("all", self.items)
+        self._j(ListOp.ALL, self.items)
 
     @exposed(mutates=True)
     def clear(self, call: Call) -> None:
         self.items.clear()
-        self._j("all", [])
+        self._j(ListOp.ALL, [])
 
     @exposed(result=Conv.PAYLOADS)
     def copy(self, call: Call) -> list[bytes]:
@@ -382,7 +383,7 @@ class List(_Contents):
         if isinstance(n, bool) or not isinstance(n, int):
             raise BadArgument("can't multiply a list by a non-int")
         self.items *= n
-        self._j("all", self.items)
+        self._j(ListOp.ALL, self.items)
 
     @exposed(result=Conv.PAYLOADS)
     def __reversed__(self, call: Call) -> list[bytes]:
@@ -390,15 +391,15 @@ class List(_Contents):
 
     def apply(self, effect: tuple[Any, ...]) -> None:
         op = effect[0]
-        if op == "set":
+        if op == ListOp.SET:
             self.items[effect[1]] = effect[2]
-        elif op == "del":
+        elif op == ListOp.DEL:
             del self.items[effect[1]]
-        elif op == "extend":
+        elif op == ListOp.EXTEND:
             self.items.extend(effect[1])
-        elif op == "insert":
+        elif op == ListOp.INSERT:
             self.items.insert(effect[1], effect[2])
-        elif op == "all":
+        elif op == ListOp.ALL:
             self.items = list(effect[1])
         else:
             raise ValueError(f"unknown list record {op!r}")
@@ -446,7 +447,7 @@ class Namespace(_Contents):
     @exposed("__setattr__", value=Conv.PAYLOAD, mutates=True)
     def setattr(self, call: Call, name: str, value: bytes) -> None:
         self.attrs[self._attr(name)] = _check_payload(value)
-        self._j("set", name, value)
+        self._j(NamespaceOp.SET, name, value)
 
     @exposed("__delattr__", mutates=True)
     def delattr(self, call: Call, name: str) -> None:
@@ -454,12 +455,12 @@ class Namespace(_Contents):
             del self.attrs[self._attr(name)]
         except KeyError:
             raise NoAttribute(f"'Namespace' object has no attribute {name!r}") from None
-        self._j("del", name)
+        self._j(NamespaceOp.DEL, name)
 
     def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] == "set":
+        if effect[0] == NamespaceOp.SET:
             self.attrs[effect[1]] = effect[2]
-        elif effect[0] == "del":
+        elif effect[0] == NamespaceOp.DEL:
             self.attrs.pop(effect[1], None)
         else:
             raise ValueError(f"unknown namespace record {effect[0]!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from typing import Any, ClassVar
 
@@ -17,6 +18,13 @@ from managerd.store.memory.base import (
     timeout_s,
     wait_or_now_s,
 )
+
+
+class _Read(enum.Enum):
+    """A parked reader's ``waiter.data``: what it waits for."""
+
+    RECV = enum.auto()  # a message
+    POLL = enum.auto()  # to know there is one (or EOF)
 
 
 def _recv_timeout(waiter: Waiter) -> None:
@@ -79,7 +87,7 @@ class Pipe(SharedObject):
             waiter = readers.popleft()
             if not waiter.alive:
                 continue
-            if waiter.data == "poll":
+            if waiter.data is _Read.POLL:
                 waiter.finish(True)
                 continue
             waiter.finish(payload)
@@ -102,7 +110,7 @@ class Pipe(SharedObject):
             return self.inbox[end].popleft()
         if self.closed[1 - end]:
             raise EOFError("the other end of the pipe is closed")
-        return self.park(self.readers[end], call, wait_s, _recv_timeout, "recv")
+        return self.park(self.readers[end], call, wait_s, _recv_timeout, _Read.RECV)
 
     def _undo_recv(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
         """A recv answered but abandoned by its client: the message is first again."""
@@ -114,7 +122,7 @@ class Pipe(SharedObject):
             waiter = readers.popleft()
             if not waiter.alive:
                 continue
-            if waiter.data == "poll":
+            if waiter.data is _Read.POLL:
                 waiter.finish(True)
             else:
                 waiter.finish(inbox.popleft())
@@ -130,7 +138,7 @@ class Pipe(SharedObject):
             return True
         if wait_s == 0.0:
             return False
-        return self.park(self.readers[end], call, wait_s, _poll_timeout, "poll")
+        return self.park(self.readers[end], call, wait_s, _poll_timeout, _Read.POLL)
 
     @exposed(mutates=True)
     def close(self, call: Call, end: int) -> None:
@@ -141,7 +149,7 @@ class Pipe(SharedObject):
         # Readers of the other end learn of the close: EOF, or poll() True.
         readers = self.readers[1 - end]
         while (waiter := pop_alive(readers)) is not None:
-            if waiter.data == "poll":
+            if waiter.data is _Read.POLL:
                 waiter.finish(True)
             else:
                 waiter.fail(EOFError("the other end of the pipe is closed"))

@@ -21,6 +21,7 @@ from managerd.store.memory.locks import BoundedSemaphore, Lock, RLock, Semaphore
 from managerd.store.memory.mappings import Dict, List, Namespace
 from managerd.store.memory.pipes import Pipe
 from managerd.store.memory.queues import DEAD_LETTER_SUFFIX, JoinableQueue, Queue
+from managerd.store.memory.records import RecordKind
 from managerd.store.memory.sync import Barrier, Condition, Event
 from managerd.store.memory.tokens import TokenSource
 from managerd.store.memory.values import Array, Value
@@ -110,7 +111,7 @@ class Registry:
         obj.created_with = dict(args)
         self.objects[obj.name] = obj
         if self.journal is not None:
-            self.journal.append(("create", obj.typeid, obj.name, obj.created_with))
+            self.journal.append((int(RecordKind.CREATE), obj.typeid, obj.name, obj.created_with))
             if obj.durable:
                 obj.journal = self.journal
 
@@ -156,24 +157,29 @@ class Registry:
             return False
         obj.shutdown(NoSuchObject(f"{name!r} was deleted"))
         if self.journal is not None:
-            self.journal.append(("delete", name))
+            self.journal.append((int(RecordKind.DELETE), name))
         return True
 
     # -- durability -------------------------------------------------------------
     def replay(self, records: list[tuple[Any, ...]]) -> int:
-        """Rebuild the objects from journal records; the number of queued items."""
+        """Rebuild the objects from journal records; the number of queued items.
+
+        The records are in the current format (``Journal.recover`` upgrades
+        older ones); see ``records.py``.
+        """
         assert self.journal is None, "replay before the journal is attached"
+        create, delete, state, op = RecordKind  # looked up once, not per record
         for record in records:
             kind = record[0]
-            if kind == "create":
+            if kind == op:
+                self.objects[record[1]].apply(tuple(record[2:]))
+            elif kind == create:
                 _, typeid, name, args = record
                 self.get_or_create(typeid, name, args)
-            elif kind == "delete":
+            elif kind == delete:
                 self.delete(record[1])
-            elif kind == "state":
+            elif kind == state:
                 self.objects[record[1]].load_state(record[2])
-            elif kind == "op":
-                self.objects[record[1]].apply(tuple(record[2:]))
             else:
                 raise ValueError(f"unknown journal record {kind!r}")
         items = 0
@@ -194,9 +200,9 @@ class Registry:
         """The records that rebuild every object as it is now (a snapshot)."""
         records: list[tuple[Any, ...]] = []
         for obj in self.objects.values():
-            records.append(("create", obj.typeid, obj.name, obj.created_with))
+            records.append((int(RecordKind.CREATE), obj.typeid, obj.name, obj.created_with))
             if obj.durable:
-                records.append(("state", obj.name, obj.dump_state()))
+                records.append((int(RecordKind.STATE), obj.name, obj.dump_state()))
         return records
 
     def shutdown(self) -> None:

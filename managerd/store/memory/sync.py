@@ -27,6 +27,7 @@ from managerd.store.memory.base import (
     wait_or_now_s,
 )
 from managerd.store.memory.locks import Lock
+from managerd.store.memory.records import EventOp
 
 
 class Event(SharedObject):
@@ -47,7 +48,7 @@ class Event(SharedObject):
     @exposed(mutates=True)
     def set(self, call: Call) -> None:
         if not self.flag:
-            self._j("flag", True)
+            self._j(EventOp.FLAG, True)
         self.flag = True
         while (waiter := pop_alive(self.waiters)) is not None:
             waiter.finish(True)
@@ -55,7 +56,7 @@ class Event(SharedObject):
     @exposed(mutates=True)
     def clear(self, call: Call) -> None:
         if self.flag:
-            self._j("flag", False)
+            self._j(EventOp.FLAG, False)
         self.flag = False
 
     @exposed()
@@ -74,7 +75,7 @@ class Event(SharedObject):
         fail_all(self.waiters, exc)
 
     def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] != "flag":
+        if effect[0] != EventOp.FLAG:
             raise ValueError(f"unknown event record {effect[0]!r}")
         self.flag = bool(effect[1])
 

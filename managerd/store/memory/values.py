@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from managerd.store.api import BadArgument, Call, exposed
 from managerd.store.memory.base import SharedObject, sequence_index
+from managerd.store.memory.records import ArrayOp, ValueOp
 
 #: ctypes typecodes multiprocessing.Value/Array accept; 'c' is a byte.
 TYPECODES: Final = frozenset("cubBhHiIlLqQfd")
@@ -62,7 +63,7 @@ class Value(SharedObject):
     @exposed(mutates=True)
     def set(self, call: Call, value: Any) -> None:
         self.value = _coerce(self.typecode, value)
-        self._j("set", self.value)
+        self._j(ValueOp.SET, self.value)
 
     @exposed(mutates=True)
     def add(self, call: Call, delta: Any) -> Any:
@@ -74,11 +75,11 @@ class Value(SharedObject):
         except TypeError as exc:
             raise BadArgument(str(exc)) from None
         self.value = _coerce(self.typecode, total)
-        self._j("set", self.value)
+        self._j(ValueOp.SET, self.value)
         return self.value
 
     def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] != "set":
+        if effect[0] != ValueOp.SET:
             raise ValueError(f"unknown value record {effect[0]!r}")
         self.value = effect[1]
 
@@ -164,7 +165,7 @@ class Array(SharedObject):
     def __setitem__(self, call: Call, index: Any, value: Any) -> None:
         index = sequence_index(index)
         self._store(index, value)
-        self._j("set", index, self._out(self.data[index]))
+        self._j(ArrayOp.SET, index, self._out(self.data[index]))
 
     def _store(self, index: int | slice, value: Any) -> None:
         try:
@@ -198,7 +199,7 @@ class Array(SharedObject):
         return self.snapshot()
 
     def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] != "set":
+        if effect[0] != ArrayOp.SET:
             raise ValueError(f"unknown array record {effect[0]!r}")
         self._store(effect[1], effect[2])
 
