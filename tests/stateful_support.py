@@ -73,6 +73,8 @@ KNOWN_BUG_INTERRUPTED_CALLS = True
 EXAMPLES = int(os.environ.get("MANAGERD_STATEFUL_EXAMPLES", "6"))
 STEPS = int(os.environ.get("MANAGERD_STATEFUL_STEPS", "20"))
 COUNTS_FILE = os.environ.get("MANAGERD_STATEFUL_COUNTS")
+#: Daemon restarts per example (each costs ~1 s: the daemon's start-up).
+RESTARTS = int(os.environ.get("MANAGERD_STATEFUL_RESTARTS", "1"))
 
 SETTINGS = settings(
     max_examples=EXAMPLES,
@@ -112,9 +114,9 @@ HUGE_INT = 10**30
 #: Timeouts that are always fine and short.
 short_timeouts = st.sampled_from([0, 0.0, -0.0, 0.001, 0.01, SHORT_S, False, True and 0.02])
 #: Timeouts of the wrong type or sign.
-bad_timeouts = st.sampled_from(["1", b"x", [0.01], -1.5, -(10**30)])
+bad_timeouts = st.sampled_from(["1", b"x", [0.01], -1.5])
 #: Timeouts that are not finite or too large (the known bug).
-nonfinite_timeouts = st.sampled_from([NAN, INF, -INF, HUGE_INT, 1e300])
+nonfinite_timeouts = st.sampled_from([NAN, INF, -INF, HUGE_INT, -HUGE_INT, 1e300])
 
 
 def timeouts(allow_none: bool = False) -> st.SearchStrategy[Any]:
@@ -126,13 +128,16 @@ def timeouts(allow_none: bool = False) -> st.SearchStrategy[Any]:
     return st.one_of(*parts)
 
 
-def nonfinite_error(timeout: Any) -> type[BaseException] | None:
-    """What threading raises for a non-finite or huge timeout (None: it is finite)."""
-    if isinstance(timeout, float) and math.isnan(timeout):
-        return ValueError
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        if timeout in (INF, -INF) or abs(timeout) > 1e18:
-            return OverflowError if timeout > 0 else None
+def nonfinite_error(timeout: Any) -> tuple[type[BaseException], ...] | None:
+    """What threading may raise for a non-finite or huge timeout (None: it is finite).
+
+    NaN is a ValueError, +-inf and huge ones an OverflowError in threading;
+    a negative one may also be refused as negative (ValueError) first.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        return None
+    if (isinstance(timeout, float) and not math.isfinite(timeout)) or abs(timeout) > 1e18:
+        return (ValueError, OverflowError)
     return None
 
 
@@ -309,6 +314,7 @@ class StatefulMachine(RuleBasedStateMachine):
         self.actors = [Actor(c, t) for c in range(CLIENTS) for t in range(THREADS)]
         self.prefix = f"{self.primitive}-{uuid.uuid4().hex[:12]}"
         self.children: list[subprocess.Popen[str]] = []
+        self.restarts = 0
 
     def name(self, suffix: str = "") -> str:
         return self.prefix + suffix
@@ -359,8 +365,12 @@ class StatefulMachine(RuleBasedStateMachine):
 
     def restart_daemon(self) -> None:
         """A crash (SIGKILL) and a restart on the same port and data directory."""
+        self.restarts += 1
         self.daemon.kill()
         self.daemon.start(port=self.daemon.port)
+
+    def may_restart(self) -> bool:
+        return self.restarts < RESTARTS
 
     def sessions_alive(self, name: str) -> bool:
         """Every holder listed for ``name`` is a live session (none of the killed children)."""

@@ -285,7 +285,7 @@ class QueueMachine(StatefulMachine):
     def _reserved_on_daemon(self) -> int:
         return int(self.status_of(self.name())["reserved"])
 
-    @precondition(lambda self: len(self.children) < 4)
+    @precondition(lambda self: self.may_restart())
     @rule()
     def restart(self) -> None:
         """Crash and recover: queued items stay; reserved ones come back first, in order."""

@@ -29,6 +29,9 @@ from managerd.sessions import Session
 
 def _acquire_wait_s(blocking: bool, timeout: float | None) -> float | None:
     """threading's (blocking, timeout) as seconds to wait; -1/None is forever."""
+    if timeout is not None and not isinstance(timeout, (int, float)):
+        # threading checks the type first: acquire(False, "1") is a TypeError.
+        raise TypeError(f"timeout must be a number, not {type(timeout).__name__}")
     if not blocking:
         if timeout not in (None, -1):
             raise ValueError("can't specify a timeout for a non-blocking call")
@@ -38,6 +41,24 @@ def _acquire_wait_s(blocking: bool, timeout: float | None) -> float | None:
     if timeout < 0:
         raise ValueError("timeout value must be a non-negative number")
     return float(timeout)
+
+
+def _semaphore_wait_s(blocking: bool, timeout: float | None) -> float | None:
+    """``threading.Semaphore``'s (blocking, timeout): None is forever, a negative one 0.
+
+    Except -1, which managerd clients before this sent for "no timeout" (and
+    Lock's acquire means it so): it stays "forever" on the wire. The managerd
+    proxy sends threading's meaning of an explicit -1 (0, do not wait).
+    """
+    if not blocking:
+        if timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        return 0.0
+    if timeout is None or (timeout == -1 and not isinstance(timeout, bool)):
+        return _acquire_wait_s(True, -1)
+    if not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number, not {type(timeout).__name__}")
+    return _acquire_wait_s(True, 0.0 if timeout < 0 else timeout)
 
 
 def _not_acquired(waiter: Waiter) -> None:
@@ -208,8 +229,8 @@ class Semaphore(SharedObject):
         return self.token
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
-    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
-        wait_s = _acquire_wait_s(blocking, timeout)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = None) -> Any:
+        wait_s = _semaphore_wait_s(blocking, timeout)
         if self.value > 0 and alive_count(self.waiters) == 0:
             return self._grant(call.session)
         if wait_s == 0.0:
@@ -218,7 +239,10 @@ class Semaphore(SharedObject):
 
     @exposed(mutates=True)
     def release(self, call: Call, n: int = 1) -> None:
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int):
+            # threading.Semaphore adds a float; permits here are whole.
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if n < 1:
             raise ValueError("n must be one or more")
         if self.bounded and self.value + n > self.initial:
             raise ValueError("Semaphore released too many times")
