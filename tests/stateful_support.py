@@ -163,7 +163,6 @@ payloads: st.SearchStrategy[Any] = st.recursive(
 )
 
 
-
 class Big:
     """A huge string, drawn as this (so that failure reports stay short)."""
 
@@ -222,8 +221,7 @@ def same(a: Any, b: Any) -> bool:
             return False
         bi = list(b.items())
         return all(
-            same(ka, kb) and same(va, vb)
-            for (ka, va), (kb, vb) in zip(a.items(), bi, strict=True)
+            same(ka, kb) and same(va, vb) for (ka, va), (kb, vb) in zip(a.items(), bi, strict=True)
         )
     return bool(a == b)
 
@@ -263,9 +261,7 @@ def outcome(fn: Callable[[], Any]) -> Outcome:
 def same_outcome(got: Outcome, want: Outcome, what: str, compare: bool = True) -> None:
     """The same exception type, or (when ``compare``) an equal result."""
     if want.exc is not None or got.exc is not None:
-        assert want.exc is not None and got.exc is not None, (
-            f"{what}: managerd {got}, model {want}"
-        )
+        assert want.exc is not None and got.exc is not None, f"{what}: managerd {got}, model {want}"
         assert type(got.exc) is type(want.exc), f"{what}: managerd {got}, model {want}"
         return
     if compare:

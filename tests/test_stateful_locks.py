@@ -25,6 +25,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
+
+from conftest import Daemon
 from stateful_support import (
     KNOWN_BUG_FENCING_RESTART,
     SHORT_S,
@@ -39,8 +41,6 @@ from stateful_support import (
     timeouts,
     wrong_types,
 )
-
-from conftest import Daemon
 
 __all__ = ["sdaemon"]
 
@@ -281,4 +281,3 @@ def test_semaphore_model(sdaemon: Daemon) -> None:
 
 def test_bounded_semaphore_model(sdaemon: Daemon) -> None:
     run_machine(BoundedSemaphoreMachine, sdaemon)
-

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
+
+from conftest import Daemon
 from stateful_support import (
     Actor,
     StatefulMachine,
@@ -39,8 +41,6 @@ from stateful_support import (
     sdaemon,
     wrong_types,
 )
-
-from conftest import Daemon
 
 __all__ = ["sdaemon"]
 
@@ -118,7 +118,9 @@ class DictMachine(StatefulMachine):
     def contains_get(self, data: st.DataObject, key: Any) -> None:
         a = data.draw(st.sampled_from(self.actors))
         self.call(a, f"{key!r} in d", lambda: key in self.p(a), lambda: fresh(key) in self.model)
-        self.call(a, f"d.get({key!r})", lambda: self.p(a).get(key), lambda: self.model.get(fresh(key)))
+        self.call(
+            a, f"d.get({key!r})", lambda: self.p(a).get(key), lambda: self.model.get(fresh(key))
+        )
 
     @rule(data=st.data(), pairs=st.lists(st.tuples(hashable_keys, payloads), max_size=3))
     def update(self, data: st.DataObject, pairs: list[tuple[Any, Any]]) -> None:
@@ -387,4 +389,3 @@ def test_namespace_model(sdaemon: Daemon) -> None:
 
 def test_value_array_model(sdaemon: Daemon) -> None:
     run_machine(ValueArrayMachine, sdaemon)
-

@@ -30,6 +30,10 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
+
+from managerd_client import Message
+
+from conftest import Daemon, wait_until
 from stateful_support import (
     KNOWN_BUG_QUEUE_TASK_DONE,
     SHORT_S,
@@ -39,17 +43,13 @@ from stateful_support import (
     nonfinite_error,
     outcome,
     real,
-    top_payloads,
     run_machine,
     same,
     same_outcome,
     sdaemon,
     timeouts,
+    top_payloads,
 )
-
-from managerd_client import Message
-
-from conftest import Daemon, wait_until
 
 __all__ = ["sdaemon"]
 
@@ -90,9 +90,7 @@ class QueueMachine(StatefulMachine):
         self._make_proxies()
 
     def _make_proxies(self) -> None:
-        self.proxies = [
-            getattr(m, self.typeid)(self.name(), self.maxsize) for m in self.managers
-        ]
+        self.proxies = [getattr(m, self.typeid)(self.name(), self.maxsize) for m in self.managers]
 
     def q(self, actor: Actor) -> Any:
         return self.proxies[actor.client]
@@ -119,12 +117,11 @@ class QueueMachine(StatefulMachine):
             timeout = SHORT_S  # (None would wait for ever)
         got = actor.run(lambda: outcome(lambda: self.q(actor).put(item, block, timeout)))
         bad = nonfinite_error(timeout) if block else None
-        if bad is not None:
+        if bad is not None and not got.ok:
             # Refused up front (as threading), or accepted where the stdlib
             # would not have waited: either way the state says which.
-            if not got.ok:
-                assert isinstance(got.exc, bad), got
-                return
+            assert isinstance(got.exc, bad), got
+            return
         early = queue_timeout_error(block, timeout)
         if early is not None:
             same_outcome(got, Outcome(exc=early), f"{actor} put(timeout={timeout!r})")
@@ -237,8 +234,8 @@ class QueueMachine(StatefulMachine):
     @rule(data=st.data(), own=st.booleans())
     def ack(self, data: st.DataObject, own: bool) -> None:
         did = self._pick_reserved(data)
-        entry, client, msg = self.reserved[did]
-        actor = [a for a in self.actors if (a.client == client) == own][0]
+        entry, client, _ = self.reserved[did]
+        actor = next(a for a in self.actors if (a.client == client) == own)
         got = actor.run(lambda: outcome(lambda: self.q(actor)._call("ack", did)))
         if not own:
             same_outcome(got, Outcome(exc=ValueError()), "ack from another session")
@@ -255,7 +252,7 @@ class QueueMachine(StatefulMachine):
     def nack(self, data: st.DataObject, requeue: bool) -> None:
         did = self._pick_reserved(data)
         entry, client, msg = self.reserved.pop(did)
-        actor = [a for a in self.actors if a.client == client][0]
+        actor = next(a for a in self.actors if a.client == client)
         got = actor.run(lambda: outcome(lambda: msg.nack(requeue)))
         assert got.ok, f"nack: {got}"
         if requeue:
@@ -377,4 +374,3 @@ def test_joinable_queue_model(sdaemon: Daemon) -> None:
 @pytest.mark.skipif(KNOWN_BUG_QUEUE_TASK_DONE, reason="KNOWN_BUG_QUEUE_TASK_DONE")
 def test_queue_task_done_model(sdaemon: Daemon) -> None:
     run_machine(QueueTaskDoneMachine, sdaemon)
-
