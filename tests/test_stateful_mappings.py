@@ -44,6 +44,10 @@ from stateful_support import (
 
 __all__ = ["sdaemon"]
 
+#: A daemon restart that hangs fails in conftest (30 s, with the daemon's log)
+#: rather than in pytest-timeout (which shows no log).
+pytestmark = pytest.mark.timeout(300)
+
 
 def fresh(key: Any) -> Any:
     """A NaN key as a new object (what the daemon sees: it was unpickled)."""

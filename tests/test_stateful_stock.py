@@ -25,6 +25,7 @@ from multiprocessing.managers import (
 )
 from typing import Any
 
+import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
@@ -42,6 +43,10 @@ from stateful_support import (
 )
 
 __all__ = ["sdaemon"]
+
+#: A daemon restart that hangs fails in conftest (30 s, with the daemon's log)
+#: rather than in pytest-timeout (which shows no log).
+pytestmark = pytest.mark.timeout(300)
 
 
 class StockManager(BaseManager):
