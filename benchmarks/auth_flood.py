@@ -245,7 +245,9 @@ def main() -> int:
         flush=True,
     )
     authkey = secrets.token_hex(16)
-    env_extra = {}
+    # Loopback is exempt from the penalty by default; here 127.0.0.2 plays
+    # another host, so only the well-behaved client's 127.0.0.1 is exempt.
+    env_extra = {"MANAGERD_AUTH_PENALTY_EXEMPT": "127.0.0.1/32"}
     if args.auth_failure_limit is not None:
         env_extra["MANAGERD_AUTH_FAILURE_LIMIT"] = str(args.auth_failure_limit)
     print(

@@ -63,14 +63,14 @@ def _produce_managerd(address: str, authkey: bytes, seconds: float, out: Any) ->
 
 def _produce_stock(address: tuple[str, int], authkey: bytes, seconds: float, out: Any) -> None:
     StockManager.register("Queue")
-    m = StockManager(address=address, authkey=authkey)
+    m: Any = StockManager(address=address, authkey=authkey)
     m.connect()
     out.put(_put_for(m.Queue(), seconds))
 
 
 def _rate(target: Any, args: tuple[Any, ...], producers: int, seconds: float) -> float:
     ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
+    out: multiprocessing.Queue[int] = ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args, seconds, out)) for _ in range(producers)]
     for p in procs:
         p.start()

@@ -14,17 +14,24 @@ by name get their own series, the rest are summed under ``_other``, so a
 million queue names cannot blow up Prometheus.
 
 The endpoint also answers ``/healthz`` (the process is alive) and
-``/readyz`` (it accepts clients).
+``/readyz`` (it accepts clients), and serves the status page: ``/`` (a
+self-contained page from ``managerd/web``) and ``/status.json``, the
+document ``managerd status --json`` prints. ``/status.json`` is read on
+the event loop (the objects are the loop's), never from this thread.
 """
 
 from __future__ import annotations
 
-import bisect
+import asyncio
+import concurrent.futures
 import hmac
+import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+import time
+from collections.abc import Callable, Iterable, Iterator, Sized
+from importlib import resources
+from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
@@ -36,65 +43,49 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-if TYPE_CHECKING:
-    from managerd.server import ServerCore
+from managerd.histogram import Histogram
+from managerd.service.ops import ServerOps
+from managerd.service.peers import PeerGuard
+from managerd.service.requests import RequestStats, Stats
+from managerd.service.sessions import SessionTable
+from managerd.settings import Settings
+from managerd.store.memory.deadlock import Detector
+from managerd.store.memory.registry import Registry
+
+
+class MetricsCore(Protocol):
+    """What the metrics endpoint reads of the daemon (``server.ServerCore`` is one).
+
+    Passed in rather than imported: the server imports this module.
+    """
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def accepting(self) -> bool: ...
+    @property
+    def connections(self) -> Sized: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def sessions(self) -> SessionTable: ...
+    @property
+    def ops(self) -> ServerOps: ...
+    @property
+    def peers(self) -> PeerGuard: ...
+    @property
+    def deadlocks(self) -> Detector: ...
+    @property
+    def requests(self) -> RequestStats: ...
+    @property
+    def stats(self) -> Stats: ...
+
 
 log = logging.getLogger("managerd")
 
-#: Seconds; from a fast call on loopback to a long blocking wait.
-LATENCY_BUCKETS_S: Final = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
 OTHER: Final = "_other"
-
-
-class Histogram:
-    """Bucket counts bumped on the loop thread; read by the collector."""
-
-    __slots__ = ("count", "counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value_s: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, value_s)] += 1
-        self.sum += value_s
-        self.count += 1
-
-    def merge(self, other: Histogram) -> None:
-        for i, n in enumerate(other.counts):
-            self.counts[i] += n
-        self.sum += other.sum
-        self.count += other.count
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        total = 0
-        for bound, n in zip(LATENCY_BUCKETS_S, self.counts, strict=False):
-            total += n
-            out.append((repr(bound), float(total)))
-        out.append(("+Inf", float(self.count)))
-        return out
-
-
-class RequestStats:
-    """Request counts by method and outcome, and one latency histogram."""
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
-        self.latency = Histogram()
-        self.limits: dict[str, int] = {}
-
-    def record(self, method: str, outcome: str, seconds: float) -> None:
-        key = (method, outcome)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        self.latency.observe(seconds)
-
-    def limit_hit(self, limit: str) -> None:
-        self.limits[limit] = self.limits.get(limit, 0) + 1
 
 
 def _bounded(objects: Iterable[Any], limit: int) -> tuple[list[Any], list[Any]]:
@@ -106,7 +97,7 @@ def _bounded(objects: Iterable[Any], limit: int) -> tuple[list[Any], list[Any]]:
 class Collector:
     """Reads the daemon's state into metric families at scrape time."""
 
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: MetricsCore) -> None:
         self.core = core
 
     def describe(self) -> Iterator[Metric]:
@@ -221,6 +212,8 @@ class Collector:
             ("managerd_tls_failures_total", "Failed TLS handshakes.", stats.tls_failures),
             ("managerd_sessions_expired_total", "Sessions ended by lease expiry.",
              stats.sessions_expired),
+            ("managerd_deadlocks_total", "Cycles of lock waiters found (deadlock setting).",
+             core.deadlocks.found_total),
             ("managerd_received_bytes_total", "Bytes received from clients.", stats.bytes_in),
             ("managerd_sent_bytes_total", "Bytes sent to clients.", stats.bytes_out),
         ):  # fmt: skip
@@ -294,17 +287,99 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+#: The page's files (package data), served as they are.
+WEB_FILES: Final = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+STATUS_TIMEOUT_S: Final = 5.0
+#: Rates on /status.json come from the sample before this one, if it is at least this old.
+MIN_RATE_INTERVAL_S: Final = 0.5
+
+
+def web_file(name: str) -> bytes:
+    return resources.files("managerd").joinpath("web", name).read_bytes()
+
+
+class StatusSource:
+    """``/status.json``: a status sample taken on the loop, rates against the previous one."""
+
+    def __init__(self, core: MetricsCore) -> None:
+        self.core = core
+        self._lock = threading.Lock()
+        self._previous: tuple[float, dict[str, Any]] | None = None
+
+    def _sample(self) -> dict[str, Any]:
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                future.set_result(self.core.ops.status())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.core.loop.call_soon_threadsafe(take)
+        return future.result(STATUS_TIMEOUT_S)
+
+    def document(self) -> dict[str, Any]:
+        from managerd.status import summarize
+
+        now = time.monotonic()
+        after = self._sample()
+        with self._lock:
+            previous = self._previous
+            if previous is None or now - previous[0] >= MIN_RATE_INTERVAL_S:
+                self._previous = (now, after)
+        if previous is None:
+            return summarize(after, after, 1.0)
+        return summarize(previous[1], after, max(now - previous[0], 1e-3))
+
+
+def _not_yet(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"starting\n"]
+
+
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a background HTTP thread."""
 
-    def __init__(self, core: ServerCore, host: str, port: int, token: bytes | None = None) -> None:
+    def __init__(self, host: str, port: int, token: bytes | None = None) -> None:
+        """Bind the port (before the daemon touches its data directory); :meth:`start` serves."""
         #: With a token, ``/metrics`` answers only ``Authorization: Bearer <token>``
         #: (the health endpoints stay open: they tell nothing but up or down).
-        expected = b"Bearer " + token if token else None
+        self._expected = b"Bearer " + token if token else None
+        try:
+            self.httpd = make_server(
+                host, port, _not_yet, ThreadingWSGIServer, handler_class=_QuietHandler
+            )
+        except OSError as exc:  # said as the main port's is (server._listen)
+            raise OSError(
+                exc.errno, f"cannot listen on {host}:{port} (metrics): {exc.strerror}"
+            ) from None
+        self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="managerd-metrics", daemon=True
+        )
+
+    def _app(self, core: MetricsCore) -> Callable[..., Iterable[bytes]]:
+        expected = self._expected
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(core))
         ProcessCollector(registry=registry)  # process_* : memory, CPU, open files
         metrics_app = make_wsgi_app(registry)
+        status = StatusSource(core)
+
+        def authorized(environ: dict[str, Any], start_response: Callable[..., Any]) -> bool:
+            given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+            if expected is None or hmac.compare_digest(given, expected):
+                return True
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+            )
+            return False
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "/")
@@ -319,28 +394,51 @@ class MetricsServer:
                 )
                 return [b"ready\n" if ready else b"not accepting clients\n"]
             if path == "/metrics":
-                given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
-                if expected is not None and not hmac.compare_digest(given, expected):
-                    start_response(
-                        "401 Unauthorized",
-                        [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
-                    )
+                if not authorized(environ, start_response):
                     return [b"a bearer token is required (metrics_token_file)\n"]
                 result: Iterable[bytes] = metrics_app(environ, start_response)
                 return result
+            if path == "/status.json":
+                if not authorized(environ, start_response):
+                    return [b"a bearer token is required (metrics_token_file)\n"]
+                try:
+                    doc = status.document()
+                except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+                    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                    return [f"the daemon did not answer: {exc}\n".encode()]
+                body = json.dumps(doc, default=str).encode()
+                start_response(
+                    "200 OK",
+                    [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+                )
+                return [body]
+            if path in WEB_FILES:
+                # The page holds no data (it fetches /status.json with the token).
+                file, content_type = WEB_FILES[path]
+                start_response(
+                    "200 OK",
+                    [
+                        ("Content-Type", content_type),
+                        ("Cache-Control", "no-cache"),
+                        ("X-Content-Type-Options", "nosniff"),
+                        ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:"),
+                    ],
+                )
+                return [web_file(file)]
             start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"try /metrics, /healthz or /readyz\n"]
+            return [b"try /, /status.json, /metrics, /healthz or /readyz\n"]
 
-        self.httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
-        self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="managerd-metrics", daemon=True
-        )
+        return app
 
-    def start(self) -> None:
+    def start(self, core: MetricsCore) -> None:
+        self.httpd.set_app(self._app(core))
         self._thread.start()
-        log.info("metrics on http://%s:%d/metrics", *self.address)
+        log.info("metrics on http://%s:%d/metrics, the status page on /", *self.address)
 
     def stop(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def close(self) -> None:
+        """Give the port back without having served (the daemon did not start)."""
         self.httpd.server_close()

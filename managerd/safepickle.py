@@ -117,9 +117,17 @@ class RestrictedUnpickler(pickle.Unpickler):
         if guarded is not None:
             return guarded
         if (module, name) in self._allowed:
-            return super().find_class(module, name)
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError) as exc:
+                raise ForbiddenPayload(
+                    f"{module}.{name} is in allowed_classes but the daemon cannot import it "
+                    f"({exc}): install its module where the daemon runs"
+                ) from None
         raise ForbiddenPayload(
-            f"refused to decode {module}.{name}: the daemon accepts builtin data types only"
+            f"refused to decode {module}.{name}: the daemon decodes builtin data types, and "
+            f"the classes its allowed_classes setting (MANAGERD_ALLOWED_CLASSES) names, "
+            f"which it must be able to import"
         )
 
     def persistent_load(self, pid: Any) -> Any:

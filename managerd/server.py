@@ -13,57 +13,43 @@ blocked inside the object.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
-import platform
-import resource
 import signal
 import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any
 
-from managerd.dispatch import Dispatcher, ServerOps
-from managerd.journal import CorruptJournal, Journal
+from managerd import __version__
 from managerd.metrics import MetricsServer
-from managerd.peers import LogBudget, PeerGuard
-from managerd.protocol import Connection
-from managerd.registry import TYPES, Registry
+from managerd.osutil import raise_file_limit, retain_freed_memory
 from managerd.safepickle import SafeDecoder
-from managerd.sessions import Session, SessionTable
-from managerd.settings import EventLoop, FsyncMode, Settings, read_key_file, resolve_authkey
-from managerd.stock import StockAdapter
+from managerd.service.ops import ServerOps
+from managerd.service.peers import LogBudget, PeerGuard
+from managerd.service.requests import Stats
+from managerd.service.sessions import SessionTable
+from managerd.settings import EventLoop, Settings, read_key_file, resolve_authkey
+from managerd.store.memory.datadir import DataDirInUse, DataDirLock
+from managerd.store.memory.deadlock import DeadlockMode, Detector
+from managerd.store.memory.journal import CorruptJournal, FsyncMode, Journal
+from managerd.store.memory.registry import TYPES, Registry
+from managerd.store.memory.tokens import TokenSource, TokenStoreError
+from managerd.store.sessions import Session
+from managerd.wire.connection import Connection
+from managerd.wire.managerd_dialect import Dispatcher
+from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
 
 log = logging.getLogger("managerd")
 
-# glibc's mallopt(3) parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # HEAP_MAX/2 on 64-bit: larger values are refused
-
 
 class StartupError(Exception):
     """The daemon cannot start as configured; the message says why."""
-
-
-@dataclass
-class Stats:
-    """Counters the metrics endpoint reads."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    auth_failures: int = 0
-    handshake_timeouts: int = 0
-    connections_refused: int = 0
-    tls_failures: int = 0
-    sessions_expired: int = 0
 
 
 class ServerCore:
@@ -74,7 +60,10 @@ class ServerCore:
         self.authkey = authkey
         self.loop = loop
         self.server_id = os.urandom(8).hex()
-        self.registry = Registry(loop)
+        data_dir = settings.data_dir.expanduser() if settings.data_dir is not None else None
+        #: Fencing tokens, increasing across restarts (a ceiling kept in the data directory).
+        self.tokens = TokenSource(data_dir)
+        self.registry = Registry(loop, self.tokens)
         self.sessions = SessionTable()
         self.decoder = SafeDecoder(settings.allowed_classes)
         self.ops = ServerOps(self.registry, self.sessions, time.time())
@@ -96,8 +85,15 @@ class ServerCore:
             settings.auth_penalty_s,
             settings.max_handshakes_per_peer,
             self.refusals,
+            exempt=settings.auth_penalty_exempt,
         )
         self.ops.peers = self.peers
+        self.ops.about = about(settings)
+        #: The wait-for graph's walker, given to every session.
+        self.deadlocks = Detector(settings.deadlock)
+        if settings.deadlock is not DeadlockMode.OFF:
+            self.sessions.deadlocks = self.deadlocks
+        self.ops.deadlocks = lambda: (self.deadlocks.standing(), self.deadlocks.found_total)
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
         #: The journal of durable state (None: memory only).
@@ -147,6 +143,7 @@ class ServerCore:
         old = self.session_conns.get(session)
         if old is not None and old is not conn:
             old.session = None  # so that closing it does not end the session
+            old.calls.drop_parked()  # their answers could not reach the client
             old.close()
         self.session_conns[session] = conn
 
@@ -196,9 +193,16 @@ class ServerCore:
 class EventLoopServer:
     """The server behind :class:`Managerd`: listens and runs the loop."""
 
-    def __init__(self, settings: Settings, authkey: bytes) -> None:
+    def __init__(
+        self, settings: Settings, authkey: bytes | None, data_dir_lock: DataDirLock | None = None
+    ) -> None:
         self.settings = settings
+        #: None: resolved (and generated if none is configured) once the ports
+        #: are bound and the data directory is locked.
         self.authkey = authkey
+        #: The data directory's lock, when the caller took it; otherwise
+        #: :meth:`serve` takes it once the ports are bound.
+        self.data_dir_lock = data_dir_lock
         self.address: tuple[str, int] | None = None
         self.core: ServerCore | None = None
         token_file = settings.metrics_token_file
@@ -210,18 +214,45 @@ class EventLoopServer:
 
     def serve_forever(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
-        factory = loop_factory(self.settings.event_loop, tls=self.settings.tls_cert is not None)
-        if factory is None:
-            asyncio.run(self.serve(ready))
-        else:
-            with asyncio.Runner(loop_factory=factory) as runner:
-                runner.run(self.serve(ready))
+        given_lock = self.data_dir_lock
+        try:
+            factory = loop_factory(self.settings.event_loop, tls=self.settings.tls_cert is not None)
+            if factory is None:
+                asyncio.run(self.serve(ready))
+            else:
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(self.serve(ready))
+        finally:
+            if given_lock is None and self.data_dir_lock is not None:
+                self.data_dir_lock.release()  # serve() took it
+                self.data_dir_lock = None
 
     async def serve(self, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        core = self.core = ServerCore(self.settings, self.authkey, loop)
+        # In this order, so that a start that fails leaves nothing behind: the
+        # ports; the data directory's lock (a second daemon on it must leave it
+        # as it found it); the authkey (generated if none is configured); then
+        # the token ceiling and the journal in the directory.
         sock = _listen(self.settings.host, self.settings.port)
+        metrics = None
+        try:
+            if self.settings.metrics_port:
+                metrics_host = self.settings.metrics_host or self.settings.host
+                metrics = MetricsServer(
+                    metrics_host, self.settings.metrics_port, self.metrics_token
+                )
+            if self.data_dir_lock is None:
+                self.data_dir_lock = lock_data_dir(self.settings)
+            if self.authkey is None:
+                self.authkey, source = resolve_authkey(self.settings)
+                log.info("authkey from %s", source)
+        except BaseException:
+            sock.close()
+            if metrics is not None:
+                metrics.close()
+            raise
+        core = self.core = ServerCore(self.settings, self.authkey, loop)
         core.tls = tls_context(self.settings)
         journal = _journal(self.settings)
         compactor = None
@@ -237,13 +268,8 @@ class EventLoopServer:
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
         expirer = loop.create_task(core.expire_sessions())
-        metrics = None
-        if self.settings.metrics_port:
-            metrics_host = self.settings.metrics_host or self.settings.host
-            metrics = MetricsServer(
-                core, metrics_host, self.settings.metrics_port, self.metrics_token
-            )
-            metrics.start()
+        if metrics is not None:
+            metrics.start(core)
         log.info(
             "managerd serving on %s:%d (%d types; session ttl %.1fs)",
             self.address[0],
@@ -278,6 +304,28 @@ class EventLoopServer:
             self._stop.set()
 
 
+def about(settings: Settings) -> dict[str, Any]:
+    """The version and the settings an operator looks at first (status, the page)."""
+    if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
+        store = "memory"
+    else:
+        store = f"journal in {settings.data_dir}"
+    if settings.tls_cert is None:
+        tls = "off"
+    else:
+        tls = "mutual" if settings.tls_require_client_cert else "on"
+    return {
+        "version": __version__,
+        "settings": {
+            "store": store,
+            "fsync": settings.fsync.value if store != "memory" else "-",
+            "tls": tls,
+            "session_ttl_s": settings.session_ttl_s,
+            "deadlock": settings.deadlock.value,
+        },
+    }
+
+
 def loop_factory(
     choice: EventLoop, tls: bool = False
 ) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -305,29 +353,19 @@ def loop_factory(
     return factory
 
 
-def _raise_file_limit(max_connections: int) -> None:
-    """Let the process hold ``max_connections`` sockets, if the hard limit allows.
-
-    The usual soft limit of 1,024 descriptors would refuse clients long
-    before ``max_connections``; each connection takes one (two while a parked
-    waiter's peer is being probed).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max_connections * 2 + 64
-    if hard != resource.RLIM_INFINITY:
-        want = min(want, hard)
-    if want > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-file limit to %d: %s", want, exc)
-            return
-        soft = want
-    if soft < max_connections + 64:
-        log.warning(
-            "open-file limit %d is below max_connections %d: raise it (ulimit -n)",
-            soft, max_connections,
-        )  # fmt: skip
+def lock_data_dir(settings: Settings) -> DataDirLock | None:
+    """The data directory's exclusive lock (None without one); taken before anything else."""
+    if settings.data_dir is None:
+        return None
+    directory = settings.data_dir.expanduser()
+    try:
+        return DataDirLock(directory)
+    except DataDirInUse as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(
+            f"data directory: {exc.strerror or exc}: {exc.filename or directory}"
+        ) from None
 
 
 def _journal(settings: Settings) -> Journal | None:
@@ -407,50 +445,36 @@ class Managerd(BaseManager):
         typeid: (None, tuple(sorted(cls.methods)), None, None) for typeid, cls in TYPES.items()
     }
 
-    def __init__(self, settings: Settings, authkey: bytes | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        authkey: bytes | None = None,
+        data_dir_lock: DataDirLock | None = None,
+    ) -> None:
         if authkey is None:
             authkey, _ = resolve_authkey(settings)
         super().__init__(address=(settings.host, settings.port), authkey=authkey)
         self.settings = settings
         self.authkey = authkey
+        self.data_dir_lock = data_dir_lock
 
     def get_server(self) -> EventLoopServer:  # type: ignore[override]
-        return EventLoopServer(self.settings, self.authkey)
+        return EventLoopServer(self.settings, self.authkey, self.data_dir_lock)
 
     def start(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("run the daemon with `managerd serve` (or get_server())")
 
 
-def _retain_freed_memory(retain_bytes: int) -> None:
-    """Let glibc keep up to ``retain_bytes`` of freed memory for reuse.
-
-    By default glibc serves a large allocation (a 1 MB frame, its payload,
-    the reply) with mmap, or trims the heap once 2x its threshold is free,
-    so every large request faults its pages in afresh: ~780 page faults
-    per 1 MB put+get, most of the time that pair takes (BENCHMARKS.md).
-    Allocations under half of ``retain_bytes`` now come from the heap, and
-    the heap is trimmed only above ``retain_bytes``: the daemon's resident
-    memory may stay that much above what it holds. 0 leaves glibc alone;
-    other C libraries are left alone.
-    """
-    if not retain_bytes or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, min(retain_bytes // 2, _MMAP_THRESHOLD_MAX))
-        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, retain_bytes)
-    except (OSError, AttributeError):
-        ok = 0
-    if not ok:
-        log.warning("could not tune the allocator (mallopt); large requests will be slower")
-
-
 def run_server(settings: Settings) -> None:
-    """Resolve the authkey, serve until stopped. The CLI's one call."""
-    authkey, source = resolve_authkey(settings)
-    log.info("authkey from %s", source)
-    _raise_file_limit(settings.max_connections)
-    _retain_freed_memory(settings.malloc_retain_bytes)
+    """Serve until stopped. The CLI's one call.
+
+    The daemon binds its ports, then locks the data directory, then reads
+    (or generates) the authkey: a start that cannot listen, or a second
+    daemon on a directory in use, leaves the directory exactly as it found
+    it (no key written, no journal compacted, no directory made).
+    """
+    raise_file_limit(settings.max_connections)
+    retain_freed_memory(settings.malloc_retain_bytes)
     try:
         tls = tls_context(settings)
     except ValueError as exc:
@@ -464,8 +488,8 @@ def run_server(settings: Settings) -> None:
             settings.host,
         )
     try:
-        Managerd(settings, authkey).get_server().serve_forever()
-    except CorruptJournal as exc:
+        EventLoopServer(settings, None).serve_forever()
+    except (CorruptJournal, TokenStoreError) as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
         if settings.data_dir is not None and exc.filename is not None:

@@ -8,21 +8,26 @@ CLI flags. Nothing else in the daemon reads the environment.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import json
 import logging
 import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
+from managerd.store.memory.deadlock import DeadlockMode
+from managerd.store.memory.journal import DEFAULT_JOURNAL_COMPACT_BYTES, FsyncMode
 from managerd_client.wire import DEFAULT_MAX_FRAME_BYTES
 
 log = logging.getLogger("managerd")
@@ -36,17 +41,14 @@ DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_MAX_HANDSHAKES_PER_PEER = 1000
 DEFAULT_AUTH_FAILURE_LIMIT = 20
 DEFAULT_AUTH_PENALTY_S = 10.0
+#: Addresses never penalized for failed handshakes (fail2ban's ``ignoreip``
+#: convention): one misbehaving process on a host must not lock every
+#: legitimate client on that host out, and loopback is always the daemon's own.
+DEFAULT_AUTH_PENALTY_EXEMPT = ("127.0.0.0/8", "::1/128")
 DEFAULT_MALLOC_RETAIN_BYTES = 64 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL_S = 1.0
 DEFAULT_METRICS_MAX_OBJECTS = 1000
-DEFAULT_JOURNAL_COMPACT_BYTES = 16 * 1024 * 1024
 DEFAULT_AUTHKEY_FILE = Path("~/.config/managerd/authkey")
-
-
-class FsyncMode(enum.Enum):
-    ALWAYS = "always"
-    INTERVAL = "interval"
-    NEVER = "never"
 
 
 class EventLoop(enum.Enum):
@@ -75,6 +77,11 @@ class Settings(BaseSettings):
     #: which that address is refused for ``auth_penalty_s`` (0: never).
     auth_failure_limit: int = Field(DEFAULT_AUTH_FAILURE_LIMIT, ge=0)
     auth_penalty_s: float = Field(DEFAULT_AUTH_PENALTY_S, gt=0)
+    #: Networks (CIDR; a bare address is one host) whose failed handshakes
+    #: never penalize them; an empty list exempts nothing.
+    auth_penalty_exempt: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_AUTH_PENALTY_EXEMPT)
+    )
     allow_md5_auth: bool = True
     allowed_classes: list[str] = Field(default_factory=list)
     metrics_port: int = Field(0, ge=0, le=65535)
@@ -97,6 +104,8 @@ class Settings(BaseSettings):
     #: Freed memory glibc may keep for reuse rather than give back (0: its defaults).
     malloc_retain_bytes: int = Field(DEFAULT_MALLOC_RETAIN_BYTES, ge=0)
     log_level: str = "INFO"
+    #: What a wait that closes a cycle of lock waiters does (managerd/store/memory/deadlock.py).
+    deadlock: DeadlockMode = DeadlockMode.REPORT
     event_loop: EventLoop = EventLoop.AUTO
 
     @field_validator("log_level")
@@ -105,6 +114,28 @@ class Settings(BaseSettings):
         if value.upper() not in logging.getLevelNamesMapping():
             raise ValueError(f"unknown log level {value!r}")
         return value.upper()
+
+    @field_validator("auth_penalty_exempt", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        # The environment may hold a JSON list or networks separated by
+        # commas, as may a flag; "" is the empty list (exempt nothing).
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else [value]
+        if isinstance(value, (list, tuple)):
+            return [n.strip() for v in value for n in str(v).split(",") if n.strip()]
+        return value
+
+    @field_validator("auth_penalty_exempt")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        networks = []
+        for text in value:
+            try:
+                networks.append(str(ipaddress.ip_network(text)))
+            except ValueError as exc:
+                raise ValueError(f"{text!r} is not a network in CIDR notation ({exc})") from None
+        return networks
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets masked."""

@@ -37,6 +37,7 @@ class Daemon:
         self.authkey = secrets.token_hex(16).encode()
         self.extra_env = env or {}
         self.args = args or []
+        self.python = sys.executable  # the benchmarks run another checkout's interpreter
         self.proc: subprocess.Popen[str] | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -63,7 +64,7 @@ class Daemon:
         """Start and wait until it listens. ``prefix`` wraps the command (ip netns exec)."""
         cmd = [
             *(prefix or []),
-            sys.executable,
+            self.python,
             "-m",
             "managerd",
             "serve",

@@ -56,17 +56,17 @@ from conftest import Daemon, wait_until
 #: NaN / +-inf / huge timeouts: the daemon must refuse them as threading does
 #: (ValueError for NaN, OverflowError for inf and huge); today a NaN timeout
 #: leaves a waiter registered that takes (and loses) the next item.
-KNOWN_BUG_NAN_TIMEOUT = True
+KNOWN_BUG_NAN_TIMEOUT = False
 #: Fencing tokens restart at 1 after a daemon restart (they must keep growing).
-KNOWN_BUG_FENCING_RESTART = True
+KNOWN_BUG_FENCING_RESTART = False
 #: ``Queue.task_done``/``join`` (queue.Queue has them; the daemon's plain Queue does not).
-KNOWN_BUG_QUEUE_TASK_DONE = True
+KNOWN_BUG_QUEUE_TASK_DONE = False
 #: ``dict``/``list``/``Namespace`` created with initial contents (stock clients
 #: pass them: ``m.dict("d", {...})``, ``m.list("l", [...])``).
-KNOWN_BUG_INITIAL_CONTENTS = True
+KNOWN_BUG_INITIAL_CONTENTS = False
 #: A client thread interrupted while blocked in a call (KeyboardInterrupt in
 #: the thread waiting for the reply) leaves the call parked on the daemon.
-KNOWN_BUG_INTERRUPTED_CALLS = True
+KNOWN_BUG_INTERRUPTED_CALLS = False
 
 # -- settings ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ received exactly once, FIFO wakes) held — never how fast anything was.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,45 @@ def test_quick_suite_runs_every_workload(tmp_path: Path) -> None:
     for system, details in workloads["blocked_get_50_wake_ms"]["details"].items():
         assert details["fifo"] and details["exactly_one_per_put"], (system, details)
         assert details["woken"] == 50, (system, details)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_managerd_from_measures_another_checkouts_daemon(tmp_path: Path) -> None:
+    """--managerd-from: a copy of the code (no venv, no git) serves as managerd@<name>."""
+    other = (tmp_path / "other-checkout").resolve()
+    for part in ("managerd", "clients"):
+        shutil.copytree(ROOT / part, other / part, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--quick", "--only", "noop,mpmc,batch",
+         "--managerd-from", str(other), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=160,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    report = json.loads(out.read_text())
+    assert report["correctness_failures"] == []
+    [(label, compared)] = report["compared"].items()
+    assert label == "managerd@other-checkout", label
+    # The daemon imported the copy's package, not this checkout's (installed editable).
+    assert compared["managerd_module"] == str(other / "managerd" / "__init__.py"), compared
+    assert compared["python"] == sys.executable, compared
+    for key in ("noop_ping", "noop_value_get", "queue_2p2c_100B", "queue_8p8c_100B",
+                "queue_1p1c_100B", "batch_1000_1p1c_100B"):  # fmt: skip
+        workload = report["workloads"][key]
+        for system in ("managerd", label):
+            figure = workload[system]
+            assert isinstance(figure, (int, float)) and figure > 0, (key, system, figure)
+        assert workload[f"managerd/{label}"] > 0, (key, workload)
+        assert set(workload["details"]) >= {"managerd", label}, (key, workload["details"].keys())
+    heads = [line for line in proc.stdout.splitlines() if line.startswith("workload")]
+    assert any(label in head and "ratio" in head for head in heads), heads  # the comparison table
+
+
+def test_managerd_from_refuses_a_directory_without_managerd(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), "--quick", "--only", "noop", "--managerd-from", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "is not a checkout of managerd" in proc.stderr, proc.stderr

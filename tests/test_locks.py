@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import subprocess
+import sys
 import threading
 from typing import Any
 
 import pytest
 
-from managerd_client import ArgumentConflict, Manager, ObjectTypeConflict
+from managerd_client import ArgumentConflict, LockLost, Manager, ObjectTypeConflict
 
 import workers
 from conftest import Daemon, wait_until
@@ -257,3 +260,93 @@ def test_semaphore_and_lock_arguments_as_threading(manager: Manager, uniq: str) 
         lock.acquire(False, "1")  # type: ignore[arg-type]  # threading checks the type first
     assert lock.acquire(True, 0.01) is True
     lock.release()
+
+
+# -- fencing tokens across daemon restarts (issue 11, item 4) ------------------------------------
+
+
+def _tokens(d: Daemon, name: str, n: int = 3) -> list[int]:
+    """``n`` fencing tokens of the Lock, the RLock and the Semaphore ``name``-ish, in order."""
+    out: list[int] = []
+    with d.connect() as m:
+        for proxy in (m.Lock(name), m.RLock(name + ".r"), m.Semaphore(name + ".s", 2)):
+            for _ in range(n):
+                assert proxy.acquire(timeout=5)
+                token = proxy.fencing_token
+                assert isinstance(token, int) and 0 < token < 2**53
+                out.append(token)
+                proxy.release()
+    return out
+
+
+def _by_object(tokens: list[int], n: int = 3) -> list[list[int]]:
+    return [tokens[i : i + n] for i in range(0, len(tokens), n)]
+
+
+@pytest.mark.parametrize("data_dir", [True, False], ids=["data-dir", "memory-only"])
+def test_fencing_tokens_increase_across_restarts_and_crashes(tmp_path: Any, data_dir: bool) -> None:
+    args = ["--data-dir", str(tmp_path / "data")] if data_dir else []
+    d = Daemon(tmp_path, args=args).start()
+    try:
+        rounds = [_tokens(d, "fenced")]
+        d.restart()  # SIGTERM, then start again
+        rounds.append(_tokens(d, "fenced"))
+        d.kill()  # kill -9: no chance to store anything on the way out
+        d.start(port=d.port)
+        rounds.append(_tokens(d, "fenced"))
+    finally:
+        d.stop()
+    for obj in range(3):  # Lock, RLock, Semaphore: each one's tokens strictly increase
+        seq = [t for r in rounds for t in _by_object(r)[obj]]
+        assert all(a < b for a, b in itertools.pairwise(seq)), seq
+
+
+def test_a_stored_ceiling_beats_a_clock_stepped_back(tmp_path: Any) -> None:
+    """The ceiling is what a clock stepped back cannot undercut: tokens start at it."""
+    data = tmp_path / "data"
+    d = Daemon(tmp_path, args=["--data-dir", str(data)]).start()
+    try:
+        first = _tokens(d, "ceiling", 1)[0]
+        stored = int((data / "fencing-ceiling").read_text())
+        assert stored > first  # stored before serving, above every token issued
+        d.kill()
+        # As if the previous daemon's clock had run a day ahead of this one's.
+        ahead = first + 86_400 * 10**6
+        (data / "fencing-ceiling").write_text(f"{ahead}\n")
+        d.start(port=d.port)
+        after = _tokens(d, "ceiling", 1)
+        assert min(after) >= ahead
+        assert int((data / "fencing-ceiling").read_text()) > max(after)
+    finally:
+        d.stop()
+
+
+def test_a_corrupt_ceiling_refuses_to_start(tmp_path: Any) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "fencing-ceiling").write_text("garbage\n")
+    d = Daemon(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "managerd", "serve", "--port", "0", "--data-dir", str(data)],
+        env=d.env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2
+    assert "fencing-token ceiling" in done.stderr and "garbage" in done.stderr
+
+
+def test_lock_lost_after_a_restart_says_the_daemon_restarted(tmp_path: Any) -> None:
+    d = Daemon(tmp_path).start()
+    try:
+        with d.connect() as m:
+            lock = m.Lock("held")
+            assert lock.acquire()
+            d.restart()
+            with pytest.raises(LockLost, match="the daemon restarted"):
+                lock.release()
+            assert lock.acquire(timeout=5)  # and the lock works again
+            lock.release()
+    finally:
+        d.stop()

@@ -2,11 +2,15 @@
 
 Real daemons over real sockets. The hostile peer connects from 127.0.0.2 and
 the well-behaved client from 127.0.0.1: two addresses, as two hosts would be.
+Loopback is exempt from penalties by default, so these daemons exempt only
+127.0.0.1 (or nothing) unless a test says otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from managerd.peers import LogBudget, PeerGuard
+from managerd.service.peers import LogBudget, PeerGuard
 from managerd_client import ConnectFailed, connect
 from managerd_client.wire import (
     CHALLENGE,
@@ -38,6 +42,7 @@ WRONG = b"{sha256}" + bytes(32)  # well formed, never the right HMAC
 
 def start(tmp: Path, daemons: list[Daemon], **env: str) -> tuple[Daemon, int]:
     port = free_port()
+    env.setdefault("auth_penalty_exempt", "127.0.0.1/32")
     settings_env = {f"MANAGERD_{k.upper()}": v for k, v in env.items()}
     d = Daemon(tmp, env=settings_env, args=["--metrics-port", str(port)]).start()
     daemons.append(d)
@@ -176,11 +181,103 @@ def test_successes_and_a_few_failures_do_not_penalize(
 
 
 def test_the_client_library_says_why_it_was_refused(tmp_path: Path, daemons: list[Daemon]) -> None:
-    d, _ = start(tmp_path, daemons, auth_failure_limit="2", auth_penalty_s="30")
+    """A penalty that outlasts the connect timeout fails at once, naming the wait."""
+    d, _ = start(
+        tmp_path, daemons, auth_failure_limit="2", auth_penalty_s="30", auth_penalty_exempt=""
+    )
     for _ in range(2):
         fail_once(d, source="127.0.0.1")
-    with pytest.raises(ConnectFailed, match=r"too many failed authentications from 127\.0\.0\.1"):
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed) as caught:
         connect(d.address, authkey=d.authkey, connect_timeout_s=5)
+    took = time.monotonic() - started
+    message = str(caught.value)
+    assert "too many failed authentications from 127.0.0.1" in message
+    assert re.search(r"refused for another (29|30)s", message), message
+    assert "would outlast connect_timeout_s=5" in message
+    assert caught.value.retry_after_s is not None and 25 < caught.value.retry_after_s <= 30
+    assert took < 4  # one held second, not the whole connect timeout
+
+
+def test_a_penalty_shorter_than_the_connect_timeout_is_waited_out(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    d, port = start(
+        tmp_path, daemons, auth_failure_limit="2", auth_penalty_s="3", auth_penalty_exempt=""
+    )
+    for _ in range(2):
+        fail_once(d, source="127.0.0.1")
+    assert metric(port, "managerd_addresses_penalized") == 1
+    started = time.monotonic()
+    with connect(d.address, authkey=d.authkey, connect_timeout_s=10) as m:
+        m.ping()
+    took = time.monotonic() - started
+    assert 2 < took < 8, took  # it waited for the penalty to end, then connected
+    assert "refused: too many failed authentications from 127.0.0.1" in d.log
+
+
+def test_one_hostile_process_on_loopback_locks_nobody_out(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Issue 11 (7): garbage and silent handshakes from 127.0.0.1 (default settings)."""
+    port = free_port()
+    d = Daemon(
+        tmp_path,
+        env={"MANAGERD_HANDSHAKE_TIMEOUT_S": "1"},  # only so the silent ones fail quickly
+        args=["--metrics-port", str(port)],
+    ).start()
+    daemons.append(d)
+    assert wait_until(lambda: "metrics on http://" in d.log)
+    for _ in range(5):
+        with closing(dial(d, "127.0.0.1")) as fs:
+            fs.recv_frame()
+            fs.sock.sendall((100_000).to_bytes(4, "big") + os.urandom(64))
+            with pytest.raises((EOFError, ConnectionError)):
+                fs.recv_frame()
+    silent = [dial(d, "127.0.0.1") for _ in range(50)]
+    try:
+        assert wait_until(
+            lambda: metric(port, "managerd_limits_hit_total", limit="handshake_timeout") == 50, 30
+        )
+    finally:
+        for fs in silent:
+            fs.close()
+    with connect(d.address, authkey=d.authkey, connect_timeout_s=2) as m:
+        m.ping()
+    assert metric(port, "managerd_address_penalties_total") == 0
+    assert "refusing connections from" not in d.log
+
+
+def test_penalty_exempt_setting_is_parsed_and_checked(tmp_path: Path) -> None:
+    def serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "managerd", *args],
+            env=dict(os.environ, MANAGERD_AUTHKEY="k", **env),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    def shown(*args: str, **env: str) -> object:
+        done = serve("config", *args, **env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["auth_penalty_exempt"]
+
+    assert shown() == ["127.0.0.0/8", "::1/128"]
+    assert shown(MANAGERD_AUTH_PENALTY_EXEMPT="") == []
+    assert shown(MANAGERD_AUTH_PENALTY_EXEMPT="10.0.0.0/8, fd00::/8") == ["10.0.0.0/8", "fd00::/8"]
+    assert shown(MANAGERD_AUTH_PENALTY_EXEMPT='["10.1.0.0/16"]') == ["10.1.0.0/16"]
+    assert shown("--auth-penalty-exempt", "10.2.3.4", "--auth-penalty-exempt", "::1") == [
+        "10.2.3.4/32",
+        "::1/128",
+    ]
+    toml = tmp_path / "m.toml"
+    toml.write_text('auth_penalty_exempt = ["192.168.0.0/16"]\n')
+    assert shown("-c", str(toml)) == ["192.168.0.0/16"]
+    assert shown("-c", str(toml), "--auth-penalty-exempt", "") == []  # the flag wins
+    for bad in ("10.0.0.0/33", "not-a-network", "10.0.0.1/8"):
+        done = serve("serve", "--port", "0", "--auth-penalty-exempt", bad)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "auth_penalty_exempt" in lines[0] and bad in lines[0], lines
 
 
 def test_penalty_off(tmp_path: Path, daemons: list[Daemon]) -> None:
@@ -259,6 +356,19 @@ def test_guard_bookkeeping_stays_consistent(steps: list[tuple[str, str]]) -> Non
             open_[address] -= 1
             failures[address] = failures.get(address, 0) + 1
         assert guard.pending() == sum(open_.values())
+
+
+def test_guard_exempts_its_networks() -> None:
+    guard = PeerGuard(1, 60.0, 10, LogBudget(), exempt=["127.0.0.0/8", "::1/128", "10.9.0.0/16"])
+    for address in ("127.0.0.1", "127.4.5.6", "::1", "::ffff:127.0.0.1", "10.9.200.1"):
+        guard.failed(address)
+        assert guard.is_exempt(address) and guard.refusal(address) is None, address
+    for address in ("10.8.0.1", "::2", "192.168.1.1"):
+        guard.failed(address)
+        refusal = guard.refusal(address)
+        assert refusal is not None and refusal[2] is not None, address
+    assert not PeerGuard(1, 60.0, 10, LogBudget()).is_exempt("127.0.0.1")  # an empty list
+    assert not guard.is_exempt("/tmp/socket")  # not an IP address
 
 
 def test_guard_forgets_the_oldest_when_full() -> None:

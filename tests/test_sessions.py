@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import signal
 import threading
+import traceback
 from typing import Any
 
 import pytest
@@ -238,3 +240,69 @@ def test_close_from_another_thread_wakes_a_blocked_call_and_ends_the_session(
     assert not t.is_alive() and isinstance(errors[0], ConnectionLost)
     with shared_daemon.connect() as other:
         assert wait_until(lambda: session not in {s["id"] for s in other.status()["sessions"]})
+
+
+def _hold_until(proxies: list[Any], held: threading.Event, go: threading.Event) -> list[Any]:
+    """A parent thread's holdings: acquire each, signal, release each when told."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            for proxy in proxies:
+                assert proxy.acquire(timeout=5)
+            outcome.append([proxy.fencing_token for proxy in proxies])
+            held.set()
+            assert go.wait(30)
+            outcome.append([proxy.fencing_token for proxy in proxies])
+            for proxy in proxies:
+                proxy.release()
+            outcome.append("released")
+        except BaseException as exc:  # reported by the test
+            outcome.append(exc)
+            held.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return outcome
+
+
+def _fork_and_run(how: str, *args: Any) -> int | None:
+    if how == "multiprocessing":
+        proc = _start(w.forked_child_holds_nothing, *args)
+        proc.join(30)
+        return proc.exitcode
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            w.forked_child_holds_nothing(*args)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("how", ["multiprocessing", "os.fork"])
+def test_forked_child_holds_nothing_and_parent_keeps_its_holdings(
+    shared_daemon: Daemon, uniq: str, how: str
+) -> None:
+    """Issue 11 (5): a child forked while a parent thread holds locks starts clean."""
+    d = shared_daemon
+    with d.connect() as m, d.connect() as observer:
+        held = [m.Lock(uniq + ".lock"), m.RLock(uniq + ".rlock"), m.Condition(uniq + ".cond")]
+        free = m.Lock(uniq + ".free")
+        is_held, go = threading.Event(), threading.Event()
+        outcome = _hold_until(held, is_held, go)
+        assert is_held.wait(10) and not isinstance(outcome[0], BaseException), outcome
+        code = _fork_and_run(how, held, free, m.session_id)
+        assert code == 0, f"the forked child failed (exit code {code}); see its stderr"
+        # The parent still holds all three, with the same tokens, and releases them.
+        objects = observer.status()["objects"]
+        for name in (uniq + ".lock", uniq + ".rlock", uniq + ".cond.lock"):
+            assert objects[name]["holder"]["id"] == m.session_id, objects[name]
+        go.set()
+        assert wait_until(lambda: len(outcome) == 3), outcome
+        assert outcome[1] == outcome[0] and outcome[2] == "released", outcome
+        assert not any(proxy.locked() for proxy in held)

@@ -28,7 +28,8 @@ def test_status_shows_queues_locks_and_sessions(daemon: Daemon) -> None:
         jobs = producer.Queue("jobs")
         jobs.put_many(list(range(5)))
         msg = producer.Queue("jobs").reserve()
-        holder.Lock("db").acquire()
+        db = holder.Lock("db")
+        db.acquire()
         holder.Semaphore("pool", 3).acquire()
         t = threading.Thread(target=waiter.Lock("db").acquire, args=(True, 5), daemon=True)
         t.start()
@@ -39,7 +40,7 @@ def test_status_shows_queues_locks_and_sessions(daemon: Daemon) -> None:
         (queue,) = summary["queues"]
         assert (queue["name"], queue["depth"], queue["reserved"]) == ("jobs", 4, 1)
         locks = {lk["name"]: lk for lk in summary["locks"]}
-        assert locks["db"]["waiters"] == 1 and locks["db"]["token"] == 1
+        assert locks["db"]["waiters"] == 1 and locks["db"]["token"] == db.fencing_token
         assert locks["db"]["holders"][0]["pid"] == os.getpid()
         assert locks["pool"]["available"] == 2
         assert len(summary["sessions"]) == 4  # three clients and status itself

@@ -65,6 +65,20 @@ def joinable_worker(address: str, authkey: bytes, name: str, out: str) -> None:
                 q.task_done()
 
 
+def task_done_worker(address: str, authkey: bytes, name: str, out: str) -> None:
+    """A plain Queue's consumer: record each item in ``out``, then task_done (to None)."""
+    with _connect(address, authkey) as m:
+        q = m.Queue(name)
+        results = m.dict(out)
+        while True:
+            item = q.get(timeout=WAIT_S)
+            if item is not None:
+                results[item] = item * 2
+            q.task_done()
+            if item is None:
+                return
+
+
 def put_when_full(address: str, authkey: bytes, name: str, item: Any, ready: str) -> None:
     """A blocking put on a full queue: it completes once the test makes room."""
     with _connect(address, authkey) as m:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from managerd_client import connect
 
@@ -40,6 +41,26 @@ def reserve_and_hang(address: str, authkey: bytes, queue_name: str, ready: str) 
 def wait_at_barrier(address: str, authkey: bytes, name: str) -> None:
     m = connect(address, authkey=authkey)
     m.Barrier(name, 3).wait()
+
+
+def forked_child_holds_nothing(held: list[Any], free: Any, parent_session: str) -> None:
+    """In a forked child: the parent's holdings are not ours; every proxy works at once.
+
+    Each of ``held`` (held by a parent thread) must wait out its timeout and
+    say False, never raise ``LockLost``; ``free`` must be acquired.
+    """
+    for proxy in held:
+        started = time.monotonic()
+        got = proxy.acquire(timeout=0.5)
+        waited = time.monotonic() - started
+        assert got is False, f"{proxy!r}: acquired a lock the parent holds"
+        assert waited >= 0.4, f"{proxy!r}: answered after {waited:.3f}s instead of waiting"
+        assert proxy.fencing_token is None, f"{proxy!r}: the child thinks it holds it"
+    assert free.acquire(timeout=5)
+    assert free.fencing_token is not None
+    free.release()
+    session = free._manager.session_id
+    assert session is not None and session != parent_session, "the child shares a session"
 
 
 def main() -> None:  # pragma: no cover - for manual runs

@@ -13,6 +13,17 @@ arrives for ``dead_after_s`` while a thread is reading (heartbeats make sure
 something does on a live one). Death fails every call in flight with
 ``ConnectionLost``; a call is never sent twice.
 
+An exception that ends a wait without an answer — Ctrl-C (KeyboardInterrupt),
+an exception raised by a signal handler, an asynchronous exception in a
+thread — *abandons* the call: the thread sends ``cancel`` for it and the
+daemon drops it if still parked, or undoes its answer (an item back at the
+front, a lock released; see ``managerd/service/invoker.py``). The stream stays in
+step: a frame is marked read only once its slot has it, the read buffer
+survives an interrupt in ``recv`` (see ``FrameSocket.recover``), and a
+request interrupted half-sent is finished first (see ``_send``). Where
+that cannot be known (inside a TLS read or write), the connection is
+closed, as after a crash.
+
 Large payloads are not copied on the way: a ``bytes`` argument of 64 KiB or
 more is spliced into the request's pickle as it is sent, a large ``bytes``
 result comes back raw (status 2) and is unpickled straight from the read
@@ -26,6 +37,7 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import signal
 import socket
 import ssl
 import struct
@@ -48,6 +60,7 @@ from managerd_client.wire import (
     PICKLE_PROTOCOL,
     PROTOCOL_VERSION,
     FrameSocket,
+    Refused,
     client_handshake,
     set_nodelay,
     set_receive_timeout,
@@ -67,6 +80,29 @@ _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _IDLE_CHECK_AFTER_S: Final = 0.05
 
 
+#: A thread waiting for another to read re-checks this often whether its
+#: reply came or the reader role is free (a safety net: wake-ups are sent).
+_READER_CHECK_S: Final = 1.0
+_CANCEL: Final = "cancel"
+
+_abandoned = threading.local()
+#: Test hook: called in ``_abandon`` just before the cancel is sent (an
+#: interrupt can strike there; tests raise from it). None in production.
+_before_cancel: Callable[[], None] | None = None
+
+
+def _block_signals() -> set[int | signal.Signals] | None:
+    """Block every signal for this thread; the mask it had (None: not possible here)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
+def abandoned_by(exc: BaseException) -> bool:
+    """Whether ``exc`` made this thread give up its last call (and cancel it)."""
+    return getattr(_abandoned, "exc", None) is exc
+
+
 class _Slot:
     """Where a reply lands for the thread that waits for it.
 
@@ -75,7 +111,7 @@ class _Slot:
     copied out as ``frame``, for that thread to decode.
     """
 
-    __slots__ = ("decode_with", "decoded", "error", "failure", "frame", "value")
+    __slots__ = ("decode_with", "decoded", "error", "failure", "frame", "raised", "value")
 
     def __init__(self, decode_with: Callable[[Any], Any] | None = None) -> None:
         #: Applied to the result (a payload) before the call returns it.
@@ -85,6 +121,8 @@ class _Slot:
         self.decoded = False
         self.value: Any = None
         self.failure: BaseException | None = None  # the call raised on the daemon
+        #: What result() raised: an answer, not an interrupt.
+        self.raised: BaseException | None = None
 
     @property
     def done(self) -> bool:
@@ -99,12 +137,14 @@ class _Slot:
 
     def result(self) -> Any:
         if self.error is not None:
+            self.raised = self.error
             raise self.error
         if not self.decoded:
             assert self.frame is not None
             self.decode(self.frame)
         if self.failure is not None:
             failure, self.failure = self.failure, None
+            self.raised = failure
             raise failure
         return self.value
 
@@ -207,9 +247,11 @@ class Channel:
             raise AuthenticationFailed(
                 f"managerd at {address[0]}:{address[1]} refused the TLS session: {exc}"
             ) from None
-        except ConnectionRefusedError as exc:  # a #REFUSED# frame: the daemon said why
+        except Refused as exc:  # a #REFUSED# frame: the daemon said why (and maybe how long)
             self._fs.close()
-            raise ConnectFailed(f"managerd at {address[0]}:{address[1]}: {exc}") from None
+            failed = ConnectFailed(f"managerd at {address[0]}:{address[1]}: {exc}")
+            failed.retry_after_s = exc.retry_after_s
+            raise failed from None
         except (OSError, EOFError) as exc:
             self._fs.close()
             if tls is not None:
@@ -249,10 +291,27 @@ class Channel:
         # dead network (or daemon), never a slow call.
         self.dead_after_s = self.session_ttl_s + dead_margin_s
         set_receive_timeout(sock, self.dead_after_s)
+        self._fs.read_timeout_s = self.dead_after_s
         self._rids = iter(range(1, 1 << 63))
         self._pending: dict[int, _Slot] = {}
-        self._cond = threading.Condition(threading.Lock())
+        # ``with self._lock`` only, and no ``threading.Condition`` on it:
+        # Condition's methods are Python code that releases and retakes the
+        # lock, and an interrupt between the two would leave it released
+        # inside a ``with`` (whose exit then releases another thread's
+        # hold). A C lock's __enter__/__exit__ cannot be split so.
+        self._lock = threading.Lock()
+        #: Threads waiting for a reply another thread reads: each sleeps on
+        #: its own locked C lock, released by ``_wake_all`` (see ``_await``).
+        self._sleepers: list[threading.Lock] = []
+        #: Per client thread: its call in flight, until its answer is
+        #: returned. One still there when the thread calls again was
+        #: abandoned without its cancel sent (a second interrupt): sent then.
+        self._unconfirmed: dict[int, int] = {}
+        #: Threads inside a call: a call made while its thread decodes an
+        #: answer (a proxy in a payload re-created) is nested, not the next.
+        self._calling: set[int] = set()
         self._send_lock = threading.Lock()
+        self._write_fn = self._fs.write_fn
         self._reading = False
         self.dead: BaseException | None = None
         self.last_heard = time.monotonic()
@@ -270,7 +329,8 @@ class Channel:
         decode: Callable[[Any], Any] | None = None,
     ) -> Any:
         """The result of ``method`` on the daemon, passed through ``decode`` if given."""
-        parts = _encode_request((typeid, name, method, args, threading.get_ident()))
+        ident = threading.get_ident()
+        parts = _encode_request((typeid, name, method, args, ident))
         size = sum(len(p) for p in parts) + _RID.size
         if size > self.max_frame_bytes:
             # The daemon would hang up on it (and end this session): don't send it.
@@ -278,46 +338,231 @@ class Channel:
                 f"a {method} request of {size} bytes is over the daemon's "
                 f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
             )
+        outer = ident not in self._calling
+        if outer:
+            stale = self._unconfirmed.get(ident)
+            if stale is not None:
+                self._abandon(stale, None)  # before this request confirms its answer
         slot = _Slot(decode)
-        with self._cond:
+        with self._lock:
             if self.dead is not None:
                 raise ConnectionLost(str(self.dead))
             rid = next(self._rids)
             self._pending[rid] = slot
+        if outer:
+            self._unconfirmed[ident] = rid
+        try:
+            if outer:
+                # Inside the try: an interrupt as add() returns must not
+                # leave this thread marked as calling (all its calls would
+                # then be nested: no marker, no late cancel).
+                self._calling.add(ident)
+            self._send(parts, rid)
+            self._await(slot)
+            try:
+                value = slot.result()
+            finally:
+                if isinstance(slot.frame, memoryview):
+                    self._fs.recycle(slot.frame.obj)
+                    slot.frame = None
+        except BaseException as exc:
+            if outer:
+                self._calling.discard(ident)
+            if exc is not slot.raised:
+                # Not the answer: an interrupt (Ctrl-C, a signal handler's
+                # exception, an asynchronous exception) ended the wait.
+                self._abandon(rid, exc)
+            elif outer:
+                self._unconfirmed.pop(ident, None)  # answered (an error, or the connection died)
+            raise
+        if outer:
+            # An interrupt as discard() returns leaves the marker: the
+            # thread's next call cancels this one (its value never got out).
+            self._calling.discard(ident)
+            # No call from here to the return: nothing can come in between.
+            del self._unconfirmed[ident]
+        return value
+
+    def _send(self, parts: list[bytes], rid: int) -> None:
+        """Send one request frame, whole, even if an interrupt strikes in the middle.
+
+        Each ``send`` is made by ``list.extend`` over ``map``, which keeps
+        its byte count in C: an exception raised as it returns (a signal
+        handler runs there) cannot lose it, and one raised inside it means
+        it sent nothing. So after an interrupt this knows how much of the
+        frame went out, and sends the rest (signals blocked meanwhile)
+        before the exception goes on: the daemon never reads the next
+        request as the rest of a cut one. Over TLS a write interrupted
+        from inside may have sent its bytes or not: the connection is
+        closed then (the session ends).
+        """
+        chunks = self._fs.frame_chunks(parts, _RID.pack(rid))
+        counts: list[int] = []
+        inside = [0]
         try:
             with self._send_lock:
-                self._fs.send_frame_parts(parts, prefix=_RID.pack(rid))
+                try:
+                    self._write(chunks, counts, inside, 0)
+                except OSError:
+                    raise
+                except BaseException:
+                    self._finish_frame(chunks, counts, inside[0] > len(counts))
+                    raise
         except OSError as exc:
             self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
-        self._await(slot)
+
+    def _write(self, chunks: list[bytes], counts: list[int], inside: list[int], skip: int) -> None:
+        """Send ``chunks`` from byte ``skip`` on; each send's count lands in ``counts``."""
+        write = self._write_fn
+        if skip == 0 and len(chunks) == 1:  # the usual request: one send, no copy
+            chunk = chunks[0]
+            pieces = map(write, (chunk,))
+            inside[0] = 1  # no call from here into the write: nothing in between
+            counts.extend(pieces)
+            if counts[0] == len(chunk):
+                return
+            skip = counts[0]
+        pos = 0
+        for chunk in chunks:
+            end = pos + len(chunk)
+            while skip < end:
+                pieces = map(write, (memoryview(chunk)[skip - pos :],))
+                n = len(counts) + 1
+                inside[0] = n  # no call from here into the write: nothing in between
+                counts.extend(pieces)
+                skip += counts[-1]
+            pos = end
+
+    def _finish_frame(self, chunks: list[bytes], counts: list[int], unsure: bool) -> None:
+        """After an interrupt: send what is left of a frame begun, or close."""
+        total = sum(len(c) for c in chunks)
+        done = sum(counts)
+        if unsure and self._fs.tls:
+            self._die(
+                ConnectionLost(
+                    "a request was interrupted inside a TLS write; the connection was closed "
+                    "(what the write sent is unknown)"
+                )
+            )
+            return
+        if done == 0 or done >= total:
+            return  # nothing of it sent, or all of it
+        # Blocking signals defers a handler only while no other thread can
+        # take the signal (CPython runs it in the main thread whichever
+        # thread got it): one that strikes anyway is swallowed here (the
+        # first interrupt goes on) and the rest of the frame still sent.
+        blocked = _block_signals()
         try:
-            return slot.result()
+            while done < total:
+                sent: list[int] = []
+                inside = [0]
+                try:
+                    self._write(chunks, sent, inside, done)
+                    return
+                except OSError as exc:
+                    self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+                    return
+                except BaseException:
+                    done += sum(sent)
+                    if inside[0] > len(sent) and self._fs.tls:
+                        self._die(ConnectionLost("a request was interrupted inside a TLS write"))
+                        return
         finally:
-            if isinstance(slot.frame, memoryview):
-                self._fs.recycle(slot.frame.obj)
-                slot.frame = None
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _abandon(self, rid: int, exc: BaseException | None, ident: int | None = None) -> None:
+        """Stop waiting for ``rid`` and ask the daemon to cancel it.
+
+        The daemon drops the call if it is still parked, or gives back what
+        its answer handed over (an item to the front of its queue, a lock or
+        a permit released) if it was answered: nothing this thread will not
+        see is lost, nothing is delivered twice. The cancel is not answered.
+        ``exc`` is what ended the wait (None: an earlier abandoned call);
+        ``ident`` the client thread that made the call (this one if None).
+        """
+        if ident is None:
+            ident = threading.get_ident()
+        if exc is not None:
+            _abandoned.exc = exc
+        # A second signal should not stop the cancel on its way (the
+        # answer's undo waits for it): signals wait until it is sent (a few
+        # us). That holds only while no other thread (the heartbeat's) can
+        # take the signal: CPython runs a handler in the main thread
+        # whichever thread the kernel gave the signal to. So the marker in
+        # ``_unconfirmed`` is what guarantees the cancel: it is dropped only
+        # once the cancel is sent, else the thread's next call sends it.
+        blocked = _block_signals()
+        try:
+            with self._lock:
+                self._pending.pop(rid, None)
+                if self.dead is not None:
+                    self._unconfirmed.pop(ident, None)
+                    return  # the session ends with the connection: the daemon drops the call
+                crid = next(self._rids)
+            request = (None, None, _CANCEL, (rid,), ident)
+            if _before_cancel is not None:
+                _before_cancel()
+            self._send([pickle.dumps(request, PICKLE_PROTOCOL)], crid)
+            # Only now, not in a ``finally``: the marker stays if an
+            # interrupt kept the cancel from going out, and the thread's
+            # next call sends it (a cancel sent twice is harmless: the
+            # first one used the undo record up).
+            if self._unconfirmed.get(ident) == rid:
+                del self._unconfirmed[ident]
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _await(self, slot: _Slot) -> None:
-        cond = self._cond
         while True:
-            with cond:
-                while not slot.done and self._reading:
-                    cond.wait()
-                if slot.done:
-                    return
-                self._reading = True
+            # The role is taken inside the try, in the same statement as
+            # ``reading`` (no call in between): an interrupt as the lock's
+            # ``__exit__`` returns must not leave it taken for good (every
+            # later call of the process would wait for a reader that is gone).
+            reading = False
+            wake: threading.Lock | None = None
             try:
+                with self._lock:
+                    if slot.done:
+                        return
+                    if self._reading:
+                        wake = threading.Lock()
+                        wake.acquire()
+                        self._sleepers.append(wake)
+                    else:
+                        self._reading = reading = True
+                if wake is not None:
+                    # One C call: an interrupt in it or as it returns leaves
+                    # nothing half done (the lock is only a wake-up call).
+                    wake.acquire(timeout=_READER_CHECK_S)
+                    continue
                 self._read_until(slot)
+            except BaseException:
+                # An interrupt in the read: go on with the stream if it is
+                # intact (the usual case: it struck inside recv), else close.
+                if reading and not self._fs.recover():
+                    self._die(ConnectionLost("a read was interrupted mid-frame; connection closed"))
+                raise
             finally:
-                with cond:
+                if reading:
+                    # The role first (a plain store): a second interrupt
+                    # here must not leave it taken.
                     self._reading = False
-                    cond.notify_all()
+                    with self._lock:
+                        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wake the threads waiting in ``_await`` (called with ``_lock`` held)."""
+        sleepers, self._sleepers = self._sleepers, []
+        for wake in sleepers:
+            wake.release()
 
     def _read_until(self, slot: _Slot) -> None:
         fs = self._fs
         while not slot.done:
             try:
-                frame = fs.recv_frame_view()
+                frame = fs.next_frame_view()
             except TimeoutError:
                 self._die(
                     ConnectionLost(
@@ -333,24 +578,30 @@ class Channel:
             if len(frame) < _REPLY_HEAD.size:
                 self._die(ProtocolError("the daemon sent a frame too short to be a reply"))
                 return
+            # A frame is marked read (done_frame) only once it reached its
+            # slot: an interrupt before that reads it again, and a frame
+            # whose slot is no longer pending is skipped, so none is lost.
             (rid,) = _RID.unpack_from(frame)
             if rid in self._pending and self._pending[rid] is slot:
-                with self._cond:
+                with self._lock:
                     del self._pending[rid]
                 if slot.decode_with is None:
                     slot.decode(frame)  # before the next read reuses the buffer
+                    fs.done_frame()
                 else:
                     # Unpickling a payload may call back into this channel (a
                     # proxy rebuilt): it happens after this thread stops reading.
+                    fs.done_frame()
                     slot.frame = fs.detach_frame(frame)
                 continue
-            copy = bytes(frame)
-            with self._cond:
-                target = self._pending.pop(rid, None)
-                if target is None:
-                    continue
-                target.frame = copy
-                self._cond.notify_all()
+            target = self._pending.get(rid)
+            if target is not None:
+                copy = bytes(frame)
+                with self._lock:
+                    target.frame = copy
+                    self._pending.pop(rid, None)
+                    self._wake_all()
+            fs.done_frame()
 
     @staticmethod
     def _hello_info(hello: dict[str, Any] | None) -> dict[str, Any]:
@@ -385,24 +636,34 @@ class Channel:
         return hung_up
 
     def _die(self, exc: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             if self.dead is None:
                 self.dead = exc
             pending, self._pending = self._pending, {}
             for slot in pending.values():
                 slot.error = exc
-            self._cond.notify_all()
+            self._wake_all()
         self._fs.close()
 
     # -- lifecycle ----------------------------------------------------------------
     def close(self) -> None:
+        # Calls abandoned without their cancel sent, by this thread or by
+        # threads gone since: cancelled now, or the session's end would not
+        # give back what their answers handed over. (A live thread's call
+        # may be returning its answer right now: not that one.)
+        me = threading.get_ident()
+        live = {t.ident for t in threading.enumerate()} - {me}
+        for ident, rid in list(self._unconfirmed.items()):
+            if ident not in live and self.dead is None:
+                self._abandon(rid, None, ident)
         self._die(ConnectionLost("the client closed the connection"))
 
     def abandon(self) -> None:
         """Drop an inherited connection in a forked child without touching the parent's."""
         self.dead = ConnectionLost("connection belongs to the parent process")
         self._pending = {}
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._sleepers = []
         self._send_lock = threading.Lock()
         try:
             os.close(self._fs.sock.detach())  # close(2) only: no FIN, no TLS alert

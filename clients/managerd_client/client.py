@@ -6,7 +6,10 @@ the session TTL, which keeps the lease and lets a dead network be noticed.
 When the connection is lost, the calls in flight raise ``ConnectionLost``
 and the next call reconnects (with backoff, for up to ``connect_timeout_s``),
 resuming the session if the daemon still has it. A lock proxy whose session
-did not survive raises ``LockLost`` on its next call.
+did not survive raises ``LockLost`` on its next call. A connection refused
+because this address is penalized (too many failed handshakes from it,
+maybe by another process) is retried once the penalty ends, if that is
+within ``connect_timeout_s``.
 
 After ``os.fork()`` the child drops the inherited connection (without
 closing the parent's) and opens its own session on first use.
@@ -14,13 +17,14 @@ closing the parent's) and opens its own session on first use.
 
 from __future__ import annotations
 
+import builtins
 import os
 import socket
 import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
 
 from managerd_client import proxies as p
@@ -37,6 +41,8 @@ from managerd_client.wire import parse_address
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 _BACKOFF_FIRST_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 1.0
+#: Slept past a refusal's retry-after, so the retry does not arrive a hair early.
+_REFUSAL_MARGIN_S: Final = 0.05
 
 _managers: weakref.WeakSet[Manager] = weakref.WeakSet()
 P = TypeVar("P", bound=p.Proxy)
@@ -48,10 +54,16 @@ def _authkey_from_env() -> bytes:
         return key.encode()
     path = os.environ.get("MANAGERD_AUTHKEY_FILE")
     if path:
-        with open(path, "rb") as f:
-            data = f.read().strip()
-        if data:
-            return data
+        try:
+            with open(path, "rb") as f:
+                data = f.read().strip()  # as the daemon reads its key file
+        except OSError as exc:
+            raise ValueError(
+                f"MANAGERD_AUTHKEY_FILE names {path}, which cannot be read: {exc.strerror or exc}"
+            ) from None
+        if not data:
+            raise ValueError(f"MANAGERD_AUTHKEY_FILE names {path}, which is empty")
+        return data
     raise ValueError(
         "no authkey: pass authkey=..., or set MANAGERD_AUTHKEY or MANAGERD_AUTHKEY_FILE"
     )
@@ -88,6 +100,9 @@ class Manager:
         self._pid = os.getpid()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        #: Lock proxies made on this manager: a forked child forgets their
+        #: holdings (the parent's, not the child's).
+        self._lock_proxies: weakref.WeakSet[p.Lock] = weakref.WeakSet()
         # The first connection is tried once: nobody listening is an error
         # now, not after connect_timeout_s of retries (those are for restarts).
         self._channel_or_reconnect(retry=False)
@@ -127,7 +142,13 @@ class Manager:
                     break
                 except (AuthenticationFailed, ProtocolError):
                     raise
-                except ConnectFailed:
+                except ConnectFailed as exc:
+                    if exc.retry_after_s is not None:
+                        # Refused for a while (this address was penalized,
+                        # maybe for another process's failures): wait it out
+                        # if the connect timeout allows, even on a first connect.
+                        _wait_out_refusal(exc, deadline, self.connect_timeout_s)
+                        continue
                     if not retry or time.monotonic() + delay > deadline:
                         raise
                     time.sleep(delay)
@@ -164,6 +185,14 @@ class Manager:
         return self._channel_or_reconnect().call(typeid, name, method, args)
 
     def _after_fork(self) -> None:
+        """In a forked child: a session of its own, and nothing held.
+
+        What the parent's threads hold belongs to the parent's session (the
+        daemon releases it only when the parent's session ends). The child's
+        copies of the lock proxies' holding records are dropped, not turned
+        into ``LockLost``: the child never held anything, as with the stdlib's
+        proxies, whose child also starts with a connection of its own.
+        """
         channel = self._channel
         if channel is not None:
             channel.abandon()
@@ -173,6 +202,8 @@ class Manager:
         self._stop = threading.Event()
         self._heartbeat = None
         self._pid = os.getpid()
+        for proxy in list(self._lock_proxies):
+            proxy._forget_holdings()
 
     # -- daemon-level operations -----------------------------------------------------
     def ping(self) -> None:
@@ -189,6 +220,15 @@ class Manager:
     def status(self) -> dict[str, Any]:
         """What the daemon holds: objects with depths, holders and waiters; sessions."""
         result: dict[str, Any] = self._call(None, None, "status", ())
+        return result
+
+    def peek(self, name: str, limit: int = 10) -> dict[str, Any]:
+        """``name``'s contents as the daemon stores them, taking nothing (``managerd get``).
+
+        Payloads come back as the pickled bytes clients stored; at most
+        ``limit`` items of a queue, list, dict or namespace.
+        """
+        result: dict[str, Any] = self._call(None, None, "peek", (name, limit))
         return result
 
     def _create(self, typeid: str, name: str, args: dict[str, Any]) -> str:
@@ -209,7 +249,10 @@ class Manager:
         visibility_timeout_s: float | None = None,
         max_deliveries: int | None = None,
     ) -> p.Queue:
-        """The queue ``name`` (created with ``maxsize``, 0 = unbounded)."""
+        """The queue ``name`` (created with ``maxsize``, 0 = unbounded).
+
+        A ``queue.Queue``: ``task_done()`` and ``join()`` as well.
+        """
         return self._make(
             p.Queue, name, maxsize=maxsize,
             visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
@@ -223,6 +266,7 @@ class Manager:
         visibility_timeout_s: float | None = None,
         max_deliveries: int | None = None,
     ) -> p.JoinableQueue:
+        """The queue ``name`` under multiprocessing's name (a ``Queue`` has ``join`` too)."""
         return self._make(
             p.JoinableQueue, name, maxsize=maxsize,
             visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries,
@@ -233,14 +277,28 @@ class Manager:
         args = {} if duplex is None else {"duplex": duplex}
         return p.PipeEnd(self, name, args, end=0), p.PipeEnd(self, name, args, end=1)
 
-    def dict(self, name: str) -> p.Dict:
-        return self._make(p.Dict, name)
+    # Initial contents apply when the call creates the object. Attaching
+    # with none is always fine; with some, they must equal the ones it was
+    # created with (else ArgumentConflict), whatever it holds now. The name
+    # of a dict or Namespace is positional-only: ``name=`` is a key.
+    def dict(self, name: str, /, *args: Any, **kwargs: Any) -> p.Dict:
+        """The dict ``name``; created with ``dict(*args, **kwargs)`` when given."""
+        if not args and not kwargs:
+            return self._make(p.Dict, name)
+        pairs = [(k, p.dumps(v)) for k, v in builtins.dict(*args, **kwargs).items()]
+        return self._make(p.Dict, name, contents=pairs)
 
-    def list(self, name: str) -> p.List:
-        return self._make(p.List, name)
+    def list(self, name: str, sequence: Iterable[Any] | None = None) -> p.List:
+        """The list ``name``; created with the items of ``sequence`` when given."""
+        if sequence is None:
+            return self._make(p.List, name)
+        return self._make(p.List, name, contents=[p.dumps(v) for v in sequence])
 
-    def Namespace(self, name: str) -> p.Namespace:
-        return self._make(p.Namespace, name)
+    def Namespace(self, name: str, /, **attrs: Any) -> p.Namespace:
+        """The namespace ``name``; created with the attributes ``attrs`` when given."""
+        if not attrs:
+            return self._make(p.Namespace, name)
+        return self._make(p.Namespace, name, contents=[(k, p.dumps(v)) for k, v in attrs.items()])
 
     def Value(self, name: str, typecode: str, value: Any = None) -> p.Value:
         """The typed value ``name``; ``value`` is its initial value when created."""
@@ -299,6 +357,20 @@ class Manager:
         return f"<managerd Manager {self.address[0]}:{self.address[1]} {state}>"
 
 
+def _wait_out_refusal(exc: ConnectFailed, deadline: float, timeout_s: float) -> None:
+    """Sleep until a refusal's retry-after has passed, or raise if that is past ``deadline``."""
+    assert exc.retry_after_s is not None
+    wake = time.monotonic() + exc.retry_after_s + _REFUSAL_MARGIN_S
+    if wake > deadline:
+        failed = ConnectFailed(
+            f"{exc}; waiting {exc.retry_after_s:.1f}s more would outlast "
+            f"connect_timeout_s={timeout_s:g}"
+        )
+        failed.retry_after_s = exc.retry_after_s
+        raise failed from None
+    time.sleep(max(wake - time.monotonic(), 0.0))
+
+
 def _heartbeat_loop(
     ref: Callable[[], Manager | None], stop: threading.Event, interval_s: float
 ) -> None:
@@ -315,6 +387,8 @@ def _heartbeat_loop(
 
 
 def _after_fork_in_child() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()  # a parent thread may have held it at the fork
     for manager in list(_managers):
         manager._after_fork()
 
@@ -337,7 +411,8 @@ def connect(
     """Connect to the daemon at ``"host:port"`` and open a session.
 
     ``authkey`` defaults to ``MANAGERD_AUTHKEY`` (or the file named by
-    ``MANAGERD_AUTHKEY_FILE``). Raises ``ConnectFailed`` when no daemon
+    ``MANAGERD_AUTHKEY_FILE``); a trailing newline is dropped, as the daemon
+    drops it from its key file. Raises ``ConnectFailed`` when no daemon
     answers within ``connect_timeout_s`` and ``AuthenticationFailed`` when
     the key is refused.
 
@@ -352,6 +427,9 @@ def connect(
         authkey = _authkey_from_env()
     elif isinstance(authkey, str):
         authkey = authkey.encode()
+    # The daemon strips its key file's whitespace; so does a key read from a
+    # file here (``open(path, "rb").read()`` ends with a newline).
+    authkey = authkey.rstrip(b"\r\n")
     return Manager(
         parse_address(address),
         authkey,

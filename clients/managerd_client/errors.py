@@ -14,6 +14,7 @@
     │   ├── NoSuchObject             (also a KeyError) no object has that name
     │   ├── ObjectTypeConflict       the name is taken by another type
     │   └── ArgumentConflict         conflicting creation arguments
+    ├── DeadlockDetected             the acquire would close a cycle of waiters
     ├── ForbiddenPayload             the daemon refused to decode a request
     ├── RequestTooLarge              (also a ValueError) over the daemon's frame limit
     ├── ProtocolError                a frame that is not managerd's protocol
@@ -40,6 +41,7 @@ __all__ = [
     "AuthenticationFailed",
     "ConnectFailed",
     "ConnectionLost",
+    "DeadlockDetected",
     "ForbiddenPayload",
     "LockLost",
     "ManagerdConnectionError",
@@ -66,7 +68,13 @@ class ManagerdConnectionError(ManagerdError, ConnectionError):
 
 
 class ConnectFailed(ManagerdConnectionError):
-    """No daemon answered at the address within the connect timeout."""
+    """No daemon answered at the address within the connect timeout.
+
+    ``retry_after_s`` is set when the daemon refused the connection for a
+    while (a penalized address) and said how long is left.
+    """
+
+    retry_after_s: float | None = None
 
 
 class AuthenticationFailed(ManagerdConnectionError):
@@ -86,7 +94,11 @@ class SessionExpired(ManagerdError):
 
 
 class LockLost(SessionExpired):
-    """A lock this client believed it held was released when its session ended."""
+    """A lock this client believed it held was released.
+
+    Its session ended (a partition, lease expiry) or the daemon restarted;
+    the message says which.
+    """
 
 
 class ObjectError(ManagerdError):
@@ -106,6 +118,14 @@ class ObjectTypeConflict(ObjectError):
 
 class ArgumentConflict(ObjectError):
     """The object exists with creation arguments that conflict with these."""
+
+
+class DeadlockDetected(ManagerdError):
+    """The acquire would close a cycle of waiters (daemon setting ``deadlock=raise``).
+
+    The message names every session, thread and lock in the cycle. The
+    others in it keep waiting: one of them must give up what it holds.
+    """
 
 
 class ForbiddenPayload(ManagerdError):
@@ -152,6 +172,7 @@ _KINDS: dict[str, type[BaseException]] = {
     "TypeConflict": ObjectTypeConflict,
     "ArgumentConflict": ArgumentConflict,
     "Forbidden": ForbiddenPayload,
+    "Deadlock": DeadlockDetected,
     "Protocol": ProtocolError,
     "Remote": RemoteError,
 }

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping, Mutabl
 from multiprocessing.context import get_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from managerd_client.channel import abandoned_by
 from managerd_client.errors import LockLost
 from managerd_client.wire import PICKLE_PROTOCOL
 
@@ -111,6 +112,15 @@ def loads(payload: bytes | memoryview | None) -> Any:
     return None if payload is None else pickle.loads(payload)
 
 
+def _loads_all(payloads: list[bytes]) -> list[Any]:
+    return [loads(p) for p in payloads]
+
+
+def _loads_reserved(reserved: tuple[int, bytes, int]) -> tuple[int, Any, int]:
+    did, payload, deliveries = reserved
+    return did, loads(payload), deliveries
+
+
 def _rebuild(
     cls: type[Proxy],
     address: tuple[str, int],
@@ -134,8 +144,12 @@ class Proxy:
             raise TypeError("an object name must be a non-empty str")
         self._manager = manager
         self._name = name
-        self._args = args
         self._server_id = manager._create(self._typeid, name, args)
+        # Initial contents are for the creation only: a proxy re-attaching
+        # (daemon restart, unpickled in a child) does not resend them.
+        if "contents" in args:
+            args = {k: v for k, v in args.items() if k != "contents"}
+        self._args = args
 
     @property
     def name(self) -> str:
@@ -245,7 +259,9 @@ class Queue(Proxy):
         self, max_items: int, block: bool = True, timeout: float | None = None
     ) -> list[Any]:
         """Up to ``max_items`` items in one round trip; waits only while there are none."""
-        return [loads(p) for p in self._call("get_many", max_items, block, timeout)]
+        # Unpickled inside the call: an interrupt meanwhile gives them back.
+        result: list[Any] = self._call_decoded(_loads_all, "get_many", (max_items, block, timeout))
+        return result
 
     def qsize(self) -> int:
         result: int = self._call("qsize")
@@ -259,21 +275,22 @@ class Queue(Proxy):
 
     def reserve(self, timeout: float | None = None) -> Message:
         """Take the next item with acknowledged delivery (``queue.Empty`` on timeout)."""
-        did, payload, deliveries = self._call("reserve", timeout)
-        return Message(self, did, loads(payload), deliveries)
-
-
-class JoinableQueue(Queue):
-    """A named ``multiprocessing.JoinableQueue``."""
-
-    _typeid = "JoinableQueue"
+        did, value, deliveries = self._call_decoded(_loads_reserved, "reserve", (timeout,))
+        return Message(self, did, value, deliveries)
 
     def task_done(self) -> None:
+        """One item taken is handled (``ValueError`` if more than were put)."""
         self._call("task_done")
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait until every item put has been marked ``task_done``."""
+        """Wait until every item put has been marked ``task_done`` (``TimeoutError``)."""
         self._call("join", timeout)
+
+
+class JoinableQueue(Queue):
+    """A named ``multiprocessing.JoinableQueue`` (a ``Queue`` under its own type name)."""
+
+    _typeid = "JoinableQueue"
 
 
 class PipeEnd(Proxy):
@@ -585,20 +602,34 @@ class Lock(Proxy):
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
         super().__init__(manager, name, args)
         self._local = threading.local()
-        self._held: dict[int, tuple[int, int]] = {}  # thread -> (token, session epoch)
+        #: thread -> (token, session epoch, server id) of each holding
+        self._held: dict[int, tuple[int, int, str]] = {}
+        manager._lock_proxies.add(self)
+
+    def _forget_holdings(self) -> None:
+        """After a fork, in the child: the parent's holdings are not the child's."""
+        self._held = {}
 
     def _call(self, method: str, *args: Any) -> Any:
-        self._manager._channel_or_reconnect()
+        channel = self._manager._channel_or_reconnect()
         epoch = self._manager.session_epoch
-        lost = [t for t, (_, e) in self._held.items() if e != epoch]
+        lost = [(t, sid) for t, (_, e, sid) in self._held.items() if e != epoch]
         if lost:
-            for thread in lost:
+            for thread, _ in lost:
                 del self._held[thread]
-            raise LockLost(
-                f"{self._typeid} {self._name!r} was released by the daemon when this "
-                "client's session ended (partition or lease expiry)"
-            )
+            old = lost[0][1]
+            if old != channel.server_id:
+                why = (
+                    f"the daemon restarted (server id {old} is now {channel.server_id}); "
+                    "a restarted daemon holds nothing for anyone"
+                )
+            else:
+                why = "this client's session ended (partition or lease expiry)"
+            raise LockLost(f"{self._typeid} {self._name!r} was released by the daemon: {why}")
         return super()._call(method, *args)
+
+    def _hold(self, token: int) -> None:
+        self._held[self._holder_key()] = (token, self._manager.session_epoch, self._server_id)
 
     def _holder_key(self) -> int:
         return 0  # a Lock belongs to the client, not to a thread
@@ -607,7 +638,7 @@ class Lock(Proxy):
         token = self._call("acquire", blocking, timeout)
         if token is False:
             return False
-        self._held[self._holder_key()] = (token, self._manager.session_epoch)
+        self._hold(token)
         return True
 
     def release(self) -> None:
@@ -639,8 +670,12 @@ class RLock(Lock):
     _typeid = "RLock"
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
-        super().__init__(manager, name, args)
         self._depth: dict[int, int] = {}
+        super().__init__(manager, name, args)
+
+    def _forget_holdings(self) -> None:
+        super()._forget_holdings()
+        self._depth = {}
 
     def _holder_key(self) -> int:
         return threading.get_ident()
@@ -675,7 +710,7 @@ class Semaphore(Lock):
         token = self._call("acquire", blocking, timeout)
         if token is False:
             return False
-        self._held[self._holder_key()] = (token, self._manager.session_epoch)
+        self._hold(token)
         return True
 
     def release(self, n: int = 1) -> None:
@@ -719,9 +754,52 @@ class Condition(RLock):
 
     _typeid = "Condition"
 
+    def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
+        super().__init__(manager, name, args)
+        #: Per thread: ``with`` exits that must not release (see ``wait``).
+        self._lost_exits: dict[int, int] = {}
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Release the lock until notified (True) or ``timeout`` passes (False)."""
-        return bool(self._call("wait", timeout))
+        """Release the lock until notified (True) or ``timeout`` passes (False).
+
+        Interrupted (Ctrl-C, an exception from a signal handler...), it takes
+        the lock back before the exception goes on, as
+        ``threading.Condition.wait`` does in its ``finally``: code in the
+        ``with`` block's ``finally`` holds the lock, and the block's exit
+        releases it. A second interrupt while it waits for the lock gives
+        up: the exception goes on without the lock, and this thread's
+        ``with`` exits do not release it (they would raise ``RuntimeError``
+        over the interrupt).
+        """
+        try:
+            return bool(self._call("wait", timeout))
+        except BaseException as exc:
+            if abandoned_by(exc):
+                self._restore()
+            raise
+
+    def _restore(self) -> None:
+        key = self._holder_key()
+        held: Any = False
+        try:
+            held = self._call("restore")
+        finally:
+            if not held:
+                depth = self._depth.pop(key, 0)
+                self._held.pop(key, None)
+                if depth:
+                    self._lost_exits[key] = depth
+
+    def __exit__(self, *exc: object) -> None:
+        key = self._holder_key()
+        lost = self._lost_exits.get(key, 0)
+        if lost:
+            if lost > 1:
+                self._lost_exits[key] = lost - 1
+            else:
+                del self._lost_exits[key]
+            return
+        self.release()
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
         end = None if timeout is None else time.monotonic() + timeout

@@ -25,10 +25,14 @@ can share one connection and pipeline calls.
 from __future__ import annotations
 
 import hmac
+import math
 import os
+import select
 import socket
+import ssl
 import struct
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, cast
 
 __all__ = [
     "CHALLENGE",
@@ -37,11 +41,14 @@ __all__ = [
     "HELLO",
     "PROTOCOL_VERSION",
     "REFUSED",
+    "RETRY_AFTER",
     "WELCOME",
     "FrameSocket",
+    "Refused",
     "create_response",
     "frame_header",
     "make_challenge",
+    "refused_frame",
     "verify_response",
 ]
 
@@ -51,6 +58,8 @@ FAILURE: Final = b"#FAILURE#"
 #: Sent by the daemon instead of a challenge when it will not take the
 #: connection (too many connections, shutting down), followed by why.
 REFUSED: Final = b"#REFUSED#"
+#: Ends a ``#REFUSED#`` frame that says when to try again: ``#RETRY-AFTER#<seconds>``.
+RETRY_AFTER: Final = b"#RETRY-AFTER#"
 CHALLENGE_RANDOM_BYTES: Final = 40
 HANDSHAKE_MAX_FRAME_BYTES: Final = 256
 DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
@@ -140,7 +149,21 @@ class FrameSocket:
     call, which measured here costs ~20 us, as much as the round trip).
     """
 
-    __slots__ = ("_buf", "_end", "_max_frame_bytes", "_spare", "_start", "sock")
+    __slots__ = (
+        "_base",
+        "_buf",
+        "_end",
+        "_got",
+        "_max_frame_bytes",
+        "_next",
+        "_poller",
+        "_spare",
+        "_start",
+        "_tls",
+        "read_timeout_s",
+        "sock",
+        "torn",
+    )
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self.sock = sock
@@ -149,7 +172,37 @@ class FrameSocket:
         self._spare: bytearray | None = None
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
+        self._next = 0  # where the frame last returned by next_frame_view ends
         self._max_frame_bytes = max_frame_bytes
+        # Interrupt safety (see recover()): what the last read returned, and
+        # where it started; True while the buffer is being rearranged.
+        self._got: list[int] = []
+        self._base = 0
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._poller: select.poll | None = None
+        #: How long a TLS read waits for data (see _await_readable); set it
+        #: with set_receive_timeout's value.
+        self.read_timeout_s: float | None = sock.gettimeout()
+        #: An exception (Ctrl-C...) left the read state unknown: the stream
+        #: cannot be used any more.
+        self.torn = False
+
+    @property
+    def tls(self) -> bool:
+        return self._tls
+
+    @property
+    def write_fn(self) -> Callable[[Any], int]:
+        """A C function that sends bytes and returns how many it sent.
+
+        ``socket.send``; over TLS the TLS object's ``write`` (what
+        ``ssl.SSLSocket.send`` calls: that one is Python code, and an
+        interrupt inside it could lose the count).
+        """
+        if self._tls:
+            write: Callable[[Any], int] = self.sock._sslobj.write  # type: ignore[attr-defined]
+            return write
+        return self.sock.send
 
     def send_frame(self, body: bytes, prefix: bytes = b"") -> None:
         """Send ``prefix + body`` as one frame (without copying a large body)."""
@@ -162,13 +215,20 @@ class FrameSocket:
 
     def send_frame_parts(self, parts: list[bytes], prefix: bytes = b"") -> None:
         """Send ``prefix`` and ``parts`` back to back as one frame, without joining them."""
+        for chunk in self.frame_chunks(parts, prefix):
+            self.sock.sendall(chunk)
+
+    @staticmethod
+    def frame_chunks(parts: list[bytes], prefix: bytes = b"") -> list[bytes]:
+        """What ``send_frame_parts`` sends, one ``sendall`` each (a large body is not copied)."""
         if len(parts) == 1:
-            self.send_frame(parts[0], prefix)
-            return
+            body = parts[0]
+            size = len(prefix) + len(body)
+            if size < 65536:
+                return [frame_header(size) + prefix + body]
+            return [frame_header(size) + prefix, body]
         size = len(prefix) + sum(len(p) for p in parts)
-        self.sock.sendall(frame_header(size) + prefix + parts[0])
-        for part in parts[1:]:
-            self.sock.sendall(part)
+        return [frame_header(size) + prefix + parts[0], *parts[1:]]
 
     def recv_frame(self) -> bytes:
         """The next frame; ``EOFError`` when the peer closed the connection.
@@ -180,6 +240,20 @@ class FrameSocket:
 
     def recv_frame_view(self) -> memoryview:
         """The next frame as a view of the read buffer, valid until the next read."""
+        frame = self.next_frame_view()
+        self.done_frame()
+        return frame
+
+    def next_frame_view(self) -> memoryview:
+        """The next frame, left unread until :meth:`done_frame`.
+
+        A reader that is interrupted before it is done with the frame (its
+        thread gets ``KeyboardInterrupt``) reads the same frame again.
+        """
+        if self._got:
+            self._settle()  # an interrupted read's count (recover() was not reached)
+        if self.torn:
+            raise OSError("the stream was torn by an interrupted read")
         while True:
             buf, start, avail = self._buf, self._start, self._end - self._start
             if avail >= 4:
@@ -194,16 +268,21 @@ class FrameSocket:
                 if size < 0 or size > self._max_frame_bytes:
                     raise OSError(f"frame of {size} bytes is over the limit")
                 if avail >= head + size:
-                    frame = memoryview(buf)[start + head : start + head + size]
-                    self._start = start + head + size
-                    if self._start == self._end:
-                        self._start = self._end = 0
-                        if len(buf) > _KEEP_BUFFER_BYTES:  # a huge frame passed: shrink back
-                            self._buf = bytearray(_READ_BUFFER_BYTES)
-                    return frame
+                    self._next = start + head + size
+                    return memoryview(buf)[start + head : start + head + size]
                 self._fill(head + size)
             else:
                 self._fill(4)
+
+    def done_frame(self) -> None:
+        """The frame last returned by :meth:`next_frame_view` is read."""
+        if self._next == self._end:
+            # One statement (no call inside): an interrupt cannot split it.
+            self._start, self._end, self._next = 0, 0, 0
+            if len(self._buf) > _KEEP_BUFFER_BYTES:  # a huge frame passed: shrink back
+                self._buf = bytearray(_READ_BUFFER_BYTES)
+        elif self._next > self._start:
+            self._start = self._next
 
     def detach_frame(self, frame: memoryview) -> memoryview:
         """Keep ``frame`` (the last view returned) valid past the next read.
@@ -220,7 +299,7 @@ class FrameSocket:
         if spare is None or len(spare) < len(rest):
             spare = bytearray(max(_READ_BUFFER_BYTES, len(rest)))
         spare[: len(rest)] = rest
-        self._buf, self._start, self._end = spare, 0, len(rest)
+        self._buf, self._start, self._end, self._next = spare, 0, len(rest), 0
         return frame
 
     def recycle(self, buffer: object) -> None:
@@ -229,21 +308,78 @@ class FrameSocket:
             self._spare = buffer
 
     def _fill(self, want: int) -> None:
-        """Read more, making room for a frame of ``want`` bytes at ``_start``."""
+        """Read more, making room for a frame of ``want`` bytes at ``_start``.
+
+        Interrupt-safe (see :meth:`recover`): the count that ``recv_into``
+        returns is kept by ``list.extend`` in C, so an exception raised as
+        the call returns (a signal handler runs there) cannot lose it. Over
+        TLS, it waits for data before it reads (see ``_await_readable``).
+        """
         buf = self._buf
         if self._start + want > len(buf):
-            unread = buf[self._start : self._end]
+            self.torn = True  # until the unread bytes are in place
+            start, end = self._start, self._end
+            unread = buf[start:end]
             if want > len(buf):
-                buf = self._buf = bytearray(max(want, min(2 * len(buf), _KEEP_BUFFER_BYTES)))
-            buf[: len(unread)] = unread
-            self._start, self._end = 0, len(unread)
+                buf = bytearray(max(want, min(2 * len(buf), _KEEP_BUFFER_BYTES)))
+            buf[: end - start] = unread
+            self._buf, self._start, self._end, self._next = buf, 0, end - start, 0
+            self.torn = False
+        got = self._got
+        self._base = self._end
+        if self._tls:
+            # A TLS read may lose what it decrypted if an interrupt strikes
+            # inside it (ssl.SSLSocket.recv_into is Python code; _ssl checks
+            # signals after SSL_read): so wait for data first, where an
+            # interrupt reads nothing, and count the read itself as torn.
+            self._await_readable()
+            self.torn = True
         try:
-            n = self.sock.recv_into(memoryview(buf)[self._end :])
+            got.extend(map(self.sock.recv_into, (memoryview(buf)[self._base :],)))
         except BlockingIOError as exc:  # SO_RCVTIMEO ran out (see set_receive_timeout)
+            self.torn = False
             raise TimeoutError("no data before the receive timeout") from exc
-        if not n:
+        self.torn = False
+        if not self._settle():
             raise EOFError("connection closed by peer")
-        self._end += n
+
+    def _await_readable(self) -> None:
+        """Wait until the TLS socket has something to read (poll(2) reads nothing)."""
+        sock = cast(ssl.SSLSocket, self.sock)
+        if sock.pending():
+            return  # decrypted bytes already buffered in the TLS layer
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        timeout_s = self.read_timeout_s
+        if not self._poller.poll(None if timeout_s is None else timeout_s * 1000):
+            raise TimeoutError("no data before the receive timeout")
+
+    def _settle(self) -> int:
+        """Count the bytes the last ``recv_into`` returned (idempotent)."""
+        got = self._got
+        if not got:
+            return 0
+        n = got[0]
+        self._end = self._base + n
+        got.clear()
+        return n
+
+    def recover(self) -> bool:
+        """After an exception escaped a read: whether the stream is still usable.
+
+        An interrupt (``KeyboardInterrupt``, an exception from a signal
+        handler, an asynchronous exception) may strike anywhere in a read.
+        Inside ``recv_into`` (or, over TLS, while waiting for data) nothing
+        was read; just after it, the count is in ``_got`` and is applied
+        here; while the buffer was being rearranged, or inside the TLS read
+        itself (microseconds: data was there), what was read is unknown: the
+        stream is torn.
+        """
+        if self.torn:
+            return False
+        self._settle()
+        return True
 
     def close(self) -> None:
         """Shut down, then close: a thread blocked in recv() wakes (close alone would not)."""
@@ -271,15 +407,54 @@ def set_receive_timeout(sock: socket.socket, timeout_s: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
+class Refused(ConnectionRefusedError):
+    """The daemon sent ``#REFUSED#`` instead of a challenge; maybe with when to retry."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def refused_frame(reason: str, retry_after_s: float | None = None) -> bytes:
+    """A ``#REFUSED#`` frame; with ``retry_after_s``, the text and a trailer say it.
+
+    The seconds travel as a trailer (not only in the words) so that a client
+    need not parse a sentence; stock clients never get this far anyway.
+    """
+    if retry_after_s is None:
+        return REFUSED + reason.encode()
+    left = max(retry_after_s, 0.0)
+    text = f"{reason}; refused for another {math.ceil(left)}s"
+    return REFUSED + text.encode() + RETRY_AFTER + f"{left:.3f}".encode()
+
+
+def parse_refused(frame: bytes) -> tuple[str, float | None]:
+    """The reason of a ``#REFUSED#`` frame and its retry-after seconds (None if none)."""
+    body = frame[len(REFUSED) :]
+    retry_after_s = None
+    head, sep, tail = body.rpartition(RETRY_AFTER)
+    if sep:
+        try:
+            retry_after_s = float(tail.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            retry_after_s = None
+        else:
+            body = head
+        if retry_after_s is not None and not 0.0 <= retry_after_s < 86_400.0:
+            retry_after_s = None  # nonsense (or NaN): not worth waiting for
+    return body.decode("utf-8", "replace"), retry_after_s
+
+
 def client_handshake(fs: FrameSocket, authkey: bytes) -> None:
     """Authenticate to a daemon (answer its challenge, then challenge it).
 
-    Raises ``PermissionError`` when either side refuses the other.
+    Raises ``PermissionError`` when either side refuses the other, and
+    :class:`Refused` when the daemon refuses the connection itself.
     """
     challenge = fs.recv_frame()
     if challenge.startswith(REFUSED):
-        reason = challenge[len(REFUSED) :].decode("utf-8", "replace")
-        raise ConnectionRefusedError(f"the daemon refused the connection: {reason}")
+        reason, retry_after_s = parse_refused(challenge)
+        raise Refused(f"the daemon refused the connection: {reason}", retry_after_s)
     if len(challenge) > HANDSHAKE_MAX_FRAME_BYTES or not challenge.startswith(CHALLENGE):
         raise PermissionError("the peer did not send an authentication challenge")
     try:

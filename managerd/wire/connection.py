@@ -20,11 +20,20 @@ import logging
 import os
 import pickle
 import socket
+import ssl
 import struct
-from typing import TYPE_CHECKING, Any, Final, cast
+import time
+from typing import Any, Final, Protocol, cast
 
-from managerd.peers import PENALTY_HOLD_S
-from managerd.sessions import Session, SessionKind
+from managerd.safepickle import SafeDecoder
+from managerd.service.invoker import CallTable
+from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
+from managerd.service.requests import RequestStats, Stats
+from managerd.service.sessions import SessionTable
+from managerd.store.memory.base import SharedObject, waiter_of
+from managerd.store.sessions import Session, SessionKind
+from managerd.wire.managerd_dialect import Dispatcher
+from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ForbiddenPayload, ProtocolError
 from managerd_client.wire import (
     CHALLENGE,
@@ -32,16 +41,13 @@ from managerd_client.wire import (
     HANDSHAKE_MAX_FRAME_BYTES,
     HELLO,
     PROTOCOL_VERSION,
-    REFUSED,
     WELCOME,
     create_response,
     frame_header,
     make_challenge,
+    refused_frame,
     verify_response,
 )
-
-if TYPE_CHECKING:
-    from managerd.server import ServerCore
 
 log = logging.getLogger("managerd")
 
@@ -59,10 +65,70 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+class ConnectionSettings(Protocol):
+    """The settings a connection reads (``managerd.settings.Settings``)."""
+
+    @property
+    def allow_md5_auth(self) -> bool: ...
+    @property
+    def handshake_timeout_s(self) -> float: ...
+    @property
+    def max_frame_bytes(self) -> int: ...
+    @property
+    def session_ttl_s(self) -> float: ...
+
+
+class Durable(Protocol):
+    """The journal as a connection sees it: when is everything so far on disk."""
+
+    def barrier(self) -> asyncio.Future[None] | None: ...
+
+
+class ConnectionContext(Protocol):
+    """What a connection needs of the daemon (``server.ServerCore`` is one).
+
+    The wire layer may not import the server above it: the core is passed
+    in, and this is all a connection may use of it.
+    """
+
+    @property
+    def settings(self) -> ConnectionSettings: ...
+    @property
+    def authkey(self) -> bytes: ...
+    @property
+    def server_id(self) -> str: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def tls(self) -> ssl.SSLContext | None: ...
+    @property
+    def journal(self) -> Durable | None: ...
+    @property
+    def decoder(self) -> SafeDecoder: ...
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+    @property
+    def stock(self) -> StockAdapter: ...
+    @property
+    def sessions(self) -> SessionTable: ...
+    @property
+    def peers(self) -> PeerGuard: ...
+    @property
+    def refusals(self) -> LogBudget: ...
+    @property
+    def requests(self) -> RequestStats: ...
+    @property
+    def stats(self) -> Stats: ...
+
+    def admit(self, conn: Connection) -> bool: ...
+    def adopt(self, session: Session, conn: Connection) -> None: ...
+    def forget(self, conn: Connection) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """The daemon's end of one TCP (or TLS) connection."""
 
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: ConnectionContext) -> None:
         self.core = core
         self.state = ConnState.CHALLENGED
         self.transport: asyncio.Transport | None = None
@@ -77,6 +143,10 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         #: The client takes large bytes results raw (it said so in its hello).
         self.raw_replies = False
+        #: managerd mode: the calls its client may cancel (parked, or answered).
+        self.calls = CallTable()
+        #: Stock mode: the call last parked, ``(object, method, future)``.
+        self.stock_parked: tuple[SharedObject, str, asyncio.Future[Any]] | None = None
         self._challenge_message = b""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._probe_sock: socket.socket | None = None
@@ -97,9 +167,9 @@ class Connection(asyncio.Protocol):
         peers = self.core.peers
         refusal = peers.refusal(self.address)
         if refusal is not None:
-            reason, hold = refusal
+            reason, hold, until = refusal
             if not hold:
-                self._refuse_at_once(reason)
+                self._refuse_at_once(reason, until)
                 return
             # Penalized: no challenge, no HMAC, no timer of the handshake's;
             # the peer waits in silence, then is told why.
@@ -108,7 +178,7 @@ class Connection(asyncio.Protocol):
             self.state = ConnState.HELD
             self.transport.pause_reading()
             self._handshake_timer = self.core.loop.call_later(
-                PENALTY_HOLD_S, self._refuse_at_once, reason
+                PENALTY_HOLD_S, self._refuse_at_once, reason, until
             )
             return
         # Only now: a refused connection should cost as little as it can.
@@ -326,7 +396,31 @@ class Connection(asyncio.Protocol):
         if self.session is None:
             self.session = self.core.sessions.open(SessionKind.STOCK, self.peer)
             self.session.probe = self.peer_alive
+        if self.stock_parked is not None:
+            self._stock_abandon(self.session)
         self.core.stock.handle(self, self.session, ident, method, args, kwds)
+
+    def _stock_abandon(self, session: Session) -> None:
+        """A request while a call is parked: the stock client gave that call up.
+
+        A stock connection is strictly one request, then its reply (a stock
+        client opens one per thread), so a new request means the client
+        stopped reading for the parked one (Ctrl-C in ``q.get()``): the wait
+        is dropped, as a session's end drops it, before it can take an item
+        the client would never read. Had its answer been sent already, the
+        client reads it as the answer to this request: a limit of the stock
+        protocol (README).
+        """
+        assert self.stock_parked is not None
+        obj, method, future = self.stock_parked
+        self.stock_parked = None
+        if future.done():
+            return
+        waiter = waiter_of(session, future)
+        if waiter is None:
+            future.cancel()
+        else:
+            obj.abandon(waiter, method, stock=True)
 
     def _stock_reply(self, message: tuple[str, Any]) -> None:
         """Send a stock reply; with ``fsync=always``, once the journal is on disk."""
@@ -405,17 +499,23 @@ class Connection(asyncio.Protocol):
             self._handshaking = False
             self.core.peers.failed(self.address)
 
-    def _refuse_at_once(self, reason: str) -> None:
-        """Refuse before any challenge: one ``#REFUSED#`` frame says why (and the log)."""
+    def _refuse_at_once(self, reason: str, until: float | None = None) -> None:
+        """Refuse before any challenge: one ``#REFUSED#`` frame says why (and the log).
+
+        ``until`` (monotonic) is when a penalty ends: the frame says how long
+        is left *now*, after the hold, so a client can wait and retry.
+        """
         self._handshake_timer = None
-        self.send_frame(REFUSED + reason.encode())
+        retry_after_s = None if until is None else until - time.monotonic()
+        frame = refused_frame(reason, retry_after_s)
+        self.send_frame(frame)
         self.refuse(f"refused: {reason}")
 
     def refuse(self, reason: str, quiet: bool = False) -> None:
         """Log one line (within the log budget) and close the connection.
 
         During the handshake this counts as a failed handshake of the
-        peer's address (see :mod:`managerd.peers`).
+        peer's address (see :mod:`managerd.service.peers`).
         """
         self._handshake_failed()
         if not quiet and self.core.refusals.allow():

@@ -7,93 +7,34 @@ object *and* with the caller's session, so a session that ends cancels it
 before it can take an item or a lock. A method never blocks the loop.
 
 A Task per call would cost more than most calls, so the daemon awaits only
-the futures that methods return (see ``dispatch.py``).
+the futures that methods return (see ``service/invoker.py``).
 
 Payloads (queue items, dict and list values, namespace attributes) are the
 client's pickled bytes and stay opaque here. Each exposed method declares
 which arguments and results are payloads so that the stock-client adapter
-can convert plain values at the edge (``stock.py``).
+can convert plain values at the edge (``wire/stock_dialect.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import inspect
+import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
-from managerd.sessions import Session
+from managerd.store.api import Call, MethodSpec
+from managerd.store.sessions import Session
 from managerd_client.errors import ArgumentConflict
 
 if TYPE_CHECKING:
-    from managerd.journal import Journal
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Conv(enum.Enum):
-    """How the stock-client adapter converts an argument or a result."""
-
-    PLAIN = "plain"  # builtin data, passed as is
-    PAYLOAD = "payload"  # one value <-> pickled bytes
-    PAYLOADS = "payloads"  # a sequence of values <-> list of pickled bytes
-    PAIRS = "pairs"  # (key, value) pairs <-> list of (key, pickled bytes)
-    ITEM_OR_ITEMS = "item_or_items"  # list.__setitem__: one value, or many for a slice
-    ACQUIRED = "acquired"  # a fencing token (or False) <-> True/False
-    PAIR = "pair"  # one (key, value) pair <-> (key, pickled bytes)
-    MAPPING = "mapping"  # a dict of values <-> dict of pickled bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MethodSpec:
-    """One exposed method: the function and how its values travel."""
-
-    name: str
-    fn: Callable[..., Any]
-    args: dict[str, Conv] = field(default_factory=dict)
-    params: tuple[str, ...] = ()
-    result: Conv = Conv.PLAIN
-    mutates: bool = False
-
-
-def exposed(
-    name: str | None = None,
-    *,
-    result: Conv = Conv.PLAIN,
-    mutates: bool = False,
-    **args: Conv,
-) -> Callable[[F], F]:
-    """Mark an object method as callable by clients under ``name``."""
-
-    def mark(fn: F) -> F:
-        params = tuple(inspect.signature(fn).parameters)[2:]  # skip self, call
-        unknown = set(args) - set(params)
-        if unknown:
-            raise TypeError(f"{fn.__qualname__}: no parameters {sorted(unknown)}")
-        fn.__managerd_spec__ = MethodSpec(  # type: ignore[attr-defined]
-            name or fn.__name__, fn, dict(args), params, result, mutates
-        )
-        return fn
-
-    return mark
-
-
-@dataclass(slots=True)
-class Call:
-    """The context of one request: who asks, from which client thread."""
-
-    session: Session
-    thread: int
-    loop: asyncio.AbstractEventLoop
+    from managerd.store.memory.journal import Journal
 
 
 class Waiter:
     """A blocked call, parked on an object until it can complete."""
 
-    __slots__ = ("alive", "data", "future", "on_cancel", "session", "since", "timer")
+    __slots__ = ("alive", "data", "future", "obj", "on_cancel", "session", "since", "timer")
 
     def __init__(self, session: Session, future: asyncio.Future[Any], data: Any = None) -> None:
         self.session = session
@@ -103,6 +44,8 @@ class Waiter:
         self.alive = True
         self.timer: asyncio.TimerHandle | None = None
         self.on_cancel: Callable[[Waiter], None] | None = None
+        #: The object it waits on (for status and the wait-for graph).
+        self.obj: SharedObject | None = None
 
     def detach(self) -> None:
         """Leave the object's queue without completing (the future moves on)."""
@@ -135,6 +78,14 @@ class Waiter:
             self.on_cancel(self)
 
 
+def waiter_of(session: Session, future: asyncio.Future[Any]) -> Waiter | None:
+    """The parked waiter of ``session`` that completes ``future`` (for a cancel: rare)."""
+    for waiter in session.waiters:
+        if waiter.future is future and waiter.alive:
+            return cast("Waiter", waiter)  # a session parks only Waiters
+    return None
+
+
 def pop_alive(waiters: deque[Waiter]) -> Waiter | None:
     """The first waiter still alive, dropping dead ones on the way.
 
@@ -155,15 +106,88 @@ def alive_count(waiters: deque[Waiter]) -> int:
     return sum(1 for w in waiters if w.alive)
 
 
-def timeout_s(block: bool, timeout: float | None) -> float | None:
-    """The stdlib's (block, timeout) pair as seconds to wait (0: don't)."""
+#: The longest wait a timeout may ask for: ``threading``'s (longer is an OverflowError).
+TIMEOUT_MAX: Final = threading.TIMEOUT_MAX
+
+
+def seconds(value: object, what: str = "timeout") -> float:
+    """``value`` as a float of seconds, or the stdlib's error for a non-number.
+
+    A str, a list or None (where None means nothing) is a TypeError; an int
+    too large for a float an OverflowError, as the stdlib's arithmetic on it.
+    A bool is an int (1 or 0 seconds), as for ``threading``. NaN and the
+    infinities pass: whether they are an error depends on whether the call
+    waits (:func:`checked_wait`).
+    """
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return float(value)  # OverflowError beyond ~1.8e308
+    raise TypeError(f"{what} must be a number, not {type(value).__name__}")
+
+
+def checked_wait(wait_s: float | None) -> float | None:
+    """The seconds a call may really wait for (None: no end), or the error.
+
+    NaN is a ValueError (threading's locks refuse it; the stdlib calls that
+    accept it spin forever); more than ``TIMEOUT_MAX`` (an infinity
+    included) is an OverflowError, as ``threading`` raises before it would
+    block. What this returns is finite and in ``[0, TIMEOUT_MAX]``, which
+    ``loop.call_later`` takes on both asyncio's loop and uvloop (uvloop
+    raises on NaN; asyncio would put a NaN in its timer heap). ``park``
+    applies it before anything is registered.
+    """
+    if wait_s is None:
+        return None
+    if wait_s != wait_s:
+        raise ValueError("Invalid value NaN (not a number)")
+    if wait_s > TIMEOUT_MAX:
+        raise OverflowError(f"timeout value is too large (more than {TIMEOUT_MAX:.0f} s)")
+    if wait_s < 0:  # a policy below maps negatives first; this is a guard
+        raise ValueError("timeout value must be a non-negative number")
+    return wait_s
+
+
+def timeout_s(block: bool, timeout: object) -> float | None:
+    """``queue.Queue``'s (block, timeout) as seconds to wait (0: don't).
+
+    As ``queue.Queue``: a non-blocking call ignores the timeout; a negative
+    one is a ValueError and a non-number a TypeError, at once; NaN and
+    beyond ``TIMEOUT_MAX`` are refused only if the call has to wait.
+    """
     if not block:
         return 0.0
     if timeout is None:
         return None
-    if timeout < 0:
+    wait_s = seconds(timeout)
+    if wait_s < 0:
         raise ValueError("'timeout' must be a non-negative number")
-    return float(timeout)
+    return wait_s
+
+
+def wait_or_now_s(timeout: object) -> float | None:
+    """``threading``'s timeout of Event/Condition/Barrier/Semaphore waits and
+    ``Connection.poll``: None waits for ever, a negative one does not wait."""
+    if timeout is None:
+        return None
+    wait_s = seconds(timeout)
+    return 0.0 if wait_s < 0 else wait_s
+
+
+def positive_s(value: object, what: str) -> float:
+    """A duration that must be > 0 (visibility timeouts, ``extend``), checked whole."""
+    duration = seconds(value, what)
+    if not duration > 0:  # NaN too
+        raise ValueError(f"{what} must be a positive number")
+    if duration > TIMEOUT_MAX:
+        raise OverflowError(f"{what} is too large (more than {TIMEOUT_MAX:.0f} s)")
+    return duration
+
+
+def sequence_index(index: Any) -> int | slice:
+    if isinstance(index, bool) or not isinstance(index, (int, slice)):
+        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
+    return index
 
 
 class SharedObject:
@@ -190,6 +214,13 @@ class SharedObject:
 
     #: Whether the object's state is journaled (its existence always is).
     durable: ClassVar[bool] = False
+
+    #: Methods whose result hands the caller something (an item, a lock, a
+    #: permit), by name, and the method that gives it back: called as
+    #: ``undo(call, args, result)`` when the client cancels a call it had
+    #: already been answered (see ``Dispatcher.cancel``). Each object keeps
+    #: its undo methods next to the methods they undo.
+    undo_methods: ClassVar[dict[str, str]] = {}
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
@@ -228,14 +259,31 @@ class SharedObject:
         on_timeout: Callable[[Waiter], None],
         data: Any = None,
     ) -> asyncio.Future[Any]:
-        """Register a waiter for ``call``; ``on_timeout`` runs after ``wait_s``."""
+        """Register a waiter for ``call``; ``on_timeout`` runs after ``wait_s``.
+
+        Everything that can raise (the wait's check, the timer) comes before
+        the waiter is registered anywhere: a call that fails here leaves no
+        waiter behind to take the next item or lock.
+        """
+        wait_s = checked_wait(wait_s)
         future: asyncio.Future[Any] = call.loop.create_future()
         waiter = Waiter(call.session, future, data)
-        waiters.append(waiter)
-        call.session.waiters.add(waiter)
+        waiter.obj = self
         if wait_s is not None:
             waiter.timer = call.loop.call_later(wait_s, on_timeout, waiter)
+        waiters.append(waiter)
+        call.session.waiters.add(waiter)
         return future
+
+    def abandon(self, waiter: Waiter, method: str, stock: bool = False) -> None:
+        """The client gave up the parked call ``method`` (it was interrupted).
+
+        The wait is dropped as a session's end drops it, except where an
+        object says otherwise (a Barrier party that leaves does not break the
+        barrier; a Condition wait takes its lock back unless ``stock``: a
+        stock client cannot ask for it, see ``Condition.restore``).
+        """
+        waiter.cancel()
 
     def waiter_count(self) -> int:
         return 0
@@ -247,7 +295,7 @@ class SharedObject:
         """A summary for ``objects()`` and status."""
         return {"type": self.typeid, "args": self.creation_args()}
 
-    # -- durability (journal records; see managerd/journal.py) --------------------
+    # -- durability (journal records; see store/memory/journal.py) --------------------
     def _j(self, *effect: Any) -> None:
         """Journal one change of this object's state (no-op when memory only)."""
         journal = self.journal

@@ -13,6 +13,16 @@ Two limits keep one address from costing everyone else:
   ``max_handshakes_per_peer`` connections that have not authenticated yet,
   so it cannot fill ``max_connections`` with half-open handshakes.
 
+Addresses in ``auth_penalty_exempt`` (loopback by default, as fail2ban's
+``ignoreip``) are never penalized: their failures are not even counted.
+Otherwise one hostile process on a host would lock every legitimate client
+of that host out, and on loopback that is everyone on the daemon's own
+machine. The pending-handshake limit still applies to them.
+
+A penalized address's refusal carries the seconds it has left
+(:func:`managerd_client.wire.refused_frame`), so that a client that was
+not the culprit waits that long and retries, within its connect timeout.
+
 An address is the peer's IP address as the socket reports it. Everything here
 runs on the event loop, but for the readers the metrics thread calls; the
 tables are bounded (:data:`MAX_TRACKED`).
@@ -20,10 +30,14 @@ tables are bounded (:data:`MAX_TRACKED`).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("managerd")
 
@@ -80,8 +94,11 @@ class PeerGuard:
         max_pending: int,
         log_budget: LogBudget,
         max_tracked: int = MAX_TRACKED,
+        exempt: Iterable[str] = (),
     ) -> None:
         self.log_budget = log_budget
+        #: Networks whose failed handshakes are never counted.
+        self.exempt: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in exempt)
         self.max_tracked = max_tracked
         #: 0 turns the failure penalty off.
         self.failure_limit = failure_limit
@@ -97,22 +114,23 @@ class PeerGuard:
         self.penalties = 0
 
     # -- admission ------------------------------------------------------------------
-    def refusal(self, address: str) -> tuple[str, bool] | None:
+    def refusal(self, address: str) -> tuple[str, bool, float | None] | None:
         """Why a new connection from ``address`` is refused, or None to admit it.
 
         The flag says whether to hold the connection (penalized) rather than
-        refuse it at once (too many pending: holding would add another).
+        refuse it at once (too many pending: holding would add another); the
+        number is the monotonic end of the penalty, if that is the reason
+        (the refusal tells the client how long is left when it is sent).
         """
         if self._penalized:
             until = self._penalized.get(address)
             if until is not None:
-                left = until - time.monotonic()
-                if left > 0:
+                if until > time.monotonic():
                     self.penalty_refusals += 1
                     return (
-                        f"too many failed authentications from {address}; "
-                        f"refused for another {left:.0f}s",
+                        f"too many failed authentications from {address}",
                         self._pending.get(address, 0) < self.max_pending,
+                        until,
                     )
                 del self._penalized[address]
         if self._pending.get(address, 0) >= self.max_pending:
@@ -121,8 +139,21 @@ class PeerGuard:
                 f"too many unauthenticated connections from {address} "
                 f"(max_handshakes_per_peer={self.max_pending})",
                 False,
+                None,
             )
         return None
+
+    def is_exempt(self, address: str) -> bool:
+        """Whether ``address`` is in ``auth_penalty_exempt`` (IPv4-mapped IPv6 counts as IPv4)."""
+        if not self.exempt:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False  # not an IP address (a Unix socket): never exempt
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.exempt)
 
     def begin(self, address: str) -> None:
         """A connection from ``address`` starts (or is held before) its handshake."""
@@ -139,7 +170,7 @@ class PeerGuard:
     # -- failures ---------------------------------------------------------------------
     def failed(self, address: str) -> None:
         """A handshake from ``address`` failed; penalize it at the limit."""
-        if not self.failure_limit:
+        if not self.failure_limit or self.is_exempt(address):
             return
         now = time.monotonic()
         entry = self._failures.get(address)

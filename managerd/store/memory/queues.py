@@ -1,9 +1,14 @@
-"""Queues, joinable queues and named pipes.
+"""Queues and joinable queues (named pipes are in ``pipes.py``).
 
 A ``get`` on an empty queue parks a waiter; a ``put`` hands its item straight
 to the first live waiter, or appends it. Because a dead session's waiters
 are cancelled before anything else happens, an item is never handed to a
 consumer that is gone.
+
+Every queue counts unfinished tasks as ``queue.Queue`` does: a put adds
+one, ``task_done`` takes one off, ``join`` waits for none. The count is not
+journaled per put: replay counts the journaled pushes, and ``task_done``
+journals a ``done`` record (a queue that never calls it pays nothing).
 
 ``reserve`` is acknowledged delivery: the item leaves the queue but is kept
 as a *delivery* owned by the consumer's session until ``ack``. ``nack``, the
@@ -19,20 +24,19 @@ import itertools
 import queue
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
-from managerd.objects.base import (
-    Call,
-    Conv,
+from managerd.store.api import Call, Conv, exposed
+from managerd.store.memory.base import (
     SharedObject,
     Waiter,
     alive_count,
-    exposed,
     fail_all,
     pop_alive,
+    positive_s,
     timeout_s,
 )
-from managerd.sessions import Session
+from managerd.store.sessions import Session
 
 DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
 DEAD_LETTER_SUFFIX = ".dead"
@@ -66,11 +70,23 @@ _delivery_ids = itertools.count(1)
 
 
 class Queue(SharedObject):
-    """``queue.Queue`` semantics, plus batches and acknowledged delivery."""
+    """``queue.Queue`` semantics, plus batches and acknowledged delivery.
+
+    ``join`` waits until every item put was ``task_done``. With ``reserve``,
+    a consumer calls ``task_done`` after ``ack`` (a nacked item comes back
+    and is done later); an item moved to the dead-letter queue is never
+    acked, so it counts as done by itself.
+    """
 
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
     durable = True
+    undo_methods: ClassVar[dict[str, str]] = {
+        "get": "_undo_get",
+        "get_nowait": "_undo_get",
+        "get_many": "_undo_get_many",
+        "reserve": "_undo_reserve",
+    }
 
     def __init__(
         self,
@@ -83,12 +99,13 @@ class Queue(SharedObject):
         super().__init__(name, loop)
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise TypeError("maxsize must be an int")
-        if not isinstance(visibility_timeout_s, (int, float)) or visibility_timeout_s <= 0:
-            raise ValueError("visibility_timeout_s must be a positive number")
+        # Checked whole here: every reserve starts a timer of this length, after
+        # its item has left the queue (a timer that failed then would lose it).
+        visibility_s = positive_s(visibility_timeout_s, "visibility_timeout_s")
         if not isinstance(max_deliveries, int) or max_deliveries < 0:
             raise ValueError("max_deliveries must be a non-negative int")
         self.maxsize = maxsize
-        self.visibility_timeout_s = float(visibility_timeout_s)
+        self.visibility_timeout_s = visibility_s
         self.max_deliveries = max_deliveries
         self.items: deque[bytes | _Returned] = deque()
         self.getters: deque[Waiter] = deque()
@@ -98,6 +115,9 @@ class Queue(SharedObject):
         self._recovering: dict[int, tuple[bytes, int]] = {}
         self.puts_total = 0
         self.gets_total = 0
+        #: Items put and not yet ``task_done`` (queue.Queue's unfinished_tasks).
+        self.unfinished = 0
+        self.joiners: deque[Waiter] = deque()
         #: Set by the registry: where items delivered too often go.
         self.dead_letter: Callable[[Queue, bytes], None] | None = None
 
@@ -146,6 +166,8 @@ class Queue(SharedObject):
 
     def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
         """Hand ``entry`` to a live getter, else queue it."""
+        if not isinstance(entry, _Returned):
+            self.unfinished += 1  # a returned item was counted when first put
         if self.journal is not None:
             if isinstance(entry, _Returned):
                 self._j("front", entry.payload, entry.deliveries)
@@ -196,6 +218,10 @@ class Queue(SharedObject):
         """An item leaves for good, unacked: to the dead-letter queue if there is one."""
         if self.dead_letter is not None:
             self.dead_letter(self, payload)
+        # No consumer will ack it, so none will call task_done() for it: it
+        # is done as far as join() is concerned, or join() would never return.
+        if self.unfinished > 0:
+            self._finish_one()
 
     def _on_get_timeout(self, waiter: Waiter) -> None:
         waiter.fail(queue.Empty())
@@ -258,6 +284,7 @@ class Queue(SharedObject):
         """Up to ``max_items`` items; waits (as ``get``) only while there are none."""
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError("max_items must be a positive int")
+        wait_s = timeout_s(block, timeout)
         if self.items:
             out: list[bytes] = []
             while self.items and len(out) < max_items:
@@ -267,7 +294,7 @@ class Queue(SharedObject):
             self.gets_total += len(out)
             self._admit_putters()
             return out
-        return self._get(call, timeout_s(block, timeout), _GET_MANY)
+        return self._get(call, wait_s, _GET_MANY)
 
     def _get(self, call: Call, wait_s: float | None, kind: str) -> Any:
         if self.items:
@@ -281,6 +308,30 @@ class Queue(SharedObject):
             raise queue.Empty()
         return self.park(self.getters, call, wait_s, self._on_get_timeout, kind)
 
+    # -- giving back what a cancelled call took (see dispatch.CallTable) ---------
+    def _undo_get(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
+        """A get answered but abandoned by its client: the item is first again."""
+        self._put_back([payload])
+
+    def _undo_get_many(self, call: Call, args: tuple[Any, ...], payloads: list[bytes]) -> None:
+        self._put_back(list(payloads))
+
+    def _put_back(self, entries: list[bytes | _Returned]) -> None:
+        """Return taken entries to the front, in their order, then to parked getters.
+
+        Journaled as the ``front`` records of a nack. Not an ``_offer``: the
+        items were counted when put (a JoinableQueue's unfinished count
+        already has them), and a bounded queue takes them back even if full.
+        """
+        for entry in reversed(entries):
+            if isinstance(entry, _Returned):
+                self._j("front", entry.payload, entry.deliveries)
+            else:
+                self._j("front", entry, 0)
+            self.items.appendleft(entry)
+        while self.items and (waiter := pop_alive(self.getters)) is not None:
+            self._deliver(self.items.popleft(), waiter)
+
     @exposed()
     def qsize(self, call: Call) -> int:
         return len(self.items)
@@ -293,11 +344,49 @@ class Queue(SharedObject):
     def full(self, call: Call) -> bool:
         return self._is_full()
 
+    @exposed(mutates=True)
+    def task_done(self, call: Call) -> None:
+        if self.unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._finish_one()
+
+    def _finish_one(self) -> None:
+        self.unfinished -= 1
+        self._j("done")
+        if self.unfinished == 0:
+            while (waiter := pop_alive(self.joiners)) is not None:
+                waiter.finish(None)
+
+    @exposed()
+    def join(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = timeout_s(True, timeout)
+        if self.unfinished == 0:
+            return None
+        return self.park(self.joiners, call, wait_s, _join_timeout)
+
     # -- acknowledged delivery -------------------------------------------
     @exposed(mutates=True)
     def reserve(self, call: Call, timeout: float | None = None) -> Any:
         """``(delivery_id, payload, deliveries)``; ``queue.Empty`` on timeout."""
         return self._get(call, timeout_s(True, timeout), _RESERVE)
+
+    def _undo_reserve(self, call: Call, args: tuple[Any, ...], result: Any) -> None:
+        """A reservation abandoned by its client: back to the front, not counted.
+
+        Unlike a nack, the delivery count is what it was before: the client
+        never saw the item. Nothing happens if it was acked, nacked or
+        redelivered meanwhile.
+        """
+        did = result[0]
+        delivery = self.reserved.get(did)
+        if delivery is None or delivery.session is not call.session:
+            return
+        del self.reserved[did]
+        self._j("unres", did)
+        if delivery.timer is not None:
+            delivery.timer.cancel()
+        before = delivery.deliveries - 1
+        self._put_back([_Returned(delivery.payload, before) if before else delivery.payload])
 
     def _own_delivery(self, call: Call, did: int) -> _Delivery:
         delivery = self.reserved.get(did)
@@ -330,12 +419,11 @@ class Queue(SharedObject):
 
     @exposed()
     def extend(self, call: Call, did: int, seconds: float) -> None:
+        extend_s = positive_s(seconds, "seconds")
         delivery = self._own_delivery(call, did)
-        if not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise ValueError("seconds must be a positive number")
         if delivery.timer is not None:
             delivery.timer.cancel()
-        delivery.timer = self.loop.call_later(float(seconds), self._redeliver, did)
+        delivery.timer = self.loop.call_later(extend_s, self._redeliver, did)
 
     @exposed()
     def reserved_count(self, call: Call) -> int:
@@ -362,8 +450,18 @@ class Queue(SharedObject):
             self._recovering[effect[1]] = (effect[2], effect[3])
         elif op == "unres":
             self._recovering.pop(effect[1], None)
+        elif op == "done":
+            self.unfinished = max(self.unfinished - 1, 0)
+        elif op == "unfinished":
+            # A journal of an older daemon: a JoinableQueue journaled its
+            # count, ``n`` = count + 1 just before each push it came from
+            # (the push counts it here); any other ``n`` is the count itself.
+            if effect[1] != self.unfinished + 1:
+                self.unfinished = effect[1]
         else:
             raise ValueError(f"unknown queue record {op!r}")
+        if op == "push" or (op == "front" and not effect[2]):
+            self.unfinished += 1
 
     def recovered(self) -> None:
         """Reserved-but-unacked items come back, at the front, in delivery order."""
@@ -378,18 +476,24 @@ class Queue(SharedObject):
         ready += [
             (e.payload, e.deliveries) if isinstance(e, _Returned) else (e, 0) for e in self.items
         ]
-        return ready
+        return {"items": ready, "unfinished": self.unfinished}
 
     def load_state(self, state: Any) -> None:
-        self.items = deque(_Returned(p, n) if n else p for p, n in state)
+        if isinstance(state, dict):
+            ready, self.unfinished = state["items"], state["unfinished"]
+        else:  # an older daemon's snapshot of a Queue: its items are unfinished
+            ready = state
+            self.unfinished = len(ready)
+        self.items = deque(_Returned(p, n) if n else p for p, n in ready)
 
     # -- bookkeeping ------------------------------------------------------
     def waiter_count(self) -> int:
-        return alive_count(self.getters) + alive_count(self.putters)
+        return alive_count(self.getters) + alive_count(self.putters) + alive_count(self.joiners)
 
     def shutdown(self, exc: BaseException) -> None:
         fail_all(self.getters, exc)
         fail_all(self.putters, exc)
+        fail_all(self.joiners, exc)
         for delivery in self.reserved.values():
             if delivery.timer is not None:
                 delivery.timer.cancel()
@@ -402,6 +506,7 @@ class Queue(SharedObject):
             "waiters": self.waiter_count(),
             "puts_total": self.puts_total,
             "gets_total": self.gets_total,
+            "unfinished": self.unfinished,
         }
 
     def snapshot(self) -> list[bytes]:
@@ -409,196 +514,12 @@ class Queue(SharedObject):
 
 
 class JoinableQueue(Queue):
-    """A Queue whose ``join`` waits until every item put was ``task_done``.
-
-    With ``reserve``, a consumer calls ``task_done`` after ``ack`` (a nacked
-    item comes back and is done later); an item moved to the dead-letter
-    queue is never acked, so it counts as done by itself.
-    """
+    """``multiprocessing.JoinableQueue``: a Queue (which has ``task_done``/``join``
+    too, as ``queue.Queue``) under its own type name, so a name taken by one
+    is refused to the other."""
 
     typeid = "JoinableQueue"
-
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
-        super().__init__(name, loop, **kwargs)
-        self.unfinished = 0
-        self.joiners: deque[Waiter] = deque()
-
-    def _offer(self, entry: bytes | _Returned, front: bool = False) -> None:
-        if not isinstance(entry, _Returned):
-            self.unfinished += 1  # a returned item was counted when first put
-            self._j("unfinished", self.unfinished)
-        super()._offer(entry, front)
-
-    @exposed(mutates=True)
-    def task_done(self, call: Call) -> None:
-        if self.unfinished <= 0:
-            raise ValueError("task_done() called too many times")
-        self._finish_one()
-
-    def _finish_one(self) -> None:
-        self.unfinished -= 1
-        self._j("unfinished", self.unfinished)
-        if self.unfinished == 0:
-            while (waiter := pop_alive(self.joiners)) is not None:
-                waiter.finish(None)
-
-    def _drop_dead(self, payload: bytes) -> None:
-        # No consumer will ack it, so none will call task_done() for it: it
-        # is done as far as join() is concerned, or join() would never return.
-        super()._drop_dead(payload)
-        if self.unfinished > 0:
-            self._finish_one()
-
-    @exposed()
-    def join(self, call: Call, timeout: float | None = None) -> Any:
-        if self.unfinished == 0:
-            return None
-        return self.park(self.joiners, call, timeout_s(True, timeout), _join_timeout)
-
-    def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] == "unfinished":
-            self.unfinished = effect[1]
-        else:
-            super().apply(effect)
-
-    def dump_state(self) -> Any:
-        return {"items": super().dump_state(), "unfinished": self.unfinished}
-
-    def load_state(self, state: Any) -> None:
-        super().load_state(state["items"])
-        self.unfinished = state["unfinished"]
-
-    def waiter_count(self) -> int:
-        return super().waiter_count() + alive_count(self.joiners)
-
-    def shutdown(self, exc: BaseException) -> None:
-        super().shutdown(exc)
-        fail_all(self.joiners, exc)
 
 
 def _join_timeout(waiter: Waiter) -> None:
     waiter.fail(TimeoutError("join() timed out"))
-
-
-class Pipe(SharedObject):
-    """A named two-ended pipe: what end 0 sends, end 1 receives, and back.
-
-    With ``duplex=False`` end 0 only receives and end 1 only sends, as
-    ``multiprocessing.Pipe(duplex=False)`` returns ``(reader, writer)``.
-    """
-
-    typeid = "Pipe"
-    create_params = ("duplex",)
-
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, duplex: bool = True) -> None:
-        super().__init__(name, loop)
-        if not isinstance(duplex, bool):
-            raise TypeError("duplex must be a bool")
-        self.duplex = duplex
-        self.inbox: tuple[deque[bytes], deque[bytes]] = (deque(), deque())
-        self.readers: tuple[deque[Waiter], deque[Waiter]] = (deque(), deque())
-        self.closed = [False, False]
-        self.sent_total = 0
-
-    def creation_args(self) -> dict[str, Any]:
-        return {"duplex": self.duplex}
-
-    @staticmethod
-    def _end(end: int) -> int:
-        if end not in (0, 1):
-            raise ValueError("a pipe has ends 0 and 1")
-        return end
-
-    def _check_open(self, end: int) -> None:
-        if self.closed[end]:
-            raise OSError("handle is closed")
-
-    @exposed(payload=Conv.PAYLOAD, mutates=True)
-    def send(self, call: Call, end: int, payload: bytes) -> None:
-        end = self._end(end)
-        self._check_open(end)
-        if not self.duplex and end == 0:
-            raise OSError("connection is read-only")
-        if not isinstance(payload, bytes):
-            raise TypeError("pipe messages travel as pickled bytes")
-        other = 1 - end
-        if self.closed[other]:
-            raise BrokenPipeError("the other end of the pipe is closed")
-        self.sent_total += 1
-        readers = self.readers[other]
-        delivered = False
-        while readers:
-            waiter = readers.popleft()
-            if not waiter.alive:
-                continue
-            if waiter.data == "poll":
-                waiter.finish(True)
-                continue
-            waiter.finish(payload)
-            delivered = True
-            break
-        if not delivered:
-            self.inbox[other].append(payload)
-
-    def _read_check(self, end: int) -> None:
-        self._check_open(end)
-        if not self.duplex and end == 1:
-            raise OSError("connection is write-only")
-
-    @exposed(result=Conv.PAYLOAD, mutates=True)
-    def recv(self, call: Call, end: int, timeout: float | None = None) -> Any:
-        end = self._end(end)
-        self._read_check(end)
-        if self.inbox[end]:
-            return self.inbox[end].popleft()
-        if self.closed[1 - end]:
-            raise EOFError("the other end of the pipe is closed")
-        return self.park(self.readers[end], call, timeout_s(True, timeout), _recv_timeout, "recv")
-
-    @exposed()
-    def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:
-        end = self._end(end)
-        self._read_check(end)
-        if self.inbox[end] or self.closed[1 - end]:
-            return True
-        if timeout is not None and timeout <= 0:
-            return False
-        return self.park(self.readers[end], call, timeout, _poll_timeout, "poll")
-
-    @exposed(mutates=True)
-    def close(self, call: Call, end: int) -> None:
-        end = self._end(end)
-        if self.closed[end]:
-            return
-        self.closed[end] = True
-        # Readers of the other end learn of the close: EOF, or poll() True.
-        readers = self.readers[1 - end]
-        while (waiter := pop_alive(readers)) is not None:
-            if waiter.data == "poll":
-                waiter.finish(True)
-            else:
-                waiter.fail(EOFError("the other end of the pipe is closed"))
-        fail_all(self.readers[end], OSError("handle is closed"))
-
-    def waiter_count(self) -> int:
-        return alive_count(self.readers[0]) + alive_count(self.readers[1])
-
-    def shutdown(self, exc: BaseException) -> None:
-        fail_all(self.readers[0], exc)
-        fail_all(self.readers[1], exc)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "buffered": [len(self.inbox[0]), len(self.inbox[1])],
-            "closed": list(self.closed),
-            "waiters": self.waiter_count(),
-        }
-
-
-def _recv_timeout(waiter: Waiter) -> None:
-    waiter.fail(TimeoutError("recv() timed out"))
-
-
-def _poll_timeout(waiter: Waiter) -> None:
-    waiter.finish(False)

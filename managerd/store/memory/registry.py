@@ -15,12 +15,15 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Final
 
-from managerd.journal import Journal
-from managerd.objects.base import SharedObject
-from managerd.objects.locks import BoundedSemaphore, Lock, RLock, Semaphore
-from managerd.objects.mappings import Array, Dict, List, Namespace, Value
-from managerd.objects.queues import DEAD_LETTER_SUFFIX, JoinableQueue, Pipe, Queue
-from managerd.objects.sync import Barrier, Condition, Event
+from managerd.store.memory.base import SharedObject
+from managerd.store.memory.journal import Journal
+from managerd.store.memory.locks import BoundedSemaphore, Lock, RLock, Semaphore
+from managerd.store.memory.mappings import Dict, List, Namespace
+from managerd.store.memory.pipes import Pipe
+from managerd.store.memory.queues import DEAD_LETTER_SUFFIX, JoinableQueue, Queue
+from managerd.store.memory.sync import Barrier, Condition, Event
+from managerd.store.memory.tokens import TokenSource
+from managerd.store.memory.values import Array, Value
 from managerd_client.errors import (
     NoSuchObject,
     ObjectTypeConflict,
@@ -66,8 +69,10 @@ def check_name(name: Any) -> str:
 class Registry:
     """All named objects of one daemon."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokens: TokenSource) -> None:
         self.loop = loop
+        #: Where every Lock, RLock and Semaphore takes its fencing tokens.
+        self.tokens = tokens
         self.objects: dict[str, SharedObject] = {}
         #: Where creations, deletions and durable objects' changes are
         #: journaled; None for a memory-only daemon (and during recovery).
@@ -114,12 +119,15 @@ class Registry:
             lock_name = args.get("lock") or f"{name}.lock"
             lock = self.objects.get(lock_name)
             if lock is None:
-                lock = RLock(check_name(lock_name), self.loop)
+                lock = RLock(check_name(lock_name), self.loop, tokens=self.tokens)
                 self._add(lock, {})
             if not isinstance(lock, Lock):
                 raise ObjectTypeConflict(f"{lock_name!r} is a {lock.typeid}, not a Lock or RLock")
             return Condition(name, self.loop, lock=lock)
-        obj = cls(name, self.loop, **args)
+        if issubclass(cls, (Lock, Semaphore)):
+            obj: SharedObject = cls(name, self.loop, tokens=self.tokens, **args)
+        else:
+            obj = cls(name, self.loop, **args)
         if isinstance(obj, Queue):
             obj.dead_letter = self._dead_letter
         return obj

@@ -1,24 +1,31 @@
-"""Dicts, lists, namespaces, values and arrays.
+"""Dicts, lists and namespaces (``Value`` and ``Array`` are in ``values.py``).
 
 Dict keys and namespace attribute names are builtin data, decoded safely
 with the request; dict values, list items and attributes are payloads
 (opaque pickled bytes). The few list operations that compare items
 (``index``, ``count``, ``remove``, ``in``, ``sort``) decode them with the
 restricted unpickler, falling back to comparing bytes for items of classes
-the daemon does not decode. ``Value`` and ``Array`` hold numbers the daemon
-type-checks as ``ctypes`` would (``array`` does the checking).
+the daemon does not decode.
+
+A dict, list or namespace may be created with contents (``contents``: a
+list of payloads, or of ``(key, payload)`` pairs), as ``dict(...)`` and
+``list(...)`` are. They are part of the creation, journaled in its one
+record. A later get-or-create that names contents must name the ones the
+object was created with (equal values; what it holds now does not matter,
+so every process can run the same ``m.dict("config", defaults)``); one
+created without contents was created empty.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Final
 
-from managerd.objects.base import Call, Conv, SharedObject, exposed
 from managerd.safepickle import SafeDecoder
-from managerd_client.errors import ForbiddenPayload
+from managerd.store.api import Call, Conv, exposed
+from managerd.store.memory.base import SharedObject, sequence_index
+from managerd_client.errors import ArgumentConflict, ForbiddenPayload
 
 _DECODER: Final = SafeDecoder()
 NO_DEFAULT: Final = object()
@@ -38,17 +45,62 @@ def _check_key(key: Any) -> Any:
     return key
 
 
-class Dict(SharedObject):
+def _payload_list(contents: Any) -> list[bytes]:
+    """Initial list contents: a list of payloads."""
+    if not isinstance(contents, (list, tuple)):
+        raise TypeError("initial contents travel as a list of pickled items")
+    return [_check_payload(v) for v in contents]
+
+
+def _payload_pairs(contents: Any, check_key: Callable[[Any], Any]) -> dict[Any, bytes]:
+    """Initial mapping contents: ``(key, payload)`` pairs (a later key wins, as in dict())."""
+    if not isinstance(contents, (list, tuple)):
+        raise TypeError("initial contents travel as a list of (key, pickled value) pairs")
+    out: dict[Any, bytes] = {}
+    for pair in contents:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise TypeError("initial contents travel as (key, pickled value) pairs")
+        out[check_key(pair[0])] = _check_payload(pair[1])
+    return out
+
+
+class _Contents(SharedObject):
+    """Creation with initial ``contents``; an attach naming others is a conflict."""
+
+    create_params = ("contents",)
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        raise NotImplementedError
+
+    def check_conflicts(self, args: dict[str, Any]) -> None:
+        super().check_conflicts(args)
+        if "contents" not in args:
+            return
+        if not self._same_contents(self.created_with.get("contents", []), args["contents"]):
+            raise ArgumentConflict(
+                f"{self.typeid} {self.name!r} exists, created with other contents; "
+                "attach without contents, or with the ones it was created with"
+            )
+
+
+def _same_mapping(a: dict[Any, bytes], b: dict[Any, bytes]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+
+
+class Dict(_Contents):
     """``dict``: builtin keys, payload values."""
 
     typeid = "dict"
     snapshot_conv: ClassVar[Conv] = Conv.MAPPING
     durable = True
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, contents: Any = ()) -> None:
         super().__init__(name, loop)
-        self.data: dict[Any, bytes] = {}
+        self.data: dict[Any, bytes] = _payload_pairs(contents, _check_key)
         self.writes_total = 0
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        return _same_mapping(_payload_pairs(created, _check_key), _payload_pairs(given, _check_key))
 
     @exposed(result=Conv.PAYLOAD)
     def __getitem__(self, call: Call, key: Any) -> bytes:
@@ -186,30 +238,28 @@ def _same(a: bytes, b: bytes) -> bool:
     return ok_a and ok_b and bool(va == vb)
 
 
-def _index(index: Any) -> int | slice:
-    if isinstance(index, bool) or not isinstance(index, (int, slice)):
-        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
-    return index
-
-
-class List(SharedObject):
+class List(_Contents):
     """``list`` of payloads."""
 
     typeid = "list"
     snapshot_conv: ClassVar[Conv] = Conv.PAYLOADS
     durable = True
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, contents: Any = ()) -> None:
         super().__init__(name, loop)
-        self.items: list[bytes] = []
+        self.items: list[bytes] = _payload_list(contents)
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        a, b = _payload_list(created), _payload_list(given)
+        return len(a) == len(b) and all(map(_same, a, b))
 
     @exposed(result=Conv.ITEM_OR_ITEMS)
     def __getitem__(self, call: Call, index: Any) -> bytes | list[bytes]:
-        return self.items[_index(index)]
+        return self.items[sequence_index(index)]
 
     @exposed(value=Conv.ITEM_OR_ITEMS, mutates=True)
     def __setitem__(self, call: Call, index: Any, value: Any) -> None:
-        index = _index(index)
+        index = sequence_index(index)
         if isinstance(index, slice):
             if not isinstance(value, (list, tuple)):
                 raise TypeError("can only assign a list of items to a slice")
@@ -221,7 +271,7 @@ class List(SharedObject):
 
     @exposed(mutates=True)
     def __delitem__(self, call: Call, index: Any) -> None:
-        del self.items[_index(index)]
+        del self.items[sequence_index(index)]
         self._j("del", index)
 
     @exposed()
@@ -363,16 +413,19 @@ class List(SharedObject):
         return {**super().describe(), "len": len(self.items)}
 
 
-class Namespace(SharedObject):
+class Namespace(_Contents):
     """``multiprocessing.managers.Namespace``: attributes holding payloads."""
 
     typeid = "Namespace"
     snapshot_conv: ClassVar[Conv] = Conv.MAPPING
     durable = True
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, contents: Any = ()) -> None:
         super().__init__(name, loop)
-        self.attrs: dict[str, bytes] = {}
+        self.attrs: dict[str, bytes] = _payload_pairs(contents, self._attr)
+
+    def _same_contents(self, created: Any, given: Any) -> bool:
+        return _same_mapping(_payload_pairs(created, self._attr), _payload_pairs(given, self._attr))
 
     @staticmethod
     def _attr(name: Any) -> str:
@@ -421,188 +474,5 @@ class Namespace(SharedObject):
     def snapshot(self) -> dict[str, bytes]:
         return dict(self.attrs)
 
-
-#: ctypes typecodes multiprocessing.Value/Array accept; 'c' is a byte.
-TYPECODES: Final = frozenset("cubBhHiIlLqQfd")
-
-
-def _check_typecode(typecode: Any) -> str:
-    if not isinstance(typecode, str) or typecode not in TYPECODES:
-        raise TypeError(f"typecode must be one of {''.join(sorted(TYPECODES))}, not {typecode!r}")
-    return typecode
-
-
-def _coerce(typecode: str, value: Any) -> Any:
-    """``value`` as the C type would hold it; TypeError/OverflowError if it can't."""
-    if typecode == "c":
-        if not isinstance(value, bytes) or len(value) != 1:
-            raise TypeError("a 'c' value is one byte (bytes of length 1)")
-        return value
-    if isinstance(value, bool):
-        value = int(value)
-    return array.array(typecode, [value])[0]
-
-
-class Value(SharedObject):
-    """``multiprocessing.Value``: one typed number (or byte)."""
-
-    typeid = "Value"
-    create_params = ("typecode", "value")
-    state_params = ("value",)
-    durable = True
-
-    def __init__(
-        self, name: str, loop: asyncio.AbstractEventLoop, typecode: str = "i", value: Any = 0
-    ) -> None:
-        super().__init__(name, loop)
-        self.typecode = _check_typecode(typecode)
-        self.value = _coerce(self.typecode, value if typecode != "c" or value else b"\0")
-
-    def creation_args(self) -> dict[str, Any]:
-        return {"typecode": self.typecode}
-
-    @exposed()
-    def get(self, call: Call) -> Any:
-        return self.value
-
-    @exposed(mutates=True)
-    def set(self, call: Call, value: Any) -> None:
-        self.value = _coerce(self.typecode, value)
-        self._j("set", self.value)
-
-    @exposed(mutates=True)
-    def add(self, call: Call, delta: Any) -> Any:
-        """Add ``delta`` atomically; the new value."""
-        if self.typecode == "c":
-            raise TypeError("cannot add to a 'c' value")
-        self.value = _coerce(self.typecode, self.value + delta)
-        self._j("set", self.value)
-        return self.value
-
-    def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] != "set":
-            raise ValueError(f"unknown value record {effect[0]!r}")
-        self.value = effect[1]
-
-    def dump_state(self) -> Any:
-        return self.value
-
-    def load_state(self, state: Any) -> None:
-        self.value = state
-
-    def snapshot(self) -> Any:
-        return self.value
-
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "value": self.value}
-
-
-class Array(SharedObject):
-    """``multiprocessing.Array``: a fixed-length typed array."""
-
-    typeid = "Array"
-    create_params = ("typecode", "sequence")
-    state_params = ("sequence",)
-    durable = True
-
-    def __init__(
-        self,
-        name: str,
-        loop: asyncio.AbstractEventLoop,
-        typecode: str = "i",
-        sequence: Any = 0,
-    ) -> None:
-        super().__init__(name, loop)
-        self.typecode = _check_typecode(typecode)
-        if isinstance(sequence, int) and not isinstance(sequence, bool):
-            if sequence < 0:
-                raise ValueError("array size must be >= 0")
-            init: Any = bytes(sequence) if typecode == "c" else [0] * sequence
-        elif isinstance(sequence, (list, tuple, bytes, bytearray, str)):
-            init = sequence
-        else:
-            raise TypeError("sequence must be a size (int) or a list of values")
-        self.data: bytearray | array.array[Any]
-        if typecode == "c":
-            if not isinstance(init, (bytes, bytearray)):
-                raise TypeError("a 'c' array is initialised from bytes")
-            self.data = bytearray(init)
-        else:
-            self.data = array.array(typecode, init)
-
-    def creation_args(self) -> dict[str, Any]:
-        return {"typecode": self.typecode, "length": len(self.data)}
-
-    def check_conflicts(self, args: dict[str, Any]) -> None:
-        super().check_conflicts(args)
-        sequence = args.get("sequence")
-        if sequence is None:
-            return
-        length = sequence if isinstance(sequence, int) else len(sequence)
-        if length != len(self.data):
-            from managerd_client.errors import ArgumentConflict
-
-            raise ArgumentConflict(
-                f"Array {self.name!r} exists with length {len(self.data)}, not {length}"
-            )
-
-    @exposed()
-    def __len__(self, call: Call) -> int:
-        return len(self.data)
-
-    def _out(self, value: Any) -> Any:
-        if self.typecode == "c":
-            return bytes([value]) if isinstance(value, int) else bytes(value)
-        return value.tolist() if isinstance(value, array.array) else value
-
-    @exposed()
-    def __getitem__(self, call: Call, index: Any) -> Any:
-        return self._out(self.data[_index(index)])
-
-    @exposed(mutates=True)
-    def __setitem__(self, call: Call, index: Any, value: Any) -> None:
-        index = _index(index)
-        self._store(index, value)
-        self._j("set", index, self._out(self.data[index]))
-
-    def _store(self, index: int | slice, value: Any) -> None:
-        if isinstance(index, slice):
-            current = range(len(self.data))[index]
-            values = list(value) if not isinstance(value, (bytes, bytearray)) else value
-            if len(values) != len(current):
-                raise ValueError("Can only assign sequence of same size")
-            if isinstance(self.data, bytearray):
-                self.data[index] = bytes(values)
-            else:
-                self.data[index] = array.array(
-                    self.typecode, [_coerce(self.typecode, v) for v in values]
-                )
-        else:
-            self.data[index]  # IndexError before TypeError, as ctypes
-            if isinstance(self.data, bytearray):
-                self.data[index] = _coerce("c", value)[0]
-            else:
-                self.data[index] = _coerce(self.typecode, value)
-
-    @exposed()
-    def tolist(self, call: Call) -> Any:
-        return self.snapshot()
-
-    def apply(self, effect: tuple[Any, ...]) -> None:
-        if effect[0] != "set":
-            raise ValueError(f"unknown array record {effect[0]!r}")
-        self._store(effect[1], effect[2])
-
-    def dump_state(self) -> Any:
-        return self.snapshot()
-
-    def load_state(self, state: Any) -> None:
-        self._store(slice(None), state)
-
-    def snapshot(self) -> Any:
-        if isinstance(self.data, bytearray):
-            return bytes(self.data)
-        return self.data.tolist()
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "len": len(self.data)}
+        return {**super().describe(), "len": len(self.attrs)}

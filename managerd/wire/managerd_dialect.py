@@ -12,6 +12,19 @@ payload, sent as it is rather than pickled again) to clients that said
 ``raw_replies`` in their hello. The request id stays outside the pickle so
 that a request the daemon refuses to decode still gets an answer the client
 can match.
+
+**Cancelling.** A client whose blocked call is interrupted (Ctrl-C, an
+exception from a signal handler, a thread stopped) sends ``(None, None,
+"cancel", (rid,), thread)`` and does not wait for an answer (none is sent).
+The connection's :class:`CallTable` knows the call: still parked, its waiter
+is dropped as a session's end drops it (``SharedObject.abandon``); already
+answered, the *last* answer of that client thread that handed it something
+(an item, a lock, a permit) is undone by the object's undo method (item back
+at the front, lock released...). A client thread makes one call at a time,
+so its next request confirms it read the previous answer: that answer's undo
+record is dropped then (one dict operation per call). A record keeps the
+answer (an item's bytes) until then: one per client thread that last took
+something, at most ``MAX_ANSWERED_THREADS`` per connection.
 """
 
 from __future__ import annotations
@@ -19,22 +32,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-import queue
 import struct
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Final, Protocol
 
-from managerd.journal import Journal
-from managerd.metrics import RequestStats
-from managerd.objects.base import Call, MethodSpec, SharedObject
-from managerd.peers import PeerGuard
-from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
-from managerd.sessions import Session, SessionTable
-from managerd_client.errors import ForbiddenPayload, ManagerdError, error_kind
+from managerd.service.invoker import (
+    EXPECTED_ERRORS,
+    CallTable,
+    answer,
+    invoke,
+)
+from managerd.service.ops import ServerOps
+from managerd.service.requests import RequestStats
+from managerd.store.api import Call
+from managerd.store.memory.journal import Journal
+from managerd.store.memory.registry import TYPES
+from managerd.store.sessions import Session
+from managerd_client.errors import ForbiddenPayload, error_kind
 from managerd_client.wire import PICKLE_PROTOCOL
 
 log = logging.getLogger("managerd")
@@ -48,26 +65,10 @@ STATUS_ERROR: Final = 1
 STATUS_RAW: Final = 2
 RAW_REPLY_MIN_BYTES: Final = 65536
 
-#: Exceptions an object method raises to mean "the caller asked for
-#: something wrong"; anything else is a daemon bug and is logged in full.
-EXPECTED_ERRORS: Final = (
-    ManagerdError,
-    LookupError,
-    ValueError,
-    TypeError,
-    RuntimeError,
-    AttributeError,
-    OSError,
-    EOFError,
-    ArithmeticError,
-    NotImplementedError,
-    queue.Empty,
-    queue.Full,
-    threading.BrokenBarrierError,
+
+SERVER_OPS: Final = frozenset(
+    {"ping", "create", "delete", "objects", "status", "types", "peek", "cancel"}
 )
-
-
-SERVER_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types"})
 
 
 def _method_label(typeid: Any, method: Any) -> str:
@@ -80,108 +81,17 @@ def _method_label(typeid: Any, method: Any) -> str:
     return f"{typeid}.{method}"
 
 
-def invoke(
-    journal: Journal | None,
-    spec: MethodSpec,
-    obj: SharedObject,
-    call: Call,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-    done: Callable[[Any], None],
-    failed: Callable[[BaseException], None],
-) -> None:
-    """Run one exposed method; ``done``/``failed`` get its answer when it may be sent.
-
-    A method that parks a waiter answers when its future completes (never,
-    if the session ended). With ``fsync=always`` an answer also waits until
-    everything journaled before it is on disk. Synchronous errors propagate.
-    """
-    if spec.mutates and journal is not None:
-        journal.check_writable()
-    result = spec.fn(obj, call, *args, **kwargs)
-    if isinstance(result, asyncio.Future):
-        result.add_done_callback(partial(_settled, journal, done, failed))
-    else:
-        answer(journal, result, done, failed)
-
-
-def _settled(
-    journal: Journal | None,
-    done: Callable[[Any], None],
-    failed: Callable[[BaseException], None],
-    future: asyncio.Future[Any],
-) -> None:
-    if future.cancelled():
-        return  # the session ended: nobody to answer
-    exc = future.exception()
-    if exc is not None:
-        failed(exc)
-    else:
-        answer(journal, future.result(), done, failed)
-
-
-def answer(
-    journal: Journal | None,
-    value: Any,
-    done: Callable[[Any], None],
-    failed: Callable[[BaseException], None],
-) -> None:
-    """``done(value)`` now, or once the journal is durable up to here."""
-    barrier = journal.barrier() if journal is not None else None
-    if barrier is None:
-        done(value)
-        return
-
-    def durable(fut: asyncio.Future[None]) -> None:
-        exc = fut.exception()
-        if exc is not None:
-            failed(exc)
-        else:
-            done(value)
-
-    barrier.add_done_callback(durable)
-
-
 class ReplySink(Protocol):
     """The side of a connection that writes frames."""
 
     #: The client takes a bytes result as raw bytes (``STATUS_RAW``).
     raw_replies: bool
+    #: The connection's calls its client may still cancel.
+    calls: CallTable
 
     def send_frame(self, body: bytes) -> None: ...
 
     def send_frame_parts(self, head: bytes, body: bytes) -> None: ...
-
-
-class ServerOps:
-    """Daemon-level operations that are not calls on one object."""
-
-    def __init__(self, registry: Registry, sessions: SessionTable, started_at: float) -> None:
-        self.registry = registry
-        self.sessions = sessions
-        self.started_at = started_at
-        #: Per-address handshake state (set by the server core).
-        self.peers: PeerGuard | None = None
-
-    def create(self, typeid: str, name: str, args: dict[str, Any]) -> SharedObject:
-        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-            raise TypeError("creation arguments must be a dict with str keys")
-        return self.registry.get_or_create(typeid, name, args)
-
-    def objects(self) -> list[tuple[str, str]]:
-        return self.registry.listing()
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "objects": {name: obj.describe() for name, obj in self.registry.objects.items()},
-            "sessions": [s.describe() for s in self.sessions],
-            "handshakes_pending": self.peers.pending() if self.peers else 0,
-            "penalized": {
-                address: round(left, 1)
-                for address, left in (self.peers.penalized() if self.peers else {}).items()
-            },
-        }
 
 
 class Dispatcher:
@@ -217,6 +127,19 @@ class Dispatcher:
                 self.refused_decode(session.peer, exc)
             self._reply_error(sink, rid, "invalid", started, exc)
             return
+        calls = sink.calls
+        if (
+            typeid is None
+            and method == "cancel"
+            and len(args) == 1
+            and type(args[0]) is int
+            and type(thread) is int
+        ):
+            calls.cancel(session, thread, args[0])  # no answer: nobody waits for one
+            return
+        if calls.answered:
+            # This thread's previous answer arrived (it asks again): no undo now.
+            calls.answered.pop(thread, None)
         label = _method_label(typeid, method)
         done = partial(self._reply_raw, sink, rid, label, started)
         failed = partial(self._reply_error, sink, rid, label, started)
@@ -229,7 +152,7 @@ class Dispatcher:
                 if spec is None:
                     raise AttributeError(f"{typeid} has no method {method!r}")
                 call = Call(session, thread, self.loop)
-                invoke(self.journal, spec, obj, call, args, {}, done, failed)
+                invoke(self.journal, spec, obj, call, args, {}, done, failed, calls, rid)
         except EXPECTED_ERRORS as exc:
             failed(exc)
         except Exception as exc:
@@ -257,6 +180,9 @@ class Dispatcher:
             return self.ops.objects()
         if method == "status":
             return self.ops.status()
+        if method == "peek":
+            name, limit = args
+            return self.ops.peek(name, limit)
         if method == "types":
             return {typeid: sorted(cls.methods) for typeid, cls in TYPES.items()}
         raise AttributeError(f"the daemon has no operation {method!r}")

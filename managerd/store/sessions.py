@@ -10,19 +10,36 @@ live waiter, and then every object it held something on releases it.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from managerd.objects.base import Waiter
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class Holder(Protocol):
     def release_session(self, session: Session) -> None: ...
+
+
+class Parked(Protocol):
+    """A parked waiter as its session sees it (``store.memory.base.Waiter``)."""
+
+    alive: bool
+    future: asyncio.Future[Any]
+    #: What the call carries (a lock's ``(thread, ...)``, a semaphore's thread...).
+    data: Any
+    #: The object it waits on (a ``SharedObject``), or None.
+    obj: Any
+
+    def cancel(self) -> None: ...
+
+
+class WaitForGraph(Protocol):
+    """The deadlock detector as a session holds it (``store.memory.deadlock.Detector``)."""
+
+    def parking(self, session: Session, thread: int, obj: Any, *, refuse: bool = True) -> None: ...
 
 
 class SessionState(enum.Enum):
@@ -51,10 +68,12 @@ class Session:
         self.state = SessionState.ACTIVE
         self.created_at = time.time()
         self.last_seen = time.monotonic()
-        self.waiters: set[Waiter] = set()
+        self.waiters: set[Parked] = set()
         self.holdings: dict[Holder, None] = {}  # ordered set
         #: Asks the connection whether the peer is still there (set by it).
         self.probe: Callable[[], bool] | None = None
+        #: The daemon's wait-for graph walker (set by the table; None: off).
+        self.deadlocks: WaitForGraph | None = None
 
     @property
     def active(self) -> bool:
@@ -92,6 +111,15 @@ class Session:
         for obj in holdings:
             obj.release_session(self)
 
+    def who(self) -> dict[str, Any]:
+        """Who this session is, without what it does."""
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "host": self.info.get("host"),
+            "pid": self.info.get("pid"),
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -101,38 +129,8 @@ class Session:
             "pid": self.info.get("pid"),
             "age_s": round(time.time() - self.created_at, 3),
             "waiting": len(self.waiters),
+            "holds": sorted({str(getattr(o, "name", "?")) for o in list(self.holdings)}),
+            "waits_for": sorted(
+                {w.obj.name for w in list(self.waiters) if w.alive and w.obj is not None}
+            ),
         }
-
-
-class SessionTable:
-    """All live sessions, by id."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, Session] = {}
-
-    def open(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> Session:
-        session = Session(kind, peer, info)
-        self._sessions[session.id] = session
-        return session
-
-    def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
-
-    def end(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
-        session.end()
-
-    def expired(self, ttl_s: float) -> list[Session]:
-        """Managerd sessions not heard from for ``ttl_s``."""
-        deadline = time.monotonic() - ttl_s
-        return [
-            s
-            for s in self._sessions.values()
-            if s.kind is SessionKind.MANAGERD and s.last_seen < deadline
-        ]
-
-    def __iter__(self) -> Iterator[Session]:
-        return iter(list(self._sessions.values()))
-
-    def __len__(self) -> int:
-        return len(self._sessions)

@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
-from managerd.objects.base import (
-    Call,
-    Conv,
+from managerd.store.api import Call, Conv, exposed
+from managerd.store.memory.base import (
+    TIMEOUT_MAX,
     SharedObject,
     Waiter,
     alive_count,
-    exposed,
+    checked_wait,
     fail_all,
     pop_alive,
-    timeout_s,
+    seconds,
+    wait_or_now_s,
 )
-from managerd.objects.locks import Lock
+from managerd.store.memory.locks import Lock
 
 
 class Event(SharedObject):
@@ -59,9 +60,9 @@ class Event(SharedObject):
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = wait_or_now_s(timeout)
         if self.flag:
             return True
-        wait_s = timeout_s(True, max(timeout, 0.0) if timeout is not None else None)
         if wait_s == 0.0:
             return False
         return self.park(self.waiters, call, wait_s, _false)
@@ -96,6 +97,10 @@ class Condition(SharedObject):
 
     typeid = "Condition"
     create_params = ("lock",)
+    undo_methods: ClassVar[dict[str, str]] = {
+        "acquire": "_undo_acquire",
+        "restore": "_undo_restore",
+    }
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, lock: Lock) -> None:
         super().__init__(name, loop)
@@ -106,7 +111,7 @@ class Condition(SharedObject):
         return {"lock": self.lock.name}
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
-    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
         return self.lock.acquire(call, blocking, timeout)
 
     @exposed(mutates=True)
@@ -121,10 +126,63 @@ class Condition(SharedObject):
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
         """Release the lock, wait for a notify (True) or the timeout (False)."""
-        wait_s = timeout_s(True, max(timeout, 0.0) if timeout is not None else None)
+        # Checked whole before the lock is let go: a wait that cannot start
+        # must leave the caller holding it.
+        wait_s = checked_wait(wait_or_now_s(timeout))
         depth = self.lock.release_fully(call)
         future = self.park(self.waiters, call, wait_s, self._timed_out, (call.thread, depth))
         return future
+
+    def abandon(self, waiter: Waiter, method: str, stock: bool = False) -> None:
+        """An interrupted ``wait`` takes the lock back, as ``threading.Condition``'s finally.
+
+        Still waiting for a notify, it stops and queues for the lock as a
+        timeout would; already queued for the lock, it stays. The client
+        then calls ``restore`` to wait for the lock (see there). A stock
+        client cannot: its wait is dropped without the lock.
+        """
+        if method == "wait" and not stock:
+            if waiter in self.waiters:
+                self._wake(waiter, False)
+            return
+        waiter.cancel()
+
+    @exposed(mutates=True)
+    def restore(self, call: Call) -> Any:
+        """After this thread's ``wait`` was interrupted: its lock back, as a token.
+
+        The token once this thread holds the lock again (at once if the
+        wait had taken it back already), False if it does not and will not
+        (the wait was never parked, or its session changed). An interrupted
+        ``restore`` is cancelled as an acquire: parked, it stops queueing;
+        answered, the lock is released (see ``_undo_restore``).
+        """
+        lock = self.lock
+        if lock.holder is call.session and lock.holder_thread == call.thread:
+            return lock.token
+        for waiter in lock.waiters:
+            if waiter.alive and waiter.session is call.session and waiter.data[0] == call.thread:
+                # The interrupted wait's reacquisition: this call answers it now.
+                old = waiter.future
+                waiter.future = call.loop.create_future()
+                thread, depth, _ = waiter.data
+                waiter.data = (thread, depth, None)  # answered with the token
+                old.cancel()
+                return waiter.future
+        return False
+
+    def _undo_restore(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        """A restore answered but abandoned (a second interrupt): release fully."""
+        lock = self.lock
+        if (
+            lock.holder is call.session
+            and lock.holder_thread == call.thread
+            and lock.token == token
+        ):
+            lock._hand_over()
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        self.lock._undo_acquire(call, args, token)
 
     def _wake(self, waiter: Waiter, result: bool) -> None:
         thread, depth = waiter.data
@@ -180,8 +238,13 @@ class Barrier(SharedObject):
         super().__init__(name, loop)
         if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
             raise ValueError("parties must be an int > 0")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-            raise ValueError("timeout must be a non-negative number or None")
+        if timeout is not None:
+            # Refused here rather than by every wait() that would use it.
+            default_s = seconds(timeout)
+            if not default_s >= 0:  # NaN too
+                raise ValueError("timeout must be a non-negative number or None")
+            if default_s > TIMEOUT_MAX:
+                raise OverflowError(f"timeout is too large (more than {TIMEOUT_MAX:.0f} s)")
         self.parties = parties
         self.timeout = timeout
         self.waiters: deque[Waiter] = deque()
@@ -193,10 +256,9 @@ class Barrier(SharedObject):
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = wait_or_now_s(self.timeout if timeout is None else timeout)
         if self.broken:
             raise threading.BrokenBarrierError()
-        if timeout is None:
-            timeout = self.timeout
         index = alive_count(self.waiters)
         if index + 1 == self.parties:
             # The last party: release the generation.
@@ -206,7 +268,6 @@ class Barrier(SharedObject):
                 waiter.finish(i)
             return self.parties - 1
         # A negative timeout is 0, as threading.Barrier (it breaks at once).
-        wait_s = timeout_s(True, None if timeout is None else max(timeout, 0.0))
         future = self.park(self.waiters, call, wait_s, self._timed_out)
         # The waiter is the last one appended.
         self.waiters[-1].on_cancel = self._party_left
@@ -215,6 +276,16 @@ class Barrier(SharedObject):
     def _timed_out(self, waiter: Waiter) -> None:
         waiter.fail(threading.BrokenBarrierError())
         self._break()
+
+    def abandon(self, waiter: Waiter, method: str, stock: bool = False) -> None:
+        """An interrupted party leaves the count; the barrier does not break.
+
+        The others keep waiting for ``parties`` arrivals (the interrupted
+        client may come back with another ``wait``). A party whose session
+        ends still breaks it: nobody will come back for it.
+        """
+        waiter.on_cancel = None
+        waiter.cancel()
 
     def _party_left(self, waiter: Waiter) -> None:
         self._break()

@@ -1,64 +1,78 @@
 """Locks, re-entrant locks and semaphores, owned by sessions.
 
-Every successful acquire returns a fencing token, monotonic per object: a
-client that holds token 7 knows that anyone holding the lock after it holds
-8 or more. When a session ends, what it held is released and goes to the
-next live waiter (whose waiter was not cancelled, because the dead session's
-own waiters are cancelled before its holdings are released).
+Every successful acquire returns a fencing token from the daemon's one
+:class:`~managerd.store.memory.tokens.TokenSource`, given to each lock by the registry: a
+client that holds token 7 knows that anyone holding the lock after it, on
+this daemon or on one that replaced it, holds a larger one (tokens are
+increasing, not consecutive; see ``tokens.py``). When a session ends, what
+it held is released and goes to the next live waiter (whose waiter was not
+cancelled, because the dead session's own waiters are cancelled before its
+holdings are released).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
-from managerd.metrics import Histogram
-from managerd.objects.base import (
-    Call,
-    Conv,
+from managerd.histogram import Histogram
+from managerd.store.api import Call, Conv, exposed
+from managerd.store.memory.base import (
+    TIMEOUT_MAX,
     SharedObject,
     Waiter,
     alive_count,
-    exposed,
     fail_all,
     pop_alive,
+    seconds,
+    wait_or_now_s,
 )
-from managerd.sessions import Session
+from managerd.store.memory.deadlock import check_deadlock, report_deadlock
+from managerd.store.memory.tokens import TokenSource
+from managerd.store.sessions import Session
 
 
-def _acquire_wait_s(blocking: bool, timeout: float | None) -> float | None:
-    """threading's (blocking, timeout) as seconds to wait; -1/None is forever."""
-    if timeout is not None and not isinstance(timeout, (int, float)):
-        # threading checks the type first: acquire(False, "1") is a TypeError.
-        raise TypeError(f"timeout must be a number, not {type(timeout).__name__}")
+def _acquire_wait_s(blocking: bool, timeout: object) -> float | None:
+    """``threading.Lock.acquire``'s (blocking, timeout) as seconds to wait.
+
+    Checked whole before anything happens, in the order and with the error
+    types of ``_thread``'s lock (which checks even when the lock is free):
+    a non-number (None included) is a TypeError, NaN a ValueError, beyond
+    ``TIMEOUT_MAX`` either way an OverflowError; -1 waits for ever.
+    """
+    wait_s = seconds(timeout)
+    if wait_s != wait_s:
+        raise ValueError("Invalid value NaN (not a number)")
+    if abs(wait_s) > TIMEOUT_MAX:
+        raise OverflowError("timeout value is too large")
     if not blocking:
-        if timeout not in (None, -1):
+        if wait_s != -1:
             raise ValueError("can't specify a timeout for a non-blocking call")
         return 0.0
-    if timeout is None or timeout == -1:
+    if wait_s == -1:
         return None
-    if timeout < 0:
-        raise ValueError("timeout value must be a non-negative number")
-    return float(timeout)
+    if wait_s < 0:
+        raise ValueError("timeout value must be positive")
+    return wait_s
 
 
-def _semaphore_wait_s(blocking: bool, timeout: float | None) -> float | None:
-    """``threading.Semaphore``'s (blocking, timeout): None is forever, a negative one 0.
+def _semaphore_wait_s(blocking: bool, timeout: object) -> float | None:
+    """``threading.Semaphore.acquire``'s (blocking, timeout) as seconds to wait.
 
-    Except -1, which managerd clients before this sent for "no timeout" (and
-    Lock's acquire means it so): it stays "forever" on the wire. The managerd
-    proxy sends threading's meaning of an explicit -1 (0, do not wait).
+    None waits for ever, and so does -1 (the managerd client sends -1 for
+    None); any other negative does not wait, as ``threading.Semaphore``.
     """
     if not blocking:
-        if timeout is not None:
+        if timeout is not None and timeout != -1:
             raise ValueError("can't specify timeout for non-blocking acquire")
         return 0.0
-    if timeout is None or (timeout == -1 and not isinstance(timeout, bool)):
-        return _acquire_wait_s(True, -1)
-    if not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number, not {type(timeout).__name__}")
-    return _acquire_wait_s(True, 0.0 if timeout < 0 else timeout)
+    if timeout is None:
+        return None
+    wait_s = seconds(timeout)
+    if wait_s == -1:
+        return None
+    return wait_or_now_s(wait_s)
 
 
 def _not_acquired(waiter: Waiter) -> None:
@@ -70,9 +84,11 @@ class Lock(SharedObject):
 
     typeid = "Lock"
     owned_by_thread = False
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, tokens: TokenSource) -> None:
         super().__init__(name, loop)
+        self.tokens = tokens
         self.holder: Session | None = None
         self.holder_thread = 0
         self.count = 0  # recursion depth (RLock); 1 while a Lock is held
@@ -88,7 +104,7 @@ class Lock(SharedObject):
         self.holder = session
         self.holder_thread = thread
         self.count = 1
-        self.token += 1
+        self.token = self.tokens.next()
         self.acquires_total += 1
         self.acquired_at = now
         self.wait_hist.observe(0.0 if asked_at is None else now - asked_at)
@@ -99,8 +115,8 @@ class Lock(SharedObject):
         return self.holder is call.session and self.holder_thread == call.thread
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
-    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
-        """The fencing token (an int >= 1) when acquired, else False."""
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
+        """The fencing token (a positive int, see ``tokens.py``) when acquired, else False."""
         wait_s = _acquire_wait_s(blocking, timeout)
         if self.owned_by_thread and self._owns(call):
             self.count += 1
@@ -109,7 +125,24 @@ class Lock(SharedObject):
             return self._grant(call.session, call.thread)
         if wait_s == 0.0:
             return False
+        check_deadlock(call, self)
         return self.park(self.waiters, call, wait_s, _not_acquired, (call.thread, 1, None))
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        """An acquire granted but abandoned by its client: that holding is released.
+
+        Only if the lock is still held by that session (and thread, for an
+        RLock) under the token it was granted; an RLock goes one level down.
+        """
+        if self.holder is not call.session or self.token != token:
+            return
+        if self.owned_by_thread:
+            if self.holder_thread != call.thread:
+                return
+            self.count -= 1
+            if self.count:
+                return
+        self._hand_over()
 
     @exposed(mutates=True)
     def release(self, call: Call) -> None:
@@ -166,7 +199,9 @@ class Lock(SharedObject):
             if not future.done():
                 future.set_result(result)
             return
+        report_deadlock(session, thread, self)
         waiter = Waiter(session, future, (thread, depth, result))
+        waiter.obj = self
         self.waiters.append(waiter)
         session.waiters.add(waiter)
 
@@ -181,10 +216,15 @@ class Lock(SharedObject):
         return {
             **super().describe(),
             "held": holder is not None,
-            "holder": holder.describe() if holder is not None else None,
+            "holder": (
+                {**holder.describe(), "thread": self.holder_thread} if holder is not None else None
+            ),
             "held_for_s": round(self.loop.time() - self.acquired_at, 3) if holder else None,
             "token": self.token,
             "waiters": self.waiter_count(),
+            "waiting": [
+                {**w.session.who(), "thread": w.data[0]} for w in list(self.waiters) if w.alive
+            ],
         }
 
 
@@ -201,9 +241,13 @@ class Semaphore(SharedObject):
     typeid = "Semaphore"
     create_params = ("value",)
     bounded = False
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, value: int = 1) -> None:
+    def __init__(
+        self, name: str, loop: asyncio.AbstractEventLoop, value: int = 1, *, tokens: TokenSource
+    ) -> None:
         super().__init__(name, loop)
+        self.tokens = tokens
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError("semaphore value must be an int")
         if value < 0:
@@ -224,18 +268,26 @@ class Semaphore(SharedObject):
         self.value -= 1
         self.held[session] = self.held.get(session, 0) + 1
         session.hold(self)
-        self.token += 1
+        self.token = self.tokens.next()
         self.acquires_total += 1
         return self.token
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
-    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = None) -> Any:
+    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
         wait_s = _semaphore_wait_s(blocking, timeout)
         if self.value > 0 and alive_count(self.waiters) == 0:
             return self._grant(call.session)
         if wait_s == 0.0:
             return False
-        return self.park(self.waiters, call, wait_s, _not_acquired)
+        check_deadlock(call, self)
+        # The thread is for the wait-for graph (managerd/store/memory/deadlock.py).
+        return self.park(self.waiters, call, wait_s, _not_acquired, call.thread)
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        """A permit granted but abandoned by its client comes back (if still held)."""
+        if self.held.get(call.session, 0) > 0:
+            self._forget_holdings(call.session, 1)
+            self._give(1)
 
     @exposed(mutates=True)
     def release(self, call: Call, n: int = 1) -> None:
@@ -300,6 +352,7 @@ class Semaphore(SharedObject):
             "holders": [{**s.describe(), "permits": n} for s, n in self.held.items()],
             "token": self.token,
             "waiters": self.waiter_count(),
+            "waiting": [w.session.who() for w in list(self.waiters) if w.alive],
         }
 
 

@@ -32,6 +32,7 @@ second copy of the state to read from. Restart replays ~1M records/s.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import pickle
@@ -46,7 +47,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from managerd.safepickle import SafeDecoder
-from managerd.settings import DEFAULT_JOURNAL_COMPACT_BYTES, FsyncMode
+
+DEFAULT_JOURNAL_COMPACT_BYTES = 16 * 1024 * 1024
+
+
+class FsyncMode(enum.Enum):
+    ALWAYS = "always"
+    INTERVAL = "interval"
+    NEVER = "never"
+
 
 log = logging.getLogger("managerd")
 

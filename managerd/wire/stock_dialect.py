@@ -14,6 +14,9 @@ token))``. A stock client's type names are managerd's (``Queue``, ``dict``,
     m = BaseManager(address=(host, port), authkey=key); m.connect()
     m.Queue("jobs").get(timeout=1)
 
+``list``, ``dict`` and ``Namespace`` take initial contents after the name
+as the builtins do (``m.dict("d", {"a": 1}, b=2)``), applied on creation.
+
 Stock clients send and expect plain values, while objects keep payloads as
 pickled bytes; this module converts at the edge as each method's spec says
 (``Conv``). Only builtin data can cross: values are decoded here with the
@@ -58,25 +61,25 @@ What differs from a stock ``SyncManager`` server:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import pickle
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.managers import Namespace as StockNamespace
 from multiprocessing.managers import Token
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
-from managerd.journal import Journal
-from managerd.objects.base import Call, Conv, MethodSpec, SharedObject
-from managerd.registry import TYPES, Registry
 from managerd.safepickle import SafeDecoder
-from managerd.sessions import Session
+from managerd.service.invoker import EXPECTED_ERRORS
+from managerd.service.ops import ServerOps
+from managerd.store.api import Call, Conv, MethodSpec
+from managerd.store.memory.base import SharedObject
+from managerd.store.memory.journal import Journal
+from managerd.store.memory.registry import TYPES, Registry
+from managerd.store.sessions import Session
+from managerd.wire.iterators import IteratorTable
 from managerd_client.errors import ArgumentConflict, ForbiddenPayload, ObjectTypeConflict
 from managerd_client.wire import PICKLE_PROTOCOL
-
-if TYPE_CHECKING:
-    from managerd.dispatch import ServerOps
 
 log = logging.getLogger("managerd")
 
@@ -85,7 +88,9 @@ log = logging.getLogger("managerd")
 #: types, all a stock client may call (``get_many``, ``reserve``... hand out
 #: raw payloads or take items without the decode check of ``get``).
 STOCK_METHODS: Final[dict[str, tuple[str, ...]]] = {
-    "Queue": ("empty", "full", "get", "get_nowait", "put", "put_nowait", "qsize"),
+    "Queue": (
+        "empty", "full", "get", "get_nowait", "join", "put", "put_nowait", "qsize", "task_done",
+    ),
     "JoinableQueue": (
         "empty", "full", "get", "get_nowait", "join", "put", "put_nowait", "qsize", "task_done",
     ),
@@ -94,8 +99,6 @@ STOCK_METHODS: Final[dict[str, tuple[str, ...]]] = {
 #: The type name a stock client registers for iterators (as SyncManager does).
 ITERATOR_TYPEID: Final = "Iterator"
 ITERATOR_EXPOSED: Final = ("__next__", "close", "send")
-#: A stock connection that never drops its iterators keeps at most this many.
-MAX_ITERATORS_PER_SESSION: Final = 64
 
 #: Every stock request runs as "thread 0" of its session: a stock client
 #: opens one connection (one session) per thread.
@@ -115,6 +118,10 @@ Reply = Callable[[tuple[str, Any]], None]
 
 class StockSink(Protocol):
     """What the adapter needs of a connection."""
+
+    #: The call last parked (``(object, method, future)``), which a next
+    #: request on the connection abandons (see ``Connection._stock_abandon``).
+    stock_parked: tuple[SharedObject, str, asyncio.Future[Any]] | None
 
     def _stock_reply(self, message: tuple[str, Any]) -> None: ...
 
@@ -146,86 +153,6 @@ def undecodable(exc: Exception) -> TypeError:
 # -- iterators -------------------------------------------------------------------
 
 
-class _StockIterator:
-    __slots__ = ("it", "owner", "refs")
-
-    def __init__(self, keys: list[Any], owner: Session) -> None:
-        self.it: Iterator[Any] = iter(keys)
-        self.owner = owner
-        self.refs = 1  # the server's own reference, as a stock server's create
-
-
-class IteratorTable:
-    """The referents of stock ``IteratorProxy``s, by token id.
-
-    Ids start with a NUL character, which no object name may contain, so
-    they never collide with a name. The table is a holding of each session
-    that opened an iterator: when that connection closes, its iterators go.
-    """
-
-    PREFIX: Final = "\0iterator-"
-
-    def __init__(self) -> None:
-        self._iters: dict[str, _StockIterator] = {}
-        self._owned: dict[Session, dict[str, None]] = {}
-        self._ids = itertools.count(1)
-
-    @classmethod
-    def is_id(cls, ident: Any) -> bool:
-        return isinstance(ident, str) and ident.startswith(cls.PREFIX)
-
-    def open(self, session: Session, keys: list[Any]) -> str:
-        ident = f"{self.PREFIX}{next(self._ids)}"
-        self._iters[ident] = _StockIterator(keys, session)
-        owned = self._owned.setdefault(session, {})
-        owned[ident] = None
-        session.hold(self)
-        while len(owned) > MAX_ITERATORS_PER_SESSION:
-            self._drop(next(iter(owned)))
-        return ident
-
-    def _get(self, ident: Any) -> _StockIterator:
-        entry = self._iters.get(ident)
-        if entry is None:
-            raise KeyError(f"no iterator {ident!r} (its connection closed, or it was released)")
-        return entry
-
-    def call(self, ident: Any, method: Any, args: tuple[Any, ...]) -> Any:
-        entry = self._get(ident)
-        if method == "__next__" or (method == "send" and args in ((), (None,))):
-            return next(entry.it)  # StopIteration travels as the stock error
-        if method == "close":
-            entry.it = iter(())
-            return None
-        raise AttributeError(f"an iterator has no method {method!r}")
-
-    def incref(self, ident: Any) -> None:
-        self._get(ident).refs += 1
-
-    def decref(self, ident: Any) -> None:
-        entry = self._iters.get(ident)
-        if entry is None:
-            return  # already dropped with its session
-        entry.refs -= 1
-        if entry.refs <= 0:
-            self._drop(ident)
-
-    def _drop(self, ident: str) -> None:
-        entry = self._iters.pop(ident, None)
-        if entry is None:
-            return
-        owned = self._owned.get(entry.owner)
-        if owned is not None:
-            owned.pop(ident, None)
-
-    def release_session(self, session: Session) -> None:
-        for ident in self._owned.pop(session, {}):
-            self._iters.pop(ident, None)
-
-    def __len__(self) -> int:
-        return len(self._iters)
-
-
 # -- the adapter ----------------------------------------------------------------------
 
 
@@ -239,6 +166,7 @@ class _Request:
     args: tuple[Any, ...]
     kwds: dict[str, Any]
     reply: Reply
+    conn: StockSink
 
 
 #: Handlers of methods whose stock form is not the object's method as is.
@@ -351,7 +279,7 @@ class StockAdapter:
             call = Call(session, _STOCK_THREAD, self.loop)
             special = _SPECIALS.get((obj.typeid, method))
             if special is not None:
-                special(self, _Request(obj, call, method, args, kwds, reply))
+                special(self, _Request(obj, call, method, args, kwds, reply, conn))
                 return
             spec = obj.methods.get(method)
             if spec is None:
@@ -364,6 +292,7 @@ class StockAdapter:
                     self.decode(payload)
             result = spec.fn(obj, call, *call_args, **call_kwds)
             if isinstance(result, asyncio.Future):
+                conn.stock_parked = (obj, method, result)
                 self._when_done(reply, result, lambda value: self.result_out(spec.result, value))
             else:
                 reply(("#RETURN", self.result_out(spec.result, result)))
@@ -371,8 +300,6 @@ class StockAdapter:
             self._reply_error(reply, exc)
 
     def _reply_error(self, reply: Reply, exc: BaseException) -> None:
-        from managerd.dispatch import EXPECTED_ERRORS
-
         if not isinstance(exc, (*EXPECTED_ERRORS, StopIteration)):
             log.error("internal error in a stock request", exc_info=exc)
         reply(("#ERROR", stock_error(exc)))
@@ -428,6 +355,7 @@ class StockAdapter:
             return value
 
         if isinstance(reserved, asyncio.Future):
+            req.conn.stock_parked = (obj, req.method, reserved)
             self._when_done(req.reply, reserved, settle)
         else:
             req.reply(("#RETURN", settle(reserved)))
@@ -451,6 +379,7 @@ class StockAdapter:
                 raise
 
         if isinstance(result, asyncio.Future):
+            req.conn.stock_parked = (obj, req.method, result)
             self._when_done(req.reply, result, check)
         else:
             req.reply(("#RETURN", self.decode(result)))
@@ -519,6 +448,10 @@ class StockAdapter:
                 f"e.g. m.{typeid}('jobs'), to get or create the {typeid} of that name"
             )
         name, rest = args[1], args[2:]
+        contents = _STOCK_CONTENTS.get(typeid)
+        if contents is not None:
+            obj = self.ops.create(typeid, name, contents(self, rest, kwds))
+            return obj.name, self.exposed(obj)
         params = cls.create_params
         if len(rest) > len(params):
             raise TypeError(f"{typeid} takes at most {len(params)} creation arguments")
@@ -542,6 +475,42 @@ class StockAdapter:
         if methods is not None:
             return methods
         return tuple(name for name in sorted(obj.methods) if not name.startswith("_"))
+
+
+# -- creation with contents ------------------------------------------------------------
+# A stock client passes contents as the builtin would take them
+# (``m.dict("d", {"a": 1}, b=2)``); the object takes encoded payloads.
+
+
+def _list_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+    if not rest and not kwds:
+        return {}
+    values: list[Any] = list(*rest, **kwds)  # list()'s own errors
+    return {"contents": [adapter.encode(v) for v in values]}
+
+
+def _dict_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+    if not rest and not kwds:
+        return {}
+    mapping: dict[Any, Any] = dict(*rest, **kwds)  # dict()'s own errors
+    return {"contents": [(k, adapter.encode(v)) for k, v in mapping.items()]}
+
+
+def _namespace_contents(adapter: StockAdapter, rest: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+    if rest:
+        raise TypeError("Namespace() takes keyword arguments only")
+    if not kwds:
+        return {}
+    return {"contents": [(k, adapter.encode(v)) for k, v in kwds.items()]}
+
+
+_STOCK_CONTENTS: Final[
+    dict[str, Callable[[StockAdapter, tuple[Any, ...], dict[str, Any]], Any]]
+] = {
+    "list": _list_contents,
+    "dict": _dict_contents,
+    "Namespace": _namespace_contents,
+}
 
 
 # -- helpers ----------------------------------------------------------------------

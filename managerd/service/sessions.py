@@ -1,0 +1,46 @@
+"""The table of live sessions: open, find, end, and the lease expiry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from managerd.store.sessions import Session, SessionKind, WaitForGraph
+
+
+class SessionTable:
+    """All live sessions, by id."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        #: Given to every session it opens (set by the server core).
+        self.deadlocks: WaitForGraph | None = None
+
+    def open(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> Session:
+        session = Session(kind, peer, info)
+        session.deadlocks = self.deadlocks
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def end(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+        session.end()
+
+    def expired(self, ttl_s: float) -> list[Session]:
+        """Managerd sessions not heard from for ``ttl_s``."""
+        deadline = time.monotonic() - ttl_s
+        return [
+            s
+            for s in self._sessions.values()
+            if s.kind is SessionKind.MANAGERD and s.last_seen < deadline
+        ]
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
