@@ -21,7 +21,8 @@ bug draw no such values (or are skipped); flip it to False once the fix is
 merged and the same rules check it.
 
 Scale with ``MANAGERD_STATEFUL_EXAMPLES`` (examples per test) and
-``MANAGERD_STATEFUL_STEPS`` (steps per example); ``scripts/stateful_long.py``
+``MANAGERD_STATEFUL_STEPS`` (steps per example), and set
+``MANAGERD_STATEFUL_SHRINK=1`` to shrink a failure (slow: see ``SHRINK``); ``scripts/stateful_long.py``
 runs them for minutes. With ``MANAGERD_STATEFUL_COUNTS`` set to a file, each
 example appends its primitive's name there (the long run counts them).
 """
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
@@ -76,10 +77,19 @@ COUNTS_FILE = os.environ.get("MANAGERD_STATEFUL_COUNTS")
 #: Daemon restarts per example (each costs ~1 s: the daemon's start-up).
 RESTARTS = int(os.environ.get("MANAGERD_STATEFUL_RESTARTS", "1"))
 
+#: Shrinking a failure re-runs the machine hundreds of times, each run
+#: starting clients and (with a restart rule) restarting the daemon (~1.5 s):
+#: hypothesis's own limit on shrinking is 300 s, the module's timeout too,
+#: so a failure showed as a hang ("state = ListMachine(); state.teardown()",
+#: the shrinker trying the empty program). Off unless asked for; the
+#: failure is then reported as found, with every step.
+SHRINK = os.environ.get("MANAGERD_STATEFUL_SHRINK", "") not in ("", "0")
+
 SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=STEPS,
     deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, *([Phase.shrink] if SHRINK else [])],
     suppress_health_check=list(HealthCheck),
     print_blob=True,
 )

@@ -297,8 +297,9 @@ class List(_Contents):
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def insert(self, call: Call, index: int, value: bytes) -> None:
-        if isinstance(index, bool) or not isinstance(index, int):
+        if not isinstance(index, int):
             raise TypeError("insert index must be an int")
+        index = int(index)  # a bool is 0 or 1, as for list.insert
         self.items.insert(index, _check_payload(value))
         self._j("insert", index, value)
 
@@ -376,9 +377,9 @@ class List(_Contents):
 
     @exposed(mutates=True)
     def __imul__(self, call: Call, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int):
+        if not isinstance(n, int):
             raise TypeError("can't multiply a list by a non-int")
-        self.items *= n
+        self.items *= int(n)  # a bool is 0 or 1, as for list
         self._j("all", self.items)
 
     @exposed(result=Conv.PAYLOADS)
