@@ -217,6 +217,13 @@ def test_bool_indices_are_0_and_1_as_for_list_and_array(manager: Manager, uniq: 
     del lst[:]
     with pytest.raises(IndexError):
         lst[True]  # out of range, as list says (not a TypeError)
+    # The argument is checked before the emptiness, as list.pop does.
+    with pytest.raises(OverflowError):
+        lst.pop(2**63)
+    with pytest.raises(TypeError):
+        lst.pop("1")
+    with pytest.raises(IndexError):
+        lst.pop(True)
     arr = manager.Array(uniq + ".a", "i", [5, 6])
     assert arr[True] == 6
     arr[False] = 7

@@ -305,8 +305,8 @@ class List(_Contents):
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, index: int = -1) -> bytes:
-        if not self.items:
-            raise IndexError("pop from empty list")
+        # No check for an empty list first: list.pop checks its argument
+        # first (pop(2**63) is an OverflowError, pop("1") a TypeError).
         item = self.items.pop(index)
         self._j("del", index)
         return item
