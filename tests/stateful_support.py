@@ -15,16 +15,18 @@ huge strings, unhashable keys) are drawn as arguments; the outcome is
 compared with the model's outcome for the same arguments: the same result,
 or an exception of the same type.
 
-Known bugs that other branches fix are behind ``KNOWN_BUG_*`` switches
-(module level, here): while a switch is True the rules that would hit the
-bug draw no such values (or are skipped); flip it to False once the fix is
-merged and the same rules check it.
+NaN, +-inf and huge timeouts are drawn by every rule that takes a timeout
+and checked against the rules of README "Errors": where the stdlib raises
+(threading's locks; an infinite or huge wait) the model gives the error;
+where the stdlib would spin for ever on a NaN wait, managerd's ValueError
+is expected (``nan_wait``).
 
 Scale with ``MANAGERD_STATEFUL_EXAMPLES`` (examples per test) and
 ``MANAGERD_STATEFUL_STEPS`` (steps per example), and set
-``MANAGERD_STATEFUL_SHRINK=1`` to shrink a failure (slow: see ``SHRINK``); ``scripts/stateful_long.py``
-runs them for minutes. With ``MANAGERD_STATEFUL_COUNTS`` set to a file, each
-example appends its primitive's name there (the long run counts them).
+``MANAGERD_STATEFUL_SHRINK=1`` to shrink a failure (slow: see ``SHRINK``);
+``scripts/stateful_long.py`` runs them for minutes. With
+``MANAGERD_STATEFUL_COUNTS`` set to a file, each example appends its
+primitive's name there (the long run counts them).
 """
 
 from __future__ import annotations
@@ -51,23 +53,6 @@ from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 from managerd_client import Manager
 
 from conftest import Daemon, wait_until
-
-# -- known bugs, fixed on other branches (flip to False after merging the fix) ------------
-
-#: NaN / +-inf / huge timeouts: the daemon must refuse them as threading does
-#: (ValueError for NaN, OverflowError for inf and huge); today a NaN timeout
-#: leaves a waiter registered that takes (and loses) the next item.
-KNOWN_BUG_NAN_TIMEOUT = False
-#: Fencing tokens restart at 1 after a daemon restart (they must keep growing).
-KNOWN_BUG_FENCING_RESTART = False
-#: ``Queue.task_done``/``join`` (queue.Queue has them; the daemon's plain Queue does not).
-KNOWN_BUG_QUEUE_TASK_DONE = False
-#: ``dict``/``list``/``Namespace`` created with initial contents (stock clients
-#: pass them: ``m.dict("d", {...})``, ``m.list("l", [...])``).
-KNOWN_BUG_INITIAL_CONTENTS = False
-#: A client thread interrupted while blocked in a call (KeyboardInterrupt in
-#: the thread waiting for the reply) leaves the call parked on the daemon.
-KNOWN_BUG_INTERRUPTED_CALLS = False
 
 # -- settings ------------------------------------------------------------------------------
 
@@ -125,30 +110,47 @@ HUGE_INT = 10**30
 short_timeouts = st.sampled_from([0, 0.0, -0.0, 0.001, 0.01, SHORT_S, False, True and 0.02])
 #: Timeouts of the wrong type or sign.
 bad_timeouts = st.sampled_from(["1", b"x", [0.01], -1.5])
-#: Timeouts that are not finite or too large (the known bug).
+#: Timeouts that are not finite or too large.
 nonfinite_timeouts = st.sampled_from([NAN, INF, -INF, HUGE_INT, -HUGE_INT, 1e300])
 
 
 def timeouts(allow_none: bool = False) -> st.SearchStrategy[Any]:
-    parts: list[st.SearchStrategy[Any]] = [short_timeouts, short_timeouts, bad_timeouts]
-    if not KNOWN_BUG_NAN_TIMEOUT:
-        parts.append(nonfinite_timeouts)
+    parts: list[st.SearchStrategy[Any]] = [
+        short_timeouts,
+        short_timeouts,
+        bad_timeouts,
+        nonfinite_timeouts,
+    ]
     if allow_none:
         parts.append(st.none())
     return st.one_of(*parts)
 
 
-def nonfinite_error(timeout: Any) -> tuple[type[BaseException], ...] | None:
-    """What threading may raise for a non-finite or huge timeout (None: it is finite).
+def is_nan(timeout: Any) -> bool:
+    return isinstance(timeout, float) and math.isnan(timeout)
 
-    NaN is a ValueError, +-inf and huge ones an OverflowError in threading;
-    a negative one may also be refused as negative (ValueError) first.
+
+def nan_wait(timeout: Any, waits: bool) -> bool:
+    """A NaN timeout on a call that has to wait: managerd's ValueError.
+
+    The stdlib's Python-level waits (queue.Queue, Semaphore, Event,
+    Condition, Barrier) spin for ever on it (``Condition.wait`` takes NaN
+    as "do not block" and the loop around it never ends), so the model
+    cannot be asked; README "Errors" says managerd raises ValueError. Not
+    waiting, a NaN is ignored (as the stdlib ignores it).
     """
+    return is_nan(timeout) and waits
+
+
+def expect_nan_refused(got: Outcome, what: str) -> None:
+    assert not got.ok and type(got.exc) is ValueError, f"{what} (NaN, must wait): managerd {got}"
+
+
+def too_long(timeout: Any) -> bool:
+    """More than ``threading.TIMEOUT_MAX`` (inf, a huge int): OverflowError if it waits."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        return None
-    if (isinstance(timeout, float) and not math.isfinite(timeout)) or abs(timeout) > 1e18:
-        return (ValueError, OverflowError)
-    return None
+        return False
+    return timeout > threading.TIMEOUT_MAX
 
 
 #: Payloads: the hostile floats, huge ints and strings, nested containers.
@@ -407,11 +409,6 @@ def expect_empty_waiters(machine: StatefulMachine, name: str) -> None:
 
 
 __all__ = [
-    "KNOWN_BUG_FENCING_RESTART",
-    "KNOWN_BUG_INITIAL_CONTENTS",
-    "KNOWN_BUG_INTERRUPTED_CALLS",
-    "KNOWN_BUG_NAN_TIMEOUT",
-    "KNOWN_BUG_QUEUE_TASK_DONE",
     "SETTINGS",
     "Actor",
     "Outcome",

@@ -376,13 +376,6 @@ def test_dict_model(sdaemon: Daemon) -> None:
     run_machine(DictMachine, sdaemon)
 
 
-#: The list machine hung the daemon (a client's reconnect got no handshake
-#: answer, then pytest-timeout) in one run of 4 examples; not yet reduced to
-#: a repro. Skipped until it is (set False to run it).
-INVESTIGATE_LIST_HANG = False
-
-
-@pytest.mark.skipif(INVESTIGATE_LIST_HANG, reason="INVESTIGATE_LIST_HANG")
 def test_list_model(sdaemon: Daemon) -> None:
     run_machine(ListMachine, sdaemon)
 

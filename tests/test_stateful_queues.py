@@ -35,12 +35,12 @@ from managerd_client import Message
 
 from conftest import Daemon, wait_until
 from stateful_support import (
-    KNOWN_BUG_QUEUE_TASK_DONE,
     SHORT_S,
     Actor,
     Outcome,
     StatefulMachine,
-    nonfinite_error,
+    expect_nan_refused,
+    nan_wait,
     outcome,
     real,
     run_machine,
@@ -48,6 +48,7 @@ from stateful_support import (
     same_outcome,
     sdaemon,
     timeouts,
+    too_long,
     top_payloads,
 )
 
@@ -120,11 +121,8 @@ class QueueMachine(StatefulMachine):
         if block and timeout is None and 0 < self.maxsize <= self.model.qsize():
             timeout = SHORT_S  # (None would wait for ever)
         got = actor.run(lambda: outcome(lambda: self.q(actor).put(item, block, timeout)))
-        bad = nonfinite_error(timeout) if block else None
-        if bad is not None and not got.ok:
-            # Refused up front (as threading), or accepted where the stdlib
-            # would not have waited: either way the state says which.
-            assert isinstance(got.exc, bad), got
+        if nan_wait(timeout, block and 0 < self.maxsize <= self.model.qsize()):
+            expect_nan_refused(got, f"{actor} put")
             return
         early = queue_timeout_error(block, timeout)
         if early is not None:
@@ -135,7 +133,7 @@ class QueueMachine(StatefulMachine):
             # The model would wait forever: managerd parked (the call has not
             # returned); cannot happen here since the call returned.
             raise AssertionError(f"put(block, None) on a full queue returned {got}")
-        want = outcome(lambda: self.model.put(entry, block, 0 if bad else timeout))
+        want = outcome(lambda: self.model.put(entry, block, timeout))
         same_outcome(got, want, f"{actor} put(block={block}, timeout={timeout!r})")
         if want.ok:
             self.put_seqs.add(entry[0])
@@ -164,11 +162,11 @@ class QueueMachine(StatefulMachine):
     def get(self, data: st.DataObject, block: bool, timeout: Any) -> None:
         actor = data.draw(st.sampled_from(self.actors))
         got = actor.run(lambda: outcome(lambda: self.q(actor).get(block, timeout)))
-        bad = nonfinite_error(timeout) if block else None
-        if bad is not None and not got.ok:
-            assert isinstance(got.exc, bad), got
+        if nan_wait(timeout, block and self.model.empty()):
+            expect_nan_refused(got, f"{actor} get")
             return
-        want = outcome(lambda: self.model.get(block, 0 if bad else timeout))
+        # inf and huge waits: queue.Queue raises OverflowError as it waits.
+        want = outcome(lambda: self.model.get(block, timeout))
         same_outcome(got, want, f"{actor} get(block={block}, timeout={timeout!r})", compare=False)
         if want.ok:
             self._expect_item(got.value, want.value, f"{actor} get")
@@ -212,13 +210,15 @@ class QueueMachine(StatefulMachine):
     def reserve(self, data: st.DataObject, timeout: Any) -> None:
         actor = data.draw(st.sampled_from(self.actors))
         got = actor.run(lambda: outcome(lambda: self.q(actor).reserve(timeout)))
-        bad = nonfinite_error(timeout)
-        if bad is not None and not got.ok:
-            assert isinstance(got.exc, bad), got
+        if nan_wait(timeout, self.model.empty()):
+            expect_nan_refused(got, f"{actor} reserve")
             return
         early = queue_timeout_error(True, timeout)
         if early is not None:
             same_outcome(got, Outcome(exc=early), f"reserve({timeout!r})")
+            return
+        if too_long(timeout) and self.model.empty():
+            same_outcome(got, Outcome(exc=OverflowError()), f"{actor} reserve({timeout!r})")
             return
         if self.model.empty():
             same_outcome(got, Outcome(exc=queue.Empty()), f"{actor} reserve on empty")
@@ -359,7 +359,7 @@ class JoinableQueueMachine(QueueMachine):
 
 
 class QueueTaskDoneMachine(QueueMachine):
-    """queue.Queue has task_done/join too (KNOWN_BUG_QUEUE_TASK_DONE while missing)."""
+    """queue.Queue has task_done/join too (plain Queue, as queue.Queue)."""
 
     primitive = "Queue.task_done"
 
@@ -375,6 +375,5 @@ def test_joinable_queue_model(sdaemon: Daemon) -> None:
     run_machine(JoinableQueueMachine, sdaemon)
 
 
-@pytest.mark.skipif(KNOWN_BUG_QUEUE_TASK_DONE, reason="KNOWN_BUG_QUEUE_TASK_DONE")
 def test_queue_task_done_model(sdaemon: Daemon) -> None:
     run_machine(QueueTaskDoneMachine, sdaemon)
