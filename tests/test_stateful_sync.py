@@ -1,4 +1,4 @@
-"""Model-based tests of Event and Pipe (driven through managerd's own client).
+"""Model-based tests of Event, Barrier, Condition and Pipe (driven through managerd's own client).
 
 Models: ``threading.Event``; for a Pipe, two deques (what each end has yet
 to receive). Two client sessions and two threads each make the calls;
@@ -180,9 +180,143 @@ class PipeMachine(StatefulMachine):
             assert self.ends[0][i].poll(0) == bool(self.inbox[i]), f"end{i}.poll differs"
 
 
+class BarrierMachine(StatefulMachine):
+    """threading.Barrier: rounds of ``parties`` waiters, timeouts break it, abort/reset."""
+
+    primitive = "Barrier"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = threading.Barrier(1)
+        self.proxies: list[Any] = []
+
+    @initialize(parties=st.integers(1, 3))
+    def create(self, parties: int) -> None:
+        self.model = threading.Barrier(parties)
+        first = self.managers[0].Barrier(self.name(), parties)
+        self.proxies = [first, self.managers[1].Barrier(self.name())]
+
+    def p(self, actor: Actor) -> Any:
+        return self.proxies[actor.client]
+
+    @rule(data=st.data(), timeout=st.sampled_from([0, 0.0, 0.01, SHORT_S, -1]))
+    def lone_wait(self, data: st.DataObject, timeout: Any) -> None:
+        """One waiter alone: passes if parties == 1, else times out and breaks it."""
+        a = data.draw(st.sampled_from(self.actors))
+        got = a.run(lambda: outcome(lambda: self.p(a).wait(timeout)))
+        want = outcome(lambda: self.model.wait(timeout))
+        same_outcome(got, want, f"{a} wait({timeout!r}) of {self.model.parties}")
+
+    @rule()
+    def full_round(self) -> None:
+        """``parties`` actors wait at once: each gets a distinct index (or all are broken)."""
+        n = self.model.parties
+        actors = self.actors[:n]
+        with concurrent.futures.ThreadPoolExecutor(2 * n) as pool:
+            mine = [pool.submit(lambda a=a: a.run(lambda: outcome(lambda: self.p(a).wait(10))))
+                    for a in actors]  # fmt: skip
+            models = [pool.submit(lambda: outcome(lambda: self.model.wait(10))) for _ in actors]
+            got = [f.result(30) for f in mine]
+            want = [f.result(30) for f in models]
+        for g, w in zip(got, want, strict=True):
+            same_outcome(g, w, f"full round of {n}", compare=False)
+        if all(w.ok for w in want):
+            assert sorted(g.value for g in got) == list(range(n)), f"indices {got}"
+
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        a = data.draw(st.sampled_from(self.actors))
+        a.run(self.p(a).abort)
+        self.model.abort()
+
+    @rule(data=st.data())
+    def reset(self, data: st.DataObject) -> None:
+        a = data.draw(st.sampled_from(self.actors))
+        a.run(self.p(a).reset)
+        self.model.reset()
+
+    @precondition(lambda self: self.proxies and self.may_restart())
+    @rule()
+    def restart(self) -> None:
+        self.restart_daemon()
+
+    @invariant()
+    def agrees(self) -> None:
+        if not self.proxies:
+            return
+        p = self.proxies[1]
+        assert p.broken == self.model.broken, f"broken {p.broken}, model {self.model.broken}"
+        assert p.n_waiting == self.model.n_waiting == 0, "a waiter left at the barrier"
+        assert p.parties == self.model.parties
+
+
+class ConditionMachine(StatefulMachine):
+    """threading.Condition, one step at a time: waits time out (no notifier), notify
+    with no waiter; the lock is owned per actor thread (the model's RLock too)."""
+
+    primitive = "Condition"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = threading.Condition()
+        self.proxies: list[Any] = []
+
+    @initialize()
+    def create(self) -> None:
+        self.proxies = [m.Condition(self.name()) for m in self.managers]
+
+    def p(self, actor: Actor) -> Any:
+        return self.proxies[actor.client]
+
+    def both(self, a: Actor, what: str, mine: Any, model: Any) -> None:
+        got = a.run(lambda: outcome(mine))
+        want = a.run(lambda: outcome(model))
+        same_outcome(got, want, f"{a} {what}")
+
+    @rule(data=st.data())
+    def acquire(self, data: st.DataObject) -> None:
+        a = data.draw(st.sampled_from(self.actors))
+        self.both(a, "acquire(False)", lambda: self.p(a).acquire(False),
+                  lambda: self.model.acquire(False))  # fmt: skip
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        a = data.draw(st.sampled_from(self.actors))
+        self.both(a, "release", lambda: self.p(a).release(), self.model.release)
+
+    @rule(data=st.data(), timeout=st.sampled_from([0, 0.0, 0.01, SHORT_S, 0.05, -1]))
+    def wait(self, data: st.DataObject, timeout: Any) -> None:
+        a = data.draw(st.sampled_from(self.actors))
+        self.both(a, f"wait({timeout!r})", lambda: self.p(a).wait(timeout),
+                  lambda: self.model.wait(timeout))  # fmt: skip
+
+    @rule(data=st.data(), n=st.integers(0, 3), all_=st.booleans())
+    def notify(self, data: st.DataObject, n: int, all_: bool) -> None:
+        a = data.draw(st.sampled_from(self.actors))
+        if all_:
+            self.both(a, "notify_all", lambda: self.p(a).notify_all(), self.model.notify_all)
+        else:
+            self.both(a, f"notify({n})", lambda: self.p(a).notify(n), lambda: self.model.notify(n))
+
+    @invariant()
+    def agrees(self) -> None:
+        if not self.proxies:
+            return
+        info = self.status_of(self.name())
+        assert info.get("waiters", 0) == 0, f"a waiter left parked: {info}"
+
+
 def test_event_model(sdaemon: Daemon) -> None:
     run_machine(EventMachine, sdaemon)
 
 
 def test_pipe_model(sdaemon: Daemon) -> None:
     run_machine(PipeMachine, sdaemon)
+
+
+def test_barrier_model(sdaemon: Daemon) -> None:
+    run_machine(BarrierMachine, sdaemon)
+
+
+def test_condition_model(sdaemon: Daemon) -> None:
+    run_machine(ConditionMachine, sdaemon)
