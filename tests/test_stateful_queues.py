@@ -23,11 +23,15 @@ Where managerd deliberately differs from ``queue.Queue``:
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
+import signal
 import threading
 from typing import Any
 
 import pytest
+import workers_interrupts as wi
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
@@ -42,6 +46,7 @@ from stateful_support import (
     expect_nan_refused,
     nan_wait,
     outcome,
+    payloads,
     real,
     run_machine,
     same,
@@ -84,6 +89,7 @@ class QueueMachine(StatefulMachine):
         self.reserved: dict[int, tuple[Entry, int, Message]] = {}  # did -> entry, client, msg
         self.dead: list[Entry] = []
         self.seq = 0
+        self.interrupted = False  # one interrupted-get rule per example (a spawn costs ~1 s)
         self.delivered: set[int] = set()
         self.put_seqs: set[int] = set()
         self.proxies: list[Any] = []
@@ -156,6 +162,49 @@ class QueueMachine(StatefulMachine):
         bad = data.draw(st.sampled_from([lambda: 1, threading.Lock(), (i for i in ())]))
         got = actor.run(lambda: outcome(lambda: self.q(actor).put(bad, False)))
         assert not got.ok, "an unpicklable item was accepted"
+
+    # -- an interrupted blocked get (Ctrl-C in another process) -------------------------
+    @precondition(
+        lambda self: self.typeid == "Queue" and self.model.empty() and not self.interrupted
+    )
+    @rule(payload=payloads)
+    def interrupted_get_then_next(self, payload: Any) -> None:
+        """A child blocked in get() gets SIGINT: KeyboardInterrupt there, it stays alive,
+        no waiter is left, and its next get takes the next item (none is lost)."""
+        self.interrupted = True
+        ctx = multiprocessing.get_context("spawn")
+        conn, theirs = ctx.Pipe()
+        d = self.daemon
+        proc = ctx.Process(
+            target=wi.blocked_child, args=(d.address, d.authkey, "get", self.name(), theirs)
+        )
+        proc.start()
+        theirs.close()
+        try:
+            assert conn.poll(30) and conn.recv() == "ready"
+            waiters = lambda n: self.status_of(self.name()).get("waiters", 0) == n  # noqa: E731
+            assert wait_until(lambda: waiters(1), 10), "the child's get was not parked"
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGINT)
+            assert conn.poll(30) and conn.recv() == ("interrupted", "KeyboardInterrupt")
+            assert proc.is_alive(), "the interrupted child died"
+            assert wait_until(lambda: waiters(0), 10), "the abandoned get is still parked"
+            entry = self._entry(payload)
+            self.q(self.actors[0]).put((entry[0], payload))
+            self.model.put(entry)
+            self.put_seqs.add(entry[0])
+            conn.send("go")
+            assert conn.poll(30), "the child's next get did not return"
+            tag, value = conn.recv()
+            assert tag == "again", tag
+            self._expect_item(value, self.model.get_nowait(), "the interrupted child's next get")
+            conn.send("done")
+            proc.join(10)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            conn.close()
 
     # -- gets ----------------------------------------------------------------------------
     @rule(data=st.data(), block=st.booleans(), timeout=timeouts())
