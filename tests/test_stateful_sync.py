@@ -170,7 +170,10 @@ class PipeMachine(StatefulMachine):
     @precondition(lambda self: self.ends and self.may_restart())
     @rule()
     def restart(self) -> None:
+        """A crash: what a pipe held is not durable (README "Durable state")."""
         self.restart_daemon()
+        for inbox in self.inbox:
+            inbox.clear()
 
     @invariant()
     def agrees(self) -> None:
@@ -238,7 +241,9 @@ class BarrierMachine(StatefulMachine):
     @precondition(lambda self: self.proxies and self.may_restart())
     @rule()
     def restart(self) -> None:
+        """A crash: a Barrier keeps its parties, not its state (README "Durable state")."""
         self.restart_daemon()
+        self.model = threading.Barrier(self.model.parties)
 
     @invariant()
     def agrees(self) -> None:
