@@ -13,7 +13,10 @@ Where managerd deliberately differs from the builtin objects:
   model gets a fresh NaN for each call too, so it agrees.
 - list/dict values are pickled by the client: an unpicklable value is
   refused before it is sent.
-- ``list.sort`` compares the values the daemon decodes (builtin data only).
+- ``list.sort`` compares the values the daemon decodes (builtin data only);
+  a sort that fails changes nothing (``list.sort`` may leave it permuted).
+- ``dict.pop`` of an unhashable key is a TypeError even on an empty dict
+  (CPython returns the default there without hashing the key).
 """
 
 from __future__ import annotations
