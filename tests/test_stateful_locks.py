@@ -20,6 +20,7 @@ Where managerd deliberately differs from ``threading``:
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from typing import Any
 
@@ -63,6 +64,7 @@ class LockMachine(StatefulMachine):
         self.model: Any = None
         self.max_token = 0
         self.restart_token = 0  # the highest token before the last restart
+        self.forked = False  # one fork per example
 
     def teardown(self) -> None:
         self.ghost.close()
@@ -121,6 +123,43 @@ class LockMachine(StatefulMachine):
         assert token > self.max_token, f"fencing token {token} after {self.max_token}"
         assert token > self.restart_token, "fencing tokens went back after a restart"
         self.max_token = token
+
+    @precondition(lambda self: self.proxies and not self.forked)
+    @rule()
+    def forked_child_acquires(self) -> None:
+        """A child forked (multiprocessing "fork") while actor threads and the
+        heartbeat run: its acquire(False) is another client's (it holds nothing
+        of the parent's), it gets a new fencing token, and its release leaves
+        the state as it was."""
+        self.forked = True
+        ctx = multiprocessing.get_context("fork")
+        reader, writer = ctx.Pipe(duplex=False)
+        proxy = self.proxies[0]
+
+        def child() -> None:
+            got = proxy.acquire(False)
+            token = proxy.fencing_token if got else None
+            if got:
+                proxy.release()
+            writer.send((got, token))
+
+        proc = ctx.Process(target=child)
+        proc.start()
+        writer.close()
+        try:
+            assert reader.poll(30), "the forked child said nothing"
+            got, token = reader.recv()
+            proc.join(10)
+            assert proc.exitcode == 0, f"the forked child exited {proc.exitcode}"
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            reader.close()
+        assert got == (not self.model_locked()), f"forked child's acquire {got}, model {self.model}"
+        if got:
+            assert token is not None and token > self.max_token, f"child's token {token}"
+            self.max_token = token
 
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
