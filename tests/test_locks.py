@@ -246,6 +246,22 @@ def test_locks_get_or_create_by_name(shared_daemon: Daemon, uniq: str) -> None:
             m2.BoundedSemaphore(uniq + ".sem", 3)
 
 
+def test_semaphore_and_lock_arguments_as_threading(manager: Manager, uniq: str) -> None:
+    """Found by tests/test_stateful_locks.py: timeouts and counts mean what threading says."""
+    sem = manager.Semaphore(uniq, 0)
+    assert sem.acquire(timeout=-5) is False  # threading.Semaphore: a negative timeout: no wait
+    assert sem.acquire(timeout=-1) is False  # (the daemon waited for ever)
+    with pytest.raises(ValueError):
+        sem.acquire(False, 1)  # no timeout on a non-blocking acquire
+    with pytest.raises(TypeError):
+        sem.release("1")  # type: ignore[arg-type]
+    lock = manager.Lock(uniq + ".lock")
+    with pytest.raises(TypeError):
+        lock.acquire(False, "1")  # type: ignore[arg-type]  # threading checks the type first
+    assert lock.acquire(True, 0.01) is True
+    lock.release()
+
+
 # -- fencing tokens across daemon restarts (issue 11, item 4) ------------------------------------
 
 

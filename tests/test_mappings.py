@@ -199,6 +199,37 @@ def test_list_augmented_assignment_keeps_the_proxy(manager: Manager, uniq: str) 
     assert manager.list(uniq).copy() == ["a", "a", "a"]
 
 
+def test_bool_indices_are_0_and_1_as_for_list_and_array(manager: Manager, uniq: str) -> None:
+    """``l[True]`` is ``l[1]`` for a list (bool is an int): the stateful model found it refused."""
+    lst = manager.list(uniq, ["a", "b", "c"])
+    model = ["a", "b", "c"]
+    assert lst[True] == model[True] == "b"
+    lst[False] = "A"
+    model[False] = "A"
+    lst.insert(True, "x")
+    model.insert(True, "x")
+    del lst[True]
+    del model[True]
+    assert lst.pop(True) == model.pop(True)
+    lst *= True
+    model *= True
+    assert lst.copy() == model
+    del lst[:]
+    with pytest.raises(IndexError):
+        lst[True]  # out of range, as list says (not a TypeError)
+    # The argument is checked before the emptiness, as list.pop does.
+    with pytest.raises(OverflowError):
+        lst.pop(2**63)
+    with pytest.raises(TypeError):
+        lst.pop("1")
+    with pytest.raises(IndexError):
+        lst.pop(True)
+    arr = manager.Array(uniq + ".a", "i", [5, 6])
+    assert arr[True] == 6
+    arr[False] = 7
+    assert arr.tolist() == [7, 6]
+
+
 def test_list_errors(manager: Manager, uniq: str) -> None:
     lst = manager.list(uniq)
     with pytest.raises(IndexError):

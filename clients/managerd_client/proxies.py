@@ -703,7 +703,11 @@ class Semaphore(Lock):
     _typeid = "Semaphore"
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        token = self._call("acquire", blocking, -1 if timeout is None else timeout)
+        # threading.Semaphore: None waits for ever, any negative timeout does not
+        # wait (the daemon takes -1 to mean "for ever", as older clients sent it).
+        if timeout == -1 and not isinstance(timeout, bool):
+            timeout = 0
+        token = self._call("acquire", blocking, timeout)
         if token is False:
             return False
         self._hold(token)

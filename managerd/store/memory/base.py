@@ -189,9 +189,10 @@ def positive_s(value: object, what: str) -> float:
 
 
 def sequence_index(index: Any) -> int | slice:
-    if isinstance(index, bool) or not isinstance(index, (int, slice)):
+    """A list or array index as the builtin sequences take it (a bool is 0 or 1)."""
+    if not isinstance(index, (int, slice)):
         raise BadArgument(f"list indices must be integers or slices, not {type(index).__name__}")
-    return index
+    return int(index) if isinstance(index, bool) else index
 
 
 class SharedObject:

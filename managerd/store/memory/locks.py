@@ -291,7 +291,10 @@ class Semaphore(SharedObject):
 
     @exposed(mutates=True)
     def release(self, call: Call, n: int = 1) -> None:
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int):
+            # threading.Semaphore adds a float; permits here are whole.
+            raise BadArgument(f"n must be an int, not {type(n).__name__}")
+        if n < 1:
             raise ValueError("n must be one or more")
         if self.bounded and self.value + n > self.initial:
             raise ValueError("Semaphore released too many times")

@@ -298,15 +298,16 @@ class List(_Contents):
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def insert(self, call: Call, index: int, value: bytes) -> None:
-        if isinstance(index, bool) or not isinstance(index, int):
+        if not isinstance(index, int):
             raise BadArgument("insert index must be an int")
+        index = int(index)  # a bool is 0 or 1, as for list.insert
         self.items.insert(index, _check_payload(value))
         self._j(ListOp.INSERT, index, value)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, index: int = -1) -> bytes:
-        if not self.items:
-            raise IndexError("pop from empty list")
+        # No check for an empty list first: list.pop checks its argument
+        # first (pop(2**63) is an OverflowError, pop("1") a TypeError).
         item = self.items.pop(index)
         self._j(ListOp.DEL, index)
         return item
@@ -380,9 +381,9 @@ class List(_Contents):
 
     @exposed(mutates=True)
     def __imul__(self, call: Call, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int):
+        if not isinstance(n, int):
             raise BadArgument("can't multiply a list by a non-int")
-        self.items *= n
+        self.items *= int(n)  # a bool is 0 or 1, as for list
         self._j(ListOp.ALL, self.items)
 
     @exposed(result=Conv.PAYLOADS)

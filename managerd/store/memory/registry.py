@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Final
 
+from managerd.store.api import BadArgument
 from managerd.store.memory.base import SharedObject
 from managerd.store.memory.journal import Journal
 from managerd.store.memory.locks import BoundedSemaphore, Lock, RLock, Semaphore
@@ -59,7 +60,7 @@ log = logging.getLogger("managerd")
 
 def check_name(name: Any) -> str:
     if not isinstance(name, str):
-        raise TypeError(f"an object name must be a str, not {type(name).__name__}")
+        raise BadArgument(f"an object name must be a str, not {type(name).__name__}")
     if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
         raise ValueError(
             f"object names are 1-{MAX_NAME_LENGTH} printable characters, got {name[:40]!r}"
@@ -90,11 +91,11 @@ class Registry:
     def get_or_create(self, typeid: str, name: str, args: dict[str, Any]) -> SharedObject:
         cls = TYPES.get(typeid)
         if cls is None:
-            raise TypeError(f"unknown type {typeid!r}; the daemon serves {', '.join(TYPES)}")
+            raise BadArgument(f"unknown type {typeid!r}; the daemon serves {', '.join(TYPES)}")
         check_name(name)
         unknown = set(args) - set(cls.create_params)
         if unknown:
-            raise TypeError(f"{typeid} takes no creation argument {', '.join(sorted(unknown))}")
+            raise BadArgument(f"{typeid} takes no creation argument {', '.join(sorted(unknown))}")
         obj = self.objects.get(name)
         if obj is not None:
             if obj.typeid != typeid:

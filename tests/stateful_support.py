@@ -1,0 +1,422 @@
+"""Shared machinery of the model-based stateful tests (tests/test_stateful_*.py).
+
+Each primitive is driven by a hypothesis ``RuleBasedStateMachine`` whose
+model is the standard-library object (``queue.Queue``, ``threading.Lock``,
+``dict``...). One daemon serves a whole test (started once, with a data
+directory and ``--fsync always``); each example works on fresh uuid names,
+so examples do not see each other. Rules call from several clients (several
+``managerd_client.connect()`` sessions) and from several threads of each
+(an *actor* is one thread of one client; the model is called from the same
+actor's thread, so thread-owned models such as ``threading.RLock`` see the
+same owners).
+
+Hostile values (NaN, +-inf, -0.0, huge ints, negative counts, wrong types,
+huge strings, unhashable keys) are drawn as arguments; the outcome is
+compared with the model's outcome for the same arguments: the same result,
+or an exception of the same type.
+
+NaN, +-inf and huge timeouts are drawn by every rule that takes a timeout
+and checked against the rules of README "Errors": where the stdlib raises
+(threading's locks; an infinite or huge wait) the model gives the error;
+where the stdlib would spin for ever on a NaN wait, managerd's ValueError
+is expected (``nan_wait``).
+
+Scale with ``MANAGERD_STATEFUL_EXAMPLES`` (examples per test) and
+``MANAGERD_STATEFUL_STEPS`` (steps per example), and set
+``MANAGERD_STATEFUL_SHRINK=1`` to shrink a failure (slow: see ``SHRINK``);
+``scripts/stateful_long.py`` runs them for minutes. With
+``MANAGERD_STATEFUL_COUNTS`` set to a file, each example appends its
+primitive's name there (the long run counts them).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
+
+from managerd_client import Manager
+
+from conftest import Daemon, wait_until
+
+# -- settings ------------------------------------------------------------------------------
+
+EXAMPLES = int(os.environ.get("MANAGERD_STATEFUL_EXAMPLES", "6"))
+STEPS = int(os.environ.get("MANAGERD_STATEFUL_STEPS", "20"))
+COUNTS_FILE = os.environ.get("MANAGERD_STATEFUL_COUNTS")
+#: Daemon restarts per example (each costs ~1 s: the daemon's start-up).
+RESTARTS = int(os.environ.get("MANAGERD_STATEFUL_RESTARTS", "1"))
+
+#: Shrinking a failure re-runs the machine hundreds of times, each run
+#: starting clients and (with a restart rule) restarting the daemon (~1.5 s):
+#: hypothesis's own limit on shrinking is 300 s, the module's timeout too,
+#: so a failure showed as a hang ("state = ListMachine(); state.teardown()",
+#: the shrinker trying the empty program). Off unless asked for; the
+#: failure is then reported as found, with every step.
+SHRINK = os.environ.get("MANAGERD_STATEFUL_SHRINK", "") not in ("", "0")
+
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, *([Phase.shrink] if SHRINK else [])],
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+
+#: A "short" blocking timeout: long enough to park a waiter, short for a step.
+SHORT_S = 0.03
+WORKER = str(Path(__file__).resolve().parent / "stateful_worker.py")
+
+
+def run_machine(machine: type[StatefulMachine], daemon: Daemon) -> None:
+    machine.daemon = daemon
+    run_state_machine_as_test(machine, settings=SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def sdaemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One durable daemon for a module's state machines (restart rules restart it)."""
+    tmp = tmp_path_factory.mktemp("stateful")
+    d = Daemon(tmp, args=["--data-dir", str(tmp / "data"), "--fsync", "always"]).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+# -- values --------------------------------------------------------------------------------
+
+NAN = float("nan")
+INF = float("inf")
+HUGE_INT = 10**30
+
+#: Timeouts that are always fine and short.
+short_timeouts = st.sampled_from([0, 0.0, -0.0, 0.001, 0.01, SHORT_S, False, True and 0.02])
+#: Timeouts of the wrong type or sign.
+bad_timeouts = st.sampled_from(["1", b"x", [0.01], -1.5])
+#: Timeouts that are not finite or too large.
+nonfinite_timeouts = st.sampled_from([NAN, INF, -INF, HUGE_INT, -HUGE_INT, 1e300])
+
+
+def timeouts(allow_none: bool = False) -> st.SearchStrategy[Any]:
+    parts: list[st.SearchStrategy[Any]] = [
+        short_timeouts,
+        short_timeouts,
+        bad_timeouts,
+        nonfinite_timeouts,
+    ]
+    if allow_none:
+        parts.append(st.none())
+    return st.one_of(*parts)
+
+
+def is_nan(timeout: Any) -> bool:
+    return isinstance(timeout, float) and math.isnan(timeout)
+
+
+def nan_wait(timeout: Any, waits: bool) -> bool:
+    """A NaN timeout on a call that has to wait: managerd's ValueError.
+
+    The stdlib's Python-level waits (queue.Queue, Semaphore, Event,
+    Condition, Barrier) spin for ever on it (``Condition.wait`` takes NaN
+    as "do not block" and the loop around it never ends), so the model
+    cannot be asked; README "Errors" says managerd raises ValueError. Not
+    waiting, a NaN is ignored (as the stdlib ignores it).
+    """
+    return is_nan(timeout) and waits
+
+
+def expect_nan_refused(got: Outcome, what: str) -> None:
+    assert not got.ok and type(got.exc) is ValueError, f"{what} (NaN, must wait): managerd {got}"
+
+
+def too_long(timeout: Any) -> bool:
+    """More than ``threading.TIMEOUT_MAX`` (inf, a huge int): OverflowError if it waits."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        return False
+    return timeout > threading.TIMEOUT_MAX
+
+
+#: Payloads: the hostile floats, huge ints and strings, nested containers.
+payloads: st.SearchStrategy[Any] = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.sampled_from([2**200, -(2**64), 0, -1]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([NAN, INF, -INF, -0.0, 0.0]),
+        st.text(max_size=20),
+        st.binary(max_size=20),
+        st.sampled_from(["é" * 300]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+class Big:
+    """A huge string, drawn as this (so that failure reports stay short)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __repr__(self) -> str:
+        return f"Big({self.n})"
+
+    def value(self) -> str:
+        return "x" * self.n
+
+
+#: A top-level payload: maybe huge (a frame past the 64 KiB raw-reply path).
+top_payloads: st.SearchStrategy[Any] = st.one_of(
+    payloads, payloads, payloads, st.builds(Big, st.sampled_from([70_000, 1_100_000]))
+)
+
+
+def real(payload: Any) -> Any:
+    """The value to send for a drawn top-level payload."""
+    return payload.value() if isinstance(payload, Big) else payload
+
+
+#: Keys: hashable builtin data, and unhashable values (TypeError, as dict does).
+hashable_keys: st.SearchStrategy[Any] = st.one_of(
+    st.sampled_from([0, 1, -0.0, 0.0, True, False, "a", "b", b"a", None, (1, "a"), 2**100]),
+    st.integers(-3, 3),
+    st.text(max_size=3),
+    st.sampled_from([NAN, INF, -INF]),
+    st.frozensets(st.integers(0, 2), max_size=2),
+)
+unhashable_keys: st.SearchStrategy[Any] = st.sampled_from([[1], {}, {1}, [], {"a": 1}, ([1],)])
+keys: st.SearchStrategy[Any] = st.one_of(hashable_keys, hashable_keys, unhashable_keys)
+
+#: Counts and indices: negative, zero, small, huge, wrong types.
+ints_hostile: st.SearchStrategy[Any] = st.one_of(
+    st.integers(-4, 4),
+    st.sampled_from([2**31, -(2**31), 2**63, -(2**63) - 1, HUGE_INT, -HUGE_INT]),
+)
+wrong_types: st.SearchStrategy[Any] = st.sampled_from([1.5, "1", None, b"1", [1], NAN, INF])
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality for test values: NaN equals NaN, -0.0 is not 0.0, types must match."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        if len(a) != len(b):
+            return False
+        bi = list(b.items())
+        return all(
+            same(ka, kb) and same(va, vb) for (ka, va), (kb, vb) in zip(a.items(), bi, strict=True)
+        )
+    return bool(a == b)
+
+
+def canon(value: Any) -> bytes:
+    """A canonical identity for a test value (for multisets of delivered items)."""
+    return pickle.dumps(value, 5)
+
+
+# -- outcomes ---------------------------------------------------------------------------------
+
+
+class Outcome:
+    """A call's result or exception, comparable with the model's."""
+
+    __slots__ = ("exc", "value")
+
+    def __init__(self, value: Any = None, exc: BaseException | None = None) -> None:
+        self.value = value
+        self.exc = exc
+
+    @property
+    def ok(self) -> bool:
+        return self.exc is None
+
+    def __repr__(self) -> str:
+        return f"raised {self.exc!r}" if self.exc is not None else f"returned {self.value!r}"
+
+
+def outcome(fn: Callable[[], Any]) -> Outcome:
+    try:
+        return Outcome(fn())
+    except Exception as exc:
+        return Outcome(exc=exc)
+
+
+def same_outcome(got: Outcome, want: Outcome, what: str, compare: bool = True) -> None:
+    """The same exception type, or (when ``compare``) an equal result."""
+    if want.exc is not None or got.exc is not None:
+        assert want.exc is not None and got.exc is not None, f"{what}: managerd {got}, model {want}"
+        assert type(got.exc) is type(want.exc), f"{what}: managerd {got}, model {want}"
+        return
+    if compare:
+        assert same(got.value, want.value), f"{what}: managerd {got}, model {want}"
+
+
+# -- actors: one thread of one client ------------------------------------------------------------
+
+
+class Actor:
+    """One thread of one client session; runs callables there."""
+
+    def __init__(self, client: int, thread: int) -> None:
+        self.client = client
+        self.thread = thread
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, f"actor{client}.{thread}")
+
+    def run(self, fn: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+        return self._pool.submit(fn).result(timeout_s)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"actor{self.client}.{self.thread}"
+
+
+# -- the base machine ------------------------------------------------------------------------------
+
+CLIENTS = 2
+THREADS = 2
+
+
+class StatefulMachine(RuleBasedStateMachine):
+    """Clients, actors, fresh names, daemon restarts; subclasses add the rules."""
+
+    daemon: Daemon
+    primitive = "?"
+
+    def __init__(self) -> None:
+        super().__init__()
+        if COUNTS_FILE:
+            with open(COUNTS_FILE, "a") as f:
+                f.write(self.primitive + "\n")
+        self.managers: list[Manager] = [self.daemon.connect() for _ in range(CLIENTS)]
+        self.actors = [Actor(c, t) for c in range(CLIENTS) for t in range(THREADS)]
+        self.prefix = f"{self.primitive}-{uuid.uuid4().hex[:12]}"
+        self.children: list[subprocess.Popen[str]] = []
+        self.restarts = 0
+
+    def name(self, suffix: str = "") -> str:
+        return self.prefix + suffix
+
+    def manager(self, actor: Actor) -> Manager:
+        return self.managers[actor.client]
+
+    def status_of(self, name: str) -> dict[str, Any]:
+        objects: dict[str, Any] = self.managers[0].status()["objects"]
+        return dict(objects[name])
+
+    def teardown(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            _close_pipes(child)
+        for actor in self.actors:
+            actor.close()
+        try:
+            m = self.managers[0]
+            for name, _ in m.objects():
+                if name.startswith(self.prefix):
+                    m.delete(name)
+        finally:
+            for m in self.managers:
+                m.close()
+
+    # -- processes that hold things, then die ----------------------------------------------
+    def spawn_holder(self, *args: str) -> subprocess.Popen[str]:
+        """A client process that takes something, says ``HELD ...``, and waits to be killed."""
+        child = subprocess.Popen(
+            [sys.executable, WORKER, *args],
+            env=self.daemon.client_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.children.append(child)
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert line.startswith(("HELD", "NOTHING")), f"holder said {line!r}"
+        child.held = line  # type: ignore[attr-defined]
+        return child
+
+    def kill_child(self, child: subprocess.Popen[str]) -> None:
+        child.send_signal(signal.SIGKILL)
+        _close_pipes(child)
+
+    def restart_daemon(self) -> None:
+        """A crash (SIGKILL) and a restart on the same port and data directory."""
+        self.restarts += 1
+        self.daemon.kill()
+        self.daemon.start(port=self.daemon.port)
+
+    def may_restart(self) -> bool:
+        return self.restarts < RESTARTS
+
+    def sessions_alive(self, name: str) -> bool:
+        """Every holder listed for ``name`` is a live session (none of the killed children)."""
+        status = self.managers[0].status()
+        pids = {s.get("pid") for s in status["sessions"]}
+        dead = {c.pid for c in self.children if c.poll() is not None}
+        return not (pids & dead)
+
+    def wait_children_gone(self) -> None:
+        """The daemon noticed every killed child (their sessions ended)."""
+        assert wait_until(self.sessions_alive_all, timeout_s=10), "a killed client's session lives"
+
+    def sessions_alive_all(self) -> bool:
+        return self.sessions_alive("")
+
+
+def _close_pipes(child: subprocess.Popen[str]) -> None:
+    child.wait(10)
+    for pipe in (child.stdin, child.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
+def expect_empty_waiters(machine: StatefulMachine, name: str) -> None:
+    """No waiter is left parked once every call has returned."""
+    info = machine.status_of(name)
+    assert info.get("waiters", 0) == 0, f"{name}: waiters left {info}"
+
+
+__all__ = [
+    "SETTINGS",
+    "Actor",
+    "Outcome",
+    "StatefulMachine",
+    "canon",
+    "outcome",
+    "queue",
+    "same",
+    "same_outcome",
+    "threading",
+]
