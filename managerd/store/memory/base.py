@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
-from managerd.store.api import BadArgument, Call, MethodSpec
+from managerd.store.api import BadArgument, Call, MethodSpec, methods_of
 from managerd.store.memory.records import Effect, RecordKind
 from managerd.store.sessions import Session
 from managerd_client.errors import ArgumentConflict
@@ -205,13 +205,7 @@ class SharedObject:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        methods: dict[str, MethodSpec] = {}
-        for klass in reversed(cls.__mro__):
-            for attr in vars(klass).values():
-                spec = getattr(attr, "__managerd_spec__", None)
-                if isinstance(spec, MethodSpec):
-                    methods[spec.name] = spec
-        cls.methods = methods
+        cls.methods = methods_of(cls)
 
     #: Creation parameters that only set initial state (``Value``'s value):
     #: a later get-or-create may pass another without a conflict.
