@@ -351,3 +351,24 @@ def test_a_killed_daemons_lock_never_blocks_a_restart(tmp_path: Path) -> None:
         d.start(port=d.port)  # and after a clean stop
     finally:
         d.stop()
+
+
+def test_a_removed_nan_key_stays_removed_after_a_crash(tmp_path: Path) -> None:
+    """Found by the dict model: replay unpickles a fresh NaN, which finds no entry."""
+    d = _durable(tmp_path, fsync="always").start()
+    try:
+        with d.connect() as m:
+            dct = m.dict("nan-keys")
+            dct["kept"] = 1
+            dct[(1, float("nan"))] = "tuple"
+            dct[float("nan")] = "popped"
+            assert dct.popitem()[1] == "popped"  # the NaN key, last in
+            assert dct.popitem()[1] == "tuple"  # a key holding a NaN
+            dct.setdefault(float("nan"), "stays")
+        d.kill()
+        d.start(port=d.port)
+        with d.connect() as m:
+            left = sorted(map(str, m.dict("nan-keys").values()))
+        assert left == ["1", "stays"], left
+    finally:
+        d.stop()

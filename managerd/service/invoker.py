@@ -339,16 +339,17 @@ class Invoker:
                 assert spec is not None
                 result = spec.fn(obj, call, *args, **kwargs)
         except Exception as exc:
-            if (
-                body is None
-                and spec is not None
-                and isinstance(exc, TypeError)
-                and not isinstance(exc, Refusal)
-                and not _binds(spec, obj, call, args, kwargs)
-            ):
-                deliver(Outcome(error=BadArgument(f"{inv.label}(): {exc}")))
-            else:
-                deliver(self._classify(inv, exc))
+            if isinstance(exc, TypeError) and not isinstance(exc, Refusal):
+                if getattr(obj, "builtin_type_errors", False):
+                    # A container's method is the builtin's own operation: its
+                    # TypeError (an unhashable key, a str index) is the caller's,
+                    # as the stdlib object would raise it.
+                    deliver(Outcome(error=exc))
+                    return
+                if body is None and spec is not None and not _binds(spec, obj, call, args, kwargs):
+                    deliver(Outcome(error=BadArgument(f"{inv.label}(): {exc}")))
+                    return
+            deliver(self._classify(inv, exc))
             return
         # 4: settle.
         calls = inv.calls

@@ -214,6 +214,11 @@ class SharedObject:
     #: Whether the object's state is journaled (its existence always is).
     durable: ClassVar[bool] = False
 
+    #: The methods are a builtin container's own operations (dict, list...):
+    #: a TypeError they raise (an unhashable key, a str index) is the
+    #: caller's, as the builtin raises it, not a daemon bug (service/invoker.py).
+    builtin_type_errors: ClassVar[bool] = False
+
     #: Methods whose result hands the caller something (an item, a lock, a
     #: permit), by name, and the method that gives it back: called as
     #: ``undo(call, args, result)`` when the client cancels a call it had

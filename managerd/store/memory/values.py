@@ -41,6 +41,8 @@ def _coerce(typecode: str, value: Any) -> Any:
 class Value(SharedObject):
     """``multiprocessing.Value``: one typed number (or byte)."""
 
+    builtin_type_errors = True
+
     typeid = "Value"
     create_params = ("typecode", "value")
     state_params = ("value",)
@@ -98,6 +100,8 @@ class Value(SharedObject):
 
 class Array(SharedObject):
     """``multiprocessing.Array``: a fixed-length typed array."""
+
+    builtin_type_errors = True
 
     typeid = "Array"
     create_params = ("typecode", "sequence")
