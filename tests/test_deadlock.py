@@ -56,6 +56,8 @@ def test_two_clients_in_a_cycle_are_reported_and_a_timeout_breaks_it(tmp_path: P
         (found,) = status(d)["deadlocks"]
         assert sorted(s["waits_for"] for s in found["steps"]) == ["a", "b"]
         assert len({s["pid"] for s in found["steps"]}) == 2
+        # The log line is read from the daemon's stderr by another thread.
+        assert wait_until(lambda: any("deadlock: " in line for line in d.lines), timeout_s=10)
         lines = [line for line in d.lines if "deadlock: " in line]
         assert len(lines) == 1
         for step in found["steps"]:
@@ -180,6 +182,8 @@ def test_a_conditions_reacquire_that_closes_a_cycle_is_reported(tmp_path: Path) 
                 results["other"] = b.Lock("other").acquire(timeout=4)
             t.join(20)
             assert results == {"notified": False, "other": False}
+        # The log line is read from the daemon's stderr by another thread.
+        assert wait_until(lambda: any("deadlock: " in line for line in d.lines), timeout_s=10)
         lines = [line for line in d.lines if "deadlock: " in line]
         assert len(lines) == 1 and "RLock 'c.lock'" in lines[0] and "Lock 'other'" in lines[0]
     finally:
