@@ -145,12 +145,16 @@ class SafeDecoder:
             if module:
                 extra.add((module, name))
         self.allowed = SAFE_GLOBALS | frozenset(extra)
+        #: Small pickles whose opcodes were walked and passed: a client sends
+        #: the same envelope again and again (``acquire``, ``release``: an
+        #: ``r`` in the method name is no LONG_BINPUT, but only a walk says so).
+        self._walked: set[bytes] = set()
 
     def loads(self, data: bytes | memoryview, offset: int = 0) -> Any:
         """Decode the pickle in ``data`` from ``offset`` on."""
         raw = bytes(data) if isinstance(data, memoryview) else data
         if (_PUT in raw or _LONG_BINPUT in raw) and not _memo_indices_small(raw, offset):
-            check_memo_indices(raw, offset)  # walk the opcodes
+            self._walk(raw, offset)
         try:
             # A protocol 4-5 pickle's 8-byte FRAME length is data, not opcodes.
             framed = raw.startswith(_FRAMED, offset)
@@ -174,6 +178,20 @@ class SafeDecoder:
             check_depth(value)
         return value
 
+    def _walk(self, raw: bytes, offset: int) -> None:
+        """:func:`check_memo_indices`, remembering the small pickles that passed."""
+        if len(raw) - offset > _WALKED_MAX_BYTES:
+            check_memo_indices(raw, offset)
+            return
+        pickled = raw[offset:]
+        walked = self._walked
+        if pickled in walked:
+            return
+        check_memo_indices(pickled)
+        if len(walked) >= _WALKED_MAX_COUNT:
+            walked.clear()
+        walked.add(pickled)
+
 
 #: The bytes without which no opcode can reach a class: GLOBAL and INST read
 #: newline-terminated names (a readline that finds no newline fails: "pickle
@@ -183,6 +201,11 @@ class SafeDecoder:
 #: none of these bytes anywhere (opcode or data) holds builtin data only.
 _NAMES_NOTHING: Final = re.compile(rb"[\n\x82\x83\x84\x93]").search
 _FRAMED: Final = b"\x80\x05\x95"
+
+#: At most this many pickles of at most this size are remembered as walked
+#: (256 KiB): what one process's few threads send over and over.
+_WALKED_MAX_BYTES: Final = 256
+_WALKED_MAX_COUNT: Final = 1024
 
 #: Pickles up to this size are first checked by :func:`_memo_indices_small`.
 _SMALL_PICKLE_BYTES: Final = 4096
