@@ -557,8 +557,12 @@ class Channel:
                     # The role first (a plain store): a second interrupt
                     # here must not leave it taken.
                     self._reading = False
-                    with self._lock:
-                        self._wake_all()
+                    # Unlocked test: a thread that finds the role taken
+                    # appends itself under the lock, so it is either seen
+                    # here or it saw the role free (and takes it itself).
+                    if self._sleepers:
+                        with self._lock:
+                            self._wake_all()
 
     def _wake_all(self) -> None:
         """Wake the threads waiting in ``_await`` (called with ``_lock`` held)."""
