@@ -311,7 +311,10 @@ class QueueMachine(StatefulMachine):
         if requeue:
             self.model.queue.appendleft(entry)
         else:
+            # README: an item moved to "<name>.dead" counts as done for join().
             self.dead.append(entry)
+            if self.model.unfinished_tasks > 0:
+                self.model.task_done()
 
     # -- failures ------------------------------------------------------------------------------
     @precondition(lambda self: len(self.children) < 3)
