@@ -86,7 +86,12 @@ WORKER = str(Path(__file__).resolve().parent / "stateful_worker.py")
 
 def run_machine(machine: type[StatefulMachine], daemon: Daemon) -> None:
     machine.daemon = daemon
-    run_state_machine_as_test(machine, settings=SETTINGS)
+    try:
+        run_state_machine_as_test(machine, settings=SETTINGS)
+    except BaseException as exc:
+        # The daemon's side of a failure (a refusal, a session it ended...).
+        exc.add_note("daemon log (last 40 lines):\n" + "\n".join(daemon.lines[-40:]))
+        raise
 
 
 @pytest.fixture(scope="module")

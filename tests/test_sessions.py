@@ -222,6 +222,39 @@ def test_restart_clients_reconnect_and_go_on(daemon: Daemon, uniq: str) -> None:
     m.close()
 
 
+def test_threads_calling_at_once_after_a_restart_all_reconnect(daemon: Daemon, uniq: str) -> None:
+    """The first calls after a crash, from several threads of one manager at once:
+    none is sent into the connection already known dead (none raises ConnectionLost).
+
+    Found by the long stateful run: while one thread polled the idle connection
+    and found it hung up, another skipped the check and sent into it.
+    """
+    m = daemon.connect(connect_timeout_s=10)
+    n = 8
+    for _round in range(4):
+        q = m.Queue(uniq)
+        q.put(0)  # the connection was heard from just now
+        daemon.kill()
+        daemon.start(port=daemon.port)
+        start = threading.Barrier(n)
+        errors: list[BaseException] = []
+
+        def first_call() -> None:
+            start.wait()
+            try:
+                m.Queue(uniq).qsize()
+            except BaseException as exc:  # noqa: BLE001 - any error is the failure
+                errors.append(exc)
+
+        threads = [threading.Thread(target=first_call) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [], errors
+    m.close()
+
+
 def test_call_in_flight_when_daemon_dies_raises_connection_lost(daemon: Daemon, uniq: str) -> None:
     m, t, errors = _blocked_get(daemon, uniq)
     daemon.kill()

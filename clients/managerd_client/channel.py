@@ -625,12 +625,14 @@ class Channel:
             return True
         if time.monotonic() - self.last_heard < _IDLE_CHECK_AFTER_S:
             return False  # busy: a closed connection shows up as ConnectionLost soon enough
-        if self._reading or not self._poll_lock.acquire(blocking=False):
-            return False  # another thread is reading or checking right now
-        try:
+        if self._reading:
+            return False  # another thread is reading: it notices a hang-up itself
+        # Another thread checking right now: wait for its answer (one poll(2),
+        # microseconds) rather than send into a connection it may find dead.
+        with self._poll_lock:
+            if self.dead is not None:
+                return True
             hung_up = any(events & _HANGUP for _fd, events in self._poller.poll(0))
-        finally:
-            self._poll_lock.release()
         if hung_up:
             self._die(ConnectionLost("the daemon closed the connection"))
         return hung_up
