@@ -231,21 +231,20 @@ def test_threads_calling_at_once_after_a_restart_all_reconnect(daemon: Daemon, u
     """
     m = daemon.connect(connect_timeout_s=10)
     n = 8
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def first_call() -> None:
+        start.wait()
+        try:
+            m.Queue(uniq).qsize()
+        except BaseException as exc:  # any error is the failure
+            errors.append(exc)
+
     for _round in range(4):
-        q = m.Queue(uniq)
-        q.put(0)  # the connection was heard from just now
+        m.Queue(uniq).put(0)  # the connection was heard from just now
         daemon.kill()
         daemon.start(port=daemon.port)
-        start = threading.Barrier(n)
-        errors: list[BaseException] = []
-
-        def first_call() -> None:
-            start.wait()
-            try:
-                m.Queue(uniq).qsize()
-            except BaseException as exc:  # noqa: BLE001 - any error is the failure
-                errors.append(exc)
-
         threads = [threading.Thread(target=first_call) for _ in range(n)]
         for t in threads:
             t.start()
