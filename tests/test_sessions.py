@@ -241,7 +241,7 @@ def test_threads_calling_at_once_after_a_restart_all_reconnect(daemon: Daemon, u
         except BaseException as exc:  # any error is the failure
             errors.append(exc)
 
-    for _round in range(4):
+    for _round in range(10):
         m.Queue(uniq).put(0)  # the connection was heard from just now
         daemon.kill()
         daemon.start(port=daemon.port)
