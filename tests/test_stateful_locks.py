@@ -27,10 +27,10 @@ import threading
 from typing import Any
 
 import pytest
+import workers_interrupts as wi
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
-import workers_interrupts as wi
 from conftest import Daemon, wait_until
 from stateful_support import (
     SHORT_S,
