@@ -332,6 +332,15 @@ class StatefulMachine(RuleBasedStateMachine):
     def name(self, suffix: str = "") -> str:
         return self.prefix + suffix
 
+    def call(
+        self, actor: Actor, what: str, mine: Callable[[], Any], model: Callable[[], Any],
+        compare: bool = True,
+    ) -> Outcome:  # fmt: skip
+        """``mine`` (the daemon's) from ``actor``'s thread and ``model``: the same outcome."""
+        got: Outcome = actor.run(lambda: outcome(mine))
+        same_outcome(got, outcome(model), f"{actor} {what}", compare)
+        return got
+
     def manager(self, actor: Actor) -> Manager:
         return self.managers[actor.client]
 

@@ -193,7 +193,10 @@ class LockMachine(StatefulMachine):
         theirs.close()
         try:
             assert conn.poll(30) and conn.recv() == "ready"
-            waiters = lambda n: self.status_of(self.name()).get("waiters", 0) == n  # noqa: E731
+
+            def waiters(n: int) -> bool:
+                return bool(self.status_of(self.name()).get("waiters", 0) == n)
+
             assert wait_until(lambda: waiters(1), 10), "the child's acquire was not parked"
             assert proc.pid is not None
             os.kill(proc.pid, signal.SIGINT)
@@ -291,7 +294,7 @@ class SemaphoreMachine(LockMachine):
         return int(self.model._value) == 0
 
     @initialize(initial=st.integers(0, 3))
-    def create(self, initial: int) -> None:  # type: ignore[override]
+    def create(self, initial: int) -> None:
         self.initial = initial
         self.model = self.new_model()
         self._make_proxies()

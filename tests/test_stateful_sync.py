@@ -216,8 +216,12 @@ class BarrierMachine(StatefulMachine):
         n = self.model.parties
         actors = self.actors[:n]
         with concurrent.futures.ThreadPoolExecutor(2 * n) as pool:
-            mine = [pool.submit(lambda a=a: a.run(lambda: outcome(lambda: self.p(a).wait(10))))
-                    for a in actors]  # fmt: skip
+
+            def wait_of(a: Actor) -> Outcome:
+                got: Outcome = a.run(lambda: outcome(lambda: self.p(a).wait(10)))
+                return got
+
+            mine = [pool.submit(wait_of, a) for a in actors]
             models = [pool.submit(lambda: outcome(lambda: self.model.wait(10))) for _ in actors]
             got = [f.result(30) for f in mine]
             want = [f.result(30) for f in models]
