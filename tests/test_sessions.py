@@ -18,6 +18,7 @@ from managerd_client import (
     Manager,
     ServerShuttingDown,
 )
+from managerd_client.channel import Channel
 
 import workers_sessions as w
 from conftest import Daemon, wait_until
@@ -338,3 +339,28 @@ def test_forked_child_holds_nothing_and_parent_keeps_its_holdings(
         assert wait_until(lambda: len(outcome) == 3), outcome
         assert outcome[1] == outcome[0] and outcome[2] == "released", outcome
         assert not any(proxy.locked() for proxy in held)
+
+
+def test_a_session_cannot_be_taken_over_by_its_public_id(shared_daemon: Daemon, uniq: str) -> None:
+    """The id every status shows does not resume a session: only the secret its
+    client got does. A peer that resumed by id would hold the victim's lock too."""
+    victim = shared_daemon.connect()
+    lock = victim.RLock(uniq)
+    assert lock.acquire()
+    public = victim.session_id
+    assert public in {s["id"] for s in victim.status()["sessions"]}
+    thief = Channel(
+        (shared_daemon.host, shared_daemon.port),
+        shared_daemon.authkey,
+        connect_timeout_s=5,
+        hello={"resume": public},
+    )
+    try:
+        assert not thief.resumed and thief.session_id != public
+        with pytest.raises(RuntimeError):  # not the holder: its release is refused
+            thief.call("RLock", uniq, "release", ())
+        lock.release()  # the victim's connection was not closed, its lock still its own
+        assert victim.session_id == public
+    finally:
+        thief.close()
+        victim.close()

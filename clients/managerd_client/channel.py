@@ -283,6 +283,8 @@ class Channel:
             )
         self.info: dict[str, Any] = info
         self.session_id: str = info["session"]
+        #: The secret that resumes the session (an older daemon resumed by id).
+        self.resume_token: str = str(info.get("resume_token", self.session_id))
         self.server_id: str = info["server_id"]
         self.resumed: bool = bool(info.get("resumed"))
         self.session_ttl_s = float(info["session_ttl_s"])

@@ -98,6 +98,7 @@ class Manager:
         self._lock = threading.Lock()
         self._channel: Channel | None = None
         self._session_id: str | None = None
+        self._resume_token: str | None = None
         #: Bumped each time a *new* session starts (not a resumed one), so
         #: lock proxies can tell that what they held is gone.
         self.session_epoch = 0
@@ -119,8 +120,8 @@ class Manager:
         hello: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
         if self._client_name:
             hello["name"] = self._client_name
-        if self._session_id is not None:
-            hello["resume"] = self._session_id
+        if self._resume_token is not None:
+            hello["resume"] = self._resume_token
         start = self.addresses.index(self.address)
         order = self.addresses[start:] + self.addresses[:start]
         failures: list[ConnectFailed] = []
@@ -173,6 +174,7 @@ class Manager:
             if not channel.resumed:
                 self.session_epoch += 1
             self._session_id = channel.session_id
+            self._resume_token = channel.resume_token
             self._channel = channel
             self._ensure_heartbeat(channel.session_ttl_s / 3)
             return channel
@@ -215,6 +217,7 @@ class Manager:
             channel.abandon()
         self._channel = None
         self._session_id = None  # the parent's session is not ours
+        self._resume_token = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat = None

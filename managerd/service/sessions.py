@@ -14,6 +14,7 @@ class SessionTable:
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        self._by_token: dict[str, Session] = {}
         #: Given to every session it opens (set by the server core).
         self.deadlocks: WaitForGraph | None = None
 
@@ -21,13 +22,19 @@ class SessionTable:
         session = Session(kind, peer, info)
         session.deadlocks = self.deadlocks
         self._sessions[session.id] = session
+        self._by_token[session.resume_token] = session
         return session
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    def resumable(self, token: str) -> Session | None:
+        """The live session whose secret resume token this is."""
+        return self._by_token.get(token)
+
     def end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        self._by_token.pop(session.resume_token, None)
         session.end()
 
     def expired(self, ttl_s: float) -> list[Session]:

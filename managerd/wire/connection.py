@@ -430,8 +430,8 @@ class Connection(asyncio.Protocol):
             )
             return
         resumed = False
-        resume_id = info.get("resume")
-        session = self.core.sessions.get(resume_id) if isinstance(resume_id, str) else None
+        token = info.get("resume")
+        session = self.core.sessions.resumable(token) if isinstance(token, str) else None
         if session is not None and session.active and session.kind is SessionKind.MANAGERD:
             resumed = True
         else:
@@ -448,6 +448,7 @@ class Connection(asyncio.Protocol):
                 "#RETURN",
                 {
                     "session": session.id,
+                    "resume_token": session.resume_token,
                     "resumed": resumed,
                     "server_id": self.core.server_id,
                     "session_ttl_s": self.core.settings.session_ttl_s,
