@@ -52,7 +52,7 @@ import asyncio
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
@@ -295,8 +295,14 @@ class EtcdClient:
         revision: int = 0,
         keys_only: bool = False,
         count_only: bool = False,
+        max_create_revision: int = 0,
+        newest_first: bool = False,
     ) -> RangeResult:
-        """Linearizable read of ``[key, range_end)`` (just ``key`` without range_end)."""
+        """Linearizable read of ``[key, range_end)`` (just ``key`` without range_end).
+
+        In key order, or ``newest_first`` by create_revision (etcd sorts the
+        whole range for that: only for small ranges, such as a lock's contenders).
+        """
         request = rpc.RangeRequest(
             key=key,
             range_end=range_end,
@@ -304,7 +310,11 @@ class EtcdClient:
             revision=revision,
             keys_only=keys_only,
             count_only=count_only,
+            max_create_revision=max_create_revision,
         )
+        if newest_first:
+            request.sort_target = rpc.RangeRequest.CREATE
+            request.sort_order = rpc.RangeRequest.DESCEND
         return _range_result(await self._call(self._range, request, idempotent=True))
 
     async def get(self, key: bytes) -> KeyValue | None:
@@ -403,7 +413,7 @@ class EtcdClient:
 
     async def watch(
         self, key: bytes, range_end: bytes = b"", *, start_revision: int = 0, prev_kv: bool = False
-    ) -> AsyncIterator[list[Event]]:
+    ) -> AsyncGenerator[list[Event], None]:
         """Batches of events on ``[key, range_end)`` from ``start_revision`` (0: from now).
 
         Runs until the caller stops iterating (close it with
