@@ -18,7 +18,9 @@ import pytest
 
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import EtcdError
+from managerd.store.etcd.locks import EtcdLock
 from managerd.store.etcd.queues import EtcdQueue
+from managerd.store.etcd.sessions import EtcdSession
 
 from etcd_support import EtcdCluster, running_cluster
 
@@ -116,3 +118,30 @@ def test_leader_killed_during_puts_and_gets(cluster: EtcdCluster) -> None:
 
     asyncio.run(body())
     cluster.restart(next(i for i, m in enumerate(cluster.members) if not m.alive))
+
+
+def test_a_held_lock_keeps_its_holder_and_token_across_a_leader_kill(
+    cluster: EtcdCluster,
+) -> None:
+    """Keep-alives and the waiter's watch move to live members; nobody else gets the lock."""
+
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as a, EtcdClient(cluster.endpoints) as b:
+            holder, other = await EtcdSession.open(a, 2), await EtcdSession.open(b, 2)
+            token = await EtcdLock(a, "held").acquire(holder)
+            assert token is not None
+            waiter = asyncio.create_task(EtcdLock(b, "held").acquire(other))
+            leader = await asyncio.to_thread(cluster.leader)
+            await asyncio.to_thread(cluster.kill, leader)
+            # Twice the TTL: the holder's lease would have expired without keep-alives.
+            await asyncio.sleep(2 * holder.ttl_s + 1)
+            assert not holder.lost.is_set() and not waiter.done()
+            assert await EtcdLock(b, "held").holder() is not None
+            assert (await EtcdLock(b, "held").holder())[1] == token  # type: ignore[index]
+            await EtcdLock(a, "held").release(holder, token)
+            later = await waiter
+            assert later is not None and later > token
+            await holder.close()
+            await other.close()
+
+    asyncio.run(body())
