@@ -69,8 +69,8 @@ def test_a_put_before_the_watch_starts_is_not_missed(cluster: EtcdCluster, name:
             taken, revision = await q._take(None, 0.0)
             assert taken is None
             await EtcdQueue(b, name).put(b"between")  # after the read, before any watch
-            late, _ = await q._take_after_put(None, 0.0, revision + 1)
-            assert late is not None and late[1] == b"between"
+            await q._put_after(revision + 1)  # returns: the put was seen
+            assert await q.get_nowait() == b"between"
 
     asyncio.run(body())
 
@@ -133,5 +133,87 @@ def test_reservations_survive_their_session(cluster: EtcdCluster, name: str) -> 
             await session.close()  # revoked: everything on its lease is deleted now
             assert await q.reserved_count() == 1
             assert await q.ack(delivery)
+
+    asyncio.run(body())
+
+
+def test_waiting_calls_of_one_process_are_served_in_arrival_order(
+    cluster: EtcdCluster, name: str
+) -> None:
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as etcd:
+            q = EtcdQueue(etcd, name)
+            session = await EtcdSession.open(etcd, 10)
+            waiters = []
+            for i in range(6):
+                if i % 2:
+                    waiters.append(asyncio.create_task(q.get()))
+                else:
+                    waiters.append(asyncio.create_task(q.reserve(session, 30.0)))
+                await asyncio.sleep(0)  # it runs until it waits: arrival order is set
+            for i in range(6):
+                await q.put(b"%d" % i)
+            got = await asyncio.gather(*waiters)
+            payloads = [g if isinstance(g, bytes) else g.payload for g in got]
+            assert payloads == [b"%d" % i for i in range(6)]
+            await session.close()
+
+    asyncio.run(body())
+
+
+def test_many_waiters_on_two_clients_each_get_one_item(cluster: EtcdCluster, name: str) -> None:
+    """Takes of several items per Txn, racing another client's: each item once."""
+
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as a, EtcdClient(cluster.endpoints) as b:
+            qa, qb = EtcdQueue(a, name), EtcdQueue(b, name)
+            getters = [asyncio.create_task(q.get(timeout_s=30)) for q in (qa, qb) * 25]
+            await asyncio.sleep(0)
+            await asyncio.gather(*(qa.put(b"%d" % i) for i in range(50)))
+            assert sorted(await asyncio.gather(*getters)) == sorted(b"%d" % i for i in range(50))
+            assert await qa.qsize() == 0
+
+    asyncio.run(body())
+
+
+def test_a_get_that_gives_up_takes_nothing(cluster: EtcdCluster, name: str) -> None:
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as etcd:
+            q = EtcdQueue(etcd, name)
+            with pytest.raises(queue.Empty):
+                await q.get(timeout_s=0.2)
+            cancelled = asyncio.create_task(q.get())
+            await asyncio.sleep(0.2)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await q.put(b"kept")
+            assert await q.get_nowait() == b"kept"
+
+    asyncio.run(body())
+
+
+def test_an_item_taken_for_a_caller_that_left_goes_back_uncounted(
+    cluster: EtcdCluster, name: str
+) -> None:
+    """What a take whose caller gave up while its Txn was in flight does with the item."""
+
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as etcd:
+            q = EtcdQueue(etcd, name)
+            session = await EtcdSession.open(etcd, 10)
+            await q.put(b"a")
+            await q.put(b"b")
+            removed, _ = await q._take(None, 0.0)
+            assert removed is not None and removed[1] == b"a"
+            await q._give_back(removed)
+            reserved, _ = await q._take(session, 30.0)
+            assert reserved is not None and reserved[1] == b"a"
+            await q._give_back(reserved)
+            assert await q.reserved_count() == 0
+            delivery = await q.reserve(session, 30.0)
+            assert (delivery.payload, delivery.deliveries) == (b"a", 1)
+            assert await q.get_nowait() == b"b"
+            await session.close()
 
     asyncio.run(body())

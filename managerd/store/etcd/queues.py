@@ -37,6 +37,7 @@ yet.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -44,6 +45,7 @@ import os
 import queue
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,7 @@ from managerd.store.etcd.kv import (
     Compacted,
     Compare,
     Delete,
+    EtcdError,
     EventType,
     Get,
     KeyValue,
@@ -64,6 +67,7 @@ from managerd.store.etcd.kv import (
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 
 TOMBSTONE_TTL_S = 60
+_BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
 
 
@@ -106,6 +110,19 @@ class _ShortLease:
         return self._lease_id
 
 
+#: An item taken: ``(kv, payload, deliveries)``, see ``EtcdQueue._take_batch``.
+Taken = tuple[KeyValue, bytes, int]
+
+
+@dataclass(eq=False)
+class _Want:
+    """A blocked get (``session`` None) or reserve of this process, waiting for an item."""
+
+    session: EtcdSession | None
+    visibility_s: float
+    future: asyncio.Future[Taken]
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A reserved item: ack or nack it with this (``receipt`` is the reservation's revision)."""
@@ -124,10 +141,15 @@ class EtcdQueue:
         self.name = name
         base = root + b"q/" + name.encode() + b"/"
         self._ready = base + b"i/"
+        self._ready_end = prefix_end(self._ready)
         self._reserved = base + b"r/"
         self._tombs = base + b"t/"
         self._ids = _Ids()
         self._tomb_lease = _ShortLease(client)
+        self._wants: collections.deque[_Want] = collections.deque()
+        self._taker: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def put(self, item: bytes) -> None:
         """Append ``item``; safe to retry, never duplicated (see the module docstring)."""
@@ -205,27 +227,67 @@ class EtcdQueue:
 
     async def _blocking(
         self, session: EtcdSession | None, visibility_s: float, timeout_s: float | None
-    ) -> tuple[KeyValue, bytes, int]:
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout_s is None else loop.time() + max(0.0, timeout_s)
-        taken, revision = await self._take(session, visibility_s)
-        while taken is None:
-            left_s = None if give_up is None else give_up - loop.time()
-            if left_s is not None and left_s <= 0:
+    ) -> Taken:
+        if timeout_s is not None and timeout_s <= 0:
+            taken, _ = await self._take(session, visibility_s)
+            if taken is None:
                 raise queue.Empty
-            try:
-                taken, revision = await asyncio.wait_for(
-                    self._take_after_put(session, visibility_s, revision + 1), left_s
-                )
-            except TimeoutError:
+            return taken
+        want = _Want(session, visibility_s, asyncio.get_running_loop().create_future())
+        self._wants.append(want)
+        if self._taker is None or self._taker.done():
+            self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if want.future.done() and not want.future.cancelled():
+                if isinstance(exc, TimeoutError):
+                    return want.future.result()  # answered as the time ran out: keep it
+                if want.future.exception() is None:  # the caller is gone: give it back
+                    self._background(self._give_back(want.future.result()))
+            if isinstance(exc, TimeoutError):
                 raise queue.Empty from None
-        return taken
+            raise
+        finally:
+            want.future.cancel()
+            with contextlib.suppress(ValueError):
+                self._wants.remove(want)
+            if not self._wants and self._watching is not None:
+                self._watching.cancel()  # nobody waits: stop watching
 
-    async def _take_after_put(
-        self, session: EtcdSession | None, visibility_s: float, start_revision: int
-    ) -> tuple[tuple[KeyValue, bytes, int] | None, int]:
-        """Watch ``i/`` from ``start_revision``; at each put, try to take the head."""
-        revision = start_revision - 1
+    async def _take_for_wants(self) -> None:
+        """Serve the waiting calls of this process in arrival order, several per Txn."""
+        batch = _BATCH
+        try:
+            while wants := [w for w in self._wants if not w.future.done()][:batch]:
+                head = await self.client.range(
+                    self._ready, prefix_end(self._ready), limit=len(wants)
+                )
+                if not head.kvs:
+                    self._watching = asyncio.create_task(self._put_after(head.revision + 1))
+                    await asyncio.wait([self._watching])  # a put, or nobody waits any more
+                    self._watching = None
+                    continue
+                asks = [(w.session, w.visibility_s) for w in wants[: len(head.kvs)]]
+                taken = await self._take_batch(head.kvs, asks)
+                if taken is None:
+                    batch = max(1, batch // 2)  # another consumer took some: ask for fewer
+                    continue
+                batch = _BATCH
+                for want, item in zip(wants, taken, strict=False):
+                    with contextlib.suppress(ValueError):
+                        self._wants.remove(want)
+                    if want.future.done():
+                        await self._give_back(item)  # gave up while the Txn was in flight
+                    else:
+                        want.future.set_result(item)
+        except EtcdError as exc:
+            for want in self._wants:
+                if not want.future.done():
+                    want.future.set_exception(exc)
+
+    async def _put_after(self, start_revision: int) -> None:
+        """Return at the first put into ``i/`` at or after ``start_revision``."""
         try:
             async with contextlib.aclosing(
                 self.client.watch(
@@ -233,68 +295,101 @@ class EtcdQueue:
                 )
             ) as events:
                 async for batch in events:
-                    if not any(e.type is EventType.PUT for e in batch):
-                        continue
-                    taken, revision = await self._take(session, visibility_s)
-                    if taken is not None:
-                        return taken, revision
+                    if any(e.type is EventType.PUT for e in batch):
+                        return
         except Compacted:
-            pass  # the caller reads again and watches from now
-        return None, revision
+            return  # history is gone: the caller reads again
 
     async def _take(
         self, session: EtcdSession | None, visibility_s: float
-    ) -> tuple[tuple[KeyValue, bytes, int] | None, int]:
-        """Take the head (reserve it for ``session``, else remove it).
-
-        ``(taken, revision)``: ``taken`` is ``(kv, payload, deliveries)``, kv
-        being the reservation's when reserved, or None and the revision at
-        which the queue was read empty.
-        """
+    ) -> tuple[Taken | None, int]:
+        """Take the head for one caller: ``(taken, revision)``, or ``(None, revision)`` at
+        which the queue was read empty."""
         while True:
             head = await self.client.range(self._ready, prefix_end(self._ready), limit=1)
             if not head.kvs:
                 return None, head.revision
-            kv = head.kvs[0]
+            taken = await self._take_batch(head.kvs, [(session, visibility_s)])
+            if taken is not None:
+                return taken[0], head.revision
+            # Another consumer took it first: the next head.
+
+    async def _take_batch(
+        self, kvs: list[KeyValue], asks: list[tuple[EtcdSession | None, float]]
+    ) -> list[Taken] | None:
+        """Take ``kvs[i]`` for ``asks[i]`` (reserve it for that session, else remove it), all
+        in one Txn; None if any was taken by someone else first.
+
+        A taken item is ``(kv, payload, deliveries)``: kv is the ``r/`` key made
+        (its mod_revision is the receipt) when reserved, else the ``i/`` key removed.
+        """
+        token = secrets.token_hex(8)
+        ops: list[Put | Delete] = []
+        marks: list[bytes] = []
+        unpacked = []
+        for kv, (session, visibility_s) in zip(kvs, asks, strict=False):
             iid = kv.key[len(self._ready) :]
             meta, payload = _unpack(kv.value)
             deliveries = int(meta["n"]) + 1
-            token = secrets.token_hex(8)
+            unpacked.append((payload, deliveries))
+            ops.append(Delete(kv.key))
             if session is None:
-                mark = self._tombs + iid
-                ops: list[Put | Delete] = [
-                    Delete(kv.key),
-                    Put(mark, token.encode(), lease=await self._tomb()),
-                ]
+                marks.append(self._tombs + iid)
+                ops.append(Put(marks[-1], token.encode(), lease=await self._tomb()))
             else:
-                mark = self._reserved + iid
+                marks.append(self._reserved + iid)
                 reservation = {
                     "n": deliveries,
                     "deadline": time.time() + visibility_s,
                     "session": session.sid,
                     "token": token,
                 }
-                ops = [Delete(kv.key), Put(mark, _pack(reservation, payload))]
-            done = await self.client.txn(
-                [Compare(kv.key, Target.MOD, "==", kv.mod_revision)],
-                ops,
-                [Get(mark)],
-                idempotent=True,
-            )
-            if done.succeeded or _found(done, token.encode()):
-                if session is None:
-                    return (kv, payload, deliveries), done.revision
-                reserved = await self._reservation(iid, done)
-                return (reserved, payload, deliveries), done.revision
-            # Another consumer took it first: the next head.
-
-    async def _reservation(self, iid: bytes, done: TxnResult) -> KeyValue:
-        """The ``r/`` key a successful take made (its mod_revision is the receipt)."""
-        if not done.succeeded:
-            [found] = done.responses
+                ops.append(Put(marks[-1], _pack(reservation, payload)))
+        done = await self.client.txn(
+            [Compare(kv.key, Target.MOD, "==", kv.mod_revision) for kv in kvs[: len(asks)]],
+            ops,
+            [Get(marks[0])],
+            idempotent=True,
+        )
+        if done.succeeded:
+            revision = done.revision
+        elif _found(done, token.encode()):
+            found = done.responses[0]
             assert isinstance(found, RangeResult)
-            return found.kvs[0]
-        return KeyValue(self._reserved + iid, b"", done.revision, done.revision, 1, 0)
+            revision = found.kvs[0].mod_revision  # our earlier attempt: one Txn, one revision
+        else:
+            return None
+        return [
+            (
+                KeyValue(mark, b"", revision, revision, 1, 0) if session is not None else kv,
+                payload,
+                deliveries,
+            )
+            for kv, mark, (session, _), (payload, deliveries) in zip(
+                kvs, marks, asks, unpacked, strict=False
+            )
+        ]
+
+    async def _give_back(self, taken: Taken) -> None:
+        """Put an item taken for a caller that left back at its place, not counted."""
+        kv, payload, deliveries = taken
+        if kv.key.startswith(self._reserved):
+            iid = kv.key[len(self._reserved) :]
+            held = Compare(kv.key, Target.MOD, "==", kv.mod_revision)
+        else:
+            iid = kv.key[len(self._ready) :]
+            held = Compare(self._tombs + iid, Target.CREATE, "!=", 0)
+        mark = self._reserved + iid if kv.key.startswith(self._reserved) else self._tombs + iid
+        await self.client.txn(
+            [held],
+            [Delete(mark), Put(self._ready + iid, _pack({"n": deliveries - 1}, payload))],
+            idempotent=True,
+        )
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def _found(done: TxnResult, token: bytes) -> bool:
