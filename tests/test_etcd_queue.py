@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -215,5 +216,31 @@ def test_an_item_taken_for_a_caller_that_left_goes_back_uncounted(
             assert (delivery.payload, delivery.deliveries) == (b"a", 1)
             assert await q.get_nowait() == b"b"
             await session.close()
+
+    asyncio.run(body())
+
+
+def test_expired_and_orphaned_reservations_go_back(cluster: EtcdCluster, name: str) -> None:
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as etcd:
+            q = EtcdQueue(etcd, name)
+            live, gone = await EtcdSession.open(etcd, 10), await EtcdSession.open(etcd, 10)
+            for item in (b"expires", b"orphan", b"kept"):
+                await q.put(item)
+            expires = await q.reserve(live, 5.0)
+            orphan = await q.reserve(gone, 60.0)
+            kept = await q.reserve(live, 60.0)
+            await gone.close()  # its lease is revoked: its session key is gone
+            assert await q.requeue_expired(now_s=time.time()) == 1  # the orphan
+            assert await q.requeue_expired(now_s=time.time() + 10) == 1  # past the deadline
+            assert await q.requeue_expired(now_s=time.time() + 10) == 0
+            assert (await q.qsize(), await q.reserved_count()) == (2, 1)
+            assert not await q.ack(expires)  # returned: the old receipt acks nothing
+            assert not await q.ack(orphan)
+            again = await q.reserve(live, 60.0)
+            assert (again.payload, again.deliveries) == (b"expires", 2)  # at its old place
+            assert await q.ack(again) and await q.ack(kept)
+            assert await q.get_nowait() == b"orphan"
+            await live.close()
 
     asyncio.run(body())

@@ -7,8 +7,9 @@ Keys under ``/m/q/<name>/``:
   the whole prefix on every get, and collapsed under a backlog.)
 - ``r/<id>``: a reserved item, with its deadline, session and delivery
   count. **Not** on the session's lease: an expiry would delete it, and it
-  must go back to ``i/``. Returning expired and orphaned reservations is the
-  job of one elected gateway (not built yet, see issue 13).
+  must go back to ``i/``. ``requeue_expired`` returns those past their
+  deadline or whose session key is gone; calling it on every queue every
+  second or so is the job of one elected gateway (not built yet: issue 13).
 - ``t/<id>``: a tombstone of a taken item, on a short lease (about a minute).
 
 ``<id>`` is ``<unix ns>.<producer>.<seq>``: per producer strictly
@@ -27,11 +28,16 @@ recognises its own take. ack compares the reservation's revision (the
 receipt). A late retry past the tombstone's lease (a minute, against a
 retry budget of 15 s) could duplicate; nothing else can.
 
-**Blocking get** reads the head; on an empty queue it watches ``i/`` from
+**Blocking get and reserve** wait in one line per process (per
+``EtcdQueue``), served in arrival order by one task that reads as many heads
+as there are waiting calls and takes them in one Txn (up to 64; fewer after
+a conflict with another process's take): group commit, so throughput grows
+with the number of waiting calls. On an empty queue it watches ``i/`` from
 the revision of that read + 1, so a put between the read and the watch is
-seen — no missed wake-up, no polling. Blocked getters race for a new item
-(the winner's Txn succeeds, the others watch on): not FIFO among waiters
-yet.
+seen — no missed wake-up, no polling. Waiting calls of different processes
+race for a new item (the loser's Txn fails and it looks again): FIFO within
+a gateway, not across gateways. A call that gives up while its take is in
+flight has its item put back at its place, uncounted.
 """
 
 from __future__ import annotations
@@ -140,6 +146,7 @@ class EtcdQueue:
         self.client = client
         self.name = name
         base = root + b"q/" + name.encode() + b"/"
+        self._sessions = root + b"s/"
         self._ready = base + b"i/"
         self._ready_end = prefix_end(self._ready)
         self._reserved = base + b"r/"
@@ -221,6 +228,34 @@ class EtcdQueue:
             [Compare(key, Target.MOD, "==", delivery.receipt)], back, idempotent=True
         )
         return done.succeeded
+
+    async def requeue_expired(self, now_s: float | None = None) -> int:
+        """Return to the head every reservation past its deadline or whose session is gone;
+        how many. (Deliveries stay counted.)
+
+        The job of one elected gateway, every second or so; two at once are
+        safe (each move compares the reservation's revision), only wasteful.
+        Deadlines are wall-clock times of the reserving gateway's host.
+        """
+        now_s = time.time() if now_s is None else now_s
+        reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
+        alive: dict[str, bool] = {}
+        moved = 0
+        for kv in reserved.kvs:
+            meta, payload = _unpack(kv.value)
+            sid = str(meta["session"])
+            if sid not in alive:
+                alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
+            if meta["deadline"] > now_s and alive[sid]:
+                continue
+            iid = kv.key[len(self._reserved) :]
+            done = await self.client.txn(
+                [Compare(kv.key, Target.MOD, "==", kv.mod_revision)],
+                [Delete(kv.key), Put(self._ready + iid, _pack({"n": meta["n"]}, payload))],
+                idempotent=True,
+            )
+            moved += done.succeeded
+        return moved
 
     async def _tomb(self) -> int:
         return await self._tomb_lease.current()
