@@ -445,8 +445,9 @@ class EtcdClient:
                     if m.compact_revision:
                         raise Compacted(m.compact_revision)
                     if m.canceled:
-                        # "no leader" (hasleader): this member is cut off; reopen elsewhere.
-                        break
+                        if "no leader" not in m.cancel_reason:
+                            raise EtcdError(f"watch canceled: {m.cancel_reason}")
+                        break  # this member is cut off from the leader: reopen elsewhere
                     backoff_s = _BACKOFF_MIN_S
                     if m.created:
                         if next_revision == 0:

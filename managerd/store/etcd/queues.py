@@ -60,7 +60,6 @@ from managerd.store.etcd.kv import (
     Compacted,
     Compare,
     Delete,
-    EtcdError,
     EventType,
     Get,
     KeyValue,
@@ -301,7 +300,10 @@ class EtcdQueue:
                 if not head.kvs:
                     self._watching = asyncio.create_task(self._put_after(head.revision + 1))
                     await asyncio.wait([self._watching])  # a put, or nobody waits any more
-                    self._watching = None
+                    watched, self._watching = self._watching, None
+                    failed = None if watched.cancelled() else watched.exception()
+                    if failed is not None:
+                        raise failed
                     continue
                 asks = [(w.session, w.visibility_s) for w in wants[: len(head.kvs)]]
                 taken = await self._take_batch(head.kvs, asks)
@@ -316,7 +318,7 @@ class EtcdQueue:
                         await self._give_back(item)  # gave up while the Txn was in flight
                     else:
                         want.future.set_result(item)
-        except EtcdError as exc:
+        except Exception as exc:  # an EtcdError, or a bug: never leave a caller waiting
             for want in self._wants:
                 if not want.future.done():
                     want.future.set_exception(exc)
