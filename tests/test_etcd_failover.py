@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from managerd.store.etcd.client import EtcdClient
-from managerd.store.etcd.kv import EtcdError
+from managerd.store.etcd.kv import Compare, EtcdError, Put, Target
 from managerd.store.etcd.locks import EtcdLock
 from managerd.store.etcd.queues import EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
@@ -143,5 +143,70 @@ def test_a_held_lock_keeps_its_holder_and_token_across_a_leader_kill(
             assert later is not None and later > token
             await holder.close()
             await other.close()
+
+    asyncio.run(body())
+
+
+def test_no_two_holders_across_a_leader_kill(cluster: EtcdCluster) -> None:
+    """Four sessions on two clients take turns on one lock around a read-modify-write
+    while the leader is killed: never two holders, tokens always increase, no update lost."""
+
+    async def body() -> None:
+        holders: set[int] = set()
+        tokens: list[int] = []
+        counted = 0
+        errors: list[str] = []
+        stop = asyncio.Event()
+        enough = asyncio.Event()
+        mark = 20
+        counter = b"/fenced/counter"
+
+        async with EtcdClient(cluster.endpoints) as a, EtcdClient(cluster.endpoints) as b:
+            sessions = [await EtcdSession.open(etcd, 5) for etcd in (a, b, a, b)]
+
+            async def work(w: int) -> None:
+                nonlocal counted
+                etcd = sessions[w].client
+                lock = EtcdLock(etcd, "fenced")
+                while not stop.is_set():
+                    try:
+                        token = await lock.acquire(sessions[w])
+                        assert token is not None
+                        assert not holders, f"{w} holds with {holders}"
+                        holders.add(w)
+                        tokens.append(token)
+                        kv = await etcd.get(counter)
+                        n = int(kv.value) if kv else 0
+                        mod = kv.mod_revision if kv else 0
+                        # Only the holder writes: a failed compare is our own earlier attempt.
+                        await etcd.txn(
+                            [Compare(counter, Target.MOD, "==", mod)],
+                            [Put(counter, b"%d" % (n + 1))],
+                            idempotent=True,
+                        )
+                        counted += 1
+                        holders.discard(w)
+                        await lock.release(sessions[w], token)
+                    except EtcdError as exc:
+                        holders.discard(w)
+                        errors.append(repr(exc))
+                    if len(tokens) >= mark:
+                        enough.set()
+
+            tasks = [asyncio.create_task(work(w)) for w in range(4)]
+            await enough.wait()
+            enough.clear()
+            await asyncio.to_thread(cluster.kill, await asyncio.to_thread(cluster.leader))
+            mark = len(tokens) + 40
+            await enough.wait()
+            stop.set()
+            await asyncio.gather(*tasks)
+            final = await a.get(counter)
+            for s in sessions:
+                await s.close()
+
+        assert errors == []
+        assert tokens == sorted(set(tokens))  # strictly increasing, in the order held
+        assert final is not None and int(final.value) == counted
 
     asyncio.run(body())

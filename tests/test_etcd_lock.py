@@ -127,3 +127,22 @@ def test_a_waiter_that_gives_up_does_not_block_the_next(cluster: EtcdCluster, na
                 await s.close()
 
     asyncio.run(body())
+
+
+def test_a_session_learns_its_lease_is_gone_and_its_locks_with_it(
+    cluster: EtcdCluster, name: str
+) -> None:
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as etcd:
+            session = await EtcdSession.open(etcd, 3)  # renewed every second
+            assert await etcd.get(session.key) is not None
+            token = await EtcdLock(etcd, name).acquire(session)
+            assert token is not None
+            await etcd.lease_revoke(session.lease_id)  # as an operator or a partition would
+            await asyncio.wait_for(session.lost.wait(), 30)
+            assert await etcd.get(session.key) is None
+            assert await EtcdLock(etcd, name).holder() is None
+            with pytest.raises(LockLost):
+                await EtcdLock(etcd, name).release(session, token)
+
+    asyncio.run(body())
