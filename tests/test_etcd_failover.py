@@ -1,4 +1,4 @@
-"""kill -9 of the etcd leader while producers put and consumers get: nothing lost, nothing twice.
+"""kill -9 of the etcd leader during queue and lock use: nothing lost, nothing twice, one holder.
 
 Every put that returned must be delivered exactly once (to a consumer, or
 still in the queue at the end); a put that raised may or may not be. Puts
@@ -25,7 +25,7 @@ from managerd.store.etcd.sessions import EtcdSession
 from etcd_support import EtcdCluster, running_cluster
 
 PRODUCERS = 8
-CONSUMERS = 2
+CONSUMERS = 4
 ACKED_BEFORE_KILL = 200
 ACKED_AFTER_KILL = 200
 
@@ -36,7 +36,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
         yield c
 
 
-def test_leader_killed_during_puts_and_gets(cluster: EtcdCluster) -> None:
+def test_leader_killed_during_puts_gets_and_reserve_ack(cluster: EtcdCluster) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
         acked: list[bytes] = []
@@ -69,18 +69,28 @@ def test_leader_killed_during_puts_and_gets(cluster: EtcdCluster) -> None:
                     if len(acked) >= mark:
                         enough.set()
 
-            async def consume() -> None:
+            session = await EtcdSession.open(consumer_etcd, 5)
+
+            async def consume(c: int) -> None:
+                """Even consumers get; odd ones reserve, then ack."""
                 q = EtcdQueue(consumer_etcd, "failover")
                 while not stop.is_set():
                     try:
-                        delivered.append(await q.get(timeout_s=0.5))
+                        if c % 2 == 0:
+                            delivered.append(await q.get(timeout_s=0.5))
+                            continue
+                        delivery = await q.reserve(session, 60.0, timeout_s=0.5)
+                        if await q.ack(delivery):
+                            delivered.append(delivery.payload)
+                        else:
+                            failed_gets.append(f"ack of {delivery} refused")
                     except queue.Empty:
                         pass
                     except EtcdError as exc:
                         failed_gets.append(repr(exc))
 
             tasks = [asyncio.create_task(produce(p)) for p in range(PRODUCERS)]
-            tasks += [asyncio.create_task(consume()) for _ in range(CONSUMERS)]
+            tasks += [asyncio.create_task(consume(c)) for c in range(CONSUMERS)]
             await enough.wait()
             leader = await asyncio.to_thread(cluster.leader)
             killed_at = loop.time()
@@ -96,6 +106,8 @@ def test_leader_killed_during_puts_and_gets(cluster: EtcdCluster) -> None:
 
             remaining = []
             drain = EtcdQueue(consumer_etcd, "failover")
+            assert await drain.reserved_count() == 0
+            await session.close()
             while True:
                 try:
                     remaining.append(await drain.get_nowait())
