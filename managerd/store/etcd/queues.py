@@ -172,9 +172,7 @@ class EtcdQueue:
         # Not succeeded: an earlier attempt of this call was applied (the id is ours alone).
 
     async def qsize(self) -> int:
-        return (
-            await self.client.range(self._ready, prefix_end(self._ready), count_only=True)
-        ).count
+        return (await self.client.range(self._ready, self._ready_end, count_only=True)).count
 
     async def reserved_count(self) -> int:
         return (
@@ -294,9 +292,7 @@ class EtcdQueue:
         batch = _BATCH
         try:
             while wants := [w for w in self._wants if not w.future.done()][:batch]:
-                head = await self.client.range(
-                    self._ready, prefix_end(self._ready), limit=len(wants)
-                )
+                head = await self.client.range(self._ready, self._ready_end, limit=len(wants))
                 if not head.kvs:
                     self._watching = asyncio.create_task(self._put_after(head.revision + 1))
                     await asyncio.wait([self._watching])  # a put, or nobody waits any more
@@ -327,9 +323,7 @@ class EtcdQueue:
         """Return at the first put into ``i/`` at or after ``start_revision``."""
         try:
             async with contextlib.aclosing(
-                self.client.watch(
-                    self._ready, prefix_end(self._ready), start_revision=start_revision
-                )
+                self.client.watch(self._ready, self._ready_end, start_revision=start_revision)
             ) as events:
                 async for batch in events:
                     if any(e.type is EventType.PUT for e in batch):
@@ -343,7 +337,7 @@ class EtcdQueue:
         """Take the head for one caller: ``(taken, revision)``, or ``(None, revision)`` at
         which the queue was read empty."""
         while True:
-            head = await self.client.range(self._ready, prefix_end(self._ready), limit=1)
+            head = await self.client.range(self._ready, self._ready_end, limit=1)
             if not head.kvs:
                 return None, head.revision
             taken = await self._take_batch(head.kvs, [(session, visibility_s)])
