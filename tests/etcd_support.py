@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +192,19 @@ class EtcdCluster:
                     return self.endpoints.index(by_id[leader])
             time.sleep(0.05)
         raise RuntimeError(f"no agreed leader after {START_TIMEOUT_S} s:\n{self.logs()}")
+
+    def watching(self) -> list[int]:
+        """The indexes of the live members serving at least one watch (from their /metrics)."""
+        found = []
+        for i, m in enumerate(self.members):
+            if not m.alive:
+                continue
+            with urllib.request.urlopen(f"http://{m.endpoint}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+            gauge = re.search(r"^etcd_debugging_mvcc_watcher_total (\S+)$", metrics, re.M)
+            if gauge and float(gauge.group(1)) > 0:
+                found.append(i)
+        return found
 
     def stop(self) -> None:
         """SIGKILL every member, wait for each PID, then remove the data directories.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import queue
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from managerd.store.etcd.client import EtcdClient
-from managerd.store.etcd.kv import Compare, EtcdError, Put, Target
+from managerd.store.etcd.kv import Compare, EtcdError, Put, Target, prefix_end
 from managerd.store.etcd.locks import EtcdLock
 from managerd.store.etcd.queues import EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
@@ -220,5 +221,43 @@ def test_no_two_holders_across_a_leader_kill(cluster: EtcdCluster) -> None:
         assert errors == []
         assert tokens == sorted(set(tokens))  # strictly increasing, in the order held
         assert final is not None and int(final.value) == counted
+
+    asyncio.run(body())
+
+
+def test_a_watch_moves_to_a_live_member_missing_and_repeating_nothing(
+    cluster: EtcdCluster,
+) -> None:
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as a, EtcdClient(cluster.endpoints) as b:
+            start = (await a.range(b"/w/")).revision + 1
+            seen: list[bytes] = []
+
+            async def watch() -> None:
+                async with contextlib.aclosing(
+                    a.watch(b"/w/", prefix_end(b"/w/"), start_revision=start)
+                ) as events:
+                    async for batch in events:
+                        seen.extend(e.kv.key for e in batch)
+                        if len(seen) >= 20:
+                            return
+
+            async def put(i: int) -> None:
+                key = b"/w/%02d" % i
+                await b.txn(
+                    [Compare(key, Target.CREATE, "==", 0)], [Put(key, b"")], idempotent=True
+                )
+
+            watcher = asyncio.create_task(watch())
+            for i in range(10):
+                await put(i)
+            while len(seen) < 10:
+                await asyncio.sleep(0.01)
+            [serving] = await asyncio.to_thread(cluster.watching)  # the member of our watch
+            await asyncio.to_thread(cluster.kill, serving)
+            for i in range(10, 20):
+                await put(i)
+            await asyncio.wait_for(watcher, 30)
+            assert seen == [b"/w/%02d" % i for i in range(20)]
 
     asyncio.run(body())
