@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from managerd.store.etcd.client import EtcdClient
-from managerd.store.etcd.queues import EtcdQueue
+from managerd.store.etcd.queues import Delivery, EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
 
 from etcd_support import EtcdCluster, running_cluster
@@ -145,7 +145,7 @@ def test_waiting_calls_of_one_process_are_served_in_arrival_order(
         async with EtcdClient(cluster.endpoints) as etcd:
             q = EtcdQueue(etcd, name)
             session = await EtcdSession.open(etcd, 10)
-            waiters = []
+            waiters: list[asyncio.Task[bytes | Delivery]] = []
             for i in range(6):
                 if i % 2:
                     waiters.append(asyncio.create_task(q.get()))
