@@ -12,7 +12,7 @@ from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import prefix_end
 from managerd.store.etcd.locks import EtcdLock
 from managerd.store.etcd.sessions import EtcdSession
-from managerd_client.errors import LockLost
+from managerd_client.errors import LockLost, SessionExpired
 
 from etcd_support import EtcdCluster, running_cluster
 
@@ -144,5 +144,34 @@ def test_a_session_learns_its_lease_is_gone_and_its_locks_with_it(
             assert await EtcdLock(etcd, name).holder() is None
             with pytest.raises(LockLost):
                 await EtcdLock(etcd, name).release(session, token)
+
+    asyncio.run(body())
+
+
+def test_a_session_resumed_through_another_client_keeps_its_lock(
+    cluster: EtcdCluster, name: str
+) -> None:
+    """A gateway dies; its client's session is resumed through another within the TTL."""
+
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as b:
+            async with EtcdClient(cluster.endpoints) as a:
+                first = await EtcdSession.open(a, 2)
+                token = await EtcdLock(a, name).acquire(first)
+                assert token is not None
+                await first.abandon()  # gateway A dies: nobody renews the lease
+            resumed = await EtcdSession.resume(b, first.sid)
+            assert resumed.lease_id == first.lease_id and resumed.ttl_s == 2
+            other = await EtcdSession.open(b, 10)
+            waiter = asyncio.create_task(EtcdLock(b, name).acquire(other))
+            await asyncio.sleep(2 * resumed.ttl_s)  # past the TTL: renewed from B
+            assert not waiter.done() and not resumed.lost.is_set()
+            await EtcdLock(b, name).release(resumed, token)
+            later = await waiter
+            assert later is not None and later > token
+            await resumed.close()
+            with pytest.raises(SessionExpired):
+                await EtcdSession.resume(b, first.sid)  # ended: not resumable
+            await other.close()
 
     asyncio.run(body())

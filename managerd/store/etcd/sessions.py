@@ -23,6 +23,7 @@ import secrets
 
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import Compare, EtcdError, LeaseNotFound, Put, Target
+from managerd_client.errors import SessionExpired
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,31 @@ class EtcdSession:
         if ttl_s < 1:
             raise ValueError(f"an etcd lease lasts whole seconds, at least 1, not {ttl_s}")
         lease_id = await client.lease_grant(ttl_s)
-        session = cls(client, lease_id, ttl_s, sid or secrets.token_hex(8), root)
+        # The id is the session's secret: whoever knows it can resume the session.
+        session = cls(client, lease_id, ttl_s, sid or secrets.token_hex(16), root)
         # create_revision == 0: a retried put finds its own key and changes nothing.
         await client.txn(
             [Compare(session.key, Target.CREATE, "==", 0)],
             [Put(session.key, f"{lease_id:x}".encode(), lease=lease_id)],
             idempotent=True,
         )
+        session._keeper = asyncio.create_task(session._keep_alive(), name=f"etcd lease {sid}")
+        return session
+
+    @classmethod
+    async def resume(
+        cls, client: EtcdClient, sid: str, *, root: bytes = DEFAULT_ROOT
+    ) -> EtcdSession:
+        """The live session ``sid`` (opened through another gateway, say), kept alive from
+        here; ``SessionExpired`` if its lease is gone. What it holds stays held."""
+        kv = await client.get(root + b"s/" + sid.encode())
+        if kv is None:
+            raise SessionExpired(f"session {sid} has ended")
+        try:
+            ttl_s = await client.lease_keepalive(kv.lease)  # renewed: the TTL it was granted
+        except LeaseNotFound as exc:
+            raise SessionExpired(f"session {sid} has ended") from exc
+        session = cls(client, kv.lease, ttl_s, sid, root)
         session._keeper = asyncio.create_task(session._keep_alive(), name=f"etcd lease {sid}")
         return session
 
