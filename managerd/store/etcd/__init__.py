@@ -10,7 +10,8 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 - ``client.py``: the asyncio etcd v3 client (KV, Txn, leases, watches over
   all endpoints; why this client, in its docstring); ``kv.py``: the typed
   values it takes and returns, and its errors.
-- ``sessions.py``: a session is a lease kept alive; its keys vanish with it.
+- ``sessions.py``: a session is a lease kept alive; its keys vanish with it;
+  another gateway can resume it by its id while the lease lives.
 - ``queues.py``: a FIFO queue (idempotent put, blocking get and reserve
   through a watch, several takes per Txn, reserve/ack/nack, requeue of
   expired and orphaned reservations).
@@ -26,7 +27,8 @@ parked-call future, maps the stdlib's ``block``/``timeout`` to ``timeout_s``,
 ``call.session`` to an ``EtcdSession`` and the calling thread to a lock's
 ``owner``. What a Store on etcd still needs (issue 13): the other
 primitives, a registry of names and types in etcd, the gateway's session
-table (client heartbeats as keep-alives, resume by session id), the elected
+table (client heartbeats as keep-alives; a reconnecting client's session
+taken over with ``EtcdSession.resume``), the elected
 gateway that calls ``requeue_expired``, maxsize, ``put_many``/``get_many``,
 ``task_done``/``join``, ``extend``, ``max_deliveries`` and dead letters,
 stats, and ``--store etcd://``.

@@ -7,6 +7,10 @@ because nobody kept it alive (its gateway died, or was cut off from etcd)
 Reserved queue items are the exception (queues.py): they must go back,
 not vanish.
 
+The session's id is its secret: a client whose gateway died reconnects to
+another, which takes the session over with ``resume(sid)`` while its lease
+lives, and everything it held is still held (its keys are on that lease).
+
 The keep-alive renews every third of the TTL, so two renewals can fail
 before the lease is at risk. ``lost`` is set once etcd says the lease is
 gone: from then on the session holds nothing. A leader change restarts
