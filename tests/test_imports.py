@@ -28,7 +28,13 @@ LAYERS: list[tuple[str, int]] = [
 ]
 LAYER_NAMES = {0: "base", 1: "store", 2: "service", 3: "wire", 4: "edge"}
 #: The layer packages, each with a docstring that states what it may import.
-LAYER_PACKAGES = ("managerd.store", "managerd.store.memory", "managerd.service", "managerd.wire")
+LAYER_PACKAGES = (
+    "managerd.store",
+    "managerd.store.memory",
+    "managerd.store.etcd",
+    "managerd.service",
+    "managerd.wire",
+)
 
 #: ``store.memory`` is the store's inside: service/ and wire/ should see only
 #: ``store.api`` and ``store.sessions``. These still reach in.
