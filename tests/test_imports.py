@@ -30,22 +30,10 @@ LAYER_NAMES = {0: "base", 1: "store", 2: "service", 3: "wire", 4: "edge"}
 #: The layer packages, each with a docstring that states what it may import.
 LAYER_PACKAGES = ("managerd.store", "managerd.store.memory", "managerd.service", "managerd.wire")
 
-#: ``store.memory`` is the store's inside: service/ and wire/ should see only
-#: ``store.api`` and ``store.sessions``. These still reach in.
-ALLOWED: frozenset[tuple[str, str]] = frozenset(
-    {
-        # issue 12 step 2 removes this (waiter_of, to drop a cancelled call's wait)
-        ("managerd.service.invoker", "managerd.store.memory.base"),
-        # issue 12 step 2 removes this (create/peek read the registry's objects)
-        ("managerd.service.ops", "managerd.store.memory.base"),
-        ("managerd.service.ops", "managerd.store.memory.registry"),
-        # issue 12 step 2 removes this (a cancelled stock call abandons its waiter)
-        ("managerd.wire.connection", "managerd.store.memory.base"),
-        # the stock adapter's special methods (queue get as reserve+ack, pipe recv
-        # peeking at the inbox, #GETVALUE) still read objects directly
-        ("managerd.wire.stock_dialect", "managerd.store.memory.base"),
-    }
-)
+#: ``store.memory`` is the store's inside: service/ and wire/ see only the
+#: store's interface (``store.interface``, ``store.api``, ``store.stats``,
+#: ``store.sessions``). An exception would be listed here, with its reason.
+ALLOWED: frozenset[tuple[str, str]] = frozenset()
 
 
 def _module_name(path: Path) -> str:

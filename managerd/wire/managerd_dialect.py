@@ -107,7 +107,8 @@ class Dispatcher:
             and type(args[0]) is int
             and type(thread) is int
         ):
-            calls.cancel(session, thread, args[0])  # no answer: nobody waits for one
+            # No answer: nobody waits for one.
+            calls.cancel(self.invoker.store, session, thread, args[0])
             return
         if calls.answered:
             # This thread's previous answer arrived (it asks again): no undo now.
