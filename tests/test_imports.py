@@ -119,6 +119,18 @@ def test_service_and_wire_stay_out_of_store_memory() -> None:
     assert sorted(ALLOWED - reaching) == []
 
 
+#: Edge modules that show the daemon's state: they read the store's stats
+#: snapshots (``store/stats.py``), never the memory store's objects.
+STATS_READERS = ("managerd.metrics", "managerd.status", "managerd.browse")
+
+
+def test_status_and_metrics_read_only_the_store_interface() -> None:
+    reaching = {
+        (m, t) for m in STATS_READERS for t in GRAPH[m] if t.startswith("managerd.store.memory")
+    }
+    assert sorted(reaching) == []
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
     index: dict[str, int] = {}

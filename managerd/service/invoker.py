@@ -4,9 +4,10 @@ A dialect decodes a request into an :class:`Invocation` and turns the
 :class:`Outcome` it is given back into a reply frame; everything between is
 here, once:
 
-1. *resolve*: the named object (its type checked), or the daemon's own
+1. *resolve*: the named object, a handle from the store
+   (``store/interface.py``; its type checked), or the daemon's own
    operations (``service/ops.py``) for a call on no object;
-2. *check*: the method exists, the journal can take writes if it mutates;
+2. *check*: the method exists, the store can keep a change if it mutates;
 3. *call*: the method (or the dialect's conversion of its arguments first);
 4. *settle*: a result that is an ``asyncio.Future`` (a parked waiter) is
    answered when it completes; cancelled (the session ended, the client
