@@ -23,6 +23,9 @@ the first implementation (objects on the event loop, a journal on disk).
 - ``check_writable`` refuses a mutation up front while the store cannot
   keep it; ``barrier`` is None, or a future done once everything changed so
   far is durable (an answer waits for it).
+- ``types``: the memory store's types and methods (``tests/contract/``
+  says what they mean). The stock dialect composes a few: a stock ``get``
+  is ``reserve``, then ``ack`` or ``nack`` (expected to answer at once).
 """
 
 from __future__ import annotations
