@@ -86,7 +86,12 @@ WORKER = str(Path(__file__).resolve().parent / "stateful_worker.py")
 
 def run_machine(machine: type[StatefulMachine], daemon: Daemon) -> None:
     machine.daemon = daemon
-    run_state_machine_as_test(machine, settings=SETTINGS)
+    try:
+        run_state_machine_as_test(machine, settings=SETTINGS)
+    except BaseException as exc:
+        # The daemon's side of a failure (a refusal, a session it ended...).
+        exc.add_note("daemon log (last 40 lines):\n" + "\n".join(daemon.lines[-40:]))
+        raise
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +331,15 @@ class StatefulMachine(RuleBasedStateMachine):
 
     def name(self, suffix: str = "") -> str:
         return self.prefix + suffix
+
+    def call(
+        self, actor: Actor, what: str, mine: Callable[[], Any], model: Callable[[], Any],
+        compare: bool = True,
+    ) -> Outcome:  # fmt: skip
+        """``mine`` (the daemon's) from ``actor``'s thread and ``model``: the same outcome."""
+        got: Outcome = actor.run(lambda: outcome(mine))
+        same_outcome(got, outcome(model), f"{actor} {what}", compare)
+        return got
 
     def manager(self, actor: Actor) -> Manager:
         return self.managers[actor.client]

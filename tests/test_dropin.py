@@ -16,7 +16,12 @@ import pickle
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from multiprocessing.managers import BaseManager, DictProxy, ListProxy, NamespaceProxy
+from multiprocessing.managers import (  # type: ignore[attr-defined]  # typeshed omits NamespaceProxy
+    BaseManager,
+    DictProxy,
+    ListProxy,
+    NamespaceProxy,
+)
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +86,8 @@ def test_dict_is_created_exactly_as_dict_takes_its_arguments(manager: Manager, u
     source = manager.dict(f"{uniq}.m")
     assert manager.dict(f"{uniq}.c", source).copy() == {"a": 1, 2: [3]}  # a proxy is a mapping
     assert manager.dict(f"{uniq}.n").copy() == {}
-    for bad in ((1,), ({}, {}), ([("a", 1, 2)],)):
+    bads: list[tuple[Any, ...]] = [(1,), ({}, {}), ([("a", 1, 2)],)]
+    for bad in bads:
         with pytest.raises((TypeError, ValueError)) as caught:
             manager.dict(f"{uniq}.bad", *bad)
         with pytest.raises(type(caught.value)):

@@ -89,7 +89,7 @@ def test_a_stock_clients_refused_class_names_allowed_classes(
         "class Point:\n    def __init__(self, x):\n        self.x = x\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    import mytypes_issue15  # only this test process can import it
+    import mytypes_issue15  # type: ignore[import-not-found]  # written just above
 
     (tmp_path / "a").mkdir()
     plain = Daemon(tmp_path / "a").start()

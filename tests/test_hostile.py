@@ -15,6 +15,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -105,7 +106,8 @@ def test_code_execution_pickle_has_no_effect(
     # As a stock request (whole frame), and inside a managerd envelope.
     fs = _raw(daemon)
     fs.send_frame(pickle.dumps((None, "create", (_Boom(marker),), {})))
-    kind, err = _answer(fs)  # type: ignore[misc]
+    answer: Any = _answer(fs)
+    kind, err = answer
     assert kind == "#ERROR" and "refused to decode posix.system" in str(err)
     fs.close()
     with pytest.raises(ForbiddenPayload, match=r"refused to decode posix\.system"):

@@ -540,7 +540,7 @@ def test_a_resumed_session_drops_the_waits_of_its_old_connection(daemon: Daemon,
             (host, int(port)),
             daemon.authkey,
             connect_timeout_s=5,
-            hello={"resume": m.session_id},
+            hello={"resume": m._resume_token},
         )
         try:
             assert again.resumed

@@ -8,6 +8,7 @@ journal with every kind of record, killed with a reservation held.
 from __future__ import annotations
 
 import ast
+import enum
 import pickle
 import shutil
 import subprocess
@@ -280,7 +281,7 @@ def test_on_disk_values_are_pinned_and_cover_every_journaled_type() -> None:
         "ValueOp": {"SET": 1},
         "ArrayOp": {"SET": 1},
     }  # fmt: skip
-    enums = {RecordKind, *EFFECTS.values()}
+    enums: set[type[enum.IntEnum]] = {RecordKind, *EFFECTS.values()}
     assert {e.__name__: {m.name: m.value for m in e} for e in enums} == pinned
     durable = {typeid for typeid, cls in TYPES.items() if cls.durable}
     assert set(EFFECTS) == durable == set(FORMAT1_EFFECTS)

@@ -54,7 +54,7 @@ def _readme_test_command() -> str:
     commands = re.findall(r"```sh\n(.*?)\n```", readme, flags=re.S)
     tests = [c for c in commands if c.rstrip().endswith("pytest")]
     assert len(tests) == 1, f"the README should give one test command, found {tests}"
-    return tests[0].strip()
+    return str(tests[0]).strip()
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -221,7 +221,7 @@ def test_bool_indices_are_0_and_1_as_for_list_and_array(manager: Manager, uniq: 
     with pytest.raises(OverflowError):
         lst.pop(2**63)
     with pytest.raises(TypeError):
-        lst.pop("1")
+        lst.pop("1")  # type: ignore[arg-type]  # the wrong type on purpose
     with pytest.raises(IndexError):
         lst.pop(True)
     arr = manager.Array(uniq + ".a", "i", [5, 6])
@@ -278,7 +278,7 @@ def test_namespace_surface(manager: Manager, uniq: str) -> None:
     ns = manager.Namespace(uniq)
     ns.x = 1
     ns.items = [1, 2]  # any public name, even one the proxy uses
-    ns.name = "shared"
+    ns.name = "shared"  # type: ignore[misc]  # a Namespace takes any public name
     assert ns.x == 1 and ns.items == [1, 2] and ns.name == "shared"
     assert manager.Namespace(uniq).x == 1
     ns.x = 2

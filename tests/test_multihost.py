@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,7 +57,7 @@ def produce_stock(name: str, producer: str, count: str) -> None:
 
     Stock.register("Queue")
     host, port = os.environ["MANAGERD_ADDRESS"].rsplit(":", 1)
-    m = Stock(address=(host, int(port)), authkey=os.environ["MANAGERD_AUTHKEY"].encode())
+    m: Any = Stock(address=(host, int(port)), authkey=os.environ["MANAGERD_AUTHKEY"].encode())
     m.connect()
     q = m.Queue(name)
     for i in range(int(count)):

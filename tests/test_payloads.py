@@ -50,10 +50,11 @@ class _Reentrant:
 
 
 def test_dump_one_from_inside_dump_one() -> None:
-    outer = [os.urandom(100_000), _Reentrant(["x", os.urandom(80_000)])]
+    reentrant = _Reentrant(["x", os.urandom(80_000)])
+    outer = [os.urandom(100_000), reentrant]
     decoded = pickle.loads(dump_one(outer))
     assert decoded[0] == outer[0]
-    assert pickle.loads(decoded[1]) == outer[1].inner
+    assert pickle.loads(decoded[1]) == reentrant.inner
     assert dump_one("after") == dumps("after")
 
 

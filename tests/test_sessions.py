@@ -18,6 +18,7 @@ from managerd_client import (
     Manager,
     ServerShuttingDown,
 )
+from managerd_client.channel import Channel
 
 import workers_sessions as w
 from conftest import Daemon, wait_until
@@ -222,6 +223,38 @@ def test_restart_clients_reconnect_and_go_on(daemon: Daemon, uniq: str) -> None:
     m.close()
 
 
+def test_threads_calling_at_once_after_a_restart_all_reconnect(daemon: Daemon, uniq: str) -> None:
+    """The first calls after a crash, from several threads of one manager at once:
+    none is sent into the connection already known dead (none raises ConnectionLost).
+
+    Found by the long stateful run: while one thread polled the idle connection
+    and found it hung up, another skipped the check and sent into it.
+    """
+    m = daemon.connect(connect_timeout_s=10)
+    n = 8
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def first_call() -> None:
+        start.wait()
+        try:
+            m.Queue(uniq).qsize()
+        except BaseException as exc:  # any error is the failure
+            errors.append(exc)
+
+    for _round in range(10):
+        m.Queue(uniq).put(0)  # the connection was heard from just now
+        daemon.kill()
+        daemon.start(port=daemon.port)
+        threads = [threading.Thread(target=first_call) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [], errors
+    m.close()
+
+
 def test_call_in_flight_when_daemon_dies_raises_connection_lost(daemon: Daemon, uniq: str) -> None:
     m, t, errors = _blocked_get(daemon, uniq)
     daemon.kill()
@@ -306,3 +339,28 @@ def test_forked_child_holds_nothing_and_parent_keeps_its_holdings(
         assert wait_until(lambda: len(outcome) == 3), outcome
         assert outcome[1] == outcome[0] and outcome[2] == "released", outcome
         assert not any(proxy.locked() for proxy in held)
+
+
+def test_a_session_cannot_be_taken_over_by_its_public_id(shared_daemon: Daemon, uniq: str) -> None:
+    """The id every status shows does not resume a session: only the secret its
+    client got does. A peer that resumed by id would hold the victim's lock too."""
+    victim = shared_daemon.connect()
+    lock = victim.RLock(uniq)
+    assert lock.acquire()
+    public = victim.session_id
+    assert public in {s["id"] for s in victim.status()["sessions"]}
+    thief = Channel(
+        (shared_daemon.host, shared_daemon.port),
+        shared_daemon.authkey,
+        connect_timeout_s=5,
+        hello={"resume": public},
+    )
+    try:
+        assert not thief.resumed and thief.session_id != public
+        with pytest.raises(RuntimeError):  # not the holder: its release is refused
+            thief.call("RLock", uniq, "release", ())
+        lock.release()  # the victim's connection was not closed, its lock still its own
+        assert victim.session_id == public
+    finally:
+        thief.close()
+        victim.close()

@@ -21,14 +21,17 @@ Where managerd deliberately differs from ``threading``:
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 from typing import Any
 
 import pytest
+import workers_interrupts as wi
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
-from conftest import Daemon
+from conftest import Daemon, wait_until
 from stateful_support import (
     SHORT_S,
     Actor,
@@ -65,6 +68,7 @@ class LockMachine(StatefulMachine):
         self.max_token = 0
         self.restart_token = 0  # the highest token before the last restart
         self.forked = False  # one fork per example
+        self.interrupted = False  # one interrupted acquire per example (a spawn costs ~1 s)
 
     def teardown(self) -> None:
         self.ghost.close()
@@ -161,6 +165,58 @@ class LockMachine(StatefulMachine):
             assert token is not None and token > self.max_token, f"child's token {token}"
             self.max_token = token
 
+    @precondition(
+        lambda self: (
+            self.proxies
+            and self.typeid in ("Lock", "Semaphore", "BoundedSemaphore")
+            and not self.interrupted
+        )
+    )
+    @rule(data=st.data())
+    def interrupted_acquire(self, data: st.DataObject) -> None:
+        """Another process blocked in acquire() gets SIGINT: KeyboardInterrupt there,
+        it lives on, its wait is gone; a release then frees the lock for whoever asks
+        next (the interrupted process's next acquire gets it), never for the
+        abandoned call."""
+        if not self.ghost.run(lambda: self.would_block(self.ghost)):
+            return  # free: an acquire would not block (the acquire rule covers it)
+        if self.typeid == "BoundedSemaphore" and self.model._initial_value == 0:
+            return  # no release can free a permit (bound 0)
+        self.interrupted = True
+        ctx = multiprocessing.get_context("spawn")
+        conn, theirs = ctx.Pipe()
+        d = self.daemon
+        proc = ctx.Process(
+            target=wi.blocked_child, args=(d.address, d.authkey, self.typeid, self.name(), theirs)
+        )
+        proc.start()
+        theirs.close()
+        try:
+            assert conn.poll(30) and conn.recv() == "ready"
+
+            def waiters(n: int) -> bool:
+                return bool(self.status_of(self.name()).get("waiters", 0) == n)
+
+            assert wait_until(lambda: waiters(1), 10), "the child's acquire was not parked"
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGINT)
+            assert conn.poll(30) and conn.recv() == ("interrupted", "KeyboardInterrupt")
+            assert proc.is_alive(), "the interrupted child died"
+            assert wait_until(lambda: waiters(0), 10), "the abandoned acquire is still parked"
+            actor = data.draw(st.sampled_from(self.actors))
+            got = actor.run(lambda: outcome(lambda: self.p(actor).release()))
+            same_outcome(got, actor.run(lambda: outcome(self.model.release)), "release")
+            conn.send("go")
+            assert conn.poll(30), "the child's next acquire did not return"
+            assert conn.recv() == ("again", True), "the interrupted child's next acquire failed"
+            conn.send("done")
+            proc.join(10)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            conn.close()
+
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         actor = data.draw(st.sampled_from(self.actors))
@@ -238,7 +294,7 @@ class SemaphoreMachine(LockMachine):
         return int(self.model._value) == 0
 
     @initialize(initial=st.integers(0, 3))
-    def create(self, initial: int) -> None:  # type: ignore[override]
+    def create(self, initial: int) -> None:
         self.initial = initial
         self.model = self.new_model()
         self._make_proxies()

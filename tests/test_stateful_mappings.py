@@ -103,12 +103,6 @@ class DictMachine(StatefulMachine):
     def p(self, actor: Actor) -> Any:
         return self.proxies[actor.client]
 
-    def call(self, actor: Actor, what: str, mine: Any, model: Any, compare: bool = True) -> Any:
-        got = actor.run(lambda: outcome(mine))
-        want = outcome(model)
-        same_outcome(got, want, f"{actor} {what}", compare)
-        return got
-
     @rule(data=st.data(), key=keys, value=payloads)
     def setitem(self, data: st.DataObject, key: Any, value: Any) -> None:
         a = data.draw(st.sampled_from(self.actors))
@@ -222,7 +216,6 @@ class ListMachine(StatefulMachine):
     def p(self, actor: Actor) -> Any:
         return self.proxies[actor.client]
 
-    call = DictMachine.call
     index = st.one_of(ints_hostile, wrong_types, st.just(True))
 
     @rule(data=st.data(), value=payloads)
@@ -340,7 +333,6 @@ class NamespaceMachine(StatefulMachine):
         want = Outcome() if same_contents else Outcome(exc=ArgumentConflict())
         same_outcome(got, want, f"{a} Namespace({self.name()!r}, **{given!r})", compare=False)
 
-    call = DictMachine.call
     attrs = st.sampled_from(["a", "b", "value", "name", "x" * 300, "é"])
 
     @rule(data=st.data(), attr=attrs, value=payloads)

@@ -159,7 +159,8 @@ class QueueMachine(StatefulMachine):
     def put_unpicklable(self, data: st.DataObject) -> None:
         """Deliberate difference: the item must pickle; refused client-side, nothing queued."""
         actor = data.draw(st.sampled_from(self.actors))
-        bad = data.draw(st.sampled_from([lambda: 1, threading.Lock(), (i for i in ())]))
+        unpicklable: list[Any] = [lambda: 1, threading.Lock(), (i for i in range(0))]
+        bad = data.draw(st.sampled_from(unpicklable))
         got = actor.run(lambda: outcome(lambda: self.q(actor).put(bad, False)))
         assert not got.ok, "an unpicklable item was accepted"
 
@@ -182,7 +183,10 @@ class QueueMachine(StatefulMachine):
         theirs.close()
         try:
             assert conn.poll(30) and conn.recv() == "ready"
-            waiters = lambda n: self.status_of(self.name()).get("waiters", 0) == n  # noqa: E731
+
+            def waiters(n: int) -> bool:
+                return bool(self.status_of(self.name()).get("waiters", 0) == n)
+
             assert wait_until(lambda: waiters(1), 10), "the child's get was not parked"
             assert proc.pid is not None
             os.kill(proc.pid, signal.SIGINT)
@@ -311,7 +315,10 @@ class QueueMachine(StatefulMachine):
         if requeue:
             self.model.queue.appendleft(entry)
         else:
+            # README: an item moved to "<name>.dead" counts as done for join().
             self.dead.append(entry)
+            if self.model.unfinished_tasks > 0:
+                self.model.task_done()
 
     # -- failures ------------------------------------------------------------------------------
     @precondition(lambda self: len(self.children) < 3)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from multiprocessing.managers import (
+from multiprocessing.managers import (  # type: ignore[attr-defined]  # typeshed omits the proxies
     AcquirerProxy,
     BaseManager,
     DictProxy,
@@ -72,7 +72,7 @@ class StockMachine(StatefulMachine):
         self.d: dict[Any, Any] = {}
         self.lst: list[Any] = []
         self.lock = threading.Lock()
-        self.event = threading.Event()
+        self.event_model = threading.Event()
         self.value = 0
         self.stock: BaseManager | None = None
         self.p: dict[str, Any] = {}
@@ -148,10 +148,10 @@ class StockMachine(StatefulMachine):
         a = self.actor(data)
         if op == "wait":
             got = a.run(lambda: outcome(lambda: self.p["e"].wait(0.01)))
-            same_outcome(got, outcome(lambda: self.event.wait(0.01)), "stock wait")
+            same_outcome(got, outcome(lambda: self.event_model.wait(0.01)), "stock wait")
         else:
             a.run(lambda: getattr(self.p["e"], op)())
-            getattr(self.event, op)()
+            getattr(self.event_model, op)()
 
     @rule(data=st.data(), v=st.one_of(st.integers(-(2**63), 2**63 - 1), st.just(2**64)))
     def value_set(self, data: st.DataObject, v: int) -> None:
@@ -170,7 +170,7 @@ class StockMachine(StatefulMachine):
         assert self.p["q"].qsize() == self.q.qsize()
         assert same(self.p["d"]._getvalue(), self.d), (self.p["d"]._getvalue(), self.d)
         assert same(self.p["l"]._getvalue(), self.lst)
-        assert self.p["e"].is_set() == self.event.is_set()
+        assert self.p["e"].is_set() == self.event_model.is_set()
         assert self.p["v"].value == self.value
         m = self.managers[1]  # and the managerd side agrees
         assert same(m.list(self.name(".l")).copy(), self.lst)

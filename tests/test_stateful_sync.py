@@ -216,8 +216,12 @@ class BarrierMachine(StatefulMachine):
         n = self.model.parties
         actors = self.actors[:n]
         with concurrent.futures.ThreadPoolExecutor(2 * n) as pool:
-            mine = [pool.submit(lambda a=a: a.run(lambda: outcome(lambda: self.p(a).wait(10))))
-                    for a in actors]  # fmt: skip
+
+            def wait_of(a: Actor) -> Outcome:
+                got: Outcome = a.run(lambda: outcome(lambda: self.p(a).wait(10)))
+                return got
+
+            mine = [pool.submit(wait_of, a) for a in actors]
             models = [pool.submit(lambda: outcome(lambda: self.model.wait(10))) for _ in actors]
             got = [f.result(30) for f in mine]
             want = [f.result(30) for f in models]
@@ -256,8 +260,9 @@ class BarrierMachine(StatefulMachine):
 
 
 class ConditionMachine(StatefulMachine):
-    """threading.Condition, one step at a time: waits time out (no notifier), notify
-    with no waiter; the lock is owned per actor thread (the model's RLock too)."""
+    """threading.Condition: one step at a time (waits time out, notify with no
+    waiter; the lock is owned per actor thread, the model's RLock too), and
+    ``notify_parked``: real waiters parked in order, woken by another session."""
 
     primitive = "Condition"
 
@@ -265,6 +270,7 @@ class ConditionMachine(StatefulMachine):
         super().__init__()
         self.model = threading.Condition()
         self.proxies: list[Any] = []
+        self.parked_rounds = 0
 
     @initialize()
     def create(self) -> None:
@@ -302,6 +308,53 @@ class ConditionMachine(StatefulMachine):
             self.both(a, "notify_all", lambda: self.p(a).notify_all(), self.model.notify_all)
         else:
             self.both(a, f"notify({n})", lambda: self.p(a).notify(n), lambda: self.model.notify(n))
+
+    @rule(data=st.data(), k=st.integers(1, 3), n=st.integers(0, 3), all_=st.booleans())
+    def notify_parked(self, data: st.DataObject, k: int, n: int, all_: bool) -> None:
+        """``k`` actors park in wait() (on a condition of this rule's own), one by one;
+        another notifies: the first min(n, k) parked (all for notify_all) wake with
+        True, in FIFO order as threading.Condition's, the rest stay parked until a
+        notify_all."""
+        order = data.draw(st.permutations(self.actors))
+        waiters, notifier = order[:k], order[k]
+        name = self.name(f".parked{self.parked_rounds}")
+        self.parked_rounds += 1
+        cond = {a.client: self.managers[a.client].Condition(name) for a in self.actors}
+
+        def park(a: Actor) -> bool:
+            c = cond[a.client]
+            c.acquire()
+            try:
+                return bool(c.wait(20))
+            finally:
+                c.release()
+
+        futures: list[concurrent.futures.Future[bool]] = []
+        for i, a in enumerate(waiters):
+            futures.append(a._pool.submit(park, a))
+            assert wait_until(lambda i=i: self.status_of(name).get("waiters", 0) == i + 1), (
+                f"waiter {i} did not park"
+            )
+
+        def wake(how: str) -> None:
+            c = cond[notifier.client]
+            c.acquire()
+            try:
+                c.notify_all() if how == "all" else c.notify(n)
+            finally:
+                c.release()
+
+        notifier.run(lambda: wake("all" if all_ else "n"))
+        woken = k if all_ else min(n, k)
+        for i, f in enumerate(futures[:woken]):
+            assert f.result(20) is True, f"parked waiter {i} of {k} not woken by notify"
+        assert wait_until(lambda: self.status_of(name).get("waiters", 0) == k - woken), (
+            f"after notify({n}) of {k}: {self.status_of(name)}"
+        )
+        assert not any(f.done() for f in futures[woken:]), "notify woke more than asked (or LIFO)"
+        notifier.run(lambda: wake("all"))
+        assert all(f.result(20) is True for f in futures[woken:])
+        assert self.status_of(name).get("waiters", 0) == 0
 
     @invariant()
     def agrees(self) -> None:

@@ -264,7 +264,7 @@ def test_mappings_both_ways(
     lst.extend([1, "two", (3,)])
     ns = m.Namespace(f"{p}.ns")
     ns.x = 1
-    ns.name = "managerd"
+    ns.name = "managerd"  # type: ignore[misc]  # a Namespace takes any public name
     value = m.Value(f"{p}.value", "i", 41)
     array = m.Array(f"{p}.array", "d", [0.5, 1.5, 2.5])
     with StockRun(stock_python, "mappings", p, shared_daemon) as run:

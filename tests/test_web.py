@@ -78,7 +78,8 @@ def one_of_every_type(m: Manager) -> None:
 
 
 def lock_row(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    (row,) = [r for r in doc["locks"] if r["name"] == name]
+    rows: list[dict[str, Any]] = [r for r in doc["locks"] if r["name"] == name]
+    (row,) = rows
     return row
 
 

@@ -320,7 +320,8 @@ def use_passed_proxies(q: Any, d: Any, lock: Any, value: Any) -> None:
 
 
 def start(target: Callable[..., None], *args: Any, method: str = "spawn") -> BaseProcess:
-    process = multiprocessing.get_context(method).Process(target=target, args=args)
+    ctx: Any = multiprocessing.get_context(method)  # typeshed's BaseContext has no Process
+    process: BaseProcess = ctx.Process(target=target, args=args)
     process.start()
     return process
 

@@ -287,6 +287,8 @@ class Channel:
             )
         self.info: dict[str, Any] = info
         self.session_id: str = info["session"]
+        #: The secret that resumes the session (an older daemon resumed by id).
+        self.resume_token: str = str(info.get("resume_token", self.session_id))
         self.server_id: str = info["server_id"]
         self.resumed: bool = bool(info.get("resumed"))
         self.session_ttl_s = float(info["session_ttl_s"])
@@ -638,12 +640,14 @@ class Channel:
             # connection. Do not send into it; reconnect.
             self._die(ConnectionLost(f"nothing heard from managerd for {self.session_ttl_s}s"))
             return True
-        if self._reading or not self._poll_lock.acquire(blocking=False):
-            return False  # another thread is reading or checking right now
-        try:
+        if self._reading:
+            return False  # another thread is reading: it notices a hang-up itself
+        # Another thread checking right now: wait for its answer (one poll(2),
+        # microseconds) rather than send into a connection it may find dead.
+        with self._poll_lock:
+            if self.dead is not None:
+                return True
             hung_up = any(events & _HANGUP for _fd, events in self._poller.poll(0))
-        finally:
-            self._poll_lock.release()
         if hung_up:
             self._die(ConnectionLost("the daemon closed the connection"))
         return hung_up

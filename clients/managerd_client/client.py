@@ -5,7 +5,10 @@ by all the threads of the process. A heartbeat thread pings every third of
 the session TTL, which keeps the lease and lets a dead network be noticed.
 When the connection is lost, the calls in flight raise ``ConnectionLost``
 and the next call reconnects (with backoff, for up to ``connect_timeout_s``),
-resuming the session if the daemon still has it. A lock proxy whose session
+resuming the session if the daemon still has it. Given several addresses
+(gateways of one store, or a daemon and its standby), a connect tries them
+in turn from the one last used, so a dead one is passed over; the session
+is resumed wherever it is still known, else a new one starts. A lock proxy whose session
 did not survive raises ``LockLost`` on its next call. A connection refused
 because this address is penalized (too many failed handshakes from it,
 maybe by another process) is retried once the penalty ends, if that is
@@ -24,7 +27,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 from managerd_client import proxies as p
@@ -36,7 +39,7 @@ from managerd_client.errors import (
     ManagerdError,
     ProtocolError,
 )
-from managerd_client.wire import parse_address
+from managerd_client.wire import parse_addresses
 
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 _BACKOFF_FIRST_S: Final = 0.05
@@ -74,7 +77,7 @@ class Manager:
 
     def __init__(
         self,
-        address: tuple[str, int],
+        address: tuple[str, int] | tuple[tuple[str, int], ...],
         authkey: bytes,
         *,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
@@ -84,7 +87,9 @@ class Manager:
     ) -> None:
         if not isinstance(authkey, bytes) or not authkey:
             raise TypeError("authkey must be non-empty bytes")
-        self.address = address
+        #: Every address to try, in order; ``address`` is the one in use.
+        self.addresses = parse_addresses(address)
+        self.address = self.addresses[0]
         self._authkey = authkey
         self.connect_timeout_s = connect_timeout_s
         self._tls = tls
@@ -93,6 +98,7 @@ class Manager:
         self._lock = threading.Lock()
         self._channel: Channel | None = None
         self._session_id: str | None = None
+        self._resume_token: str | None = None
         #: Bumped each time a *new* session starts (not a resumed one), so
         #: lock proxies can tell that what they held is gone.
         self.session_epoch = 0
@@ -110,19 +116,31 @@ class Manager:
 
     # -- connection ---------------------------------------------------------------
     def _open(self) -> Channel:
+        """A channel to the first address that answers, from the one last used."""
         hello: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
         if self._client_name:
             hello["name"] = self._client_name
-        if self._session_id is not None:
-            hello["resume"] = self._session_id
-        return Channel(
-            self.address,
-            self._authkey,
-            connect_timeout_s=self.connect_timeout_s,
-            tls=self._tls,
-            server_hostname=self._server_hostname,
-            hello=hello,
-        )
+        if self._resume_token is not None:
+            hello["resume"] = self._resume_token
+        start = self.addresses.index(self.address)
+        order = self.addresses[start:] + self.addresses[:start]
+        failures: list[ConnectFailed] = []
+        for address in order:
+            try:
+                channel = Channel(
+                    address,
+                    self._authkey,
+                    connect_timeout_s=self.connect_timeout_s,
+                    tls=self._tls,
+                    server_hostname=self._server_hostname,
+                    hello=hello,
+                )
+            except ConnectFailed as exc:
+                failures.append(exc)
+                continue
+            self.address = address
+            return channel
+        raise _all_failed(failures)
 
     def _channel_or_reconnect(self, retry: bool = True) -> Channel:
         channel = self._channel
@@ -156,6 +174,7 @@ class Manager:
             if not channel.resumed:
                 self.session_epoch += 1
             self._session_id = channel.session_id
+            self._resume_token = channel.resume_token
             self._channel = channel
             self._ensure_heartbeat(channel.session_ttl_s / 3)
             return channel
@@ -198,6 +217,7 @@ class Manager:
             channel.abandon()
         self._channel = None
         self._session_id = None  # the parent's session is not ours
+        self._resume_token = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat = None
@@ -357,6 +377,21 @@ class Manager:
         return f"<managerd Manager {self.address[0]}:{self.address[1]} {state}>"
 
 
+def _all_failed(failures: list[ConnectFailed]) -> ConnectFailed:
+    """One error for a connect that no address took.
+
+    If every address refused for a while (penalized), the shortest wait is
+    kept, so that the caller waits it out; otherwise the error names each.
+    """
+    if len(failures) == 1:
+        return failures[0]
+    waits = [f.retry_after_s for f in failures]
+    failed = ConnectFailed("no address answered: " + "; ".join(str(f) for f in failures))
+    if all(w is not None for w in waits):
+        failed.retry_after_s = min(w for w in waits if w is not None)
+    return failed
+
+
 def _wait_out_refusal(exc: ConnectFailed, deadline: float, timeout_s: float) -> None:
     """Sleep until a refusal's retry-after has passed, or raise if that is past ``deadline``."""
     assert exc.retry_after_s is not None
@@ -397,7 +432,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def connect(
-    address: str | tuple[str, int],
+    address: str | tuple[str, int] | Sequence[str | tuple[str, int]] | None = None,
     authkey: bytes | str | None = None,
     *,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
@@ -409,6 +444,10 @@ def connect(
     client_name: str | None = None,
 ) -> Manager:
     """Connect to the daemon at ``"host:port"`` and open a session.
+
+    Several addresses (``"h1:50000,h2:50000"`` or a list) are tried in turn,
+    now and at every reconnect, from the one last used. Without ``address``:
+    ``MANAGERD_ADDRESSES`` (or ``MANAGERD_ADDRESS``) from the environment.
 
     ``authkey`` defaults to ``MANAGERD_AUTHKEY`` (or the file named by
     ``MANAGERD_AUTHKEY_FILE``); a trailing newline is dropped, as the daemon
@@ -423,6 +462,10 @@ def connect(
     """
     if tls is None and (tls_ca or tls_cert):
         tls = client_tls_context(tls_ca, tls_cert, tls_key)
+    if address is None:
+        address = os.environ.get("MANAGERD_ADDRESSES") or os.environ.get("MANAGERD_ADDRESS")
+        if not address:
+            raise ValueError("no address: pass one, or set MANAGERD_ADDRESSES or MANAGERD_ADDRESS")
     if authkey is None:
         authkey = _authkey_from_env()
     elif isinstance(authkey, str):
@@ -431,7 +474,7 @@ def connect(
     # file here (``open(path, "rb").read()`` ends with a newline).
     authkey = authkey.rstrip(b"\r\n")
     return Manager(
-        parse_address(address),
+        parse_addresses(address),
         authkey,
         connect_timeout_s=connect_timeout_s,
         tls=tls,
@@ -453,26 +496,32 @@ def client_tls_context(
     return ctx
 
 
-_shared: dict[tuple[str, int], Manager] = {}
+_shared: dict[tuple[tuple[str, int], ...], Manager] = {}
 _shared_lock = threading.Lock()
 
 
-def manager_for(address: tuple[str, int], authkey: bytes | None) -> Manager:
+def manager_for(
+    address: tuple[str, int] | tuple[tuple[str, int], ...], authkey: bytes | None
+) -> Manager:
     """A live manager of this process for ``address`` (to rebuild unpickled proxies).
 
-    Prefers one the program opened itself; else opens a shared one with the
-    authkey that came with the proxy (only sent to spawned children).
+    ``address`` is the proxy's manager's addresses (or, pickled by an older
+    client, its one address). Prefers a manager the program opened itself
+    that has one of them; else opens a shared one with the authkey that
+    came with the proxy (only sent to spawned children).
     """
+    addresses = parse_addresses(address)
     for manager in list(_managers):
-        if manager.address == address and not manager._closed:
+        if not manager._closed and set(manager.addresses) & set(addresses):
             return manager
     if authkey is None:
+        where = ",".join(f"{host}:{port}" for host, port in addresses)
         raise ManagerdError(
-            f"a proxy for {address[0]}:{address[1]} arrived, but this process has no "
+            f"a proxy for {where} arrived, but this process has no "
             "connection there: call managerd_client.connect() first"
         )
     with _shared_lock:
-        shared = _shared.get(address)
+        shared = _shared.get(addresses)
         if shared is None or shared._closed:
-            shared = _shared[address] = Manager(address, authkey)
+            shared = _shared[addresses] = Manager(addresses, authkey)
         return shared

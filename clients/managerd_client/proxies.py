@@ -123,7 +123,7 @@ def _loads_reserved(reserved: tuple[int, bytes, int]) -> tuple[int, Any, int]:
 
 def _rebuild(
     cls: type[Proxy],
-    address: tuple[str, int],
+    address: tuple[str, int] | tuple[tuple[str, int], ...],
     name: str,
     args: dict[str, Any],
     authkey: bytes | None,
@@ -180,7 +180,7 @@ class Proxy:
         authkey = self._manager._authkey if spawning else None
         return (
             _rebuild,
-            (type(self), self._manager.address, self._name, self._args, authkey, self._extra()),
+            (type(self), self._manager.addresses, self._name, self._args, authkey, self._extra()),
         )
 
     def __repr__(self) -> str:

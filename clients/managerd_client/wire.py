@@ -481,12 +481,46 @@ def set_nodelay(sock: socket.socket) -> None:
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` as a tuple."""
     if isinstance(address, tuple):
-        host, port = address
-        return str(host), int(port)
+        if len(address) != 2 or not isinstance(address[1], int) or isinstance(address[1], bool):
+            raise ValueError(f"address {address!r} is not (host, port)")
+        return str(address[0]), address[1]
     host, sep, port_text = address.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f"address {address!r} is not HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port_text)
+
+
+def parse_addresses(addresses: Any) -> tuple[tuple[str, int], ...]:
+    """One address or several, in order, without repeats.
+
+    ``"h1:50000,h2:50000"``, a ``(host, port)`` tuple, or a list/tuple of
+    either (a daemon and its standbys, or several gateways of one store).
+    """
+    if isinstance(addresses, str):
+        parts: list[Any] = [a.strip() for a in addresses.split(",")]
+        if not all(parts):
+            raise ValueError(f"addresses {addresses!r}: an empty entry between commas")
+    elif isinstance(addresses, tuple) and len(addresses) == 2 and isinstance(addresses[1], int):
+        parts = [addresses]  # one (host, port)
+    elif isinstance(addresses, (list, tuple)):
+        parts = list(addresses)
+    else:
+        raise TypeError(
+            "an address is 'HOST:PORT', several joined by commas, a (host, port) tuple, "
+            f"or a list of those; got {type(addresses).__name__}"
+        )
+    if not parts:
+        raise ValueError("no address given")
+    found: list[tuple[str, int]] = []
+    for part in parts:
+        if not isinstance(part, (str, tuple)):
+            raise TypeError(f"an address is 'HOST:PORT' or (host, port), not {describe(part)}")
+        address = parse_address(part)
+        if not 0 < address[1] < 65536:
+            raise ValueError(f"address {part!r}: port {address[1]} is not 1-65535")
+        if address not in found:
+            found.append(address)
+    return tuple(found)
 
 
 def describe(value: Any) -> str:

@@ -6,29 +6,38 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from managerd.store.interface import Store
 from managerd.store.sessions import Session, SessionKind, WaitForGraph
 
 
 class SessionTable:
-    """All live sessions, by id."""
+    """All live sessions, by id; the store releases what a session held when it ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store, deadlocks: WaitForGraph | None = None) -> None:
         self._sessions: dict[str, Session] = {}
-        #: Given to every session it opens (set by the server core).
-        self.deadlocks: WaitForGraph | None = None
+        self._by_token: dict[str, Session] = {}
+        self.store = store
+        #: Given to every session it opens (None: deadlocks are not looked for).
+        self.deadlocks = deadlocks
 
     def open(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> Session:
         session = Session(kind, peer, info)
         session.deadlocks = self.deadlocks
         self._sessions[session.id] = session
+        self._by_token[session.resume_token] = session
         return session
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    def resumable(self, token: str) -> Session | None:
+        """The live session whose secret resume token this is."""
+        return self._by_token.get(token)
+
     def end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
-        session.end()
+        self._by_token.pop(session.resume_token, None)
+        self.store.release(session)
 
     def expired(self, ttl_s: float) -> list[Session]:
         """Managerd sessions not heard from for ``ttl_s``."""

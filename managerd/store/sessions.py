@@ -14,6 +14,7 @@ import asyncio
 import enum
 import itertools
 import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -62,6 +63,11 @@ class Session:
 
     def __init__(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> None:
         self.id = f"{_prefix}-{next(_counter)}"
+        #: What resumes this session on a new connection: known only to its
+        #: client (``id`` is public: status, logs). Resuming by a guessable
+        #: or listed id would let any authenticated peer take a live session
+        #: over, its locks with it (two processes as one holder).
+        self.resume_token = secrets.token_urlsafe(24)
         self.kind = kind
         self.peer = peer
         self.info: dict[str, Any] = info or {}

@@ -30,7 +30,6 @@ from managerd.service.invoker import CallTable, Exposed
 from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
-from managerd.store.memory.base import waiter_of
 from managerd.store.sessions import Session, SessionKind
 from managerd.wire.managerd_dialect import Dispatcher
 from managerd.wire.stock_dialect import StockAdapter
@@ -463,13 +462,8 @@ class Connection(asyncio.Protocol):
         assert self.stock_parked is not None
         obj, method, future = self.stock_parked
         self.stock_parked = None
-        if future.done():
-            return
-        waiter = waiter_of(session, future)
-        if waiter is None:
-            future.cancel()
-        else:
-            obj.abandon(waiter, method, stock=True)
+        if not future.done():
+            self.core.stock.store.abandon(obj, method, session, future, stock=True)
 
     def send_stock(self, message: tuple[str, Any]) -> None:
         """Send a stock reply (the invoker waited for the journal where it had to)."""
@@ -487,8 +481,8 @@ class Connection(asyncio.Protocol):
             )
             return
         resumed = False
-        resume_id = info.get("resume")
-        session = self.core.sessions.get(resume_id) if isinstance(resume_id, str) else None
+        token = info.get("resume")
+        session = self.core.sessions.resumable(token) if isinstance(token, str) else None
         if session is not None and session.active and session.kind is SessionKind.MANAGERD:
             resumed = True
         else:
@@ -505,6 +499,7 @@ class Connection(asyncio.Protocol):
                 "#RETURN",
                 {
                     "session": session.id,
+                    "resume_token": session.resume_token,
                     "resumed": resumed,
                     "server_id": self.core.server_id,
                     "session_ttl_s": self.core.settings.session_ttl_s,

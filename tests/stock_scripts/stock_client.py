@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
-from multiprocessing.managers import (
+from multiprocessing.managers import (  # type: ignore[attr-defined]  # typeshed omits the proxies
     AcquirerProxy,
     ArrayProxy,
     BarrierProxy,
@@ -40,6 +40,7 @@ from multiprocessing.managers import (
     ValueProxy,
     dispatch,
 )
+from typing import Any
 
 WAIT_S = 30.0  # how long this client waits for the test's side
 
@@ -102,7 +103,8 @@ def authkey() -> bytes:
     return os.environ["MANAGERD_AUTHKEY"].encode()
 
 
-def connect(cls: type[BaseManager] = StockManager) -> BaseManager:
+def connect(cls: type[BaseManager] = StockManager) -> Any:
+    """A connected manager (``Any``: ``register()`` makes its methods at run time)."""
     m = cls(address=address(), authkey=authkey())
     m.connect()
     return m
@@ -124,7 +126,7 @@ def raises(
     raise AssertionError(f"{getattr(fn, '__name__', fn)}{args} did not raise {exc_type.__name__}")
 
 
-def step(m: BaseManager, p: str, name: str) -> None:
+def step(m: Any, p: str, name: str) -> None:
     """Tell the test this client got past ``name`` (it waits on the Event)."""
     m.Event(f"{p}.step.{name}").set()
 
@@ -258,7 +260,7 @@ def mappings(p: str) -> None:
     d2 = lone.dict(f"{p}.dict")
     errors: list[tuple[object, ...]] = []
 
-    def iterate(proxy: DictProxy) -> None:
+    def iterate(proxy: DictProxy[Any, Any]) -> None:
         try:
             list(proxy)
         except KeyError as exc:

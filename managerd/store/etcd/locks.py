@@ -1,0 +1,152 @@
+"""A lock on etcd with fencing tokens: etcd's mutex recipe, FIFO.
+
+Each contender puts its own key ``/m/l/<name>/<lease>[/<owner>]`` on its
+session's lease; the holder is the contender whose key was created first,
+and its **fencing token is that key's create_revision** — a cluster-wide
+revision, so tokens strictly increase across gateways, restarts and
+failovers. A waiter watches only its predecessor (the newest key created
+before its own) for deletion, so a release wakes one waiter, in arrival
+order, with no herd and no polling; after a wake-up it looks again (a
+predecessor that gave up is not the holder).
+
+The holder's key is on its session's lease: when the session ends (closed,
+or its lease expired because its gateway died or was cut off), etcd
+deletes the key and the next waiter holds the lock, with a larger token.
+Release deletes the key only if its create_revision is still the token
+(``LockLost`` otherwise: the session expired and someone else may hold it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.kv import (
+    Compacted,
+    Compare,
+    Delete,
+    EventType,
+    Get,
+    Put,
+    RangeResult,
+    Target,
+    prefix_end,
+)
+from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
+from managerd_client.errors import LockLost
+
+
+class EtcdLock:
+    """The lock ``name``; each call says whose session (and owner, e.g. a client thread) acts."""
+
+    def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT):
+        self.client = client
+        self.name = name
+        self.prefix = root + b"l/" + name.encode() + b"/"
+
+    def _key(self, session: EtcdSession, owner: str) -> bytes:
+        key = self.prefix + f"{session.lease_id:016x}".encode()
+        return key + b"/" + owner.encode() if owner else key
+
+    async def acquire(
+        self,
+        session: EtcdSession,
+        owner: str = "",
+        *,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+    ) -> int | None:
+        """The fencing token once held; None if not held in time (or at once, not blocking).
+
+        A contender that gives up (timeout, not blocking, or cancelled)
+        removes its key, so the waiter behind it watches on.
+        """
+        key = self._key(session, owner)
+        attempt = secrets.token_bytes(8)
+        # Our key, unless it exists: a retry of this call finds its own attempt.
+        done = await self.client.txn(
+            [Compare(key, Target.CREATE, "==", 0)],
+            [Put(key, attempt, lease=session.lease_id)],
+            [Get(key)],
+            idempotent=True,
+        )
+        if done.succeeded:
+            token = done.revision
+        else:
+            [existing] = done.responses
+            assert isinstance(existing, RangeResult)
+            kv = existing.kvs[0]
+            if kv.value != attempt:
+                raise RuntimeError(f"{owner or session.sid} already holds or waits for {self.name}")
+            token = kv.create_revision
+        try:
+            if await self._wait_turn(key, token, blocking, timeout_s):
+                return token
+        except BaseException:
+            await asyncio.shield(self._withdraw(key, token))
+            raise
+        await self._withdraw(key, token)
+        return None
+
+    async def _wait_turn(
+        self, key: bytes, token: int, blocking: bool, timeout_s: float | None
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout_s is None else loop.time() + timeout_s
+        end = prefix_end(self.prefix)
+        while True:
+            before = await self.client.range(
+                self.prefix, end, limit=1, max_create_revision=token - 1, newest_first=True
+            )
+            if not before.kvs:
+                if (await self.client.get(key)) is None:
+                    raise LockLost(f"the session's lease ended while waiting for {self.name}")
+                return True
+            if not blocking:
+                return False
+            left_s = None if give_up is None else give_up - loop.time()
+            if left_s is not None and left_s <= 0:
+                return False
+            predecessor = before.kvs[0].key
+            try:
+                await asyncio.wait_for(self._deleted(predecessor, before.revision + 1), left_s)
+            except TimeoutError:
+                return False
+
+    async def _deleted(self, key: bytes, start_revision: int) -> None:
+        """Return once ``key`` is deleted at or after ``start_revision``."""
+        try:
+            async with contextlib.aclosing(
+                self.client.watch(key, start_revision=start_revision)
+            ) as events:
+                async for batch in events:
+                    if any(e.type is EventType.DELETE for e in batch):
+                        return
+        except Compacted:
+            return  # history is gone: the caller looks again
+
+    async def _withdraw(self, key: bytes, token: int) -> None:
+        await self.client.txn(
+            [Compare(key, Target.CREATE, "==", token)], [Delete(key)], idempotent=True
+        )
+
+    async def release(self, session: EtcdSession, token: int, owner: str = "") -> None:
+        """Give it up; ``LockLost`` if the key is no longer the one of ``token``."""
+        key = self._key(session, owner)
+        done = await self.client.txn(
+            [Compare(key, Target.CREATE, "==", token)], [Delete(key)], idempotent=True
+        )
+        if not done.succeeded:
+            # Also when a retry follows our own delete that was applied unanswered
+            # (a failover at that moment): the lock is free either way.
+            raise LockLost(f"{self.name} was not held with token {token} (the session expired?)")
+
+    async def holder(self) -> tuple[bytes, int] | None:
+        """The holder's key and token (the oldest contender), or None if free."""
+        first = await self.client.range(self.prefix, prefix_end(self.prefix))
+        if not first.kvs:
+            return None
+        kv = min(first.kvs, key=lambda kv: kv.create_revision)
+        return kv.key, kv.create_revision

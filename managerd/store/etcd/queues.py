@@ -1,0 +1,439 @@
+"""A FIFO queue on etcd: put, get (blocking through a watch), reserve/ack/nack.
+
+Keys under ``/m/q/<name>/``:
+
+- ``i/<id>``: a ready item; ``<id>`` sorts in put order, so the head is a
+  Range of limit 1 in key order. (A Range sorted by create_revision sorts
+  the whole prefix on every get, and collapsed under a backlog.)
+- ``r/<id>``: a reserved item, with its deadline, session and delivery
+  count. **Not** on the session's lease: an expiry would delete it, and it
+  must go back to ``i/``. ``requeue_expired`` returns those past their
+  deadline or whose session key is gone; calling it on every queue every
+  second or so is the job of one elected gateway (not built yet: issue 13).
+- ``t/<id>``: a tombstone of a taken item, on a short lease (about a minute).
+
+``<id>`` is ``<unix ns>.<producer>.<seq>``: per producer strictly
+increasing; across producers in the order of their clocks (as etcd's own
+``recipes/queue``), so puts through different gateways are FIFO to within
+their clock skew.
+
+**Exactly once across failovers.** Every change is one Txn guarded by a
+compare, so a retried request after an ambiguous failure (the leader died
+after applying it, before answering) cannot apply twice: put requires that
+``i/``, ``r/`` and ``t/`` of its id were never created — the tombstone is
+what stops a retried put from bringing back an item a consumer already
+took. get/reserve require the head's mod_revision to be what they read and
+mark the take with a random token, so a retry that finds the item gone
+recognises its own take. ack compares the reservation's revision (the
+receipt). A late retry past the tombstone's lease (a minute, against a
+retry budget of 15 s) could duplicate; nothing else can.
+
+**Blocking get and reserve** wait in one line per process (per
+``EtcdQueue``), served in arrival order by one task that reads as many heads
+as there are waiting calls and takes them in one Txn (up to 64; fewer after
+a conflict with another process's take): group commit, so throughput grows
+with the number of waiting calls. On an empty queue it watches ``i/`` from
+the revision of that read + 1, so a put between the read and the watch is
+seen — no missed wake-up, no polling. Waiting calls of different processes
+race for a new item (the loser's Txn fails and it looks again): FIFO within
+a gateway, not across gateways. A call that gives up while its take is in
+flight has its item put back at its place, uncounted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import os
+import queue
+import secrets
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.kv import (
+    Compacted,
+    Compare,
+    Delete,
+    EventType,
+    Get,
+    KeyValue,
+    Put,
+    RangeResult,
+    Target,
+    TxnResult,
+    prefix_end,
+)
+from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
+
+TOMBSTONE_TTL_S = 60
+_BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
+_TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
+
+
+def _pack(meta: dict[str, Any], payload: bytes) -> bytes:
+    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + payload
+
+
+def _unpack(value: bytes) -> tuple[dict[str, Any], bytes]:
+    meta, _, payload = value.partition(b"\n")
+    decoded: dict[str, Any] = json.loads(meta)
+    return decoded, payload
+
+
+class _Ids:
+    """Sortable, unique item ids: ``<unix ns>.<producer>.<seq>``, increasing per producer."""
+
+    def __init__(self) -> None:
+        self.producer = os.urandom(6).hex()
+        self._last_ns = 0
+        self._seq = itertools.count()
+
+    def next(self) -> bytes:
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        return f"{self._last_ns:020d}.{self.producer}.{next(self._seq):010d}".encode()
+
+
+class _ShortLease:
+    """A lease for tombstones: a new one every ``_TOMBSTONE_ROTATE_S``, never renewed."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self.client = client
+        self._lease_id = 0
+        self._granted = 0.0
+
+    async def current(self) -> int:
+        now = time.monotonic()
+        if not self._lease_id or now - self._granted > _TOMBSTONE_ROTATE_S:
+            self._lease_id = await self.client.lease_grant(TOMBSTONE_TTL_S)
+            self._granted = now
+        return self._lease_id
+
+
+#: An item taken: ``(kv, payload, deliveries)``, see ``EtcdQueue._take_batch``.
+Taken = tuple[KeyValue, bytes, int]
+
+
+@dataclass(eq=False)
+class _Want:
+    """A blocked get (``session`` None) or reserve of this process, waiting for an item."""
+
+    session: EtcdSession | None
+    visibility_s: float
+    future: asyncio.Future[Taken]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A reserved item: ack or nack it with this (``receipt`` is the reservation's revision)."""
+
+    id: bytes
+    receipt: int
+    payload: bytes
+    deliveries: int  # 1 on the first delivery
+
+
+class EtcdQueue:
+    """The queue ``name``; any number of instances, in any processes, share it."""
+
+    def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT) -> None:
+        self.client = client
+        self.name = name
+        base = root + b"q/" + name.encode() + b"/"
+        self._sessions = root + b"s/"
+        self._ready = base + b"i/"
+        self._ready_end = prefix_end(self._ready)
+        self._reserved = base + b"r/"
+        self._tombs = base + b"t/"
+        self._ids = _Ids()
+        self._tomb_lease = _ShortLease(client)
+        self._wants: collections.deque[_Want] = collections.deque()
+        self._taker: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def put(self, item: bytes) -> None:
+        """Append ``item``; safe to retry, never duplicated (see the module docstring)."""
+        iid = self._ids.next()
+        await self.client.txn(
+            [
+                Compare(self._ready + iid, Target.CREATE, "==", 0),
+                Compare(self._reserved + iid, Target.CREATE, "==", 0),
+                Compare(self._tombs + iid, Target.CREATE, "==", 0),
+            ],
+            [Put(self._ready + iid, _pack({"n": 0}, item))],
+            idempotent=True,
+        )
+        # Not succeeded: an earlier attempt of this call was applied (the id is ours alone).
+
+    async def qsize(self) -> int:
+        return (await self.client.range(self._ready, self._ready_end, count_only=True)).count
+
+    async def reserved_count(self) -> int:
+        return (
+            await self.client.range(self._reserved, prefix_end(self._reserved), count_only=True)
+        ).count
+
+    async def get_nowait(self) -> bytes:
+        """The head, removed; ``queue.Empty`` if there is none."""
+        taken, _ = await self._take(None, 0.0)
+        if taken is None:
+            raise queue.Empty
+        return taken[1]
+
+    async def get(self, timeout_s: float | None = None) -> bytes:
+        """The head, removed, waiting up to ``timeout_s`` (None: for ever); ``queue.Empty``."""
+        taken = await self._blocking(None, 0.0, timeout_s)
+        return taken[1]
+
+    async def reserve(
+        self, session: EtcdSession, visibility_timeout_s: float, timeout_s: float | None = None
+    ) -> Delivery:
+        """The head, moved to ``r/`` until acked; ``queue.Empty`` after ``timeout_s``."""
+        taken = await self._blocking(session, visibility_timeout_s, timeout_s)
+        kv, payload, deliveries = taken
+        return Delivery(kv.key[len(self._reserved) :], kv.mod_revision, payload, deliveries)
+
+    async def ack(self, delivery: Delivery) -> bool:
+        """Done with it; False if the reservation is no longer this one (returned, expired)."""
+        key = self._reserved + delivery.id
+        token = secrets.token_hex(8)
+        done = await self.client.txn(
+            [Compare(key, Target.MOD, "==", delivery.receipt)],
+            [Delete(key), Put(self._tombs + delivery.id, token.encode(), lease=await self._tomb())],
+            [Get(self._tombs + delivery.id)],
+            idempotent=True,
+        )
+        return done.succeeded or _found(done, token.encode())
+
+    async def nack(self, delivery: Delivery, requeue: bool = True) -> bool:
+        """Give it back to the head (``requeue``) or drop it; False if no longer reserved."""
+        key = self._reserved + delivery.id
+        back: list[Put | Delete] = [Delete(key)]
+        if requeue:
+            back.append(
+                Put(self._ready + delivery.id, _pack({"n": delivery.deliveries}, delivery.payload))
+            )
+        else:
+            back.append(Put(self._tombs + delivery.id, b"", lease=await self._tomb()))
+        done = await self.client.txn(
+            [Compare(key, Target.MOD, "==", delivery.receipt)], back, idempotent=True
+        )
+        return done.succeeded
+
+    async def requeue_expired(self, now_s: float | None = None) -> int:
+        """Return to the head every reservation past its deadline or whose session is gone;
+        how many. (Deliveries stay counted.)
+
+        The job of one elected gateway, every second or so; two at once are
+        safe (each move compares the reservation's revision), only wasteful.
+        Deadlines are wall-clock times of the reserving gateway's host.
+        """
+        now_s = time.time() if now_s is None else now_s
+        reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
+        alive: dict[str, bool] = {}
+        moved = 0
+        for kv in reserved.kvs:
+            meta, payload = _unpack(kv.value)
+            sid = str(meta["session"])
+            if sid not in alive:
+                alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
+            if meta["deadline"] > now_s and alive[sid]:
+                continue
+            iid = kv.key[len(self._reserved) :]
+            done = await self.client.txn(
+                [Compare(kv.key, Target.MOD, "==", kv.mod_revision)],
+                [Delete(kv.key), Put(self._ready + iid, _pack({"n": meta["n"]}, payload))],
+                idempotent=True,
+            )
+            moved += done.succeeded
+        return moved
+
+    async def _tomb(self) -> int:
+        return await self._tomb_lease.current()
+
+    async def _blocking(
+        self, session: EtcdSession | None, visibility_s: float, timeout_s: float | None
+    ) -> Taken:
+        if timeout_s is not None and timeout_s <= 0:
+            taken, _ = await self._take(session, visibility_s)
+            if taken is None:
+                raise queue.Empty
+            return taken
+        want = _Want(session, visibility_s, asyncio.get_running_loop().create_future())
+        self._wants.append(want)
+        if self._taker is None or self._taker.done():
+            self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if want.future.done() and not want.future.cancelled():
+                if isinstance(exc, TimeoutError):
+                    return want.future.result()  # answered as the time ran out: keep it
+                if want.future.exception() is None:  # the caller is gone: give it back
+                    self._background(self._give_back(want.future.result()))
+            if isinstance(exc, TimeoutError):
+                raise queue.Empty from None
+            raise
+        finally:
+            want.future.cancel()
+            with contextlib.suppress(ValueError):
+                self._wants.remove(want)
+            if not self._wants and self._watching is not None:
+                self._watching.cancel()  # nobody waits: stop watching
+
+    async def _take_for_wants(self) -> None:
+        """Serve the waiting calls of this process in arrival order, several per Txn."""
+        batch = _BATCH
+        try:
+            while wants := [w for w in self._wants if not w.future.done()][:batch]:
+                head = await self.client.range(self._ready, self._ready_end, limit=len(wants))
+                if not head.kvs:
+                    self._watching = asyncio.create_task(self._put_after(head.revision + 1))
+                    await asyncio.wait([self._watching])  # a put, or nobody waits any more
+                    watched, self._watching = self._watching, None
+                    failed = None if watched.cancelled() else watched.exception()
+                    if failed is not None:
+                        raise failed
+                    continue
+                asks = [(w.session, w.visibility_s) for w in wants[: len(head.kvs)]]
+                taken = await self._take_batch(head.kvs, asks)
+                if taken is None:
+                    batch = max(1, batch // 2)  # another consumer took some: ask for fewer
+                    continue
+                batch = _BATCH
+                for want, item in zip(wants, taken, strict=False):
+                    with contextlib.suppress(ValueError):
+                        self._wants.remove(want)
+                    if want.future.done():
+                        await self._give_back(item)  # gave up while the Txn was in flight
+                    else:
+                        want.future.set_result(item)
+        except Exception as exc:  # an EtcdError, or a bug: never leave a caller waiting
+            for want in self._wants:
+                if not want.future.done():
+                    want.future.set_exception(exc)
+
+    async def _put_after(self, start_revision: int) -> None:
+        """Return at the first put into ``i/`` at or after ``start_revision``."""
+        try:
+            async with contextlib.aclosing(
+                self.client.watch(self._ready, self._ready_end, start_revision=start_revision)
+            ) as events:
+                async for batch in events:
+                    if any(e.type is EventType.PUT for e in batch):
+                        return
+        except Compacted:
+            return  # history is gone: the caller reads again
+
+    async def _take(
+        self, session: EtcdSession | None, visibility_s: float
+    ) -> tuple[Taken | None, int]:
+        """Take the head for one caller: ``(taken, revision)``, or ``(None, revision)`` at
+        which the queue was read empty."""
+        while True:
+            head = await self.client.range(self._ready, self._ready_end, limit=1)
+            if not head.kvs:
+                return None, head.revision
+            taken = await self._take_batch(head.kvs, [(session, visibility_s)])
+            if taken is not None:
+                return taken[0], head.revision
+            # Another consumer took it first: the next head.
+
+    async def _take_batch(
+        self, kvs: list[KeyValue], asks: list[tuple[EtcdSession | None, float]]
+    ) -> list[Taken] | None:
+        """Take ``kvs[i]`` for ``asks[i]`` (reserve it for that session, else remove it), all
+        in one Txn; None if any was taken by someone else first.
+
+        A taken item is ``(kv, payload, deliveries)``: kv is the ``r/`` key made
+        (its mod_revision is the receipt) when reserved, else the ``i/`` key removed.
+        """
+        token = secrets.token_hex(8)
+        ops: list[Put | Delete] = []
+        marks: list[bytes] = []
+        unpacked = []
+        for kv, (session, visibility_s) in zip(kvs, asks, strict=False):
+            iid = kv.key[len(self._ready) :]
+            meta, payload = _unpack(kv.value)
+            deliveries = int(meta["n"]) + 1
+            unpacked.append((payload, deliveries))
+            ops.append(Delete(kv.key))
+            if session is None:
+                marks.append(self._tombs + iid)
+                ops.append(Put(marks[-1], token.encode(), lease=await self._tomb()))
+            else:
+                marks.append(self._reserved + iid)
+                reservation = {
+                    "n": deliveries,
+                    "deadline": time.time() + visibility_s,
+                    "session": session.sid,
+                    "token": token,
+                }
+                ops.append(Put(marks[-1], _pack(reservation, payload)))
+        done = await self.client.txn(
+            [Compare(kv.key, Target.MOD, "==", kv.mod_revision) for kv in kvs[: len(asks)]],
+            ops,
+            [Get(marks[0])],
+            idempotent=True,
+        )
+        if done.succeeded:
+            revision = done.revision
+        elif _found(done, token.encode()):
+            found = done.responses[0]
+            assert isinstance(found, RangeResult)
+            revision = found.kvs[0].mod_revision  # our earlier attempt: one Txn, one revision
+        else:
+            return None
+        return [
+            (
+                KeyValue(mark, b"", revision, revision, 1, 0) if session is not None else kv,
+                payload,
+                deliveries,
+            )
+            for kv, mark, (session, _), (payload, deliveries) in zip(
+                kvs, marks, asks, unpacked, strict=False
+            )
+        ]
+
+    async def _give_back(self, taken: Taken) -> None:
+        """Put an item taken for a caller that left back at its place, not counted."""
+        kv, payload, deliveries = taken
+        if kv.key.startswith(self._reserved):
+            iid = kv.key[len(self._reserved) :]
+            held = Compare(kv.key, Target.MOD, "==", kv.mod_revision)
+        else:
+            iid = kv.key[len(self._ready) :]
+            held = Compare(self._tombs + iid, Target.CREATE, "!=", 0)
+        mark = self._reserved + iid if kv.key.startswith(self._reserved) else self._tombs + iid
+        await self.client.txn(
+            [held],
+            [Delete(mark), Put(self._ready + iid, _pack({"n": deliveries - 1}, payload))],
+            idempotent=True,
+        )
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _found(done: TxnResult, token: bytes) -> bool:
+    """Whether the failure branch's Get found our own mark (an earlier attempt applied)."""
+    if done.succeeded or not done.responses:
+        return False
+    found = done.responses[0]
+    if not isinstance(found, RangeResult) or not found.kvs:
+        return False
+    value = found.kvs[0].value
+    if value == token:
+        return True
+    if value.startswith(b"{"):
+        meta, _ = _unpack(value)
+        return bool(meta.get("token") == token.decode())
+    return False

@@ -1,0 +1,237 @@
+"""A real etcd cluster for the etcd store's tests: 3 members on free loopback ports.
+
+``running_cluster(tmp)`` starts Debian's ``etcd`` (3.4) as ``size`` processes in
+``tmp``, waits until a write through ``etcdctl`` is committed (never a sleep),
+and on exit stops every member, waiting for each PID to exit before its data
+directory is removed (a directory removed under a live member fails the next
+start with "member ... has already been bootstrapped").
+
+A test can ``kill(i)`` a member (SIGKILL: a crash), ``restart(i)`` it on its
+data directory and ports, and ask which member ``leader()`` is. Heartbeat 100
+ms and election timeout 1 s make a failover take about 2 s, as measured in
+shared/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+ETCDCTL_TIMEOUT_S = 1.0
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports the kernel had free (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Member:
+    name: str
+    data_dir: Path
+    client_port: int
+    peer_port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class EtcdCluster:
+    """``size`` etcd members in ``tmp``; see the module docstring."""
+
+    tmp: Path
+    size: int = 3
+    members: list[Member] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ports = _free_ports(2 * self.size)
+        self.token = f"managerd-test-{os.getpid()}-{ports[0]}"
+        for i in range(self.size):
+            name = f"n{i}"
+            self.members.append(
+                Member(
+                    name=name,
+                    data_dir=self.tmp / name,
+                    client_port=ports[2 * i],
+                    peer_port=ports[2 * i + 1],
+                    log=self.tmp / f"{name}.log",
+                )
+            )
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def _spawn(self, m: Member) -> None:
+        initial = ",".join(f"{o.name}=http://127.0.0.1:{o.peer_port}" for o in self.members)
+        client_url = f"http://{m.endpoint}"
+        peer_url = f"http://127.0.0.1:{m.peer_port}"
+        cmd = [
+            "etcd",
+            "--name", m.name,
+            "--data-dir", str(m.data_dir),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", initial,
+            "--initial-cluster-state", "new",  # ignored once the data dir is bootstrapped
+            "--initial-cluster-token", self.token,
+            "--heartbeat-interval", "100",
+            "--election-timeout", "1000",
+            "--auto-compaction-mode", "revision",
+            "--auto-compaction-retention", "10000",
+            "--logger", "zap",
+            "--log-outputs", str(m.log),
+        ]  # fmt: skip
+        m.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def etcdctl(
+        self, *args: str, endpoints: list[str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "etcdctl",
+                f"--endpoints={','.join(endpoints or self.endpoints)}",
+                f"--command-timeout={ETCDCTL_TIMEOUT_S}s",
+                f"--dial-timeout={ETCDCTL_TIMEOUT_S}s",
+                *args,
+            ],
+            env={**os.environ, "ETCDCTL_API": "3"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=ETCDCTL_TIMEOUT_S * 5,
+            check=False,
+        )
+
+    def _wait_until(self, what: str, probe: list[str], endpoints: list[str] | None = None) -> None:
+        """Until ``etcdctl PROBE`` succeeds (a member that exits meanwhile fails at once)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            dead = [m.name for m in self.members if m.proc is not None and not m.alive]
+            if dead:
+                raise RuntimeError(f"etcd {dead} exited while {what}:\n{self.logs()}")
+            if self.etcdctl(*probe, endpoints=endpoints).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"etcd not ready after {START_TIMEOUT_S} s ({what}):\n{self.logs()}")
+
+    def start(self) -> EtcdCluster:
+        for m in self.members:
+            self._spawn(m)
+        # A committed write means a leader and a quorum.
+        self._wait_until("starting", ["put", "/managerd-test/ready", "1"])
+        return self
+
+    def kill(self, i: int) -> None:
+        """SIGKILL member ``i`` (a crash) and wait for its PID to exit."""
+        m = self.members[i]
+        if m.alive:
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGKILL)
+            m.proc.wait(STOP_TIMEOUT_S)
+
+    def restart(self, i: int) -> None:
+        """Start member ``i`` again on its data directory; return once it serves reads."""
+        m = self.members[i]
+        assert not m.alive, f"{m.name} is running"
+        self._spawn(m)
+        # A linearizable read through this member needs it to have rejoined the quorum.
+        self._wait_until(f"restarting {m.name}", ["get", "/managerd-test/ready"], [m.endpoint])
+
+    def leader(self) -> int:
+        """The index of the member that leads (asked of every live member; they must agree)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            live = [m for m in self.members if m.alive]
+            done = self.etcdctl(
+                "endpoint", "status", "-w", "json", endpoints=[m.endpoint for m in live]
+            )
+            if done.returncode == 0:
+                statuses = json.loads(done.stdout)
+                leaders = {s["Status"]["leader"] for s in statuses}
+                by_id = {s["Status"]["header"]["member_id"]: s["Endpoint"] for s in statuses}
+                if len(leaders) == 1 and (leader := leaders.pop()) in by_id:
+                    return self.endpoints.index(by_id[leader])
+            time.sleep(0.05)
+        raise RuntimeError(f"no agreed leader after {START_TIMEOUT_S} s:\n{self.logs()}")
+
+    def watching(self) -> list[int]:
+        """The indexes of the live members serving at least one watch (from their /metrics)."""
+        found = []
+        for i, m in enumerate(self.members):
+            if not m.alive:
+                continue
+            with urllib.request.urlopen(f"http://{m.endpoint}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+            gauge = re.search(r"^etcd_debugging_mvcc_watcher_total (\S+)$", metrics, re.M)
+            if gauge and float(gauge.group(1)) > 0:
+                found.append(i)
+        return found
+
+    def stop(self) -> None:
+        """SIGKILL every member, wait for each PID, then remove the data directories.
+
+        SIGKILL, not SIGTERM: a terminated leader first tries to hand over
+        leadership to members that are stopping too, which took 7 s here;
+        the data is thrown away anyway.
+        """
+        for i in range(len(self.members)):
+            self.kill(i)
+        for m in self.members:
+            shutil.rmtree(m.data_dir, ignore_errors=True)
+
+    def logs(self, tail_lines: int = 20) -> str:
+        out = []
+        for m in self.members:
+            with contextlib.suppress(OSError):
+                lines = m.log.read_text(errors="replace").splitlines()[-tail_lines:]
+                out.append(f"--- {m.name} ({m.endpoint})\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+@contextlib.contextmanager
+def running_cluster(tmp: Path, size: int = 3) -> Iterator[EtcdCluster]:
+    """A started cluster, stopped (every PID waited for) and removed on exit."""
+    cluster = EtcdCluster(tmp, size)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
