@@ -590,16 +590,20 @@ def test_a_cancel_stopped_by_a_second_interrupt_is_sent_by_the_next_call(
         assert q.get(timeout=2) == "b"
 
 
+@pytest.mark.parametrize("path", ["alone", "shared"])
 def test_an_interrupt_as_the_reader_role_is_taken_does_not_leave_it_taken(
-    shared_daemon: Daemon, uniq: str
+    shared_daemon: Daemon, uniq: str, path: str
 ) -> None:
-    """Ctrl-C just after ``_await`` took the reader role: the next calls do not hang.
+    """Ctrl-C just after a call took the reader role: the next calls do not hang.
 
     A signal handler can run as the lock's ``__exit__`` returns; the role
     was taken outside the ``try`` that gives it back, so every later call of
     the process waited for a reader that was gone (the hang of the random test).
+    Both places that take it: ``_call_alone`` (a thread calling alone) and
+    ``_await`` (the shared path, taken here by a call marked nested).
     """
-    lines, first = inspect.getsourcelines(Channel._await)
+    taker = Channel._call_alone if path == "alone" else Channel._await
+    lines, first = inspect.getsourcelines(taker)
     taken = next(
         first + i for i, line in enumerate(lines) if "self._reading =" in line and "True" in line
     )
@@ -618,15 +622,20 @@ def test_an_interrupt_as_the_reader_role_is_taken_does_not_leave_it_taken(
             return local
 
         def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
-            return local if frame.f_code is Channel._await.__code__ else None
+            return local if frame.f_code is taker.__code__ else None
 
+        nested = path == "shared"
+        if nested:
+            ch._calling.add(threading.get_ident())  # a nested call takes the shared path
         sys.settrace(tracer)
         try:
             with pytest.raises(KeyboardInterrupt):
                 q.get(timeout=WAIT_S)
         finally:
             sys.settrace(None)
-        assert fired, "the interrupt was not raised inside _await"
+            if nested:
+                ch._calling.discard(threading.get_ident())
+        assert fired, f"the interrupt was not raised inside {taker.__name__}"
         q.put("a")
         got: list[Any] = []
         thread = threading.Thread(target=lambda: got.append(q.get(timeout=WAIT_S)), daemon=True)

@@ -89,6 +89,8 @@ _IDLE_CHECK_AFTER_S: Final = 0.05
 #: reply came or the reader role is free (a safety net: wake-ups are sent).
 _READER_CHECK_S: Final = 1.0
 _CANCEL: Final = "cancel"
+#: What ``_call_alone`` returns when another thread took the reader role first.
+_SHARED: Final = object()
 
 _abandoned = threading.local()
 #: Test hook: called in ``_abandon`` just before the cancel is sent (an
@@ -349,6 +351,10 @@ class Channel:
             stale = self._unconfirmed.get(ident)
             if stale is not None:
                 self._abandon(stale, None)  # before this request confirms its answer
+            if not self._reading:
+                value = self._call_alone(parts, decode, ident)
+                if value is not _SHARED:
+                    return value
         slot = _Slot(decode)
         with self._lock:
             if self.dead is not None:
@@ -387,6 +393,129 @@ class Channel:
             self._calling.discard(ident)
             # No call from here to the return: nothing can come in between.
             del self._unconfirmed[ident]
+        return value
+
+    def _call_alone(
+        self, parts: list[bytes], decode: Callable[[Any], Any] | None, ident: int
+    ) -> Any:
+        """``call`` when no other thread reads: send, then read the reply, in one frame.
+
+        The reader role is taken with the request id, under one lock hold,
+        and the reply is read here: no slot, no ``_await``. Other threads
+        that call meanwhile wait for this one to read as in ``_await``, and
+        their replies are handed to them as in ``_read_until``. The
+        interrupt guarantees are ``call``'s, step by step: the role is taken
+        inside the ``try`` that gives it back, a half-sent frame is finished
+        by ``_send``, a frame is marked read only once decoded, and an
+        exception that is not the answer (``raised``) abandons the call.
+        ``decode`` runs after the role is given back (it may call back into
+        the channel). ``_SHARED`` if another thread took the role first.
+        """
+        reading = False
+        rid = 0
+        raised: BaseException | None = None
+        kept: memoryview | None = None
+        try:
+            try:
+                with self._lock:
+                    if self.dead is not None:
+                        raised = ConnectionLost(str(self.dead))
+                        raise raised
+                    if self._reading:
+                        return _SHARED
+                    rid = next(self._rids)
+                    self._reading = reading = True
+                self._unconfirmed[ident] = rid
+                self._calling.add(ident)
+                self._send(parts, rid)
+                fs = self._fs
+                while True:
+                    try:
+                        frame = fs.next_frame_view()
+                    except (OSError, EOFError) as exc:  # TimeoutError is an OSError
+                        self._lost(exc)
+                        raised = self.dead or ConnectionLost("connection to managerd lost")
+                        raise raised from None
+                    self.last_heard = time.monotonic()
+                    if len(frame) < _REPLY_HEAD.size:
+                        self._die(ProtocolError("the daemon sent a frame too short to be a reply"))
+                        raised = self.dead or ConnectionLost("connection to managerd lost")
+                        raise raised
+                    (got,) = _RID.unpack_from(frame)
+                    if got == rid:
+                        break
+                    target = self._pending.get(got)
+                    if target is not None:  # another thread's reply (as in _read_until)
+                        copy = bytes(frame)
+                        with self._lock:
+                            target.frame = copy
+                            self._pending.pop(got, None)
+                            self._wake_all()
+                    fs.done_frame()
+                # The frame stays unread (an interrupt reads it again, then
+                # skips it: no longer anyone's) until its value is out of it.
+                status = frame[_STATUS_AT]
+                if status == _STATUS_RAW:
+                    if decode is None:
+                        value: Any = bytes(frame[_REPLY_HEAD.size :])
+                    else:
+                        fs.done_frame()  # decoded after the role is given back
+                        kept = fs.detach_frame(frame)
+                else:
+                    try:
+                        value = pickle.loads(frame[_REPLY_HEAD.size :])
+                    except Exception as exc:  # an answer that cannot be read (as _Slot.decode)
+                        raised = exc
+                        raise
+                    finally:
+                        fs.done_frame()
+            except BaseException:
+                # An interrupt in the read: go on with the stream if it is
+                # intact (the usual case: it struck inside recv), else close.
+                if reading and not self._fs.recover():
+                    self._die(ConnectionLost("a read was interrupted mid-frame; connection closed"))
+                raise
+            finally:
+                if reading:
+                    # As in _await: the role first (a plain store), then the
+                    # threads that found it taken.
+                    self._reading = False
+                    if self._sleepers:
+                        with self._lock:
+                            self._wake_all()
+            if kept is not None:
+                try:
+                    try:
+                        value = decode(kept[_REPLY_HEAD.size :])  # type: ignore[misc]
+                    except Exception as exc:
+                        raised = exc
+                        raise
+                finally:
+                    self._fs.recycle(kept.obj)
+            elif status != _STATUS_OK and status != _STATUS_RAW:
+                kind, message, args = value
+                if kind == "Key" and args:
+                    raised = KeyError(*args)
+                else:
+                    raised = error_from_kind(kind, message)
+                raise raised
+            elif decode is not None:
+                try:
+                    value = decode(value)
+                except Exception as exc:
+                    raised = exc
+                    raise
+        except BaseException as exc:
+            self._calling.discard(ident)
+            if exc is not raised:
+                if rid:  # an interrupt: as in call
+                    self._abandon(rid, exc)
+            else:
+                self._unconfirmed.pop(ident, None)  # answered (an error, or the connection died)
+            raise
+        # As in call: an interrupt as discard() returns leaves the marker.
+        self._calling.discard(ident)
+        del self._unconfirmed[ident]
         return value
 
     def _send(self, parts: list[bytes], rid: int) -> None:
@@ -577,16 +706,8 @@ class Channel:
         while not slot.done:
             try:
                 frame = fs.next_frame_view()
-            except TimeoutError:
-                self._die(
-                    ConnectionLost(
-                        f"managerd at {self.address[0]}:{self.address[1]} sent nothing for "
-                        f"{self.dead_after_s:.1f}s; the connection is considered dead"
-                    )
-                )
-                return
             except (OSError, EOFError) as exc:
-                self._die(ConnectionLost(f"connection to managerd lost: {exc or 'closed'}"))
+                self._lost(exc)
                 return
             self.last_heard = time.monotonic()
             if len(frame) < _REPLY_HEAD.size:
@@ -616,6 +737,18 @@ class Channel:
                     self._pending.pop(rid, None)
                     self._wake_all()
             fs.done_frame()
+
+    def _lost(self, exc: OSError | EOFError) -> None:
+        """A read failed: the connection is dead, and why."""
+        if isinstance(exc, TimeoutError):
+            self._die(
+                ConnectionLost(
+                    f"managerd at {self.address[0]}:{self.address[1]} sent nothing for "
+                    f"{self.dead_after_s:.1f}s; the connection is considered dead"
+                )
+            )
+        else:
+            self._die(ConnectionLost(f"connection to managerd lost: {exc or 'closed'}"))
 
     @staticmethod
     def _hello_info(hello: dict[str, Any] | None) -> dict[str, Any]:
