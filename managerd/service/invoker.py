@@ -220,6 +220,9 @@ class Outcome:
         return "ok" if self.error is None else error_kind(self.error)
 
 
+#: What :meth:`Invoker.run_or_defer` returns for a call answered later (or never).
+LATER: Final = object()
+
 #: What a client gets for a bug in the daemon (the log has the traceback).
 INTERNAL_MESSAGE: Final = "internal error in the daemon, see its log"
 
@@ -263,8 +266,20 @@ class Invoker:
 
     def run(self, inv: Invocation, on_outcome: Callable[[Outcome], None]) -> None:
         """Run ``inv``; ``on_outcome`` gets its outcome when it may be answered (or never)."""
+        value = self.run_or_defer(inv, on_outcome)
+        if value is not LATER:
+            on_outcome(Outcome(value))
+
+    def run_or_defer(self, inv: Invocation, on_later: Callable[[Outcome], None]) -> Any:
+        """Run ``inv``: its value if it can be answered at once, else :data:`LATER`.
+
+        A value returned is counted already (6): the caller answers it, with
+        no ``Outcome`` in between (the usual call: ping, put, get of what is
+        there). Anything else (an error, a parked call, a ``finish`` to
+        apply, a journal to wait for) goes to ``on_later`` when it may be
+        answered, or never (a cancelled wait).
+        """
         started = time.perf_counter()
-        deliver = partial(self._deliver, inv, started, on_outcome)
         # 1-2: resolve, convert (the dialect's prepare), check: what fails here is
         # the caller's, including a TypeError from converting the caller's values
         # (``dict(*args)`` of a stock create); anything else is still a bug.
@@ -294,8 +309,9 @@ class Invoker:
             if inv.label == "invalid" and inv.typeid is not None:
                 # Counted under its method even if the object was not found.
                 inv.label = self.label(inv.typeid, inv.method)
-            deliver(Outcome(error=exc) if isinstance(exc, TypeError) else self._classify(inv, exc))
-            return
+            outcome = Outcome(error=exc) if isinstance(exc, TypeError) else self._classify(inv, exc)
+            self._deliver(inv, started, on_later, outcome)
+            return LATER
         # 3: call.
         call = Call(inv.session, inv.thread, self.loop)
         try:
@@ -305,18 +321,21 @@ class Invoker:
                 assert spec is not None
                 result = spec.fn(obj, call, *args, **kwargs)
         except Exception as exc:
+            answer: Outcome | None = None
             if isinstance(exc, TypeError) and not isinstance(exc, Refusal):
                 if obj.builtin_type_errors:
                     # A container's method is the builtin's own operation: its
                     # TypeError (an unhashable key, a str index) is the caller's,
                     # as the stdlib object would raise it.
-                    deliver(Outcome(error=exc))
-                    return
-                if body is None and spec is not None and not _binds(spec, obj, call, args, kwargs):
-                    deliver(Outcome(error=BadArgument(f"{inv.label}(): {exc}")))
-                    return
-            deliver(self._classify(inv, exc))
-            return
+                    answer = Outcome(error=exc)
+                elif (
+                    body is None and spec is not None and not _binds(spec, obj, call, args, kwargs)
+                ):
+                    answer = Outcome(error=BadArgument(f"{inv.label}(): {exc}"))
+            if answer is None:
+                answer = self._classify(inv, exc)
+            self._deliver(inv, started, on_later, answer)
+            return LATER
         # 4: settle.
         calls = inv.calls
         undo = inv.method in obj.undo_methods if obj.undo_methods else False
@@ -330,13 +349,19 @@ class Invoker:
                 calls.parked[inv.rid] = parked
             if inv.on_parked is not None:
                 inv.on_parked(obj, inv.method, result)
+            deliver = partial(self._deliver, inv, started, on_later)
             result.add_done_callback(
                 partial(self._settled, inv, finish, give_back, deliver, parked)
             )
-            return
+            return LATER
         if undo and calls is not None and result is not False:
             calls.remember(inv.rid, obj, inv.method, call, args, result)
-        self._answer(inv, finish, give_back, result, deliver)
+        if finish is None and self.store.barrier() is None:
+            # 5-6 at once: nothing to wait for; counted here, answered by the caller.
+            self.stats.record(inv.label, "ok", time.perf_counter() - started)
+            return result
+        self._answer(inv, finish, give_back, result, partial(self._deliver, inv, started, on_later))
+        return LATER
 
     def _settled(
         self,

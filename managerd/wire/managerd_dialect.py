@@ -34,10 +34,18 @@ import pickle
 import struct
 import time
 from functools import partial
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from managerd.safepickle import SafeDecoder
-from managerd.service.invoker import CallTable, Exposed, Invocation, Invoker, Outcome, Prepared
+from managerd.service.invoker import (
+    LATER,
+    CallTable,
+    Exposed,
+    Invocation,
+    Invoker,
+    Outcome,
+    Prepared,
+)
 from managerd.service.requests import RequestStats
 from managerd.store.api import MethodSpec, NoAttribute
 from managerd.store.sessions import Session
@@ -126,7 +134,11 @@ class Dispatcher:
             calls=calls,
             rid=rid,
         )
-        self.invoker.run(invocation, partial(self._reply, sink, rid))
+        value = self.invoker.run_or_defer(invocation, partial(self._reply, sink, rid))
+        if value is None:
+            sink.send_reply(rid, STATUS_OK, _NONE_PICKLE)
+        elif value is not LATER:
+            self._send_value(sink, rid, value)
 
     def refused_decode(self, peer: str, exc: ForbiddenPayload) -> None:
         """Someone with the key sent what the daemon will not decode: one line, counted."""
@@ -137,7 +149,9 @@ class Dispatcher:
         if outcome.error is not None:
             self._send_error(sink, rid, outcome.error)
             return
-        value = outcome.value
+        self._send_value(sink, rid, outcome.value)
+
+    def _send_value(self, sink: ReplySink, rid: int, value: Any) -> None:
         if type(value) is bytes and len(value) >= RAW_REPLY_MIN_BYTES and sink.raw_replies:
             # A large stored payload goes out as it is: no pickling, no copy.
             sink.send_frame_parts(REPLY_HEAD.pack(rid, STATUS_RAW), value)
