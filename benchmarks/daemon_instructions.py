@@ -5,14 +5,17 @@ instructions retired do not. For each checkout, a daemon from it (``python -m
 managerd serve`` with ``PYTHONPATH`` on the checkout, as ``suite.py
 --managerd-from`` starts one) runs under callgrind while this checkout's
 client makes a warm-up, then N calls of the workload; the same with 0 calls
-is subtracted (start, imports, connect, shutdown). Only user-space
-instructions are counted. Timers the daemon runs by the clock (session
-sweeps, fsync intervals) differ a little between the two runs: use enough
-calls (the default) that they do not matter.
+is subtracted (the handshake, the warm-up). Only instructions inside
+uvloop's read callback are counted (``--toggle-collect``: decoding,
+running and answering what arrived, down to the write): the daemon's
+timers (session sweeps, fsync intervals) run by the clock, and a loaded
+machine stretches a run under valgrind, so counting them would make the
+figure depend on the load. Needs uvloop (the default loop when installed).
+Only user-space instructions are counted.
 
 Usage::
 
-    uv run python benchmarks/daemon_instructions.py --checkout /tmp/base --checkout . --calls 2000
+    uv run python benchmarks/daemon_instructions.py --checkout /tmp/base --checkout . --calls 1000
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _drive(port: int, key: bytes, workload: str, calls: int) -> None:
     deadline = time.monotonic() + 600
     while True:
         try:
-            m = connect(("127.0.0.1", port), key)
+            m = connect(("127.0.0.1", port), key, connect_timeout_s=60)
             break
         except Exception:
             if time.monotonic() > deadline:
@@ -81,7 +84,12 @@ def instructions(checkout: Path, workload: str, calls: int) -> int:
         keyfile.flush()
         root = str(checkout.resolve())
         env = dict(os.environ, PYTHONPATH=f"{root}:{root}/clients", PYTHONSAFEPATH="1")
-        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            "--toggle-collect=*uv_stream*on_read*",
+        ]
         serve = ["-m", "managerd", "serve", "--port", str(port), "--authkey-file", keyfile.name]
         daemon = subprocess.Popen(
             [*command, sys.executable, *serve],
@@ -104,7 +112,7 @@ def instructions(checkout: Path, workload: str, calls: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--checkout", action="append", required=True)
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--only", default=",".join(WORKLOADS))
     args = parser.parse_args()
     for workload in args.only.split(","):
