@@ -230,13 +230,9 @@ class StoreHarness:
         """``(name, typeid)`` of every object, sorted."""
         return self.registry.listing()
 
-    def stats(self, obj: Obj) -> dict[str, Any]:
-        """What the store reports of ``obj`` (``depth``, ``waiters``, ``held``...)."""
-        return self._object(obj).describe()
-
     def waiters(self, obj: Obj) -> int:
-        """Calls parked on ``obj`` (0 for an object that never parks one)."""
-        return int(self.stats(obj).get("waiters", 0))
+        """Calls parked on ``obj`` (a store's stats; 0 for an object that never parks one)."""
+        return self._object(obj).waiter_count()
 
     def _object(self, obj: Obj) -> SharedObject:
         return self.registry.get(obj.name, obj.typeid)
