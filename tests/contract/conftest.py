@@ -27,4 +27,3 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreHarne
         yield harness
     finally:
         harness.close()
-

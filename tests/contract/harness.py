@@ -314,10 +314,13 @@ class StoreHarness:
         if not spec.args:
             return args, kwargs
         first = args[0] if args else None
-        out = tuple(
-            _encode(spec.args[name], value, first) if name in spec.args else value
-            for name, value in zip(spec.params, args, strict=False)
-        ) + args[len(spec.params) :]
+        out = (
+            tuple(
+                _encode(spec.args[name], value, first) if name in spec.args else value
+                for name, value in zip(spec.params, args, strict=False)
+            )
+            + args[len(spec.params) :]
+        )
         kw = {
             k: _encode(spec.args[k], v, first) if k in spec.args else v for k, v in kwargs.items()
         }

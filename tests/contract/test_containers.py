@@ -107,7 +107,11 @@ LIST_STEPS: list[Step] = [
     ("__getitem__", (slice(None, None, -2),), lambda x: x[::-2]),
     ("__setitem__", (1, "one"), lambda x: x.__setitem__(1, "one")),
     ("__setitem__", (50, "x"), lambda x: x.__setitem__(50, "x")),
-    ("__setitem__", (slice(0, 2), ["s", "t", "u"]), lambda x: x.__setitem__(slice(0, 2), ["s", "t", "u"])),
+    (
+        "__setitem__",
+        (slice(0, 2), ["s", "t", "u"]),
+        lambda x: x.__setitem__(slice(0, 2), ["s", "t", "u"]),
+    ),
     ("__setitem__", (slice(0, 4, 2), ["w"]), lambda x: x.__setitem__(slice(0, 4, 2), ["w"])),
     ("__contains__", ("a",), lambda x: "a" in x),
     ("__contains__", ("zz",), lambda x: "zz" in x),
@@ -126,7 +130,7 @@ LIST_STEPS: list[Step] = [
     ("__delitem__", (77,), lambda x: x.__delitem__(77)),
     ("reverse", (), lambda x: x.reverse()),
     ("copy", (), lambda x: x.copy()),
-    ("__add__", ([9],), lambda x: x + [9]),
+    ("__add__", ([9],), lambda x: x + [9]),  # noqa: RUF005 (the operator under test)
     ("__mul__", (2,), lambda x: x * 2),
     ("__rmul__", (2,), lambda x: 2 * x),
     ("__imul__", (2,), lambda x: x.__imul__(2) and None),
@@ -228,7 +232,11 @@ def test_array_as_array(store: StoreHarness) -> None:
         ("__setitem__", (9, 1), lambda m: m.__setitem__(9, 1)),
         ("__setitem__", (0, "x"), lambda m: m.__setitem__(0, "x")),
         ("__setitem__", (0, 2**40), lambda m: m.__setitem__(0, 2**40)),
-        ("__setitem__", (slice(0, 3), [7, 8, 9]), lambda m: m.__setitem__(slice(0, 3), array.array("i", [7, 8, 9]))),
+        (
+            "__setitem__",
+            (slice(0, 3), [7, 8, 9]),
+            lambda m: m.__setitem__(slice(0, 3), array.array("i", [7, 8, 9])),
+        ),
         ("tolist", (), lambda m: m.tolist()),
     ]
     run_steps(store, arr, model, steps)

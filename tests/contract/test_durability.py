@@ -11,12 +11,14 @@ fencing tokens never go back.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
+from managerd_client.errors import ArgumentConflict, ServerShuttingDown
+
 from contract.harness import StoreHarness
 from contract.test_containers import DICT_STEPS, LIST_STEPS, run_steps
-from managerd_client.errors import ArgumentConflict, ServerShuttingDown
 
 
 def test_queued_items_survive_in_order(store: StoreHarness) -> None:
@@ -85,13 +87,14 @@ def test_creation_arguments_survive(store: StoreHarness) -> None:
     assert store.objects() == [
         ("a", "Array"), ("b", "Barrier"), ("c", "Condition"), ("l", "RLock"), ("q", "Queue")
     ]  # fmt: skip
-    for typeid, name, args in [
+    conflicts: list[tuple[str, str, dict[str, Any]]] = [
         ("Queue", "q", {"maxsize": 3}),
         ("Queue", "q", {"max_deliveries": 0}),
         ("Barrier", "b", {"parties": 2}),
         ("Condition", "c", {"lock": "m"}),
         ("Array", "a", {"typecode": "i"}),
-    ]:
+    ]
+    for typeid, name, args in conflicts:
         with pytest.raises(ArgumentConflict):
             store.open(typeid, name, **args)
     q = store.open("Queue", "q")

@@ -54,9 +54,7 @@ def _held_condition() -> threading.Condition:
 
 
 #: name -> (the stdlib call, the store's object and call, whether the call must wait)
-Case = tuple[
-    Callable[[Any], Any], Callable[[StoreHarness, str, Any], Any], bool
-]
+Case = tuple[Callable[[Any], Any], Callable[[StoreHarness, str, Any], Any], bool]
 
 
 def _store_queue_get(s: StoreHarness, name: str, v: Any) -> Any:

@@ -44,7 +44,9 @@ def test_a_lock_is_not_reentrant_and_anyone_may_release_it(store: StoreHarness) 
     model = threading.Lock()
     store.call(lock, "acquire")
     model.acquire()
-    same_outcome(outcome(lambda: store.call(lock, "acquire", False)), outcome(lambda: model.acquire(False)))
+    same_outcome(
+        outcome(lambda: store.call(lock, "acquire", False)), outcome(lambda: model.acquire(False))
+    )
     store.call(lock, "release", client=store.new_client())  # as any thread may
     model.release()
     same_outcome(outcome(lambda: store.call(lock, "release")), outcome(model.release))

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from contract.harness import StoreHarness
 from managerd_client.errors import ArgumentConflict, NoSuchObject, ObjectTypeConflict
+
+from contract.harness import StoreHarness
 
 ALL_TYPES = [
     "Queue", "JoinableQueue", "Pipe", "dict", "list", "Namespace", "Value", "Array",
@@ -52,7 +53,8 @@ def test_the_same_name_is_the_same_object(store: StoreHarness) -> None:
     [
         ("Queue", {"maxsize": 3}, {"maxsize": 4}, {"maxsize": 3}),
         ("Queue", {"max_deliveries": 2}, {"max_deliveries": 0}, {"max_deliveries": 2}),
-        ("Queue", {"visibility_timeout_s": 5.0}, {"visibility_timeout_s": 6.0}, {"visibility_timeout_s": 5}),
+        ("Queue", {"visibility_timeout_s": 5.0}, {"visibility_timeout_s": 6.0},
+         {"visibility_timeout_s": 5}),
         ("Semaphore", {"value": 2}, {"value": 3}, {"value": 2}),
         ("Barrier", {"parties": 2}, {"parties": 3}, {"parties": 2}),
         ("Pipe", {"duplex": True}, {"duplex": False}, {"duplex": True}),

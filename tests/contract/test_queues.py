@@ -9,6 +9,7 @@ is checked even when no wait is needed; a NaN wait is a ValueError.
 from __future__ import annotations
 
 import queue
+from functools import partial
 from typing import Any
 
 import pytest
@@ -45,8 +46,8 @@ def test_maxsize_full_and_nowait(store: StoreHarness, typeid: str, maxsize: int)
     model: queue.Queue[int] = queue.Queue(maxsize)
     for i in range(5):
         same_outcome(
-            outcome(lambda i=i: store.call(q, "put_nowait", i)),
-            outcome(lambda i=i: model.put_nowait(i)),
+            outcome(partial(store.call, q, "put_nowait", i)),
+            outcome(partial(model.put_nowait, i)),
             f"put_nowait #{i}",
         )
         assert store.call(q, "full") == model.full()

@@ -162,7 +162,9 @@ class QueueMachine(StoreMachine):
         self.seq += 1
         entry = (self.seq, payload, 0)
         got = outcome(
-            lambda: self.store.call(self.q, "put", (entry[0], payload), block, timeout, client=client)
+            lambda: self.store.call(
+                self.q, "put", (entry[0], payload), block, timeout, client=client
+            )
         )
         want = self._put_rules(block, timeout) or outcome(
             lambda: self.model.put(entry, block, timeout)
@@ -288,7 +290,9 @@ class LockMachine(StoreMachine):
         client = self.client(data)
         if blocking and self.model.locked() and timeout == -1 and not isinstance(timeout, float):
             timeout = SHORT_S  # -1 would wait for ever
-        got = outcome(lambda: self.store.call(self.lock, "acquire", blocking, timeout, client=client))
+        got = outcome(
+            lambda: self.store.call(self.lock, "acquire", blocking, timeout, client=client)
+        )
         want = outcome(lambda: self.model.acquire(blocking, timeout))
         if got.ok and got.value is not False:
             assert want.value is True, (got, want)

@@ -92,13 +92,9 @@ def test_notify_n_and_notify_all(store: StoreHarness) -> None:
 def test_condition_calls_need_the_lock(store: StoreHarness, method: str) -> None:
     cond = store.open("Condition", "c")
     model = threading.Condition()
-    same_outcome(
-        outcome(lambda: store.call(cond, method)), outcome(getattr(model, method)), method
-    )
+    same_outcome(outcome(lambda: store.call(cond, method)), outcome(getattr(model, method)), method)
     store.call(cond, "acquire", client=store.new_client())  # held by someone else
-    same_outcome(
-        outcome(lambda: store.call(cond, method)), outcome(getattr(model, method)), method
-    )
+    same_outcome(outcome(lambda: store.call(cond, method)), outcome(getattr(model, method)), method)
 
 
 def test_condition_on_a_named_lock_shares_it(store: StoreHarness) -> None:
@@ -218,7 +214,9 @@ def test_a_one_party_barrier_never_waits(store: StoreHarness) -> None:
      {"parties": 2, "timeout": -1}, {"parties": 2, "timeout": float("nan")},
      {"parties": 2, "timeout": float("inf")}, {"parties": 2, "timeout": "1"}],
 )  # fmt: skip
-def test_barrier_creation_arguments_are_checked(store: StoreHarness, args: dict[str, object]) -> None:
+def test_barrier_creation_arguments_are_checked(
+    store: StoreHarness, args: dict[str, object]
+) -> None:
     with pytest.raises((ValueError, TypeError, OverflowError)):
         store.open("Barrier", "b", **args)
     assert "b" not in dict(store.objects())
