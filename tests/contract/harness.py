@@ -8,12 +8,14 @@ same data directory. Everything store-specific is here, so a second store
 (etcd) is one more ``kind`` in :meth:`StoreHarness.create` and nothing
 else changes.
 
-Today the only store is the in-memory one with its journal, driven through
-its own classes as ``ServerCore`` wires them (``Registry``, ``Journal``,
-``TokenSource``, ``Session``); an object method is called as the invoker
-calls it (``spec.fn(obj, call, *args)``), with no socket and no
-subprocess: a call that must wait returns a future, which the harness
-settles by running the event loop it owns.
+The stores are driven through the ``Store`` interface
+(``managerd/store/interface.py``): get-or-create, get, delete, listing,
+``release`` of a session, ``shutdown``, ``stats_of``; an object's method is
+called as the invoker calls it (``spec.fn(handle, call, *args)``), with no
+socket and no subprocess: a call that must wait returns a future, which
+the harness settles by running the event loop it owns. Only making a store
+and closing it (its journal, on its data directory) is per kind: today the
+in-memory store (``MemoryStore``), wired as ``ServerCore`` wires it.
 
 What a client library does is done here too, so that tests read like the
 standard library they are compared with: payload arguments are pickled and
@@ -36,9 +38,10 @@ from typing import Any, Final
 
 from managerd.service.invoker import CALLER_ERRORS
 from managerd.store.api import Call, Conv, MethodSpec, Refusal
-from managerd.store.memory.base import SharedObject
+from managerd.store.interface import Handle, Store
+from managerd.store.memory.deadlock import DeadlockMode, Detector
 from managerd.store.memory.journal import FsyncMode, Journal
-from managerd.store.memory.registry import Registry
+from managerd.store.memory.store import MemoryStore
 from managerd.store.memory.tokens import TokenSource
 from managerd.store.sessions import Session, SessionKind
 
@@ -149,35 +152,33 @@ class StoreHarness:
         self.loop = asyncio.new_event_loop()
         self._clients: list[Client] = []
         self._journal: Journal | None = None
-        self.registry = self._open_store()
+        #: The wait-for graph's walker, given to every session (as the daemon's default).
+        self._detector = Detector(DeadlockMode.REPORT)
+        self._memory = self._open_store()
+        self.store: Store = self._memory
         #: The client a call is made as unless it names another.
         self.client = self.new_client("main")
 
     # -- the store's life -------------------------------------------------------------
-    def _open_store(self) -> Registry:
+    def _open_store(self) -> MemoryStore:
         """What ``ServerCore`` and ``ServerCore.recover`` do, minus the network."""
-        registry = Registry(self.loop, TokenSource(self.data_dir))
+        store = MemoryStore(self.loop, TokenSource(self.data_dir), self._detector)
         journal = Journal(self.data_dir, FsyncMode.INTERVAL, 1.0)
-        records, _ = journal.recover()
-        registry.replay(records)
-        journal.open(self.loop)
-        registry.attach(journal)
-        if records:
-            journal.compact(registry.state_records())
+        store.recover(journal, repair=False)
         self._journal = journal
-        return registry
+        return store
 
     def _close_store(self) -> None:
         """A clean stop: waiters fail with ``ServerShuttingDown``, the journal is written."""
-        self.registry.shutdown()
+        self.store.shutdown()
         self.settle()
         journal, self._journal = self._journal, None
         if journal is not None:
             self.loop.run_until_complete(journal.close())
-        for obj in self.registry:
+        for obj in self._memory:
             obj.journal = None  # nothing the old objects do now is the new store's
         for client in self._clients:
-            client.session.end()
+            self.store.release(client.session)
 
     def restart(self) -> None:
         """Stop the store and open it again on the same data directory.
@@ -186,7 +187,8 @@ class StoreHarness:
         restart): what the old ones held or waited for is gone with them.
         """
         self._close_store()
-        self.registry = self._open_store()
+        self._memory = self._open_store()
+        self.store = self._memory
         for client in self._clients:
             client.session = self._session(client.label)
 
@@ -199,7 +201,9 @@ class StoreHarness:
 
     # -- clients ----------------------------------------------------------------------
     def _session(self, label: str) -> Session:
-        return Session(SessionKind.MANAGERD, f"contract-{label}", {"host": "test", "pid": 0})
+        session = Session(SessionKind.MANAGERD, f"contract-{label}", {"host": "test", "pid": 0})
+        session.deadlocks = self._detector
+        return session
 
     def new_client(self, label: str | None = None) -> Client:
         client = Client(label or f"client-{len(self._clients)}", self._session(label or "c"))
@@ -211,7 +215,7 @@ class StoreHarness:
 
         The client gets a fresh session for any later call.
         """
-        client.session.end()
+        self.store.release(client.session)
         client.session = self._session(client.label)
 
     # -- objects ----------------------------------------------------------------------
@@ -220,22 +224,22 @@ class StoreHarness:
         conv = _CONTENTS_TYPES.get(typeid)
         if conv is not None and "contents" in args:
             args["contents"] = _encode(conv, args["contents"], None)
-        self.registry.get_or_create(typeid, name, args)
+        self.store.get_or_create(typeid, name, args)
         return Obj(typeid, name)
 
     def delete(self, name: str) -> bool:
-        return self.registry.delete(name)
+        return self.store.delete(name)
 
     def objects(self) -> list[tuple[str, str]]:
         """``(name, typeid)`` of every object, sorted."""
-        return self.registry.listing()
+        return self.store.listing()
 
     def waiters(self, obj: Obj) -> int:
-        """Calls parked on ``obj`` (a store's stats; 0 for an object that never parks one)."""
-        return self._object(obj).waiter_count()
+        """Calls parked on ``obj`` (its stats; 0 for an object that never parks one)."""
+        return int(getattr(self.store.stats_of(self._object(obj)), "waiters", 0))
 
-    def _object(self, obj: Obj) -> SharedObject:
-        return self.registry.get(obj.name, obj.typeid)
+    def _object(self, obj: Obj) -> Handle:
+        return self.store.get(obj.name, obj.typeid)
 
     # -- calls --------------------------------------------------------------------
     def start(
@@ -328,7 +332,7 @@ class StoreHarness:
 
     @staticmethod
     def _check_caller_error(
-        target: SharedObject,
+        target: Handle,
         spec: MethodSpec,
         call: Call,
         args: tuple[Any, ...],
