@@ -79,13 +79,26 @@ class Client:
         return f"Client({self.label})"
 
 
+@dataclass(frozen=True)
+class _Made:
+    """A call as the store was given it (for giving it up or undoing it)."""
+
+    handle: Handle
+    method: str
+    call: Call
+    args: tuple[Any, ...]
+
+
 class Pending:
     """A call that may still be waiting (a parked waiter)."""
 
-    def __init__(self, harness: StoreHarness, future: asyncio.Future[Any], decode: Any) -> None:
+    def __init__(
+        self, harness: StoreHarness, future: asyncio.Future[Any], decode: Any, made: _Made
+    ) -> None:
         self._harness = harness
         self.future = future
         self._decode = decode
+        self.made = made
 
     def done(self) -> bool:
         """Whether it completed (with a value or an error); a test may ``settle`` first."""
@@ -261,6 +274,7 @@ class StoreHarness:
             raise AttributeError(f"{obj.typeid} has no method {method!r}")
         args, kwargs = self._encode_args(spec, args, kwargs)
         call = Call((client or self.client).session, thread, self.loop)
+        made = _Made(target, method, call, args)
         try:
             result = spec.fn(target, call, *args, **kwargs)
         except Exception as exc:
@@ -268,10 +282,10 @@ class StoreHarness:
             raise
         decode = _decode_reserved if method == "reserve" else lambda v: _decode(spec.result, v)
         if isinstance(result, asyncio.Future):
-            return Pending(self, result, decode)
+            return Pending(self, result, decode, made)
         done: asyncio.Future[Any] = self.loop.create_future()
         done.set_result(result)
-        return Pending(self, done, decode)
+        return Pending(self, done, decode, made)
 
     def call(
         self,
@@ -300,6 +314,23 @@ class StoreHarness:
                 raise DaemonBug(f"a parked call failed with {exc!r}") from exc
             raise exc
         return pending._decode(future.result())
+
+    # -- interrupted calls (README "Interrupts") ------------------------------------------
+    def abandon(self, pending: Pending, *, stock: bool = False) -> None:
+        """The client was interrupted in the parked call: it gives it up."""
+        made = pending.made
+        self.store.abandon(made.handle, made.method, made.call.session, pending.future, stock=stock)
+
+    def cancel(self, pending: Pending) -> None:
+        """The parked call's answer could reach nobody: drop it as a session's end would."""
+        self.store.cancel(pending.made.call.session, pending.future)
+
+    def undo(self, pending: Pending) -> None:
+        """The client was interrupted after the answer came: what it handed over goes back."""
+        made = pending.made
+        assert made.method in made.handle.undo_methods, f"{made.method} cannot be undone"
+        result = pending.future.result()
+        self.store.undo(made.handle, made.method, made.call, made.args, result)
 
     def settle(self) -> None:
         """Let everything that is due now run (callbacks, not timers in the future)."""
