@@ -4,9 +4,11 @@ The subprocess suite's state machines (``tests/test_stateful_*.py``) drive
 the daemon through real clients; these drive the store through the
 harness, with the standard-library object as the model: ``queue.Queue``
 (extended with reserved deliveries, which go back to the front when
-nacked, when their session ends or when the store restarts) and
+nacked, when their session ends or when the store restarts),
 ``threading.Lock`` (with its holder's session: a session that ends
-releases it). Rules call from several client sessions with hostile
+releases it), an RLock's owner (a session and a thread) and depth, and
+``threading.Semaphore``/``BoundedSemaphore`` with the permits each session
+holds. Rules call from several client sessions with hostile
 timeouts; after every step the store's depth, reservations and waiters
 must match the model, and every put is delivered exactly once or still
 there (each item carries a sequence number).
@@ -332,8 +334,166 @@ class LockMachine(StoreMachine):
             assert self.store.call(self.lock, "fencing_token") == self.last_token
 
 
+#: An actor: one thread of one client (an RLock is owned by a session and a thread).
+Actor = tuple[Client, int]
+
+
+class RLockMachine(StoreMachine):
+    """An RLock owned per session and thread; its model is an owner and a depth.
+
+    A call's arguments are checked as ``threading.RLock`` checks them (the
+    model's errors are a free stdlib lock's for the same arguments).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = self.store.open("RLock", "r")
+        self.owner: Actor | None = None
+        self.depth = 0
+        self.token = 0
+
+    def actor(self, data: st.DataObject) -> Actor:
+        return (self.client(data), data.draw(st.sampled_from([0, 1]), label="thread"))
+
+    def _mine(self, actor: Actor) -> bool:
+        return self.owner is not None and self.owner[0] is actor[0] and self.owner[1] == actor[1]
+
+    @rule(data=st.data(), blocking=st.booleans(), timeout=TIMEOUTS | st.just(-1))
+    def acquire(self, data: st.DataObject, blocking: bool, timeout: Any) -> None:
+        client, thread = actor = self.actor(data)
+        held_by_other = self.owner is not None and not self._mine(actor)
+        if blocking and held_by_other and timeout == -1 and not isinstance(timeout, float):
+            timeout = SHORT_S  # -1 would wait for ever
+        got = outcome(
+            lambda: self.store.call(
+                self.lock, "acquire", blocking, timeout, client=client, thread=thread
+            )
+        )
+        checked = outcome(lambda: threading.RLock().acquire(blocking, timeout))
+        if not checked.ok:
+            same_outcome(got, checked, f"acquire({blocking}, {timeout!r})")
+            return
+        assert got.ok, got
+        if held_by_other:
+            assert got.value is False, got
+            return
+        if self.owner is None:
+            assert isinstance(got.value, int) and got.value > self.token, (got, self.token)
+            self.owner, self.depth, self.token = actor, 1, got.value
+        else:
+            assert got.value == self.token, (got, self.token)  # re-entry: the same holding
+            self.depth += 1
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        client, thread = actor = self.actor(data)
+        got = outcome(lambda: self.store.call(self.lock, "release", client=client, thread=thread))
+        if not self._mine(actor):
+            assert isinstance(got.error, RuntimeError), got
+            return
+        assert got.ok, got
+        self.depth -= 1
+        if not self.depth:
+            self.owner = None
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        if self.owner is not None and self.owner[0] is client:
+            self.owner, self.depth = None, 0
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()
+        self.owner, self.depth = None, 0
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        assert self.store.call(self.lock, "locked") == (self.owner is not None)
+        assert self.store.waiters(self.lock) == 0
+
+
+class SemaphoreMachine(StoreMachine):
+    """A (bounded) semaphore against ``threading``'s, with the permits each session holds."""
+
+    @initialize(bounded=st.booleans(), value=st.integers(0, 3))
+    def create(self, bounded: bool, value: int) -> None:
+        self.typeid = "BoundedSemaphore" if bounded else "Semaphore"
+        self.initial = value
+        self.sem = self.store.open(self.typeid, "s", value=value)
+        self.model: threading.Semaphore = getattr(threading, self.typeid)(value)
+        #: Permits each client holds (a release by anyone takes its own first).
+        self.held: dict[Client, int] = {}
+
+    @rule(data=st.data(), blocking=st.booleans(), timeout=TIMEOUTS | st.none())
+    def acquire(self, data: st.DataObject, blocking: bool, timeout: Any) -> None:
+        client = self.client(data)
+        free = self.model._value > 0
+        if is_number(timeout) and timeout == -1:
+            # The store's -1 is None (what older clients send; README "Errors").
+            timeout = None
+        if blocking and not free and timeout is None:
+            timeout = SHORT_S  # would wait for ever
+        got = outcome(
+            lambda: self.store.call(self.sem, "acquire", blocking, timeout, client=client)
+        )
+        if blocking and not free and is_nan(timeout):
+            want = Outcome(error=ValueError("NaN wait"))
+        elif not blocking and timeout is not None:
+            want = Outcome(error=ValueError("can't specify timeout for non-blocking acquire"))
+        elif blocking and not is_number(timeout) and timeout is not None:
+            want = Outcome(error=TypeError(f"timeout {timeout!r}"))  # checked even when free
+        else:
+            want = outcome(lambda: self.model.acquire(blocking, timeout))
+        if got.ok and want.ok:
+            assert bool(got.value) == want.value, (got, want)
+            if want.value:
+                self.held[client] = self.held.get(client, 0) + 1
+            return
+        same_outcome(got, want, f"acquire({blocking}, {timeout!r})")
+
+    @rule(data=st.data(), n=st.integers(-1, 3))
+    def release(self, data: st.DataObject, n: int) -> None:
+        client = self.client(data)
+        got = outcome(lambda: self.store.call(self.sem, "release", n, client=client))
+        want = outcome(lambda: self.model.release(n))
+        same_outcome(got, want, f"release({n})")
+        if want.ok:
+            for holder in [client, *(c for c in self.held if c is not client)]:
+                taken = min(self.held.get(holder, 0), n)
+                n -= taken
+                if taken:
+                    self.held[holder] -= taken
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        n = self.held.pop(client, 0)
+        if n:
+            self.model.release(n)
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()  # permits are not durable: back to the initial value
+        self.model = getattr(threading, self.typeid)(self.initial)
+        self.held.clear()
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        if hasattr(self, "sem"):
+            assert self.store.call(self.sem, "get_value") == self.model._value
+            assert self.store.waiters(self.sem) == 0
+
+
+MACHINES = [QueueMachine, LockMachine, RLockMachine, SemaphoreMachine]
+
+
 @pytest.mark.parametrize("kind", STORE_KINDS)
-@pytest.mark.parametrize("machine", [QueueMachine, LockMachine], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("machine", MACHINES, ids=lambda m: m.__name__)
 def test_store_against_the_model(kind: str, machine: type[StoreMachine]) -> None:
     machine.kind = kind
     run_state_machine_as_test(machine, settings=SETTINGS)
