@@ -44,6 +44,7 @@ from managerd.store.memory.journal import FsyncMode, Journal
 from managerd.store.memory.store import MemoryStore
 from managerd.store.memory.tokens import TokenSource
 from managerd.store.sessions import Session, SessionKind
+from managerd.store.stats import ObjectStats, StoreStats
 
 #: The stores the suite runs over (the ``store`` fixture's parameters).
 STORE_KINDS: Final = ("memory",)
@@ -250,6 +251,28 @@ class StoreHarness:
     def waiters(self, obj: Obj) -> int:
         """Calls parked on ``obj`` (its stats; 0 for an object that never parks one)."""
         return int(getattr(self.store.stats_of(self._object(obj)), "waiters", 0))
+
+    def stats(self, obj: Obj) -> ObjectStats:
+        """The store's snapshot of ``obj`` (what metrics, status and the page read)."""
+        return self.store.stats_of(self._object(obj))
+
+    def all_stats(self) -> StoreStats:
+        return self.store.stats()
+
+    def snapshot(self, obj: Obj) -> Any:
+        """``obj``'s whole value (a stock client's ``_getvalue()``), payloads unpickled."""
+        snap = self.store.snapshot(self._object(obj))
+        return _decode(snap.conv, snap.value)
+
+    def would_hand_out(self, obj: Obj, method: str, *args: Any, **kwargs: Any) -> Any:
+        """What the removing call ``method(*args)`` would hand out, unpickled (None: nothing)."""
+        handle = self._object(obj)
+        call = Call(self.client.session, 0, self.loop)
+        return _loads(self.store.would_hand_out(handle, method, call, args, kwargs))
+
+    def deadlocks(self) -> list[dict[str, Any]]:
+        """The cycles of waiting clients that stand now."""
+        return self.store.deadlocks()
 
     def _object(self, obj: Obj) -> Handle:
         return self.store.get(obj.name, obj.typeid)
