@@ -9,11 +9,12 @@ party's session ends breaks (``test_sessions.py``).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
 from contract.harness import StoreHarness
-from contract.outcomes import outcome, same_outcome
+from contract.outcomes import Outcome, outcome, same_outcome
 
 SHORT_S = 0.02
 
@@ -95,6 +96,33 @@ def test_condition_calls_need_the_lock(store: StoreHarness, method: str) -> None
     same_outcome(outcome(lambda: store.call(cond, method)), outcome(getattr(model, method)), method)
     store.call(cond, "acquire", client=store.new_client())  # held by someone else
     same_outcome(outcome(lambda: store.call(cond, method)), outcome(getattr(model, method)), method)
+
+
+def _stdlib_notify(waiting: int, n: Any) -> Outcome:
+    """What ``threading.Condition.notify(n)`` does with ``waiting`` threads: how many stay."""
+    cond = threading.Condition()
+    for _ in range(waiting):  # a waiting thread is a held lock in the condition's list
+        waiter = threading.Lock()
+        waiter.acquire()
+        cond._waiters.append(waiter)  # type: ignore[attr-defined]
+    with cond:
+        got = outcome(lambda: cond.notify(n))
+    return got if not got.ok else Outcome(value=len(cond._waiters))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("waiting", [0, 3])
+@pytest.mark.parametrize("n", [1, 2, 5, 0, -1, 1.5, True, 2**70, "1", None, [1]], ids=repr)
+def test_notify_n_as_the_stdlib(store: StoreHarness, waiting: int, n: Any) -> None:
+    cond = store.open("Condition", "c")
+    for _ in range(waiting):
+        client = store.new_client()
+        store.call(cond, "acquire", client=client)
+        store.start(cond, "wait", client=client)
+    store.call(cond, "acquire")
+    got = outcome(lambda: store.call(cond, "notify", n))
+    if got.ok:
+        got = Outcome(value=store.waiters(cond))
+    same_outcome(got, _stdlib_notify(waiting, n), f"notify({n!r}) with {waiting} waiting")
 
 
 def test_condition_on_a_named_lock_shares_it(store: StoreHarness) -> None:
