@@ -241,6 +241,10 @@ class StoreHarness:
         self.store.get_or_create(typeid, name, args)
         return Obj(typeid, name)
 
+    def methods(self, typeid: str) -> list[str]:
+        """The names of the methods a client may call on a ``typeid``."""
+        return list(self.store.types[typeid].methods)
+
     def delete(self, name: str) -> bool:
         return self.store.delete(name)
 

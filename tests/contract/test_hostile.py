@@ -18,6 +18,7 @@ type. Deliberate differences (README "Checked against models"):
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from contract.harness import StoreHarness
+from contract.harness import DaemonBug, StoreHarness
 from contract.outcomes import Outcome, outcome, same_outcome
 
 HOSTILE = [
@@ -181,3 +182,51 @@ def test_lock_acquire_blocking_and_timeout_together(
     lock = store.open("Lock", "l")
     got = outcome(lambda: bool(store.call(lock, "acquire", blocking, timeout)))
     same_outcome(got, outcome(lambda: threading.Lock().acquire(blocking, timeout)))
+
+
+#: Builtin values of every kind a request may carry, hostile ones included.
+ANY_ARGUMENT = [
+    None, True, -1, 0, 2, 10**30, -(2**63), 2**63, 1.5, float("nan"), float("inf"), "x", b"x",
+    [1], (1, 2), {"a": 1}, slice(0, 2),
+]  # fmt: skip
+ALL_TYPES = [
+    "Queue", "JoinableQueue", "Pipe", "dict", "list", "Namespace", "Value", "Array",
+    "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Event", "Condition", "Barrier",
+]  # fmt: skip
+#: A little state, so that methods reach past their emptiness checks.
+SETUP: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "Queue": ("put", (1,)),
+    "JoinableQueue": ("put", (1,)),
+    "Pipe": ("send", (0, "m")),
+    "dict": ("__setitem__", ("a", 1)),
+    "list": ("append", (1,)),
+    "Lock": ("acquire", ()),
+    "RLock": ("acquire", ()),
+    "Condition": ("acquire", ()),
+}
+
+
+@pytest.mark.parametrize("typeid", ALL_TYPES)
+def test_no_argument_makes_a_daemon_bug(store: StoreHarness, typeid: str) -> None:
+    """Every method with up to two arguments of any builtin kind: a result, a parked
+    call, or the caller's error; never an exception the daemon would answer as its
+    own bug (the harness raises ``DaemonBug`` for one)."""
+    methods = sorted(store.methods(typeid))
+    assert methods
+    for method in methods:
+        for count in range(3):
+            for args in itertools.product(ANY_ARGUMENT, repeat=count):
+                store.delete("x")
+                obj = store.open(typeid, "x")
+                if typeid in SETUP:
+                    store.call(obj, SETUP[typeid][0], *SETUP[typeid][1])
+                try:
+                    pending = store.start(obj, method, *args)
+                except DaemonBug:
+                    raise
+                except Exception:
+                    continue  # the caller's error
+                if not pending.done():
+                    store.cancel(pending)
+                elif not pending.future.cancelled() and pending.future.exception() is not None:
+                    outcome(pending.result)  # a DaemonBug, if any, is raised

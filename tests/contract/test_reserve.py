@@ -61,6 +61,18 @@ def test_only_the_reserving_session_settles_a_delivery(store: StoreHarness) -> N
     store.call(q, "ack", did)
 
 
+@pytest.mark.parametrize("did", ["1", [1], {"a": 1}, None, 1.0])
+@pytest.mark.parametrize("method", ["ack", "nack", "extend"])
+def test_a_delivery_id_is_an_int(store: StoreHarness, method: str, did: object) -> None:
+    q = store.open("Queue", "q")
+    store.call(q, "put", "a")
+    store.call(q, "reserve")
+    args = (did, 1.0) if method == "extend" else (did,)
+    with pytest.raises(TypeError):
+        store.call(q, method, *args)
+    assert store.call(q, "reserved_count") == 1
+
+
 def test_visibility_timeout_redelivers_at_the_front(store: StoreHarness) -> None:
     q = store.open("Queue", "q", visibility_timeout_s=VISIBILITY_S)
     store.call(q, "put_many", ["a", "b"])
