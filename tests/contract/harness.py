@@ -19,7 +19,8 @@ in-memory store (``MemoryStore``), wired as ``ServerCore`` wires it.
 
 What a client library does is done here too, so that tests read like the
 standard library they are compared with: payload arguments are pickled and
-payload results unpickled as each method's ``MethodSpec`` says. And the
+payload results unpickled as each method's ``MethodSpec`` says, and every
+other argument reaches the store as a fresh copy, as from the wire. And the
 invoker's rule of whose error it is applies (``service/invoker.py``): an
 exception that is not one a method raises on purpose is a daemon bug, and
 is raised as :class:`DaemonBug`, never mistaken for the caller's error that
@@ -125,7 +126,15 @@ def _encode(conv: Conv, value: Any, first: Any) -> Any:
     if conv is Conv.PAIRS:
         pairs = value.items() if isinstance(value, Mapping) else value
         return [(k, pickle.dumps(v)) for k, v in pairs]
-    return value
+    return _copied(value)
+
+
+def _copied(value: Any) -> Any:
+    """``value`` as a store receives it from the wire: a fresh copy, never the caller's object.
+
+    (A NaN key is then a new NaN, which finds nothing in a dict, as over the wire.)
+    """
+    return pickle.loads(pickle.dumps(value))
 
 
 def _loads(value: Any) -> Any:
@@ -373,19 +382,16 @@ class StoreHarness:
     def _encode_args(
         spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if not spec.args:
-            return args, kwargs
         first = args[0] if args else None
-        out = (
-            tuple(
-                _encode(spec.args[name], value, first) if name in spec.args else value
-                for name, value in zip(spec.params, args, strict=False)
-            )
-            + args[len(spec.params) :]
-        )
-        kw = {
-            k: _encode(spec.args[k], v, first) if k in spec.args else v for k, v in kwargs.items()
-        }
+
+        def encode(name: str, value: Any) -> Any:
+            conv = spec.args.get(name)
+            return _copied(value) if conv is None else _encode(conv, value, first)
+
+        named = zip(spec.params, args, strict=False)
+        out = tuple(encode(name, value) for name, value in named)
+        out += tuple(map(_copied, args[len(spec.params) :]))
+        kw = {k: encode(k, v) for k, v in kwargs.items()}
         return out, kw
 
     @staticmethod
