@@ -23,6 +23,9 @@ the first implementation (objects on the event loop, a journal on disk).
 - ``check_writable`` refuses a mutation up front while the store cannot
   keep it; ``barrier`` is None, or a future done once everything changed so
   far is durable (an answer waits for it).
+- ``types``: the memory store's types and methods (``tests/contract/``
+  says what they mean). The stock dialect composes a few: a stock ``get``
+  is ``reserve``, then ``ack`` or ``nack`` (expected to answer at once).
 """
 
 from __future__ import annotations
@@ -110,8 +113,9 @@ class Store(Protocol):
     def would_hand_out(
         self, obj: Handle, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bytes | None:
-        """The payload a removing call would hand out, left in place (a caller that
-        must decode it refuses first); None if none, or if the call will fail."""
+        """The stored payload the call would hand out (``pop``, ``setdefault``...),
+        read without making it: a caller that must decode it refuses first.
+        None if none, or if the call will fail by itself."""
 
     def snapshot(self, obj: Handle) -> Snapshot:
         """The whole value (BadArgument for a lock, an event...: nothing to copy)."""
@@ -125,7 +129,8 @@ class Store(Protocol):
     def stats(self) -> StoreStats:
         """Every object's stats; safe from another thread (the metrics scrape)."""
 
-    def stats_of(self, obj: Handle) -> ObjectStats: ...
+    def stats_of(self, obj: Handle) -> ObjectStats:
+        """One object's stats (``peek``)."""
 
     def deadlocks(self) -> list[dict[str, Any]]:
         """The cycles of waiting sessions that stand now (on the loop)."""

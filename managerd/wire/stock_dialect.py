@@ -451,16 +451,10 @@ class StockAdapter:
     ) -> Prepared:
         """``setdefault(key, default=None)``; an existing value must decode."""
         key, default = _setdefault_params(*args, **kwds)
-        encoded = self.encode(default)
-
-        def run(obj: Any, call: Call) -> Any:
-            current = obj.methods["get"].fn(obj, call, key)
-            if current is None:
-                obj.methods["setdefault"].fn(obj, call, key, encoded)
-                return default
-            return self.decode(current)
-
-        return Prepared((key, encoded), {}, body=run)
+        current = self.store.would_hand_out(obj, "setdefault", call, (key,), {})
+        if current is not None:
+            self.decode(current)
+        return Prepared((key, self.encode(default)), {}, finish=self.decode)
 
 
 # -- creation with contents ------------------------------------------------------------

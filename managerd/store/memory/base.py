@@ -303,7 +303,7 @@ class SharedObject:
     def would_hand_out(
         self, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bytes | None:
-        """The payload the removing call ``method`` would hand out, left in place."""
+        """The stored payload the call ``method`` would hand out, read without making it."""
         return None
 
     # -- durability (journal records; see store/memory/journal.py) --------------------

@@ -171,7 +171,7 @@ class Dict(_Contents):
     def would_hand_out(
         self, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bytes | None:
-        if method == "pop":
+        if method in ("pop", "setdefault"):
             key = args[0] if args else kwargs.get("key")
             return self.get(call, key)
         if method == "popitem":

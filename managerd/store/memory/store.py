@@ -7,9 +7,8 @@ a data directory, a :class:`Journal` keeps what must survive a restart;
 fencing tokens come from a :class:`TokenSource`, and a :class:`Detector`
 walks the wait-for graph as locks park their waiters.
 
-Usable in-process (the contract suite): ``MemoryStore(loop, TokenSource(None),
-Detector())``, then calls on the handles it returns with an ``api.Call``
-of a ``Session``.
+Usable in-process (the contract suite): ``MemoryStore(loop)``, then calls
+on the handles it returns with an ``api.Call`` of a ``Session``.
 """
 
 from __future__ import annotations
@@ -40,11 +39,15 @@ class MemoryStore(Registry):
     types: Mapping[str, TypeInfo] = TYPE_INFO
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, tokens: TokenSource, deadlocks: Detector
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tokens: TokenSource | None = None,
+        deadlocks: Detector | None = None,
     ) -> None:
-        super().__init__(loop, tokens)
+        """``tokens`` None: tokens kept in memory only; ``deadlocks`` None: a reporting one."""
+        super().__init__(loop, tokens if tokens is not None else TokenSource())
         #: The wait-for graph's walker (sessions are given it: ``SessionTable``).
-        self.detector = deadlocks
+        self.detector = deadlocks if deadlocks is not None else Detector()
 
     # -- parked and answered calls ---------------------------------------------------
     def abandon(
