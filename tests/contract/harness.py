@@ -182,7 +182,7 @@ class StoreHarness:
         #: The client a call is made as unless it names another.
         self.client = self.new_client("main")
 
-    # -- the store's life -------------------------------------------------------------
+    # -- the store's life (what differs per kind) ----------------------------------------
     def _open_store(self) -> MemoryStore:
         """What ``ServerCore`` and ``ServerCore.recover`` do, minus the network."""
         store = MemoryStore(self.loop, TokenSource(self.data_dir), self._detector)
@@ -229,7 +229,8 @@ class StoreHarness:
         return session
 
     def new_client(self, label: str | None = None) -> Client:
-        client = Client(label or f"client-{len(self._clients)}", self._session(label or "c"))
+        label = label or f"client-{len(self._clients)}"
+        client = Client(label, self._session(label))
         self._clients.append(client)
         return client
 
@@ -245,8 +246,10 @@ class StoreHarness:
     def open(self, typeid: str, name: str, **args: Any) -> Obj:
         """Get or create ``name`` as a ``typeid`` with creation ``args`` (plain values)."""
         conv = _CONTENTS_TYPES.get(typeid)
-        if conv is not None and "contents" in args:
-            args["contents"] = _encode(conv, args["contents"], None)
+        args = {
+            k: _encode(conv, v, None) if conv is not None and k == "contents" else _copied(v)
+            for k, v in args.items()
+        }
         self.store.get_or_create(typeid, name, args)
         return Obj(typeid, name)
 
