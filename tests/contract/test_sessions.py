@@ -144,3 +144,17 @@ def test_nothing_is_held_by_an_ended_session(store: StoreHarness) -> None:
     assert store.call(q, "reserved_count") == 0
     assert store.waiters(q) == 0
     assert store.call(q, "get_many", 5) == [1, 2]
+
+
+def test_what_an_ended_session_gives_back_never_goes_to_its_own_waits(
+    store: StoreHarness,
+) -> None:
+    q = store.open("Queue", "q")
+    store.call(q, "put", "a")
+    client = store.new_client()
+    store.call(q, "reserve", client=client)
+    own = store.start(q, "get", client=client)
+    other = store.start(q, "get", client=store.new_client(), thread=1)
+    store.end_session(client)
+    assert own.cancelled()
+    assert other.result() == "a"

@@ -9,10 +9,12 @@ nacked, when their session ends or when the store restarts),
 releases it), an RLock's owner (a session and a thread) and depth, and
 ``threading.Semaphore``/``BoundedSemaphore`` with the permits each session
 holds; and a durability machine: hostile changes to every durable type,
-then a restart must give back every object as it was. Rules call from several client sessions with hostile
-timeouts; after every step the store's depth, reservations and waiters
-must match the model, and every put is delivered exactly once or still
-there (each item carries a sequence number).
+then a restart must give back every object as it was. Rules call from
+several client sessions with hostile timeouts, and leave gets blocked
+across steps; after every step the store's depth, reservations and
+waiters must match the model, and every put is delivered exactly once (to
+the oldest blocked get first, never to an ended session's) or still there
+(each item carries a sequence number).
 
 Scale with ``MANAGERD_CONTRACT_EXAMPLES`` (examples per machine, default
 15), ``MANAGERD_CONTRACT_STEPS`` (steps per example, default 30) and
@@ -48,7 +50,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from contract.harness import STORE_KINDS, Client, Obj, StoreHarness
+from managerd_client.errors import ServerShuttingDown
+
+from contract.harness import STORE_KINDS, Client, Obj, Pending, StoreHarness
 from contract.outcomes import Outcome, outcome, same_outcome
 
 EXAMPLES = int(os.environ.get("MANAGERD_CONTRACT_EXAMPLES", "15"))
@@ -127,6 +131,8 @@ class QueueMachine(StoreMachine):
         #: delivery id -> (entry, the client that reserved it)
         self.reserved: dict[int, tuple[Entry, Client]] = {}
         self.delivered: set[int] = set()
+        #: Blocked gets, oldest first: the next item is theirs, in this order.
+        self.parked: list[tuple[Client, Pending]] = []
 
     @initialize(maxsize=st.sampled_from([0, 1, 3, -1]))
     def create(self, maxsize: int) -> None:
@@ -143,6 +149,21 @@ class QueueMachine(StoreMachine):
         assert want[0] not in self.delivered, f"item {want[0]} delivered twice"
         if deliveries is not None:
             assert deliveries == want[2] + 1, (deliveries, want)
+
+    def _came_back(self, entry: Entry) -> None:
+        """An item returned to the front (nack, a session's end): to a blocked get first."""
+        if not self._handed(entry):
+            self.model.queue.appendleft(entry)
+
+    def _handed(self, entry: Entry) -> bool:
+        """Whether ``entry`` went to the oldest blocked get (there is one)."""
+        if not self.parked:
+            return False
+        _, pending = self.parked.pop(0)
+        assert pending.done(), "a blocked get was not handed the next item"
+        self._got(pending.result(), entry)
+        self.delivered.add(entry[0])
+        return True
 
     def _wait_rules(self, waits: bool, block: bool, timeout: Any) -> Outcome | None:
         """The outcome the README's rules give where the stdlib cannot be asked."""
@@ -173,6 +194,16 @@ class QueueMachine(StoreMachine):
             lambda: self.model.put(entry, block, timeout)
         )
         same_outcome(got, want, f"put(block={block}, timeout={timeout!r})")
+        if want.ok and self.parked:  # (then the queue was empty)
+            assert self._handed(self.model.get_nowait())
+
+    @precondition(lambda self: self.model.empty() and len(self.parked) < 3)
+    @rule(data=st.data())
+    def blocked_get(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        pending = self.store.start(self.q, "get", client=client)
+        assert not pending.done(), "a get on an empty queue did not wait"
+        self.parked.append((client, pending))
 
     @rule(data=st.data(), block=st.booleans(), timeout=TIMEOUTS)
     def get(self, data: st.DataObject, block: bool, timeout: Any) -> None:
@@ -214,8 +245,8 @@ class QueueMachine(StoreMachine):
         self.reserved[did] = ((entry[0], entry[1], deliveries), client)
 
     @precondition(lambda self: bool(self.reserved))
-    @rule(data=st.data(), requeue=st.booleans(), wrong_client=st.booleans())
-    def settle(self, data: st.DataObject, requeue: bool, wrong_client: bool) -> None:
+    @rule(data=st.data(), wrong_client=st.booleans())
+    def settle(self, data: st.DataObject, wrong_client: bool) -> None:
         did = data.draw(st.sampled_from(sorted(self.reserved)))
         entry, owner = self.reserved[did]
         if wrong_client:
@@ -229,7 +260,7 @@ class QueueMachine(StoreMachine):
         if method == "ack":
             self.delivered.add(entry[0])
         else:
-            self.model.queue.appendleft(entry)  # back first, its count kept
+            self._came_back(entry)  # back first, its count kept
 
     @rule(data=st.data())
     def task_done(self, data: st.DataObject) -> None:
@@ -242,13 +273,20 @@ class QueueMachine(StoreMachine):
         client = self.client(data)
         mine = sorted(did for did, (_, owner) in self.reserved.items() if owner is client)
         self.store.end_session(client)
+        # Its blocked gets are dropped first: what it gives back goes to live ones.
+        for _, pending in [p for p in self.parked if p[0] is client]:
+            assert pending.cancelled(), "a blocked get of an ended session was not dropped"
+        self.parked = [p for p in self.parked if p[0] is not client]
         for did in reversed(mine):  # back first, in the order they were delivered
-            self.model.queue.appendleft(self.reserved.pop(did)[0])
+            self._came_back(self.reserved.pop(did)[0])
 
     @precondition(lambda self: self.restarts < RESTARTS)
     @rule()
     def restart(self) -> None:
         self.restart_store()
+        for _, pending in self.parked:
+            assert isinstance(outcome(pending.result).error, ServerShuttingDown)
+        self.parked.clear()
         for did in sorted(self.reserved, reverse=True):
             self.model.queue.appendleft(self.reserved.pop(did)[0])
 
@@ -256,7 +294,7 @@ class QueueMachine(StoreMachine):
     def matches_the_model(self) -> None:
         assert self.store.call(self.q, "qsize") == self.model.qsize()
         assert self.store.call(self.q, "reserved_count") == len(self.reserved)
-        assert self.store.waiters(self.q) == 0
+        assert self.store.waiters(self.q) == len(self.parked)
         want_join = outcome(lambda: None if self.model.unfinished_tasks == 0 else 1 / 0)
         got_join = outcome(lambda: self.store.call(self.q, "join", 0))
         assert got_join.ok == want_join.ok, (got_join, self.model.unfinished_tasks)
