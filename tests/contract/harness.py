@@ -126,13 +126,16 @@ def _encode(conv: Conv, value: Any, first: Any) -> Any:
     if conv is Conv.PAIRS:
         pairs = value.items() if isinstance(value, Mapping) else value
         return [(k, pickle.dumps(v)) for k, v in pairs]
-    return _copied(value)
+    return value
 
 
-def _copied(value: Any) -> Any:
-    """``value`` as a store receives it from the wire: a fresh copy, never the caller's object.
+def _as_sent(value: Any) -> Any:
+    """``value`` as a store receives it in one request: unpickled afresh from the wire.
 
-    (A NaN key is then a new NaN, which finds nothing in a dict, as over the wire.)
+    Never the caller's objects, so that nothing is shared between two
+    requests (a NaN key is a new NaN each time, and finds nothing in a
+    dict), while objects shared within one request stay shared, as
+    pickle's memo keeps them.
     """
     return pickle.loads(pickle.dumps(value))
 
@@ -246,11 +249,9 @@ class StoreHarness:
     def open(self, typeid: str, name: str, **args: Any) -> Obj:
         """Get or create ``name`` as a ``typeid`` with creation ``args`` (plain values)."""
         conv = _CONTENTS_TYPES.get(typeid)
-        args = {
-            k: _encode(conv, v, None) if conv is not None and k == "contents" else _copied(v)
-            for k, v in args.items()
-        }
-        self.store.get_or_create(typeid, name, args)
+        if conv is not None and "contents" in args:
+            args["contents"] = _encode(conv, args["contents"], None)
+        self.store.get_or_create(typeid, name, _as_sent(args))
         return Obj(typeid, name)
 
     def methods(self, typeid: str) -> list[str]:
@@ -385,17 +386,18 @@ class StoreHarness:
     def _encode_args(
         spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments as the store gets them from the wire (see :func:`_as_sent`)."""
         first = args[0] if args else None
 
         def encode(name: str, value: Any) -> Any:
             conv = spec.args.get(name)
-            return _copied(value) if conv is None else _encode(conv, value, first)
+            return value if conv is None else _encode(conv, value, first)
 
         named = zip(spec.params, args, strict=False)
-        out = tuple(encode(name, value) for name, value in named)
-        out += tuple(map(_copied, args[len(spec.params) :]))
-        kw = {k: encode(k, v) for k, v in kwargs.items()}
-        return out, kw
+        out = tuple(encode(name, value) for name, value in named) + args[len(spec.params) :]
+        sent: tuple[tuple[Any, ...], dict[str, Any]]
+        sent = _as_sent((out, {k: encode(k, v) for k, v in kwargs.items()}))
+        return sent
 
     @staticmethod
     def _check_caller_error(
