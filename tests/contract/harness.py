@@ -5,12 +5,15 @@ means, whatever keeps its state. Its tests talk only to a
 :class:`StoreHarness`: open an object by name, call one of its methods as a
 given client session and thread, end a session, restart the store on the
 same data directory. Everything store-specific is here, so a second store
-(etcd) is one more ``kind`` in :meth:`StoreHarness.create` and nothing
-else changes.
+(etcd) is one more entry in ``STORE_KINDS`` and one more branch of
+:meth:`StoreHarness._open_store`/:meth:`StoreHarness._close_store`, and
+nothing else changes.
 
 The stores are driven through the ``Store`` interface
 (``managerd/store/interface.py``): get-or-create, get, delete, listing,
-``release`` of a session, ``shutdown``, ``stats_of``; an object's method is
+``release`` of a session, ``shutdown``, ``stats_of``/``stats``,
+``snapshot``, ``would_hand_out``, ``abandon``/``cancel``/``undo`` of a
+call, ``deadlocks``; an object's method is
 called as the invoker calls it (``spec.fn(handle, call, *args)``), with no
 socket and no subprocess: a call that must wait returns a future, which
 the harness settles by running the event loop it owns. Only making a store
@@ -19,8 +22,9 @@ in-memory store (``MemoryStore``), wired as ``ServerCore`` wires it.
 
 What a client library does is done here too, so that tests read like the
 standard library they are compared with: payload arguments are pickled and
-payload results unpickled as each method's ``MethodSpec`` says, and every
-other argument reaches the store as a fresh copy, as from the wire. And the
+payload results unpickled as each method's ``MethodSpec`` says, and a
+call's arguments reach the store pickled and unpickled as one request, as
+from the wire (never the caller's objects). And the
 invoker's rule of whose error it is applies (``service/invoker.py``): an
 exception that is not one a method raises on purpose is a daemon bug, and
 is raised as :class:`DaemonBug`, never mistaken for the caller's error that
