@@ -8,7 +8,8 @@ nacked, when their session ends or when the store restarts),
 ``threading.Lock`` (with its holder's session: a session that ends
 releases it), an RLock's owner (a session and a thread) and depth, and
 ``threading.Semaphore``/``BoundedSemaphore`` with the permits each session
-holds; and a durability machine: hostile changes to every durable type,
+holds, ``threading.Barrier`` with parties waiting across steps; and a
+durability machine: hostile changes to every durable type,
 then a restart must give back every object as it was. Rules call from
 several client sessions with hostile timeouts, and leave gets blocked
 across steps; after every step the store's depth, reservations and
@@ -528,6 +529,100 @@ class SemaphoreMachine(StoreMachine):
             assert self.store.waiters(self.sem) == 0
 
 
+class BarrierMachine(StoreMachine):
+    """A Barrier: parties arrive across steps, time out, abort, reset, leave or die.
+
+    The model is ``threading.Barrier``'s rules with the waiting parties
+    kept as pending calls: the last arrival releases the generation (indices
+    in arrival order), a timeout or an abort breaks it for everyone, a reset
+    fails the waiting and mends it; and README's: a waiting party whose
+    session ends breaks it, an interrupted one leaves without breaking it,
+    a restart answers the waiting with ServerShuttingDown and the barrier
+    starts whole (it is not durable).
+    """
+
+    @initialize(parties=st.integers(1, 3))
+    def create(self, parties: int) -> None:
+        self.parties = parties
+        self.bar = self.store.open("Barrier", "b", parties=parties)
+        self.waiting: list[tuple[Client, Pending]] = []
+        self.broken = False
+
+    def _fail_waiting(self, error: type[BaseException]) -> None:
+        for _, pending in self.waiting:
+            assert isinstance(outcome(pending.result).error, error), error
+        self.waiting.clear()
+
+    @rule(data=st.data(), timeout=st.sampled_from([None, None, SHORT_S, 0, -1]))
+    def wait(self, data: st.DataObject, timeout: Any) -> None:
+        client = self.client(data)
+        if self.broken:
+            got = outcome(lambda: self.store.call(self.bar, "wait", timeout, client=client))
+            assert isinstance(got.error, threading.BrokenBarrierError), got
+            return
+        if len(self.waiting) + 1 == self.parties:
+            assert self.store.call(self.bar, "wait", timeout, client=client) == self.parties - 1
+            for i, (_, pending) in enumerate(self.waiting):
+                assert pending.result() == i  # in the order they came
+            self.waiting.clear()
+            return
+        pending = self.store.start(self.bar, "wait", timeout, client=client)
+        if timeout is None:
+            assert not pending.done()
+            self.waiting.append((client, pending))
+            return
+        assert isinstance(outcome(pending.result).error, threading.BrokenBarrierError)
+        self.broken = True
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @rule()
+    def abort(self) -> None:
+        self.store.call(self.bar, "abort")
+        self.broken = True
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @rule()
+    def reset(self) -> None:
+        self.store.call(self.bar, "reset")
+        self.broken = False
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @precondition(lambda self: bool(self.waiting))
+    @rule(data=st.data())
+    def interrupted(self, data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, len(self.waiting) - 1), label="party")
+        _, pending = self.waiting.pop(index)
+        self.store.abandon(pending)
+        assert pending.cancelled()
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        mine = [p for c, p in self.waiting if c is client]
+        if not mine:
+            return
+        for pending in mine:
+            assert pending.cancelled()
+        self.waiting = [(c, p) for c, p in self.waiting if c is not client]
+        self.broken = True
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()
+        self._fail_waiting(ServerShuttingDown)
+        self.broken = False
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        if hasattr(self, "bar"):
+            state = (self.parties, len(self.waiting), self.broken)
+            assert self.store.call(self.bar, "state") == state
+            assert self.store.waiters(self.bar) == len(self.waiting)
+
+
 KEYS = st.sampled_from(["a", "b", 0, 1, 1.0, True, -0.0, NAN, (1, NAN), None, "é" * 3])
 VALUES = st.one_of(PAYLOADS, st.sampled_from([NAN, -0.0, (NAN, [1]), {"k": [2**70]}]))
 INDICES = st.one_of(st.integers(-4, 4), st.builds(slice, st.integers(-3, 3), st.integers(-3, 3)))
@@ -640,7 +735,9 @@ class DurabilityMachine(StoreMachine):
             super().teardown()
 
 
-MACHINES = [QueueMachine, LockMachine, RLockMachine, SemaphoreMachine, DurabilityMachine]
+MACHINES = [
+    QueueMachine, LockMachine, RLockMachine, SemaphoreMachine, BarrierMachine, DurabilityMachine,
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", STORE_KINDS)
