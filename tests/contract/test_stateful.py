@@ -8,8 +8,8 @@ nacked, when their session ends or when the store restarts),
 ``threading.Lock`` (with its holder's session: a session that ends
 releases it), an RLock's owner (a session and a thread) and depth, and
 ``threading.Semaphore``/``BoundedSemaphore`` with the permits each session
-holds, ``threading.Barrier`` with parties waiting across steps; and a
-durability machine: hostile changes to every durable type,
+holds, ``threading.Barrier`` with parties waiting across steps, a
+Condition's waits and its lock's hand-overs; and a durability machine: hostile changes to every durable type,
 then a restart must give back every object as it was. Rules call from
 several client sessions with hostile timeouts, and leave gets blocked
 across steps; after every step the store's depth, reservations and
@@ -623,6 +623,139 @@ class BarrierMachine(StoreMachine):
             assert self.store.waiters(self.bar) == len(self.waiting)
 
 
+#: A Condition wait as the model holds it: who, the call, the lock depth to restore,
+#: and what the wait answers once it holds the lock again (True: notified).
+Waiting = tuple[Actor, Pending, int, bool]
+
+
+class ConditionMachine(StoreMachine):
+    """A Condition on its own RLock: waits that release the lock whole and take it
+    back at their depth, notified in order, across steps and sessions.
+
+    The model keeps the lock's owner (a session and a thread) and depth, the
+    waits not yet notified, and the ones queued to take the lock back, in
+    order: a release hands the lock to the first of them, whose wait then
+    answers (True if notified, False if interrupted). Acquires do not block
+    (a blocked acquire is the lock machines' business).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = self.store.open("Condition", "c")
+        self.lock = self.store.open("RLock", "c.lock")
+        self.owner: Actor | None = None
+        self.depth = 0
+        self.waits: list[Waiting] = []  # waiting for a notify
+        self.retaking: list[Waiting] = []  # waiting for the lock, to answer
+
+    def actor(self, data: st.DataObject) -> Actor:
+        return (self.client(data), data.draw(st.sampled_from([0, 1]), label="thread"))
+
+    def _owns(self, actor: Actor) -> bool:
+        return self.owner is not None and self.owner[0] is actor[0] and self.owner[1] == actor[1]
+
+    def _hand_over(self) -> None:
+        self.owner, self.depth = None, 0
+        if self.retaking:
+            actor, pending, depth, notified = self.retaking.pop(0)
+            assert pending.result() is notified
+            self.owner, self.depth = actor, depth
+
+    @rule(data=st.data())
+    def acquire(self, data: st.DataObject) -> None:
+        client, thread = actor = self.actor(data)
+        got = self.store.call(self.cond, "acquire", False, client=client, thread=thread)
+        if self._owns(actor):
+            self.depth += 1
+        elif self.owner is None and not self.retaking:
+            self.owner, self.depth = actor, 1
+        else:
+            assert got is False, got
+            return
+        assert got, got
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        client, thread = actor = self.actor(data)
+        got = outcome(lambda: self.store.call(self.cond, "release", client=client, thread=thread))
+        if not self._owns(actor):
+            assert isinstance(got.error, RuntimeError), got
+            return
+        assert got.ok, got
+        self.depth -= 1
+        if not self.depth:
+            self._hand_over()
+
+    @rule(data=st.data())
+    def wait(self, data: st.DataObject) -> None:
+        client, thread = actor = self.actor(data)
+        if not self._owns(actor):
+            got = outcome(lambda: self.store.call(self.cond, "wait", client=client, thread=thread))
+            assert isinstance(got.error, RuntimeError), got
+            return
+        pending = self.store.start(self.cond, "wait", client=client, thread=thread)
+        assert not pending.done()
+        self.waits.append((actor, pending, self.depth, True))
+        self._hand_over()
+
+    @rule(data=st.data(), n=st.sampled_from([1, 2, 5, 0, -1, 1.5]), all_=st.booleans())
+    def notify(self, data: st.DataObject, n: Any, all_: bool) -> None:
+        client, thread = actor = self.actor(data)
+        method, args = ("notify_all", ()) if all_ else ("notify", (n,))
+        got = outcome(
+            lambda: self.store.call(self.cond, method, *args, client=client, thread=thread)
+        )
+        if not self._owns(actor):
+            assert isinstance(got.error, RuntimeError), got
+            return
+        assert got.ok, got
+        count = len(self.waits) if all_ else max(0, math.ceil(n))
+        woken, self.waits = self.waits[:count], self.waits[count:]
+        self.retaking += woken
+
+    @precondition(lambda self: bool(self.waits))
+    @rule(data=st.data())
+    def interrupted(self, data: st.DataObject) -> None:
+        """An interrupted wait stops waiting for a notify and queues for the lock."""
+        index = data.draw(st.integers(0, len(self.waits) - 1), label="wait")
+        actor, pending, depth, _ = self.waits.pop(index)
+        self.store.abandon(pending)
+        if self.owner is None and not self.retaking:
+            assert pending.result() is False
+            self.owner, self.depth = actor, depth
+        else:
+            self.retaking.append((actor, pending, depth, False))
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        for waiting in (self.waits, self.retaking):
+            for (c, _), pending, _, _ in waiting:
+                if c is client:
+                    assert pending.cancelled()
+            waiting[:] = [w for w in waiting if w[0][0] is not client]
+        if self.owner is not None and self.owner[0] is client:
+            self._hand_over()
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()
+        for _, pending, _, _ in self.waits + self.retaking:
+            assert isinstance(outcome(pending.result).error, ServerShuttingDown)
+        self.waits, self.retaking = [], []
+        self.owner, self.depth = None, 0
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        assert self.store.call(self.cond, "locked") == (self.owner is not None)
+        assert self.store.waiters(self.cond) == len(self.waits)
+        assert self.store.waiters(self.lock) == len(self.retaking)
+        for _, pending, _, _ in self.waits + self.retaking:
+            assert not pending.done()
+
+
 KEYS = st.sampled_from(["a", "b", 0, 1, 1.0, True, -0.0, NAN, (1, NAN), None, "é" * 3])
 VALUES = st.one_of(PAYLOADS, st.sampled_from([NAN, -0.0, (NAN, [1]), {"k": [2**70]}]))
 INDICES = st.one_of(st.integers(-4, 4), st.builds(slice, st.integers(-3, 3), st.integers(-3, 3)))
@@ -736,7 +869,8 @@ class DurabilityMachine(StoreMachine):
 
 
 MACHINES = [
-    QueueMachine, LockMachine, RLockMachine, SemaphoreMachine, BarrierMachine, DurabilityMachine,
+    QueueMachine, LockMachine, RLockMachine, SemaphoreMachine, BarrierMachine,
+    ConditionMachine, DurabilityMachine,
 ]  # fmt: skip
 
 
