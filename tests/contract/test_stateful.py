@@ -6,13 +6,13 @@ harness, with the standard-library object as the model: ``queue.Queue``
 (extended with reserved deliveries, which go back to the front when
 nacked, when their session ends or when the store restarts),
 ``threading.Lock`` (with its holder's session: a session that ends
-releases it), an RLock's owner (a session and a thread) and depth, and
+releases it), an RLock's owner (a session and a thread) and depth,
 ``threading.Semaphore``/``BoundedSemaphore`` with the permits each session
 holds, ``threading.Barrier`` with parties waiting across steps, a
-Condition's waits and its lock's hand-overs; and a durability machine: hostile changes to every durable type,
-then a restart must give back every object as it was. Rules call from
-several client sessions with hostile timeouts, and leave gets blocked
-across steps; after every step the store's depth, reservations and
+Condition's waits and its lock's hand-overs; and a durability machine:
+hostile changes to every durable type, then a restart must give back
+every object as it was. Rules call from several client sessions with
+hostile timeouts, and leave calls blocked across steps; after every step the store's depth, reservations and
 waiters must match the model, and every put is delivered exactly once (to
 the oldest blocked get first, never to an ended session's) or still there
 (each item carries a sequence number).
