@@ -12,10 +12,11 @@ holds, ``threading.Barrier`` with parties waiting across steps, a
 Condition's waits and its lock's hand-overs; and a durability machine:
 hostile changes to every durable type, then a restart must give back
 every object as it was. Rules call from several client sessions with
-hostile timeouts, and leave calls blocked across steps; after every step the store's depth, reservations and
-waiters must match the model, and every put is delivered exactly once (to
-the oldest blocked get first, never to an ended session's) or still there
-(each item carries a sequence number).
+hostile timeouts, and leave calls blocked across steps; after every step
+the store's depth, reservations and waiters must match the model, and
+every put is delivered exactly once (to the oldest blocked get first,
+never to an ended session's) or still there (each item carries a
+sequence number).
 
 Scale with ``MANAGERD_CONTRACT_EXAMPLES`` (examples per machine, default
 15), ``MANAGERD_CONTRACT_STEPS`` (steps per example, default 30) and
