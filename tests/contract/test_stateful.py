@@ -9,7 +9,8 @@ nacked, when their session ends or when the store restarts),
 releases it), an RLock's owner (a session and a thread) and depth,
 ``threading.Semaphore``/``BoundedSemaphore`` with the permits each session
 holds, ``threading.Barrier`` with parties waiting across steps, a
-Condition's waits and its lock's hand-overs; and a durability machine:
+Condition's waits and its lock's hand-overs, a Pipe's two buffers and
+blocked reads; and a durability machine:
 hostile changes to every durable type, then a restart must give back
 every object as it was. Rules call from several client sessions with
 hostile timeouts, and leave calls blocked across steps; after every step
@@ -52,6 +53,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from managerd.store.stats import PipeStats
 from managerd_client.errors import ServerShuttingDown
 
 from contract.harness import STORE_KINDS, Client, Obj, Pending, StoreHarness
@@ -757,6 +759,124 @@ class ConditionMachine(StoreMachine):
             assert not pending.done()
 
 
+class PipeMachine(StoreMachine):
+    """A duplex Pipe: two deques, readers blocked across steps, ends closed.
+
+    What end 0 sends, end 1 receives: a blocked ``poll`` of the receiving
+    end learns of it (True), the first blocked ``recv`` takes it, else it
+    waits in the end's buffer. Closing an end answers its own blocked reads
+    with OSError and the other end's with EOF (``recv``) or True (``poll``).
+    A pipe is not durable: after a restart it is empty and open.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pipe = self.store.open("Pipe", "p")
+        self.inbox: tuple[list[Any], list[Any]] = ([], [])
+        self.closed = [False, False]
+        #: Blocked reads of each end, oldest first: (client, call, "recv" or "poll").
+        self.readers: tuple[list[tuple[Client, Pending, str]], ...] = ([], [])
+        self.seq = 0
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def send(self, data: st.DataObject, end: int) -> None:
+        client = self.client(data)
+        self.seq += 1
+        got = outcome(lambda: self.store.call(self.pipe, "send", end, self.seq, client=client))
+        if self.closed[end]:
+            assert isinstance(got.error, OSError), got
+            return
+        if self.closed[1 - end]:
+            assert isinstance(got.error, BrokenPipeError), got
+            return
+        assert got.ok, got
+        readers = self.readers[1 - end]
+        while readers:
+            _, pending, kind = readers.pop(0)
+            if kind == "poll":
+                assert pending.result() is True
+                continue
+            assert pending.result() == self.seq
+            return
+        self.inbox[1 - end].append(self.seq)
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def recv(self, data: st.DataObject, end: int) -> None:
+        client = self.client(data)
+        got = outcome(lambda: self.store.call(self.pipe, "recv", end, SHORT_S, client=client))
+        if self.closed[end]:
+            assert isinstance(got.error, OSError), got
+        elif self.inbox[end]:
+            assert got.value == self.inbox[end].pop(0), got
+        elif self.closed[1 - end]:
+            assert isinstance(got.error, EOFError), got
+        else:
+            assert isinstance(got.error, TimeoutError), got
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]), kind=st.sampled_from(["recv", "poll"]))
+    def blocked_read(self, data: st.DataObject, end: int, kind: str) -> None:
+        if self.closed[end] or self.closed[1 - end] or self.inbox[end]:
+            return  # it would not block
+        client = self.client(data)
+        args = (end,) if kind == "recv" else (end, None)
+        pending = self.store.start(self.pipe, kind, *args, client=client)
+        assert not pending.done()
+        self.readers[end].append((client, pending, kind))
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def poll(self, data: st.DataObject, end: int) -> None:
+        got = outcome(lambda: self.store.call(self.pipe, "poll", end, client=self.client(data)))
+        if self.closed[end]:
+            assert isinstance(got.error, OSError), got
+        else:
+            assert got.value == bool(self.inbox[end] or self.closed[1 - end]), got
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def close(self, data: st.DataObject, end: int) -> None:
+        self.store.call(self.pipe, "close", end, client=self.client(data))
+        if self.closed[end]:
+            return
+        self.closed[end] = True
+        for _, pending, kind in self.readers[1 - end]:
+            if kind == "poll":
+                assert pending.result() is True
+            else:
+                assert isinstance(outcome(pending.result).error, EOFError)
+        for _, pending, _ in self.readers[end]:
+            assert isinstance(outcome(pending.result).error, OSError)
+        self.readers[0].clear()
+        self.readers[1].clear()
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        for readers in self.readers:
+            for c, pending, _ in readers:
+                if c is client:
+                    assert pending.cancelled()
+            readers[:] = [r for r in readers if r[0] is not client]
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()
+        for readers in self.readers:
+            for _, pending, _ in readers:
+                assert isinstance(outcome(pending.result).error, ServerShuttingDown)
+            readers.clear()
+        self.inbox = ([], [])
+        self.closed = [False, False]
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        stats = self.store.stats(self.pipe)
+        assert isinstance(stats, PipeStats)
+        assert stats.buffered == (len(self.inbox[0]), len(self.inbox[1]))
+        assert stats.closed == tuple(self.closed)
+        assert self.store.waiters(self.pipe) == len(self.readers[0]) + len(self.readers[1])
+
+
 KEYS = st.sampled_from(["a", "b", 0, 1, 1.0, True, -0.0, NAN, (1, NAN), None, "é" * 3])
 VALUES = st.one_of(PAYLOADS, st.sampled_from([NAN, -0.0, (NAN, [1]), {"k": [2**70]}]))
 INDICES = st.one_of(st.integers(-4, 4), st.builds(slice, st.integers(-3, 3), st.integers(-3, 3)))
@@ -871,7 +991,7 @@ class DurabilityMachine(StoreMachine):
 
 MACHINES = [
     QueueMachine, LockMachine, RLockMachine, SemaphoreMachine, BarrierMachine,
-    ConditionMachine, DurabilityMachine,
+    ConditionMachine, PipeMachine, DurabilityMachine,
 ]  # fmt: skip
 
 
