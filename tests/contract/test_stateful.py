@@ -503,11 +503,13 @@ class SemaphoreMachine(StoreMachine):
         got = outcome(lambda: self.store.call(self.sem, "release", n, client=client))
         want = outcome(lambda: self.model.release(n))
         same_outcome(got, want, f"release({n})")
-        if want.ok:
+        if want.ok:  # the releaser's own permits first, then others' (in the order held)
             for holder in [client, *(c for c in self.held if c is not client)]:
                 taken = min(self.held.get(holder, 0), n)
                 n -= taken
-                if taken:
+                if taken == self.held.get(holder):
+                    del self.held[holder]  # (a later acquire holds it anew, last in order)
+                elif taken:
                     self.held[holder] -= taken
 
     @rule(data=st.data())
