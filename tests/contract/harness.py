@@ -181,6 +181,8 @@ class StoreHarness:
         data_dir.mkdir(parents=True, exist_ok=True)  # as the daemon's directory lock does
         self.loop = asyncio.new_event_loop()
         self._clients: list[Client] = []
+        #: Every call that parked (see :meth:`close`).
+        self._parked: list[asyncio.Future[Any]] = []
         self._journal: Journal | None = None
         #: The wait-for graph's walker, given to every session (as the daemon's default).
         self._detector = Detector(DeadlockMode.REPORT)
@@ -225,6 +227,11 @@ class StoreHarness:
     def close(self) -> None:
         try:
             self._close_store()
+            # Calls the test left waiting were answered ServerShuttingDown: looked at
+            # here, so that the loop does not log them as never retrieved.
+            for future in self._parked:
+                if future.done() and not future.cancelled():
+                    future.exception()
         finally:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
@@ -326,6 +333,7 @@ class StoreHarness:
             raise
         decode = _decode_reserved if method == "reserve" else lambda v: _decode(spec.result, v)
         if isinstance(result, asyncio.Future):
+            self._parked.append(result)
             return Pending(self, result, decode, made)
         done: asyncio.Future[Any] = self.loop.create_future()
         done.set_result(result)
