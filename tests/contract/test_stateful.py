@@ -963,6 +963,11 @@ class DurabilityMachine(StoreMachine):
             return
         outcome(lambda: self.store.call(obj, method, *args))
 
+    @rule()
+    def compact(self) -> None:
+        """A compaction between changes: the snapshot and the journal after it agree."""
+        self.store.compact()
+
     def state(self) -> list[str]:
         out = []
         for obj in self.objs:
