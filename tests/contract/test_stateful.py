@@ -284,6 +284,11 @@ class QueueMachine(StoreMachine):
         for did in reversed(mine):  # back first, in the order they were delivered
             self._came_back(self.reserved.pop(did)[0])
 
+    @rule()
+    def compact(self) -> None:
+        """The store rewrites its state (reservations outstanding): nothing changes."""
+        self.store.compact()
+
     @precondition(lambda self: self.restarts < RESTARTS)
     @rule()
     def restart(self) -> None:
