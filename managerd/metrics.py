@@ -2,12 +2,13 @@
 
 Gauges (queue depths, lock holders, waiters, sessions) are not kept up to
 date as things happen: a prometheus-client collector reads them from the
-objects when Prometheus scrapes, so they are exact and cost nothing between
-scrapes. Counters and histograms are plain integers and bucket arrays that
-the event loop bumps (no locks, no label lookups on the hot path); the
-collector copies them out. The scrape runs on prometheus-client's HTTP
-thread; it only reads, and copies containers before iterating them (a copy
-of a dict is atomic under the GIL).
+store's ``stats()`` snapshots (``store/stats.py``) when Prometheus scrapes,
+so they are exact and cost nothing between scrapes. Counters and
+histograms are plain integers and bucket arrays that the event loop bumps
+(no locks, no label lookups on the hot path); the collector copies them
+out. The scrape runs on prometheus-client's HTTP thread; it only reads,
+and the store copies containers before iterating them (a copy of a dict
+is atomic under the GIL).
 
 Per-object labels are bounded by ``metrics_max_objects``: the first objects
 by name get their own series, the rest are summed under ``_other``, so a
@@ -49,8 +50,16 @@ from managerd.service.peers import PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
 from managerd.settings import Settings
-from managerd.store.memory.deadlock import Detector
-from managerd.store.memory.registry import Registry
+from managerd.store.interface import Store
+from managerd.store.stats import (
+    BarrierStats,
+    ConditionStats,
+    EventStats,
+    LockStats,
+    ObjectStats,
+    QueueStats,
+    SemaphoreStats,
+)
 
 
 class MetricsCore(Protocol):
@@ -68,15 +77,13 @@ class MetricsCore(Protocol):
     @property
     def connections(self) -> Sized: ...
     @property
-    def registry(self) -> Registry: ...
+    def store(self) -> Store: ...
     @property
     def sessions(self) -> SessionTable: ...
     @property
     def ops(self) -> ServerOps: ...
     @property
     def peers(self) -> PeerGuard: ...
-    @property
-    def deadlocks(self) -> Detector: ...
     @property
     def requests(self) -> RequestStats: ...
     @property
@@ -88,7 +95,9 @@ log = logging.getLogger("managerd")
 OTHER: Final = "_other"
 
 
-def _bounded(objects: Iterable[Any], limit: int) -> tuple[list[Any], list[Any]]:
+def _bounded(
+    objects: Iterable[ObjectStats], limit: int
+) -> tuple[list[ObjectStats], list[ObjectStats]]:
     """(objects with their own series, the rest) — the first ``limit`` by name."""
     ordered = sorted(objects, key=lambda o: o.name)
     return ordered[:limit], ordered[limit:]
@@ -106,34 +115,35 @@ class Collector:
     def collect(self) -> Iterator[Metric]:
         core = self.core
         limit = core.settings.metrics_max_objects
-        objects = list(core.registry.objects.values())
-        by_type: dict[str, list[Any]] = {}
+        store_stats = core.store.stats()
+        objects = store_stats.objects
+        by_type: dict[str, int] = {}
         for obj in objects:
-            by_type.setdefault(obj.typeid, []).append(obj)
+            by_type[obj.typeid] = by_type.get(obj.typeid, 0) + 1
 
         count = GaugeMetricFamily("managerd_objects", "Named objects, by type.", labels=["type"])
-        for typeid, objs in sorted(by_type.items()):
-            count.add_metric([typeid], len(objs))
+        for typeid, n in sorted(by_type.items()):
+            count.add_metric([typeid], n)
         yield count
 
-        queues = by_type.get("Queue", []) + by_type.get("JoinableQueue", [])
+        queues = [o for o in objects if isinstance(o, QueueStats)]
         yield from self._per_object(
             queues,
             limit,
             "queue",
             [
                 ("managerd_queue_depth", "Items ready in the queue.", "gauge",
-                 lambda q: len(q.items)),
+                 lambda q: q.depth),
                 ("managerd_queue_reserved", "Items reserved and not yet acked.", "gauge",
-                 lambda q: len(q.reserved)),
+                 lambda q: q.reserved),
                 ("managerd_queue_waiters", "Blocked get/put/join calls.", "gauge",
-                 lambda q: q.waiter_count()),
+                 lambda q: q.waiters),
                 ("managerd_queue_puts_total", "Items put.", "counter", lambda q: q.puts_total),
                 ("managerd_queue_gets_total", "Items taken (get or reserve).", "counter",
                  lambda q: q.gets_total),
             ],
         )  # fmt: skip
-        locks = by_type.get("Lock", []) + by_type.get("RLock", [])
+        locks = [o for o in objects if isinstance(o, LockStats)]
         yield from self._per_object(
             locks,
             limit,
@@ -142,16 +152,18 @@ class Collector:
                 ("managerd_lock_held", "1 while the lock is held.", "gauge",
                  lambda lk: 1 if lk.holder is not None else 0),
                 ("managerd_lock_waiters", "Clients waiting to acquire.", "gauge",
-                 lambda lk: lk.waiter_count()),
+                 lambda lk: lk.waiters),
                 ("managerd_lock_acquires_total", "Successful acquisitions.", "counter",
                  lambda lk: lk.acquires_total),
             ],
         )  # fmt: skip
         yield from self._histograms(locks, limit, "lock", "managerd_lock_wait_seconds",
-                                    "Time from asking to acquiring.", "wait_hist")  # fmt: skip
+                                    "Time from asking to acquiring.",
+                                    "wait_seconds")  # fmt: skip
         yield from self._histograms(locks, limit, "lock", "managerd_lock_hold_seconds",
-                                    "Time from acquiring to releasing.", "hold_hist")  # fmt: skip
-        sems = by_type.get("Semaphore", []) + by_type.get("BoundedSemaphore", [])
+                                    "Time from acquiring to releasing.",
+                                    "hold_seconds")  # fmt: skip
+        sems = [o for o in objects if isinstance(o, SemaphoreStats)]
         yield from self._per_object(
             sems,
             limit,
@@ -160,24 +172,26 @@ class Collector:
                 ("managerd_semaphore_available", "Permits available.", "gauge",
                  lambda s: s.value),
                 ("managerd_semaphore_held", "Permits held by clients.", "gauge",
-                 lambda s: sum(dict(s.held).values())),
+                 lambda s: s.held),
                 ("managerd_semaphore_waiters", "Clients waiting for a permit.", "gauge",
-                 lambda s: s.waiter_count()),
+                 lambda s: s.waiters),
             ],
         )  # fmt: skip
         yield from self._histograms(sems, limit, "semaphore", "managerd_semaphore_wait_seconds",
-                                    "Time from asking to acquiring.", "wait_hist")  # fmt: skip
-        for typeid, label in (
-            ("Event", "event"),
-            ("Condition", "condition"),
-            ("Barrier", "barrier"),
+                                    "Time from asking to acquiring.",
+                                    "wait_seconds")  # fmt: skip
+        waitable: type[EventStats | ConditionStats | BarrierStats]
+        for waitable, label in (
+            (EventStats, "event"),
+            (ConditionStats, "condition"),
+            (BarrierStats, "barrier"),
         ):
             yield from self._per_object(
-                by_type.get(typeid, []),
+                [o for o in objects if isinstance(o, waitable)],
                 limit,
                 label,
                 [(f"managerd_{label}_waiters", f"Clients waiting on the {label}.", "gauge",
-                  lambda o: o.waiter_count())],
+                  lambda o: o.waiters)],
             )  # fmt: skip
 
         sessions = GaugeMetricFamily("managerd_sessions", "Live client sessions.", labels=["kind"])
@@ -213,7 +227,7 @@ class Collector:
             ("managerd_sessions_expired_total", "Sessions ended by lease expiry.",
              stats.sessions_expired),
             ("managerd_deadlocks_total", "Cycles of lock waiters found (deadlock setting).",
-             core.deadlocks.found_total),
+             store_stats.deadlocks_total),
             ("managerd_received_bytes_total", "Bytes received from clients.", stats.bytes_in),
             ("managerd_sent_bytes_total", "Bytes sent to clients.", stats.bytes_out),
         ):  # fmt: skip
@@ -248,7 +262,7 @@ class Collector:
 
     def _per_object(
         self,
-        objects: list[Any],
+        objects: list[Any],  # of one kind of ObjectStats, which ``families`` read
         limit: int,
         label: str,
         families: list[tuple[str, str, str, Callable[[Any], float]]],
@@ -272,12 +286,12 @@ class Collector:
         family = HistogramMetricFamily(name, doc, labels=[label])
         named, rest = _bounded(objects, limit)
         for obj in named:
-            hist: Histogram = getattr(obj, attr, None) or Histogram()
+            hist: Histogram = getattr(obj, attr)
             family.add_metric([obj.name], hist.buckets(), hist.sum)
         if rest:
             merged = Histogram()
             for obj in rest:
-                merged.merge(getattr(obj, attr, None) or Histogram())
+                merged.merge(getattr(obj, attr))
             family.add_metric([OTHER], merged.buckets(), merged.sum)
         yield family
 

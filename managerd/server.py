@@ -37,7 +37,8 @@ from managerd.settings import EventLoop, Settings, read_key_file, resolve_authke
 from managerd.store.memory.datadir import DataDirInUse, DataDirLock
 from managerd.store.memory.deadlock import DeadlockMode, Detector
 from managerd.store.memory.journal import CorruptJournal, FsyncMode, Journal
-from managerd.store.memory.registry import TYPES, Registry
+from managerd.store.memory.registry import TYPES
+from managerd.store.memory.store import MemoryStore
 from managerd.store.memory.tokens import TokenSource, TokenStoreError
 from managerd.store.sessions import Session
 from managerd.wire.connection import Connection
@@ -62,17 +63,15 @@ class ServerCore:
         self.loop = loop
         self.server_id = os.urandom(8).hex()
         data_dir = settings.data_dir.expanduser() if settings.data_dir is not None else None
-        #: Fencing tokens, increasing across restarts (a ceiling kept in the data directory).
-        self.tokens = TokenSource(data_dir)
-        self.registry = Registry(loop, self.tokens)
-        self.sessions = SessionTable()
+        # The store: every object's state. Fencing tokens increase across
+        # restarts (a ceiling kept in the data directory); the wait-for graph's
+        # walker is given to every session unless deadlocks are not looked for.
+        detector = Detector(settings.deadlock)
+        self.store = MemoryStore(loop, TokenSource(data_dir), detector)
+        self.sessions = SessionTable(
+            self.store, detector if settings.deadlock is not DeadlockMode.OFF else None
+        )
         self.decoder = SafeDecoder(settings.allowed_classes)
-        self.ops = ServerOps(self.registry, self.sessions, time.time())
-        #: Request counts and latency, kept by the invoker for both dialects.
-        self.requests = RequestStats()
-        self.invoker = Invoker(self.registry, self.ops, TYPES, loop, self.requests)
-        self.dispatcher = Dispatcher(self.invoker, self.decoder)
-        self.stock = StockAdapter(self.invoker, self.decoder)
         self.stats = Stats()
         self.connections: set[Connection] = set()
         #: The connections of each session (a resumed session may have two
@@ -89,43 +88,30 @@ class ServerCore:
             self.refusals,
             exempt=settings.auth_penalty_exempt,
         )
-        self.ops.peers = self.peers
-        self.ops.about = about(settings)
-        #: The wait-for graph's walker, given to every session.
-        self.deadlocks = Detector(settings.deadlock)
-        if settings.deadlock is not DeadlockMode.OFF:
-            self.sessions.deadlocks = self.deadlocks
-        self.ops.deadlocks = lambda: (self.deadlocks.standing(), self.deadlocks.found_total)
+        self.ops = ServerOps(self.store, self.sessions, self.peers, about(settings), time.time())
+        #: Request counts and latency, kept by the invoker for both dialects.
+        self.requests = RequestStats()
+        self.invoker = Invoker(self.store, self.ops, loop, self.requests)
+        self.dispatcher = Dispatcher(self.invoker, self.decoder)
+        self.stock = StockAdapter(self.invoker, self.store, self.decoder)
         #: The TLS context connections start TLS with (None: plain TCP).
         self.tls: ssl.SSLContext | None = None
-        #: The journal of durable state (None: memory only).
-        self.journal: Journal | None = None
 
     # -- durability ---------------------------------------------------------------
     def recover(self, journal: Journal) -> None:
         """Rebuild the objects from the data directory, then journal from here on."""
-        records, info = journal.recover(repair=self.settings.recover)
-        items = self.registry.replay(records)
+        items, info = self.store.recover(journal, repair=self.settings.recover)
         log.info(
             "recovered %d objects and %d queued items from %s (%d records, snapshot %s, "
             "%d journal files) in %.3fs",
-            len(self.registry), items, journal.dir, info.records, info.snapshot or "none",
+            len(self.store), items, journal.dir, info.records, info.snapshot or "none",
             info.journals, info.seconds,
         )  # fmt: skip
-        journal.open(self.loop)
-        self.journal = journal
-        self.registry.attach(journal)
-        self.invoker.journal = journal
-        if records:
-            # Start from a snapshot of what was recovered: later records then
-            # never depend on how recovery settled reserved items.
-            journal.compact(self.registry.state_records())
 
-    async def compact_when_due(self, journal: Journal) -> None:
+    async def compact_when_due(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            if journal.compaction_due():
-                journal.compact(self.registry.state_records())
+            self.store.compact_if_due()
 
     # -- connections ------------------------------------------------------------
     def admit(self, conn: Connection) -> bool:
@@ -144,7 +130,7 @@ class ServerCore:
         old = self.session_conns.get(session)
         if old is not None and old is not conn:
             old.session = None  # so that closing it does not end the session
-            old.calls.drop_parked()  # their answers could not reach the client
+            old.calls.drop_parked(self.store)  # their answers could not reach the client
             old.close()
         self.session_conns[session] = conn
 
@@ -183,7 +169,7 @@ class ServerCore:
 
     async def shutdown(self) -> None:
         """Answer every waiter with ``ServerShuttingDown`` and close clients."""
-        self.registry.shutdown()
+        self.store.shutdown()
         # The replies are written by the futures' callbacks, which run on
         # the next loop iteration; a transport flushes them before closing.
         await asyncio.sleep(0)
@@ -259,7 +245,7 @@ class EventLoopServer:
         compactor = None
         if journal is not None:
             core.recover(journal)
-            compactor = loop.create_task(core.compact_when_due(journal))
+            compactor = loop.create_task(core.compact_when_due())
         loop.set_exception_handler(partial(_one_line_errors, core))
         server = await loop.create_server(lambda: Connection(core), sock=sock, backlog=1024)
         self.address = sock.getsockname()[:2]

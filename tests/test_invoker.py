@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import pytest
@@ -19,6 +19,10 @@ import pytest
 from managerd.service.invoker import Invocation, Invoker, Outcome
 from managerd.service.requests import RequestStats
 from managerd.store.api import BadArgument, Call, MethodSpec, exposed, methods_of
+from managerd.store.interface import TypeInfo
+from managerd.store.memory.deadlock import Detector
+from managerd.store.memory.store import MemoryStore
+from managerd.store.memory.tokens import TokenSource
 from managerd.store.sessions import Session, SessionKind
 from managerd.wire.stock_dialect import stock_error
 from managerd_client import InternalError, NoSuchObject
@@ -29,11 +33,10 @@ class Boom:
     """An object whose methods fail the ways daemon code can."""
 
     typeid: ClassVar[str] = "Boom"
+    name: ClassVar[str] = "b"
     methods: ClassVar[dict[str, MethodSpec]]
     undo_methods: ClassVar[dict[str, str]] = {}
-
-    def abandon(self, waiter: Any, method: str, stock: bool = False) -> None:
-        pass
+    builtin_type_errors: ClassVar[bool] = False
 
     @exposed()
     def divide(self, call: Call, a: int, b: int) -> float:
@@ -59,8 +62,13 @@ class Boom:
 Boom.methods = methods_of(Boom)
 
 
-class OneObject:
-    def __init__(self, obj: Boom) -> None:
+class OneObject(MemoryStore):
+    """The in-memory store, with one more object: a Boom named ``b``."""
+
+    types: Mapping[str, TypeInfo] = {"Boom": TypeInfo("Boom", Boom.methods, ())}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, obj: Boom) -> None:
+        super().__init__(loop, TokenSource(), Detector())
         self.obj = obj
 
     def get(self, name: str, typeid: str | None = None) -> Any:
@@ -89,7 +97,7 @@ def run(
 
 @pytest.fixture
 def invoker(loop: asyncio.AbstractEventLoop) -> Invoker:
-    return Invoker(OneObject(Boom()), Boom(), {"Boom": Boom}, loop, RequestStats())
+    return Invoker(OneObject(loop, Boom()), Boom(), loop, RequestStats())
 
 
 def test_a_daemon_bug_is_logged_with_its_traceback_and_answered_as_internal(

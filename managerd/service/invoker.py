@@ -4,9 +4,10 @@ A dialect decodes a request into an :class:`Invocation` and turns the
 :class:`Outcome` it is given back into a reply frame; everything between is
 here, once:
 
-1. *resolve*: the named object (its type checked), or the daemon's own
+1. *resolve*: the named object, a handle from the store
+   (``store/interface.py``; its type checked), or the daemon's own
    operations (``service/ops.py``) for a call on no object;
-2. *check*: the method exists, the journal can take writes if it mutates;
+2. *check*: the method exists, the store can keep a change if it mutates;
 3. *call*: the method (or the dialect's conversion of its arguments first);
 4. *settle*: a result that is an ``asyncio.Future`` (a parked waiter) is
    answered when it completes; cancelled (the session ended, the client
@@ -45,11 +46,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, partial
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from managerd.service.requests import RequestStats
 from managerd.store.api import BadArgument, Call, MethodSpec, NoAttribute, Refusal
-from managerd.store.memory.base import waiter_of
+from managerd.store.interface import Handle, Store
 from managerd.store.sessions import Session
 from managerd_client.errors import InternalError, ManagerdError, NoSuchObject, error_kind
 
@@ -76,30 +77,9 @@ CALLER_ERRORS: Final = (
 )
 
 
-class Exposed(Protocol):
-    """An object the invoker calls: a named object, or the daemon's operations."""
-
-    @property
-    def typeid(self) -> str: ...
-    @property
-    def methods(self) -> dict[str, MethodSpec]: ...
-    @property
-    def undo_methods(self) -> dict[str, str]: ...
-
-    def abandon(self, waiter: Any, method: str, stock: bool = False) -> None: ...
-
-
-class Objects(Protocol):
-    """The registry as the invoker sees it."""
-
-    def get(self, name: str, typeid: str | None = None) -> Any: ...
-
-
-class Durability(Protocol):
-    """The journal as the invoker sees it."""
-
-    def check_writable(self) -> None: ...
-    def barrier(self) -> asyncio.Future[None] | None: ...
+#: An object the invoker calls: a store's handle, or the daemon's operations
+#: (``service/ops.py``), which look like one.
+Exposed = Handle
 
 
 class _Parked:
@@ -114,7 +94,7 @@ class _Parked:
         call: Call,
         args: tuple[Any, ...],
         future: asyncio.Future[Any],
-        undo: str | None,
+        undo: bool,
     ) -> None:
         self.obj = obj
         self.method = method
@@ -127,7 +107,7 @@ class _Parked:
         self.cancelled = False
 
 
-#: ``(rid, object, undo method name, call, args, result)``
+#: ``(rid, object, method, call, args, result)`` of an answer that can be undone
 _Answered = tuple[int, Exposed, str, Call, tuple[Any, ...], Any]
 
 
@@ -150,33 +130,29 @@ class CallTable:
         self.parked: dict[int, _Parked] = {}
         self.answered: dict[int, _Answered] = {}
 
-    def remember(self, rid: int, obj: Exposed, undo: str, call: Call,
+    def remember(self, rid: int, obj: Exposed, method: str, call: Call,
                  args: tuple[Any, ...], value: Any) -> None:  # fmt: skip
         answered = self.answered
         if len(answered) >= MAX_ANSWERED_THREADS and call.thread not in answered:
             del answered[next(iter(answered))]
-        answered[call.thread] = (rid, obj, undo, call, args, value)
+        answered[call.thread] = (rid, obj, method, call, args, value)
 
-    def cancel(self, session: Session, thread: int, rid: int) -> None:
+    def cancel(self, store: Store, session: Session, thread: int, rid: int) -> None:
         """The client gave the call ``rid`` up: drop its wait, or undo its answer."""
         parked = self.parked.get(rid)
         if parked is not None:
             if parked.future.done():
                 parked.cancelled = True  # answered, not yet sent: _settled undoes it
                 return
-            waiter = waiter_of(session, parked.future)
-            if waiter is None:
-                parked.future.cancel()
-            else:
-                parked.obj.abandon(waiter, parked.method)
+            store.abandon(parked.obj, parked.method, session, parked.future)
             return
         record = self.answered.get(thread)
         if record is not None and record[0] == rid:
             del self.answered[thread]
-            _, obj, undo, call, args, value = record
-            getattr(obj, undo)(call, args, value)
+            _, obj, method, call, args, value = record
+            store.undo(obj, method, call, args, value)
 
-    def drop_parked(self) -> None:
+    def drop_parked(self, store: Store) -> None:
         """The connection is replaced (its session resumed elsewhere): its waits end.
 
         Their answers would go to a closed connection, so an item or a lock
@@ -185,11 +161,7 @@ class CallTable:
         parked, self.parked = self.parked, {}
         for entry in parked.values():
             if not entry.future.done():
-                waiter = waiter_of(entry.call.session, entry.future)
-                if waiter is None:
-                    entry.future.cancel()
-                else:
-                    waiter.cancel()
+                store.cancel(entry.call.session, entry.future)
 
 
 @dataclass(slots=True)
@@ -271,21 +243,14 @@ class Invoker:
     """Runs invocations for both wire dialects (see the module docstring)."""
 
     def __init__(
-        self,
-        registry: Objects,
-        ops: Exposed,
-        types: dict[str, Any],
-        loop: asyncio.AbstractEventLoop,
-        stats: RequestStats,
+        self, store: Store, ops: Exposed, loop: asyncio.AbstractEventLoop, stats: RequestStats
     ) -> None:
-        self.registry = registry
+        self.store = store
         self.ops = ops
         #: The types served, by typeid (for metric labels of calls that fail early).
-        self.types = types
+        self.types = store.types
         self.loop = loop
         self.stats = stats
-        #: Set by the server when state is journaled.
-        self.journal: Durability | None = None
 
     def label(self, typeid: Any, method: Any) -> str:
         """``Type.method`` for the metrics; anything unknown is one label (bounded)."""
@@ -312,7 +277,7 @@ class Invoker:
                     inv.label = self.label(inv.typeid, inv.method)
                 if not isinstance(inv.name, str):
                     raise NoSuchObject(f"no object named {inv.name!r}")
-                obj = self.registry.get(inv.name, inv.typeid)
+                obj = self.store.get(inv.name, inv.typeid)
             spec = obj.methods.get(inv.method)
             if spec is not None:
                 inv.label = f"{obj.typeid}.{inv.method}"
@@ -325,8 +290,8 @@ class Invoker:
             if spec is None and body is None:
                 raise NoAttribute(f"{obj.typeid} has no method {inv.method!r}")
             inv.label = f"{obj.typeid}.{inv.method}"
-            if spec is not None and spec.mutates and self.journal is not None:
-                self.journal.check_writable()
+            if spec is not None and spec.mutates:
+                self.store.check_writable()
         except Exception as exc:
             deliver(Outcome(error=exc) if isinstance(exc, TypeError) else self._classify(inv, exc))
             return
@@ -340,7 +305,7 @@ class Invoker:
                 result = spec.fn(obj, call, *args, **kwargs)
         except Exception as exc:
             if isinstance(exc, TypeError) and not isinstance(exc, Refusal):
-                if getattr(obj, "builtin_type_errors", False):
+                if obj.builtin_type_errors:
                     # A container's method is the builtin's own operation: its
                     # TypeError (an unhashable key, a str index) is the caller's,
                     # as the stdlib object would raise it.
@@ -353,10 +318,10 @@ class Invoker:
             return
         # 4: settle.
         calls = inv.calls
-        undo = obj.undo_methods.get(inv.method) if obj.undo_methods else None
+        undo = inv.method in obj.undo_methods if obj.undo_methods else False
         give_back = None
-        if prepared is not None and prepared.give_back and undo is not None:
-            give_back = partial(getattr(obj, undo), call, args)
+        if prepared is not None and prepared.give_back and undo:
+            give_back = partial(self.store.undo, obj, inv.method, call, args)
         if isinstance(result, asyncio.Future):
             parked = None
             if calls is not None:
@@ -368,8 +333,8 @@ class Invoker:
                 partial(self._settled, inv, finish, give_back, deliver, parked)
             )
             return
-        if undo is not None and calls is not None and result is not False:
-            calls.remember(inv.rid, obj, undo, call, args, result)
+        if undo and calls is not None and result is not False:
+            calls.remember(inv.rid, obj, inv.method, call, args, result)
         self._answer(inv, finish, give_back, result, deliver)
 
     def _settled(
@@ -392,16 +357,11 @@ class Invoker:
                 deliver(self._classify(inv, exc))
             return
         value = future.result()
-        if (
-            parked is not None
-            and calls is not None
-            and parked.undo is not None
-            and value is not False
-        ):
+        if parked is not None and calls is not None and parked.undo and value is not False:
             if parked.cancelled:
-                getattr(parked.obj, parked.undo)(parked.call, parked.args, value)
+                self.store.undo(parked.obj, parked.method, parked.call, parked.args, value)
                 return
-            calls.remember(inv.rid, parked.obj, parked.undo, parked.call, parked.args, value)
+            calls.remember(inv.rid, parked.obj, parked.method, parked.call, parked.args, value)
         if parked is not None and parked.cancelled:
             return
         self._answer(inv, finish, give_back, value, deliver)
@@ -424,8 +384,7 @@ class Invoker:
                 deliver(self._classify(inv, exc))
                 return
             value = finished
-        journal = self.journal
-        barrier = journal.barrier() if journal is not None else None
+        barrier = self.store.barrier()
         if barrier is None:
             deliver(Outcome(value))
             return

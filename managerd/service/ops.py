@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
 from managerd.service.peers import PeerGuard
 from managerd.service.sessions import SessionTable
 from managerd.store.api import BadArgument, Call, MethodSpec, exposed, methods_of
-from managerd.store.memory.base import SharedObject
-from managerd.store.memory.registry import TYPES, Registry
+from managerd.store.interface import Handle, Store
 
 #: The most items ``peek`` returns of one object.
 MAX_PEEK_ITEMS: Final = 1000
@@ -30,24 +28,30 @@ MAX_PEEK_ITEMS: Final = 1000
 class ServerOps:
     """Daemon-level operations that are not calls on one object."""
 
-    #: The invoker's label prefix for these (``server.create``).
+    #: The invoker's label prefix for these (``server.create``); the rest
+    #: makes this look like a store's handle to the invoker. No operation
+    #: parks or hands anything over.
     typeid: ClassVar[str] = "server"
+    name: ClassVar[str] = "server"
     methods: ClassVar[dict[str, MethodSpec]]
     undo_methods: ClassVar[dict[str, str]] = {}
+    builtin_type_errors: ClassVar[bool] = False
 
-    def __init__(self, registry: Registry, sessions: SessionTable, started_at: float) -> None:
-        self.registry = registry
+    def __init__(
+        self,
+        store: Store,
+        sessions: SessionTable,
+        peers: PeerGuard,
+        about: dict[str, Any],
+        started_at: float,
+    ) -> None:
+        self.store = store
         self.sessions = sessions
+        #: Per-address handshake state.
+        self.peers = peers
+        #: The daemon's version and the settings an operator looks at.
+        self.about = about
         self.started_at = started_at
-        #: Per-address handshake state (set by the server core).
-        self.peers: PeerGuard | None = None
-        #: The daemon's version and the settings an operator looks at (set by the core).
-        self.about: dict[str, Any] = {}
-        #: Deadlocks as they stand, and how many were found (set by the core).
-        self.deadlocks: Callable[[], tuple[list[dict[str, Any]], int]] | None = None
-
-    def abandon(self, waiter: Any, method: str, stock: bool = False) -> None:
-        """No operation parks: nothing to abandon (the invoker's object interface)."""
 
     # -- managerd clients ---------------------------------------------------------
     @exposed()
@@ -58,11 +62,12 @@ class ServerOps:
     def create_op(self, call: Call, typeid: str, name: str, args: dict[str, Any]) -> None:
         self.create(typeid, name, args)
 
-    def create(self, typeid: Any, name: Any, args: Any) -> SharedObject:
+    def create(self, typeid: Any, name: Any, args: Any) -> Handle:
         """Get or create ``name``; every refusal of the caller's arguments is raised here."""
-        cls = TYPES.get(typeid) if isinstance(typeid, str) else None
+        types = self.store.types
+        cls = types.get(typeid) if isinstance(typeid, str) else None
         if cls is None:
-            raise BadArgument(f"unknown type {typeid!r}; the daemon serves {', '.join(TYPES)}")
+            raise BadArgument(f"unknown type {typeid!r}; the daemon serves {', '.join(types)}")
         if not isinstance(name, str):
             raise BadArgument(f"an object name must be a str, not {type(name).__name__}")
         if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
@@ -70,21 +75,21 @@ class ServerOps:
         unknown = set(args) - set(cls.create_params)
         if unknown:
             raise BadArgument(f"{typeid} takes no creation argument {', '.join(sorted(unknown))}")
-        return self.registry.get_or_create(typeid, name, args)
+        return self.store.get_or_create(typeid, name, args)
 
     @exposed(mutates=True)
     def delete(self, call: Call, name: str) -> bool:
         if not isinstance(name, str):
             raise BadArgument(f"an object name must be a str, not {type(name).__name__}")
-        return self.registry.delete(name)
+        return self.store.delete(name)
 
     @exposed()
     def objects(self, call: Call) -> list[tuple[str, str]]:
-        return self.registry.listing()
+        return self.store.listing()
 
     @exposed()
     def types(self, call: Call) -> dict[str, list[str]]:
-        return {typeid: sorted(cls.methods) for typeid, cls in TYPES.items()}
+        return {typeid: sorted(cls.methods) for typeid, cls in self.store.types.items()}
 
     @exposed()
     def peek(self, call: Call, name: str, limit: int) -> dict[str, Any]:
@@ -98,10 +103,10 @@ class ServerOps:
         if not isinstance(name, str):
             raise BadArgument(f"an object name must be a str, not {type(name).__name__}")
         limit = min(limit, MAX_PEEK_ITEMS)
-        obj = self.registry.get(name)
-        info = obj.describe()
+        obj = self.store.get(name)
+        info = self.store.stats_of(obj).describe()
         try:
-            value = obj.snapshot()
+            value = self.store.snapshot(obj).value
         except TypeError:  # locks, events...: their description is their content
             return {"type": obj.typeid, "describe": info, "kind": "none"}
         if isinstance(value, dict):
@@ -128,18 +133,18 @@ class ServerOps:
 
     def report(self) -> dict[str, Any]:
         """The daemon's status (``managerd status``, the web page, the metrics)."""
-        cycles, found = self.deadlocks() if self.deadlocks is not None else ([], 0)
+        cycles = self.store.deadlocks()
+        stats = self.store.stats()
         return {
             **self.about,
             "deadlocks": cycles,
-            "deadlocks_total": found,
+            "deadlocks_total": stats.deadlocks_total,
             "uptime_s": round(time.time() - self.started_at, 3),
-            "objects": {name: obj.describe() for name, obj in self.registry.objects.items()},
+            "objects": {o.name: o.describe() for o in stats.objects},
             "sessions": [s.describe() for s in self.sessions],
-            "handshakes_pending": self.peers.pending() if self.peers else 0,
+            "handshakes_pending": self.peers.pending(),
             "penalized": {
-                address: round(left, 1)
-                for address, left in (self.peers.penalized() if self.peers else {}).items()
+                address: round(left, 1) for address, left in self.peers.penalized().items()
             },
         }
 
@@ -161,9 +166,10 @@ class ServerOps:
         if not args:
             raise BadArgument("create() needs a type name")
         typeid = args[0]
-        cls = TYPES.get(typeid) if isinstance(typeid, str) else None
+        types = self.store.types
+        cls = types.get(typeid) if isinstance(typeid, str) else None
         if cls is None:
-            raise BadArgument(f"unknown type {typeid!r}; the daemon serves {', '.join(TYPES)}")
+            raise BadArgument(f"unknown type {typeid!r}; the daemon serves {', '.join(types)}")
         if len(args) < 2:
             raise BadArgument(
                 f"managerd objects are named: call m.{typeid}(name, ...), "
@@ -189,16 +195,16 @@ class ServerOps:
         name = getattr(token, "id", None)
         if not isinstance(name, str):
             raise BadArgument("get_methods takes a token")
-        obj = self.registry.get(name)
+        obj = self.store.get(name)
         return obj.name, obj.typeid, public_methods(obj)
 
     @exposed()
     def number_of_objects(self, call: Call) -> int:
-        return len(self.registry)
+        return len(self.store.listing())
 
     @exposed()
     def debug_info(self, call: Call) -> str:
-        return "\n".join(f"{n}: {t}" for n, t in self.registry.listing())
+        return "\n".join(f"{n}: {t}" for n, t in self.store.listing())
 
     @exposed()
     def incref(self, call: Call, ident: Any, *rest: Any) -> None:
@@ -224,7 +230,7 @@ class ServerOps:
 ServerOps.methods = methods_of(ServerOps)
 
 
-def public_methods(obj: SharedObject) -> tuple[str, ...]:
+def public_methods(obj: Handle) -> tuple[str, ...]:
     """What an ``AutoProxy`` of ``obj`` gets: public methods, as a stock server.
 
     Dunder names would become methods of the AutoProxy class itself

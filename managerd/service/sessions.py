@@ -6,17 +6,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from managerd.store.interface import Store
 from managerd.store.sessions import Session, SessionKind, WaitForGraph
 
 
 class SessionTable:
-    """All live sessions, by id."""
+    """All live sessions, by id; the store releases what a session held when it ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store, deadlocks: WaitForGraph | None = None) -> None:
         self._sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
-        #: Given to every session it opens (set by the server core).
-        self.deadlocks: WaitForGraph | None = None
+        self.store = store
+        #: Given to every session it opens (None: deadlocks are not looked for).
+        self.deadlocks = deadlocks
 
     def open(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> Session:
         session = Session(kind, peer, info)
@@ -35,7 +37,7 @@ class SessionTable:
     def end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
         self._by_token.pop(session.resume_token, None)
-        session.end()
+        self.store.release(session)
 
     def expired(self, ttl_s: float) -> list[Session]:
         """Managerd sessions not heard from for ``ttl_s``."""

@@ -6,6 +6,9 @@ errors and wire constants. Never ``managerd.service``, ``managerd.wire`` or
 the edge modules (server, metrics, settings, cli...), not even under
 ``TYPE_CHECKING``: what it needs from above is passed in.
 
+What the layers above see: ``interface.py`` (the ``Store`` protocol and
+its handles), ``stats.py`` (the snapshots status and metrics read),
 ``api.py`` (exposed methods and their specs) and ``sessions.py`` (who holds
-what) are what the layers above see; ``memory/`` holds the objects.
+what). ``memory/`` is the first store; only the edge (``server.py``, which
+builds it) imports it.
 """

@@ -4,7 +4,6 @@ May import: ``managerd.wire`` (its own layer), ``managerd.service``,
 ``managerd.store`` and the base modules. Never the edge modules (server,
 metrics, settings, cli...), not even under ``TYPE_CHECKING``: what a
 connection needs of the daemon is the ``ConnectionContext`` protocol, and
-the server passes itself in. ``store.memory`` is for the store's own use:
-the few places that still reach into it are listed in
-``tests/test_imports.py`` (``ALLOWED``).
+the server passes itself in. Never ``managerd.store.memory`` either: the
+store is what ``store/interface.py`` says.
 """

@@ -30,7 +30,6 @@ from managerd.service.invoker import CallTable, Exposed
 from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
-from managerd.store.memory.base import waiter_of
 from managerd.store.sessions import Session, SessionKind
 from managerd.wire.managerd_dialect import Dispatcher
 from managerd.wire.stock_dialect import StockAdapter
@@ -406,13 +405,8 @@ class Connection(asyncio.Protocol):
         assert self.stock_parked is not None
         obj, method, future = self.stock_parked
         self.stock_parked = None
-        if future.done():
-            return
-        waiter = waiter_of(session, future)
-        if waiter is None:
-            future.cancel()
-        else:
-            obj.abandon(waiter, method, stock=True)
+        if not future.done():
+            self.core.stock.store.abandon(obj, method, session, future, stock=True)
 
     def send_stock(self, message: tuple[str, Any]) -> None:
         """Send a stock reply (the invoker waited for the journal where it had to)."""

@@ -17,7 +17,7 @@ can match.
 exception from a signal handler, a thread stopped) sends ``(None, None,
 "cancel", (rid,), thread)`` and does not wait for an answer (none is sent).
 The connection's :class:`CallTable` knows the call: still parked, its waiter
-is dropped as a session's end drops it (``SharedObject.abandon``); already
+is dropped as a session's end drops it (``Store.abandon``); already
 answered, the *last* answer of that client thread that handed it something
 (an item, a lock, a permit) is undone by the object's undo method (item back
 at the front, lock released...). A client thread makes one call at a time,
@@ -107,7 +107,8 @@ class Dispatcher:
             and type(args[0]) is int
             and type(thread) is int
         ):
-            calls.cancel(session, thread, args[0])  # no answer: nobody waits for one
+            # No answer: nobody waits for one.
+            calls.cancel(self.invoker.store, session, thread, args[0])
             return
         if calls.answered:
             # This thread's previous answer arrived (it asks again): no undo now.

@@ -86,7 +86,7 @@ from managerd.service.invoker import (
     Prepared,
 )
 from managerd.store.api import BadArgument, Call, Conv, MethodSpec, NoAttribute
-from managerd.store.memory.base import SharedObject
+from managerd.store.interface import Handle, Store
 from managerd.store.sessions import Session
 from managerd.wire.iterators import IteratorTable
 from managerd_client.errors import (
@@ -189,17 +189,15 @@ class _Proxy:
 #: A stock method whose form is not the object's method as is: given the
 #: adapter, the object, a call context and the request's arguments, how to
 #: run it.
-Special = Callable[["StockAdapter", SharedObject, Call, tuple[Any, ...], dict[str, Any]], Prepared]
-#: For calls that remove a payload: the payload they would remove (or None),
-#: checked decodable *before* the call so that a refused value stays put.
-Peek = Callable[[SharedObject, Call, list[Any], dict[str, Any]], "bytes | None"]
+Special = Callable[["StockAdapter", Handle, Call, tuple[Any, ...], dict[str, Any]], Prepared]
 
 
 class StockAdapter:
     """Translates stock requests into invocations, and outcomes into stock replies."""
 
-    def __init__(self, invoker: Invoker, decoder: SafeDecoder) -> None:
+    def __init__(self, invoker: Invoker, store: Store, decoder: SafeDecoder) -> None:
         self.invoker = invoker
+        self.store = store
         self.decoder = decoder
         self.iterators = IteratorTable()
 
@@ -325,7 +323,6 @@ class StockAdapter:
 
     def _prepare(self, obj: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
         """A stock call on an object: its arguments encoded, its result decoded."""
-        assert isinstance(obj, SharedObject)
         method, args, kwds = inv.method, inv.args, inv.kwargs
         if method == "#GETVALUE":
             return Prepared(args, kwds, body=lambda obj, call: self._getvalue(obj))
@@ -339,9 +336,10 @@ class StockAdapter:
         if spec is None:
             raise NoAttribute(f"{obj.typeid} has no method {method!r}")
         call_args, call_kwds = self._args_in(spec, args, kwds)
-        peek = _PEEKS.get((obj.typeid, method))
-        if peek is not None:
-            payload = peek(obj, call, call_args, call_kwds)
+        if spec.mutates and spec.result is not Conv.PLAIN:
+            # A payload this call would remove must decode *before* it goes:
+            # refused, it stays where it was.
+            payload = self.store.would_hand_out(obj, method, call, tuple(call_args), call_kwds)
             if payload is not None:
                 self.decode(payload)
         return Prepared(tuple(call_args), call_kwds, finish=partial(self.result_out, spec.result))
@@ -369,18 +367,14 @@ class StockAdapter:
             return Prepared(args, kwds, finish=lambda made: _stock_exposed(*made[1:]))
         return Prepared(args, kwds)
 
-    def _getvalue(self, obj: SharedObject) -> Any:
-        value = obj.snapshot()
-        if obj.typeid == "Namespace":
-            return StockNamespace(**self.result_out(Conv.MAPPING, value))
-        if obj.typeid in ("Queue", "JoinableQueue"):
-            return self.result_out(Conv.PAYLOADS, value)
-        conv = getattr(obj, "snapshot_conv", Conv.PLAIN)
-        return self.result_out(conv, value)
+    def _getvalue(self, obj: Handle) -> Any:
+        snapshot = self.store.snapshot(obj)
+        value = self.result_out(snapshot.conv, snapshot.value)
+        return StockNamespace(**value) if obj.typeid == "Namespace" else value
 
     # -- special methods ---------------------------------------------------------
     def _queue_get(
-        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+        self, obj: Handle, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
     ) -> Prepared:
         """``get``: a reservation, acked once its item decoded, else given back."""
         block, timeout = _get_params(*args, **kwds)
@@ -392,7 +386,7 @@ class StockAdapter:
         )
 
     def _queue_get_nowait(
-        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+        self, obj: Handle, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
     ) -> Prepared:
         _no_arguments("get_nowait", args, kwds)
         return Prepared(
@@ -402,7 +396,7 @@ class StockAdapter:
             finish=partial(self._settle_get, obj, call),
         )
 
-    def _settle_get(self, obj: SharedObject, call: Call, reserved: tuple[int, bytes, int]) -> Any:
+    def _settle_get(self, obj: Handle, call: Call, reserved: tuple[int, bytes, int]) -> Any:
         did, payload, _ = reserved
         try:
             value = self.decode(payload)
@@ -413,7 +407,7 @@ class StockAdapter:
         return value
 
     def _pipe_recv(
-        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+        self, obj: Handle, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
     ) -> Prepared:
         """``recv(end, timeout=None)``; a message that does not decode stays first."""
         spec = obj.methods["recv"]
@@ -423,7 +417,7 @@ class StockAdapter:
         return Prepared(tuple(call_args), call_kwds, finish=self.decode, give_back=True)
 
     def _dict_iter(
-        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+        self, obj: Handle, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
     ) -> Prepared:
         _no_arguments("__iter__", args, kwds)
 
@@ -439,7 +433,7 @@ class StockAdapter:
         )
 
     def _dict_update(
-        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+        self, obj: Handle, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
     ) -> Prepared:
         """``update(other=(), **kwds)`` as ``dict.update`` takes it."""
         if len(args) > 1:
@@ -453,20 +447,14 @@ class StockAdapter:
         return Prepared((encoded,), {}, finish=lambda _: None)
 
     def _dict_setdefault(
-        self, obj: SharedObject, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
+        self, obj: Handle, call: Call, args: tuple[Any, ...], kwds: dict[str, Any]
     ) -> Prepared:
         """``setdefault(key, default=None)``; an existing value must decode."""
         key, default = _setdefault_params(*args, **kwds)
-        encoded = self.encode(default)
-
-        def run(obj: Any, call: Call) -> Any:
-            current = obj.methods["get"].fn(obj, call, key)
-            if current is None:
-                obj.methods["setdefault"].fn(obj, call, key, encoded)
-                return default
-            return self.decode(current)
-
-        return Prepared((key, encoded), {}, body=run)
+        current = self.store.would_hand_out(obj, "setdefault", call, (key,), {})
+        if current is not None:
+            self.decode(current)
+        return Prepared((key, self.encode(default)), {}, finish=self.decode)
 
 
 # -- creation with contents ------------------------------------------------------------
@@ -541,31 +529,12 @@ def _setdefault_params(key: Any, default: Any = None) -> tuple[Any, Any]:
     return key, default
 
 
-def _settle(obj: SharedObject, call: Call, method: str, did: int, *rest: Any) -> None:
+def _settle(obj: Handle, call: Call, method: str, did: int, *rest: Any) -> None:
     """Ack or nack a stock get's reservation (it may have timed out meanwhile)."""
     try:
         obj.methods[method].fn(obj, call, did, *rest)
     except ValueError:
         pass  # redelivered by its visibility timeout already
-
-
-def _peek_dict_pop(obj: SharedObject, call: Call, args: list[Any], kwds: dict[str, Any]) -> Any:
-    key = args[0] if args else kwds.get("key")
-    result: bytes | None = obj.methods["get"].fn(obj, call, key)
-    return result
-
-
-def _peek_dict_popitem(obj: SharedObject, call: Call, args: list[Any], kwds: dict[str, Any]) -> Any:
-    data: dict[Any, bytes] = obj.data  # type: ignore[attr-defined]
-    return next(reversed(data.values()), None)
-
-
-def _peek_list_pop(obj: SharedObject, call: Call, args: list[Any], kwds: dict[str, Any]) -> Any:
-    index = args[0] if args else kwds.get("index", -1)
-    try:
-        return obj.methods["__getitem__"].fn(obj, call, index)
-    except (IndexError, TypeError):
-        return None  # pop itself raises the right error
 
 
 _SPECIALS: Final[dict[tuple[str, str], Special]] = {
@@ -577,10 +546,4 @@ _SPECIALS: Final[dict[tuple[str, str], Special]] = {
     ("dict", "update"): StockAdapter._dict_update,
     ("dict", "setdefault"): StockAdapter._dict_setdefault,
     ("Pipe", "recv"): StockAdapter._pipe_recv,
-}
-
-_PEEKS: Final[dict[tuple[str, str], Peek]] = {
-    ("dict", "pop"): _peek_dict_pop,
-    ("dict", "popitem"): _peek_dict_popitem,
-    ("list", "pop"): _peek_list_pop,
 }

@@ -23,9 +23,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
-from managerd.store.api import BadArgument, Call, MethodSpec, methods_of
+from managerd.store.api import BadArgument, Call, Conv, MethodSpec, methods_of
 from managerd.store.memory.records import Effect, RecordKind
 from managerd.store.sessions import Session
+from managerd.store.stats import ObjectStats
 from managerd_client.errors import ArgumentConflict
 
 if TYPE_CHECKING:
@@ -295,9 +296,15 @@ class SharedObject:
     def shutdown(self, exc: BaseException) -> None:
         """The object is being deleted or the daemon stops: fail every waiter."""
 
-    def describe(self) -> dict[str, Any]:
-        """A summary for ``objects()`` and status."""
-        return {"type": self.typeid, "args": self.creation_args()}
+    def stats(self) -> ObjectStats:
+        """What status and the metrics show (``store/stats.py``); may run off the loop."""
+        return ObjectStats(self.name, self.typeid, self.creation_args())
+
+    def would_hand_out(
+        self, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bytes | None:
+        """The stored payload the call ``method`` would hand out, read without making it."""
+        return None
 
     # -- durability (journal records; see store/memory/journal.py) --------------------
     def _j(self, effect: Effect, *arguments: Any) -> None:
@@ -326,6 +333,9 @@ class SharedObject:
 
     def recovered(self) -> None:
         """Recovery is over: settle what cannot outlive a restart."""
+
+    #: How :meth:`snapshot`'s value converts for a stock client.
+    snapshot_conv: ClassVar[Conv] = Conv.PLAIN
 
     def snapshot(self) -> Any:
         """The whole value, for a stock client's ``_getvalue()``."""

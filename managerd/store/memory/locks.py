@@ -31,6 +31,7 @@ from managerd.store.memory.base import (
 from managerd.store.memory.deadlock import check_deadlock, report_deadlock
 from managerd.store.memory.tokens import TokenSource
 from managerd.store.sessions import Session
+from managerd.store.stats import LockStats, SemaphoreStats
 
 
 def _acquire_wait_s(blocking: bool, timeout: object) -> float | None:
@@ -211,21 +212,25 @@ class Lock(SharedObject):
     def shutdown(self, exc: BaseException) -> None:
         fail_all(self.waiters, exc)
 
-    def describe(self) -> dict[str, Any]:
+    def stats(self) -> LockStats:
         holder = self.holder
-        return {
-            **super().describe(),
-            "held": holder is not None,
-            "holder": (
+        return LockStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            holder=(
                 {**holder.describe(), "thread": self.holder_thread} if holder is not None else None
             ),
-            "held_for_s": round(self.loop.time() - self.acquired_at, 3) if holder else None,
-            "token": self.token,
-            "waiters": self.waiter_count(),
-            "waiting": [
+            held_for_s=round(self.loop.time() - self.acquired_at, 3) if holder else None,
+            token=self.token,
+            waiters=self.waiter_count(),
+            waiting=tuple(
                 {**w.session.who(), "thread": w.data[0]} for w in list(self.waiters) if w.alive
-            ],
-        }
+            ),
+            acquires_total=self.acquires_total,
+            wait_seconds=_copy(self.wait_hist),
+            hold_seconds=_copy(self.hold_hist),
+        )
 
 
 class RLock(Lock):
@@ -345,15 +350,26 @@ class Semaphore(SharedObject):
     def shutdown(self, exc: BaseException) -> None:
         fail_all(self.waiters, exc)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "value": self.value,
-            "holders": [{**s.describe(), "permits": n} for s, n in self.held.items()],
-            "token": self.token,
-            "waiters": self.waiter_count(),
-            "waiting": [w.session.who() for w in list(self.waiters) if w.alive],
-        }
+    def stats(self) -> SemaphoreStats:
+        held = list(self.held.items())  # a copy: the metrics scrape reads off the loop
+        return SemaphoreStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            value=self.value,
+            held=sum(n for _, n in held),
+            holders=tuple({**s.describe(), "permits": n} for s, n in held),
+            token=self.token,
+            waiters=self.waiter_count(),
+            waiting=tuple(w.session.who() for w in list(self.waiters) if w.alive),
+            wait_seconds=_copy(self.wait_hist),
+        )
+
+
+def _copy(hist: Histogram) -> Histogram:
+    copy = Histogram()
+    copy.merge(hist)
+    return copy
 
 
 class BoundedSemaphore(Semaphore):

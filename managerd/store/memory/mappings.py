@@ -26,6 +26,7 @@ from managerd.safepickle import SafeDecoder
 from managerd.store.api import BadArgument, Call, Conv, NoAttribute, exposed
 from managerd.store.memory.base import SharedObject, sequence_index
 from managerd.store.memory.records import DictOp, ListOp, NamespaceOp
+from managerd.store.stats import SizeStats
 from managerd_client.errors import ArgumentConflict, ForbiddenPayload
 
 _DECODER: Final = SafeDecoder()
@@ -167,6 +168,16 @@ class Dict(_Contents):
         self._j_removed(key)
         return key, value
 
+    def would_hand_out(
+        self, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bytes | None:
+        if method in ("pop", "setdefault"):
+            key = args[0] if args else kwargs.get("key")
+            return self.get(call, key)
+        if method == "popitem":
+            return next(reversed(self.data.values()), None)
+        return None
+
     def _j_removed(self, key: Any) -> None:
         """Journal that ``key`` left: by key, unless replay could not find it.
 
@@ -245,8 +256,8 @@ class Dict(_Contents):
     def snapshot(self) -> dict[Any, bytes]:
         return dict(self.data)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "len": len(self.data)}
+    def stats(self) -> SizeStats:
+        return SizeStats(self.name, self.typeid, self.creation_args(), len=len(self.data))
 
 
 def _decoded(payload: bytes) -> tuple[bool, Any]:
@@ -337,6 +348,18 @@ class List(_Contents):
         item = self.items.pop(index)
         self._j(ListOp.DEL, index)
         return item
+
+    def would_hand_out(
+        self, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bytes | None:
+        if method != "pop":
+            return None
+        index = args[0] if args else kwargs.get("index", -1)
+        try:
+            item = self.items[sequence_index(index)]
+        except (IndexError, TypeError):
+            return None  # pop itself raises the right error
+        return item if isinstance(item, bytes) else None
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def remove(self, call: Call, value: bytes) -> None:
@@ -440,8 +463,8 @@ class List(_Contents):
     def snapshot(self) -> list[bytes]:
         return list(self.items)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "len": len(self.items)}
+    def stats(self) -> SizeStats:
+        return SizeStats(self.name, self.typeid, self.creation_args(), len=len(self.items))
 
 
 class Namespace(_Contents):
@@ -505,5 +528,5 @@ class Namespace(_Contents):
     def snapshot(self) -> dict[str, bytes]:
         return dict(self.attrs)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "len": len(self.attrs)}
+    def stats(self) -> SizeStats:
+        return SizeStats(self.name, self.typeid, self.creation_args(), len=len(self.attrs))

@@ -18,6 +18,7 @@ from managerd.store.memory.base import (
     timeout_s,
     wait_or_now_s,
 )
+from managerd.store.stats import PipeStats
 
 
 class _Read(enum.Enum):
@@ -162,10 +163,12 @@ class Pipe(SharedObject):
         fail_all(self.readers[0], exc)
         fail_all(self.readers[1], exc)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "buffered": [len(self.inbox[0]), len(self.inbox[1])],
-            "closed": list(self.closed),
-            "waiters": self.waiter_count(),
-        }
+    def stats(self) -> PipeStats:
+        return PipeStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            buffered=(len(self.inbox[0]), len(self.inbox[1])),
+            closed=(self.closed[0], self.closed[1]),
+            waiters=self.waiter_count(),
+        )

@@ -39,6 +39,7 @@ from managerd.store.memory.base import (
 )
 from managerd.store.memory.records import QueueOp
 from managerd.store.sessions import Session
+from managerd.store.stats import QueueStats
 
 DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
 DEAD_LETTER_SUFFIX = ".dead"
@@ -93,6 +94,7 @@ class Queue(SharedObject):
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
     durable = True
+    snapshot_conv: ClassVar[Conv] = Conv.PAYLOADS
     undo_methods: ClassVar[dict[str, str]] = {
         "get": "_undo_get",
         "get_nowait": "_undo_get",
@@ -511,16 +513,18 @@ class Queue(SharedObject):
             if delivery.timer is not None:
                 delivery.timer.cancel()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "depth": len(self.items),
-            "reserved": len(self.reserved),
-            "waiters": self.waiter_count(),
-            "puts_total": self.puts_total,
-            "gets_total": self.gets_total,
-            "unfinished": self.unfinished,
-        }
+    def stats(self) -> QueueStats:
+        return QueueStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            depth=len(self.items),
+            reserved=len(self.reserved),
+            waiters=self.waiter_count(),
+            puts_total=self.puts_total,
+            gets_total=self.gets_total,
+            unfinished=self.unfinished,
+        )
 
     def snapshot(self) -> list[bytes]:
         return [e.payload if isinstance(e, _Returned) else e for e in self.items]

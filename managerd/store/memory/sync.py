@@ -28,6 +28,7 @@ from managerd.store.memory.base import (
 )
 from managerd.store.memory.locks import Lock
 from managerd.store.memory.records import EventOp
+from managerd.store.stats import BarrierStats, ConditionStats, EventStats
 
 
 class Event(SharedObject):
@@ -85,8 +86,10 @@ class Event(SharedObject):
     def load_state(self, state: Any) -> None:
         self.flag = bool(state)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "set": self.flag, "waiters": self.waiter_count()}
+    def stats(self) -> EventStats:
+        return EventStats(
+            self.name, self.typeid, self.creation_args(), set=self.flag, waiters=self.waiter_count()
+        )
 
 
 def _false(waiter: Waiter) -> None:
@@ -219,8 +222,10 @@ class Condition(SharedObject):
     def shutdown(self, exc: BaseException) -> None:
         fail_all(self.waiters, exc)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "waiters": self.waiter_count()}
+    def stats(self) -> ConditionStats:
+        return ConditionStats(
+            self.name, self.typeid, self.creation_args(), waiters=self.waiter_count()
+        )
 
 
 class Barrier(SharedObject):
@@ -325,9 +330,11 @@ class Barrier(SharedObject):
     def shutdown(self, exc: BaseException) -> None:
         fail_all(self.waiters, exc)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "n_waiting": self.waiter_count(),
-            "broken": self.broken,
-        }
+    def stats(self) -> BarrierStats:
+        return BarrierStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            waiters=self.waiter_count(),
+            broken=self.broken,
+        )

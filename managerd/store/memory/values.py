@@ -13,6 +13,7 @@ from typing import Any, Final
 from managerd.store.api import BadArgument, Call, exposed
 from managerd.store.memory.base import SharedObject, sequence_index
 from managerd.store.memory.records import ArrayOp, ValueOp
+from managerd.store.stats import SizeStats, ValueStats
 
 #: ctypes typecodes multiprocessing.Value/Array accept; 'c' is a byte.
 TYPECODES: Final = frozenset("cubBhHiIlLqQfd")
@@ -94,8 +95,8 @@ class Value(SharedObject):
     def snapshot(self) -> Any:
         return self.value
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "value": self.value}
+    def stats(self) -> ValueStats:
+        return ValueStats(self.name, self.typeid, self.creation_args(), value=self.value)
 
 
 class Array(SharedObject):
@@ -218,5 +219,5 @@ class Array(SharedObject):
             return bytes(self.data)
         return self.data.tolist()
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "len": len(self.data)}
+    def stats(self) -> SizeStats:
+        return SizeStats(self.name, self.typeid, self.creation_args(), len=len(self.data))
