@@ -38,6 +38,7 @@ from managerd.store.etcd.kv import (
     Put,
     RangeResult,
     Target,
+    name_key,
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
@@ -50,7 +51,7 @@ class EtcdLock:
     def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT):
         self.client = client
         self.name = name
-        self.prefix = root + b"l/" + name.encode() + b"/"
+        self.prefix = root + b"l/" + name_key(name) + b"/"
 
     def _key(self, session: EtcdSession, owner: str) -> bytes:
         key = self.prefix + f"{session.lease_id:016x}".encode()

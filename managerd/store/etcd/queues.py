@@ -67,6 +67,7 @@ from managerd.store.etcd.kv import (
     RangeResult,
     Target,
     TxnResult,
+    name_key,
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
@@ -144,7 +145,7 @@ class EtcdQueue:
     def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT) -> None:
         self.client = client
         self.name = name
-        base = root + b"q/" + name.encode() + b"/"
+        self.base = base = root + b"q/" + name_key(name) + b"/"
         self._sessions = root + b"s/"
         self._ready = base + b"i/"
         self._ready_end = prefix_end(self._ready)
@@ -170,6 +171,24 @@ class EtcdQueue:
             idempotent=True,
         )
         # Not succeeded: an earlier attempt of this call was applied (the id is ours alone).
+
+    async def put_front(self, item: bytes) -> None:
+        """Put ``item`` back before every other (an answered get whose caller left).
+
+        Its id sorts before any ``put``'s (a leading ``!``, then the time
+        counted down: the latest such item first); at most once, as ``put``.
+        """
+        iid = self._ids.next()
+        iid = b"!%020d" % (10**20 - 1 - int(iid[:20])) + iid[20:]
+        await self.client.txn(
+            [
+                Compare(self._ready + iid, Target.CREATE, "==", 0),
+                Compare(self._reserved + iid, Target.CREATE, "==", 0),
+                Compare(self._tombs + iid, Target.CREATE, "==", 0),
+            ],
+            [Put(self._ready + iid, _pack({"n": 0}, item))],
+            idempotent=True,
+        )
 
     async def qsize(self) -> int:
         return (await self.client.range(self._ready, self._ready_end, count_only=True)).count

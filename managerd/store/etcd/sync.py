@@ -34,6 +34,7 @@ from managerd.store.etcd.kv import (
     Op,
     Put,
     Target,
+    name_key,
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
@@ -46,7 +47,7 @@ class EtcdEvent:
 
     def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT) -> None:
         self.client = client
-        self.key = root + b"ev/" + name.encode()
+        self.key = root + b"ev/" + name_key(name)
 
     async def is_set(self) -> bool:
         return await self.client.get(self.key) is not None
@@ -107,7 +108,7 @@ class EtcdSemaphore:
         self.client = client
         self.name = name
         self.bounded = bounded
-        self.base = root + b"sem/" + name.encode() + b"/"
+        self.base = root + b"sem/" + name_key(name) + b"/"
         self.permits_key = self.base + b"n"
         self.contenders = self.base + b"c/"
 

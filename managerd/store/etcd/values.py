@@ -32,6 +32,7 @@ from managerd.store.etcd.kv import (
     Op,
     Put,
     Target,
+    name_key,
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT
@@ -72,7 +73,7 @@ class EtcdValue:
 
     def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT) -> None:
         self.client = client
-        self.key = root + b"v/" + name.encode()
+        self.key = root + b"v/" + name_key(name)
 
     async def create(self, value: Any) -> None:
         await self.client.txn(
@@ -118,7 +119,7 @@ class EtcdDict:
 
     def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT) -> None:
         self.client = client
-        self.prefix = root + b"d/" + name.encode() + b"/"
+        self.prefix = root + b"d/" + name_key(name) + b"/"
         self.end = prefix_end(self.prefix)
 
     def _key(self, key: Any) -> bytes:
@@ -195,8 +196,12 @@ class EtcdDict:
             if done.succeeded:
                 return payload
 
+    def puts(self, pairs: Iterable[tuple[Any, bytes]]) -> list[Op]:
+        """The puts that set ``pairs`` (for a Txn of the caller's)."""
+        return [Put(self._key(k), _entry(k, v)) for k, v in pairs]
+
     async def update(self, pairs: Iterable[tuple[Any, bytes]]) -> None:
-        ops: list[Op] = [Put(self._key(k), _entry(k, v)) for k, v in pairs]
+        ops = self.puts(pairs)
         for i in range(0, len(ops), _UPDATE_BATCH):
             await self.client.txn([], ops[i : i + _UPDATE_BATCH])
 

@@ -1,0 +1,759 @@
+"""The etcd store's handles: one class per type served, its exposed methods.
+
+A handle is what ``Gateway.get_or_create`` hands out (``store/interface.py``):
+its ``@exposed`` methods check their arguments at once, as the memory
+store's objects do (the same helpers, so the same errors), then return a
+Task that makes the change in etcd (``Gateway.run``): every answer comes
+later, since every answer is a round trip to etcd. The primitives
+themselves are the etcd classes of ``queues.py``, ``locks.py``, ``sync.py``
+and ``values.py``; a handle maps ``call.session`` to the session's lease and
+the calling thread to a lock's owner.
+
+Served: Queue, Lock, RLock, Semaphore, BoundedSemaphore, Event, Value and
+dict. **Not yet** (issue 13): JoinableQueue, Condition, Barrier, list,
+Namespace, Array, Pipe; and of a Queue: ``maxsize``, ``put_many``/
+``get_many``, ``extend``, ``max_deliveries`` and dead letters
+(``Unsupported`` where a caller asks for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Protocol, cast
+
+from managerd.histogram import Histogram
+from managerd.store.api import (
+    BadArgument,
+    BadState,
+    Call,
+    Conv,
+    MethodSpec,
+    Unsupported,
+    exposed,
+    methods_of,
+)
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.kv import EventType, Op, Put
+from managerd.store.etcd.locks import EtcdLock, EtcdRLock
+from managerd.store.etcd.queues import Delivery, EtcdQueue
+from managerd.store.etcd.sessions import EtcdSession
+from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
+from managerd.store.etcd.values import EtcdDict, EtcdValue, literal
+from managerd.store.etcd.watching import changed
+from managerd.store.memory.base import positive_s, timeout_s, wait_or_now_s
+from managerd.store.memory.locks import _acquire_wait_s, _semaphore_wait_s
+from managerd.store.memory.mappings import NO_DEFAULT
+from managerd.store.memory.values import _check_typecode, _coerce
+from managerd.store.sessions import Session
+from managerd.store.stats import (
+    EventStats,
+    LockStats,
+    ObjectStats,
+    QueueStats,
+    SemaphoreStats,
+    SizeStats,
+    ValueStats,
+)
+from managerd_client.errors import LockLost
+
+Work = Callable[[EtcdSession], Coroutine[Any, Any, Any]]
+
+DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
+
+
+class Deliveries:
+    """The delivery ids this gateway gave its sessions' reservations (ints, as the
+    memory store's), and the etcd reservation each stands for."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._by_id: dict[int, tuple[Session, QueueHandle, Delivery]] = {}
+
+    def add(self, session: Session, queue: QueueHandle, delivery: Delivery) -> int:
+        did = next(self._ids)
+        self._by_id[did] = (session, queue, delivery)
+        return did
+
+    def take(self, session: Session, queue: QueueHandle, did: int) -> Delivery | None:
+        """The reservation ``did`` of ``session`` on ``queue``, forgotten here; None if not."""
+        entry = self._by_id.get(did)
+        if entry is None or entry[0] is not session or entry[1] is not queue:
+            return None
+        del self._by_id[did]
+        return entry[2]
+
+    def drop(self, session: Session) -> set[QueueHandle]:
+        """Forget ``session``'s; the queues it had reserved from."""
+        queues = set()
+        for did, (s, queue, _) in list(self._by_id.items()):
+            if s is session:
+                del self._by_id[did]
+                queues.add(queue)
+        return queues
+
+
+class Gateway(Protocol):
+    """What a handle asks of its store (``store.py``'s ``EtcdStore``)."""
+
+    client: EtcdClient
+    root: bytes
+    loop: asyncio.AbstractEventLoop
+    deliveries: Deliveries
+    #: Fencing tokens of this gateway's lock holdings: (session, name, owner) -> token.
+    tokens: dict[tuple[Session, str, str], int]
+
+    def run(
+        self, handle: EtcdHandle, call: Call, work: Work, *, parks: bool
+    ) -> asyncio.Future[Any]: ...
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def background_as(self, session: Session, work: Work) -> None: ...
+
+
+class EtcdHandle:
+    """A named object of the etcd store (see the module docstring)."""
+
+    typeid: ClassVar[str]
+    create_params: ClassVar[tuple[str, ...]] = ()
+    methods: ClassVar[dict[str, MethodSpec]]
+    builtin_type_errors: ClassVar[bool] = False
+    undo_methods: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.methods = methods_of(cls)
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        self.store = store
+        self.name = name
+        #: Done once the object exists in etcd (its creating Txn, or found there).
+        self.ready: asyncio.Future[None] = store.loop.create_future()
+        #: This gateway's calls in flight here, and those of them that wait.
+        self.calls: set[asyncio.Future[Any]] = set()
+        self.parked: set[asyncio.Future[Any]] = set()
+        #: What the last ``refresh`` read (the stats' numbers).
+        self.seen: dict[str, Any] = {}
+
+    def creation_args(self) -> dict[str, Any]:
+        """What a later get-or-create compares (as the memory store's ``creation_args``)."""
+        return {}
+
+    def init_ops(self) -> list[Op]:
+        """The puts that make its initial state, in the creating Txn."""
+        return []
+
+    def state_prefixes(self) -> list[bytes]:
+        """Every key of its state starts with one of these (what ``delete`` removes)."""
+        raise NotImplementedError
+
+    async def refresh(self) -> None:
+        """Read what its stats show."""
+
+    def stats(self) -> ObjectStats:
+        return ObjectStats(self.name, self.typeid, self.creation_args())
+
+    def _run(self, call: Call, work: Work, *, parks: bool = False) -> Any:
+        return self.store.run(self, call, work, parks=parks)
+
+
+class QueueHandle(EtcdHandle):
+    """``queue.Queue`` with reserve/ack/nack (see the module docstring for what is missing)."""
+
+    typeid = "Queue"
+    create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
+    undo_methods: ClassVar[dict[str, str]] = {"get": "_undo_get", "get_nowait": "_undo_get"}
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        maxsize = args.get("maxsize", 0)
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+            raise BadArgument("maxsize must be an int")
+        if maxsize > 0:
+            raise Unsupported("a bounded Queue (maxsize) is not served by the etcd store yet")
+        self.visibility_timeout_s = positive_s(
+            args.get("visibility_timeout_s", DEFAULT_VISIBILITY_TIMEOUT_S), "visibility_timeout_s"
+        )
+        max_deliveries = args.get("max_deliveries", 0)
+        if not isinstance(max_deliveries, int) or max_deliveries < 0:
+            raise ValueError("max_deliveries must be a non-negative int")
+        if max_deliveries:
+            raise Unsupported("max_deliveries is not served by the etcd store yet")
+        self.queue = EtcdQueue(store.client, name, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.queue.base]
+
+    async def refresh(self) -> None:
+        self.seen = {
+            "depth": await self.queue.qsize(),
+            "reserved": await self.queue.reserved_count(),
+        }
+
+    def stats(self) -> QueueStats:
+        return QueueStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            depth=self.seen.get("depth", 0),
+            reserved=self.seen.get("reserved", 0),
+            waiters=len(self.parked),
+            puts_total=0,
+            gets_total=0,
+            unfinished=0,
+        )
+
+    def creation_args(self) -> dict[str, Any]:
+        return {
+            "maxsize": 0,
+            "visibility_timeout_s": self.visibility_timeout_s,
+            "max_deliveries": 0,
+        }
+
+    @exposed(item=Conv.PAYLOAD, mutates=True)
+    def put(self, call: Call, item: bytes, block: bool = True, timeout: float | None = None) -> Any:
+        timeout_s(block, timeout)  # checked as the memory store checks it; never full
+        return self._put(call, item)
+
+    @exposed(item=Conv.PAYLOAD, mutates=True)
+    def put_nowait(self, call: Call, item: bytes) -> Any:
+        return self._put(call, item)
+
+    def _put(self, call: Call, item: bytes) -> Any:
+        if not isinstance(item, bytes):
+            raise BadArgument("queue items travel as pickled bytes")
+        return self._run(call, lambda _: self.queue.put(item))
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def get(self, call: Call, block: bool = True, timeout: float | None = None) -> Any:
+        wait_s = timeout_s(block, timeout)
+        if wait_s == 0.0:
+            return self._run(call, lambda _: self.queue.get_nowait())
+        return self._run(call, lambda _: self.queue.get(wait_s), parks=True)
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def get_nowait(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.get_nowait())
+
+    def _undo_get(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
+        """An answered get whose client left: the item goes back first."""
+        self.store.background(self.queue.put_front(payload))
+
+    @exposed()
+    def qsize(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.qsize())
+
+    @exposed()
+    def empty(self, call: Call) -> Any:
+        async def empty(_: EtcdSession) -> bool:
+            return await self.queue.qsize() == 0
+
+        return self._run(call, empty)
+
+    @exposed()
+    def full(self, call: Call) -> Any:
+        async def full(_: EtcdSession) -> bool:
+            return False  # maxsize 0: never full
+
+        return self._run(call, full)
+
+    @exposed(mutates=True)
+    def reserve(self, call: Call, timeout: float | None = None) -> Any:
+        """``(delivery_id, payload, deliveries)``; ``queue.Empty`` on timeout."""
+        wait_s = timeout_s(True, timeout)
+
+        async def reserve(session: EtcdSession) -> tuple[int, bytes, int]:
+            delivery = await self.queue.reserve(session, self.visibility_timeout_s, wait_s)
+            did = self.store.deliveries.add(call.session, self, delivery)
+            return did, delivery.payload, delivery.deliveries
+
+        return self._run(call, reserve, parks=True)
+
+    def _own_delivery(self, call: Call, did: int) -> Delivery:
+        if not isinstance(did, int) or isinstance(did, bool):
+            raise BadArgument(f"a delivery id is an int, not {type(did).__name__}")
+        delivery = self.store.deliveries.take(call.session, self, did)
+        if delivery is None:
+            raise ValueError(
+                f"delivery {did} of queue {self.name!r} is not reserved by this session "
+                "(already acked or nacked, or it timed out and was redelivered)"
+            )
+        return delivery
+
+    @exposed(mutates=True)
+    def ack(self, call: Call, did: int) -> Any:
+        delivery = self._own_delivery(call, did)
+
+        async def ack(_: EtcdSession) -> None:
+            if not await self.queue.ack(delivery):
+                raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
+
+        return self._run(call, ack)
+
+    @exposed(mutates=True)
+    def nack(self, call: Call, did: int, requeue: bool = True) -> Any:
+        delivery = self._own_delivery(call, did)
+
+        async def nack(_: EtcdSession) -> None:
+            if not await self.queue.nack(delivery, bool(requeue)):
+                raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
+
+        return self._run(call, nack)
+
+    @exposed()
+    def reserved_count(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.reserved_count())
+
+
+class LockHandle(EtcdHandle):
+    """``threading.Lock``: one holder, any client may release it; a fencing token."""
+
+    typeid = "Lock"
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+    lock_class: ClassVar[type[EtcdLock]] = EtcdLock
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.lock = self.lock_class(store.client, name, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.lock.prefix]
+
+    async def refresh(self) -> None:
+        held = await self.lock.holder()
+        self.seen = {"token": 0 if held is None else held[1], "held": held is not None}
+
+    def stats(self) -> LockStats:
+        return LockStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            holder={"id": "?"} if self.seen.get("held") else None,
+            held_for_s=None,
+            token=self.seen.get("token", 0),
+            waiters=len(self.parked),
+            waiting=(),
+            acquires_total=0,
+            wait_seconds=Histogram(),
+            hold_seconds=Histogram(),
+        )
+
+    def _owner(self, call: Call) -> str:
+        # A Lock is held by its session, an RLock by one thread of it.
+        return ""
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
+        wait_s = _acquire_wait_s(blocking, timeout)
+        owner = self._owner(call)
+
+        async def acquire(session: EtcdSession) -> int | bool:
+            try:
+                token = await self.lock.acquire(
+                    session, owner, blocking=wait_s != 0.0, timeout_s=wait_s or None
+                )
+            except RuntimeError:  # a Lock this session holds already: it waits (threading's)
+                token = await self._wait_held_by_self(session, owner, wait_s)
+            if token is None:
+                return False
+            self.store.tokens[(call.session, self.name, owner)] = token
+            return token
+
+        return self._run(call, acquire, parks=wait_s != 0.0)
+
+    async def _wait_held_by_self(
+        self, session: EtcdSession, owner: str, wait_s: float | None
+    ) -> int | None:
+        """A second acquire of a held Lock by its own session: not a re-entry. It waits
+        for a release (by anyone), then contends again."""
+        if wait_s == 0.0:
+            return None
+        key = self.lock._key(session, owner)
+        try:
+            async with asyncio.timeout(wait_s):
+                read = await self.store.client.range(key)
+                if read.kvs:
+                    await changed(
+                        self.store.client, key, after_revision=read.revision, kind=EventType.DELETE
+                    )
+                return await self.lock.acquire(session, owner)
+        except TimeoutError:
+            return None
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        owner = self._owner(call)
+        if self.store.tokens.get((call.session, self.name, owner)) != token:
+            return
+
+        async def undo(session: EtcdSession) -> None:
+            try:
+                await self.lock.release(session, token, owner)
+            except LockLost:
+                pass
+
+        self.store.background_as(call.session, undo)
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> Any:
+        async def release(_: EtcdSession) -> None:
+            if not await self.lock.release_holder():
+                raise BadState("release unlocked lock")
+
+        return self._run(call, release)
+
+    @exposed()
+    def locked(self, call: Call) -> Any:
+        async def locked(_: EtcdSession) -> bool:
+            return await self.lock.holder() is not None
+
+        return self._run(call, locked)
+
+    @exposed()
+    def fencing_token(self, call: Call) -> Any:
+        """The token of the current holding (0 if free: etcd keeps no past holder)."""
+
+        async def fencing_token(_: EtcdSession) -> int:
+            held = await self.lock.holder()
+            return 0 if held is None else held[1]
+
+        return self._run(call, fencing_token)
+
+
+class RLockHandle(LockHandle):
+    """``threading.RLock``: owned by one client thread, re-entrant."""
+
+    typeid = "RLock"
+    lock_class = EtcdRLock
+
+    def _owner(self, call: Call) -> str:
+        return str(call.thread)
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> Any:
+        owner = self._owner(call)
+
+        async def release(session: EtcdSession) -> None:
+            token = self.store.tokens.get((call.session, self.name, owner))
+            lock = cast(EtcdRLock, self.lock)
+            if token is None or not await lock.depth(session, owner):
+                raise BadState("cannot release un-acquired lock")
+            await self.lock.release(session, token, owner)
+
+        return self._run(call, release)
+
+
+class SemaphoreHandle(EtcdHandle):
+    """``threading.Semaphore``; permits taken by a session return when it ends."""
+
+    typeid = "Semaphore"
+    create_params = ("value",)
+    bounded = False
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        value = args.get("value", 1)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadArgument("semaphore value must be an int")
+        if value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        self.initial = value
+        self.sem = EtcdSemaphore(store.client, name, bounded=self.bounded, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.sem.base]
+
+    async def refresh(self) -> None:
+        value, held = await self.sem.holdings()
+        self.seen = {"value": value, "held": held}
+
+    def stats(self) -> SemaphoreStats:
+        held = self.seen.get("held", [])
+        return SemaphoreStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            value=self.seen.get("value", self.initial),
+            held=sum(n for _, n in held),
+            holders=tuple({"id": sid, "permits": n} for sid, n in held),
+            token=0,
+            waiters=len(self.parked),
+            waiting=(),
+            wait_seconds=Histogram(),
+        )
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"value": self.initial}
+
+    def init_ops(self) -> list[Op]:
+        return [Put(self.sem.permits_key, b"%d" % self.initial)]
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+        wait_s = _semaphore_wait_s(blocking, timeout)
+
+        async def acquire(session: EtcdSession) -> int | bool:
+            token = await self.sem.acquire(
+                session, blocking=wait_s != 0.0, timeout_s=wait_s or None
+            )
+            return False if token is None else token
+
+        return self._run(call, acquire, parks=wait_s != 0.0)
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        self.store.background_as(call.session, lambda s: self.sem.release(s, 1))
+
+    @exposed(mutates=True)
+    def release(self, call: Call, n: int = 1) -> Any:
+        if not isinstance(n, int):
+            raise BadArgument(f"n must be an int, not {type(n).__name__}")
+        if n < 1:
+            raise ValueError("n must be one or more")
+        return self._run(call, lambda session: self.sem.release(session, n))
+
+    @exposed()
+    def get_value(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.sem.value())
+
+
+class BoundedSemaphoreHandle(SemaphoreHandle):
+    """A Semaphore whose value may never exceed its initial value."""
+
+    typeid = "BoundedSemaphore"
+    bounded = True
+
+
+class EventHandle(EtcdHandle):
+    """``threading.Event``."""
+
+    typeid = "Event"
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.event = EtcdEvent(store.client, name, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.event.key]
+
+    async def refresh(self) -> None:
+        self.seen = {"set": await self.event.is_set()}
+
+    def stats(self) -> EventStats:
+        return EventStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            set=self.seen.get("set", False),
+            waiters=len(self.parked),
+        )
+
+    @exposed()
+    def is_set(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.event.is_set())
+
+    @exposed(mutates=True)
+    def set(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.event.set())
+
+    @exposed(mutates=True)
+    def clear(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.event.clear())
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = wait_or_now_s(timeout)
+        return self._run(call, lambda _: self.event.wait(wait_s), parks=wait_s != 0.0)
+
+
+class ValueHandle(EtcdHandle):
+    """``multiprocessing.Value``: one typed number (or byte), changed by compare-and-set."""
+
+    typeid = "Value"
+    create_params = ("typecode", "value")
+    builtin_type_errors = True
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.typecode = _check_typecode(args.get("typecode", "i"))
+        value = args.get("value", 0)
+        self.initial = _coerce(self.typecode, value if self.typecode != "c" or value else b"\0")
+        self.value = EtcdValue(store.client, name, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.value.key]
+
+    async def refresh(self) -> None:
+        self.seen = {"value": await self.value.get()}
+
+    def stats(self) -> ValueStats:
+        return ValueStats(
+            self.name, self.typeid, self.creation_args(), value=self.seen.get("value", self.initial)
+        )
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"typecode": self.typecode}
+
+    def init_ops(self) -> list[Op]:
+        return [Put(self.value.key, literal(self.initial))]
+
+    @exposed()
+    def get(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.value.get())
+
+    @exposed(mutates=True)
+    def set(self, call: Call, value: Any) -> Any:
+        new = _coerce(self.typecode, value)
+        return self._run(call, lambda _: self.value.set(new))
+
+    @exposed(mutates=True)
+    def add(self, call: Call, delta: Any) -> Any:
+        """Add ``delta`` atomically; the new value."""
+        if self.typecode == "c":
+            raise BadArgument("cannot add to a 'c' value")
+
+        def change(old: Any) -> Any:
+            try:
+                total = old + delta
+            except TypeError as exc:
+                raise BadArgument(str(exc)) from None
+            return _coerce(self.typecode, total)
+
+        return self._run(call, lambda _: self.value.update(change))
+
+
+class DictHandle(EtcdHandle):
+    """``dict`` with literal keys, a key per entry (``values.py`` says what differs)."""
+
+    typeid = "dict"
+    create_params = ("contents",)
+    builtin_type_errors = True
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.dict = EtcdDict(store.client, name, root=store.root)
+        contents = args.get("contents", ())
+        pairs = contents.items() if isinstance(contents, Mapping) else contents
+        try:
+            self.contents = [(k, v) for k, v in pairs]
+        except (TypeError, ValueError) as exc:
+            raise BadArgument(f"dict contents are (key, value) pairs: {exc}") from None
+        for _, v in self.contents:
+            if not isinstance(v, bytes):
+                raise BadArgument("dict values travel as pickled bytes")
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.dict.prefix]
+
+    async def refresh(self) -> None:
+        self.seen = {"len": await self.dict.len()}
+
+    def stats(self) -> SizeStats:
+        return SizeStats(self.name, self.typeid, self.creation_args(), len=self.seen.get("len", 0))
+
+    def init_ops(self) -> list[Op]:
+        return self.dict.puts(self.contents)
+
+    @exposed(result=Conv.PAYLOAD)
+    def __getitem__(self, call: Call, key: Any) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.getitem(key))
+
+    @exposed(value=Conv.PAYLOAD, mutates=True)
+    def __setitem__(self, call: Call, key: Any, value: bytes) -> Any:
+        literal(key)
+        if not isinstance(value, bytes):
+            raise BadArgument("dict values travel as pickled bytes")
+        return self._run(call, lambda _: self.dict.setitem(key, value))
+
+    @exposed(mutates=True)
+    def __delitem__(self, call: Call, key: Any) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.delitem(key))
+
+    @exposed()
+    def __contains__(self, call: Call, key: Any) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.contains(key))
+
+    @exposed()
+    def __len__(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.len())
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD)
+    def get(self, call: Call, key: Any, default: bytes | None = None) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.get(key, default))
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
+    def pop(self, call: Call, key: Any, default: Any = NO_DEFAULT) -> Any:
+        literal(key)
+        given = () if default is NO_DEFAULT else (default,)
+        return self._run(call, lambda _: self.dict.pop(key, *given))
+
+    @exposed(result=Conv.PAIR, mutates=True)
+    def popitem(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.popitem())
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
+    def setdefault(self, call: Call, key: Any, default: bytes) -> Any:
+        literal(key)
+        if not isinstance(default, bytes):
+            raise BadArgument("dict values travel as pickled bytes")
+        return self._run(call, lambda _: self.dict.setdefault(key, default))
+
+    @exposed(pairs=Conv.PAIRS, mutates=True)
+    def update(self, call: Call, pairs: Any = ()) -> Any:
+        """Set many keys (``pairs`` of key and payload); one Txn per 100."""
+        if not isinstance(pairs, (list, tuple)):
+            raise BadArgument("update takes a list of (key, value) pairs")
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise BadArgument("update takes (key, value) pairs")
+            literal(pair[0])
+            if not isinstance(pair[1], bytes):
+                raise BadArgument("dict values travel as pickled bytes")
+        return self._run(call, lambda _: self.dict.update(pairs))
+
+    @exposed(mutates=True)
+    def clear(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.clear())
+
+    @exposed()
+    def keys(self, call: Call) -> Any:
+        async def keys(_: EtcdSession) -> list[Any]:
+            return [k for k, _ in await self.dict.items()]
+
+        return self._run(call, keys)
+
+    @exposed(result=Conv.PAYLOADS)
+    def values(self, call: Call) -> Any:
+        async def values(_: EtcdSession) -> list[bytes]:
+            return [v for _, v in await self.dict.items()]
+
+        return self._run(call, values)
+
+    @exposed(result=Conv.PAIRS)
+    def items(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.items())
+
+    @exposed(result=Conv.MAPPING)
+    def copy(self, call: Call) -> Any:
+        async def copy(_: EtcdSession) -> dict[Any, bytes]:
+            return dict(await self.dict.items())
+
+        return self._run(call, copy)
+
+
+HANDLES: dict[str, type[EtcdHandle]] = {
+    cls.typeid: cls
+    for cls in (
+        QueueHandle,
+        LockHandle,
+        RLockHandle,
+        SemaphoreHandle,
+        BoundedSemaphoreHandle,
+        EventHandle,
+        ValueHandle,
+        DictHandle,
+    )
+}
