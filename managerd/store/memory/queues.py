@@ -403,6 +403,8 @@ class Queue(SharedObject):
         self._put_back([_Returned(delivery.payload, before) if before else delivery.payload])
 
     def _own_delivery(self, call: Call, did: int) -> _Delivery:
+        if not isinstance(did, int):  # (an unhashable one would fail the lookup below)
+            raise BadArgument(f"a delivery id is an int, not {type(did).__name__}")
         delivery = self.reserved.get(did)
         if delivery is None or delivery.session is not call.session:
             raise ValueError(
