@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import marshal
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
@@ -127,6 +128,8 @@ class EtcdHandle:
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
         self.store = store
         self.name = name
+        #: The revision that created it in etcd (0 until known).
+        self.revision = 0
         #: Done once the object exists in etcd (its creating Txn, or found there).
         self.ready: asyncio.Future[None] = store.loop.create_future()
         #: This gateway's calls in flight here, and those of them that wait.
@@ -594,7 +597,7 @@ class ValueHandle(EtcdHandle):
         return {"typecode": self.typecode}
 
     def init_ops(self) -> list[Op]:
-        return [Put(self.value.key, literal(self.initial))]
+        return [Put(self.value.key, marshal.dumps(self.initial))]
 
     @exposed()
     def get(self, call: Call) -> Any:

@@ -38,9 +38,11 @@ import contextlib
 import json
 import logging
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from managerd.store.api import BadArgument, Call
+from managerd.store.etcd.cells import CELLS
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.handles import HANDLES, Deliveries, EtcdHandle, QueueHandle, Work
 from managerd.store.etcd.kv import (
@@ -49,6 +51,7 @@ from managerd.store.etcd.kv import (
     EtcdError,
     EventType,
     Get,
+    Op,
     Put,
     RangeResult,
     Target,
@@ -69,8 +72,10 @@ from managerd_client.errors import (
 
 log = logging.getLogger(__name__)
 
+#: The types served, and the handle class of each.
+SERVED: Final[dict[str, type[EtcdHandle]]] = {**HANDLES, **CELLS}
 TYPE_INFO: Final[Mapping[str, TypeInfo]] = {
-    typeid: TypeInfo(typeid, cls.methods, cls.create_params) for typeid, cls in HANDLES.items()
+    typeid: TypeInfo(typeid, cls.methods, cls.create_params) for typeid, cls in SERVED.items()
 }
 REQUEUE_INTERVAL_S: Final = 1.0
 
@@ -88,8 +93,10 @@ class EtcdStore:
         self.root = root
         self.session_ttl_s = session_ttl_s
         self._names = root + b"o/"
-        #: The mirror of ``/m/o/``: name -> (typeid, creation args).
-        self._known: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: The mirror of ``/m/o/``, by name.
+        self._known: dict[str, _Known] = {}
+        #: Deletions under way, by name: a creation of the name waits for its deletion.
+        self._deleting: dict[str, asyncio.Task[None]] = {}
         self._handles: dict[str, EtcdHandle] = {}
         #: Each session's lease, opened at its first call.
         self._leases: dict[Session, asyncio.Task[EtcdSession]] = {}
@@ -114,15 +121,22 @@ class EtcdStore:
         store = cls(client, asyncio.get_running_loop(), root, session_ttl_s)
         read = await client.range(store._names, prefix_end(store._names))
         for kv in read.kvs:
-            store._learn(kv.value)
+            store._learn(kv.value, kv.create_revision)
         store.background(store._follow(read.revision))
         store.background(store._requeue_loop())
         return store
 
     # -- names ------------------------------------------------------------------------
-    def _learn(self, value: bytes) -> None:
+    def _learn(self, value: bytes, revision: int) -> None:
+        """A name created (here or through another gateway) at ``revision``."""
         entry = json.loads(value)
-        self._known[entry["name"]] = (entry["type"], entry["args"])
+        name = entry["name"]
+        handle = self._handles.get(name)
+        if handle is not None and handle.revision not in (0, revision):
+            self._drop(name, NoSuchObject(f"{name!r} was deleted"))  # made again elsewhere
+        self._known[name] = _Known(entry["type"], entry["args"], revision)
+        if handle is not None and handle.revision == 0:
+            handle.revision = revision
 
     async def _follow(self, revision: int) -> None:
         """Keep the mirror of names: creations and deletions through any gateway."""
@@ -139,43 +153,48 @@ class EtcdStore:
                     async for batch in events:
                         for event in batch:
                             if event.type is EventType.PUT:
-                                self._learn(event.kv.value)
+                                self._learn(event.kv.value, event.kv.create_revision)
                             elif event.prev_kv is not None:
-                                self._forget(json.loads(event.prev_kv.value)["name"])
+                                name = json.loads(event.prev_kv.value)["name"]
+                                known = self._known.get(name)
+                                # Only that incarnation: not one made since, here.
+                                if known and known.revision == event.prev_kv.create_revision:
+                                    self._forget(name)
                             revision = event.kv.mod_revision
             except EtcdError as exc:  # compacted: read all again
                 log.warning("etcd store: names watch failed (%s); reading them again", exc)
                 read = await self.client.range(self._names, prefix_end(self._names))
                 self._known.clear()
                 for kv in read.kvs:
-                    self._learn(kv.value)
+                    self._learn(kv.value, kv.create_revision)
                 for name in set(self._handles) - set(self._known):
                     self._forget(name)
                 revision = read.revision
 
     def _forget(self, name: str) -> None:
         self._known.pop(name, None)
+        self._drop(name, NoSuchObject(f"{name!r} was deleted"))
+
+    def _drop(self, name: str, exc: BaseException) -> None:
         handle = self._handles.pop(name, None)
         if handle is not None:
-            self._fail_calls(handle, NoSuchObject(f"{name!r} was deleted"))
+            self._fail_calls(handle, exc)
 
     def get_or_create(self, typeid: str, name: str, args: dict[str, Any]) -> Handle:
-        cls = HANDLES.get(typeid)
+        cls = SERVED.get(typeid)
         if cls is None:
-            raise BadArgument(
-                f"unknown type {typeid!r}; the etcd store serves {', '.join(HANDLES)}"
-            )
+            raise BadArgument(f"unknown type {typeid!r}; the etcd store serves {', '.join(SERVED)}")
         check_name(name)
         unknown = set(args) - set(cls.create_params)
         if unknown:
             raise BadArgument(f"{typeid} takes no creation argument {', '.join(sorted(unknown))}")
         known = self._known.get(name)
         if known is not None:
-            _check_same(name, known, typeid, args)
-            return self._handle(name, typeid, known[1])
+            _check_same(name, known.typeid, known.args, typeid, args)
+            return self._handle(name, known)
         handle = cls(self, name, args)
         created = handle.creation_args()
-        self._known[name] = (typeid, created)
+        self._known[name] = _Known(typeid, created, 0)
         self._handles[name] = handle
         creating = self.loop.create_task(self._create(handle, typeid, created))
 
@@ -192,6 +211,9 @@ class EtcdStore:
         return cast(Handle, handle)
 
     async def _create(self, handle: EtcdHandle, typeid: str, created: dict[str, Any]) -> None:
+        deleting = self._deleting.get(handle.name)
+        if deleting is not None:
+            await asyncio.wait([deleting])
         key = self._names + name_key(handle.name)
         entry = json.dumps({"name": handle.name, "type": typeid, "args": created}).encode()
         done = await self.client.txn(
@@ -201,17 +223,25 @@ class EtcdStore:
             idempotent=True,
         )
         if done.succeeded:
-            return
-        [read] = done.responses
-        assert isinstance(read, RangeResult)
-        if read.kvs and read.kvs[0].value != entry:  # not our own retried creation
-            found = json.loads(read.kvs[0].value)
-            _check_same(handle.name, (found["type"], found["args"]), typeid, created)
+            revision = done.revision
+        else:
+            [read] = done.responses
+            assert isinstance(read, RangeResult)
+            if read.kvs and read.kvs[0].value != entry:  # not our own retried creation
+                found = json.loads(read.kvs[0].value)
+                _check_same(handle.name, found["type"], found["args"], typeid, created)
+            revision = read.kvs[0].create_revision
+        if handle.revision == 0:
+            handle.revision = revision
+            known = self._known.get(handle.name)
+            if known is not None and known.revision == 0:
+                known.revision = revision
 
-    def _handle(self, name: str, typeid: str, args: dict[str, Any]) -> Handle:
+    def _handle(self, name: str, known: _Known) -> Handle:
         handle = self._handles.get(name)
         if handle is None:
-            handle = HANDLES[typeid](self, name, args)
+            handle = SERVED[known.typeid](self, name, known.args)
+            handle.revision = known.revision
             handle.ready.set_result(None)  # it is in etcd: the mirror saw it
             self._handles[name] = handle
         return cast(Handle, handle)
@@ -220,27 +250,39 @@ class EtcdStore:
         known = self._known.get(name)
         if known is None:
             raise NoSuchObject(f"no object named {name!r}")
-        if typeid is not None and known[0] != typeid:
-            raise ObjectTypeConflict(f"{name!r} is a {known[0]}, not a {typeid}")
-        return self._handle(name, known[0], known[1])
+        if typeid is not None and known.typeid != typeid:
+            raise ObjectTypeConflict(f"{name!r} is a {known.typeid}, not a {typeid}")
+        return self._handle(name, known)
 
     def delete(self, name: str) -> bool:
         """Whether this gateway knew it; its state in etcd goes in the background."""
         known = self._known.get(name)
         if known is None:
             return False
-        handle = self._handle(name, known[0], known[1])
+        handle = cast(EtcdHandle, self._handle(name, known))
         self._forget(name)
-        self.background(self._delete(cast(EtcdHandle, handle)))
+        deleting = self.loop.create_task(self._delete(handle))
+        self._deleting[name] = deleting
+        deleting.add_done_callback(lambda _: self._deleted(name, deleting))
         return True
 
+    def _deleted(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._deleting.get(name) is task:
+            del self._deleting[name]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("etcd store: deleting %r failed", name, exc_info=task.exception())
+
     async def _delete(self, handle: EtcdHandle) -> None:
-        ops = [Delete(self._names + name_key(handle.name))]
+        """Delete that incarnation of the name (not one made since), and its state."""
+        with contextlib.suppress(Exception):
+            await handle.ready  # made here a moment ago: once it exists
+        key = self._names + name_key(handle.name)
+        ops: list[Op] = [Delete(key)]
         ops += [Delete(prefix, prefix_end(prefix)) for prefix in handle.state_prefixes()]
-        await self.client.txn([], ops)
+        await self.client.txn([Compare(key, Target.CREATE, "==", handle.revision)], ops)
 
     def listing(self) -> list[tuple[str, str]]:
-        return sorted((name, typeid) for name, (typeid, _) in self._known.items())
+        return sorted((name, known.typeid) for name, known in self._known.items())
 
     # -- calls ------------------------------------------------------------------------
     def run(
@@ -413,11 +455,24 @@ class EtcdStore:
                 await (await lease).close()
 
 
+@dataclass(slots=True)
+class _Known:
+    """A name as the mirror knows it: type, creation arguments, and the revision that
+    created it (0 while its creation here is in flight)."""
+
+    typeid: str
+    args: dict[str, Any]
+    revision: int
+
+
 def _check_same(
-    name: str, known: tuple[str, dict[str, Any]], typeid: str, args: Mapping[str, Any]
+    name: str, known_type: str, created: Mapping[str, Any], typeid: str, args: Mapping[str, Any]
 ) -> None:
     """ObjectTypeConflict or ArgumentConflict, as the memory store's get-or-create."""
-    known_type, created = known
+    if "length" in created and "sequence" in args:  # an Array: its length
+        sequence = args["sequence"]
+        length = sequence if isinstance(sequence, int) else len(sequence)
+        args = {**args, "length": length}
     if known_type != typeid:
         raise ObjectTypeConflict(
             f"{name!r} already exists as a {known_type}, cannot use it as a {typeid}"

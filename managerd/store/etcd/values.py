@@ -1,9 +1,9 @@
 """Value and dict on etcd: one key with compare-and-set, and a key per entry.
 
-**Value** ``/m/v/<name>``: the number as a Python literal (read back with
-``ast.literal_eval``: nothing is unpickled). ``add`` is a compare-and-set on
-the key's mod_revision, retried on conflict, so concurrent adds through any
-gateways all count.
+**Value** ``/m/v/<name>``: the number kept with ``marshal`` (builtin
+numbers and bytes, NaN and infinities included; nothing is unpickled).
+``add`` is a compare-and-set on the key's mod_revision, retried on
+conflict, so concurrent adds through any gateways all count.
 
 **dict** ``/m/d/<name>/<key>``: one etcd key per entry, its value the
 entry's original key (a literal) and the payload (opaque bytes). Keys are
@@ -11,14 +11,16 @@ literals (``str``, ``bytes``, ``int``, ``float``, ``bool``, ``None`` and
 tuples of these); equal numbers are one entry, as in a ``dict`` (``1``,
 ``1.0`` and ``True`` are the same key; the entry keeps the form that made
 it). **Differs from the memory store**: other keys (a ``frozenset``, a NaN)
-are refused; order is the etcd key order, not insertion order (``popitem``
-takes the newest entry by revision, as ``dict`` takes the last inserted);
+are refused. Order is the dict's: by each key's create_revision (a change
+keeps an entry's place, a delete and put moves it last), which etcd sorts
+for each listing (fine for small dicts);
 ``update`` of more than 100 entries is several Txns (not atomic).
 """
 
 from __future__ import annotations
 
 import ast
+import marshal
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -78,26 +80,26 @@ class EtcdValue:
     async def create(self, value: Any) -> None:
         await self.client.txn(
             [Compare(self.key, Target.CREATE, "==", 0)],
-            [Put(self.key, literal(value))],
+            [Put(self.key, marshal.dumps(value))],
             idempotent=True,
         )
 
     async def get(self) -> Any:
         kv = await self.client.get(self.key)
-        return None if kv is None else from_literal(kv.value)
+        return None if kv is None else marshal.loads(kv.value)
 
     async def set(self, value: Any) -> None:
-        await self.client.put(self.key, literal(value))
+        await self.client.put(self.key, marshal.dumps(value))
 
     async def update(self, change: Any) -> Any:
         """Apply ``change(old) -> new`` atomically (compare-and-set, retried); the new value."""
         while True:
             kv = await self.client.get(self.key)
-            old = None if kv is None else from_literal(kv.value)
+            old = None if kv is None else marshal.loads(kv.value)
             new = change(old)
             revision = 0 if kv is None else kv.mod_revision
             done = await self.client.txn(
-                [Compare(self.key, Target.MOD, "==", revision)], [Put(self.key, literal(new))]
+                [Compare(self.key, Target.MOD, "==", revision)], [Put(self.key, marshal.dumps(new))]
             )
             if done.succeeded:
                 return new
@@ -209,5 +211,6 @@ class EtcdDict:
         await self.client.delete(self.prefix, self.end)
 
     async def items(self) -> list[tuple[Any, bytes]]:
-        read = await self.client.range(self.prefix, self.end)
+        """In ``dict`` order: an entry's place is its key's creation (a change keeps it)."""
+        read = await self.client.range(self.prefix, self.end, oldest_first=True)
         return [_parse(kv.value) for kv in read.kvs]
