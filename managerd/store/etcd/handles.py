@@ -31,14 +31,13 @@ from managerd.store.api import (
     Call,
     Conv,
     MethodSpec,
-    Unsupported,
     exposed,
     methods_of,
 )
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import EventType, Op, Put
 from managerd.store.etcd.locks import EtcdLock, EtcdRLock
-from managerd.store.etcd.queues import Delivery, EtcdQueue
+from managerd.store.etcd.queues import DEAD_LETTER_SUFFIX, Delivery, EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
 from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
 from managerd.store.etcd.values import EtcdDict, EtcdValue, literal
@@ -62,6 +61,7 @@ from managerd_client.errors import LockLost
 Work = Callable[[EtcdSession], Coroutine[Any, Any, Any]]
 
 DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
+_DEADLINE_SLACK_S = 0.01  # a deadline is wall-clock, the timer the loop's
 
 
 class Deliveries:
@@ -77,13 +77,23 @@ class Deliveries:
         self._by_id[did] = (session, queue, delivery)
         return did
 
-    def take(self, session: Session, queue: QueueHandle, did: int) -> Delivery | None:
-        """The reservation ``did`` of ``session`` on ``queue``, forgotten here; None if not."""
+    def find(
+        self, session: Session, queue: QueueHandle, did: int, *, take: bool
+    ) -> Delivery | None:
+        """The reservation ``did`` of ``session`` on ``queue`` (forgotten here if
+        ``take``); None if not."""
         entry = self._by_id.get(did)
         if entry is None or entry[0] is not session or entry[1] is not queue:
             return None
-        del self._by_id[did]
+        if take:
+            del self._by_id[did]
         return entry[2]
+
+    def renew(self, did: int, delivery: Delivery) -> None:
+        """``did`` stands for ``delivery`` now (a new receipt)."""
+        entry = self._by_id.get(did)
+        if entry is not None:
+            self._by_id[did] = (entry[0], entry[1], delivery)
 
     def drop(self, session: Session) -> set[QueueHandle]:
         """Forget ``session``'s; the queues it had reserved from."""
@@ -110,6 +120,7 @@ class Gateway(Protocol):
     ) -> asyncio.Future[Any]: ...
     def background(self, coro: Coroutine[Any, Any, Any]) -> None: ...
     def background_as(self, session: Session, work: Work) -> None: ...
+    async def ensure(self, name: str, typeid: str) -> None: ...
 
 
 class EtcdHandle:
@@ -161,71 +172,85 @@ class EtcdHandle:
 
 
 class QueueHandle(EtcdHandle):
-    """``queue.Queue`` with reserve/ack/nack (see the module docstring for what is missing)."""
+    """``queue.Queue`` with reserve/ack/nack/extend, dead letters and ``task_done``/``join``.
+
+    **Differs from the memory store**: ``maxsize`` is checked by a count
+    read before the put, exact among one gateway's puts but not across
+    gateways (two may each fill the last place); ``puts_total`` and
+    ``gets_total`` are not counted; a queue whose name ends in ``.dead`` has
+    no dead letters of its own.
+    """
 
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
-    undo_methods: ClassVar[dict[str, str]] = {"get": "_undo_get", "get_nowait": "_undo_get"}
+    undo_methods: ClassVar[dict[str, str]] = {
+        "get": "_undo_get",
+        "get_nowait": "_undo_get",
+        "get_many": "_undo_get_many",
+    }
 
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
         super().__init__(store, name, args)
         maxsize = args.get("maxsize", 0)
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise BadArgument("maxsize must be an int")
-        if maxsize > 0:
-            raise Unsupported("a bounded Queue (maxsize) is not served by the etcd store yet")
+        self.maxsize = maxsize
         self.visibility_timeout_s = positive_s(
             args.get("visibility_timeout_s", DEFAULT_VISIBILITY_TIMEOUT_S), "visibility_timeout_s"
         )
         max_deliveries = args.get("max_deliveries", 0)
         if not isinstance(max_deliveries, int) or max_deliveries < 0:
             raise ValueError("max_deliveries must be a non-negative int")
-        if max_deliveries:
-            raise Unsupported("max_deliveries is not served by the etcd store yet")
-        self.queue = EtcdQueue(store.client, name, root=store.root)
-
-    def state_prefixes(self) -> list[bytes]:
-        return [self.queue.base]
-
-    async def refresh(self) -> None:
-        self.seen = {
-            "depth": await self.queue.qsize(),
-            "reserved": await self.queue.reserved_count(),
-        }
-
-    def stats(self) -> QueueStats:
-        return QueueStats(
-            self.name,
-            self.typeid,
-            self.creation_args(),
-            depth=self.seen.get("depth", 0),
-            reserved=self.seen.get("reserved", 0),
-            waiters=len(self.parked),
-            puts_total=0,
-            gets_total=0,
-            unfinished=0,
+        self.max_deliveries = max_deliveries
+        self.queue = EtcdQueue(
+            store.client,
+            name,
+            root=store.root,
+            maxsize=max(maxsize, 0),
+            max_deliveries=max_deliveries,
+            dead_letters=not name.endswith(DEAD_LETTER_SUFFIX),
         )
+        self.queue.before_dead_letter = self._name_dead_letters
+
+    async def _name_dead_letters(self) -> None:
+        await self.store.ensure(self.name + DEAD_LETTER_SUFFIX, "Queue")
 
     def creation_args(self) -> dict[str, Any]:
         return {
-            "maxsize": 0,
+            "maxsize": self.maxsize,
             "visibility_timeout_s": self.visibility_timeout_s,
-            "max_deliveries": 0,
+            "max_deliveries": self.max_deliveries,
         }
+
+    @property
+    def _bound(self) -> int:
+        return self.maxsize if self.maxsize > 0 else 0
 
     @exposed(item=Conv.PAYLOAD, mutates=True)
     def put(self, call: Call, item: bytes, block: bool = True, timeout: float | None = None) -> Any:
-        timeout_s(block, timeout)  # checked as the memory store checks it; never full
-        return self._put(call, item)
+        return self._put(call, [item], timeout_s(block, timeout))
 
     @exposed(item=Conv.PAYLOAD, mutates=True)
     def put_nowait(self, call: Call, item: bytes) -> Any:
-        return self._put(call, item)
+        return self._put(call, [item], 0.0)
 
-    def _put(self, call: Call, item: bytes) -> Any:
-        if not isinstance(item, bytes):
-            raise BadArgument("queue items travel as pickled bytes")
-        return self._run(call, lambda _: self.queue.put(item))
+    @exposed(items=Conv.PAYLOADS, mutates=True)
+    def put_many(
+        self, call: Call, items: list[bytes], block: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Put all of ``items`` in order; with a maxsize, waits for room for all."""
+        if not isinstance(items, (list, tuple)):
+            raise BadArgument("put_many takes a list of items")
+        if self._bound and len(items) > self._bound:
+            raise ValueError(f"{len(items)} items can never fit a queue of maxsize {self.maxsize}")
+        return self._put(call, list(items), timeout_s(block, timeout))
+
+    def _put(self, call: Call, items: list[bytes], wait_s: float | None) -> Any:
+        for item in items:
+            if not isinstance(item, bytes):
+                raise BadArgument("queue items travel as pickled bytes")
+        parks = bool(self._bound) and wait_s != 0.0
+        return self._run(call, lambda _: self.queue.put_many(items, wait_s), parks=parks)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def get(self, call: Call, block: bool = True, timeout: float | None = None) -> Any:
@@ -238,9 +263,28 @@ class QueueHandle(EtcdHandle):
     def get_nowait(self, call: Call) -> Any:
         return self._run(call, lambda _: self.queue.get_nowait())
 
+    @exposed(result=Conv.PAYLOADS, mutates=True)
+    def get_many(
+        self, call: Call, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Up to ``max_items`` items; waits (as ``get``) only while there are none."""
+        if not isinstance(max_items, int) or max_items < 1:
+            raise ValueError("max_items must be a positive int")
+        wait_s = timeout_s(block, timeout)
+        return self._run(
+            call, lambda _: self.queue.get_many(max_items, wait_s), parks=wait_s != 0.0
+        )
+
     def _undo_get(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
         """An answered get whose client left: the item goes back first."""
         self.store.background(self.queue.put_front(payload))
+
+    def _undo_get_many(self, call: Call, args: tuple[Any, ...], payloads: list[bytes]) -> None:
+        async def put_back() -> None:
+            for payload in reversed(payloads):  # the last put first goes behind the others
+                await self.queue.put_front(payload)
+
+        self.store.background(put_back())
 
     @exposed()
     def qsize(self, call: Call) -> Any:
@@ -256,9 +300,18 @@ class QueueHandle(EtcdHandle):
     @exposed()
     def full(self, call: Call) -> Any:
         async def full(_: EtcdSession) -> bool:
-            return False  # maxsize 0: never full
+            return bool(self._bound) and await self.queue.qsize() >= self._bound
 
         return self._run(call, full)
+
+    @exposed(mutates=True)
+    def task_done(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.task_done())
+
+    @exposed()
+    def join(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = timeout_s(True, timeout)
+        return self._run(call, lambda _: self.queue.join(wait_s), parks=True)
 
     @exposed(mutates=True)
     def reserve(self, call: Call, timeout: float | None = None) -> Any:
@@ -267,15 +320,16 @@ class QueueHandle(EtcdHandle):
 
         async def reserve(session: EtcdSession) -> tuple[int, bytes, int]:
             delivery = await self.queue.reserve(session, self.visibility_timeout_s, wait_s)
+            self._expire_after(self.visibility_timeout_s)
             did = self.store.deliveries.add(call.session, self, delivery)
             return did, delivery.payload, delivery.deliveries
 
-        return self._run(call, reserve, parks=True)
+        return self._run(call, reserve, parks=wait_s != 0.0)
 
-    def _own_delivery(self, call: Call, did: int) -> Delivery:
+    def _delivery(self, call: Call, did: int, *, take: bool) -> Delivery:
         if not isinstance(did, int) or isinstance(did, bool):
             raise BadArgument(f"a delivery id is an int, not {type(did).__name__}")
-        delivery = self.store.deliveries.take(call.session, self, did)
+        delivery = self.store.deliveries.find(call.session, self, did, take=take)
         if delivery is None:
             raise ValueError(
                 f"delivery {did} of queue {self.name!r} is not reserved by this session "
@@ -285,7 +339,7 @@ class QueueHandle(EtcdHandle):
 
     @exposed(mutates=True)
     def ack(self, call: Call, did: int) -> Any:
-        delivery = self._own_delivery(call, did)
+        delivery = self._delivery(call, did, take=True)
 
         async def ack(_: EtcdSession) -> None:
             if not await self.queue.ack(delivery):
@@ -295,7 +349,7 @@ class QueueHandle(EtcdHandle):
 
     @exposed(mutates=True)
     def nack(self, call: Call, did: int, requeue: bool = True) -> Any:
-        delivery = self._own_delivery(call, did)
+        delivery = self._delivery(call, did, take=True)
 
         async def nack(_: EtcdSession) -> None:
             if not await self.queue.nack(delivery, bool(requeue)):
@@ -304,8 +358,61 @@ class QueueHandle(EtcdHandle):
         return self._run(call, nack)
 
     @exposed()
+    def extend(self, call: Call, did: int, seconds: float) -> Any:
+        extend_s = positive_s(seconds, "seconds")
+        delivery = self._delivery(call, did, take=False)
+
+        async def extend(_: EtcdSession) -> None:
+            extended = await self.queue.extend(delivery, extend_s)
+            if extended is None:
+                self.store.deliveries.find(call.session, self, did, take=True)
+                raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
+            self.store.deliveries.renew(did, extended)
+            self._expire_after(extend_s)
+
+        return self._run(call, extend)
+
+    def _expire_after(self, seconds: float) -> None:
+        """Return reservations past their deadline at this one's (the requeue loop of
+        every gateway is the net for a gateway that died)."""
+
+        def expire() -> None:
+            self.store.background(self.queue.requeue_expired())
+
+        self.store.loop.call_later(seconds + _DEADLINE_SLACK_S, expire)
+
+    @exposed()
     def reserved_count(self, call: Call) -> Any:
         return self._run(call, lambda _: self.queue.reserved_count())
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.queue.base]
+
+    async def refresh(self) -> None:
+        self.seen = {
+            "depth": await self.queue.qsize(),
+            "reserved": await self.queue.reserved_count(),
+            "unfinished": await self.queue.unfinished(),
+        }
+
+    def stats(self) -> QueueStats:
+        return QueueStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            depth=self.seen.get("depth", 0),
+            reserved=self.seen.get("reserved", 0),
+            waiters=len(self.parked),
+            puts_total=0,
+            gets_total=0,
+            unfinished=self.seen.get("unfinished", 0),
+        )
+
+
+class JoinableQueueHandle(QueueHandle):
+    """``multiprocessing.JoinableQueue``: a Queue under its own type name."""
+
+    typeid = "JoinableQueue"
 
 
 class LockHandle(EtcdHandle):
@@ -751,6 +858,7 @@ HANDLES: dict[str, type[EtcdHandle]] = {
     cls.typeid: cls
     for cls in (
         QueueHandle,
+        JoinableQueueHandle,
         LockHandle,
         RLockHandle,
         SemaphoreHandle,

@@ -237,6 +237,15 @@ class EtcdStore:
             if known is not None and known.revision == 0:
                 known.revision = revision
 
+    async def ensure(self, name: str, typeid: str) -> None:
+        """``name`` exists as a ``typeid`` made with its defaults (a dead-letter queue)
+        once this returns; ObjectTypeConflict if it is another type."""
+        known = self._known.get(name)
+        if known is not None:
+            _check_same(name, known.typeid, known.args, typeid, {})
+            return
+        await cast(EtcdHandle, self.get_or_create(typeid, name, {})).ready
+
     def _handle(self, name: str, known: _Known) -> Handle:
         handle = self._handles.get(name)
         if handle is None:
