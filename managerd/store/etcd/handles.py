@@ -35,6 +35,7 @@ from managerd.store.api import (
     methods_of,
 )
 from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.conditions import EtcdCondition
 from managerd.store.etcd.kv import EventType, Op, Put
 from managerd.store.etcd.locks import EtcdLock, EtcdRLock
 from managerd.store.etcd.queues import DEAD_LETTER_SUFFIX, Delivery, EtcdQueue
@@ -42,12 +43,13 @@ from managerd.store.etcd.sessions import EtcdSession
 from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
 from managerd.store.etcd.values import EtcdDict, EtcdValue, literal
 from managerd.store.etcd.watching import changed
-from managerd.store.memory.base import positive_s, timeout_s, wait_or_now_s
+from managerd.store.memory.base import checked_wait, positive_s, timeout_s, wait_or_now_s
 from managerd.store.memory.locks import _acquire_wait_s, _semaphore_wait_s
 from managerd.store.memory.mappings import NO_DEFAULT
 from managerd.store.memory.values import _check_typecode, _coerce
 from managerd.store.sessions import Session
 from managerd.store.stats import (
+    ConditionStats,
     EventStats,
     LockStats,
     ObjectStats,
@@ -121,6 +123,7 @@ class Gateway(Protocol):
     def background(self, coro: Coroutine[Any, Any, Any]) -> None: ...
     def background_as(self, session: Session, work: Work) -> None: ...
     async def ensure(self, name: str, typeid: str) -> None: ...
+    def lock_for(self, name: str) -> LockHandle: ...
 
 
 class EtcdHandle:
@@ -854,6 +857,94 @@ class DictHandle(EtcdHandle):
         return self._run(call, copy)
 
 
+class ConditionHandle(EtcdHandle):
+    """``threading.Condition`` over a named Lock or RLock (``conditions.py``)."""
+
+    typeid = "Condition"
+    create_params = ("lock",)
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        lock_name = args.get("lock") or f"{name}.lock"
+        lock = store.lock_for(lock_name)
+        self.lock: LockHandle = lock
+        self.condition = EtcdCondition(store.client, name, lock.lock, root=store.root)
+        #: This gateway's waits not yet notified (nor timed out): the stats' waiters.
+        self.unnotified: set[object] = set()
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"lock": self.lock.name}
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.condition.waiters]
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
+        return self.lock.acquire(call, blocking, timeout)
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        self.lock._undo_acquire(call, args, token)
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> Any:
+        return self.lock.release(call)
+
+    @exposed()
+    def locked(self, call: Call) -> Any:
+        """Whether the condition's lock is held (the client proxy is a lock too)."""
+        return self.lock.locked(call)
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        """Release the lock, wait for a notify (True) or the timeout (False)."""
+        wait_s = checked_wait(wait_or_now_s(timeout))
+        owner = self.lock._owner(call)
+
+        async def wait(session: EtcdSession) -> bool:
+            mark = object()
+            self.unnotified.add(mark)
+            try:
+                notified, token = await self.condition.wait(
+                    session, owner, wait_s, on_wake=lambda: self.unnotified.discard(mark)
+                )
+            finally:
+                self.unnotified.discard(mark)
+            self.store.tokens[(call.session, self.lock.name, owner)] = token
+            return notified
+
+        return self._run(call, wait, parks=True)
+
+    @exposed(mutates=True)
+    def restore(self, call: Call) -> Any:
+        """The lock's token if this thread holds it, else False (``conditions.py``: an
+        interrupted wait does not take the lock back here)."""
+        owner = self.lock._owner(call)
+
+        async def restore(session: EtcdSession) -> int | bool:
+            held = await self.lock.lock.holder()
+            if held is None or held[0] != self.lock.lock._key(session, owner):
+                return False
+            return held[1]
+
+        return self._run(call, restore)
+
+    @exposed()
+    def notify(self, call: Call, n: int = 1) -> Any:
+        owner = self.lock._owner(call)
+        return self._run(call, lambda session: self.condition.notify(session, owner, n))
+
+    @exposed()
+    def notify_all(self, call: Call) -> Any:
+        owner = self.lock._owner(call)
+        return self._run(call, lambda session: self.condition.notify_all(session, owner))
+
+    def stats(self) -> ConditionStats:
+        return ConditionStats(
+            self.name, self.typeid, self.creation_args(), waiters=len(self.unnotified)
+        )
+
+
 HANDLES: dict[str, type[EtcdHandle]] = {
     cls.typeid: cls
     for cls in (
@@ -866,5 +957,6 @@ HANDLES: dict[str, type[EtcdHandle]] = {
         EventHandle,
         ValueHandle,
         DictHandle,
+        ConditionHandle,
     )
 }

@@ -194,7 +194,13 @@ class EtcdRLock(EtcdLock):
                     Compare(key, Target.CREATE, "==", kv.create_revision),
                     Compare(key, Target.MOD, "==", kv.mod_revision),
                 ],
-                [Put(key, _count_value(kv.value, _count(kv.value) + 1), lease=session.lease_id)],
+                [
+                    Put(
+                        key,
+                        _count_value(kv.value, lock_depth(kv.value) + 1),
+                        lease=session.lease_id,
+                    )
+                ],
             )
             if done.succeeded:
                 return kv.create_revision
@@ -202,7 +208,7 @@ class EtcdRLock(EtcdLock):
     async def depth(self, session: EtcdSession, owner: str = "") -> int:
         """How many times ``owner`` holds it (0: not)."""
         kv = await self.client.get(self._key(session, owner))
-        return 0 if kv is None else _count(kv.value)
+        return 0 if kv is None else lock_depth(kv.value)
 
     async def release(self, session: EtcdSession, token: int, owner: str = "") -> None:
         key = self._key(session, owner)
@@ -210,7 +216,7 @@ class EtcdRLock(EtcdLock):
             kv = await self.client.get(key)
             if kv is None or kv.create_revision != token:
                 raise LockLost(f"{self.name} is not held with token {token} (session expired?)")
-            count = _count(kv.value)
+            count = lock_depth(kv.value)
             if count <= 1:
                 await super().release(session, token, owner)
                 return
@@ -228,7 +234,8 @@ class EtcdRLock(EtcdLock):
 _ATTEMPT_BYTES = 8  # the random attempt mark EtcdLock.acquire puts first
 
 
-def _count(value: bytes) -> int:
+def lock_depth(value: bytes) -> int:
+    """How many times an RLock key's owner holds it."""
     return int(value[_ATTEMPT_BYTES:] or b"1")
 
 

@@ -44,7 +44,14 @@ from typing import Any, Final, cast
 from managerd.store.api import BadArgument, Call
 from managerd.store.etcd.cells import CELLS
 from managerd.store.etcd.client import EtcdClient
-from managerd.store.etcd.handles import HANDLES, Deliveries, EtcdHandle, QueueHandle, Work
+from managerd.store.etcd.handles import (
+    HANDLES,
+    Deliveries,
+    EtcdHandle,
+    LockHandle,
+    QueueHandle,
+    Work,
+)
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
@@ -245,6 +252,16 @@ class EtcdStore:
             _check_same(name, known.typeid, known.args, typeid, {})
             return
         await cast(EtcdHandle, self.get_or_create(typeid, name, {})).ready
+
+    def lock_for(self, name: str) -> LockHandle:
+        """The Lock or RLock ``name`` of a Condition, made an RLock if new (as the memory
+        store makes ``<condition>.lock``)."""
+        known = self._known.get(name)
+        if known is None:
+            return cast(LockHandle, self.get_or_create("RLock", name, {}))
+        if known.typeid not in ("Lock", "RLock"):
+            raise ObjectTypeConflict(f"{name!r} is a {known.typeid}, not a Lock or RLock")
+        return cast(LockHandle, self._handle(name, known))
 
     def _handle(self, name: str, known: _Known) -> Handle:
         handle = self._handles.get(name)
