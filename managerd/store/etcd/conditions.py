@@ -1,4 +1,6 @@
-"""Condition on etcd: waiter keys on the session's lease, next to a named Lock or RLock.
+"""Condition and Barrier on etcd.
+
+**Condition**: waiter keys on the session's lease, next to a named Lock or RLock.
 
 ``wait`` is one Txn: it compares that the caller's lock key is the one it
 holds, deletes it (the lock is free for the next contender) and puts a
@@ -13,12 +15,23 @@ A waiter's session that ends takes its key with it.
 **Differs from the memory store**: an interrupted ``wait`` (the client gave
 it up) does not take the lock back for a later ``restore``: ``restore``
 answers the lock's token if the thread holds it, else False.
+
+**Barrier** ``/m/b/<name>``: its generation, the count of parties arrived,
+whether it is broken and how often it was reset, in one key changed by
+compare-and-set; a party waits by watching the key until the generation
+moves on (released: its index) or it breaks or is reset
+(``BrokenBarrierError``). A timeout breaks it; a party that gives up
+leaves the count. **Differs from the memory store**: a party whose
+session ends leaves the count rather than breaking the barrier, and one
+whose gateway died stays counted (the others wait for their timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
+import marshal
 import secrets
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -128,3 +141,97 @@ class EtcdCondition:
 
     async def waiting(self) -> int:
         return (await self.client.range(self.waiters, self.end, count_only=True)).count
+
+
+class EtcdBarrier:
+    """The barrier ``name``: one key ``/m/b/<name>`` holding its state, changed by
+    compare-and-set (see ``BarrierHandle`` for what differs from the memory store)."""
+
+    def __init__(
+        self, client: EtcdClient, name: str, parties: int, *, root: bytes = DEFAULT_ROOT
+    ) -> None:
+        self.client = client
+        self.parties = parties
+        self.key = root + b"b/" + name_key(name)
+
+    def initial(self) -> bytes:
+        return _barrier(0, 0, False, 0)
+
+    async def state(self) -> tuple[dict[str, Any], int]:
+        kv = await self.client.get(self.key)
+        if kv is None:
+            return {"gen": 0, "count": 0, "broken": False, "resets": 0}, 0
+        return marshal.loads(kv.value), kv.mod_revision
+
+    async def _change(
+        self, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> tuple[dict[str, Any], int]:
+        """Apply ``change`` (None: no change) by compare-and-set; the state it saw."""
+        while True:
+            state, revision = await self.state()
+            new = change(dict(state))
+            if new is None:
+                return state, revision
+            done = await self.client.txn(
+                [Compare(self.key, Target.MOD, "==", revision)],
+                [Put(self.key, _barrier(new["gen"], new["count"], new["broken"], new["resets"]))],
+            )
+            if done.succeeded:
+                return state, done.revision
+
+    async def wait(self, timeout_s: float | None) -> int:
+        """This party's index once ``parties`` have come; BrokenBarrierError if it breaks."""
+
+        def arrive(state: dict[str, Any]) -> dict[str, Any]:
+            if state["broken"]:
+                raise threading.BrokenBarrierError
+            if state["count"] + 1 == self.parties:
+                return {**state, "gen": state["gen"] + 1, "count": 0}
+            return {**state, "count": state["count"] + 1}
+
+        seen, revision = await self._change(arrive)
+        index = int(seen["count"])
+        if index + 1 == self.parties:
+            return index
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    await changed(self.client, self.key, after_revision=revision)
+                    now, revision = await self.state()
+                    if now["gen"] != seen["gen"]:
+                        return index
+                    if now["broken"] or now["resets"] != seen["resets"]:
+                        raise threading.BrokenBarrierError
+        except TimeoutError:
+            await self.abort(seen["gen"])
+            raise threading.BrokenBarrierError from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._leave(seen))
+            raise
+
+    async def _leave(self, seen: dict[str, Any]) -> None:
+        """A party gave up: it leaves the count of its generation, not breaking it."""
+
+        def leave(state: dict[str, Any]) -> dict[str, Any] | None:
+            if state["gen"] != seen["gen"] or state["resets"] != seen["resets"]:
+                return None
+            if state["broken"] or not state["count"]:
+                return None
+            return {**state, "count": state["count"] - 1}
+
+        await self._change(leave)
+
+    async def abort(self, generation: int | None = None) -> None:
+        def abort(state: dict[str, Any]) -> dict[str, Any] | None:
+            if generation is not None and state["gen"] != generation:
+                return None
+            return {**state, "broken": True, "count": 0}
+
+        await self._change(abort)
+
+    async def reset(self) -> None:
+        await self._change(lambda s: {**s, "broken": False, "count": 0, "resets": s["resets"] + 1})
+
+
+def _barrier(gen: int, count: int, broken: bool, resets: int) -> bytes:
+    return marshal.dumps({"gen": gen, "count": count, "broken": broken, "resets": resets})

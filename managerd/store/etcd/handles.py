@@ -31,11 +31,12 @@ from managerd.store.api import (
     Call,
     Conv,
     MethodSpec,
+    NoAttribute,
     exposed,
     methods_of,
 )
 from managerd.store.etcd.client import EtcdClient
-from managerd.store.etcd.conditions import EtcdCondition
+from managerd.store.etcd.conditions import EtcdBarrier, EtcdCondition
 from managerd.store.etcd.kv import EventType, Op, Put
 from managerd.store.etcd.locks import EtcdLock, EtcdRLock
 from managerd.store.etcd.queues import DEAD_LETTER_SUFFIX, Delivery, EtcdQueue
@@ -43,12 +44,20 @@ from managerd.store.etcd.sessions import EtcdSession
 from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
 from managerd.store.etcd.values import EtcdDict, EtcdValue, literal
 from managerd.store.etcd.watching import changed
-from managerd.store.memory.base import checked_wait, positive_s, timeout_s, wait_or_now_s
+from managerd.store.memory.base import (
+    TIMEOUT_MAX,
+    checked_wait,
+    positive_s,
+    seconds,
+    timeout_s,
+    wait_or_now_s,
+)
 from managerd.store.memory.locks import _acquire_wait_s, _semaphore_wait_s
 from managerd.store.memory.mappings import NO_DEFAULT
 from managerd.store.memory.values import _check_typecode, _coerce
 from managerd.store.sessions import Session
 from managerd.store.stats import (
+    BarrierStats,
     ConditionStats,
     EventStats,
     LockStats,
@@ -945,6 +954,82 @@ class ConditionHandle(EtcdHandle):
         )
 
 
+class BarrierHandle(EtcdHandle):
+    """``threading.Barrier`` (``conditions.py`` says what differs)."""
+
+    typeid = "Barrier"
+    create_params = ("parties", "timeout")
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        parties, timeout = args.get("parties", 1), args.get("timeout")
+        if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
+            raise ValueError("parties must be an int > 0")
+        if timeout is not None:
+            default_s = seconds(timeout)
+            if not default_s >= 0:  # NaN too
+                raise ValueError("timeout must be a non-negative number or None")
+            if default_s > TIMEOUT_MAX:
+                raise OverflowError(f"timeout is too large (more than {TIMEOUT_MAX:.0f} s)")
+        self.parties = parties
+        self.timeout = timeout
+        self.barrier = EtcdBarrier(store.client, name, parties, root=store.root)
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"parties": self.parties, "timeout": self.timeout}
+
+    def init_ops(self) -> list[Op]:
+        return [Put(self.barrier.key, self.barrier.initial())]
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.barrier.key]
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = checked_wait(wait_or_now_s(self.timeout if timeout is None else timeout))
+        return self._run(call, lambda _: self.barrier.wait(wait_s), parks=True)
+
+    @exposed(mutates=True)
+    def abort(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.barrier.abort())
+
+    @exposed(mutates=True)
+    def reset(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.barrier.reset())
+
+    @exposed("__getattribute__")
+    def attribute(self, call: Call, name: str) -> Any:
+        if name not in ("parties", "n_waiting", "broken"):
+            raise NoAttribute(f"'Barrier' has no attribute {name!r}")
+
+        async def attribute(_: EtcdSession) -> Any:
+            parties, n_waiting, broken = await self._state()
+            return {"parties": parties, "n_waiting": n_waiting, "broken": broken}[name]
+
+        return self._run(call, attribute)
+
+    @exposed()
+    def state(self, call: Call) -> Any:
+        """``(parties, n_waiting, broken)`` in one call."""
+        return self._run(call, lambda _: self._state())
+
+    async def _state(self) -> tuple[int, int, bool]:
+        state, _ = await self.barrier.state()
+        return self.parties, int(state["count"]), bool(state["broken"])
+
+    async def refresh(self) -> None:
+        self.seen = {"broken": (await self._state())[2]}
+
+    def stats(self) -> BarrierStats:
+        return BarrierStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            waiters=len(self.parked),
+            broken=self.seen.get("broken", False),
+        )
+
+
 HANDLES: dict[str, type[EtcdHandle]] = {
     cls.typeid: cls
     for cls in (
@@ -958,5 +1043,6 @@ HANDLES: dict[str, type[EtcdHandle]] = {
         ValueHandle,
         DictHandle,
         ConditionHandle,
+        BarrierHandle,
     )
 }

@@ -204,6 +204,8 @@ class EtcdStore:
         self._known[name] = _Known(typeid, created, 0)
         self._handles[name] = handle
         creating = self.loop.create_task(self._create(handle, typeid, created))
+        self._tasks.add(creating)
+        creating.add_done_callback(self._tasks.discard)
 
         def created_or_not(task: asyncio.Task[None]) -> None:
             if task.cancelled():
@@ -288,6 +290,8 @@ class EtcdStore:
         handle = cast(EtcdHandle, self._handle(name, known))
         self._forget(name)
         deleting = self.loop.create_task(self._delete(handle))
+        self._tasks.add(deleting)
+        deleting.add_done_callback(self._tasks.discard)
         self._deleting[name] = deleting
         deleting.add_done_callback(lambda _: self._deleted(name, deleting))
         return True
@@ -474,7 +478,9 @@ class EtcdStore:
 
     async def close(self) -> None:
         """Stop, revoke every session's lease this gateway opened."""
+        tasks = list(self._tasks)
         self.shutdown()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for session in list(self._leases):
             lease = self._leases.pop(session)
             with contextlib.suppress(Exception):
