@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from typing import Final
 
 #: Seconds; from a fast call on loopback to a long blocking wait.
@@ -23,7 +23,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value_s: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, value_s)] += 1
+        self.counts[bisect_left(LATENCY_BUCKETS_S, value_s)] += 1
         self.sum += value_s
         self.count += 1
 

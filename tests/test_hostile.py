@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from managerd.safepickle import SafeDecoder
 from managerd_client import ForbiddenPayload, Manager
 from managerd_client.wire import FrameSocket, client_handshake
 
@@ -222,3 +223,27 @@ def test_hostile_pickles_are_genuine() -> None:
     assert len(list(pickletools.genops(_nested(10)))) > 10
     with pytest.raises(RecursionError):
         pickle.loads(_nested(100_000)).__repr__()
+
+
+def test_decoder_shortcuts_refuse_what_it_refuses() -> None:
+    """The decoder's shortcuts (C ``pickle.loads`` for a pickle that names no
+    global, walked pickles remembered) decode and refuse as its full path does."""
+    decoder = SafeDecoder()
+    rid = b"\x00" * 8
+    for envelope in [
+        (None, None, "ping", (), 140234567890123),
+        ("Lock", "db", "release", (), 1),  # an ``r`` in a name: walked, then remembered
+        ("Queue", "jobs", "put", (b"line\nbreak", None, None), 2),  # a newline: restricted path
+        ("dict", "d", "__setitem__", ("k", {1, 2}, frozenset({3})), 3),
+    ]:
+        frame = rid + pickle.dumps(envelope, 5)
+        for _ in range(2):
+            assert decoder.loads(frame, len(rid)) == envelope
+    global_names = pickle.dumps((None, None, "ping", (os.getcwd,), 1), 5)
+    assert b"\x93" in global_names
+    far_put = b"\x80\x04N" + b"r" + struct.pack("<I", 1 << 30) + b"."
+    persistent = b"\x80\x04NQ."
+    for hostile in (global_names, far_put, persistent):
+        for _ in range(3):  # refused every time, not remembered as walked
+            with pytest.raises(ForbiddenPayload):
+                decoder.loads(rid + hostile, len(rid))

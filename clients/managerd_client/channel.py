@@ -67,8 +67,13 @@ from managerd_client.wire import (
 )
 
 _RID: Final = struct.Struct("!Q")
+#: A request's frame header and its request id, packed at once.
+_FRAME_RID: Final = struct.Struct("!iQ")
+#: A request this small goes out as one joined chunk (as ``frame_chunks`` does).
+_ONE_CHUNK_BYTES: Final = 65536 - _RID.size
 _REPLY_HEAD: Final = struct.Struct("!QB")
 _STATUS_OK: Final = 0
+_STATUS_AT: Final = _RID.size
 _STATUS_RAW: Final = 2  # the body is the result, a bytes object, as it is
 #: A bytes argument this large is spliced into the request rather than
 #: copied into it (see ``_encode_request``).
@@ -150,8 +155,8 @@ class _Slot:
 
 
 def _decode_reply(frame: bytes | memoryview, decode: Callable[[Any], Any] | None = None) -> Any:
-    _, status = _REPLY_HEAD.unpack_from(frame)
-    body = memoryview(frame)[_REPLY_HEAD.size :]
+    status = frame[_STATUS_AT]
+    body = (frame if type(frame) is memoryview else memoryview(frame))[_REPLY_HEAD.size :]
     if status == _STATUS_RAW:
         return bytes(body) if decode is None else decode(body)
     value = pickle.loads(body)
@@ -173,12 +178,11 @@ def _encode_request(envelope: tuple[Any, ...]) -> list[bytes]:
     pieces as a ``BINBYTES`` item. The daemon reads an ordinary pickle.
     """
     args = envelope[3]
-    i = next(
-        (i for i, a in enumerate(args) if type(a) is bytes and len(a) >= _SPLICE_MIN_BYTES), None
-    )
-    if i is None:
+    for i, arg in enumerate(args):  # noqa: B007 (i names the argument after the loop)
+        if type(arg) is bytes and len(arg) >= _SPLICE_MIN_BYTES:
+            break
+    else:
         return [pickle.dumps(envelope, PICKLE_PROTOCOL)]
-    arg = args[i]
     marked = (*envelope[:3], (*args[:i], _SPLICE_MARKER, *args[i + 1 :]), *envelope[4:])
     pickled = pickle.dumps(marked, 3)
     needle = b"C\x10" + _SPLICE_MARKER  # SHORT_BINBYTES, 16 bytes
@@ -333,7 +337,7 @@ class Channel:
         """The result of ``method`` on the daemon, passed through ``decode`` if given."""
         ident = threading.get_ident()
         parts = _encode_request((typeid, name, method, args, ident))
-        size = sum(len(p) for p in parts) + _RID.size
+        size = (len(parts[0]) if len(parts) == 1 else sum(map(len, parts))) + _RID.size
         if size > self.max_frame_bytes:
             # The daemon would hang up on it (and end this session): don't send it.
             raise RequestTooLarge(
@@ -398,7 +402,11 @@ class Channel:
         from inside may have sent its bytes or not: the connection is
         closed then (the session ends).
         """
-        chunks = self._fs.frame_chunks(parts, _RID.pack(rid))
+        if len(parts) == 1 and len(parts[0]) < _ONE_CHUNK_BYTES:
+            body = parts[0]
+            chunks = [_FRAME_RID.pack(len(body) + _RID.size, rid) + body]
+        else:
+            chunks = self._fs.frame_chunks(parts, _RID.pack(rid))
         counts: list[int] = []
         inside = [0]
         try:
@@ -551,8 +559,12 @@ class Channel:
                     # The role first (a plain store): a second interrupt
                     # here must not leave it taken.
                     self._reading = False
-                    with self._lock:
-                        self._wake_all()
+                    # Unlocked test: a thread that finds the role taken
+                    # appends itself under the lock, so it is either seen
+                    # here or it saw the role free (and takes it itself).
+                    if self._sleepers:
+                        with self._lock:
+                            self._wake_all()
 
     def _wake_all(self) -> None:
         """Wake the threads waiting in ``_await`` (called with ``_lock`` held)."""
@@ -584,9 +596,10 @@ class Channel:
             # slot: an interrupt before that reads it again, and a frame
             # whose slot is no longer pending is skipped, so none is lost.
             (rid,) = _RID.unpack_from(frame)
-            if rid in self._pending and self._pending[rid] is slot:
+            target = self._pending.get(rid)
+            if target is slot:
                 with self._lock:
-                    del self._pending[rid]
+                    self._pending.pop(rid, None)
                 if slot.decode_with is None:
                     slot.decode(frame)  # before the next read reuses the buffer
                     fs.done_frame()
@@ -595,8 +608,7 @@ class Channel:
                     # proxy rebuilt): it happens after this thread stops reading.
                     fs.done_frame()
                     slot.frame = fs.detach_frame(frame)
-                continue
-            target = self._pending.get(rid)
+                return
             if target is not None:
                 copy = bytes(frame)
                 with self._lock:
@@ -619,14 +631,15 @@ class Channel:
         """
         if self.dead is not None:
             return True
-        if time.monotonic() - self.last_heard > self.session_ttl_s:
+        quiet_s = time.monotonic() - self.last_heard
+        if quiet_s < _IDLE_CHECK_AFTER_S:
+            return False  # busy: a closed connection shows up as ConnectionLost soon enough
+        if quiet_s > self.session_ttl_s:
             # Heartbeats bring a reply every ttl/3: this long without one,
             # the daemon has ended our session and (if it could) closed the
             # connection. Do not send into it; reconnect.
             self._die(ConnectionLost(f"nothing heard from managerd for {self.session_ttl_s}s"))
             return True
-        if time.monotonic() - self.last_heard < _IDLE_CHECK_AFTER_S:
-            return False  # busy: a closed connection shows up as ConnectionLost soon enough
         if self._reading:
             return False  # another thread is reading: it notices a hang-up itself
         # Another thread checking right now: wait for its answer (one poll(2),

@@ -271,10 +271,7 @@ class Invoker:
         try:
             if inv.name is None and inv.typeid is None:
                 obj: Exposed = self.ops
-                inv.label = self.label(None, inv.method)
             else:
-                if inv.typeid is not None:  # counted under its method even if not found
-                    inv.label = self.label(inv.typeid, inv.method)
                 if not isinstance(inv.name, str):
                     raise NoSuchObject(f"no object named {inv.name!r}")
                 obj = self.store.get(inv.name, inv.typeid)
@@ -289,10 +286,14 @@ class Invoker:
                 body, finish = prepared.body, prepared.finish
             if spec is None and body is None:
                 raise NoAttribute(f"{obj.typeid} has no method {inv.method!r}")
-            inv.label = f"{obj.typeid}.{inv.method}"
+            if spec is None:
+                inv.label = f"{obj.typeid}.{inv.method}"
             if spec is not None and spec.mutates:
                 self.store.check_writable()
         except Exception as exc:
+            if inv.label == "invalid" and inv.typeid is not None:
+                # Counted under its method even if the object was not found.
+                inv.label = self.label(inv.typeid, inv.method)
             deliver(Outcome(error=exc) if isinstance(exc, TypeError) else self._classify(inv, exc))
             return
         # 3: call.

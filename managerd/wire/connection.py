@@ -52,6 +52,9 @@ log = logging.getLogger("managerd")
 
 _HEADER: Final = struct.Struct("!i")
 _LONG_HEADER: Final = struct.Struct("!Q")
+#: A managerd reply's frame header, request id and status (managerd_dialect.REPLY_HEAD).
+_REPLY_HEAD: Final = struct.Struct("!QB")
+_FRAMED_REPLY_HEAD: Final = struct.Struct("!iQB")
 
 
 class ConnState(enum.Enum):
@@ -142,6 +145,11 @@ class Connection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._probe_sock: socket.socket | None = None
         self._tls_task: asyncio.Task[None] | None = None
+        self._stats = core.stats
+        self._max_frame_bytes = core.settings.max_frame_bytes
+        #: Frames sent while ``data_received`` answers a burst of requests:
+        #: written together when it returns (one write, not one per reply).
+        self._out: list[bytes] | None = None
 
     # -- asyncio callbacks --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -229,11 +237,31 @@ class Connection(asyncio.Protocol):
         self.core.forget(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.state is ConnState.HELD:
+        state = self.state
+        if state is ConnState.HELD:
             return  # uvloop may deliver what arrived with the connection
+        self._stats.bytes_in += len(data)
+        if state is ConnState.MANAGERD and not self.buf and len(data) >= 12:
+            # The usual case: exactly one whole request, decoded where it lies.
+            (size,) = _HEADER.unpack_from(data)
+            if size + 4 == len(data) and size <= self._max_frame_bytes:
+                session = self.session
+                assert session is not None
+                session.touch()
+                self.core.dispatcher.handle(self, session, data, 4)
+                return
+        self._out = []
+        try:
+            self._frames(data)
+        finally:
+            out, self._out = self._out, None
+            if out:
+                self._write(out)
+
+    def _frames(self, data: bytes) -> None:
+        """Answer every whole frame buffered, keep the rest."""
         buf = self.buf
         buf += data
-        self.core.stats.bytes_in += len(data)
         pos = 0
         end = len(buf)
         while end - pos >= 4 and self.state is not ConnState.CLOSED:
@@ -259,27 +287,56 @@ class Connection(asyncio.Protocol):
     # -- frames ---------------------------------------------------------------
     def _frame_limit(self) -> int:
         if self.state in (ConnState.STOCK, ConnState.MANAGERD):
-            return self.core.settings.max_frame_bytes
+            return self._max_frame_bytes
         return HANDSHAKE_MAX_FRAME_BYTES
 
     def send_frame(self, body: bytes) -> None:
         if len(body) >= 16384:
             self.send_frame_parts(b"", body)  # not joined: one copy fewer
             return
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        self._stats.bytes_out += len(body) + 4
+        self._send(frame_header(len(body)) + body)
+
+    def send_reply(self, rid: int, status: int, body: bytes) -> None:
+        """Send a managerd reply: ``<rid><status>`` and ``body``, framed with one pack."""
+        if len(body) >= 16384:
+            self.send_frame_parts(_REPLY_HEAD.pack(rid, status), body)
             return
-        self.core.stats.bytes_out += len(body) + 4
-        transport.write(frame_header(len(body)) + body)
+        size = len(body) + _REPLY_HEAD.size
+        self._stats.bytes_out += size + 4
+        self._send(_FRAMED_REPLY_HEAD.pack(size, rid, status) + body)
 
     def send_frame_parts(self, head: bytes, body: bytes) -> None:
         """Send ``head + body`` as one frame without joining them (``body`` is large)."""
+        size = len(head) + len(body)
+        self._stats.bytes_out += size + 4
+        out = self._out
+        if out is not None:
+            out += (frame_header(size) + head, body)
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        size = len(head) + len(body)
-        self.core.stats.bytes_out += size + 4
         transport.writelines((frame_header(size) + head, body))
+
+    def _send(self, frame: bytes) -> None:
+        out = self._out
+        if out is not None:
+            out.append(frame)  # written when data_received returns
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(frame)
+
+    def _write(self, frames: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(frames) == 1:
+            transport.write(frames[0])
+        else:
+            transport.writelines(frames)
 
     def frame_received(self, frame: bytes) -> None:
         state = self.state
@@ -289,7 +346,7 @@ class Connection(asyncio.Protocol):
                 self.refuse(f"a request of {len(frame)} bytes is shorter than its request id")
                 return
             self.session.touch()
-            self.core.dispatcher.handle(self, self.session, frame)
+            self.core.dispatcher.handle(self, self.session, frame, 0)
         elif state is ConnState.STOCK:
             self._stock_request(frame)
         elif state is ConnState.CHALLENGED:
@@ -501,6 +558,9 @@ class Connection(asyncio.Protocol):
             return
         self.state = ConnState.CLOSED
         if self.transport is not None:
+            out, self._out = self._out, None
+            if out:  # the replies (a #FAILURE#...) before the close
+                self._write(out)
             self.transport.close()
 
 

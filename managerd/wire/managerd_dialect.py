@@ -54,6 +54,8 @@ STATUS_ERROR: Final = 1
 #: clients that asked for it in their hello (``raw_replies``).
 STATUS_RAW: Final = 2
 RAW_REPLY_MIN_BYTES: Final = 65536
+#: The answer of every call that returns nothing (``ping``, ``put``, ``release``...).
+_NONE_PICKLE: Final = pickle.dumps(None, PICKLE_PROTOCOL)
 
 #: The daemon operations a managerd client calls (``cancel`` is the
 #: connection's own, above); the others are a stock client's.
@@ -68,7 +70,7 @@ class ReplySink(Protocol):
     #: The connection's calls its client may still cancel.
     calls: CallTable
 
-    def send_frame(self, body: bytes) -> None: ...
+    def send_reply(self, rid: int, status: int, body: bytes) -> None: ...
 
     def send_frame_parts(self, head: bytes, body: bytes) -> None: ...
 
@@ -81,12 +83,12 @@ class Dispatcher:
         self.decoder = decoder
         self.stats: RequestStats = invoker.stats
 
-    def handle(self, sink: ReplySink, session: Session, frame: bytes) -> None:
-        """Answer one envelope (the connection checked it is at least a request id long)."""
-        (rid,) = RID.unpack_from(frame)
+    def handle(self, sink: ReplySink, session: Session, frame: bytes, start: int) -> None:
+        """Answer the envelope at ``frame[start:]`` (at least a request id long)."""
+        (rid,) = RID.unpack_from(frame, start)
         started = time.perf_counter()
         try:
-            typeid, name, method, args, thread = self.decoder.loads(frame, RID.size)
+            typeid, name, method, args, thread = self.decoder.loads(frame, start + RID.size)
             if not isinstance(args, tuple):
                 raise TypeError("request arguments must be a tuple")
             if not (typeid is None or isinstance(typeid, str)) or not isinstance(method, str):
@@ -141,19 +143,19 @@ class Dispatcher:
             sink.send_frame_parts(REPLY_HEAD.pack(rid, STATUS_RAW), value)
             return
         try:
-            body = pickle.dumps(value, PICKLE_PROTOCOL)
+            body = _NONE_PICKLE if value is None else pickle.dumps(value, PICKLE_PROTOCOL)
         except Exception as exc:  # a daemon bug, but answer rather than hang
             log.error("cannot pickle the answer to request %d", rid, exc_info=exc)
             self._send_error(sink, rid, exc)
             return
-        sink.send_frame(REPLY_HEAD.pack(rid, STATUS_OK) + body)
+        sink.send_reply(rid, STATUS_OK, body)
 
     def _send_error(self, sink: ReplySink, rid: int, exc: BaseException) -> None:
         kind = error_kind(exc)
         # A KeyError carries its key (builtin data, it was decoded safely).
         args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
         body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
-        sink.send_frame(REPLY_HEAD.pack(rid, STATUS_ERROR) + body)
+        sink.send_reply(rid, STATUS_ERROR, body)
 
 
 def _no_operation(ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
