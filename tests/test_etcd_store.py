@@ -242,3 +242,36 @@ def test_event_value_dict_and_shutdown(cluster: EtcdCluster) -> None:
             await parked
 
     run(cluster, body)
+
+
+def test_condition_barrier_and_pipe_across_gateways(cluster: EtcdCluster) -> None:
+    async def body(g: Gateways) -> None:
+        s1, s2 = session("s1"), session("s2")
+        cond = g.a.get_or_create("Condition", "C", {})
+        await call(cond, s1, "acquire")
+        waiting = start(cond, s1, "wait")
+        await seen(g.b, "C")
+        cb = g.b.get("C")
+        await call(cb, s2, "acquire")  # free once the wait let it go
+        await call(cb, s2, "notify")
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # notified, but the lock is s2's until released
+        await call(cb, s2, "release")
+        assert await waiting is True
+        await call(cond, s1, "release")
+
+        barrier = g.a.get_or_create("Barrier", "B", {"parties": 2})
+        first = start(barrier, s1, "wait")
+        await seen(g.b, "B")
+        assert sorted([await call(g.b.get("B"), s2, "wait"), await first]) == [0, 1]
+
+        pipe = g.a.get_or_create("Pipe", "P", {})
+        await seen(g.b, "P")
+        reading = start(g.b.get("P"), s2, "recv", 1)
+        await call(pipe, s1, "send", 0, pickle.dumps("hi"))
+        assert pickle.loads(await reading) == "hi"
+        await call(pipe, s1, "close", 0)
+        with pytest.raises(EOFError):
+            await call(g.b.get("P"), s2, "recv", 1)
+
+    run(cluster, body)

@@ -23,12 +23,16 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
   names and types in etcd (a mirror kept by a watch), a lease per session,
   calls as futures; ``handles.py``: a handle class per type served, whose
   exposed methods forward to the primitives.
+- ``conditions.py``: Condition and Barrier; ``pipes.py``: Pipe; ``cells.py``:
+  list, Namespace and Array (one key by compare-and-set, the memory store's
+  own objects applied to it).
 
-**Not yet** (issue 13): the types JoinableQueue, Condition, Barrier, list,
-Namespace, Array and Pipe; of a Queue, maxsize, put_many/get_many,
-task_done/join, extend, max_deliveries and dead letters; ``snapshot`` and
-``would_hand_out``; stats beyond what a gateway knows (``refresh_stats``);
-one elected gateway for requeues (every gateway requeues its queues); group
-commit across calls of a gateway (the queue batches its blocked takes
-only); ``--store etcd://`` in ``managerd serve``.
+``managerd serve --store etcd://...`` (``server.py``) serves an
+``EtcdStore``: the daemon is then a gateway.
+
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
+session through another gateway; stats beyond what a gateway knows
+(``refresh_stats``); one elected gateway for requeues (every gateway
+requeues its queues); group commit across calls of a gateway (the queue
+batches its blocked takes only); deadlock detection; TLS to etcd.
 """

@@ -9,11 +9,10 @@ themselves are the etcd classes of ``queues.py``, ``locks.py``, ``sync.py``
 and ``values.py``; a handle maps ``call.session`` to the session's lease and
 the calling thread to a lock's owner.
 
-Served: Queue, Lock, RLock, Semaphore, BoundedSemaphore, Event, Value and
-dict. **Not yet** (issue 13): JoinableQueue, Condition, Barrier, list,
-Namespace, Array, Pipe; and of a Queue: ``maxsize``, ``put_many``/
-``get_many``, ``extend``, ``max_deliveries`` and dead letters
-(``Unsupported`` where a caller asks for them).
+Served here: Queue, JoinableQueue, Lock, RLock, Semaphore,
+BoundedSemaphore, Event, Value, dict, Condition, Barrier and Pipe
+(``cells.py``: list, Namespace and Array). Each class says what differs
+from the memory store.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.conditions import EtcdBarrier, EtcdCondition
 from managerd.store.etcd.kv import EventType, Op, Put
 from managerd.store.etcd.locks import EtcdLock, EtcdRLock
+from managerd.store.etcd.pipes import EtcdPipe
 from managerd.store.etcd.queues import DEAD_LETTER_SUFFIX, Delivery, EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
 from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
@@ -62,6 +62,7 @@ from managerd.store.stats import (
     EventStats,
     LockStats,
     ObjectStats,
+    PipeStats,
     QueueStats,
     SemaphoreStats,
     SizeStats,
@@ -1030,6 +1031,84 @@ class BarrierHandle(EtcdHandle):
         )
 
 
+class PipeHandle(EtcdHandle):
+    """``multiprocessing.Pipe`` between two named ends (``pipes.py``)."""
+
+    typeid = "Pipe"
+    create_params = ("duplex",)
+    undo_methods: ClassVar[dict[str, str]] = {"recv": "_undo_recv"}
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        duplex = args.get("duplex", True)
+        if not isinstance(duplex, bool):
+            raise BadArgument("duplex must be a bool")
+        self.duplex = duplex
+        self.pipe = EtcdPipe(store.client, name, duplex, root=store.root)
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"duplex": self.duplex}
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.pipe.base]
+
+    @staticmethod
+    def _end(end: int) -> int:
+        if end not in (0, 1):
+            raise ValueError("a pipe has ends 0 and 1")
+        return end
+
+    @exposed(payload=Conv.PAYLOAD, mutates=True)
+    def send(self, call: Call, end: int, payload: bytes) -> Any:
+        end = self._end(end)
+        if not self.duplex and end == 0:
+            raise OSError("connection is read-only")
+        if not isinstance(payload, bytes):
+            raise BadArgument("pipe messages travel as pickled bytes")
+        return self._run(call, lambda _: self.pipe.send(end, payload))
+
+    def _read_check(self, end: int) -> int:
+        end = self._end(end)
+        if not self.duplex and end == 1:
+            raise OSError("connection is write-only")
+        return end
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def recv(self, call: Call, end: int, timeout: float | None = None) -> Any:
+        end = self._read_check(end)
+        wait_s = timeout_s(True, timeout)
+        return self._run(call, lambda _: self.pipe.recv(end, wait_s), parks=True)
+
+    def _undo_recv(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
+        """A recv answered but abandoned by its client: the message is first again."""
+        self.store.background(self.pipe.inboxes[self._end(args[0])].put_front(payload))
+
+    @exposed()
+    def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:
+        end = self._read_check(end)
+        wait_s = checked_wait(wait_or_now_s(timeout))
+        return self._run(call, lambda _: self.pipe.poll(end, wait_s), parks=wait_s != 0.0)
+
+    @exposed(mutates=True)
+    def close(self, call: Call, end: int) -> Any:
+        end = self._end(end)
+        return self._run(call, lambda _: self.pipe.close(end))
+
+    async def refresh(self) -> None:
+        buffered, closed = await self.pipe.state()
+        self.seen = {"buffered": buffered, "closed": closed}
+
+    def stats(self) -> PipeStats:
+        return PipeStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            buffered=self.seen.get("buffered", (0, 0)),
+            closed=self.seen.get("closed", (False, False)),
+            waiters=len(self.parked),
+        )
+
+
 HANDLES: dict[str, type[EtcdHandle]] = {
     cls.typeid: cls
     for cls in (
@@ -1044,5 +1123,6 @@ HANDLES: dict[str, type[EtcdHandle]] = {
         DictHandle,
         ConditionHandle,
         BarrierHandle,
+        PipeHandle,
     )
 }
