@@ -203,6 +203,8 @@ class StoreHarness:
         data_dir.mkdir(parents=True, exist_ok=True)  # as the daemon's directory lock does
         self.loop = asyncio.new_event_loop()
         self._clients: list[Client] = []
+        #: Every call that parked (see :meth:`close`).
+        self._parked: list[asyncio.Future[Any]] = []
         self._journal: Journal | None = None
         #: The wait-for graph's walker, given to every session (as the daemon's default).
         self._detector = Detector(DeadlockMode.REPORT)
@@ -259,9 +261,19 @@ class StoreHarness:
         for client in self._clients:
             client.session = self._session(client.label)
 
+    def compact(self) -> None:
+        """Rewrite what the store keeps on disk as one snapshot now (a journal's compaction;
+        a store without one has nothing to do)."""
+        self._memory.compact()
+
     def close(self) -> None:
         try:
             self._close_store()
+            # Calls the test left waiting were answered ServerShuttingDown: looked at
+            # here, so that the loop does not log them as never retrieved.
+            for future in self._parked:
+                if future.done() and not future.cancelled():
+                    future.exception()
         finally:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
@@ -363,6 +375,7 @@ class StoreHarness:
             raise
         decode = _decode_reserved if method == "reserve" else lambda v: _decode(spec.result, v)
         if isinstance(result, asyncio.Future):
+            self._parked.append(result)
             return Pending(self, result, decode, made)
         done: asyncio.Future[Any] = self.loop.create_future()
         done.set_result(result)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import queue
 import threading
 from collections.abc import Callable
@@ -99,6 +100,28 @@ def _store_barrier(s: StoreHarness, name: str, v: Any) -> Any:
     return s.call(s.open("Barrier", name, parties=2), "wait", v)
 
 
+def _stdlib_poll(ready: bool, v: Any) -> Any:
+    """``Connection.poll(v)`` on a one-way stdlib pipe (an OS pipe, no socket)."""
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    try:
+        if ready:
+            writer.send("m")
+        return reader.poll(v)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def _store_poll(ready: bool) -> Callable[[StoreHarness, str, Any], Any]:
+    def run(s: StoreHarness, name: str, v: Any) -> Any:
+        pipe = s.open("Pipe", name)
+        if ready:
+            s.call(pipe, "send", 0, "m")
+        return s.call(pipe, "poll", 1, v)
+
+    return run
+
+
 CASES: dict[str, Case] = {
     "queue-get-empty": (lambda v: queue.Queue().get(True, v), _store_queue_get, True),
     "queue-put-full": (lambda v: _full_queue().put(1, True, v), _store_queue_put, True),
@@ -109,6 +132,8 @@ CASES: dict[str, Case] = {
     "event-unset": (lambda v: threading.Event().wait(v), _store_event, True),
     "condition-wait": (lambda v: _held_condition().wait(v), _store_condition, True),
     "barrier-wait": (lambda v: threading.Barrier(2).wait(v), _store_barrier, True),
+    "pipe-poll-empty": (lambda v: _stdlib_poll(False, v), _store_poll(False), True),
+    "pipe-poll-ready": (lambda v: _stdlib_poll(True, v), _store_poll(True), False),
 }
 
 

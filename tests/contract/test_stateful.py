@@ -6,15 +6,18 @@ harness, with the standard-library object as the model: ``queue.Queue``
 (extended with reserved deliveries, which go back to the front when
 nacked, when their session ends or when the store restarts),
 ``threading.Lock`` (with its holder's session: a session that ends
-releases it), an RLock's owner (a session and a thread) and depth, and
+releases it), an RLock's owner (a session and a thread) and depth,
 ``threading.Semaphore``/``BoundedSemaphore`` with the permits each session
-holds; and a durability machine: hostile changes to every durable type,
-then a restart must give back every object as it was. Rules call from
-several client sessions with hostile timeouts, and leave gets blocked
-across steps; after every step the store's depth, reservations and
-waiters must match the model, and every put is delivered exactly once (to
-the oldest blocked get first, never to an ended session's) or still there
-(each item carries a sequence number).
+holds, ``threading.Barrier`` with parties waiting across steps, a
+Condition's waits and its lock's hand-overs, a Pipe's two buffers and
+blocked reads; and a durability machine:
+hostile changes to every durable type, then a restart must give back
+every object as it was. Rules call from several client sessions with
+hostile timeouts, and leave calls blocked across steps; after every step
+the store's depth, reservations and waiters must match the model, and
+every put is delivered exactly once (to the oldest blocked get first,
+never to an ended session's) or still there (each item carries a
+sequence number).
 
 Scale with ``MANAGERD_CONTRACT_EXAMPLES`` (examples per machine, default
 15), ``MANAGERD_CONTRACT_STEPS`` (steps per example, default 30) and
@@ -50,6 +53,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from managerd.store.stats import PipeStats
 from managerd_client.errors import ServerShuttingDown
 
 from contract.harness import STORE_KINDS, Client, Obj, Pending, StoreHarness
@@ -280,6 +284,11 @@ class QueueMachine(StoreMachine):
         for did in reversed(mine):  # back first, in the order they were delivered
             self._came_back(self.reserved.pop(did)[0])
 
+    @rule()
+    def compact(self) -> None:
+        """The store rewrites its state (reservations outstanding): nothing changes."""
+        self.store.compact()
+
     @precondition(lambda self: self.restarts < RESTARTS)
     @rule()
     def restart(self) -> None:
@@ -499,11 +508,13 @@ class SemaphoreMachine(StoreMachine):
         got = outcome(lambda: self.store.call(self.sem, "release", n, client=client))
         want = outcome(lambda: self.model.release(n))
         same_outcome(got, want, f"release({n})")
-        if want.ok:
+        if want.ok:  # the releaser's own permits first, then others' (in the order held)
             for holder in [client, *(c for c in self.held if c is not client)]:
                 taken = min(self.held.get(holder, 0), n)
                 n -= taken
-                if taken:
+                if taken == self.held.get(holder):
+                    del self.held[holder]  # (a later acquire holds it anew, last in order)
+                elif taken:
                     self.held[holder] -= taken
 
     @rule(data=st.data())
@@ -526,6 +537,351 @@ class SemaphoreMachine(StoreMachine):
         if hasattr(self, "sem"):
             assert self.store.call(self.sem, "get_value") == self.model._value
             assert self.store.waiters(self.sem) == 0
+
+
+class BarrierMachine(StoreMachine):
+    """A Barrier: parties arrive across steps, time out, abort, reset, leave or die.
+
+    The model is ``threading.Barrier``'s rules with the waiting parties
+    kept as pending calls: the last arrival releases the generation (indices
+    in arrival order), a timeout or an abort breaks it for everyone, a reset
+    fails the waiting and mends it; and README's: a waiting party whose
+    session ends breaks it, an interrupted one leaves without breaking it,
+    a restart answers the waiting with ServerShuttingDown and the barrier
+    starts whole (it is not durable).
+    """
+
+    @initialize(parties=st.integers(1, 3))
+    def create(self, parties: int) -> None:
+        self.parties = parties
+        self.bar = self.store.open("Barrier", "b", parties=parties)
+        self.waiting: list[tuple[Client, Pending]] = []
+        self.broken = False
+
+    def _fail_waiting(self, error: type[BaseException]) -> None:
+        for _, pending in self.waiting:
+            assert isinstance(outcome(pending.result).error, error), error
+        self.waiting.clear()
+
+    @rule(data=st.data(), timeout=st.sampled_from([None, None, SHORT_S, 0, -1]))
+    def wait(self, data: st.DataObject, timeout: Any) -> None:
+        client = self.client(data)
+        if self.broken:
+            got = outcome(lambda: self.store.call(self.bar, "wait", timeout, client=client))
+            assert isinstance(got.error, threading.BrokenBarrierError), got
+            return
+        if len(self.waiting) + 1 == self.parties:
+            assert self.store.call(self.bar, "wait", timeout, client=client) == self.parties - 1
+            for i, (_, pending) in enumerate(self.waiting):
+                assert pending.result() == i  # in the order they came
+            self.waiting.clear()
+            return
+        pending = self.store.start(self.bar, "wait", timeout, client=client)
+        if timeout is None:
+            assert not pending.done()
+            self.waiting.append((client, pending))
+            return
+        assert isinstance(outcome(pending.result).error, threading.BrokenBarrierError)
+        self.broken = True
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @rule()
+    def abort(self) -> None:
+        self.store.call(self.bar, "abort")
+        self.broken = True
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @rule()
+    def reset(self) -> None:
+        self.store.call(self.bar, "reset")
+        self.broken = False
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @precondition(lambda self: bool(self.waiting))
+    @rule(data=st.data())
+    def interrupted(self, data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, len(self.waiting) - 1), label="party")
+        _, pending = self.waiting.pop(index)
+        self.store.abandon(pending)
+        assert pending.cancelled()
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        mine = [p for c, p in self.waiting if c is client]
+        if not mine:
+            return
+        for pending in mine:
+            assert pending.cancelled()
+        self.waiting = [(c, p) for c, p in self.waiting if c is not client]
+        self.broken = True
+        self._fail_waiting(threading.BrokenBarrierError)
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()
+        self._fail_waiting(ServerShuttingDown)
+        self.broken = False
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        if hasattr(self, "bar"):
+            state = (self.parties, len(self.waiting), self.broken)
+            assert self.store.call(self.bar, "state") == state
+            assert self.store.waiters(self.bar) == len(self.waiting)
+
+
+#: A Condition wait as the model holds it: who, the call, the lock depth to restore,
+#: and what the wait answers once it holds the lock again (True: notified).
+Waiting = tuple[Actor, Pending, int, bool]
+
+
+class ConditionMachine(StoreMachine):
+    """A Condition on its own RLock: waits that release the lock whole and take it
+    back at their depth, notified in order, across steps and sessions.
+
+    The model keeps the lock's owner (a session and a thread) and depth, the
+    waits not yet notified, and the ones queued to take the lock back, in
+    order: a release hands the lock to the first of them, whose wait then
+    answers (True if notified, False if interrupted). Acquires do not block
+    (a blocked acquire is the lock machines' business).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = self.store.open("Condition", "c")
+        self.lock = self.store.open("RLock", "c.lock")
+        self.owner: Actor | None = None
+        self.depth = 0
+        self.waits: list[Waiting] = []  # waiting for a notify
+        self.retaking: list[Waiting] = []  # waiting for the lock, to answer
+
+    def actor(self, data: st.DataObject) -> Actor:
+        return (self.client(data), data.draw(st.sampled_from([0, 1]), label="thread"))
+
+    def _owns(self, actor: Actor) -> bool:
+        return self.owner is not None and self.owner[0] is actor[0] and self.owner[1] == actor[1]
+
+    def _hand_over(self) -> None:
+        self.owner, self.depth = None, 0
+        if self.retaking:
+            actor, pending, depth, notified = self.retaking.pop(0)
+            assert pending.result() is notified
+            self.owner, self.depth = actor, depth
+
+    @rule(data=st.data())
+    def acquire(self, data: st.DataObject) -> None:
+        client, thread = actor = self.actor(data)
+        got = self.store.call(self.cond, "acquire", False, client=client, thread=thread)
+        if self._owns(actor):
+            self.depth += 1
+        elif self.owner is None and not self.retaking:
+            self.owner, self.depth = actor, 1
+        else:
+            assert got is False, got
+            return
+        assert got, got
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        client, thread = actor = self.actor(data)
+        got = outcome(lambda: self.store.call(self.cond, "release", client=client, thread=thread))
+        if not self._owns(actor):
+            assert isinstance(got.error, RuntimeError), got
+            return
+        assert got.ok, got
+        self.depth -= 1
+        if not self.depth:
+            self._hand_over()
+
+    @rule(data=st.data())
+    def wait(self, data: st.DataObject) -> None:
+        client, thread = actor = self.actor(data)
+        if not self._owns(actor):
+            got = outcome(lambda: self.store.call(self.cond, "wait", client=client, thread=thread))
+            assert isinstance(got.error, RuntimeError), got
+            return
+        pending = self.store.start(self.cond, "wait", client=client, thread=thread)
+        assert not pending.done()
+        self.waits.append((actor, pending, self.depth, True))
+        self._hand_over()
+
+    @rule(data=st.data(), n=st.sampled_from([1, 2, 5, 0, -1, 1.5]), all_=st.booleans())
+    def notify(self, data: st.DataObject, n: Any, all_: bool) -> None:
+        client, thread = actor = self.actor(data)
+        method, args = ("notify_all", ()) if all_ else ("notify", (n,))
+        got = outcome(
+            lambda: self.store.call(self.cond, method, *args, client=client, thread=thread)
+        )
+        if not self._owns(actor):
+            assert isinstance(got.error, RuntimeError), got
+            return
+        assert got.ok, got
+        count = len(self.waits) if all_ else max(0, math.ceil(n))
+        woken, self.waits = self.waits[:count], self.waits[count:]
+        self.retaking += woken
+
+    @precondition(lambda self: bool(self.waits))
+    @rule(data=st.data())
+    def interrupted(self, data: st.DataObject) -> None:
+        """An interrupted wait stops waiting for a notify and queues for the lock."""
+        index = data.draw(st.integers(0, len(self.waits) - 1), label="wait")
+        actor, pending, depth, _ = self.waits.pop(index)
+        self.store.abandon(pending)
+        if self.owner is None and not self.retaking:
+            assert pending.result() is False
+            self.owner, self.depth = actor, depth
+        else:
+            self.retaking.append((actor, pending, depth, False))
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        for waiting in (self.waits, self.retaking):
+            for (c, _), pending, _, _ in waiting:
+                if c is client:
+                    assert pending.cancelled()
+            waiting[:] = [w for w in waiting if w[0][0] is not client]
+        if self.owner is not None and self.owner[0] is client:
+            self._hand_over()
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()
+        for _, pending, _, _ in self.waits + self.retaking:
+            assert isinstance(outcome(pending.result).error, ServerShuttingDown)
+        self.waits, self.retaking = [], []
+        self.owner, self.depth = None, 0
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        assert self.store.call(self.cond, "locked") == (self.owner is not None)
+        assert self.store.waiters(self.cond) == len(self.waits)
+        assert self.store.waiters(self.lock) == len(self.retaking)
+        for _, pending, _, _ in self.waits + self.retaking:
+            assert not pending.done()
+
+
+class PipeMachine(StoreMachine):
+    """A duplex Pipe: two deques, readers blocked across steps, ends closed.
+
+    What end 0 sends, end 1 receives: a blocked ``poll`` of the receiving
+    end learns of it (True), the first blocked ``recv`` takes it, else it
+    waits in the end's buffer. Closing an end answers its own blocked reads
+    with OSError and the other end's with EOF (``recv``) or True (``poll``).
+    A pipe is not durable: after a restart it is empty and open.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pipe = self.store.open("Pipe", "p")
+        self.inbox: tuple[list[Any], list[Any]] = ([], [])
+        self.closed = [False, False]
+        #: Blocked reads of each end, oldest first: (client, call, "recv" or "poll").
+        self.readers: tuple[list[tuple[Client, Pending, str]], ...] = ([], [])
+        self.seq = 0
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def send(self, data: st.DataObject, end: int) -> None:
+        client = self.client(data)
+        self.seq += 1
+        got = outcome(lambda: self.store.call(self.pipe, "send", end, self.seq, client=client))
+        if self.closed[end]:
+            assert isinstance(got.error, OSError), got
+            return
+        if self.closed[1 - end]:
+            assert isinstance(got.error, BrokenPipeError), got
+            return
+        assert got.ok, got
+        readers = self.readers[1 - end]
+        while readers:
+            _, pending, kind = readers.pop(0)
+            if kind == "poll":
+                assert pending.result() is True
+                continue
+            assert pending.result() == self.seq
+            return
+        self.inbox[1 - end].append(self.seq)
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def recv(self, data: st.DataObject, end: int) -> None:
+        client = self.client(data)
+        got = outcome(lambda: self.store.call(self.pipe, "recv", end, SHORT_S, client=client))
+        if self.closed[end]:
+            assert isinstance(got.error, OSError), got
+        elif self.inbox[end]:
+            assert got.value == self.inbox[end].pop(0), got
+        elif self.closed[1 - end]:
+            assert isinstance(got.error, EOFError), got
+        else:
+            assert isinstance(got.error, TimeoutError), got
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]), kind=st.sampled_from(["recv", "poll"]))
+    def blocked_read(self, data: st.DataObject, end: int, kind: str) -> None:
+        if self.closed[end] or self.closed[1 - end] or self.inbox[end]:
+            return  # it would not block
+        client = self.client(data)
+        args = (end,) if kind == "recv" else (end, None)
+        pending = self.store.start(self.pipe, kind, *args, client=client)
+        assert not pending.done()
+        self.readers[end].append((client, pending, kind))
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def poll(self, data: st.DataObject, end: int) -> None:
+        got = outcome(lambda: self.store.call(self.pipe, "poll", end, client=self.client(data)))
+        if self.closed[end]:
+            assert isinstance(got.error, OSError), got
+        else:
+            assert got.value == bool(self.inbox[end] or self.closed[1 - end]), got
+
+    @rule(data=st.data(), end=st.sampled_from([0, 1]))
+    def close(self, data: st.DataObject, end: int) -> None:
+        self.store.call(self.pipe, "close", end, client=self.client(data))
+        if self.closed[end]:
+            return
+        self.closed[end] = True
+        for _, pending, kind in self.readers[1 - end]:
+            if kind == "poll":
+                assert pending.result() is True
+            else:
+                assert isinstance(outcome(pending.result).error, EOFError)
+        for _, pending, _ in self.readers[end]:
+            assert isinstance(outcome(pending.result).error, OSError)
+        self.readers[0].clear()
+        self.readers[1].clear()
+
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        client = self.client(data)
+        self.store.end_session(client)
+        for readers in self.readers:
+            for c, pending, _ in readers:
+                if c is client:
+                    assert pending.cancelled()
+            readers[:] = [r for r in readers if r[0] is not client]
+
+    @precondition(lambda self: self.restarts < RESTARTS)
+    @rule()
+    def restart(self) -> None:
+        self.restart_store()
+        for readers in self.readers:
+            for _, pending, _ in readers:
+                assert isinstance(outcome(pending.result).error, ServerShuttingDown)
+            readers.clear()
+        self.inbox = ([], [])
+        self.closed = [False, False]
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        stats = self.store.stats(self.pipe)
+        assert isinstance(stats, PipeStats)
+        assert stats.buffered == (len(self.inbox[0]), len(self.inbox[1]))
+        assert stats.closed == tuple(self.closed)
+        assert self.store.waiters(self.pipe) == len(self.readers[0]) + len(self.readers[1])
 
 
 KEYS = st.sampled_from(["a", "b", 0, 1, 1.0, True, -0.0, NAN, (1, NAN), None, "é" * 3])
@@ -612,6 +968,11 @@ class DurabilityMachine(StoreMachine):
             return
         outcome(lambda: self.store.call(obj, method, *args))
 
+    @rule()
+    def compact(self) -> None:
+        """A compaction between changes: the snapshot and the journal after it agree."""
+        self.store.compact()
+
     def state(self) -> list[str]:
         out = []
         for obj in self.objs:
@@ -640,7 +1001,10 @@ class DurabilityMachine(StoreMachine):
             super().teardown()
 
 
-MACHINES = [QueueMachine, LockMachine, RLockMachine, SemaphoreMachine, DurabilityMachine]
+MACHINES = [
+    QueueMachine, LockMachine, RLockMachine, SemaphoreMachine, BarrierMachine,
+    ConditionMachine, PipeMachine, DurabilityMachine,
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", STORE_KINDS)
