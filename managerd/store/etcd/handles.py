@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import marshal
+import queue
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
@@ -110,10 +111,10 @@ class Deliveries:
     def drop(self, session: Session) -> set[QueueHandle]:
         """Forget ``session``'s; the queues it had reserved from."""
         queues = set()
-        for did, (s, queue, _) in list(self._by_id.items()):
+        for did, (s, handle, _) in list(self._by_id.items()):
             if s is session:
                 del self._by_id[did]
-                queues.add(queue)
+                queues.add(handle)
         return queues
 
 
@@ -134,6 +135,12 @@ class Gateway(Protocol):
     def background_as(self, session: Session, work: Work) -> None: ...
     async def ensure(self, name: str, typeid: str) -> None: ...
     def lock_for(self, name: str) -> LockHandle: ...
+
+
+def _unwaitable(wait_s: float | None) -> bool:
+    """A wait the memory store refuses only if the call has to wait (NaN, too long):
+    the call is tried without waiting, and ``checked_wait`` raises if it would."""
+    return wait_s is not None and not 0 <= wait_s <= TIMEOUT_MAX
 
 
 class EtcdHandle:
@@ -262,6 +269,16 @@ class QueueHandle(EtcdHandle):
         for item in items:
             if not isinstance(item, bytes):
                 raise BadArgument("queue items travel as pickled bytes")
+        if _unwaitable(wait_s):
+
+            async def put_or_refuse(_: EtcdSession) -> None:
+                try:
+                    await self.queue.put_many(items, 0.0)
+                except queue.Full:
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                    raise
+
+            return self._run(call, put_or_refuse)
         parks = bool(self._bound) and wait_s != 0.0
         return self._run(call, lambda _: self.queue.put_many(items, wait_s), parks=parks)
 
@@ -270,6 +287,16 @@ class QueueHandle(EtcdHandle):
         wait_s = timeout_s(block, timeout)
         if wait_s == 0.0:
             return self._run(call, lambda _: self.queue.get_nowait())
+        if _unwaitable(wait_s):
+
+            async def get_or_refuse(_: EtcdSession) -> bytes:
+                try:
+                    return await self.queue.get_nowait()
+                except queue.Empty:
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                    raise
+
+            return self._run(call, get_or_refuse)
         return self._run(call, lambda _: self.queue.get(wait_s), parks=True)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
@@ -614,11 +641,13 @@ class SemaphoreHandle(EtcdHandle):
     @exposed(result=Conv.ACQUIRED, mutates=True)
     def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
         wait_s = _semaphore_wait_s(blocking, timeout)
+        unwaitable = _unwaitable(wait_s)
 
         async def acquire(session: EtcdSession) -> int | bool:
-            token = await self.sem.acquire(
-                session, blocking=wait_s != 0.0, timeout_s=wait_s or None
-            )
+            blocks = wait_s != 0.0 and not unwaitable
+            token = await self.sem.acquire(session, blocking=blocks, timeout_s=wait_s or None)
+            if token is None and unwaitable:
+                checked_wait(wait_s)  # it would wait: the wait's own error
             return False if token is None else token
 
         return self._run(call, acquire, parks=wait_s != 0.0)
@@ -685,6 +714,14 @@ class EventHandle(EtcdHandle):
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
         wait_s = wait_or_now_s(timeout)
+        if _unwaitable(wait_s):
+
+            async def set_or_refuse(_: EtcdSession) -> bool:
+                if not await self.event.is_set():
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                return True
+
+            return self._run(call, set_or_refuse)
         return self._run(call, lambda _: self.event.wait(wait_s), parks=wait_s != 0.0)
 
 

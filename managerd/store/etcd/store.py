@@ -139,11 +139,11 @@ class EtcdStore:
         entry = json.loads(value)
         name = entry["name"]
         handle = self._handles.get(name)
-        if handle is not None and handle.revision not in (0, revision):
+        if handle is not None and handle.revision == 0:
+            return  # being made here: its own Txn says which incarnation it is
+        if handle is not None and handle.revision != revision:
             self._drop(name, NoSuchObject(f"{name!r} was deleted"))  # made again elsewhere
         self._known[name] = _Known(entry["type"], entry["args"], revision)
-        if handle is not None and handle.revision == 0:
-            handle.revision = revision
 
     async def _follow(self, revision: int) -> None:
         """Keep the mirror of names: creations and deletions through any gateway."""
