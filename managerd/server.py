@@ -79,8 +79,11 @@ class ServerCore:
         # walker is given to every session unless deadlocks are not looked for.
         # ``store`` given: another store (etcd), which keeps its own state.
         detector = Detector(settings.deadlock)
-        self.memory = MemoryStore(loop, TokenSource(data_dir), detector) if store is None else None
-        self.store: Store = self.memory if self.memory is not None else store  # type: ignore[assignment]
+        #: The memory store, unless another was given (its journal, its compactions).
+        self.memory: MemoryStore | None = None
+        if store is None:
+            store = self.memory = MemoryStore(loop, TokenSource(data_dir), detector)
+        self.store: Store = store
         self.sessions = SessionTable(
             self.store, detector if settings.deadlock is not DeadlockMode.OFF else None
         )
