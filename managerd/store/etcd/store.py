@@ -110,6 +110,8 @@ class EtcdStore:
         #: Each session's calls in flight (answers not yet given).
         self._calls: dict[Session, set[asyncio.Future[Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Creations and deletions under way: finished (not cancelled) on close.
+        self._changes: set[asyncio.Task[None]] = set()
         self.deliveries = Deliveries()
         #: Fencing tokens of this gateway's lock holdings: (session, name, owner) -> token.
         self.tokens: dict[tuple[Session, str, str], int] = {}
@@ -204,8 +206,8 @@ class EtcdStore:
         self._known[name] = _Known(typeid, created, 0)
         self._handles[name] = handle
         creating = self.loop.create_task(self._create(handle, typeid, created))
-        self._tasks.add(creating)
-        creating.add_done_callback(self._tasks.discard)
+        self._changes.add(creating)
+        creating.add_done_callback(self._changes.discard)
 
         def created_or_not(task: asyncio.Task[None]) -> None:
             if task.cancelled():
@@ -290,8 +292,8 @@ class EtcdStore:
         handle = cast(EtcdHandle, self._handle(name, known))
         self._forget(name)
         deleting = self.loop.create_task(self._delete(handle))
-        self._tasks.add(deleting)
-        deleting.add_done_callback(self._tasks.discard)
+        self._changes.add(deleting)
+        deleting.add_done_callback(self._changes.discard)
         self._deleting[name] = deleting
         deleting.add_done_callback(lambda _: self._deleted(name, deleting))
         return True
@@ -480,7 +482,7 @@ class EtcdStore:
         """Stop, revoke every session's lease this gateway opened."""
         tasks = list(self._tasks)
         self.shutdown()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._changes, return_exceptions=True)
         for session in list(self._leases):
             lease = self._leases.pop(session)
             with contextlib.suppress(Exception):
