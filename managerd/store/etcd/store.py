@@ -307,7 +307,7 @@ class EtcdStore:
     async def _delete(self, handle: EtcdHandle) -> None:
         """Delete that incarnation of the name (not one made since), and its state."""
         with contextlib.suppress(Exception):
-            await handle.ready  # made here a moment ago: once it exists
+            await asyncio.shield(handle.ready)  # made here a moment ago: once it exists
         key = self._names + name_key(handle.name)
         ops: list[Op] = [Delete(key)]
         ops += [Delete(prefix, prefix_end(prefix)) for prefix in handle.state_prefixes()]
@@ -332,8 +332,10 @@ class EtcdStore:
         lease = self._lease(session)
 
         async def run() -> Any:
-            await handle.ready
-            return await work(await lease)
+            # Shielded: cancelling one call must not cancel what every call of the
+            # object (its creation) or of the session (its lease) waits for.
+            await asyncio.shield(handle.ready)
+            return await work(await asyncio.shield(lease))
 
         answer: asyncio.Future[Any] = self.loop.create_future()
         task = self.loop.create_task(run())
@@ -383,7 +385,7 @@ class EtcdStore:
         lease = self._lease(session)
 
         async def run() -> None:
-            await work(await lease)
+            await work(await asyncio.shield(lease))
 
         self.background(run())
 
