@@ -34,8 +34,13 @@ a test expects.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import inspect
+import os
 import pickle
+import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,8 @@ from typing import Any, Final
 
 from managerd.service.invoker import CALLER_ERRORS
 from managerd.store.api import Call, Conv, MethodSpec, Refusal
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.store import EtcdStore
 from managerd.store.interface import Handle, Store
 from managerd.store.memory.deadlock import DeadlockMode, Detector
 from managerd.store.memory.journal import FsyncMode, Journal
@@ -52,7 +59,7 @@ from managerd.store.sessions import Session, SessionKind
 from managerd.store.stats import ObjectStats, StoreStats
 
 #: The stores the suite runs over (the ``store`` fixture's parameters).
-STORE_KINDS: Final = ("memory",)
+STORE_KINDS: Final = ("memory", "etcd") if os.environ.get("MANAGERD_CONTRACT_ETCD") else ("memory",)
 
 #: How long a call the test expects to finish may stay parked before the
 #: test fails: a safety net against a hang, never a measure of speed.
@@ -60,6 +67,21 @@ SETTLE_LIMIT_S: Final = 10.0
 
 #: Creation arguments that are contents, given here as plain values.
 _CONTENTS_TYPES: Final = {"dict": Conv.PAIRS, "Namespace": Conv.PAIRS, "list": Conv.PAYLOADS}
+
+
+_cluster: list[str] = []
+
+
+def _etcd_cluster() -> list[str]:
+    """The endpoints of one 3-node etcd cluster for the whole run, started on first use."""
+    if not _cluster:
+        from etcd_support import running_cluster
+
+        stack = contextlib.ExitStack()
+        cluster = stack.enter_context(running_cluster(Path(tempfile.mkdtemp(prefix="contract-"))))
+        atexit.register(stack.close)
+        _cluster.extend(cluster.endpoints)
+    return _cluster
 
 
 class DaemonBug(AssertionError):
@@ -186,18 +208,30 @@ class StoreHarness:
         self._journal: Journal | None = None
         #: The wait-for graph's walker, given to every session (as the daemon's default).
         self._detector = Detector(DeadlockMode.REPORT)
-        self._memory = self._open_store()
-        self.store: Store = self._memory
+        #: The etcd store's keys are under a prefix of their own (one cluster serves all).
+        self._root = b"/c" + secrets.token_hex(6).encode() + b"/"
+        self._etcd: EtcdStore | None = None
+        self._memory: MemoryStore | None = None
+        self.store: Store = self._open_store()
         #: The client a call is made as unless it names another.
         self.client = self.new_client("main")
 
     # -- the store's life (what differs per kind) ----------------------------------------
-    def _open_store(self) -> MemoryStore:
+    def _open_store(self) -> Store:
         """What ``ServerCore`` and ``ServerCore.recover`` do, minus the network."""
+        if self.kind == "etcd":
+            endpoints = _etcd_cluster()
+
+            async def open_etcd() -> EtcdStore:
+                return await EtcdStore.open(EtcdClient(endpoints), root=self._root)
+
+            self._etcd = self.loop.run_until_complete(open_etcd())
+            return self._etcd
         store = MemoryStore(self.loop, TokenSource(self.data_dir), self._detector)
         journal = Journal(self.data_dir, FsyncMode.INTERVAL, 1.0)
         store.recover(journal, repair=False)
         self._journal = journal
+        self._memory = store
         return store
 
     def _close_store(self) -> None:
@@ -207,10 +241,14 @@ class StoreHarness:
         journal, self._journal = self._journal, None
         if journal is not None:
             self.loop.run_until_complete(journal.close())
-        for obj in self._memory:
+        for obj in self._memory or ():
             obj.journal = None  # nothing the old objects do now is the new store's
         for client in self._clients:
             self.store.release(client.session)
+        etcd, self._etcd = self._etcd, None
+        if etcd is not None:
+            self.loop.run_until_complete(etcd.close())
+            self.loop.run_until_complete(etcd.client.close())
 
     def restart(self) -> None:
         """Stop the store and open it again on the same data directory.
@@ -219,15 +257,15 @@ class StoreHarness:
         restart): what the old ones held or waited for is gone with them.
         """
         self._close_store()
-        self._memory = self._open_store()
-        self.store = self._memory
+        self.store = self._open_store()
         for client in self._clients:
             client.session = self._session(client.label)
 
     def compact(self) -> None:
         """Rewrite what the store keeps on disk as one snapshot now (a journal's compaction;
-        a store without one has nothing to do)."""
-        self._memory.compact()
+        a store without one has nothing to do: etcd compacts its own history)."""
+        if self._memory is not None:
+            self._memory.compact()
 
     def close(self) -> None:
         try:
