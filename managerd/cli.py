@@ -151,6 +151,16 @@ def serve(
         DeadlockMode | None,
         typer.Option(help="A wait that closes a cycle of lock waiters: report, raise or off."),
     ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="memory (this daemon), or etcd://HOST:PORT[,HOST:PORT...]: a gateway to an "
+            "etcd cluster that any number of gateways serve [memory]."
+        ),
+    ] = None,
+    store_prefix: Annotated[
+        str | None, typer.Option(help="The etcd store's key prefix [/m/].")
+    ] = None,
 ) -> None:
     """Run the daemon until SIGTERM or Ctrl-C."""
     settings = _settings(**locals())  # every parameter is a settings flag

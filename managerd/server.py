@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from multiprocessing.managers import BaseManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from managerd import __version__
 from managerd.metrics import MetricsServer
@@ -34,6 +35,7 @@ from managerd.service.peers import LogBudget, PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
 from managerd.settings import EventLoop, Settings, read_key_file, resolve_authkey
+from managerd.store.interface import Store
 from managerd.store.memory.datadir import DataDirInUse, DataDirLock
 from managerd.store.memory.deadlock import DeadlockMode, Detector
 from managerd.store.memory.journal import CorruptJournal, FsyncMode, Journal
@@ -47,6 +49,9 @@ from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ServerShuttingDown
 from managerd_client.wire import REFUSED
 
+if TYPE_CHECKING:
+    from managerd.store.etcd.store import EtcdStore
+
 log = logging.getLogger("managerd")
 
 
@@ -57,7 +62,13 @@ class StartupError(Exception):
 class ServerCore:
     """Everything the connections share; lives on the loop."""
 
-    def __init__(self, settings: Settings, authkey: bytes, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        settings: Settings,
+        authkey: bytes,
+        loop: asyncio.AbstractEventLoop,
+        store: Store | None = None,
+    ):
         self.settings = settings
         self.authkey = authkey
         self.loop = loop
@@ -66,8 +77,13 @@ class ServerCore:
         # The store: every object's state. Fencing tokens increase across
         # restarts (a ceiling kept in the data directory); the wait-for graph's
         # walker is given to every session unless deadlocks are not looked for.
+        # ``store`` given: another store (etcd), which keeps its own state.
         detector = Detector(settings.deadlock)
-        self.store = MemoryStore(loop, TokenSource(data_dir), detector)
+        #: The memory store, unless another was given (its journal, its compactions).
+        self.memory: MemoryStore | None = None
+        if store is None:
+            store = self.memory = MemoryStore(loop, TokenSource(data_dir), detector)
+        self.store: Store = store
         self.sessions = SessionTable(
             self.store, detector if settings.deadlock is not DeadlockMode.OFF else None
         )
@@ -100,18 +116,20 @@ class ServerCore:
     # -- durability ---------------------------------------------------------------
     def recover(self, journal: Journal) -> None:
         """Rebuild the objects from the data directory, then journal from here on."""
-        items, info = self.store.recover(journal, repair=self.settings.recover)
+        assert self.memory is not None, "a journal is the memory store's"
+        items, info = self.memory.recover(journal, repair=self.settings.recover)
         log.info(
             "recovered %d objects and %d queued items from %s (%d records, snapshot %s, "
             "%d journal files) in %.3fs",
-            len(self.store), items, journal.dir, info.records, info.snapshot or "none",
+            len(self.memory), items, journal.dir, info.records, info.snapshot or "none",
             info.journals, info.seconds,
         )  # fmt: skip
 
     async def compact_when_due(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.store.compact_if_due()
+            if self.memory is not None:
+                self.memory.compact_if_due()
 
     # -- connections ------------------------------------------------------------
     def admit(self, conn: Connection) -> bool:
@@ -239,9 +257,10 @@ class EventLoopServer:
             if metrics is not None:
                 metrics.close()
             raise
-        core = self.core = ServerCore(self.settings, self.authkey, loop)
+        etcd = await _etcd_store(self.settings)
+        core = self.core = ServerCore(self.settings, self.authkey, loop, etcd)
         core.tls = tls_context(self.settings)
-        journal = _journal(self.settings)
+        journal = _journal(self.settings) if etcd is None else None
         compactor = None
         if journal is not None:
             core.recover(journal)
@@ -278,6 +297,9 @@ class EventLoopServer:
                 compactor.cancel()
             if journal is not None:
                 await journal.close()
+            if etcd is not None:
+                await etcd.close()
+                await etcd.client.close()
             try:
                 await asyncio.wait_for(server.wait_closed(), self.settings.shutdown_timeout_s)
             except (TimeoutError, asyncio.CancelledError):
@@ -353,6 +375,27 @@ def lock_data_dir(settings: Settings) -> DataDirLock | None:
         raise StartupError(
             f"data directory: {exc.strerror or exc}: {exc.filename or directory}"
         ) from None
+
+
+async def _etcd_store(settings: Settings) -> EtcdStore | None:
+    """The etcd store when ``settings.store`` names a cluster (this daemon is a gateway)."""
+    endpoints = settings.etcd_endpoints
+    if endpoints is None:
+        return None
+    from managerd.store.etcd.client import EtcdClient  # the optional 'etcd' extra
+    from managerd.store.etcd.store import EtcdStore
+
+    client = EtcdClient(endpoints)
+    ttl_s = max(1, math.ceil(settings.session_ttl_s))  # a lease lasts whole seconds
+    try:
+        store = await EtcdStore.open(
+            client, root=settings.store_prefix.encode(), session_ttl_s=ttl_s
+        )
+    except BaseException:
+        await client.close()
+        raise
+    log.info("store: etcd at %s, prefix %s", ",".join(endpoints), settings.store_prefix)
+    return store
 
 
 def _journal(settings: Settings) -> Journal | None:

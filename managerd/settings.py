@@ -107,6 +107,18 @@ class Settings(BaseSettings):
     #: What a wait that closes a cycle of lock waiters does (managerd/store/memory/deadlock.py).
     deadlock: DeadlockMode = DeadlockMode.REPORT
     event_loop: EventLoop = EventLoop.AUTO
+    #: Where objects live: None is this daemon's memory (and ``data_dir``);
+    #: ``etcd://HOST:PORT[,HOST:PORT...]`` makes it a gateway to an etcd cluster.
+    store: str | None = None
+    #: The etcd store's key prefix, so that deployments can share one cluster.
+    store_prefix: str = "/m/"
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("", "memory"):
+            etcd_endpoints(value)
+        return value or None
 
     @field_validator("log_level")
     @classmethod
@@ -136,6 +148,11 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{text!r} is not a network in CIDR notation ({exc})") from None
         return networks
+
+    @property
+    def etcd_endpoints(self) -> list[str] | None:
+        """The etcd members of ``store``, or None for the memory store."""
+        return None if self.store in (None, "memory") else etcd_endpoints(self.store)
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets masked."""
@@ -230,3 +247,16 @@ def resolve_authkey(settings: Settings, *, generate: bool = True) -> tuple[bytes
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
     return read_key_file(path), f"new random authkey written to {path}"
+
+
+def etcd_endpoints(store: str) -> list[str]:
+    """``etcd://h1:p1,h2:p2`` as ``["h1:p1", "h2:p2"]``; ValueError if it is not one."""
+    scheme, sep, rest = store.partition("://")
+    endpoints = [e.strip() for e in rest.split(",") if e.strip()]
+    if scheme != "etcd" or not sep or not endpoints:
+        raise ValueError(f"a store is 'memory' or etcd://HOST:PORT[,HOST:PORT...], not {store!r}")
+    for endpoint in endpoints:
+        host, colon, port = endpoint.rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"an etcd endpoint is HOST:PORT, not {endpoint!r}")
+    return endpoints

@@ -7,6 +7,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -364,3 +365,35 @@ def test_a_session_cannot_be_taken_over_by_its_public_id(shared_daemon: Daemon, 
     finally:
         thief.close()
         victim.close()
+
+
+def test_close_while_another_thread_reconnects_leaves_no_session(daemon: Daemon, uniq: str) -> None:
+    """A manager closed while one of its threads retries a connect (the daemon is
+    down): that thread gives up with ConnectionLost, and no connection or session
+    is left behind once the daemon is back (found by the long stateful run as a
+    socket never closed)."""
+    m = daemon.connect(connect_timeout_s=20)
+    q = m.Queue(uniq)
+    port = daemon.port
+    daemon.kill()
+    time.sleep(0.1)  # past the client's idle check: the call reconnects, not sends
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            q.qsize()
+        except BaseException as exc:  # the outcome under test
+            errors.append(exc)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.3)  # it is in the reconnect loop (nobody listens)
+    m.close()
+    daemon.start(port=port)
+    t.join(30)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionLost), errors
+    with daemon.connect() as other:
+        assert wait_until(lambda: len(other.status()["sessions"]) == 1, 5), other.status()[
+            "sessions"
+        ]

@@ -155,6 +155,8 @@ class Manager:
             deadline = time.monotonic() + self.connect_timeout_s
             delay = _BACKOFF_FIRST_S
             while True:
+                if self._closed:  # closed while this thread retried
+                    raise ConnectionLost("this manager was closed")
                 try:
                     channel = self._open()
                     break
@@ -176,6 +178,13 @@ class Manager:
             self._session_id = channel.session_id
             self._resume_token = channel.resume_token
             self._channel = channel
+            if self._closed:
+                # close() ran while this connected: it may not have seen the
+                # new channel (it is not taken under the lock, which a
+                # reconnect holds for up to connect_timeout_s), so end it here.
+                self._channel = None
+                channel.close()
+                raise ConnectionLost("this manager was closed")
             self._ensure_heartbeat(channel.session_ttl_s / 3)
             return channel
 

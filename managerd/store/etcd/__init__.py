@@ -16,20 +16,23 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
   through a watch, several takes per Txn, reserve/ack/nack, requeue of
   expired and orphaned reservations).
 - ``locks.py``: a lock with fencing tokens (FIFO waiters, etcd's mutex
-  recipe).
+  recipe) and a re-entrant one; ``sync.py``: Event, Semaphore and
+  BoundedSemaphore; ``values.py``: Value and dict; ``watching.py``: the
+  wake-up they share (a watch from the revision of the last read).
+- ``store.py``: ``EtcdStore``, the ``Store`` of ``store/interface.py``:
+  names and types in etcd (a mirror kept by a watch), a lease per session,
+  calls as futures; ``handles.py``: a handle class per type served, whose
+  exposed methods forward to the primitives.
+- ``conditions.py``: Condition and Barrier; ``pipes.py``: Pipe; ``cells.py``:
+  list, Namespace and Array (one key by compare-and-set, the memory store's
+  own objects applied to it).
 
-**Not wired into** ``managerd serve``: these are the parts a store stands on,
-not yet a ``Store`` (``store/interface.py``). They keep its method names
-(``put``, ``get``, ``get_nowait``, ``reserve``, ``ack``, ``nack``, ``qsize``,
-``reserved_count``; ``acquire``, ``release``) so that a handle can forward to
-them: a handle's exposed method returns a Task of the coroutine as its
-parked-call future, maps the stdlib's ``block``/``timeout`` to ``timeout_s``,
-``call.session`` to an ``EtcdSession`` and the calling thread to a lock's
-``owner``. What a Store on etcd still needs (issue 13): the other
-primitives, a registry of names and types in etcd, the gateway's session
-table (client heartbeats as keep-alives; a reconnecting client's session
-taken over with ``EtcdSession.resume``), the elected
-gateway that calls ``requeue_expired``, maxsize, ``put_many``/``get_many``,
-``task_done``/``join``, ``extend``, ``max_deliveries`` and dead letters,
-stats, and ``--store etcd://``.
+``managerd serve --store etcd://...`` (``server.py``) serves an
+``EtcdStore``: the daemon is then a gateway.
+
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
+session through another gateway; stats beyond what a gateway knows
+(``refresh_stats``); one elected gateway for requeues (every gateway
+requeues its queues); group commit across calls of a gateway (the queue
+batches its blocked takes only); deadlock detection; TLS to etcd.
 """

@@ -303,11 +303,13 @@ class EtcdClient:
         count_only: bool = False,
         max_create_revision: int = 0,
         newest_first: bool = False,
+        oldest_first: bool = False,
     ) -> RangeResult:
         """Linearizable read of ``[key, range_end)`` (just ``key`` without range_end).
 
-        In key order, or ``newest_first`` by create_revision (etcd sorts the
-        whole range for that: only for small ranges, such as a lock's contenders).
+        In key order, or by create_revision, ``newest_first`` or ``oldest_first``
+        (etcd sorts the whole range for that: only for small ranges, such as a
+        lock's contenders or a dict's entries).
         """
         request = rpc.RangeRequest(
             key=key,
@@ -318,9 +320,11 @@ class EtcdClient:
             count_only=count_only,
             max_create_revision=max_create_revision,
         )
-        if newest_first:
+        if newest_first or oldest_first:
             request.sort_target = rpc.RangeRequest.CREATE
-            request.sort_order = rpc.RangeRequest.DESCEND
+            request.sort_order = (
+                rpc.RangeRequest.DESCEND if newest_first else rpc.RangeRequest.ASCEND
+            )
         return _range_result(await self._call(self._range, request, idempotent=True))
 
     async def get(self, key: bytes) -> KeyValue | None:

@@ -134,6 +134,12 @@ class Delete:
 Op = Get | Put | Delete
 
 
+def name_key(name: str) -> bytes:
+    """An object name as one key segment: ``/`` and ``%`` escaped, so that no name's
+    keys fall under another's prefix (``a`` and ``a/b``)."""
+    return name.replace("%", "%25").replace("/", "%2F").encode()
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The ``range_end`` that makes a range cover every key starting with ``prefix``."""
     end = bytearray(prefix)

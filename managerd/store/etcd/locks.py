@@ -14,6 +14,12 @@ or its lease expired because its gateway died or was cut off), etcd
 deletes the key and the next waiter holds the lock, with a larger token.
 Release deletes the key only if its create_revision is still the token
 (``LockLost`` otherwise: the session expired and someone else may hold it).
+``release_holder`` is ``threading.Lock``'s release by anyone: it deletes
+whichever key holds the lock.
+
+**RLock**: the owner (a client thread) re-enters by raising a count kept in
+its key's value, changed with a compare on the key's create_revision (the
+token), so a count never lands on another holding; the key goes at 0.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from managerd.store.etcd.kv import (
     Put,
     RangeResult,
     Target,
+    name_key,
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
@@ -44,7 +51,7 @@ class EtcdLock:
     def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT):
         self.client = client
         self.name = name
-        self.prefix = root + b"l/" + name.encode() + b"/"
+        self.prefix = root + b"l/" + name_key(name) + b"/"
 
     def _key(self, session: EtcdSession, owner: str) -> bytes:
         key = self.prefix + f"{session.lease_id:016x}".encode()
@@ -64,7 +71,7 @@ class EtcdLock:
         removes its key, so the waiter behind it watches on.
         """
         key = self._key(session, owner)
-        attempt = secrets.token_bytes(8)
+        attempt = secrets.token_bytes(_ATTEMPT_BYTES)
         # Our key, unless it exists: a retry of this call finds its own attempt.
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
@@ -143,6 +150,19 @@ class EtcdLock:
             # (a failover at that moment): the lock is free either way.
             raise LockLost(f"{self.name} was not held with token {token} (the session expired?)")
 
+    async def release_holder(self) -> bool:
+        """Release whoever holds it (``threading.Lock`` lets anyone); False if free."""
+        while True:
+            held = await self.holder()
+            if held is None:
+                return False
+            key, token = held
+            done = await self.client.txn(
+                [Compare(key, Target.CREATE, "==", token)], [Delete(key)], idempotent=True
+            )
+            if done.succeeded:
+                return True
+
     async def holder(self) -> tuple[bytes, int] | None:
         """The holder's key and token (the oldest contender), or None if free."""
         first = await self.client.range(self.prefix, prefix_end(self.prefix))
@@ -150,3 +170,74 @@ class EtcdLock:
             return None
         kv = min(first.kvs, key=lambda kv: kv.create_revision)
         return kv.key, kv.create_revision
+
+
+class EtcdRLock(EtcdLock):
+    """A re-entrant lock: ``owner`` (a client thread) may acquire it again while it holds it."""
+
+    async def acquire(
+        self,
+        session: EtcdSession,
+        owner: str = "",
+        *,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+    ) -> int | None:
+        key = self._key(session, owner)
+        while True:
+            kv = await self.client.get(key)
+            if kv is None:
+                return await super().acquire(session, owner, blocking=blocking, timeout_s=timeout_s)
+            # Our key exists: we hold it (a thread waits in one acquire at a time).
+            done = await self.client.txn(
+                [
+                    Compare(key, Target.CREATE, "==", kv.create_revision),
+                    Compare(key, Target.MOD, "==", kv.mod_revision),
+                ],
+                [
+                    Put(
+                        key,
+                        _count_value(kv.value, lock_depth(kv.value) + 1),
+                        lease=session.lease_id,
+                    )
+                ],
+            )
+            if done.succeeded:
+                return kv.create_revision
+
+    async def depth(self, session: EtcdSession, owner: str = "") -> int:
+        """How many times ``owner`` holds it (0: not)."""
+        kv = await self.client.get(self._key(session, owner))
+        return 0 if kv is None else lock_depth(kv.value)
+
+    async def release(self, session: EtcdSession, token: int, owner: str = "") -> None:
+        key = self._key(session, owner)
+        while True:
+            kv = await self.client.get(key)
+            if kv is None or kv.create_revision != token:
+                raise LockLost(f"{self.name} is not held with token {token} (session expired?)")
+            count = lock_depth(kv.value)
+            if count <= 1:
+                await super().release(session, token, owner)
+                return
+            done = await self.client.txn(
+                [
+                    Compare(key, Target.CREATE, "==", token),
+                    Compare(key, Target.MOD, "==", kv.mod_revision),
+                ],
+                [Put(key, _count_value(kv.value, count - 1), lease=session.lease_id)],
+            )
+            if done.succeeded:
+                return
+
+
+_ATTEMPT_BYTES = 8  # the random attempt mark EtcdLock.acquire puts first
+
+
+def lock_depth(value: bytes) -> int:
+    """How many times an RLock key's owner holds it."""
+    return int(value[_ATTEMPT_BYTES:] or b"1")
+
+
+def _count_value(value: bytes, count: int) -> bytes:
+    return value[:_ATTEMPT_BYTES] + b"%d" % count

@@ -45,13 +45,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
+import logging
 import os
 import queue
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,15 +65,23 @@ from managerd.store.etcd.kv import (
     EventType,
     Get,
     KeyValue,
+    Op,
     Put,
     RangeResult,
     Target,
     TxnResult,
+    name_key,
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
+from managerd.store.etcd.watching import changed
+from managerd_client.errors import ManagerdError
+
+log = logging.getLogger(__name__)
 
 TOMBSTONE_TTL_S = 60
+DEAD_LETTER_SUFFIX = ".dead"
+_PUT_BATCH = 40  # items per put Txn: 3 compares each, within --max-txn-ops (128)
 _BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
 
@@ -141,15 +151,37 @@ class Delivery:
 class EtcdQueue:
     """The queue ``name``; any number of instances, in any processes, share it."""
 
-    def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        name: str,
+        *,
+        root: bytes = DEFAULT_ROOT,
+        maxsize: int = 0,
+        max_deliveries: int = 0,
+        dead_letters: bool = True,
+    ) -> None:
         self.client = client
         self.name = name
-        base = root + b"q/" + name.encode() + b"/"
+        self.maxsize = maxsize
+        self.max_deliveries = max_deliveries
+        #: Where items nacked without requeue or delivered too often go (None: dropped).
+        self.dead: EtcdQueue | None = (
+            EtcdQueue(client, name + DEAD_LETTER_SUFFIX, root=root, dead_letters=False)
+            if dead_letters
+            else None
+        )
+        #: Run before an item goes to the dead letters (the store names that queue).
+        self.before_dead_letter: Callable[[], Awaitable[None]] | None = None
+        #: Puts of this process to a bounded queue, one at a time (see ``put``).
+        self._room = asyncio.Lock()
+        self.base = base = root + b"q/" + name_key(name) + b"/"
         self._sessions = root + b"s/"
         self._ready = base + b"i/"
         self._ready_end = prefix_end(self._ready)
         self._reserved = base + b"r/"
         self._tombs = base + b"t/"
+        self._unfinished = base + b"u/"
         self._ids = _Ids()
         self._tomb_lease = _ShortLease(client)
         self._wants: collections.deque[_Want] = collections.deque()
@@ -157,9 +189,120 @@ class EtcdQueue:
         self._watching: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def put(self, item: bytes) -> None:
-        """Append ``item``; safe to retry, never duplicated (see the module docstring)."""
+    async def put(self, item: bytes, timeout_s: float | None = 0.0) -> None:
+        """Append ``item``; safe to retry, never duplicated (see the module docstring).
+
+        A bounded queue (``maxsize``) waits up to ``timeout_s`` (None: for
+        ever) for room, then raises ``queue.Full``.
+        """
+        await self.put_many([item], timeout_s)
+
+    async def put_many(self, items: list[bytes], timeout_s: float | None = 0.0) -> None:
+        """Append ``items`` in order (one Txn per ``_PUT_BATCH``: atomic within one)."""
+        if not self.maxsize:
+            await self._append(items)
+            return
+        # The count is read, then the put made: exact among this process's puts (one at
+        # a time), not across gateways (two may fill the last place each).
+        if timeout_s == 0 and self._room.locked():
+            raise queue.Full  # a put waits for room ahead of this one (FIFO)
+        try:
+            async with self._room, asyncio.timeout(timeout_s or None):
+                await self._put_when_room(items, timeout_s)
+        except TimeoutError:
+            raise queue.Full from None
+
+    async def _put_when_room(self, items: list[bytes], timeout_s: float | None) -> None:
+        while True:
+            read = await self.client.range(self._ready, self._ready_end, count_only=True)
+            if read.count + len(items) <= self.maxsize:
+                await self._append(items)
+                return
+            if timeout_s == 0:
+                raise queue.Full
+            await changed(
+                self.client,
+                self._ready,
+                self._ready_end,
+                after_revision=read.revision,
+                kind=EventType.DELETE,
+            )
+
+    async def _append(self, items: list[bytes]) -> None:
+        for i in range(0, len(items), _PUT_BATCH):
+            compares: list[Compare] = []
+            ops: list[Op] = []
+            for item in items[i : i + _PUT_BATCH]:
+                iid = self._ids.next()
+                compares += [
+                    Compare(self._ready + iid, Target.CREATE, "==", 0),
+                    Compare(self._reserved + iid, Target.CREATE, "==", 0),
+                    Compare(self._tombs + iid, Target.CREATE, "==", 0),
+                ]
+                ops += [
+                    Put(self._ready + iid, _pack({"n": 0}, item)),
+                    Put(self._unfinished + iid, b""),
+                ]
+            # Not succeeded: an earlier attempt of this call was applied (the ids are ours).
+            await self.client.txn(compares, ops, idempotent=True)
+
+    async def get_many(self, max_items: int, timeout_s: float | None = None) -> list[bytes]:
+        """Up to ``max_items`` items at once; if there are none, the first to come
+        (waiting as ``get``)."""
+        while True:
+            head = await self.client.range(self._ready, self._ready_end, limit=max_items)
+            if not head.kvs:
+                return [(await self._blocking(None, 0.0, timeout_s))[1]]
+            taken = await self._take_batch(head.kvs, [(None, 0.0)] * len(head.kvs))
+            if taken is not None:
+                return [payload for _, payload, _ in taken]
+
+    async def unfinished(self) -> int:
+        """Items put and not yet ``task_done`` (``queue.Queue``'s unfinished_tasks)."""
+        end = prefix_end(self._unfinished)
+        return (await self.client.range(self._unfinished, end, count_only=True)).count
+
+    async def task_done(self) -> None:
+        """One item fewer unfinished; ``ValueError`` if none is."""
+        end = prefix_end(self._unfinished)
+        while True:
+            oldest = await self.client.range(self._unfinished, end, limit=1)
+            if not oldest.kvs:
+                raise ValueError("task_done() called too many times")
+            kv = oldest.kvs[0]
+            done = await self.client.txn(
+                [Compare(kv.key, Target.MOD, "==", kv.mod_revision)], [Delete(kv.key)]
+            )
+            if done.succeeded:
+                return
+
+    async def join(self, timeout_s: float | None = None) -> None:
+        """Return once no item is unfinished; ``TimeoutError`` after ``timeout_s``."""
+        end = prefix_end(self._unfinished)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    read = await self.client.range(self._unfinished, end, count_only=True)
+                    if not read.count:
+                        return
+                    await changed(
+                        self.client,
+                        self._unfinished,
+                        end,
+                        after_revision=read.revision,
+                        kind=EventType.DELETE,
+                    )
+        except TimeoutError:
+            raise TimeoutError("join() timed out") from None
+
+    async def put_front(self, item: bytes) -> None:
+        """Put ``item`` back before every other (an answered get whose caller left).
+
+        Its id sorts before any ``put``'s (a leading ``!``, then the time
+        counted down: the latest such item first); at most once, as ``put``.
+        """
         iid = self._ids.next()
+        iid = b"!%020d" % (10**20 - 1 - int(iid[:20])) + iid[20:]
         await self.client.txn(
             [
                 Compare(self._ready + iid, Target.CREATE, "==", 0),
@@ -169,7 +312,6 @@ class EtcdQueue:
             [Put(self._ready + iid, _pack({"n": 0}, item))],
             idempotent=True,
         )
-        # Not succeeded: an earlier attempt of this call was applied (the id is ours alone).
 
     async def qsize(self) -> int:
         return (await self.client.range(self._ready, self._ready_end, count_only=True)).count
@@ -212,19 +354,56 @@ class EtcdQueue:
         return done.succeeded or _found(done, token.encode())
 
     async def nack(self, delivery: Delivery, requeue: bool = True) -> bool:
-        """Give it back to the head (``requeue``) or drop it; False if no longer reserved."""
+        """Give it back to its place (``requeue``, unless delivered ``max_deliveries``
+        times) or to the dead letters; False if no longer reserved."""
         key = self._reserved + delivery.id
-        back: list[Put | Delete] = [Delete(key)]
-        if requeue:
-            back.append(
-                Put(self._ready + delivery.id, _pack({"n": delivery.deliveries}, delivery.payload))
-            )
-        else:
-            back.append(Put(self._tombs + delivery.id, b"", lease=await self._tomb()))
+        back = [
+            Delete(key),
+            *await self._return(delivery.id, delivery.deliveries, delivery.payload, requeue),
+        ]
         done = await self.client.txn(
             [Compare(key, Target.MOD, "==", delivery.receipt)], back, idempotent=True
         )
         return done.succeeded
+
+    async def _return(self, iid: bytes, deliveries: int, payload: bytes, requeue: bool) -> list[Op]:
+        """The ops that return a reserved item: to its place, or to the dead letters (done
+        as far as ``join`` is concerned: nobody will ack it)."""
+        if requeue and not (self.max_deliveries and deliveries >= self.max_deliveries):
+            return [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
+        gone: list[Op] = [
+            Put(self._tombs + iid, b"", lease=await self._tomb()),
+            Delete(self._unfinished + iid),
+        ]
+        if self.dead is not None:
+            dead = self.dead
+            if self.before_dead_letter is not None:
+                try:
+                    await self.before_dead_letter()
+                except ManagerdError as exc:  # the name is another type's: never drop it
+                    log.error("queue %r: %s; the item stays in the queue", self.name, exc)
+                    return [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
+            gone += [
+                Put(dead._ready + iid, _pack({"n": 0}, payload)),
+                Put(dead._unfinished + iid, b""),
+            ]
+        return gone
+
+    async def extend(self, delivery: Delivery, seconds: float) -> Delivery | None:
+        """Its deadline ``seconds`` from now; the delivery's new receipt, None if no longer
+        reserved."""
+        key = self._reserved + delivery.id
+        kv = await self.client.get(key)
+        if kv is None or kv.mod_revision != delivery.receipt:
+            return None
+        meta, payload = _unpack(kv.value)
+        meta["deadline"] = time.time() + seconds
+        done = await self.client.txn(
+            [Compare(key, Target.MOD, "==", delivery.receipt)], [Put(key, _pack(meta, payload))]
+        )
+        if not done.succeeded:
+            return None
+        return dataclasses.replace(delivery, receipt=done.revision)
 
     async def requeue_expired(self, now_s: float | None = None) -> int:
         """Return to the head every reservation past its deadline or whose session is gone;
@@ -246,9 +425,10 @@ class EtcdQueue:
             if meta["deadline"] > now_s and alive[sid]:
                 continue
             iid = kv.key[len(self._reserved) :]
+            back = await self._return(iid, int(meta["n"]), payload, True)
             done = await self.client.txn(
                 [Compare(kv.key, Target.MOD, "==", kv.mod_revision)],
-                [Delete(kv.key), Put(self._ready + iid, _pack({"n": meta["n"]}, payload))],
+                [Delete(kv.key), *back],
                 idempotent=True,
             )
             moved += done.succeeded

@@ -321,20 +321,27 @@ class Journal:
             and self._journal_bytes > self._snapshot_bytes
         )
 
-    def compact(self, state: list[tuple[Any, ...]]) -> None:
+    def compact(self, state: list[tuple[Any, ...]]) -> bool:
         """Write ``state`` (the records that rebuild everything now) as a snapshot.
 
         Called on the loop thread with the state as of the last append.
         What was appended so far goes to the current journal; what is
         appended from now on goes to the next one, which the snapshot
         precedes. Older files are removed once the snapshot is on disk.
+
+        While an earlier compaction is still being written this does
+        nothing and returns False (try again later): taking its place would
+        drop the records it carries to the journal, and its snapshot.
         """
         with self._cv:
+            if self._rotation is not None:
+                return False
             self._number += 1
             self._rotation = _Rotation(self._number, bytes(self._buf), state)
             self._buf.clear()
             self._journal_bytes = len(MAGIC)
             self._cv.notify()
+        return True
 
     async def close(self) -> None:
         """Write and fsync everything, then stop the writer."""

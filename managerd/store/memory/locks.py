@@ -39,9 +39,12 @@ def _acquire_wait_s(blocking: bool, timeout: object) -> float | None:
 
     Checked whole before anything happens, in the order and with the error
     types of ``_thread``'s lock (which checks even when the lock is free):
-    a non-number (None included) is a TypeError, NaN a ValueError, beyond
+    a ``blocking`` that is not an int (a bool is one) or a non-number
+    timeout (None included) is a TypeError, NaN a ValueError, beyond
     ``TIMEOUT_MAX`` either way an OverflowError; -1 waits for ever.
     """
+    if not isinstance(blocking, int):
+        raise BadArgument(f"'{type(blocking).__name__}' object cannot be interpreted as an integer")
     wait_s = seconds(timeout)
     if wait_s != wait_s:
         raise ValueError("Invalid value NaN (not a number)")

@@ -403,6 +403,8 @@ class Queue(SharedObject):
         self._put_back([_Returned(delivery.payload, before) if before else delivery.payload])
 
     def _own_delivery(self, call: Call, did: int) -> _Delivery:
+        if not isinstance(did, int):  # (an unhashable one would fail the lookup below)
+            raise BadArgument(f"a delivery id is an int, not {type(did).__name__}")
         delivery = self.reserved.get(did)
         if delivery is None or delivery.session is not call.session:
             raise ValueError(
@@ -486,12 +488,22 @@ class Queue(SharedObject):
         self._recovering.clear()
 
     def dump_state(self) -> Any:
-        reserved = sorted(self.reserved.values(), key=lambda d: d.id)
-        ready = [(d.payload, d.deliveries) for d in reserved]
-        ready += [
+        """The ready items and the unfinished count.
+
+        Not the reservations: a snapshot that held them as ready items would
+        bring back one acked after it (its ``UNRES`` record would find no
+        reservation on replay), and a nacked one twice. The store journals
+        them again right after the snapshot (:meth:`journal_reservations`).
+        """
+        ready = [
             (e.payload, e.deliveries) if isinstance(e, _Returned) else (e, 0) for e in self.items
         ]
         return {"items": ready, "unfinished": self.unfinished}
+
+    def journal_reservations(self) -> None:
+        """Journal every reservation as taken now (after a snapshot, which has none)."""
+        for delivery in sorted(self.reserved.values(), key=lambda d: d.id):
+            self._j(QueueOp.RES, delivery.id, delivery.payload, delivery.deliveries)
 
     def load_state(self, state: Any) -> None:
         if isinstance(state, dict):

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Final
 
-from managerd.store.api import BadArgument
+from managerd.store.api import BadArgument, BadState
 from managerd.store.memory.base import SharedObject
 from managerd.store.memory.journal import Journal
 from managerd.store.memory.locks import BoundedSemaphore, Lock, RLock, Semaphore
@@ -153,9 +153,19 @@ class Registry:
         dead.puts_total += 1
 
     def delete(self, name: str) -> bool:
-        obj = self.objects.pop(name, None)
+        obj = self.objects.get(name)
         if obj is None:
             return False
+        if isinstance(obj, Lock):
+            # A Condition holds its lock object: a new lock of that name would
+            # be another lock until a restart rebinds the Condition by name.
+            users = sorted(c.name for c in self.objects.values()
+                           if isinstance(c, Condition) and c.lock is obj)  # fmt: skip
+            if users:
+                raise BadState(
+                    f"{name!r} is the lock of Condition {users[0]!r}: delete the Condition first"
+                )
+        del self.objects[name]
         obj.shutdown(NoSuchObject(f"{name!r} was deleted"))
         if self.journal is not None:
             self.journal.append((int(RecordKind.DELETE), name))

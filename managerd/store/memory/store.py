@@ -22,6 +22,7 @@ from managerd.store.interface import Handle, Snapshot, TypeInfo
 from managerd.store.memory.base import SharedObject, waiter_of
 from managerd.store.memory.deadlock import Detector
 from managerd.store.memory.journal import Journal, Recovery
+from managerd.store.memory.queues import Queue
 from managerd.store.memory.registry import TYPES, Registry
 from managerd.store.memory.tokens import TokenSource
 from managerd.store.sessions import Session
@@ -105,13 +106,28 @@ class MemoryStore(Registry):
         if records:
             # Start from a snapshot of what was recovered: later records then
             # never depend on how recovery settled reserved items.
-            journal.compact(self.state_records())
+            self.compact()
         return items, info
 
     def compact_if_due(self) -> None:
         journal = self.journal
         if journal is not None and journal.compaction_due():
-            journal.compact(self.state_records())
+            self.compact()
+
+    def compact(self) -> bool:
+        """Snapshot every object now; False while an earlier snapshot is still being written.
+
+        A snapshot holds no reservation (``Queue.dump_state``): each is
+        journaled again right after it, so that an ack or a nack that comes
+        later finds it on replay.
+        """
+        journal = self.journal
+        if journal is None or not journal.compact(self.state_records()):
+            return False
+        for obj in self.objects.values():
+            if isinstance(obj, Queue):
+                obj.journal_reservations()
+        return True
 
     # -- what people look at -------------------------------------------------------------
     def stats(self) -> StoreStats:

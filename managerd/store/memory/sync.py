@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from typing import Any, ClassVar
 
-from managerd.store.api import BadState, Call, Conv, NoAttribute, exposed
+from managerd.store.api import BadArgument, BadState, Call, Conv, NoAttribute, exposed
 from managerd.store.memory.base import (
     TIMEOUT_MAX,
     SharedObject,
@@ -198,12 +198,25 @@ class Condition(SharedObject):
 
     @exposed()
     def notify(self, call: Call, n: int = 1) -> None:
+        """Wake at most ``n`` waiters, as ``threading.Condition.notify`` counts them.
+
+        Its loop is ``while waiters and n > 0``: with nobody waiting any ``n``
+        is fine; otherwise a float counts down by one (1.5 wakes two) and a
+        non-number is the caller's TypeError.
+        """
         self._check_owned(call)
-        for _ in range(n):
+        while any(w.alive for w in self.waiters):
+            try:
+                more = n > 0
+            except TypeError as exc:
+                raise BadArgument(str(exc)) from None
+            if not more:
+                return
             waiter = pop_alive(self.waiters)
             if waiter is None:
                 return
             self._wake(waiter, True)
+            n -= 1
 
     @exposed()
     def notify_all(self, call: Call) -> None:

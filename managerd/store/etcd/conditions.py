@@ -1,0 +1,237 @@
+"""Condition and Barrier on etcd.
+
+**Condition**: waiter keys on the session's lease, next to a named Lock or RLock.
+
+``wait`` is one Txn: it compares that the caller's lock key is the one it
+holds, deletes it (the lock is free for the next contender) and puts a
+waiter key ``/m/cv/<name>/w/<lease>/<random>`` on the session's lease; then it
+watches that key. ``notify(n)`` deletes the first ``n`` waiter keys (in
+arrival order: by create_revision), ``notify_all`` all of them; a waiter
+whose key is deleted was notified, and takes the lock back (as deep as it
+held it, for an RLock) before it returns True. A timeout withdraws the key
+(False, unless a notify deleted it first), then takes the lock back too.
+A waiter's session that ends takes its key with it.
+
+**Differs from the memory store**: an interrupted ``wait`` (the client gave
+it up) does not take the lock back for a later ``restore``: ``restore``
+answers the lock's token if the thread holds it, else False.
+
+**Barrier** ``/m/b/<name>``: its generation, the count of parties arrived,
+whether it is broken and how often it was reset, in one key changed by
+compare-and-set; a party waits by watching the key until the generation
+moves on (released: its index) or it breaks or is reset
+(``BrokenBarrierError``). A timeout breaks it; a party that gives up
+leaves the count. **Differs from the memory store**: a party whose
+session ends leaves the count rather than breaking the barrier, and one
+whose gateway died stays counted (the others wait for their timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import marshal
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from managerd.store.api import BadArgument, BadState
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.kv import (
+    Compare,
+    Delete,
+    EventType,
+    Put,
+    Target,
+    name_key,
+    prefix_end,
+)
+from managerd.store.etcd.locks import EtcdLock, EtcdRLock, lock_depth
+from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
+from managerd.store.etcd.watching import changed
+
+
+class EtcdCondition:
+    """The condition ``name`` over ``lock``."""
+
+    def __init__(
+        self, client: EtcdClient, name: str, lock: EtcdLock, *, root: bytes = DEFAULT_ROOT
+    ) -> None:
+        self.client = client
+        self.lock = lock
+        self.waiters = root + b"cv/" + name_key(name) + b"/w/"
+        self.end = prefix_end(self.waiters)
+
+    async def _held(self, session: EtcdSession, owner: str, what: str) -> tuple[int, int]:
+        """``(token, depth)`` of the caller's holding; BadState if it does not hold it."""
+        key = self.lock._key(session, owner)
+        held = await self.lock.holder()
+        if held is None or held[0] != key:
+            raise BadState(f"cannot {what} on un-acquired lock")
+        kv = await self.client.get(key)
+        if kv is None:
+            raise BadState(f"cannot {what} on un-acquired lock")
+        return held[1], lock_depth(kv.value) if isinstance(self.lock, EtcdRLock) else 1
+
+    async def wait(
+        self,
+        session: EtcdSession,
+        owner: str,
+        timeout_s: float | None,
+        on_wake: Callable[[], None] | None = None,
+    ) -> tuple[bool, int]:
+        """Release, wait for a notify or the timeout, take the lock back: ``(notified,
+        new token)``. ``on_wake`` runs once it waits for the lock, no longer a notify."""
+        token, depth = await self._held(session, owner, "wait")
+        lock_key = self.lock._key(session, owner)
+        key = self.waiters + f"{session.lease_id:016x}/".encode() + secrets.token_hex(8).encode()
+        done = await self.client.txn(
+            [Compare(lock_key, Target.CREATE, "==", token)],
+            [Delete(lock_key), Put(key, b"", lease=session.lease_id)],
+        )
+        if not done.succeeded:
+            raise BadState("cannot wait on un-acquired lock")
+        notified = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                read = await self.client.range(key)
+                if read.kvs:
+                    await changed(
+                        self.client, key, after_revision=read.revision, kind=EventType.DELETE
+                    )
+                notified = True
+        except TimeoutError:
+            withdrawn = await self.client.txn(
+                [Compare(key, Target.CREATE, "!=", 0)], [Delete(key)], idempotent=True
+            )
+            notified = not withdrawn.succeeded  # a notify deleted it first
+        finally:
+            if not notified:
+                await asyncio.shield(
+                    self.client.txn([Compare(key, Target.CREATE, "!=", 0)], [Delete(key)])
+                )
+        if on_wake is not None:
+            on_wake()
+        new_token = await self.lock.acquire(session, owner)
+        assert new_token is not None  # blocking, no timeout
+        for _ in range(depth - 1):
+            await self.lock.acquire(session, owner)
+        return notified, new_token
+
+    async def notify(self, session: EtcdSession, owner: str, n: Any = 1) -> None:
+        """Wake at most ``n`` waiters, counted as ``threading.Condition.notify`` counts."""
+        await self._held(session, owner, "notify")
+        waiting = await self.client.range(self.waiters, self.end, oldest_first=True, keys_only=True)
+        woken = 0
+        while woken < len(waiting.kvs):
+            try:
+                more = n > 0
+            except TypeError as exc:
+                raise BadArgument(str(exc)) from None
+            if not more:
+                break
+            woken += 1
+            n -= 1
+        if woken:
+            await self.client.txn([], [Delete(kv.key) for kv in waiting.kvs[:woken]])
+
+    async def notify_all(self, session: EtcdSession, owner: str) -> None:
+        await self._held(session, owner, "notify")
+        await self.client.delete(self.waiters, self.end)
+
+    async def waiting(self) -> int:
+        return (await self.client.range(self.waiters, self.end, count_only=True)).count
+
+
+class EtcdBarrier:
+    """The barrier ``name``: one key ``/m/b/<name>`` holding its state, changed by
+    compare-and-set (see ``BarrierHandle`` for what differs from the memory store)."""
+
+    def __init__(
+        self, client: EtcdClient, name: str, parties: int, *, root: bytes = DEFAULT_ROOT
+    ) -> None:
+        self.client = client
+        self.parties = parties
+        self.key = root + b"b/" + name_key(name)
+
+    def initial(self) -> bytes:
+        return _barrier(0, 0, False, 0)
+
+    async def state(self) -> tuple[dict[str, Any], int]:
+        kv = await self.client.get(self.key)
+        if kv is None:
+            return {"gen": 0, "count": 0, "broken": False, "resets": 0}, 0
+        return marshal.loads(kv.value), kv.mod_revision
+
+    async def _change(
+        self, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> tuple[dict[str, Any], int]:
+        """Apply ``change`` (None: no change) by compare-and-set; the state it saw."""
+        while True:
+            state, revision = await self.state()
+            new = change(dict(state))
+            if new is None:
+                return state, revision
+            done = await self.client.txn(
+                [Compare(self.key, Target.MOD, "==", revision)],
+                [Put(self.key, _barrier(new["gen"], new["count"], new["broken"], new["resets"]))],
+            )
+            if done.succeeded:
+                return state, done.revision
+
+    async def wait(self, timeout_s: float | None) -> int:
+        """This party's index once ``parties`` have come; BrokenBarrierError if it breaks."""
+
+        def arrive(state: dict[str, Any]) -> dict[str, Any]:
+            if state["broken"]:
+                raise threading.BrokenBarrierError
+            if state["count"] + 1 == self.parties:
+                return {**state, "gen": state["gen"] + 1, "count": 0}
+            return {**state, "count": state["count"] + 1}
+
+        seen, revision = await self._change(arrive)
+        index = int(seen["count"])
+        if index + 1 == self.parties:
+            return index
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    await changed(self.client, self.key, after_revision=revision)
+                    now, revision = await self.state()
+                    if now["gen"] != seen["gen"]:
+                        return index
+                    if now["broken"] or now["resets"] != seen["resets"]:
+                        raise threading.BrokenBarrierError
+        except TimeoutError:
+            await self.abort(seen["gen"])
+            raise threading.BrokenBarrierError from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._leave(seen))
+            raise
+
+    async def _leave(self, seen: dict[str, Any]) -> None:
+        """A party gave up: it leaves the count of its generation, not breaking it."""
+
+        def leave(state: dict[str, Any]) -> dict[str, Any] | None:
+            if state["gen"] != seen["gen"] or state["resets"] != seen["resets"]:
+                return None
+            if state["broken"] or not state["count"]:
+                return None
+            return {**state, "count": state["count"] - 1}
+
+        await self._change(leave)
+
+    async def abort(self, generation: int | None = None) -> None:
+        def abort(state: dict[str, Any]) -> dict[str, Any] | None:
+            if generation is not None and state["gen"] != generation:
+                return None
+            return {**state, "broken": True, "count": 0}
+
+        await self._change(abort)
+
+    async def reset(self) -> None:
+        await self._change(lambda s: {**s, "broken": False, "count": 0, "resets": s["resets"] + 1})
+
+
+def _barrier(gen: int, count: int, broken: bool, resets: int) -> bytes:
+    return marshal.dumps({"gen": gen, "count": count, "broken": broken, "resets": resets})

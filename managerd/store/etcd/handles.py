@@ -1,0 +1,1165 @@
+"""The etcd store's handles: one class per type served, its exposed methods.
+
+A handle is what ``Gateway.get_or_create`` hands out (``store/interface.py``):
+its ``@exposed`` methods check their arguments at once, as the memory
+store's objects do (the same helpers, so the same errors), then return a
+Task that makes the change in etcd (``Gateway.run``): every answer comes
+later, since every answer is a round trip to etcd. The primitives
+themselves are the etcd classes of ``queues.py``, ``locks.py``, ``sync.py``
+and ``values.py``; a handle maps ``call.session`` to the session's lease and
+the calling thread to a lock's owner.
+
+Served here: Queue, JoinableQueue, Lock, RLock, Semaphore,
+BoundedSemaphore, Event, Value, dict, Condition, Barrier and Pipe
+(``cells.py``: list, Namespace and Array). Each class says what differs
+from the memory store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import marshal
+import queue
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Protocol, cast
+
+from managerd.histogram import Histogram
+from managerd.store.api import (
+    BadArgument,
+    BadState,
+    Call,
+    Conv,
+    MethodSpec,
+    NoAttribute,
+    exposed,
+    methods_of,
+)
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.conditions import EtcdBarrier, EtcdCondition
+from managerd.store.etcd.kv import EventType, Op, Put
+from managerd.store.etcd.locks import EtcdLock, EtcdRLock
+from managerd.store.etcd.pipes import EtcdPipe
+from managerd.store.etcd.queues import DEAD_LETTER_SUFFIX, Delivery, EtcdQueue
+from managerd.store.etcd.sessions import EtcdSession
+from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
+from managerd.store.etcd.values import EtcdDict, EtcdValue, literal
+from managerd.store.etcd.watching import changed
+from managerd.store.memory.base import (
+    TIMEOUT_MAX,
+    checked_wait,
+    positive_s,
+    seconds,
+    timeout_s,
+    wait_or_now_s,
+)
+from managerd.store.memory.locks import _acquire_wait_s, _semaphore_wait_s
+from managerd.store.memory.mappings import NO_DEFAULT
+from managerd.store.memory.values import _check_typecode, _coerce
+from managerd.store.sessions import Session
+from managerd.store.stats import (
+    BarrierStats,
+    ConditionStats,
+    EventStats,
+    LockStats,
+    ObjectStats,
+    PipeStats,
+    QueueStats,
+    SemaphoreStats,
+    SizeStats,
+    ValueStats,
+)
+from managerd_client.errors import LockLost
+
+Work = Callable[[EtcdSession], Coroutine[Any, Any, Any]]
+
+DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
+_DEADLINE_SLACK_S = 0.01  # a deadline is wall-clock, the timer the loop's
+
+
+class Deliveries:
+    """The delivery ids this gateway gave its sessions' reservations (ints, as the
+    memory store's), and the etcd reservation each stands for."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._by_id: dict[int, tuple[Session, QueueHandle, Delivery]] = {}
+
+    def add(self, session: Session, queue: QueueHandle, delivery: Delivery) -> int:
+        did = next(self._ids)
+        self._by_id[did] = (session, queue, delivery)
+        return did
+
+    def find(
+        self, session: Session, queue: QueueHandle, did: int, *, take: bool
+    ) -> Delivery | None:
+        """The reservation ``did`` of ``session`` on ``queue`` (forgotten here if
+        ``take``); None if not."""
+        entry = self._by_id.get(did)
+        if entry is None or entry[0] is not session or entry[1] is not queue:
+            return None
+        if take:
+            del self._by_id[did]
+        return entry[2]
+
+    def renew(self, did: int, delivery: Delivery) -> None:
+        """``did`` stands for ``delivery`` now (a new receipt)."""
+        entry = self._by_id.get(did)
+        if entry is not None:
+            self._by_id[did] = (entry[0], entry[1], delivery)
+
+    def drop(self, session: Session) -> set[QueueHandle]:
+        """Forget ``session``'s; the queues it had reserved from."""
+        queues = set()
+        for did, (s, handle, _) in list(self._by_id.items()):
+            if s is session:
+                del self._by_id[did]
+                queues.add(handle)
+        return queues
+
+
+class Gateway(Protocol):
+    """What a handle asks of its store (``store.py``'s ``EtcdStore``)."""
+
+    client: EtcdClient
+    root: bytes
+    loop: asyncio.AbstractEventLoop
+    deliveries: Deliveries
+    #: Fencing tokens of this gateway's lock holdings: (session, name, owner) -> token.
+    tokens: dict[tuple[Session, str, str], int]
+
+    def run(
+        self, handle: EtcdHandle, call: Call, work: Work, *, parks: bool
+    ) -> asyncio.Future[Any]: ...
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def background_as(self, session: Session, work: Work) -> None: ...
+    async def ensure(self, name: str, typeid: str) -> None: ...
+    def lock_for(self, name: str) -> LockHandle: ...
+
+
+def _unwaitable(wait_s: float | None) -> bool:
+    """A wait the memory store refuses only if the call has to wait (NaN, too long):
+    the call is tried without waiting, and ``checked_wait`` raises if it would."""
+    return wait_s is not None and not 0 <= wait_s <= TIMEOUT_MAX
+
+
+class EtcdHandle:
+    """A named object of the etcd store (see the module docstring)."""
+
+    typeid: ClassVar[str]
+    create_params: ClassVar[tuple[str, ...]] = ()
+    methods: ClassVar[dict[str, MethodSpec]]
+    builtin_type_errors: ClassVar[bool] = False
+    undo_methods: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.methods = methods_of(cls)
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        self.store = store
+        self.name = name
+        #: The revision that created it in etcd (0 until known).
+        self.revision = 0
+        #: Done once the object exists in etcd (its creating Txn, or found there).
+        self.ready: asyncio.Future[None] = store.loop.create_future()
+        #: This gateway's calls in flight here, and those of them that wait.
+        self.calls: set[asyncio.Future[Any]] = set()
+        self.parked: set[asyncio.Future[Any]] = set()
+        #: What the last ``refresh`` read (the stats' numbers).
+        self.seen: dict[str, Any] = {}
+
+    def creation_args(self) -> dict[str, Any]:
+        """What a later get-or-create compares (as the memory store's ``creation_args``)."""
+        return {}
+
+    def init_ops(self) -> list[Op]:
+        """The puts that make its initial state, in the creating Txn."""
+        return []
+
+    def state_prefixes(self) -> list[bytes]:
+        """Every key of its state starts with one of these (what ``delete`` removes)."""
+        raise NotImplementedError
+
+    async def refresh(self) -> None:
+        """Read what its stats show."""
+
+    def stats(self) -> ObjectStats:
+        return ObjectStats(self.name, self.typeid, self.creation_args())
+
+    def _run(self, call: Call, work: Work, *, parks: bool = False) -> Any:
+        return self.store.run(self, call, work, parks=parks)
+
+
+class QueueHandle(EtcdHandle):
+    """``queue.Queue`` with reserve/ack/nack/extend, dead letters and ``task_done``/``join``.
+
+    **Differs from the memory store**: ``maxsize`` is checked by a count
+    read before the put, exact among one gateway's puts but not across
+    gateways (two may each fill the last place); ``puts_total`` and
+    ``gets_total`` are not counted; a queue whose name ends in ``.dead`` has
+    no dead letters of its own.
+    """
+
+    typeid = "Queue"
+    create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
+    undo_methods: ClassVar[dict[str, str]] = {
+        "get": "_undo_get",
+        "get_nowait": "_undo_get",
+        "get_many": "_undo_get_many",
+    }
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        maxsize = args.get("maxsize", 0)
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+            raise BadArgument("maxsize must be an int")
+        self.maxsize = maxsize
+        self.visibility_timeout_s = positive_s(
+            args.get("visibility_timeout_s", DEFAULT_VISIBILITY_TIMEOUT_S), "visibility_timeout_s"
+        )
+        max_deliveries = args.get("max_deliveries", 0)
+        if not isinstance(max_deliveries, int) or max_deliveries < 0:
+            raise ValueError("max_deliveries must be a non-negative int")
+        self.max_deliveries = max_deliveries
+        self.queue = EtcdQueue(
+            store.client,
+            name,
+            root=store.root,
+            maxsize=max(maxsize, 0),
+            max_deliveries=max_deliveries,
+            dead_letters=not name.endswith(DEAD_LETTER_SUFFIX),
+        )
+        self.queue.before_dead_letter = self._name_dead_letters
+
+    async def _name_dead_letters(self) -> None:
+        await self.store.ensure(self.name + DEAD_LETTER_SUFFIX, "Queue")
+
+    def creation_args(self) -> dict[str, Any]:
+        return {
+            "maxsize": self.maxsize,
+            "visibility_timeout_s": self.visibility_timeout_s,
+            "max_deliveries": self.max_deliveries,
+        }
+
+    @property
+    def _bound(self) -> int:
+        return self.maxsize if self.maxsize > 0 else 0
+
+    @exposed(item=Conv.PAYLOAD, mutates=True)
+    def put(self, call: Call, item: bytes, block: bool = True, timeout: float | None = None) -> Any:
+        return self._put(call, [item], timeout_s(block, timeout))
+
+    @exposed(item=Conv.PAYLOAD, mutates=True)
+    def put_nowait(self, call: Call, item: bytes) -> Any:
+        return self._put(call, [item], 0.0)
+
+    @exposed(items=Conv.PAYLOADS, mutates=True)
+    def put_many(
+        self, call: Call, items: list[bytes], block: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Put all of ``items`` in order; with a maxsize, waits for room for all."""
+        if not isinstance(items, (list, tuple)):
+            raise BadArgument("put_many takes a list of items")
+        if self._bound and len(items) > self._bound:
+            raise ValueError(f"{len(items)} items can never fit a queue of maxsize {self.maxsize}")
+        return self._put(call, list(items), timeout_s(block, timeout))
+
+    def _put(self, call: Call, items: list[bytes], wait_s: float | None) -> Any:
+        for item in items:
+            if not isinstance(item, bytes):
+                raise BadArgument("queue items travel as pickled bytes")
+        if _unwaitable(wait_s):
+
+            async def put_or_refuse(_: EtcdSession) -> None:
+                try:
+                    await self.queue.put_many(items, 0.0)
+                except queue.Full:
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                    raise
+
+            return self._run(call, put_or_refuse)
+        parks = bool(self._bound) and wait_s != 0.0
+        return self._run(call, lambda _: self.queue.put_many(items, wait_s), parks=parks)
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def get(self, call: Call, block: bool = True, timeout: float | None = None) -> Any:
+        wait_s = timeout_s(block, timeout)
+        if wait_s == 0.0:
+            return self._run(call, lambda _: self.queue.get_nowait())
+        if _unwaitable(wait_s):
+
+            async def get_or_refuse(_: EtcdSession) -> bytes:
+                try:
+                    return await self.queue.get_nowait()
+                except queue.Empty:
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                    raise
+
+            return self._run(call, get_or_refuse)
+        return self._run(call, lambda _: self.queue.get(wait_s), parks=True)
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def get_nowait(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.get_nowait())
+
+    @exposed(result=Conv.PAYLOADS, mutates=True)
+    def get_many(
+        self, call: Call, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> Any:
+        """Up to ``max_items`` items; waits (as ``get``) only while there are none."""
+        if not isinstance(max_items, int) or max_items < 1:
+            raise ValueError("max_items must be a positive int")
+        wait_s = timeout_s(block, timeout)
+        return self._run(
+            call, lambda _: self.queue.get_many(max_items, wait_s), parks=wait_s != 0.0
+        )
+
+    def _undo_get(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
+        """An answered get whose client left: the item goes back first."""
+        self.store.background(self.queue.put_front(payload))
+
+    def _undo_get_many(self, call: Call, args: tuple[Any, ...], payloads: list[bytes]) -> None:
+        async def put_back() -> None:
+            for payload in reversed(payloads):  # the last put first goes behind the others
+                await self.queue.put_front(payload)
+
+        self.store.background(put_back())
+
+    @exposed()
+    def qsize(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.qsize())
+
+    @exposed()
+    def empty(self, call: Call) -> Any:
+        async def empty(_: EtcdSession) -> bool:
+            return await self.queue.qsize() == 0
+
+        return self._run(call, empty)
+
+    @exposed()
+    def full(self, call: Call) -> Any:
+        async def full(_: EtcdSession) -> bool:
+            return bool(self._bound) and await self.queue.qsize() >= self._bound
+
+        return self._run(call, full)
+
+    @exposed(mutates=True)
+    def task_done(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.task_done())
+
+    @exposed()
+    def join(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = timeout_s(True, timeout)
+        return self._run(call, lambda _: self.queue.join(wait_s), parks=True)
+
+    @exposed(mutates=True)
+    def reserve(self, call: Call, timeout: float | None = None) -> Any:
+        """``(delivery_id, payload, deliveries)``; ``queue.Empty`` on timeout."""
+        wait_s = timeout_s(True, timeout)
+
+        async def reserve(session: EtcdSession) -> tuple[int, bytes, int]:
+            delivery = await self.queue.reserve(session, self.visibility_timeout_s, wait_s)
+            self._expire_after(self.visibility_timeout_s)
+            did = self.store.deliveries.add(call.session, self, delivery)
+            return did, delivery.payload, delivery.deliveries
+
+        return self._run(call, reserve, parks=wait_s != 0.0)
+
+    def _delivery(self, call: Call, did: int, *, take: bool) -> Delivery:
+        if not isinstance(did, int) or isinstance(did, bool):
+            raise BadArgument(f"a delivery id is an int, not {type(did).__name__}")
+        delivery = self.store.deliveries.find(call.session, self, did, take=take)
+        if delivery is None:
+            raise ValueError(
+                f"delivery {did} of queue {self.name!r} is not reserved by this session "
+                "(already acked or nacked, or it timed out and was redelivered)"
+            )
+        return delivery
+
+    @exposed(mutates=True)
+    def ack(self, call: Call, did: int) -> Any:
+        delivery = self._delivery(call, did, take=True)
+
+        async def ack(_: EtcdSession) -> None:
+            if not await self.queue.ack(delivery):
+                raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
+
+        return self._run(call, ack)
+
+    @exposed(mutates=True)
+    def nack(self, call: Call, did: int, requeue: bool = True) -> Any:
+        delivery = self._delivery(call, did, take=True)
+
+        async def nack(_: EtcdSession) -> None:
+            if not await self.queue.nack(delivery, bool(requeue)):
+                raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
+
+        return self._run(call, nack)
+
+    @exposed()
+    def extend(self, call: Call, did: int, seconds: float) -> Any:
+        extend_s = positive_s(seconds, "seconds")
+        delivery = self._delivery(call, did, take=False)
+
+        async def extend(_: EtcdSession) -> None:
+            extended = await self.queue.extend(delivery, extend_s)
+            if extended is None:
+                self.store.deliveries.find(call.session, self, did, take=True)
+                raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
+            self.store.deliveries.renew(did, extended)
+            self._expire_after(extend_s)
+
+        return self._run(call, extend)
+
+    def _expire_after(self, seconds: float) -> None:
+        """Return reservations past their deadline at this one's (the requeue loop of
+        every gateway is the net for a gateway that died)."""
+
+        def expire() -> None:
+            self.store.background(self.queue.requeue_expired())
+
+        self.store.loop.call_later(seconds + _DEADLINE_SLACK_S, expire)
+
+    @exposed()
+    def reserved_count(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.queue.reserved_count())
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.queue.base]
+
+    async def refresh(self) -> None:
+        self.seen = {
+            "depth": await self.queue.qsize(),
+            "reserved": await self.queue.reserved_count(),
+            "unfinished": await self.queue.unfinished(),
+        }
+
+    def stats(self) -> QueueStats:
+        return QueueStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            depth=self.seen.get("depth", 0),
+            reserved=self.seen.get("reserved", 0),
+            waiters=len(self.parked),
+            puts_total=0,
+            gets_total=0,
+            unfinished=self.seen.get("unfinished", 0),
+        )
+
+
+class JoinableQueueHandle(QueueHandle):
+    """``multiprocessing.JoinableQueue``: a Queue under its own type name."""
+
+    typeid = "JoinableQueue"
+
+
+class LockHandle(EtcdHandle):
+    """``threading.Lock``: one holder, any client may release it; a fencing token."""
+
+    typeid = "Lock"
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+    lock_class: ClassVar[type[EtcdLock]] = EtcdLock
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.lock = self.lock_class(store.client, name, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.lock.prefix]
+
+    async def refresh(self) -> None:
+        held = await self.lock.holder()
+        self.seen = {"token": 0 if held is None else held[1], "held": held is not None}
+
+    def stats(self) -> LockStats:
+        return LockStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            holder={"id": "?"} if self.seen.get("held") else None,
+            held_for_s=None,
+            token=self.seen.get("token", 0),
+            waiters=len(self.parked),
+            waiting=(),
+            acquires_total=0,
+            wait_seconds=Histogram(),
+            hold_seconds=Histogram(),
+        )
+
+    def _owner(self, call: Call) -> str:
+        # A Lock is held by its session, an RLock by one thread of it.
+        return ""
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
+        wait_s = _acquire_wait_s(blocking, timeout)
+        owner = self._owner(call)
+
+        async def acquire(session: EtcdSession) -> int | bool:
+            try:
+                token = await self.lock.acquire(
+                    session, owner, blocking=wait_s != 0.0, timeout_s=wait_s or None
+                )
+            except RuntimeError:  # a Lock this session holds already: it waits (threading's)
+                token = await self._wait_held_by_self(session, owner, wait_s)
+            if token is None:
+                return False
+            self.store.tokens[(call.session, self.name, owner)] = token
+            return token
+
+        return self._run(call, acquire, parks=wait_s != 0.0)
+
+    async def _wait_held_by_self(
+        self, session: EtcdSession, owner: str, wait_s: float | None
+    ) -> int | None:
+        """A second acquire of a held Lock by its own session: not a re-entry. It waits
+        for a release (by anyone), then contends again."""
+        if wait_s == 0.0:
+            return None
+        key = self.lock._key(session, owner)
+        try:
+            async with asyncio.timeout(wait_s):
+                read = await self.store.client.range(key)
+                if read.kvs:
+                    await changed(
+                        self.store.client, key, after_revision=read.revision, kind=EventType.DELETE
+                    )
+                return await self.lock.acquire(session, owner)
+        except TimeoutError:
+            return None
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        owner = self._owner(call)
+        if self.store.tokens.get((call.session, self.name, owner)) != token:
+            return
+
+        async def undo(session: EtcdSession) -> None:
+            try:
+                await self.lock.release(session, token, owner)
+            except LockLost:
+                pass
+
+        self.store.background_as(call.session, undo)
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> Any:
+        async def release(_: EtcdSession) -> None:
+            if not await self.lock.release_holder():
+                raise BadState("release unlocked lock")
+
+        return self._run(call, release)
+
+    @exposed()
+    def locked(self, call: Call) -> Any:
+        async def locked(_: EtcdSession) -> bool:
+            return await self.lock.holder() is not None
+
+        return self._run(call, locked)
+
+    @exposed()
+    def fencing_token(self, call: Call) -> Any:
+        """The token of the current holding (0 if free: etcd keeps no past holder)."""
+
+        async def fencing_token(_: EtcdSession) -> int:
+            held = await self.lock.holder()
+            return 0 if held is None else held[1]
+
+        return self._run(call, fencing_token)
+
+
+class RLockHandle(LockHandle):
+    """``threading.RLock``: owned by one client thread, re-entrant."""
+
+    typeid = "RLock"
+    lock_class = EtcdRLock
+
+    def _owner(self, call: Call) -> str:
+        return str(call.thread)
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> Any:
+        owner = self._owner(call)
+
+        async def release(session: EtcdSession) -> None:
+            token = self.store.tokens.get((call.session, self.name, owner))
+            lock = cast(EtcdRLock, self.lock)
+            if token is None or not await lock.depth(session, owner):
+                raise BadState("cannot release un-acquired lock")
+            await self.lock.release(session, token, owner)
+
+        return self._run(call, release)
+
+
+class SemaphoreHandle(EtcdHandle):
+    """``threading.Semaphore``; permits taken by a session return when it ends."""
+
+    typeid = "Semaphore"
+    create_params = ("value",)
+    bounded = False
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        value = args.get("value", 1)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadArgument("semaphore value must be an int")
+        if value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
+        self.initial = value
+        self.sem = EtcdSemaphore(store.client, name, bounded=self.bounded, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.sem.base]
+
+    async def refresh(self) -> None:
+        value, held = await self.sem.holdings()
+        self.seen = {"value": value, "held": held}
+
+    def stats(self) -> SemaphoreStats:
+        held = self.seen.get("held", [])
+        return SemaphoreStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            value=self.seen.get("value", self.initial),
+            held=sum(n for _, n in held),
+            holders=tuple({"id": sid, "permits": n} for sid, n in held),
+            token=0,
+            waiters=len(self.parked),
+            waiting=(),
+            wait_seconds=Histogram(),
+        )
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"value": self.initial}
+
+    def init_ops(self) -> list[Op]:
+        return [Put(self.sem.permits_key, b"%d" % self.initial)]
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+        wait_s = _semaphore_wait_s(blocking, timeout)
+        unwaitable = _unwaitable(wait_s)
+
+        async def acquire(session: EtcdSession) -> int | bool:
+            blocks = wait_s != 0.0 and not unwaitable
+            token = await self.sem.acquire(session, blocking=blocks, timeout_s=wait_s or None)
+            if token is None and unwaitable:
+                checked_wait(wait_s)  # it would wait: the wait's own error
+            return False if token is None else token
+
+        return self._run(call, acquire, parks=wait_s != 0.0)
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        self.store.background_as(call.session, lambda s: self.sem.release(s, 1))
+
+    @exposed(mutates=True)
+    def release(self, call: Call, n: int = 1) -> Any:
+        if not isinstance(n, int):
+            raise BadArgument(f"n must be an int, not {type(n).__name__}")
+        if n < 1:
+            raise ValueError("n must be one or more")
+        return self._run(call, lambda session: self.sem.release(session, n))
+
+    @exposed()
+    def get_value(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.sem.value())
+
+
+class BoundedSemaphoreHandle(SemaphoreHandle):
+    """A Semaphore whose value may never exceed its initial value."""
+
+    typeid = "BoundedSemaphore"
+    bounded = True
+
+
+class EventHandle(EtcdHandle):
+    """``threading.Event``."""
+
+    typeid = "Event"
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.event = EtcdEvent(store.client, name, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.event.key]
+
+    async def refresh(self) -> None:
+        self.seen = {"set": await self.event.is_set()}
+
+    def stats(self) -> EventStats:
+        return EventStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            set=self.seen.get("set", False),
+            waiters=len(self.parked),
+        )
+
+    @exposed()
+    def is_set(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.event.is_set())
+
+    @exposed(mutates=True)
+    def set(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.event.set())
+
+    @exposed(mutates=True)
+    def clear(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.event.clear())
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = wait_or_now_s(timeout)
+        if _unwaitable(wait_s):
+
+            async def set_or_refuse(_: EtcdSession) -> bool:
+                if not await self.event.is_set():
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                return True
+
+            return self._run(call, set_or_refuse)
+        return self._run(call, lambda _: self.event.wait(wait_s), parks=wait_s != 0.0)
+
+
+class ValueHandle(EtcdHandle):
+    """``multiprocessing.Value``: one typed number (or byte), changed by compare-and-set."""
+
+    typeid = "Value"
+    create_params = ("typecode", "value")
+    builtin_type_errors = True
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.typecode = _check_typecode(args.get("typecode", "i"))
+        value = args.get("value", 0)
+        self.initial = _coerce(self.typecode, value if self.typecode != "c" or value else b"\0")
+        self.value = EtcdValue(store.client, name, root=store.root)
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.value.key]
+
+    async def refresh(self) -> None:
+        self.seen = {"value": await self.value.get()}
+
+    def stats(self) -> ValueStats:
+        return ValueStats(
+            self.name, self.typeid, self.creation_args(), value=self.seen.get("value", self.initial)
+        )
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"typecode": self.typecode}
+
+    def init_ops(self) -> list[Op]:
+        return [Put(self.value.key, marshal.dumps(self.initial))]
+
+    @exposed()
+    def get(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.value.get())
+
+    @exposed(mutates=True)
+    def set(self, call: Call, value: Any) -> Any:
+        new = _coerce(self.typecode, value)
+        return self._run(call, lambda _: self.value.set(new))
+
+    @exposed(mutates=True)
+    def add(self, call: Call, delta: Any) -> Any:
+        """Add ``delta`` atomically; the new value."""
+        if self.typecode == "c":
+            raise BadArgument("cannot add to a 'c' value")
+
+        def change(old: Any) -> Any:
+            try:
+                total = old + delta
+            except TypeError as exc:
+                raise BadArgument(str(exc)) from None
+            return _coerce(self.typecode, total)
+
+        return self._run(call, lambda _: self.value.update(change))
+
+
+class DictHandle(EtcdHandle):
+    """``dict`` with literal keys, a key per entry (``values.py`` says what differs)."""
+
+    typeid = "dict"
+    create_params = ("contents",)
+    builtin_type_errors = True
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.dict = EtcdDict(store.client, name, root=store.root)
+        contents = args.get("contents", ())
+        pairs = contents.items() if isinstance(contents, Mapping) else contents
+        try:
+            self.contents = [(k, v) for k, v in pairs]
+        except (TypeError, ValueError) as exc:
+            raise BadArgument(f"dict contents are (key, value) pairs: {exc}") from None
+        for _, v in self.contents:
+            if not isinstance(v, bytes):
+                raise BadArgument("dict values travel as pickled bytes")
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.dict.prefix]
+
+    async def refresh(self) -> None:
+        self.seen = {"len": await self.dict.len()}
+
+    def stats(self) -> SizeStats:
+        return SizeStats(self.name, self.typeid, self.creation_args(), len=self.seen.get("len", 0))
+
+    def init_ops(self) -> list[Op]:
+        return self.dict.puts(self.contents)
+
+    @exposed(result=Conv.PAYLOAD)
+    def __getitem__(self, call: Call, key: Any) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.getitem(key))
+
+    @exposed(value=Conv.PAYLOAD, mutates=True)
+    def __setitem__(self, call: Call, key: Any, value: bytes) -> Any:
+        literal(key)
+        if not isinstance(value, bytes):
+            raise BadArgument("dict values travel as pickled bytes")
+        return self._run(call, lambda _: self.dict.setitem(key, value))
+
+    @exposed(mutates=True)
+    def __delitem__(self, call: Call, key: Any) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.delitem(key))
+
+    @exposed()
+    def __contains__(self, call: Call, key: Any) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.contains(key))
+
+    @exposed()
+    def __len__(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.len())
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD)
+    def get(self, call: Call, key: Any, default: bytes | None = None) -> Any:
+        literal(key)
+        return self._run(call, lambda _: self.dict.get(key, default))
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
+    def pop(self, call: Call, key: Any, default: Any = NO_DEFAULT) -> Any:
+        literal(key)
+        given = () if default is NO_DEFAULT else (default,)
+        return self._run(call, lambda _: self.dict.pop(key, *given))
+
+    @exposed(result=Conv.PAIR, mutates=True)
+    def popitem(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.popitem())
+
+    @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
+    def setdefault(self, call: Call, key: Any, default: bytes) -> Any:
+        literal(key)
+        if not isinstance(default, bytes):
+            raise BadArgument("dict values travel as pickled bytes")
+        return self._run(call, lambda _: self.dict.setdefault(key, default))
+
+    @exposed(pairs=Conv.PAIRS, mutates=True)
+    def update(self, call: Call, pairs: Any = ()) -> Any:
+        """Set many keys (``pairs`` of key and payload); one Txn per 100."""
+        if not isinstance(pairs, (list, tuple)):
+            raise BadArgument("update takes a list of (key, value) pairs")
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise BadArgument("update takes (key, value) pairs")
+            literal(pair[0])
+            if not isinstance(pair[1], bytes):
+                raise BadArgument("dict values travel as pickled bytes")
+        return self._run(call, lambda _: self.dict.update(pairs))
+
+    @exposed(mutates=True)
+    def clear(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.clear())
+
+    @exposed()
+    def keys(self, call: Call) -> Any:
+        async def keys(_: EtcdSession) -> list[Any]:
+            return [k for k, _ in await self.dict.items()]
+
+        return self._run(call, keys)
+
+    @exposed(result=Conv.PAYLOADS)
+    def values(self, call: Call) -> Any:
+        async def values(_: EtcdSession) -> list[bytes]:
+            return [v for _, v in await self.dict.items()]
+
+        return self._run(call, values)
+
+    @exposed(result=Conv.PAIRS)
+    def items(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.dict.items())
+
+    @exposed(result=Conv.MAPPING)
+    def copy(self, call: Call) -> Any:
+        async def copy(_: EtcdSession) -> dict[Any, bytes]:
+            return dict(await self.dict.items())
+
+        return self._run(call, copy)
+
+
+class ConditionHandle(EtcdHandle):
+    """``threading.Condition`` over a named Lock or RLock (``conditions.py``)."""
+
+    typeid = "Condition"
+    create_params = ("lock",)
+    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        lock_name = args.get("lock") or f"{name}.lock"
+        lock = store.lock_for(lock_name)
+        self.lock: LockHandle = lock
+        self.condition = EtcdCondition(store.client, name, lock.lock, root=store.root)
+        #: This gateway's waits not yet notified (nor timed out): the stats' waiters.
+        self.unnotified: set[object] = set()
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"lock": self.lock.name}
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.condition.waiters]
+
+    @exposed(result=Conv.ACQUIRED, mutates=True)
+    def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
+        return self.lock.acquire(call, blocking, timeout)
+
+    def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        self.lock._undo_acquire(call, args, token)
+
+    @exposed(mutates=True)
+    def release(self, call: Call) -> Any:
+        return self.lock.release(call)
+
+    @exposed()
+    def locked(self, call: Call) -> Any:
+        """Whether the condition's lock is held (the client proxy is a lock too)."""
+        return self.lock.locked(call)
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        """Release the lock, wait for a notify (True) or the timeout (False)."""
+        wait_s = checked_wait(wait_or_now_s(timeout))
+        owner = self.lock._owner(call)
+
+        async def wait(session: EtcdSession) -> bool:
+            mark = object()
+            self.unnotified.add(mark)
+            try:
+                notified, token = await self.condition.wait(
+                    session, owner, wait_s, on_wake=lambda: self.unnotified.discard(mark)
+                )
+            finally:
+                self.unnotified.discard(mark)
+            self.store.tokens[(call.session, self.lock.name, owner)] = token
+            return notified
+
+        return self._run(call, wait, parks=True)
+
+    @exposed(mutates=True)
+    def restore(self, call: Call) -> Any:
+        """The lock's token if this thread holds it, else False (``conditions.py``: an
+        interrupted wait does not take the lock back here)."""
+        owner = self.lock._owner(call)
+
+        async def restore(session: EtcdSession) -> int | bool:
+            held = await self.lock.lock.holder()
+            if held is None or held[0] != self.lock.lock._key(session, owner):
+                return False
+            return held[1]
+
+        return self._run(call, restore)
+
+    @exposed()
+    def notify(self, call: Call, n: int = 1) -> Any:
+        owner = self.lock._owner(call)
+        return self._run(call, lambda session: self.condition.notify(session, owner, n))
+
+    @exposed()
+    def notify_all(self, call: Call) -> Any:
+        owner = self.lock._owner(call)
+        return self._run(call, lambda session: self.condition.notify_all(session, owner))
+
+    def stats(self) -> ConditionStats:
+        return ConditionStats(
+            self.name, self.typeid, self.creation_args(), waiters=len(self.unnotified)
+        )
+
+
+class BarrierHandle(EtcdHandle):
+    """``threading.Barrier`` (``conditions.py`` says what differs)."""
+
+    typeid = "Barrier"
+    create_params = ("parties", "timeout")
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        parties, timeout = args.get("parties", 1), args.get("timeout")
+        if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
+            raise ValueError("parties must be an int > 0")
+        if timeout is not None:
+            default_s = seconds(timeout)
+            if not default_s >= 0:  # NaN too
+                raise ValueError("timeout must be a non-negative number or None")
+            if default_s > TIMEOUT_MAX:
+                raise OverflowError(f"timeout is too large (more than {TIMEOUT_MAX:.0f} s)")
+        self.parties = parties
+        self.timeout = timeout
+        self.barrier = EtcdBarrier(store.client, name, parties, root=store.root)
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"parties": self.parties, "timeout": self.timeout}
+
+    def init_ops(self) -> list[Op]:
+        return [Put(self.barrier.key, self.barrier.initial())]
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.barrier.key]
+
+    @exposed()
+    def wait(self, call: Call, timeout: float | None = None) -> Any:
+        wait_s = checked_wait(wait_or_now_s(self.timeout if timeout is None else timeout))
+        return self._run(call, lambda _: self.barrier.wait(wait_s), parks=True)
+
+    @exposed(mutates=True)
+    def abort(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.barrier.abort())
+
+    @exposed(mutates=True)
+    def reset(self, call: Call) -> Any:
+        return self._run(call, lambda _: self.barrier.reset())
+
+    @exposed("__getattribute__")
+    def attribute(self, call: Call, name: str) -> Any:
+        if name not in ("parties", "n_waiting", "broken"):
+            raise NoAttribute(f"'Barrier' has no attribute {name!r}")
+
+        async def attribute(_: EtcdSession) -> Any:
+            parties, n_waiting, broken = await self._state()
+            return {"parties": parties, "n_waiting": n_waiting, "broken": broken}[name]
+
+        return self._run(call, attribute)
+
+    @exposed()
+    def state(self, call: Call) -> Any:
+        """``(parties, n_waiting, broken)`` in one call."""
+        return self._run(call, lambda _: self._state())
+
+    async def _state(self) -> tuple[int, int, bool]:
+        state, _ = await self.barrier.state()
+        return self.parties, int(state["count"]), bool(state["broken"])
+
+    async def refresh(self) -> None:
+        self.seen = {"broken": (await self._state())[2]}
+
+    def stats(self) -> BarrierStats:
+        return BarrierStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            waiters=len(self.parked),
+            broken=self.seen.get("broken", False),
+        )
+
+
+class PipeHandle(EtcdHandle):
+    """``multiprocessing.Pipe`` between two named ends (``pipes.py``)."""
+
+    typeid = "Pipe"
+    create_params = ("duplex",)
+    undo_methods: ClassVar[dict[str, str]] = {"recv": "_undo_recv"}
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        duplex = args.get("duplex", True)
+        if not isinstance(duplex, bool):
+            raise BadArgument("duplex must be a bool")
+        self.duplex = duplex
+        self.pipe = EtcdPipe(store.client, name, duplex, root=store.root)
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"duplex": self.duplex}
+
+    def state_prefixes(self) -> list[bytes]:
+        return [self.pipe.base]
+
+    @staticmethod
+    def _end(end: int) -> int:
+        if end not in (0, 1):
+            raise ValueError("a pipe has ends 0 and 1")
+        return end
+
+    @exposed(payload=Conv.PAYLOAD, mutates=True)
+    def send(self, call: Call, end: int, payload: bytes) -> Any:
+        end = self._end(end)
+        if not self.duplex and end == 0:
+            raise OSError("connection is read-only")
+        if not isinstance(payload, bytes):
+            raise BadArgument("pipe messages travel as pickled bytes")
+        return self._run(call, lambda _: self.pipe.send(end, payload))
+
+    def _read_check(self, end: int) -> int:
+        end = self._end(end)
+        if not self.duplex and end == 1:
+            raise OSError("connection is write-only")
+        return end
+
+    @exposed(result=Conv.PAYLOAD, mutates=True)
+    def recv(self, call: Call, end: int, timeout: float | None = None) -> Any:
+        end = self._read_check(end)
+        wait_s = timeout_s(True, timeout)
+        return self._run(call, lambda _: self.pipe.recv(end, wait_s), parks=True)
+
+    def _undo_recv(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
+        """A recv answered but abandoned by its client: the message is first again."""
+        self.store.background(self.pipe.inboxes[self._end(args[0])].put_front(payload))
+
+    @exposed()
+    def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:
+        end = self._read_check(end)
+        wait_s = checked_wait(wait_or_now_s(timeout))
+        return self._run(call, lambda _: self.pipe.poll(end, wait_s), parks=wait_s != 0.0)
+
+    @exposed(mutates=True)
+    def close(self, call: Call, end: int) -> Any:
+        end = self._end(end)
+        return self._run(call, lambda _: self.pipe.close(end))
+
+    async def refresh(self) -> None:
+        buffered, closed = await self.pipe.state()
+        self.seen = {"buffered": buffered, "closed": closed}
+
+    def stats(self) -> PipeStats:
+        return PipeStats(
+            self.name,
+            self.typeid,
+            self.creation_args(),
+            buffered=self.seen.get("buffered", (0, 0)),
+            closed=self.seen.get("closed", (False, False)),
+            waiters=len(self.parked),
+        )
+
+
+HANDLES: dict[str, type[EtcdHandle]] = {
+    cls.typeid: cls
+    for cls in (
+        QueueHandle,
+        JoinableQueueHandle,
+        LockHandle,
+        RLockHandle,
+        SemaphoreHandle,
+        BoundedSemaphoreHandle,
+        EventHandle,
+        ValueHandle,
+        DictHandle,
+        ConditionHandle,
+        BarrierHandle,
+        PipeHandle,
+    )
+}

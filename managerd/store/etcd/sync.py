@@ -1,0 +1,221 @@
+"""Event and Semaphore on etcd.
+
+**Event** ``/m/ev/<name>``: the key exists while the event is set. ``wait``
+reads it, and if it is unset watches for its next put from that read's
+revision (``watching.py``): a ``set`` wakes every waiter, on any gateway,
+even if the event is cleared again at once (as ``threading.Event``).
+
+**Semaphore** ``/m/sem/<name>/``: ``n`` holds the number of permits
+(the initial value, plus what was released beyond what was held); each
+acquire puts its own contender key ``c/<lease>/<random>`` on the session's
+lease. The permits are held by the ``n`` oldest contenders (by
+create_revision, which is also each holding's fencing token); the others
+wait, in arrival order, watching the semaphore's keys. ``n`` never shrinks
+and a contender key only goes away, so a holder stays a holder. When a
+session ends its contender keys vanish with its lease: its permits go back
+and the next waiters hold them. As the memory store: any client may
+release; the releaser's own permits go first, then other sessions' (their
+keys are deleted), and the rest raises ``n``. ``bounded``: a release past
+the initial value is a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.kv import (
+    Compare,
+    Delete,
+    EventType,
+    KeyValue,
+    Op,
+    Put,
+    Target,
+    name_key,
+    prefix_end,
+)
+from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
+from managerd.store.etcd.watching import changed
+from managerd_client.errors import LockLost
+
+
+class EtcdEvent:
+    """The event ``name``."""
+
+    def __init__(self, client: EtcdClient, name: str, *, root: bytes = DEFAULT_ROOT) -> None:
+        self.client = client
+        self.key = root + b"ev/" + name_key(name)
+
+    async def is_set(self) -> bool:
+        return await self.client.get(self.key) is not None
+
+    async def set(self) -> None:
+        await self.client.txn(
+            [Compare(self.key, Target.CREATE, "==", 0)], [Put(self.key, b"1")], idempotent=True
+        )
+
+    async def clear(self) -> None:
+        await self.client.txn(
+            [Compare(self.key, Target.CREATE, "!=", 0)], [Delete(self.key)], idempotent=True
+        )
+
+    async def wait(self, timeout_s: float | None = None) -> bool:
+        """True once set (at once if it is), False after ``timeout_s``."""
+        if timeout_s is not None and timeout_s <= 0:
+            return await self.is_set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    read = await self.client.range(self.key)
+                    if read.kvs:
+                        return True
+                    put = await changed(
+                        self.client, self.key, after_revision=read.revision, kind=EventType.PUT
+                    )
+                    if put:
+                        return True
+        except TimeoutError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """A semaphore as read at one revision."""
+
+    revision: int
+    permits: int
+    permits_revision: int
+    contenders: list[KeyValue]  # by create_revision
+
+    @property
+    def holders(self) -> list[KeyValue]:
+        return self.contenders[: self.permits]
+
+    @property
+    def value(self) -> int:
+        return self.permits - len(self.holders)
+
+
+class EtcdSemaphore:
+    """The semaphore ``name`` (``create`` it once with its initial value)."""
+
+    def __init__(
+        self, client: EtcdClient, name: str, *, bounded: bool = False, root: bytes = DEFAULT_ROOT
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.bounded = bounded
+        self.base = root + b"sem/" + name_key(name) + b"/"
+        self.permits_key = self.base + b"n"
+        self.contenders = self.base + b"c/"
+
+    async def create(self, value: int) -> None:
+        """Set the initial value unless the semaphore exists."""
+        await self.client.txn(
+            [Compare(self.permits_key, Target.CREATE, "==", 0)],
+            [Put(self.permits_key, b"%d" % value)],
+            idempotent=True,
+        )
+
+    async def _read(self) -> _State:
+        read = await self.client.range(self.base, prefix_end(self.base))
+        permits, permits_revision = 0, 0
+        contenders = []
+        for kv in read.kvs:
+            if kv.key == self.permits_key:
+                permits, permits_revision = int(kv.value), kv.mod_revision
+            elif kv.key.startswith(self.contenders):
+                contenders.append(kv)
+        contenders.sort(key=lambda kv: kv.create_revision)
+        return _State(read.revision, permits, permits_revision, contenders)
+
+    def _session_prefix(self, session: EtcdSession) -> bytes:
+        return self.contenders + f"{session.lease_id:016x}/".encode()
+
+    async def acquire(
+        self, session: EtcdSession, *, blocking: bool = True, timeout_s: float | None = None
+    ) -> int | None:
+        """A permit's fencing token, or None if none came in time (or at once)."""
+        key = self._session_prefix(session) + secrets.token_hex(8).encode()
+        done = await self.client.txn(
+            [Compare(key, Target.CREATE, "==", 0)],
+            [Put(key, session.sid.encode(), lease=session.lease_id)],
+            idempotent=True,
+        )
+        token = done.revision
+        if not done.succeeded:  # a retry of our own put: its revision is the token
+            kv = await self.client.get(key)
+            if kv is None:
+                raise LockLost(f"the session's lease ended while acquiring {self.name}")
+            token = kv.create_revision
+        try:
+            async with asyncio.timeout(timeout_s if blocking else None):
+                while True:
+                    state = await self._read()
+                    mine = [i for i, kv in enumerate(state.contenders) if kv.key == key]
+                    if not mine:
+                        raise LockLost(f"the session's lease ended while acquiring {self.name}")
+                    if mine[0] < state.permits:
+                        return token
+                    if not blocking:
+                        break
+                    await changed(
+                        self.client, self.base, prefix_end(self.base), after_revision=state.revision
+                    )
+        except TimeoutError:
+            pass
+        except BaseException:
+            await asyncio.shield(self._withdraw(key))
+            raise
+        await self._withdraw(key)
+        return None
+
+    async def _withdraw(self, key: bytes) -> None:
+        await self.client.txn(
+            [Compare(key, Target.CREATE, "!=", 0)], [Delete(key)], idempotent=True
+        )
+
+    async def release(self, session: EtcdSession | None, n: int = 1) -> None:
+        """Give back ``n`` permits: ``session``'s own first, then others'; the rest adds."""
+        if n < 1:
+            raise ValueError("n must be one or more")
+        while True:
+            state = await self._read()
+            if self.bounded and state.value + n > self._initial(state):
+                raise ValueError("Semaphore released too many times")
+            own = self._session_prefix(session) if session is not None else None
+            holders = state.holders
+            ordered = [kv for kv in holders if own and kv.key.startswith(own)]
+            ordered += [kv for kv in holders if not (own and kv.key.startswith(own))]
+            freed = ordered[:n]
+            extra = n - len(freed)
+            compares = [Compare(self.permits_key, Target.MOD, "==", state.permits_revision)]
+            compares += [Compare(kv.key, Target.CREATE, "==", kv.create_revision) for kv in freed]
+            ops: list[Op] = [Delete(kv.key) for kv in freed]
+            if extra:
+                ops.append(Put(self.permits_key, b"%d" % (state.permits + extra)))
+            if (await self.client.txn(compares, ops)).succeeded:
+                return
+
+    def _initial(self, state: _State) -> int:
+        # A BoundedSemaphore's n never grows (a release past it is refused).
+        return state.permits
+
+    async def value(self) -> int:
+        return (await self._read()).value
+
+    async def holdings(self) -> tuple[int, list[tuple[str, int]]]:
+        """``(value, [(session id, permits held)...])`` as read now."""
+        state = await self._read()
+        held: dict[str, int] = {}
+        for kv in state.holders:
+            sid = kv.value.decode()
+            held[sid] = held.get(sid, 0) + 1
+        return state.value, list(held.items())
+
+    async def waiting(self) -> int:
+        state = await self._read()
+        return len(state.contenders) - len(state.holders)
