@@ -32,7 +32,9 @@ primitive's name there (the long run counts them).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
+import multiprocessing
 import os
 import pickle
 import queue
@@ -42,10 +44,12 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import pytest
+import workers_interrupts as wi
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
@@ -365,6 +369,41 @@ class StatefulMachine(RuleBasedStateMachine):
                 m.close()
 
     # -- processes that hold things, then die ----------------------------------------------
+    @contextlib.contextmanager
+    def interrupted_child(self, kind: str) -> Iterator[Connection]:
+        """A spawned client blocked in ``kind``'s call on this machine's object gets
+        SIGINT: KeyboardInterrupt there, it stays alive, and its wait is gone from
+        the daemon. Yields the pipe to it: send "go" for its call again, then read
+        ``("again", result)``; it is told "done" and reaped on exit."""
+        ctx = multiprocessing.get_context("spawn")
+        conn, theirs = ctx.Pipe()
+        d = self.daemon
+        proc = ctx.Process(
+            target=wi.blocked_child, args=(d.address, d.authkey, kind, self.name(), theirs)
+        )
+        proc.start()
+        theirs.close()
+
+        def waiters(n: int) -> bool:
+            return bool(self.status_of(self.name()).get("waiters", 0) == n)
+
+        try:
+            assert conn.poll(30) and conn.recv() == "ready"
+            assert wait_until(lambda: waiters(1), 10), f"the child's {kind} was not parked"
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGINT)
+            assert conn.poll(30) and conn.recv() == ("interrupted", "KeyboardInterrupt")
+            assert proc.is_alive(), "the interrupted child died"
+            assert wait_until(lambda: waiters(0), 10), f"the abandoned {kind} is still parked"
+            yield conn
+            conn.send("done")
+            proc.join(10)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            conn.close()
+
     def spawn_holder(self, *args: str) -> subprocess.Popen[str]:
         """A client process that takes something, says ``HELD ...``, and waits to be killed."""
         child = subprocess.Popen(

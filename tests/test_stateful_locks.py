@@ -21,17 +21,14 @@ Where managerd deliberately differs from ``threading``:
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
 import threading
 from typing import Any
 
 import pytest
-import workers_interrupts as wi
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
-from conftest import Daemon, wait_until
+from conftest import Daemon
 from stateful_support import (
     SHORT_S,
     Actor,
@@ -183,39 +180,13 @@ class LockMachine(StatefulMachine):
         if self.typeid == "BoundedSemaphore" and self.model._initial_value == 0:
             return  # no release can free a permit (bound 0)
         self.interrupted = True
-        ctx = multiprocessing.get_context("spawn")
-        conn, theirs = ctx.Pipe()
-        d = self.daemon
-        proc = ctx.Process(
-            target=wi.blocked_child, args=(d.address, d.authkey, self.typeid, self.name(), theirs)
-        )
-        proc.start()
-        theirs.close()
-        try:
-            assert conn.poll(30) and conn.recv() == "ready"
-
-            def waiters(n: int) -> bool:
-                return bool(self.status_of(self.name()).get("waiters", 0) == n)
-
-            assert wait_until(lambda: waiters(1), 10), "the child's acquire was not parked"
-            assert proc.pid is not None
-            os.kill(proc.pid, signal.SIGINT)
-            assert conn.poll(30) and conn.recv() == ("interrupted", "KeyboardInterrupt")
-            assert proc.is_alive(), "the interrupted child died"
-            assert wait_until(lambda: waiters(0), 10), "the abandoned acquire is still parked"
+        with self.interrupted_child(self.typeid) as conn:
             actor = data.draw(st.sampled_from(self.actors))
             got = actor.run(lambda: outcome(lambda: self.p(actor).release()))
             same_outcome(got, actor.run(lambda: outcome(self.model.release)), "release")
             conn.send("go")
             assert conn.poll(30), "the child's next acquire did not return"
             assert conn.recv() == ("again", True), "the interrupted child's next acquire failed"
-            conn.send("done")
-            proc.join(10)
-        finally:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-            conn.close()
 
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:

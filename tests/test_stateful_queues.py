@@ -23,15 +23,11 @@ Where managerd deliberately differs from ``queue.Queue``:
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import queue
-import signal
 import threading
 from typing import Any
 
 import pytest
-import workers_interrupts as wi
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
@@ -173,26 +169,7 @@ class QueueMachine(StatefulMachine):
         """A child blocked in get() gets SIGINT: KeyboardInterrupt there, it stays alive,
         no waiter is left, and its next get takes the next item (none is lost)."""
         self.interrupted = True
-        ctx = multiprocessing.get_context("spawn")
-        conn, theirs = ctx.Pipe()
-        d = self.daemon
-        proc = ctx.Process(
-            target=wi.blocked_child, args=(d.address, d.authkey, "get", self.name(), theirs)
-        )
-        proc.start()
-        theirs.close()
-        try:
-            assert conn.poll(30) and conn.recv() == "ready"
-
-            def waiters(n: int) -> bool:
-                return bool(self.status_of(self.name()).get("waiters", 0) == n)
-
-            assert wait_until(lambda: waiters(1), 10), "the child's get was not parked"
-            assert proc.pid is not None
-            os.kill(proc.pid, signal.SIGINT)
-            assert conn.poll(30) and conn.recv() == ("interrupted", "KeyboardInterrupt")
-            assert proc.is_alive(), "the interrupted child died"
-            assert wait_until(lambda: waiters(0), 10), "the abandoned get is still parked"
+        with self.interrupted_child("get") as conn:
             entry = self._entry(payload)
             self.q(self.actors[0]).put((entry[0], payload))
             self.model.put(entry)
@@ -202,13 +179,6 @@ class QueueMachine(StatefulMachine):
             tag, value = conn.recv()
             assert tag == "again", tag
             self._expect_item(value, self.model.get_nowait(), "the interrupted child's next get")
-            conn.send("done")
-            proc.join(10)
-        finally:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-            conn.close()
 
     # -- gets ----------------------------------------------------------------------------
     @rule(data=st.data(), block=st.booleans(), timeout=timeouts())
