@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 ETCDCTL_TIMEOUT_S = 1.0
@@ -235,3 +237,10 @@ def running_cluster(tmp: Path, size: int = 3) -> Iterator[EtcdCluster]:
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A 3-node cluster for one test module (import it with the module's tests)."""
+    with running_cluster(tmp_path_factory.mktemp("etcd")) as c:
+        yield c

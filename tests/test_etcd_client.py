@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,13 +23,9 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 
-from etcd_support import EtcdCluster, running_cluster
+from etcd_support import EtcdCluster, cluster
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with running_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
+__all__ = ["cluster"]  # the fixture, from etcd_support
 
 
 @pytest.fixture

@@ -22,13 +22,9 @@ import pytest
 from managerd_client import connect
 
 from conftest import Daemon, wait_until
-from etcd_support import EtcdCluster, running_cluster
+from etcd_support import EtcdCluster, cluster
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with running_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
+__all__ = ["cluster"]  # the fixture, from etcd_support
 
 
 @pytest.fixture

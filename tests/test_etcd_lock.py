@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,13 +13,9 @@ from managerd.store.etcd.locks import EtcdLock
 from managerd.store.etcd.sessions import EtcdSession
 from managerd_client.errors import LockLost, SessionExpired
 
-from etcd_support import EtcdCluster, running_cluster
+from etcd_support import EtcdCluster, cluster
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with running_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
+__all__ = ["cluster"]  # the fixture, from etcd_support
 
 
 @pytest.fixture

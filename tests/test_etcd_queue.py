@@ -6,7 +6,6 @@ import asyncio
 import queue
 import secrets
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,13 +13,9 @@ from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.queues import Delivery, EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
 
-from etcd_support import EtcdCluster, running_cluster
+from etcd_support import EtcdCluster, cluster
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with running_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
+__all__ = ["cluster"]  # the fixture, from etcd_support
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import asyncio
 import pickle
 import queue
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,13 +28,9 @@ from managerd_client.errors import (
     ServerShuttingDown,
 )
 
-from etcd_support import EtcdCluster, running_cluster
+from etcd_support import EtcdCluster, cluster
 
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with running_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
+__all__ = ["cluster"]  # the fixture, from etcd_support
 
 
 def session(label: str) -> Session:
