@@ -39,6 +39,7 @@ class Plan:
     many_procs: int
     consumers: int
     consumer_procs: int
+    saturation_clients: int  # the saturation point: clients calling at once
     rounds: int  # single-client and multi-process workloads: systems measured in turn
     quick: bool
 
@@ -55,6 +56,7 @@ def plan_for(quick: bool, seconds: float | None) -> Plan:
             many_procs=2,
             consumers=50,
             consumer_procs=2,
+            saturation_clients=8,
             rounds=1,
             quick=True,
         )
@@ -68,6 +70,7 @@ def plan_for(quick: bool, seconds: float | None) -> Plan:
         many_procs=16,
         consumers=1_000,
         consumer_procs=4,
+        saturation_clients=64,
         rounds=2,
         quick=False,
     )

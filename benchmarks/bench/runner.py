@@ -24,6 +24,7 @@ from bench.crowds import run_blocked, run_idle
 from bench.measure import in_child, machine, mean_of, open_files_limit, pct
 from bench.plan import DEFAULT_BATCH, SIZES, Plan, plan_for
 from bench.report import print_comparison, print_table, ratios, rounded, targets
+from bench.saturation import run_saturation
 from bench.servers import (
     Checkout,
     Target,
@@ -45,6 +46,7 @@ from bench.workloads import (
     w_noop,
     w_putget,
 )
+from conftest import free_port
 
 Run = Callable[[], dict[str, Any]]
 
@@ -115,6 +117,8 @@ class Suite:
                 self.record("client_imports", unit="modules added, all stdlib", better="-",
                             managerd=r["modules_added"], ok=r["ok"], details=r)  # fmt: skip
         self.others = []
+        if self.wanted("variants"):
+            self.variants(tmp)
         if self.wanted("loops"):
             self.event_loops(tmp)
         if self.wanted("idle"):
@@ -226,6 +230,15 @@ class Suite:
                 self.record(f"queue_{n}p{n}c_100B", unit="messages/s", better="higher",
                             **{k: v["rate"] for k, v in r.items()},
                             ok=all(v["ok"] for v in r.values()), details=r)  # fmt: skip
+        if self.wanted("saturation"):
+            n = plan.saturation_clients
+            r = self.compare({
+                "stock": functools.partial(run_saturation, stock, n, plan),
+                **self.each_managerd(md, run_saturation, n, plan, forked=False),
+            })  # fmt: skip
+            self.record(f"saturation_{n}_clients_per_core", unit="requests/s per server core",
+                        better="higher", **{k: v["per_server_core"] for k, v in r.items()},
+                        details=r)  # fmt: skip
         if self.wanted("batch"):
             mds = (md, *self.others)
             runs: dict[str, Run] = {"stock": functools.partial(run_pipe, stock, 1, plan)}
@@ -254,6 +267,25 @@ class Suite:
                     **{k: v["wake_p50_ms"] for k, v in m.items()},
                     ok=s["ok"] and all(v["ok"] for v in m.values()),
                     details={"stock": s, **m})  # fmt: skip
+
+    def variants(self, tmp: Path) -> None:
+        """The default daemon beside one serving metrics and one with a data directory."""
+        plan = self.plan
+        with contextlib.ExitStack() as stack:
+            daemons = {
+                "managerd": stack.enter_context(managerd_server(tmp / "plain")),
+                "metrics": stack.enter_context(managerd_server(
+                    tmp / "metrics", {"MANAGERD_METRICS_PORT": str(free_port())})),
+                "data_dir": stack.enter_context(managerd_server(
+                    tmp / "durable", {"MANAGERD_DATA_DIR": str(tmp / "durable" / "data")})),
+            }  # fmt: skip
+            pings = {k: job(w_noop, t, "ping", plan) for k, t in daemons.items()}
+            pairs = {k: job(w_putget, t, 100, plan) for k, t in daemons.items()}
+            for label, runs in (("variants_noop_ping", pings), ("variants_put_get_100B", pairs)):
+                r = self.compare(runs)
+                unit = "calls/s" if "noop" in label else "pairs/s"
+                self.record(label, unit=unit, better="higher",
+                            **{k: v["rate"] for k, v in r.items()}, details=r)  # fmt: skip
 
     def event_loops(self, tmp: Path) -> None:
         """m.ping() on a daemon per event loop, measured in turn (A, U, A, U): the mean."""
@@ -341,8 +373,8 @@ def main(description: str = "") -> int:
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
     parser.add_argument(
         "--only",
-        help="comma-separated groups: floor,noop,putget,putonly,dict,lock,mpmc,batch,"
-        "connect,blocked,imports,loops,idle,many",
+        help="comma-separated groups: floor,noop,putget,putonly,dict,lock,mpmc,saturation,"
+        "batch,connect,blocked,imports,variants,loops,idle,many",
     )
     parser.add_argument("--connections", type=int, help="the many-connections workload's count")
     parser.add_argument(
