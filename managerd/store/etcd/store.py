@@ -398,7 +398,7 @@ class EtcdStore:
         self, obj: Handle, method: str, session: Session, future: asyncio.Future[Any],
         *, stock: bool = False,
     ) -> None:  # fmt: skip
-        future.cancel()
+        cast(EtcdHandle, obj).abandon(method, future, stock=stock)
 
     def cancel(self, session: Session, future: asyncio.Future[Any]) -> None:
         future.cancel()
