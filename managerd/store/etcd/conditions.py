@@ -12,18 +12,22 @@ held it, for an RLock) before it returns True. A timeout withdraws the key
 (False, unless a notify deleted it first), then takes the lock back too.
 A waiter's session that ends takes its key with it.
 
-**Differs from the memory store**: an interrupted ``wait`` (the client gave
-it up) does not take the lock back for a later ``restore``: ``restore``
-answers the lock's token if the thread holds it, else False.
+A ``wait`` given up by its client (an interrupt: ``stop`` set) stops
+waiting for a notify and takes the lock back, for the client's ``restore``
+(``ConditionHandle``), as the memory store does; a wait cancelled (its
+session ended, a stock client's interrupt) lets the lock go, even before
+its Txn ran, and does not take it back.
 
 **Barrier** ``/m/b/<name>``: its generation, the count of parties arrived,
 whether it is broken and how often it was reset, in one key changed by
 compare-and-set; a party waits by watching the key until the generation
 moves on (released: its index) or it breaks or is reset
-(``BrokenBarrierError``). A timeout breaks it; a party that gives up
-leaves the count. **Differs from the memory store**: a party whose
-session ends leaves the count rather than breaking the barrier, and one
-whose gateway died stays counted (the others wait for their timeout).
+(``BrokenBarrierError``). A timeout breaks it; a party cancelled
+breaks it (its session ended: nobody comes back for it), unless its
+client gave the wait up (an interrupt): then it leaves the count, as in
+the memory store. **Differs from the memory store**: a party whose gateway
+died (its session ends on another gateway's watch of nothing) stays
+counted: the others wait for their timeout.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ themselves are the etcd classes of ``queues.py``, ``locks.py``, ``sync.py``
 and ``values.py``; a handle maps ``call.session`` to the session's lease and
 the calling thread to a lock's owner.
 
+An answered call's undo (``_undo``) runs before any call made after it on
+the same handle, as the memory store's undo is done before its next call.
+While a call waits for a change in etcd (``watching.waiting``) it is in
+``waiting``: parked, not on its way to an answer.
+
 Served here: Queue, JoinableQueue, Lock, RLock, Semaphore,
 BoundedSemaphore, Event, Value, dict, Condition, Barrier and Pipe
 (``cells.py``: list, Namespace and Array). Each class says what differs
@@ -273,9 +278,9 @@ class EtcdHandle:
 class QueueHandle(EtcdHandle):
     """``queue.Queue`` with reserve/ack/nack/extend, dead letters and ``task_done``/``join``.
 
-    **Differs from the memory store**: ``maxsize`` is checked by a count
-    read before the put, exact among one gateway's puts but not across
-    gateways (two may each fill the last place); ``puts_total`` and
+    ``maxsize`` is exact across gateways: a put is made only if no ready
+    item was added since the count it read (``queues.py``). **Differs from
+    the memory store**: ``puts_total`` and
     ``gets_total`` are not counted; a queue whose name ends in ``.dead`` has
     no dead letters of its own.
     """
