@@ -49,6 +49,7 @@ from typing import Any, Final
 from managerd.service.invoker import CALLER_ERRORS
 from managerd.store.api import Call, Conv, MethodSpec, Refusal
 from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.handles import EtcdHandle
 from managerd.store.etcd.store import EtcdStore
 from managerd.store.interface import Handle, Store
 from managerd.store.memory.deadlock import DeadlockMode, Detector
@@ -64,6 +65,9 @@ STORE_KINDS: Final = ("memory", "etcd") if os.environ.get("MANAGERD_CONTRACT_ETC
 #: How long a call the test expects to finish may stay parked before the
 #: test fails: a safety net against a hang, never a measure of speed.
 SETTLE_LIMIT_S: Final = 10.0
+
+#: How often the harness looks whether the etcd store's calls are answered or parked.
+_POLL_S: Final = 0.002
 
 #: Creation arguments that are contents, given here as plain values.
 _CONTENTS_TYPES: Final = {"dict": Conv.PAIRS, "Namespace": Conv.PAIRS, "list": Conv.PAYLOADS}
@@ -129,8 +133,9 @@ class Pending:
         self.made = made
 
     def done(self) -> bool:
-        """Whether it completed (with a value or an error); a test may ``settle`` first."""
-        self._harness.settle()
+        """Whether it completed (with a value or an error), once it has either completed
+        or parked (see :meth:`StoreHarness.answered_or_parked`)."""
+        self._harness.answered_or_parked(self)
         return self.future.done()
 
     def cancelled(self) -> bool:
@@ -428,9 +433,42 @@ class StoreHarness:
         self.store.undo(made.handle, made.method, made.call, made.args, result)
 
     def settle(self) -> None:
-        """Let everything that is due now run (callbacks, not timers in the future)."""
+        """Let everything that is due now run (callbacks, not timers in the future).
+
+        For the etcd store, whose every answer is a round trip: until each call
+        made is answered or parked (see :meth:`answered_or_parked`).
+        """
         for _ in range(3):
             self.loop.run_until_complete(asyncio.sleep(0))
+        if self._etcd is not None:
+            self._run_until(lambda: all(self._settled(f) for f in self._parked))
+
+    def answered_or_parked(self, pending: Pending, limit_s: float = SETTLE_LIMIT_S) -> None:
+        """Run the loop until ``pending`` is answered, or parked: waiting for a change
+        of state (the memory store decides that within the call; the etcd store
+        once the call watches etcd). A safety net of ``limit_s`` against a hang."""
+        self.settle()
+        if self._etcd is not None:
+            self._run_until(lambda: self._settled(pending.future), limit_s)
+
+    def _settled(self, future: asyncio.Future[Any]) -> bool:
+        if future.done():
+            return True
+        return any(isinstance(h, EtcdHandle) and h.waits_now(future) for h in self._etcd_handles())
+
+    def _etcd_handles(self) -> list[EtcdHandle]:
+        etcd = self._etcd
+        return [] if etcd is None else list(etcd._handles.values())
+
+    def _run_until(self, ready: Any, limit_s: float = SETTLE_LIMIT_S) -> None:
+        async def until() -> None:
+            while not ready():
+                await asyncio.sleep(_POLL_S)
+
+        try:
+            self.loop.run_until_complete(asyncio.wait_for(until(), limit_s))
+        except TimeoutError:
+            raise AssertionError(f"a call neither answered nor parked after {limit_s} s") from None
 
     def sleep(self, seconds: float) -> None:
         """Let ``seconds`` of the store's time pass (timers due by then fire)."""

@@ -30,6 +30,9 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 ``managerd serve --store etcd://...`` (``server.py``) serves an
 ``EtcdStore``: the daemon is then a gateway.
 
+The contract suite (``tests/contract``) runs against this store as against
+the memory store; what still differs is in each handle's docstring.
+
 **Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
 session through another gateway; stats beyond what a gateway knows
 (``refresh_stats``); one elected gateway for requeues (every gateway

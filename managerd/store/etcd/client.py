@@ -156,7 +156,7 @@ def _delete_result(m: Any) -> DeleteResult:
 
 
 def _compare(c: Compare) -> Any:
-    m = rpc.Compare(key=c.key, target=c.target.value, result=_RESULTS[c.op])
+    m = rpc.Compare(key=c.key, target=c.target.value, result=_RESULTS[c.op], range_end=c.range_end)
     setattr(m, _TARGET_FIELD[c.target], c.value)
     return m
 

@@ -12,18 +12,22 @@ held it, for an RLock) before it returns True. A timeout withdraws the key
 (False, unless a notify deleted it first), then takes the lock back too.
 A waiter's session that ends takes its key with it.
 
-**Differs from the memory store**: an interrupted ``wait`` (the client gave
-it up) does not take the lock back for a later ``restore``: ``restore``
-answers the lock's token if the thread holds it, else False.
+A ``wait`` given up by its client (an interrupt: ``stop`` set) stops
+waiting for a notify and takes the lock back, for the client's ``restore``
+(``ConditionHandle``), as the memory store does; a wait cancelled (its
+session ended, a stock client's interrupt) lets the lock go, even before
+its Txn ran, and does not take it back.
 
 **Barrier** ``/m/b/<name>``: its generation, the count of parties arrived,
 whether it is broken and how often it was reset, in one key changed by
 compare-and-set; a party waits by watching the key until the generation
 moves on (released: its index) or it breaks or is reset
-(``BrokenBarrierError``). A timeout breaks it; a party that gives up
-leaves the count. **Differs from the memory store**: a party whose
-session ends leaves the count rather than breaking the barrier, and one
-whose gateway died stays counted (the others wait for their timeout).
+(``BrokenBarrierError``). A timeout breaks it; a party cancelled
+breaks it (its session ended: nobody comes back for it), unless its
+client gave the wait up (an interrupt): then it leaves the count, as in
+the memory store. **Differs from the memory store**: a party whose gateway
+died (its session ends on another gateway's watch of nothing) stays
+counted: the others wait for their timeout.
 """
 
 from __future__ import annotations
@@ -79,28 +83,35 @@ class EtcdCondition:
         owner: str,
         timeout_s: float | None,
         on_wake: Callable[[], None] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> tuple[bool, int]:
         """Release, wait for a notify or the timeout, take the lock back: ``(notified,
-        new token)``. ``on_wake`` runs once it waits for the lock, no longer a notify."""
-        token, depth = await self._held(session, owner, "wait")
+        new token)``. ``on_wake`` runs once it waits for the lock, no longer a notify.
+
+        ``stop`` set (the client gave the wait up): it stops waiting for a notify
+        and takes the lock back, as a timeout does. Cancelled: the lock is let go
+        if it was not yet, and not taken back.
+        """
         lock_key = self.lock._key(session, owner)
         key = self.waiters + f"{session.lease_id:016x}/".encode() + secrets.token_hex(8).encode()
-        done = await self.client.txn(
-            [Compare(lock_key, Target.CREATE, "==", token)],
-            [Delete(lock_key), Put(key, b"", lease=session.lease_id)],
-        )
+        try:
+            token, depth = await self._held(session, owner, "wait")
+            done = await self.client.txn(
+                [Compare(lock_key, Target.CREATE, "==", token)],
+                [Delete(lock_key), Put(key, b"", lease=session.lease_id)],
+            )
+        except asyncio.CancelledError:
+            # The wait was called: the lock goes, as the memory store lets it go at once.
+            await asyncio.shield(self._let_go(session, owner))
+            raise
         if not done.succeeded:
             raise BadState("cannot wait on un-acquired lock")
         notified = False
         try:
             async with asyncio.timeout(timeout_s):
-                read = await self.client.range(key)
-                if read.kvs:
-                    await changed(
-                        self.client, key, after_revision=read.revision, kind=EventType.DELETE
-                    )
-                notified = True
-        except TimeoutError:
+                await self._notified(key, stop)
+            notified = True
+        except (TimeoutError, _Stopped):
             withdrawn = await self.client.txn(
                 [Compare(key, Target.CREATE, "!=", 0)], [Delete(key)], idempotent=True
             )
@@ -117,6 +128,42 @@ class EtcdCondition:
         for _ in range(depth - 1):
             await self.lock.acquire(session, owner)
         return notified, new_token
+
+    async def _notified(self, key: bytes, stop: asyncio.Event | None) -> None:
+        """Return once ``key`` (a waiter's) is deleted; ``_Stopped`` once ``stop`` is set."""
+        read = await self.client.range(key)
+        if not read.kvs:
+            return
+        deleted = asyncio.ensure_future(
+            changed(self.client, key, after_revision=read.revision, kind=EventType.DELETE)
+        )
+        if stop is None:
+            await deleted
+            return
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([deleted, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            deleted.cancel()
+            stopped.cancel()
+        if deleted.done() and not deleted.cancelled():
+            deleted.result()
+            return
+        raise _Stopped
+
+    async def _let_go(self, session: EtcdSession, owner: str) -> None:
+        """Release the caller's holding whole (any depth), if it holds the lock."""
+        key = self.lock._key(session, owner)
+        kv = await self.client.get(key)
+        if kv is not None:
+            await self.release_whole(key, kv.create_revision)
+
+    async def release_whole(self, key: bytes, token: int) -> bool:
+        """Delete the holding ``key`` if it is still the one of ``token``."""
+        done = await self.client.txn(
+            [Compare(key, Target.CREATE, "==", token)], [Delete(key)], idempotent=True
+        )
+        return done.succeeded
 
     async def notify(self, session: EtcdSession, owner: str, n: Any = 1) -> None:
         """Wake at most ``n`` waiters, counted as ``threading.Condition.notify`` counts."""
@@ -141,6 +188,10 @@ class EtcdCondition:
 
     async def waiting(self) -> int:
         return (await self.client.range(self.waiters, self.end, count_only=True)).count
+
+
+class _Stopped(Exception):
+    """A condition wait given up by its client: it takes the lock back now."""
 
 
 class EtcdBarrier:
@@ -179,8 +230,13 @@ class EtcdBarrier:
             if done.succeeded:
                 return state, done.revision
 
-    async def wait(self, timeout_s: float | None) -> int:
-        """This party's index once ``parties`` have come; BrokenBarrierError if it breaks."""
+    async def wait(self, timeout_s: float | None, leaves: Callable[[], bool] = bool) -> int:
+        """This party's index once ``parties`` have come; BrokenBarrierError if it breaks.
+
+        Cancelled while waiting, the party breaks the barrier (its session ended:
+        nobody comes back for it) unless ``leaves()`` says its client gave the
+        wait up: then it leaves the count, and the others wait on.
+        """
 
         def arrive(state: dict[str, Any]) -> dict[str, Any]:
             if state["broken"]:
@@ -206,7 +262,10 @@ class EtcdBarrier:
             await self.abort(seen["gen"])
             raise threading.BrokenBarrierError from None
         except asyncio.CancelledError:
-            await asyncio.shield(self._leave(seen))
+            if leaves():
+                await asyncio.shield(self._leave(seen))
+            else:
+                await asyncio.shield(self.abort(seen["gen"]))
             raise
 
     async def _leave(self, seen: dict[str, Any]) -> None:

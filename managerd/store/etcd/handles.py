@@ -9,6 +9,11 @@ themselves are the etcd classes of ``queues.py``, ``locks.py``, ``sync.py``
 and ``values.py``; a handle maps ``call.session`` to the session's lease and
 the calling thread to a lock's owner.
 
+An answered call's undo (``_undo``) runs before any call made after it on
+the same handle, as the memory store's undo is done before its next call.
+While a call waits for a change in etcd (``watching.waiting``) it is in
+``waiting``: parked, not on its way to an answer.
+
 Served here: Queue, JoinableQueue, Lock, RLock, Semaphore,
 BoundedSemaphore, Event, Value, dict, Condition, Barrier and Pipe
 (``cells.py``: list, Namespace and Array). Each class says what differs
@@ -18,6 +23,7 @@ from the memory store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import marshal
 import queue
@@ -43,8 +49,9 @@ from managerd.store.etcd.pipes import EtcdPipe
 from managerd.store.etcd.queues import DEAD_LETTER_SUFFIX, Delivery, EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
 from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
-from managerd.store.etcd.values import EtcdDict, EtcdValue, literal
-from managerd.store.etcd.watching import changed
+from managerd.store.etcd.values import EtcdDict, EtcdValue, check_key
+from managerd.store.etcd.watching import WAITING, Still, changed
+from managerd.store.etcd.watching import waiting as watching_waiting
 from managerd.store.memory.base import (
     TIMEOUT_MAX,
     checked_wait,
@@ -168,6 +175,10 @@ class EtcdHandle:
         self.parked: set[asyncio.Future[Any]] = set()
         #: What the last ``refresh`` read (the stats' numbers).
         self.seen: dict[str, Any] = {}
+        #: Calls waiting for a change in etcd now, and whether each still does.
+        self.waiting: dict[asyncio.Future[Any], Still] = {}
+        #: Undos under way (``_undo``): later calls here wait for them.
+        self.undos: list[asyncio.Future[None]] = []
 
     def creation_args(self) -> dict[str, Any]:
         """What a later get-or-create compares (as the memory store's ``creation_args``)."""
@@ -188,15 +199,88 @@ class EtcdHandle:
         return ObjectStats(self.name, self.typeid, self.creation_args())
 
     def _run(self, call: Call, work: Work, *, parks: bool = False) -> Any:
-        return self.store.run(self, call, work, parks=parks)
+        """Run ``work`` for ``call`` after the undos given before it (``_undo``); the
+        answer's future. While the work waits for a change in etcd, the call is in
+        ``waiting`` (``watching.waiting``)."""
+        answer: list[asyncio.Future[Any]] = []
+
+        async def ordered(session: EtcdSession) -> Any:
+            WAITING.set(self._marker(answer))
+            undos = [f for f in self.undos if not f.done()]
+            if undos:
+                await asyncio.wait(undos)
+            return await work(session)
+
+        future: asyncio.Future[Any] = self.store.run(self, call, ordered, parks=parks)
+        answer.append(future)
+        future.add_done_callback(lambda f: self.waiting.pop(f, None))
+        return future
+
+    def _marker(self, answer: list[asyncio.Future[Any]]) -> Callable[[Still | None], None]:
+        """What ``watching.waiting`` tells: the call ``answer[0]`` waits (or no longer)."""
+
+        def mark(still: Still | None) -> None:
+            if not answer or answer[0].done():
+                return
+            if still is None:
+                self.waiting.pop(answer[0], None)
+            else:
+                self.waiting[answer[0]] = still
+
+        return mark
+
+    def waits_now(self, future: asyncio.Future[Any]) -> bool:
+        """Whether the call ``future`` is parked: waiting for a change in etcd."""
+        still = self.waiting.get(future)
+        return still is not None and still()
+
+    def _undo(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Give back what an answered call handed out; calls made here after it wait
+        for it (as the memory store's undo is done before its next call)."""
+        before = [f for f in self.undos if not f.done()]
+        finished: asyncio.Future[None] = self.store.loop.create_future()
+        self.undos.append(finished)
+
+        async def undo() -> None:
+            try:
+                if before:
+                    await asyncio.wait(before)  # in the order they were given
+                await coro
+            finally:
+                finished.set_result(None)
+                self.undos.remove(finished)
+
+        self.store.background(undo())
+
+    def _undo_as(self, session: Session, work: Work) -> None:
+        """``_undo`` of work that needs the session's lease."""
+        before = [f for f in self.undos if not f.done()]
+        finished: asyncio.Future[None] = self.store.loop.create_future()
+        self.undos.append(finished)
+
+        async def undo(etcd_session: EtcdSession) -> None:
+            try:
+                if before:
+                    await asyncio.wait(before)
+                await work(etcd_session)
+            finally:
+                finished.set_result(None)
+                self.undos.remove(finished)
+
+        self.store.background_as(session, undo)
+
+    def abandon(self, method: str, future: asyncio.Future[Any], *, stock: bool = False) -> None:
+        """The client gave up the call ``future`` (an interrupt): by default it is
+        dropped, as a session's end drops it (Condition and Barrier say otherwise)."""
+        future.cancel()
 
 
 class QueueHandle(EtcdHandle):
     """``queue.Queue`` with reserve/ack/nack/extend, dead letters and ``task_done``/``join``.
 
-    **Differs from the memory store**: ``maxsize`` is checked by a count
-    read before the put, exact among one gateway's puts but not across
-    gateways (two may each fill the last place); ``puts_total`` and
+    ``maxsize`` is exact across gateways: a put is made only if no ready
+    item was added since the count it read (``queues.py``). **Differs from
+    the memory store**: ``puts_total`` and
     ``gets_total`` are not counted; a queue whose name ends in ``.dead`` has
     no dead letters of its own.
     """
@@ -207,6 +291,7 @@ class QueueHandle(EtcdHandle):
         "get": "_undo_get",
         "get_nowait": "_undo_get",
         "get_many": "_undo_get_many",
+        "reserve": "_undo_reserve",
     }
 
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
@@ -317,14 +402,22 @@ class QueueHandle(EtcdHandle):
 
     def _undo_get(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
         """An answered get whose client left: the item goes back first."""
-        self.store.background(self.queue.put_front(payload))
+        self._undo(self.queue.put_front(payload))
 
     def _undo_get_many(self, call: Call, args: tuple[Any, ...], payloads: list[bytes]) -> None:
         async def put_back() -> None:
             for payload in reversed(payloads):  # the last put first goes behind the others
                 await self.queue.put_front(payload)
 
-        self.store.background(put_back())
+        self._undo(put_back())
+
+    def _undo_reserve(self, call: Call, args: tuple[Any, ...], result: Any) -> None:
+        """A reservation whose client never saw it: back to its place, the delivery not
+        counted (nothing happens if it was acked, nacked or redelivered meanwhile)."""
+        delivery = self.store.deliveries.find(call.session, self, result[0], take=True)
+        if delivery is not None:
+            unseen = dataclasses.replace(delivery, deliveries=delivery.deliveries - 1)
+            self._undo(self.queue.nack(unseen, True))
 
     @exposed()
     def qsize(self, call: Call) -> Any:
@@ -541,7 +634,7 @@ class LockHandle(EtcdHandle):
             except LockLost:
                 pass
 
-        self.store.background_as(call.session, undo)
+        self._undo_as(call.session, undo)
 
     @exposed(mutates=True)
     def release(self, call: Call) -> Any:
@@ -653,7 +746,7 @@ class SemaphoreHandle(EtcdHandle):
         return self._run(call, acquire, parks=wait_s != 0.0)
 
     def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
-        self.store.background_as(call.session, lambda s: self.sem.release(s, 1))
+        self._undo_as(call.session, lambda s: self.sem.release(s, 1))
 
     @exposed(mutates=True)
     def release(self, call: Call, n: int = 1) -> Any:
@@ -782,7 +875,7 @@ class ValueHandle(EtcdHandle):
 
 
 class DictHandle(EtcdHandle):
-    """``dict`` with literal keys, a key per entry (``values.py`` says what differs)."""
+    """``dict``: any hashable key, a key per entry (``values.py``)."""
 
     typeid = "dict"
     create_params = ("contents",)
@@ -815,24 +908,24 @@ class DictHandle(EtcdHandle):
 
     @exposed(result=Conv.PAYLOAD)
     def __getitem__(self, call: Call, key: Any) -> Any:
-        literal(key)
+        check_key(key)
         return self._run(call, lambda _: self.dict.getitem(key))
 
     @exposed(value=Conv.PAYLOAD, mutates=True)
     def __setitem__(self, call: Call, key: Any, value: bytes) -> Any:
-        literal(key)
+        check_key(key)
         if not isinstance(value, bytes):
             raise BadArgument("dict values travel as pickled bytes")
         return self._run(call, lambda _: self.dict.setitem(key, value))
 
     @exposed(mutates=True)
     def __delitem__(self, call: Call, key: Any) -> Any:
-        literal(key)
+        check_key(key)
         return self._run(call, lambda _: self.dict.delitem(key))
 
     @exposed()
     def __contains__(self, call: Call, key: Any) -> Any:
-        literal(key)
+        check_key(key)
         return self._run(call, lambda _: self.dict.contains(key))
 
     @exposed()
@@ -841,12 +934,21 @@ class DictHandle(EtcdHandle):
 
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD)
     def get(self, call: Call, key: Any, default: bytes | None = None) -> Any:
-        literal(key)
+        check_key(key)
         return self._run(call, lambda _: self.dict.get(key, default))
+
+    @exposed(result=Conv.PAYLOADS)
+    def get_many(self, call: Call, keys: list[Any]) -> Any:
+        """The value of each key, ``None`` where it is missing; one call."""
+        if not isinstance(keys, (list, tuple)):
+            raise BadArgument("get_many takes a list of keys")
+        for key in keys:
+            check_key(key)
+        return self._run(call, lambda _: self.dict.get_many(list(keys)))
 
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, key: Any, default: Any = NO_DEFAULT) -> Any:
-        literal(key)
+        check_key(key)
         given = () if default is NO_DEFAULT else (default,)
         return self._run(call, lambda _: self.dict.pop(key, *given))
 
@@ -856,7 +958,7 @@ class DictHandle(EtcdHandle):
 
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def setdefault(self, call: Call, key: Any, default: bytes) -> Any:
-        literal(key)
+        check_key(key)
         if not isinstance(default, bytes):
             raise BadArgument("dict values travel as pickled bytes")
         return self._run(call, lambda _: self.dict.setdefault(key, default))
@@ -869,7 +971,7 @@ class DictHandle(EtcdHandle):
         for pair in pairs:
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise BadArgument("update takes (key, value) pairs")
-            literal(pair[0])
+            check_key(pair[0])
             if not isinstance(pair[1], bytes):
                 raise BadArgument("dict values travel as pickled bytes")
         return self._run(call, lambda _: self.dict.update(pairs))
@@ -909,7 +1011,10 @@ class ConditionHandle(EtcdHandle):
 
     typeid = "Condition"
     create_params = ("lock",)
-    undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+    undo_methods: ClassVar[dict[str, str]] = {
+        "acquire": "_undo_acquire",
+        "restore": "_undo_restore",
+    }
 
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
         super().__init__(store, name, args)
@@ -918,7 +1023,11 @@ class ConditionHandle(EtcdHandle):
         self.lock: LockHandle = lock
         self.condition = EtcdCondition(store.client, name, lock.lock, root=store.root)
         #: This gateway's waits not yet notified (nor timed out): the stats' waiters.
-        self.unnotified: set[object] = set()
+        self.unnotified: set[_CondWait] = set()
+        #: The wait behind each answer not yet given.
+        self._waits: dict[asyncio.Future[Any], _CondWait] = {}
+        #: Interrupted waits taking the lock back, by (session, owner): for ``restore``.
+        self._restoring: dict[tuple[Session, str], _CondWait] = {}
 
     def creation_args(self) -> dict[str, Any]:
         return {"lock": self.lock.name}
@@ -944,37 +1053,135 @@ class ConditionHandle(EtcdHandle):
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
-        """Release the lock, wait for a notify (True) or the timeout (False)."""
+        """Release the lock, wait for a notify (True) or the timeout (False).
+
+        The wait runs apart from its answer: a client that gives it up
+        (``abandon``) stops waiting for a notify and takes the lock back, for
+        ``restore``; a call dropped (its session ended, a stock client's
+        interrupt) lets the lock go without taking it back.
+        """
         wait_s = checked_wait(wait_or_now_s(timeout))
         owner = self.lock._owner(call)
+        waiting = _CondWait(self.store.loop, call.session, owner)
+        self.unnotified.add(waiting)
 
-        async def wait(session: EtcdSession) -> bool:
-            mark = object()
-            self.unnotified.add(mark)
+        answer_of: list[asyncio.Future[Any]] = []
+
+        async def wait_apart(session: EtcdSession) -> None:
+            waiting.task = asyncio.current_task()
+            mark_answer = self._marker(answer_of)
+
+            def mark(still: Still | None) -> None:
+                waiting.still = still
+                mark_answer(still)
+
+            WAITING.set(mark)
             try:
-                notified, token = await self.condition.wait(
-                    session, owner, wait_s, on_wake=lambda: self.unnotified.discard(mark)
+                if waiting.dropped:  # dropped before it began: the lock goes all the same
+                    await self.condition._let_go(session, owner)
+                    raise asyncio.CancelledError
+                outcome = await self.condition.wait(
+                    session,
+                    owner,
+                    wait_s,
+                    on_wake=lambda: self.unnotified.discard(waiting),
+                    stop=waiting.stop,
                 )
+            except asyncio.CancelledError:
+                waiting.outcome.cancel()
+                raise
+            except Exception as exc:
+                waiting.outcome.set_exception(exc)
+                waiting.outcome.exception()  # retrieved: an answer or a restore raises it
+                return
             finally:
-                self.unnotified.discard(mark)
+                self.unnotified.discard(waiting)
+                waiting.finished.set_result(None)
+            waiting.outcome.set_result(outcome)
+
+        self.store.background_as(call.session, wait_apart)
+
+        async def wait(_: EtcdSession) -> bool:
+            notified, token = await asyncio.shield(waiting.outcome)
             self.store.tokens[(call.session, self.lock.name, owner)] = token
             return notified
 
-        return self._run(call, wait, parks=True)
+        answer = self._run(call, wait, parks=True)
+        answer_of.append(answer)
+        self._waits[answer] = waiting
+
+        def answered(answer: asyncio.Future[Any]) -> None:
+            del self._waits[answer]
+            if answer.cancelled() and not waiting.stop.is_set():
+                waiting.drop()
+                self.unnotified.discard(waiting)
+                for handle in (self, self.lock):  # later calls see the lock let go
+                    handle.undos.append(waiting.finished)
+                    waiting.finished.add_done_callback(handle.undos.remove)
+
+        answer.add_done_callback(answered)
+        return answer
+
+    def abandon(self, method: str, future: asyncio.Future[Any], *, stock: bool = False) -> None:
+        """An interrupted ``wait`` takes the lock back, as ``threading.Condition``'s
+        finally: it stops waiting for a notify and queues for the lock, which the
+        client's ``restore`` then waits for. A stock client cannot: dropped."""
+        waiting = self._waits.get(future)
+        if method == "wait" and not stock and waiting is not None:
+            waiting.stop.set()
+            self.unnotified.discard(waiting)
+            self._restoring[(waiting.session, waiting.owner)] = waiting
+        future.cancel()
 
     @exposed(mutates=True)
     def restore(self, call: Call) -> Any:
-        """The lock's token if this thread holds it, else False (``conditions.py``: an
-        interrupted wait does not take the lock back here)."""
+        """After this thread's ``wait`` was interrupted: its lock back, as a token.
+
+        The token once this thread holds the lock again (at once if the wait
+        had taken it back already), False if it does not and will not. A
+        ``restore`` given up while it waits stops the wait's reacquisition;
+        one answered but given up is released (``_undo_restore``).
+        """
         owner = self.lock._owner(call)
+        waiting = self._restoring.pop((call.session, owner), None)
 
         async def restore(session: EtcdSession) -> int | bool:
+            if waiting is not None:
+                try:
+                    with watching_waiting(waiting.waits_now):
+                        _, token = await asyncio.shield(waiting.outcome)
+                except asyncio.CancelledError:
+                    if waiting.outcome.cancelled():
+                        return False
+                    raise
+                except Exception:
+                    return False
+                self.store.tokens[(call.session, self.lock.name, owner)] = token
+                return token
             held = await self.lock.lock.holder()
             if held is None or held[0] != self.lock.lock._key(session, owner):
                 return False
             return held[1]
 
-        return self._run(call, restore)
+        answer = self._run(call, restore, parks=waiting is not None)
+        if waiting is not None:
+
+            def answered(answer: asyncio.Future[Any]) -> None:
+                if answer.cancelled() and not waiting.outcome.done():
+                    waiting.drop()
+
+            answer.add_done_callback(answered)
+        return answer
+
+    def _undo_restore(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
+        """A restore answered but given up (a second interrupt): the lock goes, whole."""
+        owner = self.lock._owner(call)
+
+        async def undo(session: EtcdSession) -> None:
+            await self.condition.release_whole(self.lock.lock._key(session, owner), token)
+
+        if isinstance(token, int) and not isinstance(token, bool):
+            self._undo_as(call.session, undo)
 
     @exposed()
     def notify(self, call: Call, n: int = 1) -> Any:
@@ -990,6 +1197,33 @@ class ConditionHandle(EtcdHandle):
         return ConditionStats(
             self.name, self.typeid, self.creation_args(), waiters=len(self.unnotified)
         )
+
+
+class _CondWait:
+    """One ``Condition.wait`` running apart from its answer (``ConditionHandle.wait``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, session: Session, owner: str) -> None:
+        self.session = session
+        self.owner = owner
+        #: Set when the client gives the wait up: it takes the lock back.
+        self.stop = asyncio.Event()
+        #: ``(notified, token)`` once it holds the lock again.
+        self.outcome: asyncio.Future[tuple[bool, int]] = loop.create_future()
+        self.task: asyncio.Task[Any] | None = None
+        self.dropped = False
+        #: Whether it waits for a change in etcd now (``watching.waiting``).
+        self.still: Still | None = None
+        #: Done once it has ended (its lock taken back, or let go).
+        self.finished: asyncio.Future[None] = loop.create_future()
+
+    def waits_now(self) -> bool:
+        return self.still is not None and self.still()
+
+    def drop(self) -> None:
+        """Nobody will take the answer: stop, let the lock go, do not take it back."""
+        self.dropped = True
+        if self.task is not None:
+            self.task.cancel()
 
 
 class BarrierHandle(EtcdHandle):
@@ -1012,6 +1246,8 @@ class BarrierHandle(EtcdHandle):
         self.parties = parties
         self.timeout = timeout
         self.barrier = EtcdBarrier(store.client, name, parties, root=store.root)
+        #: Each waiting party's answer: whether its client gave it up (it leaves).
+        self._leaving: dict[asyncio.Future[Any], list[bool]] = {}
 
     def creation_args(self) -> dict[str, Any]:
         return {"parties": self.parties, "timeout": self.timeout}
@@ -1024,8 +1260,23 @@ class BarrierHandle(EtcdHandle):
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
+        """A party cancelled breaks the barrier (its session ended), unless its client
+        gave the wait up (``abandon``): it then leaves the count."""
         wait_s = checked_wait(wait_or_now_s(self.timeout if timeout is None else timeout))
-        return self._run(call, lambda _: self.barrier.wait(wait_s), parks=True)
+        left: list[bool] = []
+        answer = self._run(
+            call, lambda _: self.barrier.wait(wait_s, lambda: bool(left)), parks=True
+        )
+        self._leaving[answer] = left
+        answer.add_done_callback(lambda a: self._leaving.pop(a, None))
+        return answer
+
+    def abandon(self, method: str, future: asyncio.Future[Any], *, stock: bool = False) -> None:
+        """An interrupted party leaves the count; the barrier does not break."""
+        left = self._leaving.get(future)
+        if left is not None:
+            left.append(True)
+        future.cancel()
 
     @exposed(mutates=True)
     def abort(self, call: Call) -> Any:
@@ -1118,7 +1369,7 @@ class PipeHandle(EtcdHandle):
 
     def _undo_recv(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
         """A recv answered but abandoned by its client: the message is first again."""
-        self.store.background(self.pipe.inboxes[self._end(args[0])].put_front(payload))
+        self._undo(self.pipe.inboxes[self._end(args[0])].put_front(payload))
 
     @exposed()
     def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:

@@ -106,6 +106,8 @@ class Compare:
     target: Target
     op: Literal["==", "!=", "<", ">"]
     value: int | bytes
+    #: Given: every key of ``[key, range_end)`` must satisfy it (none may exist too).
+    range_end: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

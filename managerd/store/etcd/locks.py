@@ -42,6 +42,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
+from managerd.store.etcd.watching import waiting
 from managerd_client.errors import LockLost
 
 
@@ -118,7 +119,8 @@ class EtcdLock:
                 return False
             predecessor = before.kvs[0].key
             try:
-                await asyncio.wait_for(self._deleted(predecessor, before.revision + 1), left_s)
+                with waiting():
+                    await asyncio.wait_for(self._deleted(predecessor, before.revision + 1), left_s)
             except TimeoutError:
                 return False
 

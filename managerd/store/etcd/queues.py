@@ -74,7 +74,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import changed
+from managerd.store.etcd.watching import changed, waiting
 from managerd_client.errors import ManagerdError
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 TOMBSTONE_TTL_S = 60
 DEAD_LETTER_SUFFIX = ".dead"
 _PUT_BATCH = 40  # items per put Txn: 3 compares each, within --max-txn-ops (128)
+_BOUNDED_BATCH = 64  # items per put Txn to a bounded queue: 2 puts each, one compare
 _BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
 
@@ -202,8 +203,10 @@ class EtcdQueue:
         if not self.maxsize:
             await self._append(items)
             return
-        # The count is read, then the put made: exact among this process's puts (one at
-        # a time), not across gateways (two may fill the last place each).
+        # The count is read, then the put made only if no ready item was added since
+        # (a compare on the whole ready range): exact across gateways. Puts of this
+        # process wait for room one at a time, in arrival order. More than
+        # _BOUNDED_BATCH items are several Txns: never past maxsize, not atomic.
         if timeout_s == 0 and self._room.locked():
             raise queue.Full  # a put waits for room ahead of this one (FIFO)
         try:
@@ -213,11 +216,14 @@ class EtcdQueue:
             raise queue.Full from None
 
     async def _put_when_room(self, items: list[bytes], timeout_s: float | None) -> None:
-        while True:
+        remaining = items
+        while remaining:
             read = await self.client.range(self._ready, self._ready_end, count_only=True)
-            if read.count + len(items) <= self.maxsize:
-                await self._append(items)
-                return
+            if read.count + len(remaining) <= self.maxsize:
+                batch = remaining[:_BOUNDED_BATCH]
+                if await self._append_if_unchanged(batch, read.revision):
+                    remaining = remaining[len(batch) :]
+                continue  # put, or another put came first: count again
             if timeout_s == 0:
                 raise queue.Full
             await changed(
@@ -227,6 +233,31 @@ class EtcdQueue:
                 after_revision=read.revision,
                 kind=EventType.DELETE,
             )
+
+    async def _append_if_unchanged(self, items: list[bytes], revision: int) -> bool:
+        """Put ``items`` in one Txn if no ready item was added or changed after
+        ``revision`` (the count's read); whether they were put.
+
+        A retry after the Txn was applied fails the compare (its own items are
+        newer): the first item's keys say whether it was ours.
+        """
+        ops: list[Op] = []
+        first = b""
+        for item in items:
+            iid = self._ids.next()
+            first = first or iid
+            ops += [
+                Put(self._ready + iid, _pack({"n": 0}, item)),
+                Put(self._unfinished + iid, b""),
+            ]
+        unchanged = Compare(self._ready, Target.MOD, "<", revision + 1, range_end=self._ready_end)
+        done = await self.client.txn(
+            [unchanged],
+            ops,
+            [Get(self._ready + first), Get(self._reserved + first), Get(self._tombs + first)],
+            idempotent=True,
+        )
+        return done.succeeded or any(isinstance(r, RangeResult) and r.kvs for r in done.responses)
 
     async def _append(self, items: list[bytes]) -> None:
         for i in range(0, len(items), _PUT_BATCH):
@@ -450,7 +481,8 @@ class EtcdQueue:
         if self._taker is None or self._taker.done():
             self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
         try:
-            return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
+            with waiting(lambda: self._watching is not None and not self._watching.done()):
+                return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if want.future.done() and not want.future.cancelled():
                 if isinstance(exc, TimeoutError):

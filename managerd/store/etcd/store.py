@@ -143,6 +143,8 @@ class EtcdStore:
         handle = self._handles.get(name)
         if handle is not None and handle.revision == 0:
             return  # being made here: its own Txn says which incarnation it is
+        if handle is not None and handle.revision > revision:
+            return  # an older incarnation's creation, seen late by the watch
         if handle is not None and handle.revision != revision:
             self._drop(name, NoSuchObject(f"{name!r} was deleted"))  # made again elsewhere
         self._known[name] = _Known(entry["type"], entry["args"], revision)
@@ -398,7 +400,7 @@ class EtcdStore:
         self, obj: Handle, method: str, session: Session, future: asyncio.Future[Any],
         *, stock: bool = False,
     ) -> None:  # fmt: skip
-        future.cancel()
+        cast(EtcdHandle, obj).abandon(method, future, stock=stock)
 
     def cancel(self, session: Session, future: asyncio.Future[Any]) -> None:
         future.cancel()

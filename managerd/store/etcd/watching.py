@@ -5,14 +5,46 @@ revision of that read + 1: a change between the read and the watch is
 delivered by the watch (etcd replays history from that revision), so no
 wake-up is missed and nothing polls. The caller then reads again: a wake-up
 says only that something changed.
+
+``waiting()`` marks the time a call spends so (a watch, a lock's turn, a
+queue's line): the store sets ``WAITING`` in each call's task, and so knows
+which calls are parked rather than on their way to an answer (its stats;
+the contract suite's harness waits for a call to be one or the other).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import Compacted, Event, EventType
+
+#: Whether a call marked waiting still waits (a queue's line: until its turn is served).
+Still = Callable[[], bool]
+
+#: Set by the store in a call's task: told ``Still`` when the call starts waiting for a
+#: change in etcd, None when it stops.
+WAITING: ContextVar[Callable[[Still | None], None] | None] = ContextVar("WAITING", default=None)
+
+
+def _always() -> bool:
+    return True
+
+
+@contextlib.contextmanager
+def waiting(still: Still = _always) -> Iterator[None]:
+    """The calling task's call waits for a change in etcd while inside."""
+    mark = WAITING.get()
+    if mark is None:
+        yield
+        return
+    mark(still)
+    try:
+        yield
+    finally:
+        mark(None)
 
 
 async def changed(
@@ -26,13 +58,14 @@ async def changed(
     """The first events on ``[key, range_end)`` after ``after_revision`` (of ``kind`` if
     given); ``[]`` if that history was compacted (the caller reads the state again)."""
     try:
-        async with contextlib.aclosing(
-            client.watch(key, range_end, start_revision=after_revision + 1)
-        ) as events:
-            async for batch in events:
-                wanted = [e for e in batch if kind is None or e.type is kind]
-                if wanted:
-                    return wanted
+        with waiting():
+            async with contextlib.aclosing(
+                client.watch(key, range_end, start_revision=after_revision + 1)
+            ) as events:
+                async for batch in events:
+                    wanted = [e for e in batch if kind is None or e.type is kind]
+                    if wanted:
+                        return wanted
     except Compacted:
         return []
     raise AssertionError("a watch ended without an error")  # the client's watch never ends
