@@ -110,45 +110,49 @@ def lock_pair(m: Manager, i: int) -> int:
     return 1
 
 
-async def _raw_rate(
-    cluster: EtcdCluster,
-    in_flight: int,
-    seconds: float,
-    op: Callable[[EtcdClient, int], Awaitable[int]],
+async def _rate(
+    etcd: EtcdClient, in_flight: int, seconds: float, op: Callable[[int], Awaitable[int]]
 ) -> float:
+    """Units/s of ``op(w)`` looped by ``in_flight`` tasks for ``seconds``."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            done += await op(w)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(in_flight)))
+    return done / (time.perf_counter() - began)
+
+
+async def _floors(
+    cluster: EtcdCluster, counts: list[int], seconds: float, batch: int
+) -> tuple[list[float], list[float]]:
     async with EtcdClient(cluster.endpoints) as etcd:
-        await op(etcd, 0)  # warm: the channel is connected
-        done = 0
-        deadline = time.perf_counter() + seconds
 
-        async def worker(w: int) -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                done += await op(etcd, w)
+        async def put(w: int) -> int:
+            await etcd.put(b"/bench/raw/%d" % w, ITEM)
+            return 1
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(in_flight)))
-        return done / (time.perf_counter() - began)
+        async def txn(w: int) -> int:
+            await etcd.txn([], [Put(b"/bench/rawtxn/%d/%d" % (w, k), ITEM) for k in range(batch)])
+            return batch
 
-
-def raw_puts(cluster: EtcdCluster, in_flight: int, seconds: float) -> float:
-    """Raw etcd puts/s from this machine, ``in_flight`` at a time: the floor."""
-
-    async def put(etcd: EtcdClient, w: int) -> int:
-        await etcd.put(b"/bench/raw/%d" % w, ITEM)
-        return 1
-
-    return asyncio.run(_raw_rate(cluster, in_flight, seconds, put))
+        await put(0)  # warm: the channel is connected
+        puts = [await _rate(etcd, n, seconds, put) for n in counts]
+        txns = [await _rate(etcd, n, seconds, txn) for n in counts]
+        return puts, txns
 
 
-def raw_txn_puts(cluster: EtcdCluster, in_flight: int, seconds: float, batch: int) -> float:
-    """Keys/s written by raw Txns of ``batch`` puts each, ``in_flight`` at a time."""
-
-    async def txn(etcd: EtcdClient, w: int) -> int:
-        await etcd.txn([], [Put(b"/bench/rawtxn/%d/%d" % (w, k), ITEM) for k in range(batch)])
-        return batch
-
-    return asyncio.run(_raw_rate(cluster, in_flight, seconds, txn))
+def raw_floors(
+    cluster: EtcdCluster, counts: list[int], seconds: float, batch: int
+) -> tuple[list[float], list[float]]:
+    """Raw etcd puts/s, and keys/s in Txns of ``batch`` puts, from this machine, for each
+    count in flight: the floor. One event loop for all (grpc.aio measured several times
+    slower on an event loop after the first one it ran on)."""
+    return asyncio.run(_floors(cluster, counts, seconds, batch))
 
 
 def main() -> None:
@@ -187,12 +191,9 @@ def main() -> None:
             print(f"| per second | {' | '.join(f'{n} client(s)' for n in counts)} |")
             print(f"| --- |{' ---: |' * len(counts)}")
             floor = "raw etcd from this machine (the floor)"
-            row("puts/s", floor, [raw_puts(cluster, n, args.seconds) for n in counts])
-            row(
-                f"keys/s in Txns of {args.batch} puts",
-                floor,
-                [raw_txn_puts(cluster, n, args.seconds, args.batch) for n in counts],
-            )
+            puts, txns = raw_floors(cluster, counts, args.seconds, args.batch)
+            row("puts/s", floor, puts)
+            row(f"keys/s in Txns of {args.batch} puts", floor, txns)
             for workload, work in workloads:
                 rates = [per_s([memory], n, args.seconds, work) for n in counts]
                 row(workload, "embedded daemon", rates)

@@ -3,18 +3,23 @@
 A real ``managerd serve --store etcd://...`` on a real 3-node cluster: it is
 ready while etcd answers; with every member killed it stays alive
 (``/healthz``) but is not ready (``/readyz`` 503, saying why), and it is
-ready again, and serves, once the cluster is back. An embedded daemon's
-readiness is covered by ``test_metrics.py``.
+ready again, and serves, once the cluster is back. The healthcheck command
+of ``docker-compose.etcd.yml``'s gateways, pointed at this gateway, passes
+and fails with it. An embedded daemon's readiness is covered by
+``test_metrics.py``.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_deploy import REPO, compose_model
 
 from conftest import Daemon, free_port, wait_until
 from etcd_support import EtcdCluster, running_cluster
@@ -30,6 +35,18 @@ def probe(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def compose_healthcheck(port: int) -> int:
+    """The exit status of docker-compose.etcd.yml's gateway healthcheck, run against
+    the metrics port ``port`` of this host (the image's python: this one)."""
+    service = compose_model(REPO / "docker-compose.etcd.yml")["services"]["gateway1"]
+    test: list[str] = service["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"], test
+    argv = [sys.executable, *(a.replace("127.0.0.1:9120", f"127.0.0.1:{port}") for a in test[2:])]
+    assert any(str(port) in a for a in argv), argv
+    done = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+    return done.returncode
 
 
 @pytest.fixture
@@ -51,6 +68,7 @@ def test_a_gateway_is_ready_only_while_etcd_answers(
     ).start()
     try:
         assert probe(port, "/readyz") == (200, "ready\n")
+        assert compose_healthcheck(port) == 0
         with gateway.connect() as m:
             m.Queue("jobs").put(1)
 
@@ -60,10 +78,12 @@ def test_a_gateway_is_ready_only_while_etcd_answers(
         status, body = probe(port, "/readyz")
         assert status == 503 and "etcd" in body, body
         assert probe(port, "/healthz") == (200, "ok\n")  # alive: not to be restarted
+        assert compose_healthcheck(port) != 0
 
         own_cluster.start()  # every member again, on its data directory
         assert wait_until(lambda: probe(port, "/readyz")[0] == 200, RECOVER_TIMEOUT_S)
         assert probe(port, "/readyz") == (200, "ready\n")
+        assert compose_healthcheck(port) == 0
         with gateway.connect() as m:
             assert m.Queue("jobs").get(timeout=10) == 1
     finally:
