@@ -120,7 +120,8 @@ async def _rate(
     async def worker(w: int) -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            done += await op(w)
+            n = await op(w)  # not `done += await ...`: that reads done before awaiting
+            done += n
 
     began = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
@@ -150,8 +151,7 @@ def raw_floors(
     cluster: EtcdCluster, counts: list[int], seconds: float, batch: int
 ) -> tuple[list[float], list[float]]:
     """Raw etcd puts/s, and keys/s in Txns of ``batch`` puts, from this machine, for each
-    count in flight: the floor. One event loop for all (grpc.aio measured several times
-    slower on an event loop after the first one it ran on)."""
+    count in flight: the floor."""
     return asyncio.run(_floors(cluster, counts, seconds, batch))
 
 
