@@ -712,9 +712,11 @@ def test_image_install_steps_give_a_working_daemon(tmp_path: Path) -> None:
             [
                 str(venv_python),
                 "-c",
-                # Installed, not linked to the sources; with the faster event loop.
-                "import managerd, managerd_client, uvloop\n"
-                "for m in (managerd, managerd_client, uvloop): print(m.__file__)",
+                # Installed, not linked to the sources; with the faster event loop
+                # and the etcd store's client (the image also runs as a gateway).
+                "import managerd, managerd_client, uvloop, grpc, aetcd\n"
+                "import managerd.store.etcd.client\n"
+                "for m in (managerd, managerd_client, uvloop, grpc, aetcd): print(m.__file__)",
             ],
             cwd=tmp_path,
         )

@@ -74,6 +74,8 @@ def test_etcd_compose_services_fit_together() -> None:
     services = model["services"]
     assert set(services) == {*MEMBERS, *GATEWAYS, "prometheus", "grafana", "producer", "consumer"}
     daemon_env = {s.name: s for s in dockerfile_stages()}["managerd"].env()
+    build = {s.name: s for s in dockerfile_stages()}["build"]
+    assert any("--extra etcd" in r for r in build.values("RUN")), "the image runs gateways too"
 
     # etcd: three members that name each other, each on a volume of its own.
     clients: list[str] = []
