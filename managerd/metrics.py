@@ -375,7 +375,8 @@ def readiness(core: MetricsCore) -> str | None:
     except (concurrent.futures.CancelledError, asyncio.CancelledError):
         return "the daemon is stopping"
     except Exception as exc:  # a probe says not ready; it does not fail the request
-        return f"the store's check failed: {exc!r}"
+        log.warning("readiness check failed", exc_info=exc)
+        return f"the store's check failed ({type(exc).__name__})"
 
 
 def _not_yet(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -464,7 +464,10 @@ class EtcdStore:
         except TimeoutError:
             return f"etcd did not answer a read within {timeout_s:g} s"
         except EtcdError as exc:
-            return f"etcd: {exc}"
+            # The kind only: /readyz is open to anyone who reaches the metrics
+            # port, and etcd's details name its members' addresses.
+            log.debug("etcd store: not ready: %s", exc)
+            return f"etcd refused a read ({type(exc).__name__})"
         return None
 
     # -- what people look at ------------------------------------------------------------
