@@ -5,8 +5,10 @@ workers), ``deploy/prometheus-etcd.yml`` and the dashboard
 ``managerd-etcd.json``, checked as ``test_deploy.py`` checks the embedded
 deployment's (its helpers, the same real tools): Compose resolves the file
 (its validity and schema are tested there, for every compose file), promtool
-checks the Prometheus config, and every metric the dashboard queries is in
-the exposition of a real gateway or of a real etcd member.
+checks the Prometheus config, every metric the dashboard queries is in
+the exposition of a real gateway or of a real etcd member, and a real
+Prometheus run with the config scrapes two real gateways and three real
+members and accepts every query of the dashboard.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
+import subprocess
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -244,3 +250,102 @@ def test_every_metric_the_etcd_dashboard_queries_is_exposed(
     assert missing <= AWAITED, f"the gateway does not expose {missing - AWAITED}"
     exposed_now = AWAITED & from_gateway
     assert not exposed_now, f"the gateway exposes {exposed_now} now: remove them from AWAITED"
+
+
+@pytest.fixture
+def two_gateways(cluster: EtcdCluster, tmp_path: Path) -> Iterator[list[tuple[Daemon, int]]]:
+    """Two gateways on the cluster (one prefix), each with its metrics port."""
+    prefix = "/deploy" + secrets.token_hex(4) + "/"
+    store = "etcd://" + ",".join(cluster.endpoints)
+    started: list[tuple[Daemon, int]] = []
+    try:
+        for name in GATEWAYS:
+            port = free_port()
+            args = ["--store", store, "--store-prefix", prefix, "--metrics-port", str(port)]
+            started.append((Daemon(tmp_path / name, args=args).start(), port))
+        yield started
+    finally:
+        for d, _ in started:
+            d.stop()
+
+
+def prometheus_api(web: int, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/{path}?{query}", timeout=5) as r:
+        answer = json.load(r)
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+@pytest.mark.timeout(180)
+def test_a_real_prometheus_scrapes_both_gateways_and_etcd_and_answers_the_dashboard(
+    cluster: EtcdCluster, two_gateways: list[tuple[Daemon, int]], tmp_path: Path
+) -> None:
+    """deploy/prometheus-etcd.yml in a real Prometheus (compose names replaced by the
+    addresses of real gateways and members; 1 s intervals): every target up, the alert
+    rules loaded, and every query of the etcd dashboard accepted."""
+    prometheus = shutil.which("prometheus")
+    promtool()  # skips, or fails under CI, without Debian's prometheus package
+    assert prometheus is not None
+    config = ETCD_PROMETHEUS.read_text()
+    for (_, port), name in zip(two_gateways, GATEWAYS, strict=True):
+        config = re.sub(rf"\b{name}:\d+", f"127.0.0.1:{port}", config)
+    for endpoint, name in zip(cluster.endpoints, MEMBERS, strict=True):
+        config = re.sub(rf"\b{name}:\d+", endpoint, config)  # etcd 3.4: /metrics on the client port
+    config = re.sub(r"(scrape|evaluation)_interval:\s*\S+", r"\1_interval: 1s", config)
+    assert not re.search(r"\b(gateway|etcd)\d:\d+", config), config  # every target replaced
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(DEPLOY / "alerts.yml", tmp_path / "alerts.yml")
+    for d, _ in two_gateways:
+        with d.connect() as m:
+            m.Queue("jobs").put(1)
+    web = free_port()
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        up: dict[str, int] = {}
+
+        def all_up() -> bool:
+            try:
+                targets = prometheus_api(web, "targets")["activeTargets"]
+            except OSError:
+                return False
+            up.clear()
+            for t in targets:
+                if t["health"] == "up":
+                    up[t["labels"]["job"]] = up.get(t["labels"]["job"], 0) + 1
+            return up == {"managerd": 2, "etcd": 3}
+
+        assert wait_until(all_up, 60.0, 0.5), up
+        groups = prometheus_api(web, "rules")["groups"]
+        assert {r["name"] for g in groups for r in g["rules"]} >= {"ManagerdDown"}
+        # Some samples to take rates over, then every panel's query.
+        assert wait_until(
+            lambda: bool(
+                prometheus_api(web, "query", query="count_over_time(up[1m]) > 2")["result"]
+            ),
+            60.0,
+            0.5,
+        )
+        for expr in dashboard_exprs(ETCD_DASHBOARD):
+            grafana = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+            prometheus_api(web, "query", query=grafana)  # status success: PromQL it accepts
+        per_gateway = prometheus_api(
+            web, "query", query='sum by (instance) (managerd_sessions{job="managerd"})'
+        )["result"]
+        assert len(per_gateway) == 2, per_gateway
+        fsync = prometheus_api(
+            web, "query", query="count by (instance) (etcd_disk_wal_fsync_duration_seconds_bucket)"
+        )["result"]
+        assert len(fsync) == 3, fsync
+    finally:
+        proc.terminate()
+        proc.wait(30)
