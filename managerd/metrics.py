@@ -19,10 +19,11 @@ process is alive: never depends on anything else, so that an etcd outage
 does not get every gateway restarted) and ``/readyz`` (it accepts clients,
 its event loop answers, and its store can serve calls: a gateway whose
 etcd cluster does not answer a read within ``READY_TIMEOUT_S`` is not
-ready, so a load balancer sends clients to another). It also serves the status page: ``/`` (a
-self-contained page from ``managerd/web``) and ``/status.json``, the
-document ``managerd status --json`` prints. ``/status.json`` is read on
-the event loop (the objects are the loop's), never from this thread.
+ready, so a load balancer sends clients to another). It also serves the
+status page: ``/`` (a self-contained page from ``managerd/web``) and
+``/status.json``, the document ``managerd status --json`` prints.
+``/status.json`` (and the store's readiness) is read on the event loop
+(the objects are the loop's), never from this thread.
 """
 
 from __future__ import annotations
