@@ -14,11 +14,16 @@ Per-object labels are bounded by ``metrics_max_objects``: the first objects
 by name get their own series, the rest are summed under ``_other``, so a
 million queue names cannot blow up Prometheus.
 
-The endpoint also answers ``/healthz`` (the process is alive) and
-``/readyz`` (it accepts clients), and serves the status page: ``/`` (a
-self-contained page from ``managerd/web``) and ``/status.json``, the
-document ``managerd status --json`` prints. ``/status.json`` is read on
-the event loop (the objects are the loop's), never from this thread.
+The endpoint also answers Kubernetes-style probes: ``/healthz`` (the
+process is alive: never depends on anything else, so that an etcd outage
+does not get every gateway restarted) and ``/readyz`` (it accepts clients,
+its event loop answers, and its store can serve calls: a gateway whose
+etcd cluster does not answer a read within ``READY_TIMEOUT_S`` is not
+ready, so a load balancer sends clients to another). It also serves the
+status page: ``/`` (a self-contained page from ``managerd/web``) and
+``/status.json``, the document ``managerd status --json`` prints.
+``/status.json`` (and the store's readiness) is read on the event loop
+(the objects are the loop's), never from this thread.
 """
 
 from __future__ import annotations
@@ -309,6 +314,9 @@ WEB_FILES: Final = {
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 STATUS_TIMEOUT_S: Final = 5.0
+#: /readyz: how long the store may take to answer. Below Kubernetes' default probe
+#: timeout (1 s), so a slow store reads as not ready rather than as a failed probe.
+READY_TIMEOUT_S: Final = 0.8
 #: Rates on /status.json come from the sample before this one, if it is at least this old.
 MIN_RATE_INTERVAL_S: Final = 0.5
 
@@ -349,6 +357,27 @@ class StatusSource:
         if previous is None:
             return summarize(after, after, 1.0)
         return summarize(previous[1], after, max(now - previous[0], 1e-3))
+
+
+def readiness(core: MetricsCore) -> str | None:
+    """None if the daemon is ready for clients, else why not (from the metrics thread)."""
+    if not core.accepting:
+        return "not accepting clients"
+    try:
+        probe = asyncio.run_coroutine_threadsafe(core.store.ready(READY_TIMEOUT_S), core.loop)
+    except RuntimeError:  # the loop is closed
+        return "the daemon is stopping"
+    try:
+        # A little longer than the store's own bound: past it, the loop itself is stuck.
+        return probe.result(READY_TIMEOUT_S + 0.2)
+    except concurrent.futures.TimeoutError:
+        probe.cancel()
+        return "the daemon's event loop did not answer"
+    except (concurrent.futures.CancelledError, asyncio.CancelledError):
+        return "the daemon is stopping"
+    except Exception as exc:  # a probe says not ready; it does not fail the request
+        log.warning("readiness check failed", exc_info=exc)
+        return f"the store's check failed ({type(exc).__name__})"
 
 
 def _not_yet(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -401,12 +430,12 @@ class MetricsServer:
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ok\n"]
             if path == "/readyz":
-                ready = core.accepting
+                why_not = readiness(core)
                 start_response(
-                    "200 OK" if ready else "503 Service Unavailable",
+                    "200 OK" if why_not is None else "503 Service Unavailable",
                     [("Content-Type", "text/plain")],
                 )
-                return [b"ready\n" if ready else b"not accepting clients\n"]
+                return [b"ready\n" if why_not is None else f"not ready: {why_not}\n".encode()]
             if path == "/metrics":
                 if not authorized(environ, start_response):
                     return [b"a bearer token is required (metrics_token_file)\n"]

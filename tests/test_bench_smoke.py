@@ -4,6 +4,8 @@ Every workload is executed against the raw floor, a stock manager and
 managerd, with tiny counts. This checks that each one RAN and produced a
 figure, and that the correctness checks inside the suite (every message
 received exactly once, FIFO wakes) held — never how fast anything was.
+The etcd store's benchmarks (``etcd_gateways.py``, ``etcd_failover.py``)
+run the same way, tiny, on a real 3-node cluster.
 """
 
 from __future__ import annotations
@@ -123,3 +125,50 @@ def test_managerd_from_refuses_a_directory_without_managerd(tmp_path: Path) -> N
     )  # fmt: skip
     assert proc.returncode != 0
     assert "is not a checkout of managerd" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_etcd_gateway_benchmark_runs_every_workload(tmp_path: Path) -> None:
+    """``benchmarks/etcd_gateways.py``, tiny: every row has a figure for every client count."""
+    out = tmp_path / "gateways.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "etcd_gateways.py"), "--seconds", "0.2",
+         "--clients", "1,2", "--gateways", "1,2", "--batch", "4", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=220,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    figures = json.loads(out.read_text())
+    floors = {"puts/s", "keys/s in Txns of 4 puts"}
+    workloads = {
+        "queue put+get pairs/s",
+        "put_many/get_many msgs/s (4 per call)",
+        "lock acquire+release pairs/s",
+    }
+    assert set(figures) == floors | workloads
+    for workload, rows in figures.items():
+        setups = (
+            ["raw etcd from this machine (the floor)"]
+            if workload in floors
+            else ["embedded daemon", "1 gateway(s)", "2 gateway(s)"]
+        )
+        assert set(rows) == {f"{s}, {n} client(s)" for s in setups for n in (1, 2)}, rows
+        assert all(rate > 0 for rate in rows.values()), (workload, rows)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_etcd_failover_benchmark_runs_one_trial_of_each(tmp_path: Path) -> None:
+    """``benchmarks/etcd_failover.py --trials 1``: a leader kill and a gateway kill, timed."""
+    out = tmp_path / "failover.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "etcd_failover.py"), "--trials", "1",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=220,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    results = json.loads(out.read_text())
+    assert set(results) == {"etcd_leader_kill_s", "gateway_kill_s"}
+    for kind, trials in results.items():
+        assert len(trials) == 1 and trials[0] > 0, (kind, trials)
+    assert "p50" in proc.stdout and "max" in proc.stdout

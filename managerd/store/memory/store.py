@@ -94,6 +94,10 @@ class MemoryStore(Registry):
         journal = self.journal
         return journal.barrier() if journal is not None else None
 
+    async def ready(self, timeout_s: float) -> str | None:
+        """Always: the objects are on this loop (that the loop answers is the probe)."""
+        return None
+
     def recover(self, journal: Journal, *, repair: bool) -> tuple[int, Recovery]:
         """Rebuild the objects from ``journal``'s directory, then journal from here on.
 
