@@ -17,10 +17,15 @@ found when the creating Txn fails; the handle then answers every call
 with that conflict (the memory store raises it from get_or_create).
 
 **Sessions**: a managerd session gets an etcd lease (``EtcdSession``,
-TTL ``session_ttl_s``) at its first call; locks and permits are keys on
-it. ``release`` cancels the session's parked calls (a blocked acquire
-withdraws its key), revokes the lease (its holdings go at once), and
-returns its reservations to their queues. Reservations of a gateway
+TTL ``session_ttl_s``) at its first call, with the hash of its resume
+token on it; locks and permits are keys on it. ``release`` cancels the
+session's parked calls (a blocked acquire withdraws its key), revokes the
+lease (its holdings go at once), and returns its reservations to their
+queues. ``resume`` is another gateway's session taken over by this one
+(its client reconnected here with its resume token while the lease
+lived): the lease is renewed from here, and what the session holds stays
+held; a session taken over from a gateway that still lives is only
+forgotten there, not revoked. Reservations of a gateway
 that died are returned by ``requeue_expired`` of any gateway: each one runs
 it every second over the queues it has opened (safe when several do: each
 move compares the reservation's revision).
@@ -37,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -68,7 +74,7 @@ from managerd.store.etcd.kv import (
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 from managerd.store.interface import Handle, Snapshot, TypeInfo
 from managerd.store.memory.registry import check_name
-from managerd.store.sessions import Session
+from managerd.store.sessions import Session, SessionKind
 from managerd.store.stats import ObjectStats, StoreStats
 from managerd_client.errors import (
     ArgumentConflict,
@@ -117,6 +123,8 @@ class EtcdStore:
         self.tokens: dict[tuple[Session, str, str], int] = {}
         self._stats: dict[str, ObjectStats] = {}
         self._closed = False
+        #: How this gateway names itself as the owner of a session (``sessions.py``).
+        self.gateway_id = secrets.token_hex(8)
 
     @classmethod
     async def open(
@@ -368,11 +376,37 @@ class EtcdStore:
     def _lease(self, session: Session) -> asyncio.Task[EtcdSession]:
         lease = self._leases.get(session)
         if lease is None:
+            resumable = session.kind is SessionKind.MANAGERD
             lease = self.loop.create_task(
-                EtcdSession.open(self.client, self.session_ttl_s, root=self.root)
+                EtcdSession.open(
+                    self.client,
+                    self.session_ttl_s,
+                    root=self.root,
+                    resume_token=session.resume_token if resumable else None,
+                    public_id=session.id,
+                    gateway=self.gateway_id,
+                )
             )
             self._leases[session] = lease
         return lease
+
+    async def resume(self, token: str) -> Session | None:
+        """The session of another gateway whose resume token this is, while its lease
+        lives: taken over (renewed from here, owned by this gateway)."""
+        if self._closed:
+            return None
+        etcd_session = await EtcdSession.take_over(
+            self.client, token, self.gateway_id, root=self.root
+        )
+        if etcd_session is None:
+            return None
+        session = Session(SessionKind.MANAGERD, "?", resumed=(etcd_session.public_id, token))
+
+        async def taken() -> EtcdSession:
+            return etcd_session
+
+        self._leases[session] = self.loop.create_task(taken())
+        return session
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
@@ -420,6 +454,10 @@ class EtcdStore:
 
     async def _end(self, lease: asyncio.Task[EtcdSession], queues: set[QueueHandle]) -> None:
         etcd_session = await lease
+        if not await etcd_session.owned():
+            # Taken over by another gateway (its client reconnected there): not ours to end.
+            await etcd_session.abandon()
+            return
         await etcd_session.close()
         for queue in queues:  # its reservations go back now, not after a deadline
             await queue.queue.requeue_expired()
