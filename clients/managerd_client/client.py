@@ -188,6 +188,19 @@ class Manager:
             self._ensure_heartbeat(channel.session_ttl_s / 3)
             return channel
 
+    def _resumed_elsewhere(self, lost: Channel, epoch: int) -> Channel | None:
+        """After ``lost`` died under a call made in session ``epoch``: the channel on
+        which that session goes on through another daemon of the same store (a
+        gateway that took it over), else None (a new session, the same daemon
+        again, or no daemon reached)."""
+        try:
+            channel = self._channel_or_reconnect()
+        except ManagerdError:
+            return None
+        if channel.resumed and self.session_epoch == epoch and channel.server_id != lost.server_id:
+            return channel
+        return None
+
     def _ensure_heartbeat(self, interval_s: float) -> None:
         if self._heartbeat is not None and self._heartbeat.is_alive():
             return

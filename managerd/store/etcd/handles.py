@@ -530,12 +530,13 @@ class LockHandle(EtcdHandle):
     def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
         wait_s = _acquire_wait_s(blocking, timeout)
         owner = self._owner(call)
+        # Asked again after the gateway that had it died: its key keeps its place.
+        again = call.session.reissuing == (call.thread, self.name, "acquire")
 
         async def acquire(session: EtcdSession) -> int | bool:
+            take = self.lock.adopt if again else self.lock.acquire
             try:
-                token = await self.lock.acquire(
-                    session, owner, blocking=wait_s != 0.0, timeout_s=wait_s or None
-                )
+                token = await take(session, owner, blocking=wait_s != 0.0, timeout_s=wait_s or None)
             except RuntimeError:  # a Lock this session holds already: it waits (threading's)
                 token = await self._wait_held_by_self(session, owner, wait_s)
             if token is None:

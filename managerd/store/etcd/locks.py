@@ -15,7 +15,9 @@ deletes the key and the next waiter holds the lock, with a larger token.
 Release deletes the key only if its create_revision is still the token
 (``LockLost`` otherwise: the session expired and someone else may hold it).
 ``release_holder`` is ``threading.Lock``'s release by anyone: it deletes
-whichever key holds the lock.
+whichever key holds the lock. ``adopt`` is an acquire asked again after
+the gateway that ran it died: its key, still on the session's lease, keeps
+its place.
 
 **RLock**: the owner (a client thread) re-enters by raising a count kept in
 its key's value, changed with a compare on the key's create_revision (the
@@ -88,6 +90,31 @@ class EtcdLock:
             if kv.value != attempt:
                 raise RuntimeError(f"{owner or session.sid} already holds or waits for {self.name}")
             token = kv.create_revision
+        try:
+            if await self._wait_turn(key, token, blocking, timeout_s):
+                return token
+        except BaseException:
+            await asyncio.shield(self._withdraw(key, token))
+            raise
+        await self._withdraw(key, token)
+        return None
+
+    async def adopt(
+        self,
+        session: EtcdSession,
+        owner: str = "",
+        *,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+    ) -> int | None:
+        """``acquire`` asked again for a call lost with the gateway that ran it (the
+        session was taken over by this one): the key that call put, if it is there,
+        keeps its place in line, or holds already; else a new acquire."""
+        key = self._key(session, owner)
+        kv = await self.client.get(key)
+        if kv is None:
+            return await self.acquire(session, owner, blocking=blocking, timeout_s=timeout_s)
+        token = kv.create_revision
         try:
             if await self._wait_turn(key, token, blocking, timeout_s):
                 return token

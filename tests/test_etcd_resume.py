@@ -1,0 +1,205 @@
+"""A client whose gateway dies resumes its session through another (issue 13).
+
+Real ``managerd serve --store etcd://...`` gateways on one real 3-node etcd
+cluster, killed with SIGKILL; clients reach them with the multi-address
+``connect("A,B")``. Within the session TTL the client's next calls go
+through B with the same session: its lock (same fencing token), its
+reserved message (acked there, never redelivered) and its semaphore permit
+are still its own, and nobody else gets them meanwhile. A thread that was
+blocked through A (``acquire``, ``get``) waits again through B and is woken
+there. A session whose TTL lapsed before its client came back is not
+resumed: its lock went to the waiter, and the client is told ``LockLost``.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from managerd_client import LockLost, connect
+
+from conftest import Daemon, wait_until
+from etcd_support import EtcdCluster, cluster
+
+__all__ = ["cluster"]  # the fixture, from etcd_support
+
+TTL_S = 4
+
+
+class Gateways:
+    """Gateways of one store (one cluster, one prefix), started and killed by a test."""
+
+    def __init__(self, cluster: EtcdCluster, tmp: Path) -> None:
+        store = "etcd://" + ",".join(cluster.endpoints)
+        prefix = "/r" + secrets.token_hex(4) + "/"
+        self.args = ["--store", store, "--store-prefix", prefix, "--session-ttl-s", str(TTL_S)]
+        self.tmp = tmp
+        self.authkey = secrets.token_hex(16).encode()
+        self.started: list[Daemon] = []
+
+    def start(self, name: str, port: int | None = None) -> Daemon:
+        d = Daemon(self.tmp / name, args=self.args)
+        d.authkey = self.authkey
+        self.started.append(d.start(port=port))
+        return d
+
+    def client(self, *gateways: Daemon | str) -> Any:
+        addresses = ",".join(g if isinstance(g, str) else g.address for g in gateways)
+        return connect(addresses, authkey=self.authkey)
+
+    def stop(self) -> None:
+        for d in self.started:
+            d.stop()
+
+
+@pytest.fixture
+def gateways(cluster: EtcdCluster, tmp_path: Path) -> Iterator[Gateways]:
+    g = Gateways(cluster, tmp_path)
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn`` in a thread; its result (or exception) lands in the list."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def waiters_on(gateway: Daemon, name: str) -> int:
+    with gateway.connect() as m:
+        return int(m.status()["objects"].get(name, {}).get("waiters", 0))
+
+
+def test_a_client_keeps_its_lock_reservation_and_permit_through_another_gateway(
+    gateways: Gateways,
+) -> None:
+    a, b = gateways.start("a"), gateways.start("b")
+    with gateways.client(a, b) as m, gateways.client(b) as other:
+        lock = m.Lock("db")
+        assert lock.acquire()
+        token = lock.fencing_token
+        jobs = m.Queue("jobs")
+        jobs.put("job-1")
+        message = jobs.reserve(timeout=5)
+        permits = m.Semaphore("slots", 1)
+        assert permits.acquire()
+        session = m.session_id
+        assert m.server_id == a_id(a)
+
+        other_lock = other.Lock("db")
+        waiter, got = in_thread(lambda: other_lock.acquire(timeout=60))
+        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=10)
+
+        a.kill()
+
+        assert lock.locked()  # reconnected through B
+        assert m.server_id != a_id(a) and m.session_id == session
+        assert lock._call("fencing_token") == token  # the same holding, not a new one
+        assert not got  # the waiter through B still waits
+        with gateways.client(b) as third:
+            assert not third.Lock("db").acquire(blocking=False)
+            assert not third.Semaphore("slots", 1).acquire(blocking=False)
+            message.ack()  # the delivery id of A, acked through B
+            assert third.Queue("jobs").qsize() == 0
+            assert third.Queue("jobs")._call("reserved_count") == 0
+            with pytest.raises(queue.Empty):
+                third.Queue("jobs").get(timeout=0.5)
+            permits.release()
+            assert third.Semaphore("slots", 1).acquire(blocking=False)
+        lock.release()
+        waiter.join(30)
+        assert got == [True]
+        assert other_lock.fencing_token is not None and other_lock.fencing_token > token
+
+
+_ids: dict[int, str] = {}
+
+
+def a_id(gateway: Daemon) -> str:
+    """The server id of ``gateway`` (asked once, while it lives)."""
+    assert gateway.proc is not None
+    if gateway.proc.pid not in _ids:
+        with gateway.connect() as m:
+            _ids[gateway.proc.pid] = m.server_id
+    return _ids[gateway.proc.pid]
+
+
+def test_a_session_whose_ttl_lapsed_is_not_resumed(gateways: Gateways) -> None:
+    a, b = gateways.start("a"), gateways.start("b")
+    with socket.socket() as s:  # the port C will take, after the TTL
+        s.bind(("127.0.0.1", 0))
+        c_port = s.getsockname()[1]
+    with gateways.client(a, f"127.0.0.1:{c_port}") as m, gateways.client(b) as other:
+        lock = m.Lock("db")
+        assert lock.acquire()
+        token = lock.fencing_token
+        assert token is not None
+        waiter, got = in_thread(lambda: other.Lock("db").acquire(timeout=60))
+        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=10)
+        a.kill()  # nobody renews the lease, and the client has nowhere to go
+        waiter.join(30)
+        assert got == [True]
+        assert other.Lock("db")._call("fencing_token") > token
+        gateways.start("c", port=c_port)
+        with pytest.raises(LockLost):
+            lock.release()
+        assert other.Lock("db").locked()  # still the waiter's
+
+
+def test_waiters_parked_on_a_dead_gateway_wait_again_through_another(
+    gateways: Gateways,
+) -> None:
+    a, b = gateways.start("a"), gateways.start("b")
+    with (
+        gateways.client(b) as holder,
+        gateways.client(a, b) as moving,
+        gateways.client(b) as later,
+    ):
+        assert holder.Lock("db").acquire()
+        token = holder.Lock("db")._call("fencing_token")
+        moving_lock, later_lock = moving.Lock("db"), later.Lock("db")
+        locker, locked = in_thread(lambda: moving_lock.acquire(timeout=60))
+        getter, gotten = in_thread(lambda: moving.Queue("jobs").get(timeout=60))
+        assert wait_until(lambda: waiters_on(a, "db") == 1 and waiters_on(a, "jobs") == 1)
+        # In line behind the moving client's acquire (parked through A first).
+        late, late_got = in_thread(lambda: later_lock.acquire(timeout=60))
+        assert wait_until(lambda: waiters_on(b, "db") == 1)
+        session = moving.session_id
+
+        a.kill()
+
+        # Both calls are asked again through B, in the same session.
+        assert wait_until(lambda: waiters_on(b, "db") == 2 and waiters_on(b, "jobs") == 1)
+        assert moving.session_id == session
+        assert not locked and not gotten and not late_got
+        holder.Lock("db").release()
+        locker.join(30)
+        assert locked == [True]  # its place in line was kept: before the later one
+        assert moving_lock.fencing_token is not None and moving_lock.fencing_token > token
+        assert not late_got
+        holder.Queue("jobs").put("job-1")
+        getter.join(30)
+        assert gotten == ["job-1"]
+        moved_token = moving_lock.fencing_token
+        moving_lock.release()
+        late.join(30)
+        assert late_got == [True]
+        assert later_lock.fencing_token is not None and later_lock.fencing_token > moved_token
