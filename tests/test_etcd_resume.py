@@ -1,5 +1,10 @@
 """A client whose gateway dies resumes its session through another (issue 13).
 
+In process first, as the contract suite drives a store: two ``EtcdStore``
+gateways on one real cluster, a session taken over by its resume token
+(``Store.resume``), its lock, RLock and reservations used through the
+second; a gateway that ends a session taken over from it does not revoke it.
+
 Real ``managerd serve --store etcd://...`` gateways on one real 3-node etcd
 cluster, killed with SIGKILL; clients reach them with the multi-address
 ``connect("A,B")``. Within the session TTL the client's next calls go
@@ -13,16 +18,22 @@ resumed: its lock went to the waiter, and the client is told ``LockLost``.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import secrets
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from managerd.store.api import Call
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.store import EtcdStore
+from managerd.store.interface import Handle
+from managerd.store.sessions import Session, SessionKind
 from managerd_client import LockLost, connect
 
 from conftest import Daemon, wait_until
@@ -31,6 +42,99 @@ from etcd_support import EtcdCluster, cluster
 __all__ = ["cluster"]  # the fixture, from etcd_support
 
 TTL_S = 4
+
+
+# -- in process: two stores on one cluster -----------------------------------------------
+
+
+async def call(handle: Handle, s: Session, method: str, *args: Any, thread: int = 0) -> Any:
+    """The call as the invoker makes it, its answer awaited."""
+    answer = handle.methods[method].fn(handle, Call(s, thread, asyncio.get_running_loop()), *args)
+    return await answer if isinstance(answer, asyncio.Future) else answer
+
+
+async def ended(store: EtcdStore, s: Session) -> None:
+    """``store`` ends ``s`` as its daemon would, and finishes what that starts in etcd."""
+    before = asyncio.all_tasks()
+    store.release(s)
+    await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
+
+
+def two_stores(
+    cluster: EtcdCluster, body: Callable[[EtcdStore, EtcdStore], Awaitable[None]]
+) -> None:
+    root = b"/t" + secrets.token_hex(4).encode() + b"/"
+
+    async def main() -> None:
+        async with EtcdClient(cluster.endpoints) as ca, EtcdClient(cluster.endpoints) as cb:
+            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
+            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
+            try:
+                await body(a, b)
+            finally:
+                await a.close()
+                await b.close()
+
+    asyncio.run(main())
+
+
+def new_session(label: str) -> Session:
+    return Session(SessionKind.MANAGERD, label, {"host": "test", "pid": 0})
+
+
+def test_a_session_taken_over_keeps_its_holdings_and_its_old_gateway_does_not_revoke_it(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        s = new_session("moving")
+        lock = a.get_or_create("Lock", "l", {})
+        token = await call(lock, s, "acquire")
+        rlock = a.get_or_create("RLock", "r", {})
+        await call(rlock, s, "acquire", thread=7)
+        jobs = a.get_or_create("Queue", "jobs", {})
+        await call(jobs, s, "put_many", [b"one", b"two"])
+        first, _, _ = await call(jobs, s, "reserve", 5)
+        second, _, _ = await call(jobs, s, "reserve", 5)
+
+        moved = await b.resume(s.resume_token)
+        assert moved is not None
+        assert (moved.id, moved.resume_token) == (s.id, s.resume_token)
+        await ended(a, s)  # the old gateway ends it (its client left): not revoked
+
+        other = new_session("other")
+        lock_b = b.get("l")
+        assert await call(lock_b, other, "acquire", False) is False
+        assert await call(lock_b, moved, "fencing_token") == token
+        await call(b.get("r"), moved, "release", thread=7)  # acquired through A
+        jobs_b = b.get("jobs")
+        await call(jobs_b, moved, "ack", first)
+        await call(jobs_b, moved, "nack", second)
+        with pytest.raises(ValueError):
+            await call(jobs_b, moved, "ack", first)  # acked already
+        assert await call(jobs_b, other, "reserved_count") == 0
+        assert await call(jobs_b, other, "get_nowait") == b"two"
+        await ended(b, moved)  # now it ends: its lock goes
+        assert await call(lock_b, other, "acquire", False) > token
+
+    two_stores(cluster, body)
+
+
+def test_a_token_resumes_only_a_live_session(cluster: EtcdCluster) -> None:
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        assert await b.resume("never given") is None
+        s = new_session("ending")
+        await call(a.get_or_create("Lock", "l", {}), s, "acquire")
+        await ended(a, s)  # its gateway ended it: revoked
+        assert await b.resume(s.resume_token) is None
+        t = new_session("another's")
+        await call(a.get_or_create("Lock", "m", {}), t, "acquire")
+        assert await b.resume(s.resume_token) is None  # not t's: its own token only
+        assert await b.resume(t.resume_token) is not None
+
+    two_stores(cluster, body)
+
+
+# -- real gateways ------------------------------------------------------------------------
 
 
 class Gateways:

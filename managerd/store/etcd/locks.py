@@ -94,7 +94,7 @@ class EtcdLock:
             if await self._wait_turn(key, token, blocking, timeout_s):
                 return token
         except BaseException:
-            await asyncio.shield(self._withdraw(key, token))
+            await asyncio.shield(self._withdraw_if_ours(session, key, token))
             raise
         await self._withdraw(key, token)
         return None
@@ -119,7 +119,7 @@ class EtcdLock:
             if await self._wait_turn(key, token, blocking, timeout_s):
                 return token
         except BaseException:
-            await asyncio.shield(self._withdraw(key, token))
+            await asyncio.shield(self._withdraw_if_ours(session, key, token))
             raise
         await self._withdraw(key, token)
         return None
@@ -160,6 +160,12 @@ class EtcdLock:
                         return
         except Compacted:
             return  # history is gone: the caller looks again
+
+    async def _withdraw_if_ours(self, session: EtcdSession, key: bytes, token: int) -> None:
+        """A cancelled acquire's key goes, unless another gateway took the session over
+        (this one is ending it): there, the call asked again keeps that key."""
+        if await session.owned():
+            await self._withdraw(key, token)
 
     async def _withdraw(self, key: bytes, token: int) -> None:
         await self.client.txn(
