@@ -192,9 +192,13 @@ class Manager:
         """After ``lost`` died under a call made in session ``epoch``: the channel on
         which that session goes on through another daemon of the same store (a
         gateway that took it over), else None (a new session, the same daemon
-        again, or no daemon reached)."""
+        again, or no daemon reached). Only with several addresses, each tried
+        once: with one, or none answering, the call raises ConnectionLost at
+        once, as always."""
+        if len(self.addresses) < 2:
+            return None
         try:
-            channel = self._channel_or_reconnect()
+            channel = self._channel_or_reconnect(retry=False)
         except ManagerdError:
             return None
         if channel.resumed and self.session_epoch == epoch and channel.server_id != lost.server_id:
