@@ -8,8 +8,11 @@ and the next call reconnects (with backoff, for up to ``connect_timeout_s``),
 resuming the session if the daemon still has it. Given several addresses
 (gateways of one store, or a daemon and its standby), a connect tries them
 in turn from the one last used, so a dead one is passed over; the session
-is resumed wherever it is still known, else a new one starts. A lock proxy whose session
-did not survive raises ``LockLost`` on its next call. A connection refused
+is resumed wherever it is still known, else a new one starts. A read or a
+re-parkable wait whose connection died under it is asked again when another
+daemon of the same store (an etcd gateway) resumed the session
+(``Proxy._reissued``); anything else raises ``ConnectionLost``. A lock
+proxy whose session did not survive raises ``LockLost`` on its next call. A connection refused
 because this address is penalized (too many failed handshakes from it,
 maybe by another process) is retried once the penalty ends, if that is
 within ``connect_timeout_s``.

@@ -11,7 +11,8 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
   all endpoints; why this client, in its docstring); ``kv.py``: the typed
   values it takes and returns, and its errors.
 - ``sessions.py``: a session is a lease kept alive; its keys vanish with it;
-  another gateway can resume it by its id while the lease lives.
+  another gateway takes it over by the client's resume token (its hash is
+  a key on the lease) while the lease lives (``EtcdStore.resume``).
 - ``queues.py``: a FIFO queue (idempotent put, blocking get and reserve
   through a watch, several takes per Txn, reserve/ack/nack, requeue of
   expired and orphaned reservations).
@@ -30,8 +31,17 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 ``managerd serve --store etcd://...`` (``server.py``) serves an
 ``EtcdStore``: the daemon is then a gateway.
 
-**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
-session through another gateway; stats beyond what a gateway knows
+**Resuming through another gateway**: a client whose gateway died
+reconnects to another with its resume token; that gateway finds the
+session's lease (``sessions.py``), renews it, and serves the session with
+what it holds: lock keys are on its lease, reservations name its etcd id
+(delivery ids are derived from the reservation, ``handles.Deliveries``),
+and a lock ``acquire`` the client asks again (``REISSUE`` of the managerd
+dialect) keeps its key's place in line (``EtcdLock.adopt``).
+
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; a gateway
+that lives on after a session was taken over from it learns so only when
+it ends that session; stats beyond what a gateway knows
 (``refresh_stats``); one elected gateway for requeues (every gateway
 requeues its queues); group commit across calls of a gateway (the queue
 batches its blocked takes only); deadlock detection; TLS to etcd.

@@ -4,7 +4,8 @@ Any number of gateways (managerd processes) open an ``EtcdStore`` on the
 same cluster and prefix, and serve the same objects: every object's state
 is in etcd (the primitives of ``queues.py``, ``locks.py``, ``sync.py``,
 ``values.py``); a gateway keeps only what is its own (its sessions' leases,
-its parked calls, the delivery ids it gave its clients).
+its parked calls, the reservations its clients used through it; a session
+and its reservations are found from any gateway).
 
 **Names** ``/m/o/<name>``: the type and creation arguments (JSON), created
 with the object's initial state in one Txn (``create_revision == 0``). The
