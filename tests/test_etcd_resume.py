@@ -31,10 +31,11 @@ import pytest
 
 from managerd.store.api import Call
 from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.kv import prefix_end
 from managerd.store.etcd.store import EtcdStore
 from managerd.store.interface import Handle
 from managerd.store.sessions import Session, SessionKind
-from managerd_client import LockLost, connect
+from managerd_client import LockLost, SessionExpired, connect
 
 from conftest import Daemon, wait_until
 from etcd_support import EtcdCluster, cluster
@@ -115,6 +116,44 @@ def test_a_session_taken_over_keeps_its_holdings_and_its_old_gateway_does_not_re
         assert await call(jobs_b, other, "get_nowait") == b"two"
         await ended(b, moved)  # now it ends: its lock goes
         assert await call(lock_b, other, "acquire", False) > token
+
+    two_stores(cluster, body)
+
+
+def test_a_gateway_lets_go_of_a_session_taken_over_and_the_wait_keeps_its_place(
+    cluster: EtcdCluster,
+) -> None:
+    """The old gateway lives (its client went quiet): it drops the session's parked
+    acquire without withdrawing its key, and refuses the session's calls; the acquire
+    asked again through the new gateway holds with that key's token."""
+
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        holder, s, later = new_session("holder"), new_session("moving"), new_session("later")
+        lock = a.get_or_create("Lock", "l", {})
+        first = await call(lock, holder, "acquire")
+        parked = lock.methods["acquire"].fn(lock, Call(s, 0, asyncio.get_running_loop()))
+        contenders: list[int] = []
+        while len(contenders) < 2:  # until its key is in line
+            read = await a.client.range(lock.lock.prefix, prefix_end(lock.lock.prefix))
+            contenders = [kv.create_revision for kv in read.kvs]
+        waiting_token = max(contenders)
+        behind = b.get_or_create("Lock", "l", {})
+        late = asyncio.ensure_future(call(behind, later, "acquire"))
+
+        moved = await b.resume(s.resume_token)
+        assert moved is not None
+        await asyncio.wait([parked], timeout=10)
+        assert parked.cancelled()  # dropped on A once it saw the takeover
+        with pytest.raises(SessionExpired):
+            await call(lock, s, "locked")  # A serves it no more
+        moved.reissuing = (0, "l", "acquire")
+        again = behind.methods["acquire"].fn(behind, Call(moved, 0, asyncio.get_running_loop()))
+        moved.reissuing = None
+        await call(lock, holder, "release")
+        assert await again == waiting_token  # the place in line A had for it: before `later`
+        assert not late.done()
+        await call(behind, moved, "release")
+        assert await late > waiting_token > first
 
     two_stores(cluster, body)
 

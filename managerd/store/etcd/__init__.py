@@ -39,9 +39,12 @@ what it holds: lock keys are on its lease, reservations name its etcd id
 and a lock ``acquire`` the client asks again (``REISSUE`` of the managerd
 dialect) keeps its key's place in line (``EtcdLock.adopt``).
 
-**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; a gateway
-that lives on after a session was taken over from it learns so only when
-it ends that session; stats beyond what a gateway knows
+A gateway that lives on when a session is taken over from it sees so
+through a watch of the token keys and lets go of the session
+(``EtcdStore._let_go``).
+
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; stats beyond
+what a gateway knows
 (``refresh_stats``); one elected gateway for requeues (every gateway
 requeues its queues); group commit across calls of a gateway (the queue
 batches its blocked takes only); deadlock detection; TLS to etcd.

@@ -25,8 +25,10 @@ lease (its holdings go at once), and returns its reservations to their
 queues. ``resume`` is another gateway's session taken over by this one
 (its client reconnected here with its resume token while the lease
 lived): the lease is renewed from here, and what the session holds stays
-held; a session taken over from a gateway that still lives is only
-forgotten there, not revoked. Reservations of a gateway
+held. A gateway watches the token keys: a session of its own taken over
+elsewhere is let go (``_let_go``: its parked calls dropped, leaving their
+keys to the calls asked again there, its calls refused, its lease no
+longer renewed from here, never revoked). Reservations of a gateway
 that died are returned by ``requeue_expired`` of any gateway: each one runs
 it every second over the queues it has opened (safe when several do: each
 move compares the reservation's revision).
@@ -82,6 +84,7 @@ from managerd_client.errors import (
     NoSuchObject,
     ObjectTypeConflict,
     ServerShuttingDown,
+    SessionExpired,
 )
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,11 @@ class EtcdStore:
         self._closed = False
         #: How this gateway names itself as the owner of a session (``sessions.py``).
         self.gateway_id = secrets.token_hex(8)
+        #: This gateway's resumable sessions, by the key of their resume token's hash.
+        self._by_token_key: dict[bytes, Session] = {}
+        self._token_keys: dict[Session, bytes] = {}
+        #: Sessions another gateway took over: their calls here are refused.
+        self._taken: set[Session] = set()
 
     @classmethod
     async def open(
@@ -141,6 +149,7 @@ class EtcdStore:
         for kv in read.kvs:
             store._learn(kv.value, kv.create_revision)
         store.background(store._follow(read.revision))
+        store.background(store._follow_takeovers(read.revision))
         store.background(store._requeue_loop())
         return store
 
@@ -338,6 +347,8 @@ class EtcdStore:
         if self._closed:
             raise ServerShuttingDown("the daemon is shutting down")
         session = call.session
+        if self._taken and session in self._taken:
+            raise SessionExpired(f"session {session.id} was taken over by another gateway")
         lease = self._lease(session)
 
         async def run() -> Any:
@@ -389,7 +400,16 @@ class EtcdStore:
                 )
             )
             self._leases[session] = lease
+            lease.add_done_callback(lambda task: self._opened(session, task))
         return lease
+
+    def _opened(self, session: Session, task: asyncio.Task[EtcdSession]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        key = task.result().token_key
+        if key is not None and self._leases.get(session) is task:
+            self._by_token_key[key] = session
+            self._token_keys[session] = key
 
     async def resume(self, token: str) -> Session | None:
         """The session of another gateway whose resume token this is, while its lease
@@ -407,7 +427,59 @@ class EtcdStore:
             return etcd_session
 
         self._leases[session] = self.loop.create_task(taken())
+        if etcd_session.token_key is not None:
+            self._by_token_key[etcd_session.token_key] = session
+            self._token_keys[session] = etcd_session.token_key
         return session
+
+    async def _follow_takeovers(self, revision: int) -> None:
+        """Let go of a session of this gateway as soon as another takes it over (its
+        client reconnected there): its parked calls here are dropped, leaving its
+        keys to the calls the client asks again there, and its lease is renewed
+        from there only. (Missed, a takeover is still found when the session ends
+        here: ``_end`` revokes only a session this gateway owns.)"""
+        tokens = self.root + b"t/"
+        while True:
+            try:
+                async with contextlib.aclosing(
+                    self.client.watch(tokens, prefix_end(tokens), start_revision=revision + 1)
+                ) as events:
+                    async for batch in events:
+                        for event in batch:
+                            revision = event.kv.mod_revision
+                            session = self._by_token_key.get(event.kv.key)
+                            if session is None or event.type is not EventType.PUT:
+                                continue
+                            if json.loads(event.kv.value).get("gateway") != self.gateway_id:
+                                self._let_go(session)
+            except EtcdError as exc:  # compacted: follow from now on
+                log.warning("etcd store: sessions watch failed (%s); following again", exc)
+                revision = (await self.client.range(tokens, count_only=True)).revision
+
+    def _let_go(self, session: Session) -> None:
+        """``session`` was taken over by another gateway: nothing of it is done here."""
+        log.info("etcd store: session %s was taken over by another gateway", session.id)
+        self._taken.add(session)
+        self._forget_session(session)
+        lease = self._leases.pop(session, None)
+        if lease is not None:
+            self.background(self._abandon(lease))
+
+    async def _abandon(self, lease: asyncio.Task[EtcdSession]) -> None:
+        await (await lease).abandon()
+
+    def _forget_session(self, session: Session) -> set[QueueHandle]:
+        """Drop this gateway's state of ``session``: its calls (cancelled), delivery ids
+        and tokens; the queues it had reserved from."""
+        for task in self._calls.pop(session, set()):
+            task.cancel()
+        queues = self.deliveries.drop(session)
+        for held in [k for k in self.tokens if k[0] is session]:
+            del self.tokens[held]
+        key = self._token_keys.pop(session, None)
+        if key is not None:
+            self._by_token_key.pop(key, None)
+        return queues
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
@@ -444,11 +516,8 @@ class EtcdStore:
         getattr(obj, obj.undo_methods[method])(call, args, result)
 
     def release(self, session: Session) -> None:
-        for task in self._calls.pop(session, set()):
-            task.cancel()
-        queues = self.deliveries.drop(session)
-        for key in [k for k in self.tokens if k[0] is session]:
-            del self.tokens[key]
+        self._taken.discard(session)
+        queues = self._forget_session(session)
         lease = self._leases.pop(session, None)
         if lease is not None:
             self.background(self._end(lease, queues))
