@@ -71,10 +71,6 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
-#: States in which buffered frames wait (closed: for ever).
-_NOT_READING: Final = frozenset({ConnState.CLOSED, ConnState.RESUMING})
-
-
 class ConnectionSettings(Protocol):
     """The settings a connection reads (``managerd.settings.Settings``)."""
 
@@ -272,7 +268,12 @@ class Connection(asyncio.Protocol):
         buf += data
         pos = 0
         end = len(buf)
-        while end - pos >= 4 and self.state not in _NOT_READING:
+        # Identity tests, not a set: an Enum member hashes in Python code.
+        while (
+            end - pos >= 4
+            and self.state is not ConnState.CLOSED
+            and self.state is not ConnState.RESUMING  # buffered until the hello is answered
+        ):
             (size,) = _HEADER.unpack_from(buf, pos)
             start = pos + 4
             if size == -1:
