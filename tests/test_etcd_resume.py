@@ -25,12 +25,13 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from managerd.store.api import Call
 from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.handles import LockHandle
 from managerd.store.etcd.kv import prefix_end
 from managerd.store.etcd.store import EtcdStore
 from managerd.store.interface import Handle
@@ -134,7 +135,8 @@ def test_a_gateway_lets_go_of_a_session_taken_over_and_the_wait_keeps_its_place(
         parked = lock.methods["acquire"].fn(lock, Call(s, 0, asyncio.get_running_loop()))
         contenders: list[int] = []
         while len(contenders) < 2:  # until its key is in line
-            read = await a.client.range(lock.lock.prefix, prefix_end(lock.lock.prefix))
+            prefix = cast(LockHandle, lock).lock.prefix
+            read = await a.client.range(prefix, prefix_end(prefix))
             contenders = [kv.create_revision for kv in read.kvs]
         waiting_token = max(contenders)
         behind = b.get_or_create("Lock", "l", {})
