@@ -155,8 +155,8 @@ class EtcdSession:
         if self.token_key is None:
             return True
         kv = await self.client.get(self.token_key)
-        if kv is None:
-            return True  # gone with the lease: revoking changes nothing
+        if kv is None or kv.lease != self.lease_id:
+            return True  # gone with the lease (revoking changes nothing), or not this lease
         return bool(json.loads(kv.value).get("gateway") == self.gateway)
 
     async def _keep_alive(self) -> None:

@@ -450,11 +450,20 @@ class EtcdStore:
                             session = self._by_token_key.get(event.kv.key)
                             if session is None or event.type is not EventType.PUT:
                                 continue
-                            if json.loads(event.kv.value).get("gateway") != self.gateway_id:
+                            if self._taken_from_here(session, event.kv.lease, event.kv.value):
                                 self._let_go(session)
             except EtcdError as exc:  # compacted: follow from now on
                 log.warning("etcd store: sessions watch failed (%s); following again", exc)
                 revision = (await self.client.range(tokens, count_only=True)).revision
+
+    def _taken_from_here(self, session: Session, lease_id: int, value: bytes) -> bool:
+        """Whether a put of ``session``'s token key names another gateway on the lease
+        this one keeps for it (a takeover; not a lease of its own elsewhere)."""
+        lease = self._leases.get(session)
+        if lease is None or not lease.done() or lease.cancelled() or lease.exception():
+            return False
+        ours = lease.result()
+        return lease_id == ours.lease_id and json.loads(value).get("gateway") != self.gateway_id
 
     def _let_go(self, session: Session) -> None:
         """``session`` was taken over by another gateway: nothing of it is done here."""
