@@ -493,7 +493,7 @@ class Connection(asyncio.Protocol):
         session = self.core.sessions.resumable(token) if isinstance(token, str) else None
         if session is not None and session.active and session.kind is SessionKind.MANAGERD:
             self._welcome(info, session, resumed=True)
-        elif isinstance(token, str):
+        elif session is None and isinstance(token, str):
             # Maybe a session of another gateway of the store: asked, input waits.
             self.state = ConnState.RESUMING
             if self.transport is not None:
