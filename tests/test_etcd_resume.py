@@ -23,6 +23,7 @@ import queue
 import secrets
 import socket
 import threading
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -38,7 +39,7 @@ from managerd.store.interface import Handle
 from managerd.store.sessions import Session, SessionKind
 from managerd_client import LockLost, SessionExpired, connect
 
-from conftest import Daemon, wait_until
+from conftest import Daemon, free_port, wait_until
 from etcd_support import EtcdCluster, cluster
 
 __all__ = ["cluster"]  # the fixture, from etcd_support
@@ -104,11 +105,13 @@ def test_a_session_taken_over_keeps_its_holdings_and_its_old_gateway_does_not_re
         await ended(a, s)  # the old gateway ends it (its client left): not revoked
 
         other = new_session("other")
-        lock_b = b.get("l")
+        lock_b = b.get_or_create("Lock", "l", {})
         assert await call(lock_b, other, "acquire", False) is False
         assert await call(lock_b, moved, "fencing_token") == token
-        await call(b.get("r"), moved, "release", thread=7)  # acquired through A
-        jobs_b = b.get("jobs")
+        await call(
+            b.get_or_create("RLock", "r", {}), moved, "release", thread=7
+        )  # acquired through A
+        jobs_b = b.get_or_create("Queue", "jobs", {})
         await call(jobs_b, moved, "ack", first)
         await call(jobs_b, moved, "nack", second)
         with pytest.raises(ValueError):
@@ -189,8 +192,9 @@ class Gateways:
         self.authkey = secrets.token_hex(16).encode()
         self.started: list[Daemon] = []
 
-    def start(self, name: str, port: int | None = None) -> Daemon:
-        d = Daemon(self.tmp / name, args=self.args)
+    def start(self, name: str, port: int | None = None, metrics_port: int | None = None) -> Daemon:
+        metrics = [] if metrics_port is None else ["--metrics-port", str(metrics_port)]
+        d = Daemon(self.tmp / name, args=self.args + metrics)
         d.authkey = self.authkey
         self.started.append(d.start(port=port))
         return d
@@ -228,6 +232,11 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
 def waiters_on(gateway: Daemon, name: str) -> int:
     with gateway.connect() as m:
         return int(m.status()["objects"].get(name, {}).get("waiters", 0))
@@ -236,7 +245,9 @@ def waiters_on(gateway: Daemon, name: str) -> int:
 def test_a_client_keeps_its_lock_reservation_and_permit_through_another_gateway(
     gateways: Gateways,
 ) -> None:
-    a, b = gateways.start("a"), gateways.start("b")
+    metrics_port = free_port()
+    a, b = gateways.start("a"), gateways.start("b", metrics_port=metrics_port)
+    assert wait_until(lambda: "metrics on http://" in b.log)
     with gateways.client(a, b) as m, gateways.client(b) as other:
         lock = m.Lock("db")
         assert lock.acquire()
@@ -257,6 +268,9 @@ def test_a_client_keeps_its_lock_reservation_and_permit_through_another_gateway(
 
         assert lock.locked()  # reconnected through B
         assert m.server_id != a_id(a) and m.session_id == session
+        with b.connect() as look:
+            assert session in [s["id"] for s in look.status()["sessions"]]
+        assert "managerd_sessions_taken_over_total 1.0" in scrape(metrics_port)
         assert lock._call("fencing_token") == token  # the same holding, not a new one
         assert not got  # the waiter through B still waits
         with gateways.client(b) as third:

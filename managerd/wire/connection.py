@@ -492,6 +492,7 @@ class Connection(asyncio.Protocol):
         token = info.get("resume")
         session = self.core.sessions.resumable(token) if isinstance(token, str) else None
         if session is not None and session.active and session.kind is SessionKind.MANAGERD:
+            self.core.stats.sessions_resumed += 1
             self._welcome(info, session, resumed=True)
         elif session is None and isinstance(token, str):
             # Maybe a session of another gateway of the store: asked, input waits.
@@ -518,6 +519,8 @@ class Connection(asyncio.Protocol):
         if session is not None:
             session.peer = self.peer
             session.info = _clean(info)
+            self.core.stats.sessions_resumed += 1
+            self.core.stats.sessions_taken_over += 1
         self._out = []
         try:
             self._welcome(info, session, resumed=session is not None)

@@ -64,6 +64,9 @@ class EtcdSession:
         self.public_id = ""
         #: This gateway, as it names itself in the token key's value.
         self.gateway = ""
+        #: The revision at which this gateway put the token key (a later put of it
+        #: naming another gateway is a takeover; an earlier one is history).
+        self.token_revision = 0
         #: Set once etcd says the lease is gone (expired or revoked).
         self.lost = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -92,7 +95,10 @@ class EtcdSession:
             session.token_key = token_key(root, resume_token)
             puts.append(Put(session.token_key, session._owner_value(), lease=lease_id))
         # create_revision == 0: a retried put finds its own key and changes nothing.
-        await client.txn([Compare(session.key, Target.CREATE, "==", 0)], puts, idempotent=True)
+        done = await client.txn(
+            [Compare(session.key, Target.CREATE, "==", 0)], puts, idempotent=True
+        )
+        session.token_revision = done.revision
         session._keeper = asyncio.create_task(
             session._keep_alive(), name=f"etcd lease {session.sid}"
         )
@@ -141,6 +147,7 @@ class EtcdSession:
                 [Put(key, session._owner_value(), lease=kv.lease)],
             )
             if done.succeeded:
+                session.token_revision = done.revision
                 break
         session._keeper = asyncio.create_task(
             session._keep_alive(), name=f"etcd lease {session.sid}"

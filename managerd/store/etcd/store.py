@@ -67,6 +67,7 @@ from managerd.store.etcd.kv import (
     EtcdError,
     EventType,
     Get,
+    KeyValue,
     Op,
     Put,
     RangeResult,
@@ -450,20 +451,25 @@ class EtcdStore:
                             session = self._by_token_key.get(event.kv.key)
                             if session is None or event.type is not EventType.PUT:
                                 continue
-                            if self._taken_from_here(session, event.kv.lease, event.kv.value):
+                            if self._taken_from_here(session, event.kv):
                                 self._let_go(session)
             except EtcdError as exc:  # compacted: follow from now on
                 log.warning("etcd store: sessions watch failed (%s); following again", exc)
                 revision = (await self.client.range(tokens, count_only=True)).revision
 
-    def _taken_from_here(self, session: Session, lease_id: int, value: bytes) -> bool:
+    def _taken_from_here(self, session: Session, kv: KeyValue) -> bool:
         """Whether a put of ``session``'s token key names another gateway on the lease
-        this one keeps for it (a takeover; not a lease of its own elsewhere)."""
+        this one keeps for it, after this one put it (a takeover; not a lease of its
+        own elsewhere, nor a put this gateway's own superseded)."""
         lease = self._leases.get(session)
         if lease is None or not lease.done() or lease.cancelled() or lease.exception():
             return False
         ours = lease.result()
-        return lease_id == ours.lease_id and json.loads(value).get("gateway") != self.gateway_id
+        return (
+            kv.lease == ours.lease_id
+            and kv.mod_revision > ours.token_revision
+            and json.loads(kv.value).get("gateway") != self.gateway_id
+        )
 
     def _let_go(self, session: Session) -> None:
         """``session`` was taken over by another gateway: nothing of it is done here."""
