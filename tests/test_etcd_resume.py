@@ -147,7 +147,7 @@ def test_a_gateway_lets_go_of_a_session_taken_over_and_the_wait_keeps_its_place(
 
         moved = await b.resume(s.resume_token)
         assert moved is not None
-        await asyncio.wait([parked], timeout=10)
+        await asyncio.wait([parked], timeout=30)
         assert parked.cancelled()  # dropped on A once it saw the takeover
         with pytest.raises(SessionExpired):
             await call(lock, s, "locked")  # A serves it no more
@@ -247,7 +247,7 @@ def test_a_client_keeps_its_lock_reservation_and_permit_through_another_gateway(
 ) -> None:
     metrics_port = free_port()
     a, b = gateways.start("a"), gateways.start("b", metrics_port=metrics_port)
-    assert wait_until(lambda: "metrics on http://" in b.log)
+    assert wait_until(lambda: "metrics on http://" in b.log, timeout_s=30)
     with gateways.client(a, b) as m, gateways.client(b) as other:
         lock = m.Lock("db")
         assert lock.acquire()
@@ -262,7 +262,7 @@ def test_a_client_keeps_its_lock_reservation_and_permit_through_another_gateway(
 
         other_lock = other.Lock("db")
         waiter, got = in_thread(lambda: other_lock.acquire(timeout=60))
-        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=10)
+        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=30)
 
         a.kill()
 
@@ -312,7 +312,7 @@ def test_a_session_whose_ttl_lapsed_is_not_resumed(gateways: Gateways) -> None:
         token = lock.fencing_token
         assert token is not None
         waiter, got = in_thread(lambda: other.Lock("db").acquire(timeout=60))
-        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=10)
+        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=30)
         a.kill()  # nobody renews the lease, and the client has nowhere to go
         waiter.join(30)
         assert got == [True]
@@ -337,16 +337,20 @@ def test_waiters_parked_on_a_dead_gateway_wait_again_through_another(
         moving_lock, later_lock = moving.Lock("db"), later.Lock("db")
         locker, locked = in_thread(lambda: moving_lock.acquire(timeout=60))
         getter, gotten = in_thread(lambda: moving.Queue("jobs").get(timeout=60))
-        assert wait_until(lambda: waiters_on(a, "db") == 1 and waiters_on(a, "jobs") == 1)
+        assert wait_until(
+            lambda: waiters_on(a, "db") == 1 and waiters_on(a, "jobs") == 1, timeout_s=30
+        )
         # In line behind the moving client's acquire (parked through A first).
         late, late_got = in_thread(lambda: later_lock.acquire(timeout=60))
-        assert wait_until(lambda: waiters_on(b, "db") == 1)
+        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=30)
         session = moving.session_id
 
         a.kill()
 
         # Both calls are asked again through B, in the same session.
-        assert wait_until(lambda: waiters_on(b, "db") == 2 and waiters_on(b, "jobs") == 1)
+        assert wait_until(
+            lambda: waiters_on(b, "db") == 2 and waiters_on(b, "jobs") == 1, timeout_s=30
+        )
         assert moving.session_id == session
         assert not locked and not gotten and not late_got
         holder.Lock("db").release()
