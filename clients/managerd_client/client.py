@@ -12,10 +12,10 @@ is resumed wherever it is still known, else a new one starts. A read or a
 re-parkable wait whose connection died under it is asked again when another
 daemon of the same store (an etcd gateway) resumed the session
 (``Proxy._reissued``); anything else raises ``ConnectionLost``. A lock
-proxy whose session did not survive raises ``LockLost`` on its next call. A connection refused
-because this address is penalized (too many failed handshakes from it,
-maybe by another process) is retried once the penalty ends, if that is
-within ``connect_timeout_s``.
+proxy whose session did not survive raises ``LockLost`` on its next call.
+A connection refused because this address is penalized (too many failed
+handshakes from it, maybe by another process) is retried once the penalty
+ends, if that is within ``connect_timeout_s``.
 
 After ``os.fork()`` the child drops the inherited connection (without
 closing the parent's) and opens its own session on first use.
