@@ -163,6 +163,31 @@ def test_a_gateway_lets_go_of_a_session_taken_over_and_the_wait_keeps_its_place(
     two_stores(cluster, body)
 
 
+def test_an_acquire_asked_again_does_not_take_another_threads_holding(
+    cluster: EtcdCluster,
+) -> None:
+    """A Lock is the session's: thread 1 holds it, thread 2 waits for it through A.
+    Asked again through B, thread 2's acquire waits for thread 1's release there."""
+
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        s = new_session("two threads")
+        lock = a.get_or_create("Lock", "l", {})
+        token = await call(lock, s, "acquire", thread=1)
+        # Thread 2's acquire waited on A (for a release: no key of its own) when A died.
+        moved = await b.resume(s.resume_token)
+        assert moved is not None
+        lock_b = b.get_or_create("Lock", "l", {})
+        moved.reissuing = (2, "l", "acquire")
+        again = lock_b.methods["acquire"].fn(lock_b, Call(moved, 2, asyncio.get_running_loop()))
+        moved.reissuing = None
+        await asyncio.wait([again], timeout=1)
+        assert not again.done()  # not thread 1's holding
+        await call(lock_b, moved, "release", thread=1)
+        assert await again > token
+
+    two_stores(cluster, body)
+
+
 def test_a_token_resumes_only_a_live_session(cluster: EtcdCluster) -> None:
     async def body(a: EtcdStore, b: EtcdStore) -> None:
         assert await b.resume("never given") is None

@@ -536,9 +536,15 @@ class LockHandle(EtcdHandle):
         async def acquire(session: EtcdSession) -> int | bool:
             take = self.lock.adopt if again else self.lock.acquire
             try:
-                token = await take(session, owner, blocking=wait_s != 0.0, timeout_s=wait_s or None)
+                token = await take(
+                    session,
+                    owner,
+                    blocking=wait_s != 0.0,
+                    timeout_s=wait_s or None,
+                    caller=call.thread,
+                )
             except RuntimeError:  # a Lock this session holds already: it waits (threading's)
-                token = await self._wait_held_by_self(session, owner, wait_s)
+                token = await self._wait_held_by_self(session, owner, wait_s, call.thread)
             if token is None:
                 return False
             self.store.tokens[(call.session, self.name, owner)] = token
@@ -547,7 +553,7 @@ class LockHandle(EtcdHandle):
         return self._run(call, acquire, parks=wait_s != 0.0)
 
     async def _wait_held_by_self(
-        self, session: EtcdSession, owner: str, wait_s: float | None
+        self, session: EtcdSession, owner: str, wait_s: float | None, caller: int = 0
     ) -> int | None:
         """A second acquire of a held Lock by its own session: not a re-entry. It waits
         for a release (by anyone), then contends again."""
@@ -561,7 +567,7 @@ class LockHandle(EtcdHandle):
                     await changed(
                         self.store.client, key, after_revision=read.revision, kind=EventType.DELETE
                     )
-                return await self.lock.acquire(session, owner)
+                return await self.lock.acquire(session, owner, caller=caller)
         except TimeoutError:
             return None
 

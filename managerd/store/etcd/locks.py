@@ -66,14 +66,16 @@ class EtcdLock:
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        caller: int = 0,
     ) -> int | None:
         """The fencing token once held; None if not held in time (or at once, not blocking).
 
         A contender that gives up (timeout, not blocking, or cancelled)
-        removes its key, so the waiter behind it watches on.
+        removes its key, so the waiter behind it watches on. ``caller`` (the
+        client thread) is marked in the key, for ``adopt``.
         """
         key = self._key(session, owner)
-        attempt = secrets.token_bytes(_ATTEMPT_BYTES)
+        attempt = secrets.token_bytes(_ATTEMPT_BYTES - 4) + _caller_mark(caller)
         # Our key, unless it exists: a retry of this call finds its own attempt.
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
@@ -106,14 +108,18 @@ class EtcdLock:
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        caller: int = 0,
     ) -> int | None:
-        """``acquire`` asked again for a call lost with the gateway that ran it (the
-        session was taken over by this one): the key that call put, if it is there,
-        keeps its place in line, or holds already; else a new acquire."""
+        """``acquire`` asked again for a call of ``caller`` lost with the gateway that
+        ran it (the session was taken over by this one): the key that call put, if it
+        is there, keeps its place in line, or holds already; else (no key, or another
+        thread's holding of the session's Lock) an acquire as any."""
         key = self._key(session, owner)
         kv = await self.client.get(key)
-        if kv is None:
-            return await self.acquire(session, owner, blocking=blocking, timeout_s=timeout_s)
+        if kv is None or kv.value[_ATTEMPT_BYTES - 4 : _ATTEMPT_BYTES] != _caller_mark(caller):
+            return await self.acquire(
+                session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller
+            )
         token = kv.create_revision
         try:
             if await self._wait_turn(key, token, blocking, timeout_s):
@@ -215,12 +221,15 @@ class EtcdRLock(EtcdLock):
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        caller: int = 0,
     ) -> int | None:
         key = self._key(session, owner)
         while True:
             kv = await self.client.get(key)
             if kv is None:
-                return await super().acquire(session, owner, blocking=blocking, timeout_s=timeout_s)
+                return await super().acquire(
+                    session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller
+                )
             # Our key exists: we hold it (a thread waits in one acquire at a time).
             done = await self.client.txn(
                 [
@@ -264,7 +273,11 @@ class EtcdRLock(EtcdLock):
                 return
 
 
-_ATTEMPT_BYTES = 8  # the random attempt mark EtcdLock.acquire puts first
+_ATTEMPT_BYTES = 8  # the attempt mark EtcdLock.acquire puts first: 4 random, 4 the caller's
+
+
+def _caller_mark(caller: int) -> bytes:
+    return (caller & 0xFFFFFFFF).to_bytes(4, "big")
 
 
 def lock_depth(value: bytes) -> int:
