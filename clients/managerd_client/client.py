@@ -8,11 +8,14 @@ and the next call reconnects (with backoff, for up to ``connect_timeout_s``),
 resuming the session if the daemon still has it. Given several addresses
 (gateways of one store, or a daemon and its standby), a connect tries them
 in turn from the one last used, so a dead one is passed over; the session
-is resumed wherever it is still known, else a new one starts. A lock proxy whose session
-did not survive raises ``LockLost`` on its next call. A connection refused
-because this address is penalized (too many failed handshakes from it,
-maybe by another process) is retried once the penalty ends, if that is
-within ``connect_timeout_s``.
+is resumed wherever it is still known, else a new one starts. A read or a
+re-parkable wait whose connection died under it is asked again when another
+daemon of the same store (an etcd gateway) resumed the session
+(``Proxy._reissued``); anything else raises ``ConnectionLost``. A lock
+proxy whose session did not survive raises ``LockLost`` on its next call.
+A connection refused because this address is penalized (too many failed
+handshakes from it, maybe by another process) is retried once the penalty
+ends, if that is within ``connect_timeout_s``.
 
 After ``os.fork()`` the child drops the inherited connection (without
 closing the parent's) and opens its own session on first use.
@@ -187,6 +190,23 @@ class Manager:
                 raise ConnectionLost("this manager was closed")
             self._ensure_heartbeat(channel.session_ttl_s / 3)
             return channel
+
+    def _resumed_elsewhere(self, lost: Channel, epoch: int) -> Channel | None:
+        """After ``lost`` died under a call made in session ``epoch``: the channel on
+        which that session goes on through another daemon of the same store (a
+        gateway that took it over), else None (a new session, the same daemon
+        again, or no daemon reached). Only with several addresses, each tried
+        once: with one, or none answering, the call raises ConnectionLost at
+        once, as always."""
+        if len(self.addresses) < 2:
+            return None
+        try:
+            channel = self._channel_or_reconnect(retry=False)
+        except ManagerdError:
+            return None
+        if channel.resumed and self.session_epoch == epoch and channel.server_id != lost.server_id:
+            return channel
+        return None
 
     def _ensure_heartbeat(self, interval_s: float) -> None:
         if self._heartbeat is not None and self._heartbeat.is_alive():

@@ -26,8 +26,8 @@ from multiprocessing.context import get_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from managerd_client.channel import abandoned_by
-from managerd_client.errors import LockLost
-from managerd_client.wire import PICKLE_PROTOCOL
+from managerd_client.errors import ConnectionLost, LockLost
+from managerd_client.wire import PICKLE_PROTOCOL, REISSUE
 
 if TYPE_CHECKING:
     from managerd_client.client import Manager
@@ -138,6 +138,12 @@ class Proxy:
     """Base of every proxy: a named object on one daemon."""
 
     _typeid: ClassVar[str]
+    #: Methods asked again, if their connection dies under them, through the daemon
+    #: that resumed the session (another gateway of the same store, the first having
+    #: died): reads, and waits that the daemon re-parks (a lock's place in line is
+    #: kept). A wait asked again starts its timeout again. Never a change that could
+    #: have been made already (a put, a release, an ack): those raise ConnectionLost.
+    _reissued: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
         if not isinstance(name, str) or not name:
@@ -165,12 +171,33 @@ class Proxy:
     def _call_decoded(
         self, decode: Callable[[Any], Any] | None, method: str, args: tuple[Any, ...]
     ) -> Any:
-        channel = self._manager._channel_or_reconnect()
+        manager = self._manager
+        channel = manager._channel_or_reconnect()
+        epoch = manager.session_epoch
         if channel.server_id != self._server_id:
             # The daemon restarted: get-or-create again before calling.
             channel.call(None, None, "create", (self._typeid, self._name, self._args))
             self._server_id = channel.server_id
-        return channel.call(self._typeid, self._name, method, args, decode)
+        if method not in self._reissued:
+            return channel.call(self._typeid, self._name, method, args, decode)
+        typeid: str | None = self._typeid
+        name: str | None = self._name
+        asked, asked_args = method, args
+        while True:
+            try:
+                return channel.call(typeid, name, asked, asked_args, decode)
+            except ConnectionLost:
+                again = manager._resumed_elsewhere(channel, epoch)
+                if again is None:
+                    raise
+            # The session goes on through another gateway of the store: the call is
+            # asked again there, saying so (a wait's place is kept, see _reissued).
+            channel = again
+            if channel.server_id != self._server_id:
+                channel.call(None, None, "create", (self._typeid, self._name, self._args))
+                self._server_id = channel.server_id
+            typeid, name = None, None
+            asked, asked_args = REISSUE, (self._typeid, self._name, method, args)
 
     def _extra(self) -> dict[str, Any]:
         return {}
@@ -236,6 +263,12 @@ class Queue(Proxy):
     """A named ``queue.Queue``."""
 
     _typeid = "Queue"
+    # A get asked again after a gateway died takes the next item: one the dead
+    # gateway had taken for it, if any, was lost with its answer (as any answer
+    # lost with its connection). A reservation comes back after its timeout.
+    _reissued = frozenset(
+        {"get", "get_many", "reserve", "join", "qsize", "empty", "full", "reserved_count"}
+    )
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         self._call("put", dump_one(item), block, timeout)
@@ -598,6 +631,7 @@ class Lock(Proxy):
     """
 
     _typeid = "Lock"
+    _reissued = frozenset({"acquire", "locked"})
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
         super().__init__(manager, name, args)
@@ -701,6 +735,9 @@ class Semaphore(Lock):
     """A named ``Semaphore``; permits come back if this client's session ends."""
 
     _typeid = "Semaphore"
+    # Not acquire: a permit granted by the dead gateway, answer lost, would be a
+    # second one taken.
+    _reissued = frozenset({"get_value"})
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         # threading.Semaphore: None waits for ever, any negative timeout does not
@@ -735,6 +772,7 @@ class Event(Proxy):
     """A named ``Event``."""
 
     _typeid = "Event"
+    _reissued = frozenset({"wait", "is_set"})
 
     def is_set(self) -> bool:
         return bool(self._call("is_set"))
@@ -753,6 +791,7 @@ class Condition(RLock):
     """A named ``Condition`` over a named Lock or RLock."""
 
     _typeid = "Condition"
+    _reissued = frozenset({"locked"})
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
         super().__init__(manager, name, args)

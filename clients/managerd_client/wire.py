@@ -41,6 +41,7 @@ __all__ = [
     "HELLO",
     "PROTOCOL_VERSION",
     "REFUSED",
+    "REISSUE",
     "RETRY_AFTER",
     "WELCOME",
     "FrameSocket",
@@ -68,6 +69,11 @@ DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
 #: envelopes. A stock server answers it with an error, a managerd daemon with
 #: the session it opened.
 HELLO: Final = "managerd_hello"
+#: A call asked again through the daemon that resumed the session, its first
+#: daemon having died under it: ``(None, None, REISSUE, (typeid, name, method,
+#: args), thread)``. The daemon runs the call, knowing it may have been parked
+#: (or answered) by the daemon that died.
+REISSUE: Final = "managerd_reissue"
 PROTOCOL_VERSION: Final = 1
 
 #: The pickle protocol of managerd envelopes and payloads. 5 is the newest

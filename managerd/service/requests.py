@@ -35,3 +35,7 @@ class Stats:
     connections_refused: int = 0
     tls_failures: int = 0
     sessions_expired: int = 0
+    #: Sessions a reconnecting client resumed here, by where they were: this daemon's
+    #: own, or taken over from another gateway of the store.
+    sessions_resumed: int = 0
+    sessions_taken_over: int = 0

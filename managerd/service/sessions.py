@@ -1,4 +1,9 @@
-"""The table of live sessions: open, find, end, and the lease expiry."""
+"""The table of live sessions: open, find, resume, end, and the lease expiry.
+
+A client reconnecting with its resume token finds its session here if this
+daemon served it; else the store may know it (``Store.resume``: a gateway of
+the etcd store takes over a session that a gateway which died served).
+"""
 
 from __future__ import annotations
 
@@ -31,8 +36,19 @@ class SessionTable:
         return self._sessions.get(session_id)
 
     def resumable(self, token: str) -> Session | None:
-        """The live session whose secret resume token this is."""
+        """The live session of this daemon whose secret resume token this is."""
         return self._by_token.get(token)
+
+    async def resume_elsewhere(self, token: str) -> Session | None:
+        """The live session another daemon of the store served with this token, now
+        this daemon's (``Store.resume``); None if there is none."""
+        session = await self.store.resume(token)
+        if session is None:
+            return None
+        session.deadlocks = self.deadlocks
+        self._sessions[session.id] = session
+        self._by_token[session.resume_token] = session
+        return session
 
     def end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)

@@ -19,7 +19,9 @@ the first implementation (objects on the event loop, a journal on disk).
   and :meth:`Store.cancel` end one parked call (the future is cancelled, or
   completes if the store already answered it); :meth:`Store.undo` gives
   back what an answered call handed out (``Handle.undo_methods`` names
-  the methods that can be undone).
+  the methods that can be undone). :meth:`Store.resume` finds a session a
+  client started through another daemon of the same store (its gateway
+  died) by the client's secret resume token.
 - ``check_writable`` refuses a mutation up front while the store cannot
   keep it; ``barrier`` is None, or a future done once everything changed so
   far is durable (an answer waits for it); ``ready`` says whether calls can
@@ -111,6 +113,12 @@ class Store(Protocol):
 
     def release(self, session: Session) -> None:
         """The session ended: its parked calls are dropped, then all it holds goes back."""
+
+    async def resume(self, token: str) -> Session | None:
+        """The live session that another daemon (a gateway of the same store) opened
+        with the resume token ``token``, taken over by this one with what it holds;
+        None if there is none. (The sessions table has looked among this daemon's
+        own first; the memory store keeps no session elsewhere: always None.)"""
 
     def would_hand_out(
         self, obj: Handle, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -61,13 +61,22 @@ _prefix = os.urandom(4).hex()
 class Session:
     """One client's session on the daemon."""
 
-    def __init__(self, kind: SessionKind, peer: str, info: dict[str, Any] | None = None) -> None:
-        self.id = f"{_prefix}-{next(_counter)}"
+    def __init__(
+        self,
+        kind: SessionKind,
+        peer: str,
+        info: dict[str, Any] | None = None,
+        *,
+        resumed: tuple[str, str] | None = None,
+    ) -> None:
+        #: ``resumed``: ``(id, resume_token)`` of a session that a store kept
+        #: beyond this daemon (opened through another gateway, taken over here).
+        self.id = f"{_prefix}-{next(_counter)}" if resumed is None else resumed[0]
         #: What resumes this session on a new connection: known only to its
         #: client (``id`` is public: status, logs). Resuming by a guessable
         #: or listed id would let any authenticated peer take a live session
         #: over, its locks with it (two processes as one holder).
-        self.resume_token = secrets.token_urlsafe(24)
+        self.resume_token = secrets.token_urlsafe(24) if resumed is None else resumed[1]
         self.kind = kind
         self.peer = peer
         self.info: dict[str, Any] = info or {}
@@ -80,6 +89,11 @@ class Session:
         self.probe: Callable[[], bool] | None = None
         #: The daemon's wait-for graph walker (set by the table; None: off).
         self.deadlocks: WaitForGraph | None = None
+        #: ``(thread, object name, method)`` of a call the client asks again, its
+        #: first daemon having died under it: set only while the call starts (the
+        #: managerd dialect's ``REISSUE``), so the object may take back what that
+        #: call had (a lock's place in line). None otherwise.
+        self.reissuing: tuple[int, str, str] | None = None
 
     @property
     def active(self) -> bool:

@@ -7,7 +7,10 @@ is most of the per-call cost at these speeds.
 A connection goes through :class:`ConnState`: the daemon's challenge, the
 peer's challenge, then either stock mode (pickled ``(ident, method, args,
 kwds)`` requests from a stock ``multiprocessing`` client) or — after a
-``managerd_hello`` request — managerd mode (request-id envelopes). Frames
+``managerd_hello`` request — managerd mode (request-id envelopes). A hello
+whose resume token this daemon does not know is looked up in the store
+(another gateway's session, ``SessionTable.resume_elsewhere``) while the
+connection reads nothing more. Frames
 are refused before they are buffered when their header says they are over
 the limit (256 bytes during the handshake, like the stdlib).
 """
@@ -63,6 +66,7 @@ class ConnState(enum.Enum):
     AWAIT_PEER_CHALLENGE = "await-peer-challenge"
     AWAIT_VERDICT = "await-verdict"  # we answered the peer's challenge
     STOCK = "stock"
+    RESUMING = "resuming"  # a hello's token is being looked up in the store: input waits
     MANAGERD = "managerd"
     CLOSED = "closed"
 
@@ -264,7 +268,12 @@ class Connection(asyncio.Protocol):
         buf += data
         pos = 0
         end = len(buf)
-        while end - pos >= 4 and self.state is not ConnState.CLOSED:
+        # Identity tests, not a set: an Enum member hashes in Python code.
+        while (
+            end - pos >= 4
+            and self.state is not ConnState.CLOSED
+            and self.state is not ConnState.RESUMING  # buffered until the hello is answered
+        ):
             (size,) = _HEADER.unpack_from(buf, pos)
             start = pos + 4
             if size == -1:
@@ -480,14 +489,53 @@ class Connection(asyncio.Protocol):
                 ("#ERROR", ProtocolError(f"protocol {info.get('protocol')!r} is not supported"))
             )
             return
-        resumed = False
         token = info.get("resume")
         session = self.core.sessions.resumable(token) if isinstance(token, str) else None
         if session is not None and session.active and session.kind is SessionKind.MANAGERD:
-            resumed = True
+            self.core.stats.sessions_resumed += 1
+            self._welcome(info, session, resumed=True)
+        elif session is None and isinstance(token, str):
+            # Maybe a session of another gateway of the store: asked, input waits.
+            self.state = ConnState.RESUMING
+            if self.transport is not None:
+                self.transport.pause_reading()
+            looking = self.core.loop.create_task(self.core.sessions.resume_elsewhere(token))
+            looking.add_done_callback(lambda task: self._resumed_elsewhere(info, task))
         else:
-            clean = {k: info[k] for k in ("host", "pid", "name") if k in info}
-            session = self.core.sessions.open(SessionKind.MANAGERD, self.peer, clean)
+            self._welcome(info, None, resumed=False)
+
+    def _resumed_elsewhere(self, info: dict[str, Any], task: asyncio.Task[Session | None]) -> None:
+        """The store's answer to a hello's token: its session, or a new one."""
+        session = None
+        if not task.cancelled():
+            if task.exception() is not None:
+                log.warning("resuming a session for %s failed: %s", self.peer, task.exception())
+            else:
+                session = task.result()
+        if self.state is ConnState.CLOSED:
+            if session is not None:  # its connection is gone: as any session's
+                self.core.sessions.end(session)
+            return
+        if session is not None:
+            session.peer = self.peer
+            session.info = _clean(info)
+            self.core.stats.sessions_resumed += 1
+            self.core.stats.sessions_taken_over += 1
+        self._out = []
+        try:
+            self._welcome(info, session, resumed=session is not None)
+            if self.transport is not None:
+                self.transport.resume_reading()
+            self._frames(b"")  # what arrived meanwhile
+        finally:
+            out, self._out = self._out, None
+            if out:
+                self._write(out)
+
+    def _welcome(self, info: dict[str, Any], session: Session | None, *, resumed: bool) -> None:
+        """Managerd mode for ``session`` (a new one if None): the hello's answer."""
+        if session is None:
+            session = self.core.sessions.open(SessionKind.MANAGERD, self.peer, _clean(info))
         self.core.adopt(session, self)
         self.session = session
         session.probe = self.peer_alive
@@ -562,6 +610,11 @@ class Connection(asyncio.Protocol):
             if out:  # the replies (a #FAILURE#...) before the close
                 self._write(out)
             self.transport.close()
+
+
+def _clean(info: dict[str, Any]) -> dict[str, Any]:
+    """What a hello says of its client that a session keeps."""
+    return {k: info[k] for k in ("host", "pid", "name") if k in info}
 
 
 def _plain_error(exc: BaseException) -> BaseException:

@@ -25,6 +25,12 @@ so its next request confirms it read the previous answer: that answer's undo
 record is dropped then (one dict operation per call). A record keeps the
 answer (an item's bytes) until then: one per client thread that last took
 something, at most ``MAX_ANSWERED_THREADS`` per connection.
+
+**Reissued calls.** A client whose daemon died under a call, and whose
+session another daemon of the same store resumed, asks some calls again
+there as ``(None, None, REISSUE, (typeid, name, method, args), thread)``
+(``managerd_client.proxies.Proxy._reissued`` says which): run as the call
+itself, with ``Session.reissuing`` set while it starts.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from managerd.service.requests import RequestStats
 from managerd.store.api import MethodSpec, NoAttribute
 from managerd.store.sessions import Session
 from managerd_client.errors import ForbiddenPayload, error_kind
-from managerd_client.wire import PICKLE_PROTOCOL
+from managerd_client.wire import PICKLE_PROTOCOL, REISSUE
 
 log = logging.getLogger("managerd")
 
@@ -120,6 +126,9 @@ class Dispatcher:
             # No answer: nobody waits for one.
             calls.cancel(self.invoker.store, session, thread, args[0])
             return
+        if typeid is None and method == REISSUE:
+            self._reissue(sink, session, rid, args, thread)
+            return
         if calls.answered:
             # This thread's previous answer arrived (it asks again): no undo now.
             calls.answered.pop(thread, None)
@@ -135,6 +144,39 @@ class Dispatcher:
             rid=rid,
         )
         value = self.invoker.run_or_defer(invocation, partial(self._reply, sink, rid))
+        if value is None:
+            sink.send_reply(rid, STATUS_OK, _NONE_PICKLE)
+        elif value is not LATER:
+            self._send_value(sink, rid, value)
+
+    def _reissue(
+        self, sink: ReplySink, session: Session, rid: int, args: tuple[Any, ...], thread: int
+    ) -> None:
+        """A call asked again after the daemon that had it died (the client's session
+        was resumed here): run as itself, with ``session.reissuing`` naming it while
+        the object's method runs (the etcd store's lock keeps the call's place in
+        line). Not inlined in ``handle``: it is rare, and ``handle`` is the hot path."""
+        if not (
+            len(args) == 4
+            and isinstance(args[0], str)
+            and isinstance(args[1], str)
+            and isinstance(args[2], str)
+            and isinstance(args[3], tuple)
+        ):
+            self._send_error(
+                sink, rid, TypeError("a reissued call is (typeid, name, method, args)")
+            )
+            return
+        typeid, name, method, call_args = args
+        sink.calls.answered.pop(thread, None)
+        invocation = Invocation(
+            session, thread, typeid, name, method, call_args, calls=sink.calls, rid=rid
+        )
+        session.reissuing = (thread, name, method)
+        try:
+            value = self.invoker.run_or_defer(invocation, partial(self._reply, sink, rid))
+        finally:
+            session.reissuing = None
         if value is None:
             sink.send_reply(rid, STATUS_OK, _NONE_PICKLE)
         elif value is not LATER:

@@ -304,6 +304,11 @@ class StoreHarness:
         self.store.release(client.session)
         client.session = self._session(client.label)
 
+    def resume(self, token: str) -> Session | None:
+        """``Store.resume``: the session another daemon of the store served with this
+        resume token (``client.session.resume_token``), taken over; None if none."""
+        return self.loop.run_until_complete(self.store.resume(token))
+
     # -- objects ----------------------------------------------------------------------
     def open(self, typeid: str, name: str, **args: Any) -> Obj:
         """Get or create ``name`` as a ``typeid`` with creation ``args`` (plain values)."""

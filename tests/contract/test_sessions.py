@@ -158,3 +158,16 @@ def test_what_an_ended_session_gives_back_never_goes_to_its_own_waits(
     store.end_session(client)
     assert own.cancelled()
     assert other.result() == "a"
+
+
+def test_a_token_resumes_no_session_that_ended_or_never_was(store: StoreHarness) -> None:
+    """``Store.resume`` finds only a live session of another daemon of the store: never
+    one for a token nobody was given, nor one that ended (whatever it held is gone)."""
+    assert store.resume("never given") is None
+    client = store.new_client()
+    lock = store.open("Lock", "l")
+    store.call(lock, "acquire", client=client)
+    token = client.session.resume_token
+    store.end_session(client)
+    assert store.call(lock, "locked") is False
+    assert store.resume(token) is None

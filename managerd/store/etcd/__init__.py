@@ -11,7 +11,8 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
   all endpoints; why this client, in its docstring); ``kv.py``: the typed
   values it takes and returns, and its errors.
 - ``sessions.py``: a session is a lease kept alive; its keys vanish with it;
-  another gateway can resume it by its id while the lease lives.
+  another gateway takes it over by the client's resume token (its hash is
+  a key on the lease) while the lease lives (``EtcdStore.resume``).
 - ``queues.py``: a FIFO queue (idempotent put, blocking get and reserve
   through a watch, several takes per Txn, reserve/ack/nack, requeue of
   expired and orphaned reservations).
@@ -33,8 +34,20 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 The contract suite (``tests/contract``) runs against this store as against
 the memory store; what still differs is in each handle's docstring.
 
-**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
-session through another gateway; stats beyond what a gateway knows
+**Resuming through another gateway**: a client whose gateway died
+reconnects to another with its resume token; that gateway finds the
+session's lease (``sessions.py``), renews it, and serves the session with
+what it holds: lock keys are on its lease, reservations name its etcd id
+(delivery ids are derived from the reservation, ``handles.Deliveries``),
+and a lock ``acquire`` the client asks again (``REISSUE`` of the managerd
+dialect) keeps its key's place in line (``EtcdLock.adopt``).
+
+A gateway that lives on when a session is taken over from it sees so
+through a watch of the token keys and lets go of the session
+(``EtcdStore._let_go``).
+
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; stats beyond
+what a gateway knows
 (``refresh_stats``); one elected gateway for requeues (every gateway
 requeues its queues); group commit across calls of a gateway (the queue
 batches its blocked takes only); deadlock detection; TLS to etcd.

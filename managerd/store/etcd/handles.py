@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import itertools
 import marshal
 import queue
@@ -85,15 +86,25 @@ _DEADLINE_SLACK_S = 0.01  # a deadline is wall-clock, the timer the loop's
 
 
 class Deliveries:
-    """The delivery ids this gateway gave its sessions' reservations (ints, as the
-    memory store's), and the etcd reservation each stands for."""
+    """The delivery ids of this gateway's sessions' reservations, and the etcd
+    reservation each stands for.
+
+    An id is an int (as the memory store's), derived from the reservation
+    itself (its item id and delivery count): a gateway that took a session
+    over finds a reservation made through another gateway by its id
+    (``lookup``), so a delivery acks where its session went.
+    """
 
     def __init__(self) -> None:
-        self._ids = itertools.count(1)
         self._by_id: dict[int, tuple[Session, QueueHandle, Delivery]] = {}
 
+    @staticmethod
+    def id_of(delivery: Delivery) -> int:
+        digest = hashlib.blake2b(b"%s/%d" % (delivery.id, delivery.deliveries), digest_size=8)
+        return int.from_bytes(digest.digest()) >> 2 or 1
+
     def add(self, session: Session, queue: QueueHandle, delivery: Delivery) -> int:
-        did = next(self._ids)
+        did = self.id_of(delivery)
         self._by_id[did] = (session, queue, delivery)
         return did
 
@@ -101,13 +112,24 @@ class Deliveries:
         self, session: Session, queue: QueueHandle, did: int, *, take: bool
     ) -> Delivery | None:
         """The reservation ``did`` of ``session`` on ``queue`` (forgotten here if
-        ``take``); None if not."""
+        ``take``); None if this gateway does not know it."""
         entry = self._by_id.get(did)
         if entry is None or entry[0] is not session or entry[1] is not queue:
             return None
         if take:
             del self._by_id[did]
         return entry[2]
+
+    async def lookup(
+        self, session: Session, etcd_session: EtcdSession, queue: QueueHandle, did: int
+    ) -> Delivery | None:
+        """The reservation ``did`` of ``session`` on ``queue`` as etcd has it (made through
+        another gateway before the session came here); None if it has none."""
+        for delivery in await queue.queue.reserved_by(etcd_session.sid):
+            if self.id_of(delivery) == did:
+                self._by_id[did] = (session, queue, delivery)
+                return delivery
+        return None
 
     def renew(self, did: int, delivery: Delivery) -> None:
         """``did`` stands for ``delivery`` now (a new receipt)."""
@@ -459,22 +481,33 @@ class QueueHandle(EtcdHandle):
 
         return self._run(call, reserve, parks=wait_s != 0.0)
 
-    def _delivery(self, call: Call, did: int, *, take: bool) -> Delivery:
+    def _delivery(self, call: Call, did: int, *, take: bool) -> Delivery | None:
+        """The reservation ``did`` as this gateway knows it; None: ``_reserved`` looks."""
         if not isinstance(did, int) or isinstance(did, bool):
             raise BadArgument(f"a delivery id is an int, not {type(did).__name__}")
-        delivery = self.store.deliveries.find(call.session, self, did, take=take)
+        return self.store.deliveries.find(call.session, self, did, take=take)
+
+    async def _reserved(
+        self, call: Call, session: EtcdSession, did: int, known: Delivery | None, *, take: bool
+    ) -> Delivery:
+        """``known``, else the reservation ``did`` as etcd has it (the session was taken
+        over from another gateway); ValueError if the session has no such reservation."""
+        delivery = known or await self.store.deliveries.lookup(call.session, session, self, did)
         if delivery is None:
             raise ValueError(
                 f"delivery {did} of queue {self.name!r} is not reserved by this session "
                 "(already acked or nacked, or it timed out and was redelivered)"
             )
+        if take and known is None:
+            self.store.deliveries.find(call.session, self, did, take=True)
         return delivery
 
     @exposed(mutates=True)
     def ack(self, call: Call, did: int) -> Any:
-        delivery = self._delivery(call, did, take=True)
+        known = self._delivery(call, did, take=True)
 
-        async def ack(_: EtcdSession) -> None:
+        async def ack(session: EtcdSession) -> None:
+            delivery = await self._reserved(call, session, did, known, take=True)
             if not await self.queue.ack(delivery):
                 raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
 
@@ -482,9 +515,10 @@ class QueueHandle(EtcdHandle):
 
     @exposed(mutates=True)
     def nack(self, call: Call, did: int, requeue: bool = True) -> Any:
-        delivery = self._delivery(call, did, take=True)
+        known = self._delivery(call, did, take=True)
 
-        async def nack(_: EtcdSession) -> None:
+        async def nack(session: EtcdSession) -> None:
+            delivery = await self._reserved(call, session, did, known, take=True)
             if not await self.queue.nack(delivery, bool(requeue)):
                 raise ValueError(f"delivery {did} of queue {self.name!r} timed out: redelivered")
 
@@ -493,9 +527,10 @@ class QueueHandle(EtcdHandle):
     @exposed()
     def extend(self, call: Call, did: int, seconds: float) -> Any:
         extend_s = positive_s(seconds, "seconds")
-        delivery = self._delivery(call, did, take=False)
+        known = self._delivery(call, did, take=False)
 
-        async def extend(_: EtcdSession) -> None:
+        async def extend(session: EtcdSession) -> None:
+            delivery = await self._reserved(call, session, did, known, take=False)
             extended = await self.queue.extend(delivery, extend_s)
             if extended is None:
                 self.store.deliveries.find(call.session, self, did, take=True)
@@ -589,14 +624,21 @@ class LockHandle(EtcdHandle):
     def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
         wait_s = _acquire_wait_s(blocking, timeout)
         owner = self._owner(call)
+        # Asked again after the gateway that had it died: its key keeps its place.
+        again = call.session.reissuing == (call.thread, self.name, "acquire")
 
         async def acquire(session: EtcdSession) -> int | bool:
+            take = self.lock.adopt if again else self.lock.acquire
             try:
-                token = await self.lock.acquire(
-                    session, owner, blocking=wait_s != 0.0, timeout_s=wait_s or None
+                token = await take(
+                    session,
+                    owner,
+                    blocking=wait_s != 0.0,
+                    timeout_s=wait_s or None,
+                    caller=call.thread,
                 )
             except RuntimeError:  # a Lock this session holds already: it waits (threading's)
-                token = await self._wait_held_by_self(session, owner, wait_s)
+                token = await self._wait_held_by_self(session, owner, wait_s, call.thread)
             if token is None:
                 return False
             self.store.tokens[(call.session, self.name, owner)] = token
@@ -605,7 +647,7 @@ class LockHandle(EtcdHandle):
         return self._run(call, acquire, parks=wait_s != 0.0)
 
     async def _wait_held_by_self(
-        self, session: EtcdSession, owner: str, wait_s: float | None
+        self, session: EtcdSession, owner: str, wait_s: float | None, caller: int = 0
     ) -> int | None:
         """A second acquire of a held Lock by its own session: not a re-entry. It waits
         for a release (by anyone), then contends again."""
@@ -619,7 +661,7 @@ class LockHandle(EtcdHandle):
                     await changed(
                         self.store.client, key, after_revision=read.revision, kind=EventType.DELETE
                     )
-                return await self.lock.acquire(session, owner)
+                return await self.lock.acquire(session, owner, caller=caller)
         except TimeoutError:
             return None
 
@@ -677,6 +719,9 @@ class RLockHandle(LockHandle):
 
         async def release(session: EtcdSession) -> None:
             token = self.store.tokens.get((call.session, self.name, owner))
+            if token is None:  # acquired through another gateway (the session moved here)
+                kv = await self.store.client.get(self.lock._key(session, owner))
+                token = None if kv is None else kv.create_revision
             lock = cast(EtcdRLock, self.lock)
             if token is None or not await lock.depth(session, owner):
                 raise BadState("cannot release un-acquired lock")

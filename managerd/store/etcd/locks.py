@@ -15,7 +15,9 @@ deletes the key and the next waiter holds the lock, with a larger token.
 Release deletes the key only if its create_revision is still the token
 (``LockLost`` otherwise: the session expired and someone else may hold it).
 ``release_holder`` is ``threading.Lock``'s release by anyone: it deletes
-whichever key holds the lock.
+whichever key holds the lock. ``adopt`` is an acquire asked again after
+the gateway that ran it died: its key, still on the session's lease, keeps
+its place.
 
 **RLock**: the owner (a client thread) re-enters by raising a count kept in
 its key's value, changed with a compare on the key's create_revision (the
@@ -65,14 +67,16 @@ class EtcdLock:
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        caller: int = 0,
     ) -> int | None:
         """The fencing token once held; None if not held in time (or at once, not blocking).
 
         A contender that gives up (timeout, not blocking, or cancelled)
-        removes its key, so the waiter behind it watches on.
+        removes its key, so the waiter behind it watches on. ``caller`` (the
+        client thread) is marked in the key, for ``adopt``.
         """
         key = self._key(session, owner)
-        attempt = secrets.token_bytes(_ATTEMPT_BYTES)
+        attempt = secrets.token_bytes(_ATTEMPT_BYTES - 4) + _caller_mark(caller)
         # Our key, unless it exists: a retry of this call finds its own attempt.
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
@@ -93,7 +97,36 @@ class EtcdLock:
             if await self._wait_turn(key, token, blocking, timeout_s):
                 return token
         except BaseException:
-            await asyncio.shield(self._withdraw(key, token))
+            await asyncio.shield(self._withdraw_if_ours(session, key, token))
+            raise
+        await self._withdraw(key, token)
+        return None
+
+    async def adopt(
+        self,
+        session: EtcdSession,
+        owner: str = "",
+        *,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        caller: int = 0,
+    ) -> int | None:
+        """``acquire`` asked again for a call of ``caller`` lost with the gateway that
+        ran it (the session was taken over by this one): the key that call put, if it
+        is there, keeps its place in line, or holds already; else (no key, or another
+        thread's holding of the session's Lock) an acquire as any."""
+        key = self._key(session, owner)
+        kv = await self.client.get(key)
+        if kv is None or kv.value[_ATTEMPT_BYTES - 4 : _ATTEMPT_BYTES] != _caller_mark(caller):
+            return await self.acquire(
+                session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller
+            )
+        token = kv.create_revision
+        try:
+            if await self._wait_turn(key, token, blocking, timeout_s):
+                return token
+        except BaseException:
+            await asyncio.shield(self._withdraw_if_ours(session, key, token))
             raise
         await self._withdraw(key, token)
         return None
@@ -135,6 +168,12 @@ class EtcdLock:
                         return
         except Compacted:
             return  # history is gone: the caller looks again
+
+    async def _withdraw_if_ours(self, session: EtcdSession, key: bytes, token: int) -> None:
+        """A cancelled acquire's key goes, unless another gateway took the session over
+        (this one is ending it): there, the call asked again keeps that key."""
+        if await session.owned():
+            await self._withdraw(key, token)
 
     async def _withdraw(self, key: bytes, token: int) -> None:
         await self.client.txn(
@@ -184,12 +223,15 @@ class EtcdRLock(EtcdLock):
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        caller: int = 0,
     ) -> int | None:
         key = self._key(session, owner)
         while True:
             kv = await self.client.get(key)
             if kv is None:
-                return await super().acquire(session, owner, blocking=blocking, timeout_s=timeout_s)
+                return await super().acquire(
+                    session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller
+                )
             # Our key exists: we hold it (a thread waits in one acquire at a time).
             done = await self.client.txn(
                 [
@@ -233,7 +275,11 @@ class EtcdRLock(EtcdLock):
                 return
 
 
-_ATTEMPT_BYTES = 8  # the random attempt mark EtcdLock.acquire puts first
+_ATTEMPT_BYTES = 8  # the attempt mark EtcdLock.acquire puts first: 4 random, 4 the caller's
+
+
+def _caller_mark(caller: int) -> bytes:
+    return (caller & 0xFFFFFFFF).to_bytes(4, "big")
 
 
 def lock_depth(value: bytes) -> int:

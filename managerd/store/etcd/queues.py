@@ -436,6 +436,18 @@ class EtcdQueue:
             return None
         return dataclasses.replace(delivery, receipt=done.revision)
 
+    async def reserved_by(self, sid: str) -> list[Delivery]:
+        """The reservations of the session ``sid`` (as its gateway had them: another
+        gateway took the session over)."""
+        reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
+        found = []
+        for kv in reserved.kvs:
+            meta, payload = _unpack(kv.value)
+            if meta.get("session") == sid:
+                iid = kv.key[len(self._reserved) :]
+                found.append(Delivery(iid, kv.mod_revision, payload, int(meta["n"])))
+        return found
+
     async def requeue_expired(self, now_s: float | None = None) -> int:
         """Return to the head every reservation past its deadline or whose session is gone;
         how many. (Deliveries stay counted.)

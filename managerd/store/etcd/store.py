@@ -4,7 +4,8 @@ Any number of gateways (managerd processes) open an ``EtcdStore`` on the
 same cluster and prefix, and serve the same objects: every object's state
 is in etcd (the primitives of ``queues.py``, ``locks.py``, ``sync.py``,
 ``values.py``); a gateway keeps only what is its own (its sessions' leases,
-its parked calls, the delivery ids it gave its clients).
+its parked calls, the reservations its clients used through it; a session
+and its reservations are found from any gateway).
 
 **Names** ``/m/o/<name>``: the type and creation arguments (JSON), created
 with the object's initial state in one Txn (``create_revision == 0``). The
@@ -17,10 +18,17 @@ found when the creating Txn fails; the handle then answers every call
 with that conflict (the memory store raises it from get_or_create).
 
 **Sessions**: a managerd session gets an etcd lease (``EtcdSession``,
-TTL ``session_ttl_s``) at its first call; locks and permits are keys on
-it. ``release`` cancels the session's parked calls (a blocked acquire
-withdraws its key), revokes the lease (its holdings go at once), and
-returns its reservations to their queues. Reservations of a gateway
+TTL ``session_ttl_s``) at its first call, with the hash of its resume
+token on it; locks and permits are keys on it. ``release`` cancels the
+session's parked calls (a blocked acquire withdraws its key), revokes the
+lease (its holdings go at once), and returns its reservations to their
+queues. ``resume`` is another gateway's session taken over by this one
+(its client reconnected here with its resume token while the lease
+lived): the lease is renewed from here, and what the session holds stays
+held. A gateway watches the token keys: a session of its own taken over
+elsewhere is let go (``_let_go``: its parked calls dropped, leaving their
+keys to the calls asked again there, its calls refused, its lease no
+longer renewed from here, never revoked). Reservations of a gateway
 that died are returned by ``requeue_expired`` of any gateway: each one runs
 it every second over the queues it has opened (safe when several do: each
 move compares the reservation's revision).
@@ -37,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -58,6 +67,7 @@ from managerd.store.etcd.kv import (
     EtcdError,
     EventType,
     Get,
+    KeyValue,
     Op,
     Put,
     RangeResult,
@@ -68,13 +78,14 @@ from managerd.store.etcd.kv import (
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 from managerd.store.interface import Handle, Snapshot, TypeInfo
 from managerd.store.memory.registry import check_name
-from managerd.store.sessions import Session
+from managerd.store.sessions import Session, SessionKind
 from managerd.store.stats import ObjectStats, StoreStats
 from managerd_client.errors import (
     ArgumentConflict,
     NoSuchObject,
     ObjectTypeConflict,
     ServerShuttingDown,
+    SessionExpired,
 )
 
 log = logging.getLogger(__name__)
@@ -117,6 +128,13 @@ class EtcdStore:
         self.tokens: dict[tuple[Session, str, str], int] = {}
         self._stats: dict[str, ObjectStats] = {}
         self._closed = False
+        #: How this gateway names itself as the owner of a session (``sessions.py``).
+        self.gateway_id = secrets.token_hex(8)
+        #: This gateway's resumable sessions, by the key of their resume token's hash.
+        self._by_token_key: dict[bytes, Session] = {}
+        self._token_keys: dict[Session, bytes] = {}
+        #: Sessions another gateway took over: their calls here are refused.
+        self._taken: set[Session] = set()
 
     @classmethod
     async def open(
@@ -132,6 +150,7 @@ class EtcdStore:
         for kv in read.kvs:
             store._learn(kv.value, kv.create_revision)
         store.background(store._follow(read.revision))
+        store.background(store._follow_takeovers(read.revision))
         store.background(store._requeue_loop())
         return store
 
@@ -331,6 +350,8 @@ class EtcdStore:
         if self._closed:
             raise ServerShuttingDown("the daemon is shutting down")
         session = call.session
+        if self._taken and session in self._taken:
+            raise SessionExpired(f"session {session.id} was taken over by another gateway")
         lease = self._lease(session)
 
         async def run() -> Any:
@@ -370,11 +391,112 @@ class EtcdStore:
     def _lease(self, session: Session) -> asyncio.Task[EtcdSession]:
         lease = self._leases.get(session)
         if lease is None:
+            resumable = session.kind is SessionKind.MANAGERD
             lease = self.loop.create_task(
-                EtcdSession.open(self.client, self.session_ttl_s, root=self.root)
+                EtcdSession.open(
+                    self.client,
+                    self.session_ttl_s,
+                    root=self.root,
+                    resume_token=session.resume_token if resumable else None,
+                    public_id=session.id,
+                    gateway=self.gateway_id,
+                )
             )
             self._leases[session] = lease
+            lease.add_done_callback(lambda task: self._opened(session, task))
         return lease
+
+    def _opened(self, session: Session, task: asyncio.Task[EtcdSession]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        key = task.result().token_key
+        if key is not None and self._leases.get(session) is task:
+            self._by_token_key[key] = session
+            self._token_keys[session] = key
+
+    async def resume(self, token: str) -> Session | None:
+        """The session of another gateway whose resume token this is, while its lease
+        lives: taken over (renewed from here, owned by this gateway)."""
+        if self._closed:
+            return None
+        etcd_session = await EtcdSession.take_over(
+            self.client, token, self.gateway_id, root=self.root
+        )
+        if etcd_session is None:
+            return None
+        session = Session(SessionKind.MANAGERD, "?", resumed=(etcd_session.public_id, token))
+
+        async def taken() -> EtcdSession:
+            return etcd_session
+
+        self._leases[session] = self.loop.create_task(taken())
+        if etcd_session.token_key is not None:
+            self._by_token_key[etcd_session.token_key] = session
+            self._token_keys[session] = etcd_session.token_key
+        return session
+
+    async def _follow_takeovers(self, revision: int) -> None:
+        """Let go of a session of this gateway as soon as another takes it over (its
+        client reconnected there): its parked calls here are dropped, leaving its
+        keys to the calls the client asks again there, and its lease is renewed
+        from there only. (Missed, a takeover is still found when the session ends
+        here: ``_end`` revokes only a session this gateway owns.)"""
+        tokens = self.root + b"t/"
+        while True:
+            try:
+                async with contextlib.aclosing(
+                    self.client.watch(tokens, prefix_end(tokens), start_revision=revision + 1)
+                ) as events:
+                    async for batch in events:
+                        for event in batch:
+                            revision = event.kv.mod_revision
+                            session = self._by_token_key.get(event.kv.key)
+                            if session is None or event.type is not EventType.PUT:
+                                continue
+                            if self._taken_from_here(session, event.kv):
+                                self._let_go(session)
+            except EtcdError as exc:  # compacted: follow from now on
+                log.warning("etcd store: sessions watch failed (%s); following again", exc)
+                revision = (await self.client.range(tokens, count_only=True)).revision
+
+    def _taken_from_here(self, session: Session, kv: KeyValue) -> bool:
+        """Whether a put of ``session``'s token key names another gateway on the lease
+        this one keeps for it, after this one put it (a takeover; not a lease of its
+        own elsewhere, nor a put this gateway's own superseded)."""
+        lease = self._leases.get(session)
+        if lease is None or not lease.done() or lease.cancelled() or lease.exception():
+            return False
+        ours = lease.result()
+        return (
+            kv.lease == ours.lease_id
+            and kv.mod_revision > ours.token_revision
+            and json.loads(kv.value).get("gateway") != self.gateway_id
+        )
+
+    def _let_go(self, session: Session) -> None:
+        """``session`` was taken over by another gateway: nothing of it is done here."""
+        log.info("etcd store: session %s was taken over by another gateway", session.id)
+        self._taken.add(session)
+        self._forget_session(session)
+        lease = self._leases.pop(session, None)
+        if lease is not None:
+            self.background(self._abandon(lease))
+
+    async def _abandon(self, lease: asyncio.Task[EtcdSession]) -> None:
+        await (await lease).abandon()
+
+    def _forget_session(self, session: Session) -> set[QueueHandle]:
+        """Drop this gateway's state of ``session``: its calls (cancelled), delivery ids
+        and tokens; the queues it had reserved from."""
+        for task in self._calls.pop(session, set()):
+            task.cancel()
+        queues = self.deliveries.drop(session)
+        for held in [k for k in self.tokens if k[0] is session]:
+            del self.tokens[held]
+        key = self._token_keys.pop(session, None)
+        if key is not None:
+            self._by_token_key.pop(key, None)
+        return queues
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
@@ -411,17 +533,18 @@ class EtcdStore:
         getattr(obj, obj.undo_methods[method])(call, args, result)
 
     def release(self, session: Session) -> None:
-        for task in self._calls.pop(session, set()):
-            task.cancel()
-        queues = self.deliveries.drop(session)
-        for key in [k for k in self.tokens if k[0] is session]:
-            del self.tokens[key]
+        self._taken.discard(session)
+        queues = self._forget_session(session)
         lease = self._leases.pop(session, None)
         if lease is not None:
             self.background(self._end(lease, queues))
 
     async def _end(self, lease: asyncio.Task[EtcdSession], queues: set[QueueHandle]) -> None:
         etcd_session = await lease
+        if not await etcd_session.owned():
+            # Taken over by another gateway (its client reconnected there): not ours to end.
+            await etcd_session.abandon()
+            return
         await etcd_session.close()
         for queue in queues:  # its reservations go back now, not after a deadline
             await queue.queue.requeue_expired()

@@ -76,6 +76,10 @@ class MemoryStore(Registry):
     def release(self, session: Session) -> None:
         session.end()
 
+    async def resume(self, token: str) -> Session | None:
+        """None: this daemon's sessions are all in its own table."""
+        return None
+
     def would_hand_out(
         self, obj: Handle, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bytes | None:
