@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import itertools
 import marshal
 import queue
 from collections.abc import Callable, Coroutine, Mapping
