@@ -181,9 +181,10 @@ def thread_child(address: str, authkey: bytes, name: str, conn: Connection) -> N
 
 
 def _inside_call(frame: types.FrameType | None) -> bool:
-    code = Channel.call.__code__
+    # By name (call) or by handle (call_handle): both send through _call_parts.
+    codes = {Channel.call.__code__, Channel.call_handle.__code__, Channel._call_parts.__code__}
     while frame is not None:
-        if frame.f_code is code:
+        if frame.f_code in codes:
             return True
         frame = frame.f_back
     return False

@@ -63,6 +63,7 @@ from managerd_client.wire import (
     HELLO,
     PICKLE_PROTOCOL,
     PROTOCOL_VERSION,
+    RESOLVE,
     FrameSocket,
     Refused,
     client_handshake,
@@ -71,6 +72,8 @@ from managerd_client.wire import (
 )
 
 _RID: Final = struct.Struct("!Q")
+#: A protocol 2 request's handle, method number and thread (after its id).
+_HANDLE_HEAD: Final = struct.Struct("!IHQ")
 #: A request's frame header and its request id, packed at once.
 _FRAME_RID: Final = struct.Struct("!iQ")
 #: A request this small goes out as one joined chunk (as ``frame_chunks`` does).
@@ -202,6 +205,31 @@ def _encode_request(envelope: tuple[Any, ...]) -> list[bytes]:
     ]
 
 
+def _encode_args(head: bytes, args: tuple[Any, ...]) -> list[bytes]:
+    """A protocol 2 request after its id: ``head`` then the pickled ``args``, in parts.
+
+    No pickle for ``()``. A large ``bytes`` argument is spliced in as in
+    :func:`_encode_request`.
+    """
+    if not args:
+        return [head]
+    for i, arg in enumerate(args):  # noqa: B007 (i names the argument after the loop)
+        if type(arg) is bytes and len(arg) >= _SPLICE_MIN_BYTES:
+            break
+    else:
+        return [head + pickle.dumps(args, PICKLE_PROTOCOL)]
+    pickled = pickle.dumps((*args[:i], _SPLICE_MARKER, *args[i + 1 :]), 3)
+    needle = b"C\x10" + _SPLICE_MARKER  # SHORT_BINBYTES, 16 bytes
+    at = pickled.find(needle)
+    if at < 0 or pickled.find(needle, at + 1) >= 0:  # another argument holds the marker
+        return [head + pickle.dumps(args, PICKLE_PROTOCOL)]
+    return [
+        head + pickled[:at] + b"B" + struct.pack("<I", len(arg)),  # BINBYTES, 4-byte length
+        arg,
+        pickled[at + len(needle) :],
+    ]
+
+
 def open_socket(
     address: tuple[str, int], timeout_s: float, tls: ssl.SSLContext | None, server_hostname: str
 ) -> socket.socket:
@@ -276,13 +304,10 @@ class Channel:
                 f"authentication: {exc or 'closed'}{hint}"
             ) from None
         try:
-            self._fs.send_frame(
-                pickle.dumps(
-                    (None, HELLO, (self._hello_info(hello),), {}),
-                    PICKLE_PROTOCOL,
-                )
-            )
-            kind, info = pickle.loads(self._fs.recv_frame())
+            kind, info = self._hello(hello, PROTOCOL_VERSION)
+            if kind == "#ERROR" and isinstance(info, ProtocolError) and PROTOCOL_VERSION > 1:
+                # An older daemon: it speaks protocol 1 (and says so by refusing 2).
+                kind, info = self._hello(hello, 1)
         except (OSError, EOFError) as exc:
             self._fs.close()
             raise ConnectFailed(f"managerd at {address[0]}:{address[1]} hung up: {exc}") from None
@@ -299,6 +324,12 @@ class Channel:
         self.resumed: bool = bool(info.get("resumed"))
         self.session_ttl_s = float(info["session_ttl_s"])
         self.max_frame_bytes = int(info.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES))
+        #: 2: handle envelopes (see ``wire.PROTOCOL_VERSION``); 1: names only.
+        self.protocol = int(info.get("protocol", 1))
+        #: Protocol 2: ``(typeid, name)`` -> ``(handle, method numbers)``;
+        #: ``(None, None)`` the daemon's operations (resolved at their first call).
+        self._resolved: dict[tuple[str | None, str | None], tuple[int, dict[str, int] | None]] = {}
+        self._ops: dict[str, int] | None = None
         # Heartbeats bring a reply every ttl/3, so silence this long means a
         # dead network (or daemon), never a slow call.
         self.dead_after_s = self.session_ttl_s + dead_margin_s
@@ -324,6 +355,7 @@ class Channel:
         self._calling: set[int] = set()
         self._send_lock = threading.Lock()
         self._write_fn = self._fs.write_fn
+        self._tls = self._fs.tls
         self._reading = False
         self.dead: BaseException | None = None
         self.last_heard = time.monotonic()
@@ -331,7 +363,51 @@ class Channel:
         self._poll_lock = threading.Lock()
         self._poller.register(sock.fileno(), _HANGUP)
 
+    def _hello(self, hello: dict[str, Any] | None, version: int) -> tuple[Any, Any]:
+        """Send the hello asking for protocol ``version``: the daemon's ``(kind, info)``."""
+        info = self._hello_info(hello)
+        info["protocol"] = version
+        self._fs.send_frame(pickle.dumps((None, HELLO, (info,), {}), PICKLE_PROTOCOL))
+        kind, answer = pickle.loads(self._fs.recv_frame())
+        return kind, answer
+
     # -- calls ------------------------------------------------------------------
+    def resolve(self, typeid: str | None, name: str | None) -> tuple[int, dict[str, int] | None]:
+        """``(handle, method numbers)`` of an object on this connection (protocol 2).
+
+        Asked of the daemon once per object and connection; ``(0, None)``
+        means "call it by name" (protocol 1, or a daemon that will not give
+        this connection more handles).
+        """
+        known = self._resolved.get((typeid, name))
+        if known is not None:
+            return known
+        if self.protocol < 2:
+            return 0, None
+        try:
+            handle, methods = self.call(None, None, RESOLVE, (typeid, name))
+            found: tuple[int, dict[str, int] | None] = (
+                int(handle),
+                {str(m): i for i, m in enumerate(methods)},
+            )
+        except ProtocolError:
+            found = (0, None)  # over the daemon's bound: this object goes by name
+        self._resolved[(typeid, name)] = found
+        return found
+
+    def call_handle(
+        self,
+        handle: int,
+        method_no: int,
+        method: str,
+        args: tuple[Any, ...],
+        decode: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """``call`` through a handle and method number of :meth:`resolve` (protocol 2)."""
+        ident = threading.get_ident()
+        parts = _encode_args(_HANDLE_HEAD.pack(handle, method_no, ident), args)
+        return self._call_parts(parts, decode, ident, method)
+
     def call(
         self,
         typeid: str | None,
@@ -342,7 +418,25 @@ class Channel:
     ) -> Any:
         """The result of ``method`` on the daemon, passed through ``decode`` if given."""
         ident = threading.get_ident()
+        if typeid is None and name is None and self.protocol >= 2 and method != RESOLVE:
+            ops = self._ops
+            if ops is None:
+                ops = self._ops = self.resolve(None, None)[1] or {}
+            number = ops.get(method)
+            if number is not None:
+                parts = _encode_args(_HANDLE_HEAD.pack(0, number, ident), args)
+                return self._call_parts(parts, decode, ident, method)
         parts = _encode_request((typeid, name, method, args, ident))
+        return self._call_parts(parts, decode, ident, method)
+
+    def _call_parts(
+        self,
+        parts: list[bytes],
+        decode: Callable[[Any], Any] | None,
+        ident: int,
+        method: str,
+    ) -> Any:
+        """Send the request ``parts`` (after their id) and return its answer."""
         size = (len(parts[0]) if len(parts) == 1 else sum(map(len, parts))) + _RID.size
         if size > self.max_frame_bytes:
             # The daemon would hang up on it (and end this session): don't send it.
@@ -431,8 +525,28 @@ class Channel:
                     self._reading = reading = True
                 self._unconfirmed[ident] = rid
                 self._calling.add(ident)
-                self._send(parts, rid)
                 fs = self._fs
+                body = parts[0]
+                if len(parts) == 1 and len(body) < _ONE_CHUNK_BYTES and not self._tls:
+                    # _send's usual case inlined: one chunk, one send, the
+                    # count kept in C (see _send for an interrupt in there).
+                    chunk = _FRAME_RID.pack(len(body) + _RID.size, rid) + body
+                    counts: list[int] = []
+                    try:
+                        with self._send_lock:
+                            try:
+                                counts.extend(map(self._write_fn, (chunk,)))
+                                if counts[0] != len(chunk):
+                                    self._write([chunk], counts, [1], counts[0])
+                            except OSError:
+                                raise
+                            except BaseException:
+                                self._finish_frame([chunk], counts, False)
+                                raise
+                    except OSError as exc:
+                        self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+                else:
+                    self._send(parts, rid)
                 while True:
                     try:
                         frame = fs.next_frame_view()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping, Mutabl
 from multiprocessing.context import get_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from managerd_client.channel import abandoned_by
+from managerd_client.channel import Channel, abandoned_by
 from managerd_client.errors import LockLost
 from managerd_client.wire import PICKLE_PROTOCOL
 
@@ -144,6 +144,9 @@ class Proxy:
             raise TypeError("an object name must be a non-empty str")
         self._manager = manager
         self._name = name
+        #: ``(channel, handle, method numbers)`` on the channel last used
+        #: (protocol 2; method numbers None: calls go by name).
+        self._ref: tuple[Channel, int, dict[str, int] | None] | None = None
         self._server_id = manager._create(self._typeid, name, args)
         # Initial contents are for the creation only: a proxy re-attaching
         # (daemon restart, unpickled in a child) does not resend them.
@@ -170,6 +173,14 @@ class Proxy:
             # The daemon restarted: get-or-create again before calling.
             channel.call(None, None, "create", (self._typeid, self._name, self._args))
             self._server_id = channel.server_id
+        ref = self._ref
+        if ref is None or ref[0] is not channel:
+            ref = self._ref = (channel, *channel.resolve(self._typeid, self._name))
+        numbers = ref[2]
+        if numbers is not None:
+            number = numbers.get(method)
+            if number is not None:
+                return channel.call_handle(ref[1], number, method, args, decode)
         return channel.call(self._typeid, self._name, method, args, decode)
 
     def _extra(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
 from managerd.store.sessions import Session, SessionKind
-from managerd.wire.managerd_dialect import Dispatcher
+from managerd.wire.managerd_dialect import Dispatcher, HandleTable, negotiate
 from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ForbiddenPayload, ProtocolError
 from managerd_client.wire import (
@@ -39,7 +39,6 @@ from managerd_client.wire import (
     FAILURE,
     HANDSHAKE_MAX_FRAME_BYTES,
     HELLO,
-    PROTOCOL_VERSION,
     WELCOME,
     create_response,
     frame_header,
@@ -139,6 +138,8 @@ class Connection(asyncio.Protocol):
         self.raw_replies = False
         #: managerd mode: the calls its client may cancel (parked, or answered).
         self.calls = CallTable()
+        #: managerd mode, protocol 2: the handles its client resolved.
+        self.handles: HandleTable | None = None
         #: Stock mode: the call last parked, ``(object, method, future)``.
         self.stock_parked: tuple[Exposed, str, asyncio.Future[Any]] | None = None
         self._challenge_message = b""
@@ -475,7 +476,8 @@ class Connection(asyncio.Protocol):
 
     def _hello(self, args: tuple[Any, ...]) -> None:
         info = args[0] if args and isinstance(args[0], dict) else {}
-        if info.get("protocol") != PROTOCOL_VERSION:
+        version = negotiate(info)
+        if version is None:
             self.send_stock(
                 ("#ERROR", ProtocolError(f"protocol {info.get('protocol')!r} is not supported"))
             )
@@ -494,6 +496,7 @@ class Connection(asyncio.Protocol):
         session.touch()
         self.state = ConnState.MANAGERD
         self.raw_replies = info.get("raw_replies") is True
+        self.handles = HandleTable() if version >= 2 else None
         self.send_stock(
             (
                 "#RETURN",
@@ -505,6 +508,7 @@ class Connection(asyncio.Protocol):
                     "session_ttl_s": self.core.settings.session_ttl_s,
                     "max_frame_bytes": self.core.settings.max_frame_bytes,
                     "raw_replies": self.raw_replies,
+                    "protocol": version,
                 },
             )
         )

@@ -25,6 +25,21 @@ so its next request confirms it read the previous answer: that answer's undo
 record is dropped then (one dict operation per call). A record keeps the
 answer (an item's bytes) until then: one per client thread that last took
 something, at most ``MAX_ANSWERED_THREADS`` per connection.
+
+**Handle envelopes (protocol 2).** A client that said ``protocol: 2`` in its
+hello may send, besides the envelopes above, ``<rid:u64><handle:u32>
+<method:u16><thread:u64><pickle of args>`` (``V2_HEAD``; no pickle for
+``()``). It first asks ``resolve`` (an ordinary envelope, ``(None, None,
+"resolve", (typeid, name), thread)``) and gets ``(handle, method names)``:
+the handle interns ``(typeid, name)`` for this connection only (a
+:class:`HandleTable`), a method's number is its index in the names. Handle 0
+is the daemon's own operations. A handle stands for a *name*, as the
+envelope it replaces did: each call still looks the object up by name, so a
+deleted object answers ``NoSuchObject`` and a re-created one is found. The
+arguments go through the same restricted decoder; the call is counted under
+the same label, with the same undo records and cancels. An unknown handle or
+method number (another connection's, a made-up one) is answered with a
+``ProtocolError`` and the connection goes on.
 """
 
 from __future__ import annotations
@@ -49,8 +64,8 @@ from managerd.service.invoker import (
 from managerd.service.requests import RequestStats
 from managerd.store.api import MethodSpec, NoAttribute
 from managerd.store.sessions import Session
-from managerd_client.errors import ForbiddenPayload, error_kind
-from managerd_client.wire import PICKLE_PROTOCOL
+from managerd_client.errors import ForbiddenPayload, ProtocolError, error_kind
+from managerd_client.wire import PICKLE_PROTOCOL, RESOLVE, V2_HEAD
 
 log = logging.getLogger("managerd")
 
@@ -69,6 +84,40 @@ _NONE_PICKLE: Final = pickle.dumps(None, PICKLE_PROTOCOL)
 #: connection's own, above); the others are a stock client's.
 MANAGERD_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types", "peek"})
 
+#: The protocols a hello may ask for (``managerd_client.wire.PROTOCOL_VERSION``).
+SUPPORTED_PROTOCOLS: Final = (1, 2)
+#: Handles one connection may resolve (a client resolves each object it
+#: uses once per connection; the table is bounded against one that does not).
+MAX_HANDLES: Final = 65536
+_PICKLE_PROTO: Final = 0x80
+
+
+def negotiate(info: dict[str, Any]) -> int | None:
+    """The protocol a hello asks for, if this daemon speaks it."""
+    version = info.get("protocol")
+    if type(version) is int and version in SUPPORTED_PROTOCOLS:
+        return version
+    return None
+
+
+class HandleTable:
+    """One protocol 2 connection's handles: ``(typeid, name)`` pairs by number.
+
+    Entry ``n`` is ``(typeid, name, methods, labels)``: the method names
+    (a method's number is its index) and their metric labels, shared by
+    every handle of a type.
+    """
+
+    __slots__ = ("entries", "numbers")
+
+    def __init__(self) -> None:
+        ops = tuple(sorted(MANAGERD_OPS))
+        entry = (None, None, ops, tuple(f"server.{m}" for m in ops))
+        self.entries: list[tuple[str | None, str | None, tuple[str, ...], tuple[str, ...]]] = [
+            entry
+        ]
+        self.numbers: dict[tuple[str | None, str | None], int] = {(None, None): 0}
+
 
 class ReplySink(Protocol):
     """The side of a connection that writes frames."""
@@ -77,6 +126,8 @@ class ReplySink(Protocol):
     raw_replies: bool
     #: The connection's calls its client may still cancel.
     calls: CallTable
+    #: Protocol 2: the connection's handles (None: protocol 1).
+    handles: HandleTable | None
 
     def send_reply(self, rid: int, status: int, body: bytes) -> None: ...
 
@@ -90,9 +141,14 @@ class Dispatcher:
         self.invoker = invoker
         self.decoder = decoder
         self.stats: RequestStats = invoker.stats
+        self._method_tables: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def handle(self, sink: ReplySink, session: Session, frame: bytes, start: int) -> None:
         """Answer the envelope at ``frame[start:]`` (at least a request id long)."""
+        handles = sink.handles
+        if handles is not None and len(frame) > start + 8 and frame[start + 8] != _PICKLE_PROTO:
+            self.handle_v2(sink, session, handles, frame, start)
+            return
         (rid,) = RID.unpack_from(frame, start)
         started = time.perf_counter()
         try:
@@ -120,6 +176,9 @@ class Dispatcher:
             # No answer: nobody waits for one.
             calls.cancel(self.invoker.store, session, thread, args[0])
             return
+        if typeid is None and method == RESOLVE and handles is not None:
+            self._resolve(sink, handles, rid, args, started)
+            return
         if calls.answered:
             # This thread's previous answer arrived (it asks again): no undo now.
             calls.answered.pop(thread, None)
@@ -139,6 +198,108 @@ class Dispatcher:
             sink.send_reply(rid, STATUS_OK, _NONE_PICKLE)
         elif value is not LATER:
             self._send_value(sink, rid, value)
+
+    def handle_v2(
+        self,
+        sink: ReplySink,
+        session: Session,
+        handles: HandleTable,
+        frame: bytes,
+        start: int,
+    ) -> None:
+        """Answer a protocol 2 request: a handle, a method number, the pickled args."""
+        started = time.perf_counter()
+        rid = 0
+        try:
+            if len(frame) - start < V2_HEAD.size:
+                (rid,) = RID.unpack_from(frame, start)
+                raise ProtocolError("a handle request shorter than its header")
+            rid, number, method_no, thread = V2_HEAD.unpack_from(frame, start)
+            entries = handles.entries
+            if number >= len(entries):
+                raise ProtocolError(f"no handle {number} on this connection (resolve it first)")
+            typeid, name, methods, labels = entries[number]
+            if method_no >= len(methods):
+                raise ProtocolError(f"no method number {method_no} for handle {number}")
+            if len(frame) == start + V2_HEAD.size:
+                args: Any = ()
+            else:
+                args = self.decoder.loads(frame, start + V2_HEAD.size)
+                if type(args) is not tuple:
+                    raise TypeError("request arguments must be a tuple")
+        except Exception as exc:
+            if isinstance(exc, ForbiddenPayload):
+                self.refused_decode(session.peer, exc)
+            self.stats.record("invalid", error_kind(exc), time.perf_counter() - started)
+            self._send_error(sink, rid, exc)
+            return
+        calls = sink.calls
+        if calls.answered:
+            # This thread's previous answer arrived (it asks again): no undo now.
+            calls.answered.pop(thread, None)
+        value = self.invoker.run_named(
+            session,
+            thread,
+            typeid,
+            name,
+            methods[method_no],
+            labels[method_no],
+            args,
+            calls,
+            rid,
+            self._reply,
+            sink,
+            started,
+        )
+        if value is None:
+            sink.send_reply(rid, STATUS_OK, _NONE_PICKLE)
+        elif value is not LATER:
+            self._send_value(sink, rid, value)
+
+    def _resolve(
+        self, sink: ReplySink, handles: HandleTable, rid: int, args: tuple[Any, ...], started: float
+    ) -> None:
+        """``resolve(typeid, name)``: the connection's handle for it, and its method names."""
+        try:
+            if len(args) != 2:
+                raise TypeError("resolve takes (typeid, name)")
+            typeid, name = args
+            if typeid is None and name is None:
+                number = 0
+            else:
+                if not isinstance(typeid, str) or not isinstance(name, str) or not name:
+                    raise TypeError("resolve takes a type name and an object name (str)")
+                info = self.invoker.types.get(typeid)
+                if info is None:
+                    raise ProtocolError(f"no type {typeid!r} on this daemon")
+                key = (typeid, name)
+                found = handles.numbers.get(key)
+                if found is None:
+                    if len(handles.entries) >= MAX_HANDLES:
+                        raise ProtocolError(
+                            f"over {MAX_HANDLES} handles on one connection; "
+                            "call by name (protocol 1 envelopes) instead"
+                        )
+                    methods, labels = self._methods_of(typeid, info.methods)
+                    found = len(handles.entries)
+                    handles.entries.append((typeid, name, methods, labels))
+                    handles.numbers[key] = found
+                number = found
+        except Exception as exc:
+            self.stats.record("server.resolve", error_kind(exc), time.perf_counter() - started)
+            self._send_error(sink, rid, exc)
+            return
+        self.stats.record("server.resolve", "ok", time.perf_counter() - started)
+        self._send_value(sink, rid, (number, handles.entries[number][2]))
+
+    def _methods_of(self, typeid: str, methods: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """A type's method names, sorted, and their labels (made once per type)."""
+        known = self._method_tables.get(typeid)
+        if known is None:
+            names = tuple(sorted(methods))
+            known = names, tuple(f"{typeid}.{m}" for m in names)
+            self._method_tables[typeid] = known
+        return known
 
     def refused_decode(self, peer: str, exc: ForbiddenPayload) -> None:
         """Someone with the key sent what the daemon will not decode: one line, counted."""
