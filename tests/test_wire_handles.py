@@ -25,7 +25,7 @@ from test_limits import authenticated, metered
 
 import managerd_client.channel as channel_module
 from managerd_client.errors import ProtocolError
-from managerd_client.wire import HELLO, V2_HEAD, FrameSocket
+from managerd_client.wire import HELLO, V2_HEAD, V2_PAYLOADS, FrameSocket
 
 from conftest import Daemon, metric
 
@@ -244,3 +244,96 @@ def test_handle_calls_are_counted_under_their_method(tmp_path: Path, uniq: str) 
         assert metric(port, "managerd_requests_total", method="invalid", outcome="Protocol") == 1
     finally:
         d.stop()
+
+
+# -- payload sections (put_many's items as opaque bytes) -----------------------------------------
+
+
+def payload_section(payloads: list[bytes], count: int | None = None) -> bytes:
+    n = len(payloads) if count is None else count
+    lengths = struct.pack(f"<{len(payloads)}I", *map(len, payloads))
+    return struct.pack("<I", n) + lengths + b"".join(payloads)
+
+
+def test_payload_sections_are_stored_as_sent_and_hostile_ones_refused(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    with closing(v2_mode(shared_daemon)) as fs:
+        assert ask(fs, 1, by_name("create", ("Queue", uniq, {}))) == (0, None)
+        handle, numbers = resolve(fs, 2, "Queue", uniq)
+        put_many = numbers["put_many"] | V2_PAYLOADS
+        head = by_handle(handle, put_many)
+        items = [pickle.dumps(i) for i in range(5)] + [b"", b"not a pickle"]
+        rest = pickle.dumps((True, None))
+        assert ask(fs, 3, head + payload_section(items) + rest) == (0, None)
+        status, stored = ask(fs, 4, by_handle(handle, numbers["get_many"], (10,)))
+        assert (status, stored) == (0, items)  # as sent, never unpickled by the daemon
+
+        # A count larger than the request; lengths that run past it; no count at all.
+        assert error_kind(fs, 5, head + payload_section([b"x"], count=10**6) + rest) == "Protocol"
+        assert error_kind(fs, 6, head + struct.pack("<II", 1, 10**6) + b"x" + rest) == "Protocol"
+        assert error_kind(fs, 7, head + b"\x01") == "Protocol"
+        # The flag on a method that takes no payloads: its own error, from the method.
+        qsize = by_handle(handle, numbers["qsize"] | V2_PAYLOADS)
+        assert error_kind(fs, 8, qsize + payload_section([b"x"])) == "Type"
+        # The arguments after the section still go through the restricted decoder.
+        evil = pickle.dumps((os.system, None))
+        assert error_kind(fs, 9, head + payload_section([b"x"]) + evil) == "Forbidden"
+        assert ask(fs, 10, by_handle(handle, numbers["qsize"])) == (0, 0)
+    assert "Traceback" not in shared_daemon.log
+
+
+# -- pipelining --------------------------------------------------------------------------------
+
+
+def test_pipelined_batches_arrive_in_order(shared_daemon: Daemon, uniq: str) -> None:
+    with shared_daemon.connect() as m:
+        q = m.Queue(uniq)
+        with m.pipeline() as p:
+            sent = [q.put_many_async(range(i, i + 10)) for i in range(0, 100, 10)]
+        assert all(s.settled and s.result() is None for s in sent)
+        assert p.results == [None] * 10
+        with m.pipeline():
+            gets = [q.get_many_async(30) for _ in range(4)]
+        assert [x for g in gets for x in g.result()] == list(range(100))
+
+
+def test_a_pipeline_left_by_an_exception_gives_its_items_back(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    with shared_daemon.connect() as m:
+        q = m.Queue(uniq)
+        q.put_many(range(10))
+        with pytest.raises(ZeroDivisionError), m.pipeline():
+            first = q.get_many_async(3)
+            second = q.get_many_async(3)
+            assert second.result() == [3, 4, 5]  # read: this one is the caller's
+            1 / 0  # noqa: B018
+        assert first.settled
+        with pytest.raises(RuntimeError, match="given up"):
+            first.result()
+        # 0, 1, 2 went back to the front; 3, 4, 5 were read.
+        assert q.get_many(10) == [0, 1, 2, 6, 7, 8, 9]
+
+
+def test_a_cancelled_pending_gives_its_items_back_and_errors_come_through(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    with shared_daemon.connect() as m:
+        q = m.Queue(uniq)
+        q.put_many(["a", "b"])
+        pending = q.get_many_async(5)
+        pending.cancel()
+        assert q.get_many(5) == ["a", "b"]
+        empty = q.get_many_async(1, False)
+        with pytest.raises(queue.Empty):
+            empty.result()
+        with pytest.raises(queue.Empty):  # read again: the same answer
+            empty.result()
+        with pytest.raises(queue.Empty), m.pipeline():
+            q.get_many_async(1, False)
+        # Many in flight, then read: every lane given back.
+        many = [q.put_many_async([i]) for i in range(200)]
+        for p in many:
+            p.result()
+        assert q.qsize() == 200

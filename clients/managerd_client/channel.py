@@ -38,6 +38,7 @@ next read). Fresh megabyte buffers cost a page fault per 4 KiB each time.
 
 from __future__ import annotations
 
+import array
 import os
 import pickle
 import select
@@ -45,6 +46,7 @@ import signal
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +66,7 @@ from managerd_client.wire import (
     PICKLE_PROTOCOL,
     PROTOCOL_VERSION,
     RESOLVE,
+    V2_PAYLOADS,
     FrameSocket,
     Refused,
     client_handshake,
@@ -74,6 +77,7 @@ from managerd_client.wire import (
 _RID: Final = struct.Struct("!Q")
 #: A protocol 2 request's handle, method number and thread (after its id).
 _HANDLE_HEAD: Final = struct.Struct("!IHQ")
+_COUNT: Final = struct.Struct("<I")
 #: A request's frame header and its request id, packed at once.
 _FRAME_RID: Final = struct.Struct("!iQ")
 #: A request this small goes out as one joined chunk (as ``frame_chunks`` does).
@@ -163,6 +167,59 @@ class _Slot:
         return self.value
 
 
+#: Pipelined calls one connection may have in flight at once (each has a
+#: lane: a client-side "thread" id of its own; see :meth:`Channel.submit`).
+MAX_PIPELINED: Final = 256
+#: Lanes are numbered from here up: far below any real thread id (a pthread_t).
+_FIRST_LANE: Final = 1
+
+
+class Pending:
+    """A pipelined call's answer, to come (see :meth:`Channel.submit`).
+
+    :meth:`result` waits for it and returns it (or raises the call's
+    error); :meth:`cancel` gives the call up: the daemon drops it if it
+    still waits, or undoes its answer (items go back to the front of their
+    queue) if it was answered and not read. An exception (Ctrl-C...) while
+    waiting in ``result`` cancels the call the same way.
+    """
+
+    __slots__ = ("_channel", "_done", "_error", "_lane", "_slot", "_value", "method", "rid")
+
+    def __init__(self, channel: Channel, slot: _Slot, rid: int, lane: int, method: str) -> None:
+        self._channel = channel
+        self._slot = slot
+        self.rid = rid
+        self._lane = lane
+        self.method = method
+        self._done = False
+        #: Once read: the value, or the error (re-raised by a later ``result()``).
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the answer is in (or the call was given up): ``result`` will not wait."""
+        return self._done or self._slot.done
+
+    @property
+    def settled(self) -> bool:
+        """Whether its result was read (or the call given up): nothing more to do with it."""
+        return self._done
+
+    def result(self) -> Any:
+        """The call's result, waiting for it; the call's error raised as for a plain call."""
+        return self._channel._finish(self)
+
+    def cancel(self) -> None:
+        """Give the call up (no-op once its result was read): nothing it took is lost."""
+        self._channel._cancel(self, None)
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "in flight"
+        return f"<Pending {self.method} #{self.rid} {state}>"
+
+
 def _decode_reply(frame: bytes | memoryview, decode: Callable[[Any], Any] | None = None) -> Any:
     status = frame[_STATUS_AT]
     body = (frame if type(frame) is memoryview else memoryview(frame))[_REPLY_HEAD.size :]
@@ -228,6 +285,29 @@ def _encode_args(head: bytes, args: tuple[Any, ...]) -> list[bytes]:
         arg,
         pickled[at + len(needle) :],
     ]
+
+
+def _all_bytes(values: list[Any]) -> bool:
+    """Whether every value is exactly ``bytes`` (payloads, as ``put_many`` sends)."""
+    return bool(values) and all(type(v) is bytes for v in values)
+
+
+def _encode_payloads(head: bytes, payloads: list[bytes], rest: tuple[Any, ...]) -> list[bytes]:
+    """A protocol 2 request whose first argument is ``payloads`` (``V2_PAYLOADS``), in parts.
+
+    ``head`` has the flag set in its method number. The payloads go out as
+    they are, after a count and their lengths; the other arguments pickled
+    after them.
+    """
+    lengths = array.array("I", map(len, payloads))
+    if sys.byteorder != "little":
+        lengths.byteswap()
+    section = head + _COUNT.pack(len(payloads)) + lengths.tobytes()
+    tail = pickle.dumps(rest, PICKLE_PROTOCOL)
+    body = b"".join(payloads)
+    if len(body) < _SPLICE_MIN_BYTES:
+        return [section + body + tail]
+    return [section, body, tail]
 
 
 def open_socket(
@@ -354,6 +434,9 @@ class Channel:
         #: answer (a proxy in a payload re-created) is nested, not the next.
         self._calling: set[int] = set()
         self._send_lock = threading.Lock()
+        #: Free lanes for pipelined calls (see submit), and the next new one.
+        self._lanes: list[int] = []
+        self._next_lane = _FIRST_LANE
         self._write_fn = self._fs.write_fn
         self._tls = self._fs.tls
         self._reading = False
@@ -403,9 +486,17 @@ class Channel:
         args: tuple[Any, ...],
         decode: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """``call`` through a handle and method number of :meth:`resolve` (protocol 2)."""
+        """``call`` through a handle and method number of :meth:`resolve` (protocol 2).
+
+        A first argument that is a list of ``bytes`` payloads (``put_many``)
+        travels as a payload section (``V2_PAYLOADS``), not pickled.
+        """
         ident = threading.get_ident()
-        parts = _encode_args(_HANDLE_HEAD.pack(handle, method_no, ident), args)
+        if args and type(args[0]) is list and _all_bytes(args[0]):
+            head = _HANDLE_HEAD.pack(handle, method_no | V2_PAYLOADS, ident)
+            parts = _encode_payloads(head, args[0], args[1:])
+        else:
+            parts = _encode_args(_HANDLE_HEAD.pack(handle, method_no, ident), args)
         return self._call_parts(parts, decode, ident, method)
 
     def call(
@@ -428,6 +519,123 @@ class Channel:
                 return self._call_parts(parts, decode, ident, method)
         parts = _encode_request((typeid, name, method, args, ident))
         return self._call_parts(parts, decode, ident, method)
+
+    def submit(
+        self,
+        typeid: str | None,
+        name: str | None,
+        method: str,
+        args: tuple[Any, ...],
+        decode: Callable[[Any], Any] | None = None,
+        handle: tuple[int, int] | None = None,
+    ) -> Pending:
+        """Send a call without waiting for its answer: :meth:`Pending.result` reads it.
+
+        The daemon keeps one undo record per client thread and takes a
+        thread's next request as proof that it read the answer before; so a
+        pipelined call goes on a *lane* of its own (a thread id that no
+        thread has), given back only once its answer was read or its cancel
+        sent. The same guarantees as a plain call's follow: an answer given
+        up (``cancel``, an interrupt in ``result``, the connection closed)
+        is undone by the daemon. ``handle``: ``(handle, method number)`` of
+        a protocol 2 object (else the call goes by name).
+        """
+        with self._lock:
+            if self.dead is not None:
+                raise ConnectionLost(str(self.dead))
+            if self._lanes:
+                lane = self._lanes.pop()
+            elif self._next_lane < _FIRST_LANE + MAX_PIPELINED:
+                lane = self._next_lane
+                self._next_lane += 1
+            else:
+                raise RuntimeError(
+                    f"{MAX_PIPELINED} pipelined calls in flight on one connection; "
+                    "read some results first"
+                )
+        try:
+            stale = self._unconfirmed.get(lane)
+            if stale is not None:
+                self._abandon(stale, None, lane)  # its cancel did not go out: now
+            if handle is not None and args and type(args[0]) is list and _all_bytes(args[0]):
+                head = _HANDLE_HEAD.pack(handle[0], handle[1] | V2_PAYLOADS, lane)
+                parts = _encode_payloads(head, args[0], args[1:])
+            elif handle is not None:
+                parts = _encode_args(_HANDLE_HEAD.pack(handle[0], handle[1], lane), args)
+            else:
+                parts = _encode_request((typeid, name, method, args, lane))
+            size = sum(map(len, parts)) + _RID.size
+            if size > self.max_frame_bytes:
+                raise RequestTooLarge(
+                    f"a {method} request of {size} bytes is over the daemon's "
+                    f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
+                )
+        except BaseException:
+            self._lanes.append(lane)
+            raise
+        slot = _Slot(decode)
+        rid = 0
+        try:
+            with self._lock:
+                if self.dead is not None:
+                    raise ConnectionLost(str(self.dead))
+                rid = next(self._rids)
+                self._pending[rid] = slot
+                self._unconfirmed[lane] = rid
+            self._send(parts, rid)
+            return Pending(self, slot, rid, lane, method)
+        except BaseException as exc:
+            # Sent or not, nobody will read it: give it up (a cancel of a
+            # request never sent is harmless), and the lane with it.
+            if rid:
+                self._abandon(rid, exc, lane)
+            self._lanes.append(lane)
+            raise
+
+    def _finish(self, pending: Pending) -> Any:
+        """:meth:`Pending.result`: wait, read, give the lane back."""
+        if pending._done:
+            if pending._error is not None:
+                raise pending._error
+            return pending._value
+        slot = pending._slot
+        try:
+            self._await(slot)
+            try:
+                value = slot.result()
+            finally:
+                if isinstance(slot.frame, memoryview):
+                    self._fs.recycle(slot.frame.obj)
+                    slot.frame = None
+        except BaseException as exc:
+            if exc is not slot.raised:
+                self._cancel(pending, exc)  # an interrupt: the answer goes back
+            else:
+                pending._error = exc
+                pending._done = True
+                self._unconfirmed.pop(pending._lane, None)
+                self._lanes.append(pending._lane)
+            raise
+        lane = pending._lane
+        pending._value = value
+        pending._done = True
+        # An interrupt here leaves the marker: the lane's next use cancels
+        # the call, and its answer (never returned) goes back.
+        self._lanes.append(lane)
+        if lane in self._unconfirmed:
+            del self._unconfirmed[lane]  # no call from here to the return
+        return value
+
+    def _cancel(self, pending: Pending, exc: BaseException | None) -> None:
+        """Give a pipelined call up: the daemon drops it or undoes its answer."""
+        if pending._done:
+            return
+        pending._error = RuntimeError(f"{pending.method} #{pending.rid} was given up")
+        pending._done = True
+        self._abandon(pending.rid, exc, pending._lane)
+        # A cancel that did not go out (a second interrupt) left its marker:
+        # the lane's next use sends it first.
+        self._lanes.append(pending._lane)
 
     def _call_parts(
         self,

@@ -44,6 +44,7 @@ __all__ = [
     "RESOLVE",
     "RETRY_AFTER",
     "V2_HEAD",
+    "V2_PAYLOADS",
     "WELCOME",
     "FrameSocket",
     "Refused",
@@ -87,6 +88,11 @@ RESOLVE: Final = "resolve"
 #: A pickle starts with 0x80 (PROTO), so a daemon tells a protocol 1
 #: envelope from a handle (which stays below 2**31) by its first byte.
 V2_HEAD: Final = struct.Struct("!QIHQ")
+#: Set in a protocol 2 request's method number: its first argument is a list
+#: of payloads (``bytes``), carried before the pickle of the other arguments
+#: as ``<n:u32 LE><n lengths:u32 LE><the payloads back to back>``: opaque
+#: bytes the daemon stores without unpickling (``put_many``'s items).
+V2_PAYLOADS: Final = 0x8000
 
 #: The pickle protocol of managerd envelopes and payloads. 5 is the newest
 #: that every supported Python (3.11+) reads.

@@ -44,11 +44,14 @@ method number (another connection's, a made-up one) is answered with a
 
 from __future__ import annotations
 
+import array
 import logging
 import pickle
 import struct
+import sys
 import time
 from functools import partial
+from itertools import accumulate, pairwise
 from typing import Any, Final, Protocol
 
 from managerd.safepickle import SafeDecoder
@@ -65,7 +68,7 @@ from managerd.service.requests import RequestStats
 from managerd.store.api import MethodSpec, NoAttribute
 from managerd.store.sessions import Session
 from managerd_client.errors import ForbiddenPayload, ProtocolError, error_kind
-from managerd_client.wire import PICKLE_PROTOCOL, RESOLVE, V2_HEAD
+from managerd_client.wire import PICKLE_PROTOCOL, RESOLVE, V2_HEAD, V2_PAYLOADS
 
 log = logging.getLogger("managerd")
 
@@ -219,14 +222,21 @@ class Dispatcher:
             if number >= len(entries):
                 raise ProtocolError(f"no handle {number} on this connection (resolve it first)")
             typeid, name, methods, labels = entries[number]
+            at = start + V2_HEAD.size
+            payloads = None
+            if method_no & V2_PAYLOADS:
+                payloads, at = _payload_section(frame, at)
+                method_no &= ~V2_PAYLOADS
             if method_no >= len(methods):
                 raise ProtocolError(f"no method number {method_no} for handle {number}")
-            if len(frame) == start + V2_HEAD.size:
+            if len(frame) == at:
                 args: Any = ()
             else:
-                args = self.decoder.loads(frame, start + V2_HEAD.size)
+                args = self.decoder.loads(frame, at)
                 if type(args) is not tuple:
                     raise TypeError("request arguments must be a tuple")
+            if payloads is not None:
+                args = (payloads, *args)
         except Exception as exc:
             if isinstance(exc, ForbiddenPayload):
                 self.refused_decode(session.peer, exc)
@@ -331,6 +341,36 @@ class Dispatcher:
         args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
         body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
         sink.send_reply(rid, STATUS_ERROR, body)
+
+
+_COUNT: Final = struct.Struct("<I")
+
+
+def _payload_section(frame: bytes, at: int) -> tuple[list[bytes], int]:
+    """The payloads of a ``V2_PAYLOADS`` section at ``frame[at:]``, and where it ends.
+
+    ``<n:u32><n lengths:u32><payloads>``, little-endian; the payloads are
+    kept as the bytes they are (never unpickled here).
+    """
+    end = len(frame)
+    if end - at < _COUNT.size:
+        raise ProtocolError("a payload section shorter than its count")
+    (count,) = _COUNT.unpack_from(frame, at)
+    at += _COUNT.size
+    if count > (end - at) // _COUNT.size:
+        raise ProtocolError(f"a payload section of {count} payloads is longer than the request")
+    lengths = array.array("I")
+    if lengths.itemsize != _COUNT.size:  # pragma: no cover (no such platform here)
+        lengths = array.array("L")
+    lengths.frombytes(frame[at : at + count * _COUNT.size])
+    if sys.byteorder != "little":  # pragma: no cover
+        lengths.byteswap()
+    at += count * _COUNT.size
+    total = sum(lengths)
+    if total > end - at:
+        raise ProtocolError("a payload section's lengths run past the request")
+    payloads = [frame[a:b] for a, b in pairwise(accumulate(lengths, initial=at))]
+    return payloads, at + total
 
 
 def _no_operation(ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
