@@ -680,6 +680,8 @@ def test_pipelined_gets_lose_no_item_under_random_interrupts(daemon: Daemon, uni
                 rest.append(q.get_nowait())
             except queue.Empty:
                 break
-        assert interrupts > 50, "too few interrupts landed inside calls to test anything"
+        # Fewer land inside calls than in the plain race: a round spends
+        # part of its time between calls (a loaded machine, fewer still).
+        assert interrupts > 20, "too few interrupts landed inside calls to test anything"
         assert len(got) == len(set(got)), "an item was delivered twice"
         assert sorted(got + rest) == list(range(n_items)), "an item was lost"

@@ -184,7 +184,17 @@ class Pending:
     waiting in ``result`` cancels the call the same way.
     """
 
-    __slots__ = ("_channel", "_done", "_error", "_lane", "_slot", "_value", "method", "rid")
+    __slots__ = (
+        "_channel",
+        "_done",
+        "_error",
+        "_lane",
+        "_lane_back",
+        "_slot",
+        "_value",
+        "method",
+        "rid",
+    )
 
     def __init__(self, channel: Channel, slot: _Slot, rid: int, lane: int, method: str) -> None:
         self._channel = channel
@@ -193,6 +203,8 @@ class Pending:
         self._lane = lane
         self.method = method
         self._done = False
+        #: Its lane is back in the channel's pool (once only).
+        self._lane_back = False
         #: Once read: the value, or the error (re-raised by a later ``result()``).
         self._value: Any = None
         self._error: BaseException | None = None
@@ -614,17 +626,24 @@ class Channel:
                 pending._error = exc
                 pending._done = True
                 self._unconfirmed.pop(pending._lane, None)
-                self._lanes.append(pending._lane)
+                self._give_lane_back(pending)
             raise
+        # The lane first: an interrupt as it is given back leaves the call
+        # not done (its marker kept), so whoever gives it up (the pipeline's
+        # exit, cancel(), close) has the answer undone. The lane is given
+        # back once only: a lane in the pool is never also in flight.
+        self._give_lane_back(pending)
         lane = pending._lane
         pending._value = value
         pending._done = True
-        # An interrupt here leaves the marker: the lane's next use cancels
-        # the call, and its answer (never returned) goes back.
-        self._lanes.append(lane)
         if lane in self._unconfirmed:
             del self._unconfirmed[lane]  # no call from here to the return
         return value
+
+    def _give_lane_back(self, pending: Pending) -> None:
+        if not pending._lane_back:
+            pending._lane_back = True  # no call between this and the append
+            self._lanes.append(pending._lane)
 
     def _cancel(self, pending: Pending, exc: BaseException | None) -> None:
         """Give a pipelined call up: the daemon drops it or undoes its answer."""
@@ -635,7 +654,7 @@ class Channel:
         self._abandon(pending.rid, exc, pending._lane)
         # A cancel that did not go out (a second interrupt) left its marker:
         # the lane's next use sends it first.
-        self._lanes.append(pending._lane)
+        self._give_lane_back(pending)
 
     def _call_parts(
         self,
