@@ -215,6 +215,11 @@ class Pending:
         return self._done or self._slot.done
 
     @property
+    def channel(self) -> Channel:
+        """The connection it was sent on."""
+        return self._channel
+
+    @property
     def settled(self) -> bool:
         """Whether its result was read (or the call given up): nothing more to do with it."""
         return self._done
@@ -447,7 +452,7 @@ class Channel:
         self._calling: set[int] = set()
         self._send_lock = threading.Lock()
         #: Free lanes for pipelined calls (see submit), and the next new one.
-        self._lanes: list[int] = []
+        self._lanes: dict[int, None] = {}
         self._next_lane = _FIRST_LANE
         self._write_fn = self._fs.write_fn
         self._tls = self._fs.tls
@@ -556,7 +561,7 @@ class Channel:
             if self.dead is not None:
                 raise ConnectionLost(str(self.dead))
             if self._lanes:
-                lane = self._lanes.pop()
+                lane = self._lanes.popitem()[0]
             elif self._next_lane < _FIRST_LANE + MAX_PIPELINED:
                 lane = self._next_lane
                 self._next_lane += 1
@@ -583,7 +588,7 @@ class Channel:
                     f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
                 )
         except BaseException:
-            self._lanes.append(lane)
+            self._lanes[lane] = None
             raise
         slot = _Slot(decode)
         rid = 0
@@ -599,9 +604,11 @@ class Channel:
         except BaseException as exc:
             # Sent or not, nobody will read it: give it up (a cancel of a
             # request never sent is harmless), and the lane with it.
-            if rid:
-                self._abandon(rid, exc, lane)
-            self._lanes.append(lane)
+            try:
+                if rid:
+                    self._abandon(rid, exc, lane)
+            finally:
+                self._lanes[lane] = None
             raise
 
     def _finish(self, pending: Pending) -> Any:
@@ -628,22 +635,33 @@ class Channel:
                 self._unconfirmed.pop(pending._lane, None)
                 self._give_lane_back(pending)
             raise
-        # The lane first: an interrupt as it is given back leaves the call
-        # not done (its marker kept), so whoever gives it up (the pipeline's
-        # exit, cancel(), close) has the answer undone. The lane is given
-        # back once only: a lane in the pool is never also in flight.
-        self._give_lane_back(pending)
+        # From the marker's removal to the return nothing is a call (an
+        # interrupt could strike there and lose the value with no undo);
+        # before it, an interrupt leaves the call to be given up and undone.
+        # The lane is free only once its marker is gone, so a free lane
+        # with a marker is always one whose cancel did not go out.
         lane = pending._lane
         pending._value = value
         pending._done = True
+        pending._lane_back = True
         if lane in self._unconfirmed:
-            del self._unconfirmed[lane]  # no call from here to the return
+            del self._unconfirmed[lane]
+        self._lanes[lane] = None
         return value
 
     def _give_lane_back(self, pending: Pending) -> None:
         if not pending._lane_back:
-            pending._lane_back = True  # no call between this and the append
-            self._lanes.append(pending._lane)
+            pending._lane_back = True
+            self._lanes[pending._lane] = None
+
+    def resend_cancels(self) -> None:
+        """Send the cancels that an interrupt kept from going out, for free lanes.
+
+        (A lane in use sends its own when it is next taken.)
+        """
+        for lane, rid in list(self._unconfirmed.items()):
+            if lane in self._lanes and self.dead is None:
+                self._abandon(rid, None, lane)
 
     def _cancel(self, pending: Pending, exc: BaseException | None) -> None:
         """Give a pipelined call up: the daemon drops it or undoes its answer."""
@@ -651,10 +669,12 @@ class Channel:
             return
         pending._error = RuntimeError(f"{pending.method} #{pending.rid} was given up")
         pending._done = True
-        self._abandon(pending.rid, exc, pending._lane)
-        # A cancel that did not go out (a second interrupt) left its marker:
-        # the lane's next use sends it first.
-        self._give_lane_back(pending)
+        try:
+            self._abandon(pending.rid, exc, pending._lane)
+        finally:
+            # A cancel that did not go out (a second interrupt) left its
+            # marker: resend_cancels, or the lane's next use, sends it.
+            self._give_lane_back(pending)
 
     def _call_parts(
         self,

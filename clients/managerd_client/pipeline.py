@@ -70,9 +70,14 @@ class Pipeline:
 
     def cancel(self) -> None:
         """Give up every answer still unread (what they took goes back)."""
+        channels = {id(p.channel): p.channel for p in self._pending}
         while self._pending:
             self._pending[0].cancel()
             self._pending.popleft()
+        for channel in channels.values():
+            # Cancels an earlier interrupt kept from going out: now, not at
+            # the lane's next use (what they took would wait until then).
+            channel.resend_cancels()
 
     def __enter__(self) -> Pipeline:
         stack: list[Pipeline] | None = getattr(_local, "stack", None)
