@@ -36,8 +36,9 @@ a venv, else this interpreter; ``PYTHONPATH=PATH:PATH/clients`` either
 way, and ``PYTHONSAFEPATH=1`` so this checkout's directory does not shadow
 it), measured in the same invocation and taking turns with this
 checkout's ``managerd`` within every round. The clients are always this
-checkout's ``managerd_client`` (the comparison is of the daemon's code, so
-the two revisions must speak the same wire protocol). The report adds its
+checkout's ``managerd_client`` (the comparison is of the daemon's code; a
+daemon that refuses protocol 2 is spoken to in protocol 1, so older
+checkouts compare too). The report adds its
 figures, a table per other checkout with ``managerd/managerd@<rev>``
 (this checkout's figure over the other's; see each workload's
 ``better``); the JSON adds ``compared`` (path, rev, interpreter, where

@@ -181,9 +181,10 @@ def thread_child(address: str, authkey: bytes, name: str, conn: Connection) -> N
 
 
 def _inside_call(frame: types.FrameType | None) -> bool:
-    code = Channel.call.__code__
+    # By name (call) or by handle (call_handle): both send through _call_parts.
+    codes = {Channel.call.__code__, Channel.call_handle.__code__, Channel._call_parts.__code__}
     while frame is not None:
-        if frame.f_code is code:
+        if frame.f_code in codes:
             return True
         frame = frame.f_back
     return False
@@ -220,5 +221,57 @@ def racing_child(address: str, authkey: bytes, name: str, conn: Connection) -> N
             if item is None:
                 break
             got.append(item)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        conn.send((got, interrupts[0], m.session_epoch))
+
+
+def _inside_pipelined(frame: types.FrameType | None) -> bool:
+    codes = {
+        Channel.call.__code__,
+        Channel._call_parts.__code__,
+        Channel.submit.__code__,
+        Channel._finish.__code__,
+    }
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def pipelined_racing_child(address: str, authkey: bytes, name: str, conn: Connection) -> None:
+    """Three ``get_many_async`` in flight per round while SIGINTs arrive at random moments.
+
+    As ``racing_child``, the handler raises only while a managerd call
+    (sending one, or reading its answer) is on the stack. A round left by
+    an exception gives up its unread answers (the pipeline's exit). Ends
+    at a None item; reports what it got.
+    """
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    interrupts = [0]
+
+    def on_sigint(signum: int, frame: types.FrameType | None) -> None:
+        if _inside_pipelined(frame):
+            interrupts[0] += 1
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    with managerd_client.connect(address, authkey=authkey) as m:
+        q = m.Queue(name)
+        got: list[Any] = []
+        conn.send("ready")
+        done = False
+        while not done:
+            try:
+                with m.pipeline():
+                    pending = [q.get_many_async(3, True, 0.05) for _ in range(3)]
+                    for p in pending:
+                        for item in p.result():
+                            if item is None:
+                                done = True
+                            else:
+                                got.append(item)
+            except (queue.Empty, KeyboardInterrupt):
+                continue
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         conn.send((got, interrupts[0], m.session_epoch))

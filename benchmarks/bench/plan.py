@@ -19,6 +19,8 @@ PAD = b"p" * (100 - HEAD.size)
 SENTINEL = b""
 BOUNDED_QUEUE = 10_000  # maxsize of the producer/consumer queues (both systems)
 DEFAULT_BATCH = 1_000  # items per put_many / get_many (--batch)
+#: Batches in flight per producer and per consumer in the pipelined batch workload.
+PIPELINE_DEPTH = 2
 GET_TIMEOUT_S = 60.0  # a consumer that waits this long reports a failure
 GO_TIMEOUT_S = 300.0  # workers wait at most this long for the start signal
 CONNECT_PHASE_S = 180.0  # idle clients: a worker stops connecting after this long

@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.crowds import run_blocked, run_idle
 from bench.measure import in_child, machine, mean_of, open_files_limit, pct
-from bench.plan import DEFAULT_BATCH, SIZES, Plan, plan_for
+from bench.plan import DEFAULT_BATCH, PIPELINE_DEPTH, SIZES, Plan, plan_for
 from bench.report import print_comparison, print_table, ratios, rounded, targets
 from bench.saturation import run_saturation
 from bench.servers import (
@@ -245,7 +245,11 @@ class Suite:
             for t in mds:
                 runs[f"single {t.name}"] = functools.partial(run_pipe, t, 1, plan)
                 runs[f"batch {t.name}"] = functools.partial(run_pipe, t, self.batch, plan)
+                runs[f"pipelined {t.name}"] = functools.partial(
+                    run_pipe, t, self.batch, plan, PIPELINE_DEPTH
+                )
             r = self.compare(runs)
+            pipelined = {t.name: r[f"pipelined {t.name}"] for t in mds}
             single = {t.name: r[f"single {t.name}"] for t in mds}
             batch = {t.name: r[f"batch {t.name}"] for t in mds}
             self.record("queue_1p1c_100B", unit="messages/s", better="higher",
@@ -256,6 +260,11 @@ class Suite:
                         stock=r["stock"]["rate"], **{k: v["rate"] for k, v in batch.items()},
                         ok=all(v["ok"] for v in batch.values()),
                         details={"stock (single put/get)": r["stock"], **batch})  # fmt: skip
+            self.record(f"batch_{self.batch}_1p1c_100B_pipelined", unit="messages/s",
+                        better="higher", stock=r["stock"]["rate"],
+                        **{k: v["rate"] for k, v in pipelined.items()},
+                        ok=all(v["ok"] for v in pipelined.values()),
+                        details={"stock (single put/get)": r["stock"], **pipelined})  # fmt: skip
 
     def blocked(self, stock: Target, md: Target) -> None:
         plan = self.plan

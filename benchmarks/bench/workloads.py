@@ -8,6 +8,7 @@ start a ``Gang`` of workers that begin together.
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import json
@@ -253,16 +254,35 @@ def run_mpmc(t: Target, producers: int, consumers: int, plan: Plan) -> dict[str,
 
 
 def w_pipe_producer(
-    ready: Callable[[], float], t: Target, name: str, batch: int, seconds: float, max_msgs: int
+    ready: Callable[[], float],
+    t: Target,
+    name: str,
+    batch: int,
+    seconds: float,
+    max_msgs: int,
+    depth: int = 0,
 ) -> dict[str, Any]:
-    """One producer: ``put_many`` of ``batch`` items (or single ``put`` when batch is 1)."""
+    """One producer: ``put_many`` of ``batch`` items (or single ``put`` when batch is 1).
+
+    ``depth`` > 0: pipelined, ``put_many_async`` with that many batches in flight.
+    """
     c = Client(t)
     q = c.queue(name, BOUNDED_QUEUE)
     pack, mono = HEAD.pack, time.monotonic
     deadline = ready() + seconds
     cpu0 = os.times()
     seq = 0
-    if batch == 1:
+    if depth:
+        in_flight: collections.deque[Any] = collections.deque()
+        put_async = q.put_many_async
+        while seq < max_msgs and mono() < deadline:
+            in_flight.append(put_async([pack(0, s) + PAD for s in range(seq, seq + batch)]))
+            seq += batch
+            if len(in_flight) >= depth:
+                in_flight.popleft().result()
+        while in_flight:
+            in_flight.popleft().result()
+    elif batch == 1:
         put = q.put
         while seq < max_msgs and mono() < deadline:
             put(pack(0, seq) + PAD)
@@ -280,9 +300,13 @@ def w_pipe_producer(
 
 
 def w_pipe_consumer(
-    ready: Callable[[], float], t: Target, name: str, batch: int, max_msgs: int
+    ready: Callable[[], float], t: Target, name: str, batch: int, max_msgs: int, depth: int = 0
 ) -> dict[str, Any]:
-    """One consumer: ``get_many(batch)`` (or ``get``); checks the order (one producer, FIFO)."""
+    """One consumer: ``get_many(batch)`` (or ``get``); checks the order (one producer, FIFO).
+
+    ``depth`` > 0: pipelined, ``get_many_async`` with that many calls in flight
+    (those still in flight at the end are cancelled).
+    """
     c = Client(t)
     q = c.queue(name, BOUNDED_QUEUE)
     unpack = HEAD.unpack_from
@@ -292,20 +316,28 @@ def w_pipe_consumer(
     in_order = True
     error = None
     calls = 0
+    in_flight: collections.deque[Any] = collections.deque()
     while calls <= max_msgs + 1:
         calls += 1
         try:
-            items = (
-                q.get_many(batch, True, GET_TIMEOUT_S)
-                if batch > 1
-                else [q.get(True, GET_TIMEOUT_S)]
-            )
+            if depth:
+                while len(in_flight) < depth:
+                    in_flight.append(q.get_many_async(batch, True, GET_TIMEOUT_S))
+                items = in_flight.popleft().result()
+            else:
+                items = (
+                    q.get_many(batch, True, GET_TIMEOUT_S)
+                    if batch > 1
+                    else [q.get(True, GET_TIMEOUT_S)]
+                )
         except queue.Empty:
             error = f"nothing for {GET_TIMEOUT_S:.0f}s"
             break
         for item in items:
             if item == SENTINEL:
                 last = time.monotonic()
+                for pending in in_flight:
+                    pending.cancel()
                 c.close()
                 cpu1 = os.times()
                 cpu_s = cpu1.user - cpu0.user + cpu1.system - cpu0.system
@@ -319,11 +351,11 @@ def w_pipe_consumer(
             "error": error, "cpu_s": 0.0}  # fmt: skip
 
 
-def run_pipe(t: Target, batch: int, plan: Plan) -> dict[str, Any]:
+def run_pipe(t: Target, batch: int, plan: Plan, depth: int = 0) -> dict[str, Any]:
     name = unique(f"pipe{batch}")
     gang = Gang()
-    gang.spawn(w_pipe_producer, t, name, batch, plan.seconds, plan.max_ops * 10)
-    gang.spawn(w_pipe_consumer, t, name, batch, plan.max_ops * 10)
+    gang.spawn(w_pipe_producer, t, name, batch, plan.seconds, plan.max_ops * 10, depth)
+    gang.spawn(w_pipe_consumer, t, name, batch, plan.max_ops * 10, depth)
     try:
         gang.wait_ready(2)
         cpu = CpuWindow(t.pid)

@@ -38,6 +38,7 @@ next read). Fresh megabyte buffers cost a page fault per 4 KiB each time.
 
 from __future__ import annotations
 
+import array
 import os
 import pickle
 import select
@@ -45,6 +46,7 @@ import signal
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +65,8 @@ from managerd_client.wire import (
     HELLO,
     PICKLE_PROTOCOL,
     PROTOCOL_VERSION,
+    RESOLVE,
+    V2_PAYLOADS,
     FrameSocket,
     Refused,
     client_handshake,
@@ -71,6 +75,9 @@ from managerd_client.wire import (
 )
 
 _RID: Final = struct.Struct("!Q")
+#: A protocol 2 request's handle, method number and thread (after its id).
+_HANDLE_HEAD: Final = struct.Struct("!IHQ")
+_COUNT: Final = struct.Struct("<I")
 #: A request's frame header and its request id, packed at once.
 _FRAME_RID: Final = struct.Struct("!iQ")
 #: A request this small goes out as one joined chunk (as ``frame_chunks`` does).
@@ -160,6 +167,76 @@ class _Slot:
         return self.value
 
 
+#: Pipelined calls one connection may have in flight at once (each has a
+#: lane: a client-side "thread" id of its own; see :meth:`Channel.submit`).
+MAX_PIPELINED: Final = 256
+#: Lanes are numbered from here up: far below any real thread id (a pthread_t).
+_FIRST_LANE: Final = 1
+
+
+class Pending:
+    """A pipelined call's answer, to come (see :meth:`Channel.submit`).
+
+    :meth:`result` waits for it and returns it (or raises the call's
+    error); :meth:`cancel` gives the call up: the daemon drops it if it
+    still waits, or undoes its answer (items go back to the front of their
+    queue) if it was answered and not read. An exception (Ctrl-C...) while
+    waiting in ``result`` cancels the call the same way.
+    """
+
+    __slots__ = (
+        "_channel",
+        "_done",
+        "_error",
+        "_lane",
+        "_lane_back",
+        "_slot",
+        "_value",
+        "method",
+        "rid",
+    )
+
+    def __init__(self, channel: Channel, slot: _Slot, rid: int, lane: int, method: str) -> None:
+        self._channel = channel
+        self._slot = slot
+        self.rid = rid
+        self._lane = lane
+        self.method = method
+        self._done = False
+        #: Its lane is back in the channel's pool (once only).
+        self._lane_back = False
+        #: Once read: the value, or the error (re-raised by a later ``result()``).
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the answer is in (or the call was given up): ``result`` will not wait."""
+        return self._done or self._slot.done
+
+    @property
+    def channel(self) -> Channel:
+        """The connection it was sent on."""
+        return self._channel
+
+    @property
+    def settled(self) -> bool:
+        """Whether its result was read (or the call given up): nothing more to do with it."""
+        return self._done
+
+    def result(self) -> Any:
+        """The call's result, waiting for it; the call's error raised as for a plain call."""
+        return self._channel._finish(self)
+
+    def cancel(self) -> None:
+        """Give the call up (no-op once its result was read): nothing it took is lost."""
+        self._channel._cancel(self, None)
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "in flight"
+        return f"<Pending {self.method} #{self.rid} {state}>"
+
+
 def _decode_reply(frame: bytes | memoryview, decode: Callable[[Any], Any] | None = None) -> Any:
     status = frame[_STATUS_AT]
     body = (frame if type(frame) is memoryview else memoryview(frame))[_REPLY_HEAD.size :]
@@ -200,6 +277,54 @@ def _encode_request(envelope: tuple[Any, ...]) -> list[bytes]:
         arg,
         pickled[at + len(needle) :],
     ]
+
+
+def _encode_args(head: bytes, args: tuple[Any, ...]) -> list[bytes]:
+    """A protocol 2 request after its id: ``head`` then the pickled ``args``, in parts.
+
+    No pickle for ``()``. A large ``bytes`` argument is spliced in as in
+    :func:`_encode_request`.
+    """
+    if not args:
+        return [head]
+    for i, arg in enumerate(args):  # noqa: B007 (i names the argument after the loop)
+        if type(arg) is bytes and len(arg) >= _SPLICE_MIN_BYTES:
+            break
+    else:
+        return [head + pickle.dumps(args, PICKLE_PROTOCOL)]
+    pickled = pickle.dumps((*args[:i], _SPLICE_MARKER, *args[i + 1 :]), 3)
+    needle = b"C\x10" + _SPLICE_MARKER  # SHORT_BINBYTES, 16 bytes
+    at = pickled.find(needle)
+    if at < 0 or pickled.find(needle, at + 1) >= 0:  # another argument holds the marker
+        return [head + pickle.dumps(args, PICKLE_PROTOCOL)]
+    return [
+        head + pickled[:at] + b"B" + struct.pack("<I", len(arg)),  # BINBYTES, 4-byte length
+        arg,
+        pickled[at + len(needle) :],
+    ]
+
+
+def _all_bytes(values: list[Any]) -> bool:
+    """Whether every value is exactly ``bytes`` (payloads, as ``put_many`` sends)."""
+    return bool(values) and all(type(v) is bytes for v in values)
+
+
+def _encode_payloads(head: bytes, payloads: list[bytes], rest: tuple[Any, ...]) -> list[bytes]:
+    """A protocol 2 request whose first argument is ``payloads`` (``V2_PAYLOADS``), in parts.
+
+    ``head`` has the flag set in its method number. The payloads go out as
+    they are, after a count and their lengths; the other arguments pickled
+    after them.
+    """
+    lengths = array.array("I", map(len, payloads))
+    if sys.byteorder != "little":
+        lengths.byteswap()
+    section = head + _COUNT.pack(len(payloads)) + lengths.tobytes()
+    tail = pickle.dumps(rest, PICKLE_PROTOCOL)
+    body = b"".join(payloads)
+    if len(body) < _SPLICE_MIN_BYTES:
+        return [section + body + tail]
+    return [section, body, tail]
 
 
 def open_socket(
@@ -276,13 +401,10 @@ class Channel:
                 f"authentication: {exc or 'closed'}{hint}"
             ) from None
         try:
-            self._fs.send_frame(
-                pickle.dumps(
-                    (None, HELLO, (self._hello_info(hello),), {}),
-                    PICKLE_PROTOCOL,
-                )
-            )
-            kind, info = pickle.loads(self._fs.recv_frame())
+            kind, info = self._hello(hello, PROTOCOL_VERSION)
+            if kind == "#ERROR" and isinstance(info, ProtocolError) and PROTOCOL_VERSION > 1:
+                # An older daemon: it speaks protocol 1 (and says so by refusing 2).
+                kind, info = self._hello(hello, 1)
         except (OSError, EOFError) as exc:
             self._fs.close()
             raise ConnectFailed(f"managerd at {address[0]}:{address[1]} hung up: {exc}") from None
@@ -299,6 +421,12 @@ class Channel:
         self.resumed: bool = bool(info.get("resumed"))
         self.session_ttl_s = float(info["session_ttl_s"])
         self.max_frame_bytes = int(info.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES))
+        #: 2: handle envelopes (see ``wire.PROTOCOL_VERSION``); 1: names only.
+        self.protocol = int(info.get("protocol", 1))
+        #: Protocol 2: ``(typeid, name)`` -> ``(handle, method numbers)``;
+        #: ``(None, None)`` the daemon's operations (resolved at their first call).
+        self._resolved: dict[tuple[str | None, str | None], tuple[int, dict[str, int] | None]] = {}
+        self._ops: dict[str, int] | None = None
         # Heartbeats bring a reply every ttl/3, so silence this long means a
         # dead network (or daemon), never a slow call.
         self.dead_after_s = self.session_ttl_s + dead_margin_s
@@ -323,7 +451,11 @@ class Channel:
         #: answer (a proxy in a payload re-created) is nested, not the next.
         self._calling: set[int] = set()
         self._send_lock = threading.Lock()
+        #: Free lanes for pipelined calls (see submit), and the next new one.
+        self._lanes: dict[int, None] = {}
+        self._next_lane = _FIRST_LANE
         self._write_fn = self._fs.write_fn
+        self._tls = self._fs.tls
         self._reading = False
         self.dead: BaseException | None = None
         self.last_heard = time.monotonic()
@@ -331,7 +463,59 @@ class Channel:
         self._poll_lock = threading.Lock()
         self._poller.register(sock.fileno(), _HANGUP)
 
+    def _hello(self, hello: dict[str, Any] | None, version: int) -> tuple[Any, Any]:
+        """Send the hello asking for protocol ``version``: the daemon's ``(kind, info)``."""
+        info = self._hello_info(hello)
+        info["protocol"] = version
+        self._fs.send_frame(pickle.dumps((None, HELLO, (info,), {}), PICKLE_PROTOCOL))
+        kind, answer = pickle.loads(self._fs.recv_frame())
+        return kind, answer
+
     # -- calls ------------------------------------------------------------------
+    def resolve(self, typeid: str | None, name: str | None) -> tuple[int, dict[str, int] | None]:
+        """``(handle, method numbers)`` of an object on this connection (protocol 2).
+
+        Asked of the daemon once per object and connection; ``(0, None)``
+        means "call it by name" (protocol 1, or a daemon that will not give
+        this connection more handles).
+        """
+        known = self._resolved.get((typeid, name))
+        if known is not None:
+            return known
+        if self.protocol < 2:
+            return 0, None
+        try:
+            handle, methods = self.call(None, None, RESOLVE, (typeid, name))
+            found: tuple[int, dict[str, int] | None] = (
+                int(handle),
+                {str(m): i for i, m in enumerate(methods)},
+            )
+        except ProtocolError:
+            found = (0, None)  # over the daemon's bound: this object goes by name
+        self._resolved[(typeid, name)] = found
+        return found
+
+    def call_handle(
+        self,
+        handle: int,
+        method_no: int,
+        method: str,
+        args: tuple[Any, ...],
+        decode: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """``call`` through a handle and method number of :meth:`resolve` (protocol 2).
+
+        A first argument that is a list of ``bytes`` payloads (``put_many``)
+        travels as a payload section (``V2_PAYLOADS``), not pickled.
+        """
+        ident = threading.get_ident()
+        if args and type(args[0]) is list and _all_bytes(args[0]):
+            head = _HANDLE_HEAD.pack(handle, method_no | V2_PAYLOADS, ident)
+            parts = _encode_payloads(head, args[0], args[1:])
+        else:
+            parts = _encode_args(_HANDLE_HEAD.pack(handle, method_no, ident), args)
+        return self._call_parts(parts, decode, ident, method)
+
     def call(
         self,
         typeid: str | None,
@@ -342,7 +526,164 @@ class Channel:
     ) -> Any:
         """The result of ``method`` on the daemon, passed through ``decode`` if given."""
         ident = threading.get_ident()
+        if typeid is None and name is None and self.protocol >= 2 and method != RESOLVE:
+            ops = self._ops
+            if ops is None:
+                ops = self._ops = self.resolve(None, None)[1] or {}
+            number = ops.get(method)
+            if number is not None:
+                parts = _encode_args(_HANDLE_HEAD.pack(0, number, ident), args)
+                return self._call_parts(parts, decode, ident, method)
         parts = _encode_request((typeid, name, method, args, ident))
+        return self._call_parts(parts, decode, ident, method)
+
+    def submit(
+        self,
+        typeid: str | None,
+        name: str | None,
+        method: str,
+        args: tuple[Any, ...],
+        decode: Callable[[Any], Any] | None = None,
+        handle: tuple[int, int] | None = None,
+    ) -> Pending:
+        """Send a call without waiting for its answer: :meth:`Pending.result` reads it.
+
+        The daemon keeps one undo record per client thread and takes a
+        thread's next request as proof that it read the answer before; so a
+        pipelined call goes on a *lane* of its own (a thread id that no
+        thread has), given back only once its answer was read or its cancel
+        sent. The same guarantees as a plain call's follow: an answer given
+        up (``cancel``, an interrupt in ``result``, the connection closed)
+        is undone by the daemon. ``handle``: ``(handle, method number)`` of
+        a protocol 2 object (else the call goes by name).
+        """
+        with self._lock:
+            if self.dead is not None:
+                raise ConnectionLost(str(self.dead))
+            if self._lanes:
+                lane = self._lanes.popitem()[0]
+            elif self._next_lane < _FIRST_LANE + MAX_PIPELINED:
+                lane = self._next_lane
+                self._next_lane += 1
+            else:
+                raise RuntimeError(
+                    f"{MAX_PIPELINED} pipelined calls in flight on one connection; "
+                    "read some results first"
+                )
+        try:
+            stale = self._unconfirmed.get(lane)
+            if stale is not None:
+                self._abandon(stale, None, lane)  # its cancel did not go out: now
+            if handle is not None and args and type(args[0]) is list and _all_bytes(args[0]):
+                head = _HANDLE_HEAD.pack(handle[0], handle[1] | V2_PAYLOADS, lane)
+                parts = _encode_payloads(head, args[0], args[1:])
+            elif handle is not None:
+                parts = _encode_args(_HANDLE_HEAD.pack(handle[0], handle[1], lane), args)
+            else:
+                parts = _encode_request((typeid, name, method, args, lane))
+            size = sum(map(len, parts)) + _RID.size
+            if size > self.max_frame_bytes:
+                raise RequestTooLarge(
+                    f"a {method} request of {size} bytes is over the daemon's "
+                    f"limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
+                )
+        except BaseException:
+            self._lanes[lane] = None
+            raise
+        slot = _Slot(decode)
+        rid = 0
+        try:
+            with self._lock:
+                if self.dead is not None:
+                    raise ConnectionLost(str(self.dead))
+                rid = next(self._rids)
+                self._pending[rid] = slot
+                self._unconfirmed[lane] = rid
+            self._send(parts, rid)
+            return Pending(self, slot, rid, lane, method)
+        except BaseException as exc:
+            # Sent or not, nobody will read it: give it up (a cancel of a
+            # request never sent is harmless), and the lane with it.
+            try:
+                if rid:
+                    self._abandon(rid, exc, lane)
+            finally:
+                self._lanes[lane] = None
+            raise
+
+    def _finish(self, pending: Pending) -> Any:
+        """:meth:`Pending.result`: wait, read, give the lane back."""
+        if pending._done:
+            if pending._error is not None:
+                raise pending._error
+            return pending._value
+        slot = pending._slot
+        try:
+            self._await(slot)
+            try:
+                value = slot.result()
+            finally:
+                if isinstance(slot.frame, memoryview):
+                    self._fs.recycle(slot.frame.obj)
+                    slot.frame = None
+        except BaseException as exc:
+            if exc is not slot.raised:
+                self._cancel(pending, exc)  # an interrupt: the answer goes back
+            else:
+                pending._error = exc
+                pending._done = True
+                self._unconfirmed.pop(pending._lane, None)
+                self._give_lane_back(pending)
+            raise
+        # From the marker's removal to the return nothing is a call (an
+        # interrupt could strike there and lose the value with no undo);
+        # before it, an interrupt leaves the call to be given up and undone.
+        # The lane is free only once its marker is gone, so a free lane
+        # with a marker is always one whose cancel did not go out.
+        lane = pending._lane
+        pending._value = value
+        pending._done = True
+        pending._lane_back = True
+        if lane in self._unconfirmed:
+            del self._unconfirmed[lane]
+        self._lanes[lane] = None
+        return value
+
+    def _give_lane_back(self, pending: Pending) -> None:
+        if not pending._lane_back:
+            pending._lane_back = True
+            self._lanes[pending._lane] = None
+
+    def resend_cancels(self) -> None:
+        """Send the cancels that an interrupt kept from going out, for free lanes.
+
+        (A lane in use sends its own when it is next taken.)
+        """
+        for lane, rid in list(self._unconfirmed.items()):
+            if lane in self._lanes and self.dead is None:
+                self._abandon(rid, None, lane)
+
+    def _cancel(self, pending: Pending, exc: BaseException | None) -> None:
+        """Give a pipelined call up: the daemon drops it or undoes its answer."""
+        if pending._done:
+            return
+        pending._error = RuntimeError(f"{pending.method} #{pending.rid} was given up")
+        pending._done = True
+        try:
+            self._abandon(pending.rid, exc, pending._lane)
+        finally:
+            # A cancel that did not go out (a second interrupt) left its
+            # marker: resend_cancels, or the lane's next use, sends it.
+            self._give_lane_back(pending)
+
+    def _call_parts(
+        self,
+        parts: list[bytes],
+        decode: Callable[[Any], Any] | None,
+        ident: int,
+        method: str,
+    ) -> Any:
+        """Send the request ``parts`` (after their id) and return its answer."""
         size = (len(parts[0]) if len(parts) == 1 else sum(map(len, parts))) + _RID.size
         if size > self.max_frame_bytes:
             # The daemon would hang up on it (and end this session): don't send it.
@@ -431,8 +772,28 @@ class Channel:
                     self._reading = reading = True
                 self._unconfirmed[ident] = rid
                 self._calling.add(ident)
-                self._send(parts, rid)
                 fs = self._fs
+                body = parts[0]
+                if len(parts) == 1 and len(body) < _ONE_CHUNK_BYTES and not self._tls:
+                    # _send's usual case inlined: one chunk, one send, the
+                    # count kept in C (see _send for an interrupt in there).
+                    chunk = _FRAME_RID.pack(len(body) + _RID.size, rid) + body
+                    counts: list[int] = []
+                    try:
+                        with self._send_lock:
+                            try:
+                                counts.extend(map(self._write_fn, (chunk,)))
+                                if counts[0] != len(chunk):
+                                    self._write([chunk], counts, [1], counts[0])
+                            except OSError:
+                                raise
+                            except BaseException:
+                                self._finish_frame([chunk], counts, False)
+                                raise
+                    except OSError as exc:
+                        self._die(ConnectionLost(f"sending to managerd failed: {exc}"))
+                else:
+                    self._send(parts, rid)
                 while True:
                     try:
                         frame = fs.next_frame_view()

@@ -42,6 +42,7 @@ from managerd_client.errors import (
     ManagerdError,
     ProtocolError,
 )
+from managerd_client.pipeline import Pipeline
 from managerd_client.wire import parse_addresses
 
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
@@ -253,6 +254,16 @@ class Manager:
         self._pid = os.getpid()
         for proxy in list(self._lock_proxies):
             proxy._forget_holdings()
+
+    def pipeline(self) -> Pipeline:
+        """A ``with`` block whose ``*_async`` calls (this thread's) are read at its end.
+
+        ``q.put_many_async(batch)`` inside it sends without waiting; the
+        block's end reads every answer (raising the first error), or, if it
+        ends by an exception, gives them up: items of unread ``get_many``
+        answers go back to their queue (``managerd_client.pipeline``).
+        """
+        return Pipeline()
 
     # -- daemon-level operations -----------------------------------------------------
     def ping(self) -> None:

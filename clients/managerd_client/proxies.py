@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping, Mutabl
 from multiprocessing.context import get_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from managerd_client.channel import abandoned_by
+from managerd_client.channel import Channel, Pending, abandoned_by
 from managerd_client.errors import ConnectionLost, LockLost
+from managerd_client.pipeline import current_pipeline
 from managerd_client.wire import PICKLE_PROTOCOL, REISSUE
 
 if TYPE_CHECKING:
@@ -150,6 +151,9 @@ class Proxy:
             raise TypeError("an object name must be a non-empty str")
         self._manager = manager
         self._name = name
+        #: ``(channel, handle, method numbers)`` on the channel last used
+        #: (protocol 2; method numbers None: calls go by name).
+        self._ref: tuple[Channel, int, dict[str, int] | None] | None = None
         self._server_id = manager._create(self._typeid, name, args)
         # Initial contents are for the creation only: a proxy re-attaching
         # (daemon restart, unpickled in a child) does not resend them.
@@ -178,26 +182,57 @@ class Proxy:
             # The daemon restarted: get-or-create again before calling.
             channel.call(None, None, "create", (self._typeid, self._name, self._args))
             self._server_id = channel.server_id
+        ref = self._ref
+        if ref is None or ref[0] is not channel:
+            ref = self._ref = (channel, *channel.resolve(self._typeid, self._name))
+        numbers = ref[2]
+        number = None if numbers is None else numbers.get(method)
         if method not in self._reissued:
+            if number is not None:
+                return channel.call_handle(ref[1], number, method, args, decode)
             return channel.call(self._typeid, self._name, method, args, decode)
         typeid: str | None = self._typeid
         name: str | None = self._name
         asked, asked_args = method, args
         while True:
             try:
+                if number is not None:
+                    return channel.call_handle(ref[1], number, method, args, decode)
                 return channel.call(typeid, name, asked, asked_args, decode)
             except ConnectionLost:
                 again = manager._resumed_elsewhere(channel, epoch)
                 if again is None:
                     raise
             # The session goes on through another gateway of the store: the call is
-            # asked again there, saying so (a wait's place is kept, see _reissued).
+            # asked again there, saying so (a wait's place is kept, see _reissued),
+            # by name (a protocol 1 envelope: no handle there yet).
             channel = again
+            number = None
             if channel.server_id != self._server_id:
                 channel.call(None, None, "create", (self._typeid, self._name, self._args))
                 self._server_id = channel.server_id
             typeid, name = None, None
             asked, asked_args = REISSUE, (self._typeid, self._name, method, args)
+
+    def _submit(
+        self, decode: Callable[[Any], Any] | None, method: str, args: tuple[Any, ...]
+    ) -> Pending:
+        """``_call_decoded`` without waiting: the answer is the :class:`Pending`'s."""
+        channel = self._manager._channel_or_reconnect()
+        if channel.server_id != self._server_id:
+            channel.call(None, None, "create", (self._typeid, self._name, self._args))
+            self._server_id = channel.server_id
+        ref = self._ref
+        if ref is None or ref[0] is not channel:
+            ref = self._ref = (channel, *channel.resolve(self._typeid, self._name))
+        numbers = ref[2]
+        number = None if numbers is None else numbers.get(method)
+        handle = None if number is None else (ref[1], number)
+        pending = channel.submit(self._typeid, self._name, method, args, decode, handle)
+        pipeline = current_pipeline()
+        if pipeline is not None:
+            pipeline.track(pending)
+        return pending
 
     def _extra(self) -> dict[str, Any]:
         return {}
@@ -295,6 +330,30 @@ class Queue(Proxy):
         # Unpickled inside the call: an interrupt meanwhile gives them back.
         result: list[Any] = self._call_decoded(_loads_all, "get_many", (max_items, block, timeout))
         return result
+
+    def put_many_async(
+        self, items: Iterable[Any], block: bool = True, timeout: float | None = None
+    ) -> Pending:
+        """``put_many`` sent without waiting: ``.result()`` is its answer (see ``pipeline``).
+
+        A producer keeps a few batches in flight instead of waiting a round
+        trip per batch. A batch whose ``result()`` returned is in the queue;
+        one given up (``cancel()``, an interrupt, the connection lost) may or
+        may not be, as with an interrupted ``put_many``.
+        """
+        return self._submit(None, "put_many", ([dumps(item) for item in items], block, timeout))
+
+    def get_many_async(
+        self, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> Pending:
+        """``get_many`` sent without waiting: ``.result()`` is the list of items.
+
+        Items of an answer that is given up before its ``result()`` returned
+        (``cancel()``, an interrupt in ``result()``, leaving a ``pipeline``
+        by an exception, closing the manager) go back to the front of the
+        queue: none is lost, none is delivered twice.
+        """
+        return self._submit(_loads_all, "get_many", (max_items, block, timeout))
 
     def qsize(self) -> int:
         result: int = self._call("qsize")

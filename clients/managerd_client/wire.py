@@ -42,7 +42,10 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REFUSED",
     "REISSUE",
+    "RESOLVE",
     "RETRY_AFTER",
+    "V2_HEAD",
+    "V2_PAYLOADS",
     "WELCOME",
     "FrameSocket",
     "Refused",
@@ -74,7 +77,28 @@ HELLO: Final = "managerd_hello"
 #: args), thread)``. The daemon runs the call, knowing it may have been parked
 #: (or answered) by the daemon that died.
 REISSUE: Final = "managerd_reissue"
-PROTOCOL_VERSION: Final = 1
+#: The newest protocol this client speaks. 1: every request is a pickled
+#: ``(typeid, name, method, args, thread)`` envelope. 2 adds handle
+#: envelopes: ``<rid:u64><handle:u32><method:u16><thread:u64>`` then the
+#: pickled ``args`` tuple (nothing for ``()``), where the handle and the
+#: method number come from a ``resolve`` request made once per object and
+#: connection. A daemon that answers a hello of 2 with an error is asked
+#: again with 1 on the same connection.
+PROTOCOL_VERSION: Final = 2
+#: The daemon operation (a protocol 1 envelope on a protocol 2 connection)
+#: that interns ``(typeid, name)`` as a handle of this connection; its answer
+#: is ``(handle, method names)``, a method's number being its index there.
+#: ``(None, None)`` is the daemon's own operations, handle 0.
+RESOLVE: Final = "resolve"
+#: The header of a protocol 2 request: request id, handle, method, thread.
+#: A pickle starts with 0x80 (PROTO), so a daemon tells a protocol 1
+#: envelope from a handle (which stays below 2**31) by its first byte.
+V2_HEAD: Final = struct.Struct("!QIHQ")
+#: Set in a protocol 2 request's method number: its first argument is a list
+#: of payloads (``bytes``), carried before the pickle of the other arguments
+#: as ``<n:u32 LE><n lengths:u32 LE><the payloads back to back>``: opaque
+#: bytes the daemon stores without unpickling (``put_many``'s items).
+V2_PAYLOADS: Final = 0x8000
 
 #: The pickle protocol of managerd envelopes and payloads. 5 is the newest
 #: that every supported Python (3.11+) reads.
@@ -277,8 +301,23 @@ class FrameSocket:
                     self._next = start + head + size
                     return memoryview(buf)[start + head : start + head + size]
                 self._fill(head + size)
-            else:
+            elif self._tls or self._start + 4 > len(buf):
                 self._fill(4)
+            else:
+                # _fill's usual case inlined (an empty buffer with room: one
+                # reply per read), with its interrupt safety: the count
+                # lands in _got in C, and applying it is idempotent.
+                got = self._got
+                self._base = self._end
+                try:
+                    got.extend(map(self.sock.recv_into, (memoryview(buf)[self._base :],)))
+                except BlockingIOError as exc:  # SO_RCVTIMEO ran out
+                    raise TimeoutError("no data before the receive timeout") from exc
+                n = got[0]
+                self._end = self._base + n
+                got.clear()
+                if not n:
+                    raise EOFError("connection closed by peer")
 
     def done_frame(self) -> None:
         """The frame last returned by :meth:`next_frame_view` is read."""

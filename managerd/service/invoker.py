@@ -321,20 +321,7 @@ class Invoker:
                 assert spec is not None
                 result = spec.fn(obj, call, *args, **kwargs)
         except Exception as exc:
-            answer: Outcome | None = None
-            if isinstance(exc, TypeError) and not isinstance(exc, Refusal):
-                if obj.builtin_type_errors:
-                    # A container's method is the builtin's own operation: its
-                    # TypeError (an unhashable key, a str index) is the caller's,
-                    # as the stdlib object would raise it.
-                    answer = Outcome(error=exc)
-                elif (
-                    body is None and spec is not None and not _binds(spec, obj, call, args, kwargs)
-                ):
-                    answer = Outcome(error=BadArgument(f"{inv.label}(): {exc}"))
-            if answer is None:
-                answer = self._classify(inv, exc)
-            self._deliver(inv, started, on_later, answer)
+            self._failed(inv, obj, spec, body, call, args, kwargs, exc, started, on_later)
             return LATER
         # 4: settle.
         calls = inv.calls
@@ -343,16 +330,7 @@ class Invoker:
         if prepared is not None and prepared.give_back and undo:
             give_back = partial(self.store.undo, obj, inv.method, call, args)
         if isinstance(result, asyncio.Future):
-            parked = None
-            if calls is not None:
-                parked = _Parked(obj, inv.method, call, args, result, undo)
-                calls.parked[inv.rid] = parked
-            if inv.on_parked is not None:
-                inv.on_parked(obj, inv.method, result)
-            deliver = partial(self._deliver, inv, started, on_later)
-            result.add_done_callback(
-                partial(self._settled, inv, finish, give_back, deliver, parked)
-            )
+            self._park(inv, obj, call, args, result, undo, finish, give_back, started, on_later)
             return LATER
         if undo and calls is not None and result is not False:
             calls.remember(inv.rid, obj, inv.method, call, args, result)
@@ -362,6 +340,140 @@ class Invoker:
             return result
         self._answer(inv, finish, give_back, result, partial(self._deliver, inv, started, on_later))
         return LATER
+
+    def run_named(
+        self,
+        session: Session,
+        thread: int,
+        typeid: str | None,
+        name: str | None,
+        method: str,
+        label: str,
+        args: tuple[Any, ...],
+        calls: CallTable,
+        rid: int,
+        reply: Callable[[Any, int, Outcome], None],
+        reply_to: Any,
+        started: float,
+    ) -> Any:
+        """:meth:`run_or_defer` of a managerd call whose label is known (a handle's).
+
+        The same steps, without an :class:`Invocation` for the usual call
+        (answered at once): one is made only for a path that needs it (an
+        error, a parked call, a journal to wait for), which then goes the
+        same way as in :meth:`run_or_defer`, answered by ``reply(reply_to,
+        rid, outcome)`` (bound only then: no ``partial`` per call).
+        ``started`` is when the request was read (the latency counted).
+        ``name`` None is the daemon's own operations (a managerd client's:
+        no conversion).
+        """
+        try:
+            obj: Exposed = self.ops if name is None else self.store.get(name, typeid)
+            spec = obj.methods.get(method)
+            if spec is None:
+                raise NoAttribute(f"{obj.typeid} has no method {method!r}")
+            if spec.mutates:
+                self.store.check_writable()
+        except Exception:
+            # Refused before the call: the general path, which classifies and counts it.
+            inv = Invocation(session, thread, typeid, name, method, args, calls=calls, rid=rid)
+            return self.run_or_defer(inv, partial(reply, reply_to, rid))
+        call = Call(session, thread, self.loop)
+        try:
+            result = spec.fn(obj, call, *args)
+        except Exception as exc:
+            inv = Invocation(
+                session, thread, typeid, name, method, args, label=label, calls=calls, rid=rid
+            )
+            self._failed(
+                inv, obj, spec, None, call, args, {}, exc, started, partial(reply, reply_to, rid)
+            )
+            return LATER
+        undo = method in obj.undo_methods if obj.undo_methods else False
+        if isinstance(result, asyncio.Future):
+            inv = Invocation(
+                session, thread, typeid, name, method, args, label=label, calls=calls, rid=rid
+            )
+            self._park(
+                inv,
+                obj,
+                call,
+                args,
+                result,
+                undo,
+                None,
+                None,
+                started,
+                partial(reply, reply_to, rid),
+            )
+            return LATER
+        if undo and result is not False:
+            calls.remember(rid, obj, method, call, args, result)
+        if self.store.barrier() is None:
+            self.stats.record(label, "ok", time.perf_counter() - started)
+            return result
+        inv = Invocation(
+            session, thread, typeid, name, method, args, label=label, calls=calls, rid=rid
+        )
+        self._answer(
+            inv,
+            None,
+            None,
+            result,
+            partial(self._deliver, inv, started, partial(reply, reply_to, rid)),
+        )
+        return LATER
+
+    def _failed(
+        self,
+        inv: Invocation,
+        obj: Exposed,
+        spec: MethodSpec | None,
+        body: Callable[[Any, Call], Any] | None,
+        call: Call,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        exc: Exception,
+        started: float,
+        on_later: Callable[[Outcome], None],
+    ) -> None:
+        """3, failed: whose error it is (see the module docstring), counted and answered."""
+        answer: Outcome | None = None
+        if isinstance(exc, TypeError) and not isinstance(exc, Refusal):
+            if obj.builtin_type_errors:
+                # A container's method is the builtin's own operation: its
+                # TypeError (an unhashable key, a str index) is the caller's,
+                # as the stdlib object would raise it.
+                answer = Outcome(error=exc)
+            elif body is None and spec is not None and not _binds(spec, obj, call, args, kwargs):
+                answer = Outcome(error=BadArgument(f"{inv.label}(): {exc}"))
+        if answer is None:
+            answer = self._classify(inv, exc)
+        self._deliver(inv, started, on_later, answer)
+
+    def _park(
+        self,
+        inv: Invocation,
+        obj: Exposed,
+        call: Call,
+        args: tuple[Any, ...],
+        result: asyncio.Future[Any],
+        undo: bool,
+        finish: Callable[[Any], Any] | None,
+        give_back: Callable[[Any], None] | None,
+        started: float,
+        on_later: Callable[[Outcome], None],
+    ) -> None:
+        """4, parked: answered when the future completes (cancellable meanwhile)."""
+        parked = None
+        calls = inv.calls
+        if calls is not None:
+            parked = _Parked(obj, inv.method, call, args, result, undo)
+            calls.parked[inv.rid] = parked
+        if inv.on_parked is not None:
+            inv.on_parked(obj, inv.method, result)
+        deliver = partial(self._deliver, inv, started, on_later)
+        result.add_done_callback(partial(self._settled, inv, finish, give_back, deliver, parked))
 
     def _settled(
         self,

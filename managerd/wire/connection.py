@@ -34,7 +34,7 @@ from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
 from managerd.store.sessions import Session, SessionKind
-from managerd.wire.managerd_dialect import Dispatcher
+from managerd.wire.managerd_dialect import Dispatcher, HandleTable, negotiate
 from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ForbiddenPayload, ProtocolError
 from managerd_client.wire import (
@@ -42,7 +42,6 @@ from managerd_client.wire import (
     FAILURE,
     HANDSHAKE_MAX_FRAME_BYTES,
     HELLO,
-    PROTOCOL_VERSION,
     WELCOME,
     create_response,
     frame_header,
@@ -143,6 +142,8 @@ class Connection(asyncio.Protocol):
         self.raw_replies = False
         #: managerd mode: the calls its client may cancel (parked, or answered).
         self.calls = CallTable()
+        #: managerd mode, protocol 2: the handles its client resolved.
+        self.handles: HandleTable | None = None
         #: Stock mode: the call last parked, ``(object, method, future)``.
         self.stock_parked: tuple[Exposed, str, asyncio.Future[Any]] | None = None
         self._challenge_message = b""
@@ -484,7 +485,8 @@ class Connection(asyncio.Protocol):
 
     def _hello(self, args: tuple[Any, ...]) -> None:
         info = args[0] if args and isinstance(args[0], dict) else {}
-        if info.get("protocol") != PROTOCOL_VERSION:
+        version = negotiate(info)
+        if version is None:
             self.send_stock(
                 ("#ERROR", ProtocolError(f"protocol {info.get('protocol')!r} is not supported"))
             )
@@ -493,7 +495,7 @@ class Connection(asyncio.Protocol):
         session = self.core.sessions.resumable(token) if isinstance(token, str) else None
         if session is not None and session.active and session.kind is SessionKind.MANAGERD:
             self.core.stats.sessions_resumed += 1
-            self._welcome(info, session, resumed=True)
+            self._welcome(info, session, resumed=True, version=version)
         elif session is None and isinstance(token, str):
             # Maybe a session of another gateway of the store: asked, input waits.
             self.state = ConnState.RESUMING
@@ -502,7 +504,7 @@ class Connection(asyncio.Protocol):
             looking = self.core.loop.create_task(self.core.sessions.resume_elsewhere(token))
             looking.add_done_callback(lambda task: self._resumed_elsewhere(info, task))
         else:
-            self._welcome(info, None, resumed=False)
+            self._welcome(info, None, resumed=False, version=version)
 
     def _resumed_elsewhere(self, info: dict[str, Any], task: asyncio.Task[Session | None]) -> None:
         """The store's answer to a hello's token: its session, or a new one."""
@@ -513,8 +515,11 @@ class Connection(asyncio.Protocol):
             else:
                 session = task.result()
         if self.state is ConnState.CLOSED:
-            if session is not None:  # its connection is gone: as any session's
-                self.core.sessions.end(session)
+            # Its connection is gone while it was looked up: as any session whose
+            # connection dropped, it waits for its client to come back within the
+            # TTL (the expiry ends it otherwise), its holdings kept.
+            if session is not None:
+                session.touch()
             return
         if session is not None:
             session.peer = self.peer
@@ -523,7 +528,7 @@ class Connection(asyncio.Protocol):
             self.core.stats.sessions_taken_over += 1
         self._out = []
         try:
-            self._welcome(info, session, resumed=session is not None)
+            self._welcome(info, session, resumed=session is not None, version=negotiate(info) or 1)
             if self.transport is not None:
                 self.transport.resume_reading()
             self._frames(b"")  # what arrived meanwhile
@@ -532,8 +537,11 @@ class Connection(asyncio.Protocol):
             if out:
                 self._write(out)
 
-    def _welcome(self, info: dict[str, Any], session: Session | None, *, resumed: bool) -> None:
-        """Managerd mode for ``session`` (a new one if None): the hello's answer."""
+    def _welcome(
+        self, info: dict[str, Any], session: Session | None, *, resumed: bool, version: int
+    ) -> None:
+        """Managerd mode for ``session`` (a new one if None), speaking protocol ``version``:
+        the hello's answer."""
         if session is None:
             session = self.core.sessions.open(SessionKind.MANAGERD, self.peer, _clean(info))
         self.core.adopt(session, self)
@@ -542,6 +550,7 @@ class Connection(asyncio.Protocol):
         session.touch()
         self.state = ConnState.MANAGERD
         self.raw_replies = info.get("raw_replies") is True
+        self.handles = HandleTable() if version >= 2 else None
         self.send_stock(
             (
                 "#RETURN",
@@ -553,6 +562,7 @@ class Connection(asyncio.Protocol):
                     "session_ttl_s": self.core.settings.session_ttl_s,
                     "max_frame_bytes": self.core.settings.max_frame_bytes,
                     "raw_replies": self.raw_replies,
+                    "protocol": version,
                 },
             )
         )

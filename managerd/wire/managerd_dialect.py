@@ -31,15 +31,33 @@ session another daemon of the same store resumed, asks some calls again
 there as ``(None, None, REISSUE, (typeid, name, method, args), thread)``
 (``managerd_client.proxies.Proxy._reissued`` says which): run as the call
 itself, with ``Session.reissuing`` set while it starts.
+
+**Handle envelopes (protocol 2).** A client that said ``protocol: 2`` in its
+hello may send, besides the envelopes above, ``<rid:u64><handle:u32>
+<method:u16><thread:u64><pickle of args>`` (``V2_HEAD``; no pickle for
+``()``). It first asks ``resolve`` (an ordinary envelope, ``(None, None,
+"resolve", (typeid, name), thread)``) and gets ``(handle, method names)``:
+the handle interns ``(typeid, name)`` for this connection only (a
+:class:`HandleTable`), a method's number is its index in the names. Handle 0
+is the daemon's own operations. A handle stands for a *name*, as the
+envelope it replaces did: each call still looks the object up by name, so a
+deleted object answers ``NoSuchObject`` and a re-created one is found. The
+arguments go through the same restricted decoder; the call is counted under
+the same label, with the same undo records and cancels. An unknown handle or
+method number (another connection's, a made-up one) is answered with a
+``ProtocolError`` and the connection goes on.
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import pickle
 import struct
+import sys
 import time
 from functools import partial
+from itertools import accumulate, pairwise
 from typing import Any, Final, Protocol
 
 from managerd.safepickle import SafeDecoder
@@ -55,8 +73,8 @@ from managerd.service.invoker import (
 from managerd.service.requests import RequestStats
 from managerd.store.api import MethodSpec, NoAttribute
 from managerd.store.sessions import Session
-from managerd_client.errors import ForbiddenPayload, error_kind
-from managerd_client.wire import PICKLE_PROTOCOL, REISSUE
+from managerd_client.errors import ForbiddenPayload, ProtocolError, error_kind
+from managerd_client.wire import PICKLE_PROTOCOL, REISSUE, RESOLVE, V2_HEAD, V2_PAYLOADS
 
 log = logging.getLogger("managerd")
 
@@ -75,6 +93,40 @@ _NONE_PICKLE: Final = pickle.dumps(None, PICKLE_PROTOCOL)
 #: connection's own, above); the others are a stock client's.
 MANAGERD_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status", "types", "peek"})
 
+#: The protocols a hello may ask for (``managerd_client.wire.PROTOCOL_VERSION``).
+SUPPORTED_PROTOCOLS: Final = (1, 2)
+#: Handles one connection may resolve (a client resolves each object it
+#: uses once per connection; the table is bounded against one that does not).
+MAX_HANDLES: Final = 65536
+_PICKLE_PROTO: Final = 0x80
+
+
+def negotiate(info: dict[str, Any]) -> int | None:
+    """The protocol a hello asks for, if this daemon speaks it."""
+    version = info.get("protocol")
+    if type(version) is int and version in SUPPORTED_PROTOCOLS:
+        return version
+    return None
+
+
+class HandleTable:
+    """One protocol 2 connection's handles: ``(typeid, name)`` pairs by number.
+
+    Entry ``n`` is ``(typeid, name, methods, labels)``: the method names
+    (a method's number is its index) and their metric labels, shared by
+    every handle of a type.
+    """
+
+    __slots__ = ("entries", "numbers")
+
+    def __init__(self) -> None:
+        ops = tuple(sorted(MANAGERD_OPS))
+        entry = (None, None, ops, tuple(f"server.{m}" for m in ops))
+        self.entries: list[tuple[str | None, str | None, tuple[str, ...], tuple[str, ...]]] = [
+            entry
+        ]
+        self.numbers: dict[tuple[str | None, str | None], int] = {(None, None): 0}
+
 
 class ReplySink(Protocol):
     """The side of a connection that writes frames."""
@@ -83,6 +135,8 @@ class ReplySink(Protocol):
     raw_replies: bool
     #: The connection's calls its client may still cancel.
     calls: CallTable
+    #: Protocol 2: the connection's handles (None: protocol 1).
+    handles: HandleTable | None
 
     def send_reply(self, rid: int, status: int, body: bytes) -> None: ...
 
@@ -96,9 +150,14 @@ class Dispatcher:
         self.invoker = invoker
         self.decoder = decoder
         self.stats: RequestStats = invoker.stats
+        self._method_tables: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def handle(self, sink: ReplySink, session: Session, frame: bytes, start: int) -> None:
         """Answer the envelope at ``frame[start:]`` (at least a request id long)."""
+        handles = sink.handles
+        if handles is not None and len(frame) > start + 8 and frame[start + 8] != _PICKLE_PROTO:
+            self.handle_v2(sink, session, handles, frame, start)
+            return
         (rid,) = RID.unpack_from(frame, start)
         started = time.perf_counter()
         try:
@@ -128,6 +187,9 @@ class Dispatcher:
             return
         if typeid is None and method == REISSUE:
             self._reissue(sink, session, rid, args, thread)
+            return
+        if typeid is None and method == RESOLVE and handles is not None:
+            self._resolve(sink, handles, rid, args, started)
             return
         if calls.answered:
             # This thread's previous answer arrived (it asks again): no undo now.
@@ -182,6 +244,115 @@ class Dispatcher:
         elif value is not LATER:
             self._send_value(sink, rid, value)
 
+    def handle_v2(
+        self,
+        sink: ReplySink,
+        session: Session,
+        handles: HandleTable,
+        frame: bytes,
+        start: int,
+    ) -> None:
+        """Answer a protocol 2 request: a handle, a method number, the pickled args."""
+        started = time.perf_counter()
+        rid = 0
+        try:
+            if len(frame) - start < V2_HEAD.size:
+                (rid,) = RID.unpack_from(frame, start)
+                raise ProtocolError("a handle request shorter than its header")
+            rid, number, method_no, thread = V2_HEAD.unpack_from(frame, start)
+            entries = handles.entries
+            if number >= len(entries):
+                raise ProtocolError(f"no handle {number} on this connection (resolve it first)")
+            typeid, name, methods, labels = entries[number]
+            at = start + V2_HEAD.size
+            payloads = None
+            if method_no & V2_PAYLOADS:
+                payloads, at = _payload_section(frame, at)
+                method_no &= ~V2_PAYLOADS
+            if method_no >= len(methods):
+                raise ProtocolError(f"no method number {method_no} for handle {number}")
+            if len(frame) == at:
+                args: Any = ()
+            else:
+                args = self.decoder.loads(frame, at)
+                if type(args) is not tuple:
+                    raise TypeError("request arguments must be a tuple")
+            if payloads is not None:
+                args = (payloads, *args)
+        except Exception as exc:
+            if isinstance(exc, ForbiddenPayload):
+                self.refused_decode(session.peer, exc)
+            self.stats.record("invalid", error_kind(exc), time.perf_counter() - started)
+            self._send_error(sink, rid, exc)
+            return
+        calls = sink.calls
+        if calls.answered:
+            # This thread's previous answer arrived (it asks again): no undo now.
+            calls.answered.pop(thread, None)
+        value = self.invoker.run_named(
+            session,
+            thread,
+            typeid,
+            name,
+            methods[method_no],
+            labels[method_no],
+            args,
+            calls,
+            rid,
+            self._reply,
+            sink,
+            started,
+        )
+        if value is None:
+            sink.send_reply(rid, STATUS_OK, _NONE_PICKLE)
+        elif value is not LATER:
+            self._send_value(sink, rid, value)
+
+    def _resolve(
+        self, sink: ReplySink, handles: HandleTable, rid: int, args: tuple[Any, ...], started: float
+    ) -> None:
+        """``resolve(typeid, name)``: the connection's handle for it, and its method names."""
+        try:
+            if len(args) != 2:
+                raise TypeError("resolve takes (typeid, name)")
+            typeid, name = args
+            if typeid is None and name is None:
+                number = 0
+            else:
+                if not isinstance(typeid, str) or not isinstance(name, str) or not name:
+                    raise TypeError("resolve takes a type name and an object name (str)")
+                info = self.invoker.types.get(typeid)
+                if info is None:
+                    raise ProtocolError(f"no type {typeid!r} on this daemon")
+                key = (typeid, name)
+                found = handles.numbers.get(key)
+                if found is None:
+                    if len(handles.entries) >= MAX_HANDLES:
+                        raise ProtocolError(
+                            f"over {MAX_HANDLES} handles on one connection; "
+                            "call by name (protocol 1 envelopes) instead"
+                        )
+                    methods, labels = self._methods_of(typeid, info.methods)
+                    found = len(handles.entries)
+                    handles.entries.append((typeid, name, methods, labels))
+                    handles.numbers[key] = found
+                number = found
+        except Exception as exc:
+            self.stats.record("server.resolve", error_kind(exc), time.perf_counter() - started)
+            self._send_error(sink, rid, exc)
+            return
+        self.stats.record("server.resolve", "ok", time.perf_counter() - started)
+        self._send_value(sink, rid, (number, handles.entries[number][2]))
+
+    def _methods_of(self, typeid: str, methods: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """A type's method names, sorted, and their labels (made once per type)."""
+        known = self._method_tables.get(typeid)
+        if known is None:
+            names = tuple(sorted(methods))
+            known = names, tuple(f"{typeid}.{m}" for m in names)
+            self._method_tables[typeid] = known
+        return known
+
     def refused_decode(self, peer: str, exc: ForbiddenPayload) -> None:
         """Someone with the key sent what the daemon will not decode: one line, counted."""
         self.stats.limit_hit("decode")
@@ -212,6 +383,36 @@ class Dispatcher:
         args = exc.args if kind == "Key" and len(exc.args) == 1 else ()
         body = pickle.dumps((kind, str(exc), args), PICKLE_PROTOCOL)
         sink.send_reply(rid, STATUS_ERROR, body)
+
+
+_COUNT: Final = struct.Struct("<I")
+
+
+def _payload_section(frame: bytes, at: int) -> tuple[list[bytes], int]:
+    """The payloads of a ``V2_PAYLOADS`` section at ``frame[at:]``, and where it ends.
+
+    ``<n:u32><n lengths:u32><payloads>``, little-endian; the payloads are
+    kept as the bytes they are (never unpickled here).
+    """
+    end = len(frame)
+    if end - at < _COUNT.size:
+        raise ProtocolError("a payload section shorter than its count")
+    (count,) = _COUNT.unpack_from(frame, at)
+    at += _COUNT.size
+    if count > (end - at) // _COUNT.size:
+        raise ProtocolError(f"a payload section of {count} payloads is longer than the request")
+    lengths = array.array("I")
+    if lengths.itemsize != _COUNT.size:  # pragma: no cover (no such platform here)
+        lengths = array.array("L")
+    lengths.frombytes(frame[at : at + count * _COUNT.size])
+    if sys.byteorder != "little":  # pragma: no cover
+        lengths.byteswap()
+    at += count * _COUNT.size
+    total = sum(lengths)
+    if total > end - at:
+        raise ProtocolError("a payload section's lengths run past the request")
+    payloads = [frame[a:b] for a, b in pairwise(accumulate(lengths, initial=at))]
+    return payloads, at + total
 
 
 def _no_operation(ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
