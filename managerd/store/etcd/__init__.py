@@ -9,7 +9,9 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 
 - ``client.py``: the asyncio etcd v3 client (KV, Txn, leases, watches over
   all endpoints; why this client, in its docstring); ``kv.py``: the typed
-  values it takes and returns, and its errors.
+  values it takes and returns, and its errors; ``groupcommit.py``: the
+  Txns of concurrent calls sent as one Txn (each nested, keeping its own
+  outcome).
 - ``sessions.py``: a session is a lease kept alive; its keys vanish with it;
   another gateway can resume it by its id while the lease lives.
 - ``queues.py``: a FIFO queue (idempotent put, blocking get and reserve
@@ -33,6 +35,5 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 **Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
 session through another gateway; stats beyond what a gateway knows
 (``refresh_stats``); one elected gateway for requeues (every gateway
-requeues its queues); group commit across calls of a gateway (the queue
-batches its blocked takes only); deadlock detection; TLS to etcd.
+requeues its queues); deadlock detection; TLS to etcd.
 """

@@ -48,6 +48,13 @@ Failover, deadlines, retries
   and raise ``Compacted`` when that revision is gone: the caller re-reads
   its state and watches from the new revision.
 
+Group commit
+------------
+``txn`` and ``range`` go through ``GroupCommit`` (``groupcommit.py``): the
+calls of concurrent callers leave as one Txn, each caller's Txn nested in
+it (a Range as one operation of it), so each keeps its own outcome; a call
+alone leaves as itself. ``put`` and ``delete`` are sent as they are.
+
 Not here yet: TLS client certificates (``credentials`` takes them, untested),
 authentication, one shared keep-alive stream for many leases.
 """
@@ -59,12 +66,20 @@ import random
 import secrets
 import socket
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 from aetcd import rpc
 
+from managerd.store.etcd.groupcommit import (
+    DEFAULT_MAX_IN_FLIGHT,
+    Footprint,
+    GroupCommit,
+    Pending,
+    footprint,
+    width,
+)
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -192,6 +207,17 @@ def _response_op(m: Any) -> RangeResult | PutResult | DeleteResult:
     raise EtcdError(f"unexpected Txn response {kind!r} (nested Txns are not used)")
 
 
+def _txn_result(m: Any, revision: int) -> TxnResult:
+    return TxnResult(revision, m.succeeded, [_response_op(r) for r in m.responses])
+
+
+def _nested(request: Any) -> Any:
+    """A call's Range or Txn as one operation of a shared Txn."""
+    if isinstance(request, rpc.RangeRequest):
+        return rpc.RequestOp(request_range=request)
+    return rpc.RequestOp(request_txn=request)
+
+
 def _retryable(exc: grpc.aio.AioRpcError, idempotent: bool) -> bool:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE and "no leader" in (exc.details() or ""):
@@ -223,6 +249,8 @@ class EtcdClient:
         rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
         retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         credentials: grpc.ChannelCredentials | None = None,
+        group_commit: bool = True,
+        max_txn_batches_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.rpc_timeout_s = rpc_timeout_s
         self.retry_budget_s = retry_budget_s
@@ -265,6 +293,12 @@ class EtcdClient:
             "/etcdserverpb.Watch/Watch",
             request_serializer=rpc.WatchRequest.SerializeToString,
             response_deserializer=rpc.WatchResponse.FromString,
+        )
+        #: Txns of concurrent calls, sent together (``groupcommit.py``); None: one by one.
+        self.group: GroupCommit | None = (
+            GroupCommit(self._send_batch, max_in_flight=max_txn_batches_in_flight)
+            if group_commit
+            else None
         )
 
     async def close(self) -> None:
@@ -325,7 +359,13 @@ class EtcdClient:
             request.sort_order = (
                 rpc.RangeRequest.DESCEND if newest_first else rpc.RangeRequest.ASCEND
             )
-        return _range_result(await self._call(self._range, request, idempotent=True))
+        if self.group is None or revision:
+            return _range_result(await self._call(self._range, request, idempotent=True))
+        # A read joins the Txns in flight (a Range in the shared Txn reads at its revision).
+        read = Footprint(((key, range_end),), ())
+        return cast(
+            RangeResult, await self.group.submit(request, read, 0, request.ByteSize(), True)
+        )
 
     async def get(self, key: bytes) -> KeyValue | None:
         kvs = (await self.range(key)).kvs
@@ -359,8 +399,69 @@ class EtcdClient:
             success=[_request_op(op) for op in success],
             failure=[_request_op(op) for op in failure],
         )
-        m = await self._call(self._txn, request, idempotent=idempotent)
-        return TxnResult(m.header.revision, m.succeeded, [_response_op(r) for r in m.responses])
+        if self.group is None:
+            m = await self._call(self._txn, request, idempotent=idempotent)
+            return _txn_result(m, m.header.revision)
+        return cast(
+            TxnResult,
+            await self.group.submit(
+                request,
+                footprint(compare, success, failure),
+                width(compare, success, failure),
+                request.ByteSize(),
+                idempotent,
+            ),
+        )
+
+    async def _send_batch(self, batch: list[Pending]) -> None:
+        """Send the Txns of ``batch`` (see ``groupcommit.py``) and settle each call."""
+        if len(batch) == 1:
+            await self._send_alone(batch[0])
+            return
+        shared = rpc.TxnRequest(success=[_nested(p.request) for p in batch])
+        try:
+            m = await self._call(self._txn, shared, idempotent=all(p.idempotent for p in batch))
+        except EtcdUnavailable as exc:  # maybe applied: only idempotent ones may go again
+            for p in batch:
+                if not p.idempotent and not p.future.done():
+                    p.future.set_exception(EtcdUnavailable(str(exc)))
+            await asyncio.gather(*(self._send_alone(p) for p in batch if p.idempotent))
+            return
+        except EtcdError:  # refused, never applied: each alone, to say which one
+            await asyncio.gather(*(self._send_alone(p) for p in batch))
+            return
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()
+            raise
+        except Exception as exc:  # a bug: nobody is left waiting
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            raise
+        for p, r in zip(batch, m.responses, strict=True):
+            if p.future.done():
+                continue
+            if r.HasField("response_txn"):
+                # A nested Txn's header is empty: its revision is the shared Txn's.
+                p.future.set_result(_txn_result(r.response_txn, m.header.revision))
+            else:
+                p.future.set_result(_range_result(r.response_range))
+
+    async def _send_alone(self, p: Pending) -> None:
+        if p.future.done():
+            return
+        read = isinstance(p.request, rpc.RangeRequest)
+        try:
+            m = await self._call(
+                self._range if read else self._txn, p.request, idempotent=p.idempotent
+            )
+        except Exception as exc:
+            if not p.future.done():
+                p.future.set_exception(exc)
+            return
+        if not p.future.done():
+            p.future.set_result(_range_result(m) if read else _txn_result(m, m.header.revision))
 
     # Leases
 
