@@ -21,6 +21,8 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
   recipe) and a re-entrant one; ``sync.py``: Event, Semaphore and
   BoundedSemaphore; ``values.py``: Value and dict; ``watching.py``: the
   wake-up they share (a watch from the revision of the last read).
+- ``election.py``: one gateway elected (a key on its lease, etcd's recipe)
+  to return expired and orphaned reservations of every queue.
 - ``store.py``: ``EtcdStore``, the ``Store`` of ``store/interface.py``:
   names and types in etcd (a mirror kept by a watch), a lease per session,
   calls as futures; ``handles.py``: a handle class per type served, whose
@@ -34,6 +36,5 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 
 **Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
 session through another gateway; stats beyond what a gateway knows
-(``refresh_stats``); one elected gateway for requeues (every gateway
-requeues its queues); deadlock detection; TLS to etcd.
+(``refresh_stats``); deadlock detection; TLS to etcd.
 """

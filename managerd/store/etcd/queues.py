@@ -9,7 +9,7 @@ Keys under ``/m/q/<name>/``:
   count. **Not** on the session's lease: an expiry would delete it, and it
   must go back to ``i/``. ``requeue_expired`` returns those past their
   deadline or whose session key is gone; calling it on every queue every
-  second or so is the job of one elected gateway (not built yet: issue 13).
+  second is the job of one elected gateway (``store.py``, ``election.py``).
 - ``t/<id>``: a tombstone of a taken item, on a short lease (about a minute).
 
 ``<id>`` is ``<unix ns>.<producer>.<seq>``: per producer strictly
