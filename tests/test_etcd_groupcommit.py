@@ -196,3 +196,24 @@ def test_without_group_commit(cluster: EtcdCluster, prefix: bytes) -> None:
             assert len({d.revision for d in done}) == 10  # one revision each
 
     asyncio.run(body())
+
+
+def test_calls_on_the_same_keys_keep_their_order(cluster: EtcdCluster, prefix: bytes) -> None:
+    """A read of a range, then a put into it, made together: the read never sees the put
+    (the put waits for the read's answer instead of leaving beside it)."""
+
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as etcd:
+            for i in range(30):
+                under = prefix + b"%d/" % i
+                read = asyncio.ensure_future(etcd.range(under, prefix_end(under)))
+                put = asyncio.ensure_future(
+                    etcd.txn(
+                        [Compare(under + b"k", Target.CREATE, "==", 0)], [Put(under + b"k", b"")]
+                    )
+                )
+                got, done = await asyncio.gather(read, put)
+                assert done.succeeded
+                assert got.kvs == [] and got.revision < done.revision
+
+    asyncio.run(body())

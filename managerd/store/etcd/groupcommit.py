@@ -44,6 +44,12 @@ which leaves when one comes back. One call alone is sent as its own Txn,
 unchanged. So one client sees no added latency, and under concurrency the
 batches grow by themselves.
 
+Calls on the same keys keep their order: a call that conflicts with one
+made before it (still waiting, or in flight) is sent only once that one is
+answered. Without this, two such calls leaving in two shared Txns at the
+same moment could reach etcd in either order (a blocked ``get_many``'s
+read and a later put: the read would see the put).
+
 Failures
 --------
 The shared Txn is retried by the client's rules as one Txn: on ``no
@@ -145,32 +151,45 @@ class Pending:
     future: asyncio.Future[Any] = field(repr=False)
 
 
-class _Batch:
+class _Footprints:
+    """The keys some calls read and write: does another call conflict with them?"""
+
     def __init__(self) -> None:
-        self.calls: list[Pending] = []
         self.read = _Spans()
         self.written = _Spans()
-        self.width = 0
-        self.size = 0
 
-    def admits(self, p: Pending, max_txn_ops: int, max_bytes: int) -> bool:
-        if not self.calls:
-            return True
-        if len(self.calls) + 1 + max(self.width, p.width) > max_txn_ops:
-            return False
-        if self.size + p.size > max_bytes:
-            return False
-        fp = p.footprint
-        return not (
+    def add(self, fp: Footprint) -> None:
+        self.read.add(fp.reads)
+        self.written.add(fp.writes)
+
+    def conflicts(self, fp: Footprint) -> bool:
+        return (
             self.written.touches(fp.reads)
             or self.written.touches(fp.writes)
             or self.read.touches(fp.writes)
         )
 
-    def add(self, p: Pending) -> None:
+
+class _Batch(_Footprints):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Pending] = []
+        self.width = 0
+        self.size = 0
+
+    def fits(self, p: Pending, max_txn_ops: int, max_bytes: int) -> bool:
+        if not self.calls:
+            return True
+        if len(self.calls) + 1 + max(self.width, p.width) > max_txn_ops:
+            return False
+        return self.size + p.size <= max_bytes
+
+    def full(self, max_txn_ops: int) -> bool:
+        return len(self.calls) + 1 + self.width > max_txn_ops
+
+    def take(self, p: Pending) -> None:
         self.calls.append(p)
-        self.read.add(p.footprint.reads)
-        self.written.add(p.footprint.writes)
+        self.add(p.footprint)
         self.width = max(self.width, p.width)
         self.size += p.size
 
@@ -192,7 +211,7 @@ class GroupCommit:
         self.max_batch_bytes = max_batch_bytes
         self.max_in_flight = max_in_flight
         self._waiting: collections.deque[Pending] = collections.deque()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[asyncio.Task[None], _Batch] = {}
         self._scheduled = False
         #: Called with each batch's size as it leaves (metrics).
         self.on_batch: Callable[[int], None] | None = None
@@ -213,33 +232,47 @@ class GroupCommit:
         self._scheduled = False
         while self._waiting and len(self._in_flight) < self.max_in_flight:
             batch = self._next_batch()
-            if not batch:
-                return
+            if not batch.calls:
+                return  # every waiting call waits for one in flight
             if self.on_batch is not None:
-                self.on_batch(len(batch))
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._in_flight.add(task)
+                self.on_batch(len(batch.calls))
+            task = asyncio.get_running_loop().create_task(self._send(batch.calls))
+            self._in_flight[task] = batch
             task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
+        self._in_flight.pop(task, None)
         if self._waiting and not self._scheduled:
             self._dispatch()
 
-    def _next_batch(self) -> list[Pending]:
-        """The oldest waiting calls that fit together; the others keep their place."""
+    def _next_batch(self) -> _Batch:
+        """The oldest waiting calls that fit together; the others keep their place.
+
+        A call that conflicts with a call before it (waiting, or in flight) waits
+        for it: calls of this client on the same keys reach etcd in the order
+        they were made, as if each were answered before the next was sent.
+        """
         batch = _Batch()
+        before = _Footprints()  # of the calls left waiting ahead of the next one
+        flying = list(self._in_flight.values())
         kept: collections.deque[Pending] = collections.deque()
         while self._waiting:
             p = self._waiting.popleft()
             if p.future.done():
                 continue  # its caller gave up before it was sent
-            if batch.admits(p, self.max_txn_ops, self.max_batch_bytes):
-                batch.add(p)
+            fp = p.footprint
+            if (
+                batch.fits(p, self.max_txn_ops, self.max_batch_bytes)
+                and not batch.conflicts(fp)
+                and not before.conflicts(fp)
+                and not any(b.conflicts(fp) for b in flying)
+            ):
+                batch.take(p)
+                if batch.full(self.max_txn_ops):
+                    break
             else:
                 kept.append(p)
-                if len(batch.calls) + 1 + batch.width >= self.max_txn_ops:
-                    break  # full
+                before.add(fp)
         kept.extend(self._waiting)
         self._waiting = kept
-        return batch.calls
+        return batch
