@@ -62,6 +62,7 @@ authentication, one shared keep-alive stream for many leases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import socket
@@ -99,6 +100,7 @@ from managerd.store.etcd.kv import (
     Target,
     TxnResult,
 )
+from managerd.store.etcd.telemetry import EtcdMetrics
 
 DEFAULT_RPC_TIMEOUT_S = 2.0
 DEFAULT_RETRY_BUDGET_S = 15.0
@@ -294,12 +296,24 @@ class EtcdClient:
             request_serializer=rpc.WatchRequest.SerializeToString,
             response_deserializer=rpc.WatchResponse.FromString,
         )
+        self.metrics = EtcdMetrics()
+        self._rpc_names = {
+            id(self._range): "range",
+            id(self._put): "put",
+            id(self._delete): "delete_range",
+            id(self._txn): "txn",
+            id(self._grant): "lease_grant",
+            id(self._revoke): "lease_revoke",
+            id(self._ttl): "lease_time_to_live",
+        }
         #: Txns of concurrent calls, sent together (``groupcommit.py``); None: one by one.
         self.group: GroupCommit | None = (
             GroupCommit(self._send_batch, max_in_flight=max_txn_batches_in_flight)
             if group_commit
             else None
         )
+        if self.group is not None:
+            self.group.on_batch = self.metrics.batch_sizes.observe
 
     async def close(self) -> None:
         await self._channel.close()
@@ -314,13 +328,17 @@ class EtcdClient:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.retry_budget_s
         backoff_s = _BACKOFF_MIN_S
+        rpc_name = self._rpc_names[id(method)]
         while True:
             timeout_s = max(0.001, min(self.rpc_timeout_s, give_up - loop.time()))
+            sent = loop.time()
             try:
                 return await method(request, timeout=timeout_s, wait_for_ready=True)
             except grpc.aio.AioRpcError as exc:
                 if not _retryable(exc, idempotent) or loop.time() + backoff_s >= give_up:
                     raise _translate(exc) from exc
+            finally:
+                self.metrics.observe(rpc_name, loop.time() - sent)
             await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
             backoff_s = min(2 * backoff_s, _BACKOFF_MAX_S)
 
@@ -504,19 +522,24 @@ class EtcdClient:
         while True:
             timeout_s = max(0.001, min(self.rpc_timeout_s, give_up - loop.time()))
             call = self._keepalive(timeout=timeout_s, wait_for_ready=True)
+            sent = loop.time()
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
                 m: Any = await call.read()
                 if m is grpc.aio.EOF:
+                    self.metrics.keepalive_failures += 1
                     raise EtcdUnavailable("keep-alive stream closed without an answer")
                 if m.TTL <= 0:
+                    self.metrics.keepalive_failures += 1
                     raise LeaseNotFound(f"lease {lease_id:x} expired")
                 return int(m.TTL)
             except grpc.aio.AioRpcError as exc:
                 if not _retryable(exc, True) or loop.time() + backoff_s >= give_up:
+                    self.metrics.keepalive_failures += 1
                     raise _translate(exc) from exc
             finally:
                 call.cancel()
+                self.metrics.observe("lease_keepalive", loop.time() - sent)
             await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
             backoff_s = min(2 * backoff_s, _BACKOFF_MAX_S)
 
@@ -532,6 +555,19 @@ class EtcdClient:
         from the revision after the last event delivered; ``Compacted`` if that
         revision is gone.
         """
+        self.metrics.watches_open += 1
+        try:
+            async with contextlib.aclosing(
+                self._watch_events(key, range_end, start_revision, prev_kv)
+            ) as batches:
+                async for events in batches:
+                    yield events
+        finally:
+            self.metrics.watches_open -= 1
+
+    async def _watch_events(
+        self, key: bytes, range_end: bytes, start_revision: int, prev_kv: bool
+    ) -> AsyncGenerator[list[Event], None]:
         next_revision = start_revision
         backoff_s = _BACKOFF_MIN_S
         while True:

@@ -55,8 +55,6 @@ class Election:
         #: What the key holds: who this is (for people and tests looking at etcd).
         self.value = value
         self.leading = False
-        #: Called on each failed lease keep-alive (metrics).
-        self.on_keepalive_failure: Callable[[], None] | None = None
 
     async def run(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """For ever: campaign, and while this one leads, run ``lead()`` (cancelled when
@@ -133,11 +131,7 @@ class Election:
             try:
                 await self.client.lease_keepalive(lease)
             except LeaseNotFound:
-                if self.on_keepalive_failure is not None:
-                    self.on_keepalive_failure()
                 log.warning("election %s: lease %x lost", self.prefix.decode(), lease)
                 return
             except EtcdError as exc:  # unreachable for now: the lease may still live
-                if self.on_keepalive_failure is not None:
-                    self.on_keepalive_failure()
                 log.warning("election %s: keep-alive failed: %s", self.prefix.decode(), exc)

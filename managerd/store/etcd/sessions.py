@@ -80,6 +80,7 @@ class EtcdSession:
         except LeaseNotFound as exc:
             raise SessionExpired(f"session {sid} has ended") from exc
         session = cls(client, kv.lease, ttl_s, sid, root)
+        client.metrics.session_resumes += 1
         session._keeper = asyncio.create_task(session._keep_alive(), name=f"etcd lease {sid}")
         return session
 

@@ -108,6 +108,8 @@ class EtcdStore:
         self.root = root
         self.session_ttl_s = session_ttl_s
         self._names = root + b"o/"
+        #: What ``managerd/metrics.py`` shows of this gateway's etcd traffic.
+        self.etcd_metrics = client.metrics
         #: The mirror of ``/m/o/``, by name.
         self._known: dict[str, _Known] = {}
         #: Deletions under way, by name: a creation of the name waits for its deletion.
