@@ -36,5 +36,5 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 
 **Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
 session through another gateway; stats beyond what a gateway knows
-(``refresh_stats``); deadlock detection; TLS to etcd.
+(``refresh_stats``); deadlock detection.
 """

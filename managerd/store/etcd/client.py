@@ -55,8 +55,14 @@ calls of concurrent callers leave as one Txn, each caller's Txn nested in
 it (a Range as one operation of it), so each keeps its own outcome; a call
 alone leaves as itself. ``put`` and ``delete`` are sent as they are.
 
-Not here yet: TLS client certificates (``credentials`` takes them, untested),
-authentication, one shared keep-alive stream for many leases.
+TLS
+---
+``credentials=tls_credentials(ca, cert, key)`` (``--store etcds://...``,
+``store_tls_*``): the members' certificates are checked against the CA and
+the first endpoint's host name; a client certificate answers etcd's
+``--client-cert-auth``.
+
+Not here yet: user/password authentication, one shared keep-alive stream for many leases.
 """
 
 from __future__ import annotations
@@ -152,6 +158,19 @@ def channel_target(endpoints: Sequence[str]) -> str:
     if not v4 and not v6:
         raise ValueError("no etcd endpoint given")
     return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+
+
+def tls_credentials(
+    ca: bytes | None = None, cert: bytes | None = None, key: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """TLS to etcd: members' certificates checked against ``ca`` (PEM; None: the system's
+    CAs), and ``cert``/``key`` (PEM) sent when etcd asks for a client certificate
+    (``--client-cert-auth``)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 def _kv(m: Any) -> KeyValue:
@@ -260,7 +279,12 @@ class EtcdClient:
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            # The target lists addresses; a member's certificate is checked against the
+            # host name of the first endpoint as given (one name for every member: a
+            # shared name or IP in every member's subjectAltName).
+            server_name = endpoints[0].strip().rpartition(":")[0].strip("[]")
+            options = [*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
 
         def unary(path: str, request: Any, response: Any) -> Any:
             return self._channel.unary_unary(
