@@ -25,7 +25,9 @@ from managerd.store.etcd.kv import (
     Target,
     prefix_end,
 )
+from managerd.store.etcd.locks import EtcdLock
 from managerd.store.etcd.queues import EtcdQueue
+from managerd.store.etcd.sessions import EtcdSession
 
 from etcd_support import EtcdCluster, cluster
 
@@ -215,5 +217,25 @@ def test_calls_on_the_same_keys_keep_their_order(cluster: EtcdCluster, prefix: b
                 got, done = await asyncio.gather(read, put)
                 assert done.succeeded
                 assert got.kvs == [] and got.revision < done.revision
+
+    asyncio.run(body())
+
+
+def test_lock_contenders_on_one_client_never_share_a_token(cluster: EtcdCluster) -> None:
+    """Two sessions of one client try one lock at once: their contender keys are
+    different keys, yet each needs a revision of its own (the fencing token; the
+    lowest holds), so they never share a Txn: exactly one holds."""
+
+    async def body() -> None:
+        async with EtcdClient(cluster.endpoints) as etcd:
+            sessions = [await EtcdSession.open(etcd, 10) for _ in range(2)]
+            lock = EtcdLock(etcd, "gc-lock-" + secrets.token_hex(4))
+            for _ in range(10):
+                tokens = await asyncio.gather(*(lock.acquire(s, blocking=False) for s in sessions))
+                held = [(s, t) for s, t in zip(sessions, tokens, strict=True) if t is not None]
+                assert len(held) == 1, tokens
+                await lock.release(*held[0])
+            for s in sessions:
+                await s.close()
 
     asyncio.run(body())

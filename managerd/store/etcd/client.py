@@ -119,6 +119,13 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # often than every 5 s (--grpc-keepalive-min-time) or without a stream.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # A member that stops answering (frozen, partitioned) under an open watch: a ping
+    # unanswered for 5 s closes the connection (gRPC waits 60 s by default: a blocked
+    # get's wake-up waited that long), and pings go on every 10 s while only a watch
+    # is open (by default gRPC stops after 2 pings without data, then waits minutes).
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_time_between_pings_ms", 10_000),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
@@ -252,7 +259,10 @@ def _translate(exc: grpc.aio.AioRpcError) -> EtcdError:
     if "lease not found" in details:
         return LeaseNotFound(details)
     if "request is too large" in details or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RequestTooLarge(details)
+        return RequestTooLarge(
+            f"the request is larger than etcd accepts ({details}; etcd's --max-request-bytes, "
+            "1.5 MiB by default): keep large values out of the store, or raise that limit"
+        )
     if "compacted" in details:
         return Compacted(0)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -429,12 +439,15 @@ class EtcdClient:
         failure: Sequence[Op] = (),
         *,
         idempotent: bool = False,
+        own_revision: bool = False,
     ) -> TxnResult:
         """If every compare holds, the success ops, else the failure ops, atomically.
 
         ``idempotent=True`` retries an ambiguous failure: only for a Txn whose
         repeat after it was applied fails its compares (and whose caller can
-        read that failure as "already done").
+        read that failure as "already done"). ``own_revision=True``: its writes
+        share their revision with no other call's (group commit leaves it
+        alone): when that revision is a fencing token or a place in a line.
         """
         request = rpc.TxnRequest(
             compare=[_compare(c) for c in compare],
@@ -452,6 +465,7 @@ class EtcdClient:
                 width(compare, success, failure),
                 request.ByteSize(),
                 idempotent,
+                own_revision=own_revision,
             ),
         )
 

@@ -30,6 +30,10 @@ linearizable history):
   batch reads or writes, and what it reads touches nothing the batch writes
   (keys and ranges compared as intervals). A call that conflicts waits for
   a later batch.
+- **Revisions as identities.** All writes of a shared Txn get one
+  revision. A call whose revision is an identity (a lock contender's
+  fencing token is its key's create_revision; "the lowest create_revision
+  holds" needs no ties) asks for ``own_revision`` and leaves alone.
 - **etcd's limits.** ``--max-txn-ops`` (128) bounds the outer Txn's number
   of nested Txns *plus* the widest nested one (etcd gives a nested Txn the
   budget left by its parent: 64 nested Txns of 64 operations pass, 64 of
@@ -149,6 +153,8 @@ class Pending:
     size: int
     idempotent: bool
     future: asyncio.Future[Any] = field(repr=False)
+    #: Its writes must have a revision of their own (see ``GroupCommit.submit``).
+    own_revision: bool = False
 
 
 class _Footprints:
@@ -180,11 +186,15 @@ class _Batch(_Footprints):
     def fits(self, p: Pending, max_txn_ops: int, max_bytes: int) -> bool:
         if not self.calls:
             return True
+        if p.own_revision or self.calls[0].own_revision:
+            return False
         if len(self.calls) + 1 + max(self.width, p.width) > max_txn_ops:
             return False
         return self.size + p.size <= max_bytes
 
     def full(self, max_txn_ops: int) -> bool:
+        if self.calls and self.calls[0].own_revision:
+            return True
         return len(self.calls) + 1 + self.width > max_txn_ops
 
     def take(self, p: Pending) -> None:
@@ -217,10 +227,24 @@ class GroupCommit:
         self.on_batch: Callable[[int], None] | None = None
 
     async def submit(
-        self, request: Any, fp: Footprint, txn_width: int, size: int, idempotent: bool
+        self,
+        request: Any,
+        fp: Footprint,
+        txn_width: int,
+        size: int,
+        idempotent: bool,
+        *,
+        own_revision: bool = False,
     ) -> Any:
+        """Send ``request`` in the next batch that takes it; its answer.
+
+        ``own_revision``: the call's writes get a revision no other call's
+        writes share — when the revision is an identity (a fencing token, a
+        place among contenders ordered by create_revision): such a call leaves
+        in a batch of its own.
+        """
         loop = asyncio.get_running_loop()
-        p = Pending(request, fp, txn_width, size, idempotent, loop.create_future())
+        p = Pending(request, fp, txn_width, size, idempotent, loop.create_future(), own_revision)
         self._waiting.append(p)
         if not self._scheduled and len(self._in_flight) < self.max_in_flight:
             # At the end of this turn of the loop: the calls made in it leave together.
