@@ -10,6 +10,9 @@ operations in flight (asyncio tasks on one client):
   kill -9 of the leader, with 8 producers, over ``--trials`` kills (the
   member is restarted between trials).
 
+``--group-commit off`` sends every Txn on its own (``groupcommit.py``), for
+the figures before/after group commit in one sitting.
+
 A number to read, not a test (2 shared cores: relative figures)::
 
     uv run python benchmarks/etcd_store.py --seconds 3 --trials 5
@@ -92,8 +95,10 @@ def operations(
     ]
 
 
-async def throughput(cluster: EtcdCluster, seconds: float, in_flights: list[int]) -> None:
-    async with EtcdClient(cluster.endpoints) as etcd:
+async def throughput(
+    cluster: EtcdCluster, seconds: float, in_flights: list[int], group_commit: bool
+) -> None:
+    async with EtcdClient(cluster.endpoints, group_commit=group_commit) as etcd:
         session = await EtcdSession.open(etcd, 10)
         for n in in_flights:
             for label, op in operations(etcd, session, str(n)):
@@ -135,10 +140,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per figure")
     parser.add_argument("--in-flight", default="1,16,128", help="comma-separated")
     parser.add_argument("--trials", type=int, default=5, help="leader kills")
+    parser.add_argument("--group-commit", choices=("on", "off"), default="on")
     args = parser.parse_args()
     in_flights = [int(n) for n in args.in_flight.split(",")]
     with tempfile.TemporaryDirectory() as tmp, running_cluster(Path(tmp)) as cluster:
-        asyncio.run(throughput(cluster, args.seconds, in_flights))
+        asyncio.run(throughput(cluster, args.seconds, in_flights, args.group_commit == "on"))
         stalls = [asyncio.run(failover_stall(cluster)) for _ in range(args.trials)]
     if stalls:
         print(

@@ -10,6 +10,11 @@ out. The scrape runs on prometheus-client's HTTP thread; it only reads,
 and the store copies containers before iterating them (a copy of a dict
 is atomic under the GIL).
 
+A gateway on etcd (``--store etcd://...``) adds ``managerd_etcd_*``:
+round trips by RPC, calls per shared Txn (group commit), watches open,
+failed lease keep-alives and sessions resumed from another gateway
+(``store/etcd/telemetry.py``).
+
 Per-object labels are bounded by ``metrics_max_objects``: the first objects
 by name get their own series, the rest are summed under ``_other``, so a
 million queue names cannot blow up Prometheus.
@@ -55,6 +60,7 @@ from managerd.service.peers import PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
 from managerd.settings import Settings
+from managerd.store.etcd.telemetry import EtcdMetrics
 from managerd.store.interface import Store
 from managerd.store.stats import (
     BarrierStats,
@@ -269,6 +275,38 @@ class Collector:
         for name, n in sorted(hits.items()):
             limits.add_metric([name], n)
         yield limits
+        etcd = getattr(core.store, "etcd_metrics", None)
+        if isinstance(etcd, EtcdMetrics):
+            yield from self._etcd(etcd)
+
+    def _etcd(self, etcd: EtcdMetrics) -> Iterator[Metric]:
+        """A gateway's traffic with etcd."""
+        latency = HistogramMetricFamily(
+            "managerd_etcd_request_seconds",
+            "Round trip of one etcd request (each attempt), by RPC.",
+            labels=["rpc"],
+        )
+        for rpc, hist in sorted(dict(etcd.latency).items()):
+            latency.add_metric([rpc], hist.buckets(), hist.sum)
+        yield latency
+        batches = HistogramMetricFamily(
+            "managerd_etcd_txn_batch_size", "Calls per Txn sent to etcd (group commit)."
+        )
+        batches.add_metric([], etcd.batch_sizes.buckets(), etcd.batch_sizes.sum)
+        yield batches
+        yield GaugeMetricFamily(
+            "managerd_etcd_watches_open", "etcd watches open.", value=etcd.watches_open
+        )
+        yield CounterMetricFamily(
+            "managerd_etcd_lease_keepalive_failures",
+            "Lease keep-alives that failed (lease gone, or no member answered).",
+            value=etcd.keepalive_failures,
+        )
+        yield CounterMetricFamily(
+            "managerd_etcd_session_resumes",
+            "Sessions taken over from another gateway.",
+            value=etcd.session_resumes,
+        )
 
     def _per_object(
         self,

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from multiprocessing.managers import BaseManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from managerd import __version__
@@ -382,10 +383,24 @@ async def _etcd_store(settings: Settings) -> EtcdStore | None:
     endpoints = settings.etcd_endpoints
     if endpoints is None:
         return None
-    from managerd.store.etcd.client import EtcdClient  # the optional 'etcd' extra
+    from managerd.store.etcd.client import EtcdClient, tls_credentials  # the 'etcd' extra
     from managerd.store.etcd.store import EtcdStore
 
-    client = EtcdClient(endpoints)
+    credentials = None
+    if settings.store_tls:
+
+        def read(path: Path | None) -> bytes | None:
+            return None if path is None else path.expanduser().read_bytes()
+
+        try:
+            ca, cert, key = (
+                read(p)
+                for p in (settings.store_tls_ca, settings.store_tls_cert, settings.store_tls_key)
+            )
+        except OSError as exc:
+            raise StartupError(f"etcd TLS: {exc.strerror or exc}: {exc.filename}") from None
+        credentials = tls_credentials(ca, cert, key)
+    client = EtcdClient(endpoints, credentials=credentials)
     ttl_s = max(1, math.ceil(settings.session_ttl_s))  # a lease lasts whole seconds
     try:
         store = await EtcdStore.open(
@@ -394,7 +409,12 @@ async def _etcd_store(settings: Settings) -> EtcdStore | None:
     except BaseException:
         await client.close()
         raise
-    log.info("store: etcd at %s, prefix %s", ",".join(endpoints), settings.store_prefix)
+    log.info(
+        "store: etcd at %s, prefix %s%s",
+        ",".join(endpoints),
+        settings.store_prefix,
+        ", TLS" if credentials is not None else "",
+    )
     return store
 
 

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     store: str | None = None
     #: The etcd store's key prefix, so that deployments can share one cluster.
     store_prefix: str = "/m/"
+    #: TLS to etcd (also ``etcds://``): the CA that signs the members' certificates
+    #: (None: the system's), and this gateway's client certificate and key.
+    store_tls_ca: Path | None = None
+    store_tls_cert: Path | None = None
+    store_tls_key: Path | None = None
 
     @field_validator("store")
     @classmethod
@@ -148,6 +153,21 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{text!r} is not a network in CIDR notation ({exc})") from None
         return networks
+
+    @model_validator(mode="after")
+    def _store_tls_pairs(self) -> Settings:
+        if (self.store_tls_cert is None) != (self.store_tls_key is None):
+            raise ValueError("store_tls_cert and store_tls_key go together (a client certificate)")
+        return self
+
+    @property
+    def store_tls(self) -> bool:
+        """Whether the gateway speaks TLS to etcd: ``etcds://``, or any store_tls_* set."""
+        if self.etcd_endpoints is None:
+            return False
+        return bool(
+            (self.store or "").startswith("etcds://") or self.store_tls_ca or self.store_tls_cert
+        )
 
     @property
     def etcd_endpoints(self) -> list[str] | None:
@@ -250,11 +270,14 @@ def resolve_authkey(settings: Settings, *, generate: bool = True) -> tuple[bytes
 
 
 def etcd_endpoints(store: str) -> list[str]:
-    """``etcd://h1:p1,h2:p2`` as ``["h1:p1", "h2:p2"]``; ValueError if it is not one."""
+    """``etcd://h1:p1,h2:p2`` (or ``etcds://``, TLS) as ``["h1:p1", "h2:p2"]``; ValueError
+    if it is not one."""
     scheme, sep, rest = store.partition("://")
     endpoints = [e.strip() for e in rest.split(",") if e.strip()]
-    if scheme != "etcd" or not sep or not endpoints:
-        raise ValueError(f"a store is 'memory' or etcd://HOST:PORT[,HOST:PORT...], not {store!r}")
+    if scheme not in ("etcd", "etcds") or not sep or not endpoints:
+        raise ValueError(
+            f"a store is 'memory' or etcd[s]://HOST:PORT[,HOST:PORT...], not {store!r}"
+        )
     for endpoint in endpoints:
         host, colon, port = endpoint.rpartition(":")
         if not colon or not host or not port.isdigit():

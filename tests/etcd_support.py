@@ -67,6 +67,18 @@ class Member:
         return self.proc is not None and self.proc.poll() is None
 
 
+@dataclass(frozen=True)
+class Tls:
+    """Client TLS for a cluster: the members serve ``cert``/``key`` (signed by ``ca``)
+    and ask every client for a certificate signed by ``ca`` (etcdctl uses ``client_*``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+
 @dataclass
 class EtcdCluster:
     """``size`` etcd members in ``tmp``; see the module docstring."""
@@ -74,6 +86,7 @@ class EtcdCluster:
     tmp: Path
     size: int = 3
     members: list[Member] = field(default_factory=list)
+    tls: Tls | None = None
 
     def __post_init__(self) -> None:
         ports = _free_ports(2 * self.size)
@@ -96,7 +109,7 @@ class EtcdCluster:
 
     def _spawn(self, m: Member) -> None:
         initial = ",".join(f"{o.name}=http://127.0.0.1:{o.peer_port}" for o in self.members)
-        client_url = f"http://{m.endpoint}"
+        client_url = f"{'https' if self.tls else 'http'}://{m.endpoint}"
         peer_url = f"http://127.0.0.1:{m.peer_port}"
         cmd = [
             "etcd",
@@ -116,6 +129,13 @@ class EtcdCluster:
             "--logger", "zap",
             "--log-outputs", str(m.log),
         ]  # fmt: skip
+        if self.tls is not None:
+            cmd += [
+                "--cert-file", str(self.tls.cert),
+                "--key-file", str(self.tls.key),
+                "--trusted-ca-file", str(self.tls.ca),
+                "--client-cert-auth",
+            ]  # fmt: skip
         m.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -133,6 +153,15 @@ class EtcdCluster:
                 f"--endpoints={','.join(endpoints or self.endpoints)}",
                 f"--command-timeout={ETCDCTL_TIMEOUT_S}s",
                 f"--dial-timeout={ETCDCTL_TIMEOUT_S}s",
+                *(
+                    []
+                    if self.tls is None
+                    else [
+                        f"--cacert={self.tls.ca}",
+                        f"--cert={self.tls.client_cert}",
+                        f"--key={self.tls.client_key}",
+                    ]
+                ),
                 *args,
             ],
             env={**os.environ, "ETCDCTL_API": "3"},
@@ -230,9 +259,9 @@ class EtcdCluster:
 
 
 @contextlib.contextmanager
-def running_cluster(tmp: Path, size: int = 3) -> Iterator[EtcdCluster]:
+def running_cluster(tmp: Path, size: int = 3, tls: Tls | None = None) -> Iterator[EtcdCluster]:
     """A started cluster, stopped (every PID waited for) and removed on exit."""
-    cluster = EtcdCluster(tmp, size)
+    cluster = EtcdCluster(tmp, size, tls=tls)
     try:
         yield cluster.start()
     finally:

@@ -9,7 +9,9 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 
 - ``client.py``: the asyncio etcd v3 client (KV, Txn, leases, watches over
   all endpoints; why this client, in its docstring); ``kv.py``: the typed
-  values it takes and returns, and its errors.
+  values it takes and returns, and its errors; ``groupcommit.py``: the
+  Txns of concurrent calls sent as one Txn (each nested, keeping its own
+  outcome).
 - ``sessions.py``: a session is a lease kept alive; its keys vanish with it;
   another gateway takes it over by the client's resume token (its hash is
   a key on the lease) while the lease lives (``EtcdStore.resume``).
@@ -20,6 +22,8 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
   recipe) and a re-entrant one; ``sync.py``: Event, Semaphore and
   BoundedSemaphore; ``values.py``: Value and dict; ``watching.py``: the
   wake-up they share (a watch from the revision of the last read).
+- ``election.py``: one gateway elected (a key on its lease, etcd's recipe)
+  to return expired and orphaned reservations of every queue.
 - ``store.py``: ``EtcdStore``, the ``Store`` of ``store/interface.py``:
   names and types in etcd (a mirror kept by a watch), a lease per session,
   calls as futures; ``handles.py``: a handle class per type served, whose
@@ -46,9 +50,6 @@ A gateway that lives on when a session is taken over from it sees so
 through a watch of the token keys and lets go of the session
 (``EtcdStore._let_go``).
 
-**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; stats beyond
-what a gateway knows
-(``refresh_stats``); one elected gateway for requeues (every gateway
-requeues its queues); group commit across calls of a gateway (the queue
-batches its blocked takes only); deadlock detection; TLS to etcd.
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; stats beyond what a gateway knows
+(``refresh_stats``); deadlock detection.
 """

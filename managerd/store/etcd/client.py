@@ -48,23 +48,45 @@ Failover, deadlines, retries
   and raise ``Compacted`` when that revision is gone: the caller re-reads
   its state and watches from the new revision.
 
-Not here yet: TLS client certificates (``credentials`` takes them, untested),
-authentication, one shared keep-alive stream for many leases.
+Group commit
+------------
+``txn`` and ``range`` go through ``GroupCommit`` (``groupcommit.py``): the
+calls of concurrent callers leave as one Txn, each caller's Txn nested in
+it (a Range as one operation of it), so each keeps its own outcome; a call
+alone leaves as itself. ``put`` and ``delete`` are sent as they are.
+
+TLS
+---
+``credentials=tls_credentials(ca, cert, key)`` (``--store etcds://...``,
+``store_tls_*``): the members' certificates are checked against the CA and
+the first endpoint's host name; a client certificate answers etcd's
+``--client-cert-auth``.
+
+Not here yet: user/password authentication, one shared keep-alive stream for many leases.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import socket
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 from aetcd import rpc
 
+from managerd.store.etcd.groupcommit import (
+    DEFAULT_MAX_IN_FLIGHT,
+    Footprint,
+    GroupCommit,
+    Pending,
+    footprint,
+    width,
+)
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -84,6 +106,7 @@ from managerd.store.etcd.kv import (
     Target,
     TxnResult,
 )
+from managerd.store.etcd.telemetry import EtcdMetrics
 
 DEFAULT_RPC_TIMEOUT_S = 2.0
 DEFAULT_RETRY_BUDGET_S = 15.0
@@ -96,6 +119,13 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # often than every 5 s (--grpc-keepalive-min-time) or without a stream.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # A member that stops answering (frozen, partitioned) under an open watch: a ping
+    # unanswered for 5 s closes the connection (gRPC waits 60 s by default: a blocked
+    # get's wake-up waited that long), and pings go on every 10 s while only a watch
+    # is open (by default gRPC stops after 2 pings without data, then waits minutes).
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_time_between_pings_ms", 10_000),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
@@ -135,6 +165,19 @@ def channel_target(endpoints: Sequence[str]) -> str:
     if not v4 and not v6:
         raise ValueError("no etcd endpoint given")
     return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+
+
+def tls_credentials(
+    ca: bytes | None = None, cert: bytes | None = None, key: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """TLS to etcd: members' certificates checked against ``ca`` (PEM; None: the system's
+    CAs), and ``cert``/``key`` (PEM) sent when etcd asks for a client certificate
+    (``--client-cert-auth``)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 def _kv(m: Any) -> KeyValue:
@@ -192,6 +235,17 @@ def _response_op(m: Any) -> RangeResult | PutResult | DeleteResult:
     raise EtcdError(f"unexpected Txn response {kind!r} (nested Txns are not used)")
 
 
+def _txn_result(m: Any, revision: int) -> TxnResult:
+    return TxnResult(revision, m.succeeded, [_response_op(r) for r in m.responses])
+
+
+def _nested(request: Any) -> Any:
+    """A call's Range or Txn as one operation of a shared Txn."""
+    if isinstance(request, rpc.RangeRequest):
+        return rpc.RequestOp(request_range=request)
+    return rpc.RequestOp(request_txn=request)
+
+
 def _retryable(exc: grpc.aio.AioRpcError, idempotent: bool) -> bool:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE and "no leader" in (exc.details() or ""):
@@ -205,7 +259,10 @@ def _translate(exc: grpc.aio.AioRpcError) -> EtcdError:
     if "lease not found" in details:
         return LeaseNotFound(details)
     if "request is too large" in details or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RequestTooLarge(details)
+        return RequestTooLarge(
+            f"the request is larger than etcd accepts ({details}; etcd's --max-request-bytes, "
+            "1.5 MiB by default): keep large values out of the store, or raise that limit"
+        )
     if "compacted" in details:
         return Compacted(0)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -223,6 +280,8 @@ class EtcdClient:
         rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
         retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         credentials: grpc.ChannelCredentials | None = None,
+        group_commit: bool = True,
+        max_txn_batches_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.rpc_timeout_s = rpc_timeout_s
         self.retry_budget_s = retry_budget_s
@@ -230,7 +289,12 @@ class EtcdClient:
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            # The target lists addresses; a member's certificate is checked against the
+            # host name of the first endpoint as given (one name for every member: a
+            # shared name or IP in every member's subjectAltName).
+            server_name = endpoints[0].strip().rpartition(":")[0].strip("[]")
+            options = [*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
 
         def unary(path: str, request: Any, response: Any) -> Any:
             return self._channel.unary_unary(
@@ -266,6 +330,24 @@ class EtcdClient:
             request_serializer=rpc.WatchRequest.SerializeToString,
             response_deserializer=rpc.WatchResponse.FromString,
         )
+        self.metrics = EtcdMetrics()
+        self._rpc_names = {
+            id(self._range): "range",
+            id(self._put): "put",
+            id(self._delete): "delete_range",
+            id(self._txn): "txn",
+            id(self._grant): "lease_grant",
+            id(self._revoke): "lease_revoke",
+            id(self._ttl): "lease_time_to_live",
+        }
+        #: Txns of concurrent calls, sent together (``groupcommit.py``); None: one by one.
+        self.group: GroupCommit | None = (
+            GroupCommit(self._send_batch, max_in_flight=max_txn_batches_in_flight)
+            if group_commit
+            else None
+        )
+        if self.group is not None:
+            self.group.on_batch = self.metrics.batch_sizes.observe
 
     async def close(self) -> None:
         await self._channel.close()
@@ -280,13 +362,17 @@ class EtcdClient:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.retry_budget_s
         backoff_s = _BACKOFF_MIN_S
+        rpc_name = self._rpc_names[id(method)]
         while True:
             timeout_s = max(0.001, min(self.rpc_timeout_s, give_up - loop.time()))
+            sent = loop.time()
             try:
                 return await method(request, timeout=timeout_s, wait_for_ready=True)
             except grpc.aio.AioRpcError as exc:
                 if not _retryable(exc, idempotent) or loop.time() + backoff_s >= give_up:
                     raise _translate(exc) from exc
+            finally:
+                self.metrics.observe(rpc_name, loop.time() - sent)
             await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
             backoff_s = min(2 * backoff_s, _BACKOFF_MAX_S)
 
@@ -325,7 +411,13 @@ class EtcdClient:
             request.sort_order = (
                 rpc.RangeRequest.DESCEND if newest_first else rpc.RangeRequest.ASCEND
             )
-        return _range_result(await self._call(self._range, request, idempotent=True))
+        if self.group is None or revision:
+            return _range_result(await self._call(self._range, request, idempotent=True))
+        # A read joins the Txns in flight (a Range in the shared Txn reads at its revision).
+        read = Footprint(((key, range_end),), ())
+        return cast(
+            RangeResult, await self.group.submit(request, read, 0, request.ByteSize(), True)
+        )
 
     async def get(self, key: bytes) -> KeyValue | None:
         kvs = (await self.range(key)).kvs
@@ -347,20 +439,85 @@ class EtcdClient:
         failure: Sequence[Op] = (),
         *,
         idempotent: bool = False,
+        own_revision: bool = False,
     ) -> TxnResult:
         """If every compare holds, the success ops, else the failure ops, atomically.
 
         ``idempotent=True`` retries an ambiguous failure: only for a Txn whose
         repeat after it was applied fails its compares (and whose caller can
-        read that failure as "already done").
+        read that failure as "already done"). ``own_revision=True``: its writes
+        share their revision with no other call's (group commit leaves it
+        alone): when that revision is a fencing token or a place in a line.
         """
         request = rpc.TxnRequest(
             compare=[_compare(c) for c in compare],
             success=[_request_op(op) for op in success],
             failure=[_request_op(op) for op in failure],
         )
-        m = await self._call(self._txn, request, idempotent=idempotent)
-        return TxnResult(m.header.revision, m.succeeded, [_response_op(r) for r in m.responses])
+        if self.group is None:
+            m = await self._call(self._txn, request, idempotent=idempotent)
+            return _txn_result(m, m.header.revision)
+        return cast(
+            TxnResult,
+            await self.group.submit(
+                request,
+                footprint(compare, success, failure),
+                width(compare, success, failure),
+                request.ByteSize(),
+                idempotent,
+                own_revision=own_revision,
+            ),
+        )
+
+    async def _send_batch(self, batch: list[Pending]) -> None:
+        """Send the Txns of ``batch`` (see ``groupcommit.py``) and settle each call."""
+        if len(batch) == 1:
+            await self._send_alone(batch[0])
+            return
+        shared = rpc.TxnRequest(success=[_nested(p.request) for p in batch])
+        try:
+            m = await self._call(self._txn, shared, idempotent=all(p.idempotent for p in batch))
+        except EtcdUnavailable as exc:  # maybe applied: only idempotent ones may go again
+            for p in batch:
+                if not p.idempotent and not p.future.done():
+                    p.future.set_exception(EtcdUnavailable(str(exc)))
+            await asyncio.gather(*(self._send_alone(p) for p in batch if p.idempotent))
+            return
+        except EtcdError:  # refused, never applied: each alone, to say which one
+            await asyncio.gather(*(self._send_alone(p) for p in batch))
+            return
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()
+            raise
+        except Exception as exc:  # a bug: nobody is left waiting
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            raise
+        for p, r in zip(batch, m.responses, strict=True):
+            if p.future.done():
+                continue
+            if r.HasField("response_txn"):
+                # A nested Txn's header is empty: its revision is the shared Txn's.
+                p.future.set_result(_txn_result(r.response_txn, m.header.revision))
+            else:
+                p.future.set_result(_range_result(r.response_range))
+
+    async def _send_alone(self, p: Pending) -> None:
+        if p.future.done():
+            return
+        read = isinstance(p.request, rpc.RangeRequest)
+        try:
+            m = await self._call(
+                self._range if read else self._txn, p.request, idempotent=p.idempotent
+            )
+        except Exception as exc:
+            if not p.future.done():
+                p.future.set_exception(exc)
+            return
+        if not p.future.done():
+            p.future.set_result(_range_result(m) if read else _txn_result(m, m.header.revision))
 
     # Leases
 
@@ -403,19 +560,24 @@ class EtcdClient:
         while True:
             timeout_s = max(0.001, min(self.rpc_timeout_s, give_up - loop.time()))
             call = self._keepalive(timeout=timeout_s, wait_for_ready=True)
+            sent = loop.time()
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
                 m: Any = await call.read()
                 if m is grpc.aio.EOF:
+                    self.metrics.keepalive_failures += 1
                     raise EtcdUnavailable("keep-alive stream closed without an answer")
                 if m.TTL <= 0:
+                    self.metrics.keepalive_failures += 1
                     raise LeaseNotFound(f"lease {lease_id:x} expired")
                 return int(m.TTL)
             except grpc.aio.AioRpcError as exc:
                 if not _retryable(exc, True) or loop.time() + backoff_s >= give_up:
+                    self.metrics.keepalive_failures += 1
                     raise _translate(exc) from exc
             finally:
                 call.cancel()
+                self.metrics.observe("lease_keepalive", loop.time() - sent)
             await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
             backoff_s = min(2 * backoff_s, _BACKOFF_MAX_S)
 
@@ -431,6 +593,19 @@ class EtcdClient:
         from the revision after the last event delivered; ``Compacted`` if that
         revision is gone.
         """
+        self.metrics.watches_open += 1
+        try:
+            async with contextlib.aclosing(
+                self._watch_events(key, range_end, start_revision, prev_kv)
+            ) as batches:
+                async for events in batches:
+                    yield events
+        finally:
+            self.metrics.watches_open -= 1
+
+    async def _watch_events(
+        self, key: bytes, range_end: bytes, start_revision: int, prev_kv: bool
+    ) -> AsyncGenerator[list[Event], None]:
         next_revision = start_revision
         backoff_s = _BACKOFF_MIN_S
         while True:

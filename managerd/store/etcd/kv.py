@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
+from managerd_client.errors import RequestTooLarge as ClientRequestTooLarge
+
 
 class EtcdError(Exception):
     """An etcd request failed; the subclasses say how."""
@@ -34,8 +36,12 @@ class LeaseNotFound(EtcdError):
     """The lease expired or was revoked (its keys are gone)."""
 
 
-class RequestTooLarge(EtcdError):
-    """Over etcd's request size limit (``--max-request-bytes``, 1.5 MiB by default)."""
+class RequestTooLarge(EtcdError, ClientRequestTooLarge):
+    """Over etcd's request size limit (``--max-request-bytes``, 1.5 MiB by default).
+
+    Also the client's ``RequestTooLarge`` (a ``ValueError``): the caller whose value
+    cannot be stored gets that, with etcd's reason, not an internal error.
+    """
 
 
 @dataclass(frozen=True, slots=True)

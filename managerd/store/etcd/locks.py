@@ -83,6 +83,7 @@ class EtcdLock:
             [Put(key, attempt, lease=session.lease_id)],
             [Get(key)],
             idempotent=True,
+            own_revision=True,  # the fencing token: no other contender's
         )
         if done.succeeded:
             token = done.revision

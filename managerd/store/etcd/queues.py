@@ -9,7 +9,7 @@ Keys under ``/m/q/<name>/``:
   count. **Not** on the session's lease: an expiry would delete it, and it
   must go back to ``i/``. ``requeue_expired`` returns those past their
   deadline or whose session key is gone; calling it on every queue every
-  second or so is the job of one elected gateway (not built yet: issue 13).
+  second is the job of one elected gateway (``store.py``, ``election.py``).
 - ``t/<id>``: a tombstone of a taken item, on a short lease (about a minute).
 
 ``<id>`` is ``<unix ns>.<producer>.<seq>``: per producer strictly
@@ -83,6 +83,10 @@ TOMBSTONE_TTL_S = 60
 DEAD_LETTER_SUFFIX = ".dead"
 _PUT_BATCH = 40  # items per put Txn: 3 compares each, within --max-txn-ops (128)
 _BOUNDED_BATCH = 64  # items per put Txn to a bounded queue: 2 puts each, one compare
+#: Bytes of items per put Txn: under etcd's --max-request-bytes (1.5 MiB by default), so
+#: that items that fit one by one also fit together; one larger item is refused by etcd
+#: (``RequestTooLarge``).
+_PUT_BATCH_BYTES = 1024 * 1024
 _BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
 
@@ -199,7 +203,7 @@ class EtcdQueue:
         await self.put_many([item], timeout_s)
 
     async def put_many(self, items: list[bytes], timeout_s: float | None = 0.0) -> None:
-        """Append ``items`` in order (one Txn per ``_PUT_BATCH``: atomic within one)."""
+        """Append ``items`` in order (one Txn per chunk of ``_chunks``: atomic within one)."""
         if not self.maxsize:
             await self._append(items)
             return
@@ -260,10 +264,10 @@ class EtcdQueue:
         return done.succeeded or any(isinstance(r, RangeResult) and r.kvs for r in done.responses)
 
     async def _append(self, items: list[bytes]) -> None:
-        for i in range(0, len(items), _PUT_BATCH):
+        for chunk in _chunks(items):
             compares: list[Compare] = []
             ops: list[Op] = []
-            for item in items[i : i + _PUT_BATCH]:
+            for item in chunk:
                 iid = self._ids.next()
                 compares += [
                     Compare(self._ready + iid, Target.CREATE, "==", 0),
@@ -645,6 +649,20 @@ class EtcdQueue:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _chunks(items: list[bytes]) -> list[list[bytes]]:
+    """``items`` in order, in chunks of at most ``_PUT_BATCH`` items and (unless one item
+    is larger alone) ``_PUT_BATCH_BYTES``."""
+    chunks: list[list[bytes]] = [[]]
+    size = 0
+    for item in items:
+        if chunks[-1] and (len(chunks[-1]) == _PUT_BATCH or size + len(item) > _PUT_BATCH_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += len(item)
+    return [c for c in chunks if c]
 
 
 def _found(done: TxnResult, token: bytes) -> bool:

@@ -148,6 +148,7 @@ class EtcdSession:
             )
             if done.succeeded:
                 session.token_revision = done.revision
+                client.metrics.session_resumes += 1
                 break
         session._keeper = asyncio.create_task(
             session._keep_alive(), name=f"etcd lease {session.sid}"

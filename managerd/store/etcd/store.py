@@ -28,10 +28,14 @@ lived): the lease is renewed from here, and what the session holds stays
 held. A gateway watches the token keys: a session of its own taken over
 elsewhere is let go (``_let_go``: its parked calls dropped, leaving their
 keys to the calls asked again there, its calls refused, its lease no
-longer renewed from here, never revoked). Reservations of a gateway
-that died are returned by ``requeue_expired`` of any gateway: each one runs
-it every second over the queues it has opened (safe when several do: each
-move compares the reservation's revision).
+longer renewed from here, never revoked). Expired reservations, and
+those of sessions that ended elsewhere (a gateway that died), are returned
+by **one elected gateway** (``election.py``: a key under ``/m/g/requeue/``
+on a lease of the gateway's own; lowest create_revision leads; another
+takes over within the lease's TTL, ``session_ttl_s``, when it dies). It
+runs ``requeue_expired`` every second over every queue of the names mirror,
+not only those it has opened (safe if two ever do at once: each move
+compares the reservation's revision).
 
 **Calls** return a Task (every answer is a round trip to etcd), which
 ``run`` files under its session: ``abandon`` and ``cancel`` cancel it.
@@ -45,6 +49,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -53,6 +58,7 @@ from typing import Any, Final, cast
 from managerd.store.api import BadArgument, Call
 from managerd.store.etcd.cells import CELLS
 from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.election import Election
 from managerd.store.etcd.handles import (
     HANDLES,
     Deliveries,
@@ -96,6 +102,8 @@ TYPE_INFO: Final[Mapping[str, TypeInfo]] = {
     typeid: TypeInfo(typeid, cls.methods, cls.create_params) for typeid, cls in SERVED.items()
 }
 REQUEUE_INTERVAL_S: Final = 1.0
+#: How many queues the elected gateway reads at once in a requeue pass.
+REQUEUE_CONCURRENCY: Final = 16
 
 
 class EtcdStore:
@@ -111,6 +119,8 @@ class EtcdStore:
         self.root = root
         self.session_ttl_s = session_ttl_s
         self._names = root + b"o/"
+        #: What ``managerd/metrics.py`` shows of this gateway's etcd traffic.
+        self.etcd_metrics = client.metrics
         #: The mirror of ``/m/o/``, by name.
         self._known: dict[str, _Known] = {}
         #: Deletions under way, by name: a creation of the name waits for its deletion.
@@ -135,6 +145,12 @@ class EtcdStore:
         self._token_keys: dict[Session, bytes] = {}
         #: Sessions another gateway took over: their calls here are refused.
         self._taken: set[Session] = set()
+        #: The election of the gateway that returns expired reservations (see ``open``).
+        self.requeuer = Election(
+            client, root + b"g/requeue/", session_ttl_s, json.dumps({"pid": os.getpid()}).encode()
+        )
+        #: Queues the requeuer has read but this gateway has not opened, by name.
+        self._requeue_only: dict[str, QueueHandle] = {}
 
     @classmethod
     async def open(
@@ -151,7 +167,7 @@ class EtcdStore:
             store._learn(kv.value, kv.create_revision)
         store.background(store._follow(read.revision))
         store.background(store._follow_takeovers(read.revision))
-        store.background(store._requeue_loop())
+        store.background(store.requeuer.run(store._requeue_all))
         return store
 
     # -- names ------------------------------------------------------------------------
@@ -549,15 +565,41 @@ class EtcdStore:
         for queue in queues:  # its reservations go back now, not after a deadline
             await queue.queue.requeue_expired()
 
-    async def _requeue_loop(self) -> None:
+    async def _requeue_all(self) -> None:
+        """While this gateway is the elected requeuer: every second, every queue."""
+        running = asyncio.Semaphore(REQUEUE_CONCURRENCY)
+
+        async def requeue(handle: QueueHandle) -> None:
+            async with running:
+                try:
+                    await handle.queue.requeue_expired()
+                except EtcdError as exc:
+                    log.warning("etcd store: requeue of %r failed: %s", handle.name, exc)
+
         while True:
             await asyncio.sleep(REQUEUE_INTERVAL_S)
-            for handle in list(self._handles.values()):
-                if isinstance(handle, QueueHandle):
-                    try:
-                        await handle.queue.requeue_expired()
-                    except EtcdError as exc:
-                        log.warning("etcd store: requeue of %r failed: %s", handle.name, exc)
+            queues = [
+                self._queue_for_requeue(name, known)
+                for name, known in list(self._known.items())
+                if known.revision and SERVED[known.typeid] in _QUEUE_TYPES
+            ]
+            await asyncio.gather(*(requeue(h) for h in queues))
+            for name in set(self._requeue_only) - set(self._known):
+                del self._requeue_only[name]
+
+    def _queue_for_requeue(self, name: str, known: _Known) -> QueueHandle:
+        """The queue's handle if this gateway opened it, else one kept for requeues only
+        (not served, not in the stats)."""
+        handle = self._handles.get(name)
+        if isinstance(handle, QueueHandle):
+            return handle
+        kept = self._requeue_only.get(name)
+        if kept is None or kept.revision != known.revision:
+            kept = cast(QueueHandle, SERVED[known.typeid](self, name, known.args))
+            kept.revision = known.revision
+            kept.ready.set_result(None)
+            self._requeue_only[name] = kept
+        return kept
 
     def would_hand_out(
         self, obj: Handle, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -633,6 +675,9 @@ class EtcdStore:
             lease = self._leases.pop(session)
             with contextlib.suppress(Exception):
                 await (await lease).close()
+
+
+_QUEUE_TYPES: Final = tuple(cls for cls in SERVED.values() if issubclass(cls, QueueHandle))
 
 
 @dataclass(slots=True)

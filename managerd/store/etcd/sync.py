@@ -144,6 +144,7 @@ class EtcdSemaphore:
             [Compare(key, Target.CREATE, "==", 0)],
             [Put(key, session.sid.encode(), lease=session.lease_id)],
             idempotent=True,
+            own_revision=True,  # the fencing token and place in line: no other's
         )
         token = done.revision
         if not done.succeeded:  # a retry of our own put: its revision is the token
