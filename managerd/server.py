@@ -389,7 +389,10 @@ async def _etcd_store(settings: Settings) -> EtcdStore | None:
     ttl_s = max(1, math.ceil(settings.session_ttl_s))  # a lease lasts whole seconds
     try:
         store = await EtcdStore.open(
-            client, root=settings.store_prefix.encode(), session_ttl_s=ttl_s
+            client,
+            root=settings.store_prefix.encode(),
+            session_ttl_s=ttl_s,
+            deadlock=settings.deadlock,
         )
     except BaseException:
         await client.close()

@@ -17,6 +17,10 @@ Release deletes the key only if its create_revision is still the token
 ``release_holder`` is ``threading.Lock``'s release by anyone: it deletes
 whichever key holds the lock.
 
+A Lock's key value is a random attempt mark, then ``note`` (the
+acquiring client thread, ``@<thread>``: status and the wait-for graph of
+``deadlocks.py`` name the holding thread).
+
 **RLock**: the owner (a client thread) re-enters by raising a count kept in
 its key's value, changed with a compare on the key's create_revision (the
 token), so a count never lands on another holding; the key goes at 0.
@@ -65,6 +69,7 @@ class EtcdLock:
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        note: bytes = b"",
     ) -> int | None:
         """The fencing token once held; None if not held in time (or at once, not blocking).
 
@@ -72,7 +77,7 @@ class EtcdLock:
         removes its key, so the waiter behind it watches on.
         """
         key = self._key(session, owner)
-        attempt = secrets.token_bytes(_ATTEMPT_BYTES)
+        attempt = secrets.token_bytes(_ATTEMPT_BYTES) + note
         # Our key, unless it exists: a retry of this call finds its own attempt.
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
@@ -184,7 +189,9 @@ class EtcdRLock(EtcdLock):
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        note: bytes = b"",
     ) -> int | None:
+        """As ``EtcdLock.acquire``; ``note`` is not kept (the key names the thread)."""
         key = self._key(session, owner)
         while True:
             kv = await self.client.get(key)
