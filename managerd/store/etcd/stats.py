@@ -350,3 +350,25 @@ class Publisher:
             with contextlib.suppress(EtcdError):
                 await self.client.lease_revoke(self._lease)
             self._lease = 0
+
+
+def unread(name: str, typeid: str, args: Mapping[str, Any]) -> ObjectStats:
+    """An object not read yet (made since the last refresh): its kind's figures, empty."""
+    if typeid in ("Queue", "JoinableQueue"):
+        return QueueStats(name, typeid, args, 0, 0, 0, 0, 0, 0)
+    if typeid in ("Lock", "RLock"):
+        return LockStats(name, typeid, args, None, None, 0, 0, (), 0, Histogram(), Histogram())
+    if typeid in ("Semaphore", "BoundedSemaphore"):
+        value = args.get("value", 1)
+        return SemaphoreStats(name, typeid, args, value, 0, (), 0, 0, (), Histogram())
+    if typeid == "Event":
+        return EventStats(name, typeid, args, False, 0)
+    if typeid == "Condition":
+        return ConditionStats(name, typeid, args, 0)
+    if typeid == "Barrier":
+        return BarrierStats(name, typeid, args, 0, False)
+    if typeid == "Pipe":
+        return PipeStats(name, typeid, args, (0, 0), (False, False), 0)
+    if typeid == "Value":
+        return ValueStats(name, typeid, args, args.get("value", 0))
+    return SizeStats(name, typeid, args, 0)

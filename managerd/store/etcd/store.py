@@ -95,6 +95,7 @@ from managerd.store.etcd.stats import (
     ClusterView,
     Named,
     Publisher,
+    unread,
 )
 from managerd.store.interface import Handle, Snapshot, TypeInfo
 from managerd.store.memory.base import SharedObject
@@ -540,7 +541,7 @@ class EtcdStore:
         base = self.view.objects.get(name)
         handle = self._handles.get(name)
         if base is None or base.typeid != typeid:
-            return handle.stats() if handle is not None else ObjectStats(name, typeid, args)
+            base = unread(name, typeid, args)
         local = 0
         if isinstance(handle, ConditionHandle):
             local = len(handle.unnotified)
