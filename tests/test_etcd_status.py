@@ -106,10 +106,8 @@ def test_objects_used_through_a_show_their_figures_at_b(
 
         def settled() -> bool:
             objects = report()
-            return (
-                objects.get("db", {}).get("waiters") == 1
-                and objects.get("idle", {}).get("waiters") == 1
-            )
+            waiters = [objects.get(name, {}).get("waiters") for name in ("db", "idle")]
+            return waiters == [1, 1]
 
         assert wait_until(settled, timeout_s=30)
         objects = report()
