@@ -26,6 +26,9 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 - ``conditions.py``: Condition and Barrier; ``pipes.py``: Pipe; ``cells.py``:
   list, Namespace and Array (one key by compare-and-set, the memory store's
   own objects applied to it).
+- ``stats.py``: the cluster's figures of every object, read from etcd by a
+  periodic refresh (``status``, the page, the metrics of any gateway);
+  ``deadlocks.py``: the wait-for graph across gateways, read from etcd.
 
 ``managerd serve --store etcd://...`` (``server.py``) serves an
 ``EtcdStore``: the daemon is then a gateway.
@@ -33,9 +36,9 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 The contract suite (``tests/contract``) runs against this store as against
 the memory store; what still differs is in each handle's docstring.
 
-**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; resuming a
-session through another gateway; stats beyond what a gateway knows
-(``refresh_stats``); one elected gateway for requeues (every gateway
-requeues its queues); group commit across calls of a gateway (the queue
-batches its blocked takes only); deadlock detection; TLS to etcd.
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out`` (why, in
+``store.py``); resuming a session through another gateway; one elected
+gateway for requeues (every gateway requeues its queues); group commit
+across calls of a gateway (the queue batches its blocked takes only); TLS
+to etcd.
 """
