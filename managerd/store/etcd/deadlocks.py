@@ -48,6 +48,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -80,6 +81,11 @@ _ATTEMPT_BYTES: Final = 8  # locks.py: the random attempt mark before a Lock's t
 #: ``(lease, thread)``; ``thread`` None: any thread of the session (a permit's holder).
 Actor = tuple[int, int | None]
 
+#: Set in a call's task while a Lock's own holder waits for it to be released (a
+#: second acquire by its session): that wait is on a holding of its own. Any other
+#: wait whose waiter holds the lock is over (it got it since its waiter key).
+HELD_BY_SELF: ContextVar[bool] = ContextVar("HELD_BY_SELF", default=False)
+
 
 @dataclass(frozen=True, slots=True)
 class Edge:
@@ -90,6 +96,7 @@ class Edge:
     typeid: str
     key: bytes
     revision: int
+    held_by_self: bool = False
 
 
 def lock_holder(kvs: Iterable[KeyValue], prefix: bytes) -> tuple[Actor, KeyValue] | None:
@@ -134,7 +141,16 @@ def edges_of(kvs: Iterable[KeyValue], prefix: bytes) -> list[Edge]:
         lease_hex, thread, _ = kv.key[len(prefix) :].split(b"/", 2)
         entry = json.loads(kv.value)
         actor = (int(lease_hex, 16), int(thread))
-        edges.append(Edge(actor, entry["name"], entry["type"], kv.key, kv.create_revision))
+        edges.append(
+            Edge(
+                actor,
+                entry["name"],
+                entry["type"],
+                kv.key,
+                kv.create_revision,
+                bool(entry.get("self")),
+            )
+        )
     return edges
 
 
@@ -172,6 +188,8 @@ class Graph:
             return None
         path: list[tuple[Edge, Actor]] | None = None
         for holder in holders:
+            if edge.typeid in LOCK_TYPES and _same(holder, edge.actor) and not edge.held_by_self:
+                return None  # it got the lock since it put its waiter key: not waiting
             if _same(holder, start):
                 found: list[tuple[Edge, Actor]] | None = [(edge, holder)]
             else:
@@ -229,13 +247,15 @@ class EtcdDeadlocks:
         answer: asyncio.Future[Any],
         *,
         refuse: bool,
+        held_by_self: bool = False,
     ) -> None:
         """``(lease, thread)``'s call ``answer`` waits on ``name``: keep its waiter key
-        until the call is answered, and look for a cycle it closes."""
+        until the call is answered, and look for a cycle it closes (``held_by_self``:
+        see ``HELD_BY_SELF``)."""
         if self.mode is DeadlockMode.OFF or answer.done():
             return
         key = self.waiter_key(lease, thread)
-        entry = json.dumps({"name": name, "type": typeid}).encode()
+        entry = json.dumps({"name": name, "type": typeid, "self": held_by_self}).encode()
         loop = asyncio.get_running_loop()
         checked: asyncio.Future[None] = loop.create_future()
         self.checking.add(checked)
@@ -255,7 +275,7 @@ class EtcdDeadlocks:
                     idempotent=True,
                 )
                 if not answer.done():
-                    edge = Edge((lease, thread), name, typeid, key, put.revision)
+                    edge = Edge((lease, thread), name, typeid, key, put.revision, held_by_self)
                     record = await self._check(edge, answer, refuse=refuse)
             finally:
                 self.checking.discard(checked)

@@ -43,6 +43,7 @@ from managerd.store.api import (
 )
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.conditions import EtcdBarrier, EtcdCondition
+from managerd.store.etcd.deadlocks import HELD_BY_SELF
 from managerd.store.etcd.kv import EventType, Op, Put
 from managerd.store.etcd.locks import EtcdLock, EtcdRLock
 from managerd.store.etcd.pipes import EtcdPipe
@@ -674,6 +675,7 @@ class LockHandle(EtcdHandle):
         for a release (by anyone), then contends again."""
         if wait_s == 0.0:
             return None
+        HELD_BY_SELF.set(True)  # this task's wait is on its own holding (deadlocks.py)
         key = self.lock._key(session, owner)
         try:
             async with asyncio.timeout(wait_s):

@@ -10,10 +10,12 @@ that :meth:`ClusterView.refresh` reads for **every** object of the cluster
   Values, condition waiters (keys only), sessions' descriptions
   (``/m/who/``), waiter keys and recorded deadlocks (``deadlocks.py``),
   the gateways' waiter counts (below);
-- per object, a count-only Range (at most ``CONCURRENCY`` in flight): a
-  queue's ready, reserved and unfinished items, a dict's entries, a pipe's
-  messages per end (and its closed ends, keys only); a list, Namespace or
-  Array is one key, read whole.
+- per object, count-only Ranges, ``COUNTS_PER_TXN`` to a read-only Txn
+  (at most ``CONCURRENCY`` requests in flight): a queue's ready, reserved
+  and unfinished items, a dict's entries, a pipe's messages per end (and
+  its closed ends, keys only); a list, Namespace or Array is one key, read
+  whole. (Each Txn is one revision; the Txns of one refresh are within
+  the refresh's duration of each other.)
 
 The store refreshes every ``STATS_INTERVAL_S``, or four times the last
 refresh's duration if longer (so at most a fifth of the time is spent
@@ -56,7 +58,7 @@ from managerd.store.etcd.deadlocks import (
     lock_holder,
     semaphore_holders,
 )
-from managerd.store.etcd.kv import EtcdError, KeyValue, RangeResult, name_key, prefix_end
+from managerd.store.etcd.kv import EtcdError, Get, KeyValue, RangeResult, name_key, prefix_end
 from managerd.store.memory.base import SharedObject
 from managerd.store.stats import (
     BarrierStats,
@@ -77,6 +79,7 @@ STATS_INTERVAL_S: Final = 1.0
 IDLE_INTERVAL_S: Final = 30.0
 LOOKED_S: Final = 60.0
 CONCURRENCY: Final = 32
+COUNTS_PER_TXN: Final = 120  # etcd's --max-txn-ops is 128 by default
 GATEWAY_TTL_S: Final = 10
 
 _NOBODY: Final[Mapping[str, Any]] = {"id": None, "peer": None, "host": None, "pid": None}
@@ -185,8 +188,10 @@ class ClusterView:
             entry.update(more)
             return entry
 
+        counts = _Counts(self.client, limit)
+
         async def count(prefix: bytes) -> int:
-            return (await rng(prefix, prefix_end(prefix), count_only=True)).count
+            return await counts.count(prefix)
 
         now = time.time()
         seen: dict[tuple[bytes, int], float] = {}
@@ -317,6 +322,48 @@ class ClusterView:
             if standing:
                 cycles.append({k: v for k, v in record.items() if k != "edges"})
         return cycles
+
+
+class _Counts:
+    """Count-only Ranges asked for at about the same moment, sent in shared Txns."""
+
+    def __init__(self, client: EtcdClient, limit: asyncio.Semaphore) -> None:
+        self.client = client
+        self.limit = limit
+        self._pending: list[tuple[bytes, asyncio.Future[int]]] = []
+        self._sending: set[asyncio.Future[None]] = set()
+
+    async def count(self, prefix: bytes) -> int:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[int] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((prefix, answer))
+        return await answer
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), COUNTS_PER_TXN):
+            sending = asyncio.ensure_future(self._send(pending[i : i + COUNTS_PER_TXN]))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[bytes, asyncio.Future[int]]]) -> None:
+        try:
+            async with self.limit:
+                done = await self.client.txn(
+                    [], [Get(p, prefix_end(p), count_only=True) for p, _ in batch]
+                )
+        except BaseException as exc:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, answer), result in zip(batch, done.responses, strict=True):
+            if not answer.done():
+                answer.set_result(result.count if isinstance(result, RangeResult) else 0)
 
 
 class Publisher:

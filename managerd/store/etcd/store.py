@@ -64,7 +64,7 @@ from typing import Any, Final, cast
 from managerd.store.api import BadArgument, Call
 from managerd.store.etcd.cells import CELLS
 from managerd.store.etcd.client import EtcdClient
-from managerd.store.etcd.deadlocks import EtcdDeadlocks
+from managerd.store.etcd.deadlocks import HELD_BY_SELF, EtcdDeadlocks
 from managerd.store.etcd.handles import (
     HANDLES,
     ConditionHandle,
@@ -663,6 +663,7 @@ class EtcdStore:
                 target.typeid,
                 answer,
                 refuse=refuse,
+                held_by_self=HELD_BY_SELF.get(),
             )
         )
 
