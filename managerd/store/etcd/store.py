@@ -179,7 +179,7 @@ class EtcdStore:
         refresh the cluster's figures."""
         store = cls(client, asyncio.get_running_loop(), root, session_ttl_s, deadlock)
         read = await client.range(store._names, prefix_end(store._names))
-        for kv in read.kvs:
+        for kv in sorted(read.kvs, key=lambda kv: kv.create_revision):  # creation order
             store._learn(kv.value, kv.create_revision)
         store.background(store._follow(read.revision))
         store.background(store._requeue_loop())
@@ -533,7 +533,9 @@ class EtcdStore:
         """Every object of the cluster (in creation order), as of the last refresh, with
         this gateway's parked calls as they are now. Safe from another thread."""
         self._looked = time.monotonic()
-        known = sorted(list(self._known.items()), key=lambda i: (i[1].revision == 0, i[1].revision))
+        # In the order this gateway learned the names: its own creations in call order,
+        # the others' in revision order.
+        known = list(self._known.items())
         objects = tuple(self._stats_now(name, entry.typeid, entry.args) for name, entry in known)
         return StoreStats(objects, self.view.deadlocks_total)
 
