@@ -5,12 +5,14 @@ process connected to its own gateway. Two of them each hold one lock and
 ask for the other's: the wait-for graph spans both gateways, read from
 etcd. ``report``: exactly one gateway logs it, both show it in ``status``
 while it stands, the cluster's ``managerd_deadlocks_total`` is 1 at both.
-``raise``: exactly one acquire fails with ``DeadlockDetected``.
+``raise``: exactly one acquire fails with ``DeadlockDetected``; a Condition's
+re-acquire that closes a cycle is reported, never refused.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,3 +129,31 @@ def test_off_names_nothing(cluster: EtcdCluster, tmp_path: Path) -> None:
             assert sorted(m.dict("out").values()) == ["timeout", "timeout"]
         assert status(a)["deadlocks_total"] == 0 and status(b)["deadlocks_total"] == 0
         assert not any("deadlock" in line for d in made[:2] for line in d.lines)
+
+
+def test_a_conditions_reacquire_across_gateways_is_reported_not_refused(
+    raising: tuple[Daemon, Daemon, int, int],
+) -> None:
+    a, b, _, _ = raising  # a re-acquire has no acquire to fail: reported even so
+    with a.connect() as ma, b.connect() as mb:
+        results: dict[str, Any] = {}
+
+        def waiter() -> None:
+            ma.Lock("other").acquire()
+            cond = ma.Condition("c")
+            with cond:
+                results["notified"] = cond.wait(1.0)  # times out, then re-acquires
+            ma.Lock("other").release()
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        assert wait_until(lambda: status(a)["objects"].get("c", {}).get("waiters") == 1)
+        cond_b = mb.Condition("c")
+        with cond_b:  # holds c's lock, then waits for "other" (held through A)
+            results["other"] = mb.Lock("other").acquire(timeout=4)
+        t.join(20)
+        assert results == {"notified": False, "other": False}
+    assert wait_until(lambda: [ln for d in (a, b) for ln in d.lines if "deadlock: " in ln])
+    lines = [line for d in (a, b) for line in d.lines if "deadlock: " in line]
+    assert len(lines) == 1, lines
+    assert "RLock 'c.lock'" in lines[0] and "Lock 'other'" in lines[0]
