@@ -7,6 +7,12 @@ object's figures read at one revision, ``store/etcd/stats.py``) and the
 ``stats()`` a status request or a scrape then makes. The refresh interval
 follows (``max(1 s, 4 x refresh)``), and so the staleness bound.
 
+``--contended-s S``: the deadlock detector's cost across gateways: 4 sessions
+(one client thread each) contend for one Lock for S seconds, acquire and
+release pairs/s with ``deadlock`` report, then off (every wait on the lock
+puts a waiter key and reads the graph; an acquire that does not wait costs
+nothing more).
+
 A number to read, not a test (2 shared cores: relative figures)::
 
     uv run python benchmarks/etcd_stats.py --objects 10000
@@ -31,6 +37,7 @@ from managerd.store.etcd.client import EtcdClient  # noqa: E402
 from managerd.store.etcd.handles import EtcdHandle  # noqa: E402
 from managerd.store.etcd.stats import STATS_INTERVAL_S  # noqa: E402
 from managerd.store.etcd.store import EtcdStore  # noqa: E402
+from managerd.store.memory.deadlock import DeadlockMode  # noqa: E402
 from managerd.store.sessions import Session, SessionKind  # noqa: E402
 
 from etcd_support import running_cluster  # noqa: E402
@@ -79,12 +86,46 @@ async def measure(endpoints: list[str], n: int, rounds: int) -> dict[str, Any]:
     }
 
 
+async def contended(endpoints: list[str], seconds: float, mode: DeadlockMode) -> float:
+    root = b"/bench-dl-" + mode.value.encode() + b"/"
+    store = await EtcdStore.open(EtcdClient(endpoints), root=root, deadlock=mode)
+    loop = asyncio.get_running_loop()
+    sessions = [Session(SessionKind.MANAGERD, f"c{i}", {"host": "b", "pid": i}) for i in range(4)]
+    lock = store.get_or_create("Lock", "l", {})
+    acquire, release = lock.methods["acquire"].fn, lock.methods["release"].fn
+    pairs = 0
+    deadline = loop.time() + seconds
+
+    async def worker(session: Session) -> None:
+        nonlocal pairs
+        call = Call(session, 1, loop)
+        while loop.time() < deadline:
+            await acquire(lock, call)
+            await release(lock, call)
+            pairs += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(s) for s in sessions))
+    rate = pairs / (time.perf_counter() - start)
+    for session in sessions:
+        store.release(session)
+    await store.close()
+    await store.client.close()
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--contended-s", type=float, default=0.0)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, running_cluster(Path(tmp)) as cluster:
+        if options.contended_s:
+            for mode in (DeadlockMode.REPORT, DeadlockMode.OFF, DeadlockMode.REPORT):
+                rate = asyncio.run(contended(cluster.endpoints, options.contended_s, mode))
+                print({"deadlock": mode.value, "contended_lock_pairs_per_s": round(rate, 1)})
+            return
         print(asyncio.run(measure(cluster.endpoints, options.objects, options.rounds)))
 
 
