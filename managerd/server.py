@@ -316,7 +316,10 @@ class EventLoopServer:
 
 def about(settings: Settings) -> dict[str, Any]:
     """The version and the settings an operator looks at first (status, the page)."""
-    if settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
+    members = settings.etcd_endpoints
+    if members is not None:
+        store = f"etcd {','.join(members)} prefix {settings.store_prefix}"
+    elif settings.data_dir is None or settings.fsync is FsyncMode.NEVER:
         store = "memory"
     else:
         store = f"journal in {settings.data_dir}"
@@ -328,7 +331,7 @@ def about(settings: Settings) -> dict[str, Any]:
         "version": __version__,
         "settings": {
             "store": store,
-            "fsync": settings.fsync.value if store != "memory" else "-",
+            "fsync": settings.fsync.value if store.startswith("journal") else "-",
             "tls": tls,
             "session_ttl_s": settings.session_ttl_s,
             "deadlock": settings.deadlock.value,
@@ -404,7 +407,10 @@ async def _etcd_store(settings: Settings) -> EtcdStore | None:
     ttl_s = max(1, math.ceil(settings.session_ttl_s))  # a lease lasts whole seconds
     try:
         store = await EtcdStore.open(
-            client, root=settings.store_prefix.encode(), session_ttl_s=ttl_s
+            client,
+            root=settings.store_prefix.encode(),
+            session_ttl_s=ttl_s,
+            deadlock=settings.deadlock,
         )
     except BaseException:
         await client.close()

@@ -335,10 +335,19 @@ class StoreHarness:
 
     def stats(self, obj: Obj) -> ObjectStats:
         """The store's snapshot of ``obj`` (what metrics, status and the page read)."""
+        self._refresh()
         return self.store.stats_of(self._object(obj))
 
     def all_stats(self) -> StoreStats:
+        self._refresh()
         return self.store.stats()
+
+    def _refresh(self) -> None:
+        """The etcd store shows the cluster's figures as of its last refresh: one now,
+        once every call made is answered or parked (as a status request a moment later)."""
+        if self._etcd is not None:
+            self.settle()
+            self.loop.run_until_complete(self._etcd.refresh_stats())
 
     def snapshot(self, obj: Obj) -> Any:
         """``obj``'s whole value (a stock client's ``_getvalue()``), payloads unpickled."""
@@ -353,6 +362,7 @@ class StoreHarness:
 
     def deadlocks(self) -> list[dict[str, Any]]:
         """The cycles of waiting clients that stand now."""
+        self._refresh()
         return self.store.deadlocks()
 
     def _object(self, obj: Obj) -> Handle:

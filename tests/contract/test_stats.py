@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from managerd.store.stats import (
     BarrierStats,
     EventStats,
@@ -45,7 +47,7 @@ def test_lock_and_semaphore_stats(store: StoreHarness) -> None:
     lock, sem = store.open("Lock", "l"), store.open("Semaphore", "s", value=2)
     holder = store.new_client()
     token = store.call(lock, "acquire", client=holder)
-    store.start(lock, "acquire")
+    waiter = store.start(lock, "acquire")
     store.call(sem, "acquire", client=holder)
     lstats, sstats = store.stats(lock), store.stats(sem)
     assert isinstance(lstats, LockStats) and isinstance(sstats, SemaphoreStats)
@@ -53,6 +55,7 @@ def test_lock_and_semaphore_stats(store: StoreHarness) -> None:
     assert (lstats.waiters, lstats.acquires_total) == (1, 1)
     assert (sstats.value, sstats.held, len(sstats.holders)) == (1, 1, 1)
     store.end_session(holder)
+    assert waiter.result() > token  # the waiter holds it now
     lstats, sstats = store.stats(lock), store.stats(sem)
     assert isinstance(lstats, LockStats) and isinstance(sstats, SemaphoreStats)
     assert lstats.token > token and lstats.waiters == 0  # the waiter holds it now
@@ -90,6 +93,13 @@ def test_store_stats_list_every_object(store: StoreHarness) -> None:
 def test_snapshots_are_whole_values(store: StoreHarness) -> None:
     q = store.open("Queue", "q")
     store.call(q, "put_many", [1, "two"])
+    if store.kind == "etcd":
+        # No whole value at once: it would be a round trip (store/etcd/store.py says
+        # which features do without it). Refused as for a lock, nothing taken.
+        with pytest.raises(TypeError, match="no whole value"):
+            store.snapshot(q)
+        assert store.call(q, "qsize") == 2
+        return
     assert store.snapshot(q) == [1, "two"]
     assert store.snapshot(store.open("dict", "d", contents={"k": [1]})) == {"k": [1]}
     assert store.snapshot(store.open("list", "l", contents=[3, 4])) == [3, 4]
@@ -102,6 +112,12 @@ def test_snapshots_are_whole_values(store: StoreHarness) -> None:
 def test_would_hand_out_takes_nothing(store: StoreHarness) -> None:
     d = store.open("dict", "d", contents={"a": 1, "b": 2})
     lst = store.open("list", "l", contents=["x", "y"])
+    if store.kind == "etcd":
+        # Not read at once (a round trip): nothing is named, nothing taken (the stock
+        # dialect's decode-first check is not made; store/etcd/store.py).
+        assert store.would_hand_out(d, "pop", "a") is None
+        assert store.call(d, "__len__") == 2 and store.call(lst, "__len__") == 2
+        return
     assert store.would_hand_out(d, "pop", "a") == 1
     assert store.would_hand_out(d, "pop", "zz") is None
     assert store.would_hand_out(d, "popitem") == 2  # the last, as popitem takes

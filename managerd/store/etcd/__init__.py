@@ -31,6 +31,9 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
 - ``conditions.py``: Condition and Barrier; ``pipes.py``: Pipe; ``cells.py``:
   list, Namespace and Array (one key by compare-and-set, the memory store's
   own objects applied to it).
+- ``stats.py``: the cluster's figures of every object, read from etcd by a
+  periodic refresh (``status``, the page, the metrics of any gateway);
+  ``deadlocks.py``: the wait-for graph across gateways, read from etcd.
 
 ``managerd serve --store etcd://...`` (``server.py``) serves an
 ``EtcdStore``: the daemon is then a gateway.
@@ -50,6 +53,6 @@ A gateway that lives on when a session is taken over from it sees so
 through a watch of the token keys and lets go of the session
 (``EtcdStore._let_go``).
 
-**Not yet** (issue 13): ``snapshot`` and ``would_hand_out``; stats beyond what a gateway knows
-(``refresh_stats``); deadlock detection.
+**Not yet** (issue 13): ``snapshot`` and ``would_hand_out`` (why, in
+``store.py``).
 """

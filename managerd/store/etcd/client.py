@@ -208,7 +208,11 @@ def _request_op(op: Op) -> Any:
     if isinstance(op, Get):
         return rpc.RequestOp(
             request_range=rpc.RangeRequest(
-                key=op.key, range_end=op.range_end, limit=op.limit, keys_only=op.keys_only
+                key=op.key,
+                range_end=op.range_end,
+                limit=op.limit,
+                keys_only=op.keys_only,
+                count_only=op.count_only,
             )
         )
     if isinstance(op, Put):

@@ -43,6 +43,7 @@ from managerd.store.api import (
 )
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.conditions import EtcdBarrier, EtcdCondition
+from managerd.store.etcd.deadlocks import HELD_BY_SELF
 from managerd.store.etcd.kv import EventType, Op, Put
 from managerd.store.etcd.locks import EtcdLock, EtcdRLock
 from managerd.store.etcd.pipes import EtcdPipe
@@ -79,6 +80,8 @@ from managerd.store.stats import (
 from managerd_client.errors import LockLost
 
 Work = Callable[[EtcdSession], Coroutine[Any, Any, Any]]
+#: How much an answer adds to a counter: ``(args, kwargs, result) -> n``.
+_Amount = Callable[[tuple[Any, ...], dict[str, Any], Any], int]
 
 DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
 _DEADLINE_SLACK_S = 0.01  # a deadline is wall-clock, the timer the loop's
@@ -163,6 +166,7 @@ class Gateway(Protocol):
     def background_as(self, session: Session, work: Work) -> None: ...
     async def ensure(self, name: str, typeid: str) -> None: ...
     def lock_for(self, name: str) -> LockHandle: ...
+    def parking(self, handle: EtcdHandle, call: Call, answer: asyncio.Future[Any]) -> None: ...
 
 
 def _unwaitable(wait_s: float | None) -> bool:
@@ -179,10 +183,16 @@ class EtcdHandle:
     methods: ClassVar[dict[str, MethodSpec]]
     builtin_type_errors: ClassVar[bool] = False
     undo_methods: ClassVar[dict[str, str]] = {}
+    #: Methods whose answers this gateway counts (``counts``): the counter, and how much
+    #: an answer adds (the status's ``puts_total``, ``acquires_total``...).
+    counted: ClassVar[dict[str, tuple[str, _Amount]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.methods = methods_of(cls)
+        cls.methods = {
+            name: _counting(spec, *cls.counted[name]) if name in cls.counted else spec
+            for name, spec in methods_of(cls).items()
+        }
 
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
         self.store = store
@@ -200,6 +210,8 @@ class EtcdHandle:
         self.waiting: dict[asyncio.Future[Any], Still] = {}
         #: Undos under way (``_undo``): later calls here wait for them.
         self.undos: list[asyncio.Future[None]] = []
+        #: What this gateway's answers counted (``counted``).
+        self.counts: dict[str, int] = {}
 
     def creation_args(self) -> dict[str, Any]:
         """What a later get-or-create compares (as the memory store's ``creation_args``)."""
@@ -226,7 +238,7 @@ class EtcdHandle:
         answer: list[asyncio.Future[Any]] = []
 
         async def ordered(session: EtcdSession) -> Any:
-            WAITING.set(self._marker(answer))
+            WAITING.set(self._marker(answer, call))
             undos = [f for f in self.undos if not f.done()]
             if undos:
                 await asyncio.wait(undos)
@@ -237,8 +249,11 @@ class EtcdHandle:
         future.add_done_callback(lambda f: self.waiting.pop(f, None))
         return future
 
-    def _marker(self, answer: list[asyncio.Future[Any]]) -> Callable[[Still | None], None]:
-        """What ``watching.waiting`` tells: the call ``answer[0]`` waits (or no longer)."""
+    def _marker(
+        self, answer: list[asyncio.Future[Any]], call: Call
+    ) -> Callable[[Still | None], None]:
+        """What ``watching.waiting`` tells: the call ``answer[0]`` waits (or no longer);
+        the store puts a wait on a lock on the wait-for graph (``store.parking``)."""
 
         def mark(still: Still | None) -> None:
             if not answer or answer[0].done():
@@ -247,6 +262,7 @@ class EtcdHandle:
                 self.waiting.pop(answer[0], None)
             else:
                 self.waiting[answer[0]] = still
+                self.store.parking(self, call, answer[0])
 
         return mark
 
@@ -296,6 +312,42 @@ class EtcdHandle:
         future.cancel()
 
 
+def _counting(spec: MethodSpec, counter: str, amount: _Amount) -> MethodSpec:
+    """``spec`` whose answers add ``amount(args, kwargs, result)`` to the handle's
+    ``counts[counter]``."""
+    inner = spec.fn
+
+    def fn(self: EtcdHandle, call: Call, *args: Any, **kwargs: Any) -> Any:
+        answer = inner(self, call, *args, **kwargs)
+
+        def count(answer: asyncio.Future[Any]) -> None:
+            if not answer.cancelled() and answer.exception() is None:
+                added = amount(args, kwargs, answer.result())
+                self.counts[counter] = self.counts.get(counter, 0) + added
+
+        if isinstance(answer, asyncio.Future):
+            answer.add_done_callback(count)
+        return answer
+
+    return dataclasses.replace(spec, fn=fn)
+
+
+def _one(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> int:
+    return 1
+
+
+def _items_put(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> int:
+    return len(args[0] if args else kwargs["items"])
+
+
+def _items_got(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> int:
+    return len(result)
+
+
+def _acquired(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> int:
+    return int(result is not False)
+
+
 class QueueHandle(EtcdHandle):
     """``queue.Queue`` with reserve/ack/nack/extend, dead letters and ``task_done``/``join``.
 
@@ -313,6 +365,15 @@ class QueueHandle(EtcdHandle):
         "get_nowait": "_undo_get",
         "get_many": "_undo_get_many",
         "reserve": "_undo_reserve",
+    }
+    counted: ClassVar[dict[str, tuple[str, _Amount]]] = {
+        "put": ("puts_total", _one),
+        "put_nowait": ("puts_total", _one),
+        "put_many": ("puts_total", _items_put),
+        "get": ("gets_total", _one),
+        "get_nowait": ("gets_total", _one),
+        "get_many": ("gets_total", _items_got),
+        "reserve": ("gets_total", _one),
     }
 
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
@@ -587,6 +648,7 @@ class LockHandle(EtcdHandle):
 
     typeid = "Lock"
     undo_methods: ClassVar[dict[str, str]] = {"acquire": "_undo_acquire"}
+    counted: ClassVar[dict[str, tuple[str, _Amount]]] = {"acquire": ("acquires_total", _acquired)}
     lock_class: ClassVar[type[EtcdLock]] = EtcdLock
 
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
@@ -626,6 +688,8 @@ class LockHandle(EtcdHandle):
         # Asked again after the gateway that had it died: its key keeps its place.
         again = call.session.reissuing == (call.thread, self.name, "acquire")
 
+        note = b"@%d" % call.thread  # who holds a Lock: for status and the wait-for graph
+
         async def acquire(session: EtcdSession) -> int | bool:
             take = self.lock.adopt if again else self.lock.acquire
             try:
@@ -635,9 +699,10 @@ class LockHandle(EtcdHandle):
                     blocking=wait_s != 0.0,
                     timeout_s=wait_s or None,
                     caller=call.thread,
+                    note=note,
                 )
             except RuntimeError:  # a Lock this session holds already: it waits (threading's)
-                token = await self._wait_held_by_self(session, owner, wait_s, call.thread)
+                token = await self._wait_held_by_self(session, owner, wait_s, call.thread, note)
             if token is None:
                 return False
             self.store.tokens[(call.session, self.name, owner)] = token
@@ -646,12 +711,18 @@ class LockHandle(EtcdHandle):
         return self._run(call, acquire, parks=wait_s != 0.0)
 
     async def _wait_held_by_self(
-        self, session: EtcdSession, owner: str, wait_s: float | None, caller: int = 0
+        self,
+        session: EtcdSession,
+        owner: str,
+        wait_s: float | None,
+        caller: int = 0,
+        note: bytes = b"",
     ) -> int | None:
         """A second acquire of a held Lock by its own session: not a re-entry. It waits
         for a release (by anyone), then contends again."""
         if wait_s == 0.0:
             return None
+        HELD_BY_SELF.set(True)  # this task's wait is on its own holding (deadlocks.py)
         key = self.lock._key(session, owner)
         try:
             async with asyncio.timeout(wait_s):
@@ -660,7 +731,7 @@ class LockHandle(EtcdHandle):
                     await changed(
                         self.store.client, key, after_revision=read.revision, kind=EventType.DELETE
                     )
-                return await self.lock.acquire(session, owner, caller=caller)
+                return await self.lock.acquire(session, owner, caller=caller, note=note)
         except TimeoutError:
             return None
 
@@ -1113,7 +1184,7 @@ class ConditionHandle(EtcdHandle):
 
         async def wait_apart(session: EtcdSession) -> None:
             waiting.task = asyncio.current_task()
-            mark_answer = self._marker(answer_of)
+            mark_answer = self._marker(answer_of, call)
 
             def mark(still: Still | None) -> None:
                 waiting.still = still

@@ -122,6 +122,7 @@ class Get:
     range_end: bytes = b""
     limit: int = 0
     keys_only: bool = False
+    count_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,10 @@ whichever key holds the lock. ``adopt`` is an acquire asked again after
 the gateway that ran it died: its key, still on the session's lease, keeps
 its place.
 
+A Lock's key value is a random attempt mark, then ``note`` (the
+acquiring client thread, ``@<thread>``: status and the wait-for graph of
+``deadlocks.py`` name the holding thread).
+
 **RLock**: the owner (a client thread) re-enters by raising a count kept in
 its key's value, changed with a compare on the key's create_revision (the
 token), so a count never lands on another holding; the key goes at 0.
@@ -68,6 +72,7 @@ class EtcdLock:
         blocking: bool = True,
         timeout_s: float | None = None,
         caller: int = 0,
+        note: bytes = b"",
     ) -> int | None:
         """The fencing token once held; None if not held in time (or at once, not blocking).
 
@@ -76,7 +81,7 @@ class EtcdLock:
         client thread) is marked in the key, for ``adopt``.
         """
         key = self._key(session, owner)
-        attempt = secrets.token_bytes(_ATTEMPT_BYTES - 4) + _caller_mark(caller)
+        attempt = secrets.token_bytes(_ATTEMPT_BYTES - 4) + _caller_mark(caller) + note
         # Our key, unless it exists: a retry of this call finds its own attempt.
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
@@ -111,6 +116,7 @@ class EtcdLock:
         blocking: bool = True,
         timeout_s: float | None = None,
         caller: int = 0,
+        note: bytes = b"",
     ) -> int | None:
         """``acquire`` asked again for a call of ``caller`` lost with the gateway that
         ran it (the session was taken over by this one): the key that call put, if it
@@ -120,7 +126,7 @@ class EtcdLock:
         kv = await self.client.get(key)
         if kv is None or kv.value[_ATTEMPT_BYTES - 4 : _ATTEMPT_BYTES] != _caller_mark(caller):
             return await self.acquire(
-                session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller
+                session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller, note=note
             )
         token = kv.create_revision
         try:
@@ -225,7 +231,9 @@ class EtcdRLock(EtcdLock):
         blocking: bool = True,
         timeout_s: float | None = None,
         caller: int = 0,
+        note: bytes = b"",
     ) -> int | None:
+        """As ``EtcdLock.acquire``; ``note`` is not kept (the key names the thread)."""
         key = self._key(session, owner)
         while True:
             kv = await self.client.get(key)

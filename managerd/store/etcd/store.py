@@ -39,18 +39,37 @@ compares the reservation's revision).
 
 **Calls** return a Task (every answer is a round trip to etcd), which
 ``run`` files under its session: ``abandon`` and ``cancel`` cancel it.
-**Stats** are answered from what this gateway knows without a round trip
-(its parked calls; the rest as last read by ``refresh_stats``).
+
+**Stats** are the cluster's, for every object (``stats.py``): read from
+etcd by a periodic refresh (its staleness bound there), plus this
+gateway's parked calls counted as they are now. Each session's public
+description is put on its lease (``/m/who/<lease>``) so that any gateway
+can name a holder or a waiter. **Deadlocks** are looked for across
+gateways (``deadlocks.py``) when a call starts waiting on a lock or a
+semaphore, as the ``deadlock`` setting says.
+
+**No** ``snapshot`` **nor** ``would_hand_out``: both are synchronous in
+the interface (the memory store answers from its objects), and every
+answer here is a round trip. They serve two features: ``managerd get``
+(``peek``) shows an etcd object's figures (its ``stats``) without its
+contents, and a stock client's ``_getvalue()`` (a proxy's ``copy()``) is
+refused (``BadArgument``, a TypeError) on an etcd gateway; the stock
+dialect's decode-first check of ``pop``/``popitem``/``setdefault`` is not
+made (a payload that does not decode is then refused after it was taken).
+Answering them needs the interface to take a future (the invoker already
+does for methods): not done here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -58,9 +77,11 @@ from typing import Any, Final, cast
 from managerd.store.api import BadArgument, Call
 from managerd.store.etcd.cells import CELLS
 from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.deadlocks import HELD_BY_SELF, EtcdDeadlocks
 from managerd.store.etcd.election import Election
 from managerd.store.etcd.handles import (
     HANDLES,
+    ConditionHandle,
     Deliveries,
     EtcdHandle,
     LockHandle,
@@ -82,10 +103,21 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
+from managerd.store.etcd.stats import (
+    IDLE_INTERVAL_S,
+    LOOKED_S,
+    STATS_INTERVAL_S,
+    ClusterView,
+    Named,
+    Publisher,
+    unread,
+)
 from managerd.store.interface import Handle, Snapshot, TypeInfo
+from managerd.store.memory.base import SharedObject
+from managerd.store.memory.deadlock import LOCK_TYPES, SEMAPHORE_TYPES, DeadlockMode
 from managerd.store.memory.registry import check_name
 from managerd.store.sessions import Session, SessionKind
-from managerd.store.stats import ObjectStats, StoreStats
+from managerd.store.stats import LockStats, ObjectStats, StoreStats
 from managerd_client.errors import (
     ArgumentConflict,
     NoSuchObject,
@@ -112,7 +144,12 @@ class EtcdStore:
     types: Mapping[str, TypeInfo] = TYPE_INFO
 
     def __init__(
-        self, client: EtcdClient, loop: asyncio.AbstractEventLoop, root: bytes, session_ttl_s: int
+        self,
+        client: EtcdClient,
+        loop: asyncio.AbstractEventLoop,
+        root: bytes,
+        session_ttl_s: int,
+        deadlock: DeadlockMode = DeadlockMode.REPORT,
     ) -> None:
         self.client = client
         self.loop = loop
@@ -136,7 +173,17 @@ class EtcdStore:
         self.deliveries = Deliveries()
         #: Fencing tokens of this gateway's lock holdings: (session, name, owner) -> token.
         self.tokens: dict[tuple[Session, str, str], int] = {}
-        self._stats: dict[str, ObjectStats] = {}
+        #: The wait-for graph across gateways (``deadlocks.py``).
+        self.graph = EtcdDeadlocks(client, root, deadlock)
+        #: Calls whose wait is on the graph (once each, per object waited on).
+        self._on_graph: set[tuple[asyncio.Future[Any], str]] = set()
+        #: The cluster's figures (``stats.py``), and when someone last looked at them.
+        self.view = ClusterView(client, root, self.graph)
+        self._looked = 0.0
+        self.gateway = secrets.token_hex(8).encode()
+        self._publisher = Publisher(client, root, self.gateway)
+        #: Sessions ending (their leases revoked): ``refresh_stats`` reads after them.
+        self._ending: set[asyncio.Task[None]] = set()
         self._closed = False
         #: How this gateway names itself as the owner of a session (``sessions.py``).
         self.gateway_id = secrets.token_hex(8)
@@ -159,15 +206,18 @@ class EtcdStore:
         *,
         root: bytes = DEFAULT_ROOT,
         session_ttl_s: int = 10,
+        deadlock: DeadlockMode = DeadlockMode.REPORT,
     ) -> EtcdStore:
-        """Load the names, then keep them (a watch) and requeue expired reservations."""
-        store = cls(client, asyncio.get_running_loop(), root, session_ttl_s)
+        """Load the names, then keep them (a watch), requeue expired reservations and
+        refresh the cluster's figures."""
+        store = cls(client, asyncio.get_running_loop(), root, session_ttl_s, deadlock)
         read = await client.range(store._names, prefix_end(store._names))
-        for kv in read.kvs:
+        for kv in sorted(read.kvs, key=lambda kv: kv.create_revision):  # creation order
             store._learn(kv.value, kv.create_revision)
         store.background(store._follow(read.revision))
         store.background(store._follow_takeovers(read.revision))
         store.background(store.requeuer.run(store._requeue_all))
+        store.background(store._stats_loop())
         return store
 
     # -- names ------------------------------------------------------------------------
@@ -242,7 +292,10 @@ class EtcdStore:
         created = handle.creation_args()
         self._known[name] = _Known(typeid, created, 0)
         self._handles[name] = handle
-        creating = self.loop.create_task(self._create(handle, typeid, created))
+        # Only a deletion of the name begun before this creation: one begun after it
+        # (a delete right away) waits for this creation (``_delete``).
+        deleting = self._deleting.get(name)
+        creating = self.loop.create_task(self._create(handle, typeid, created, deleting))
         self._changes.add(creating)
         creating.add_done_callback(self._changes.discard)
 
@@ -258,8 +311,13 @@ class EtcdStore:
         creating.add_done_callback(created_or_not)
         return cast(Handle, handle)
 
-    async def _create(self, handle: EtcdHandle, typeid: str, created: dict[str, Any]) -> None:
-        deleting = self._deleting.get(handle.name)
+    async def _create(
+        self,
+        handle: EtcdHandle,
+        typeid: str,
+        created: dict[str, Any],
+        deleting: asyncio.Task[None] | None,
+    ) -> None:
         if deleting is not None:
             await asyncio.wait([deleting])
         key = self._names + name_key(handle.name)
@@ -420,6 +478,7 @@ class EtcdStore:
             )
             self._leases[session] = lease
             lease.add_done_callback(lambda task: self._opened(session, task))
+            lease.add_done_callback(lambda opened: self._describe(session, opened))
         return lease
 
     def _opened(self, session: Session, task: asyncio.Task[EtcdSession]) -> None:
@@ -514,6 +573,16 @@ class EtcdStore:
             self._by_token_key.pop(key, None)
         return queues
 
+    def _describe(self, session: Session, opened: asyncio.Task[EtcdSession]) -> None:
+        """Put the session's public description on its lease (``/m/who/``): any gateway
+        names it as a holder or a waiter."""
+        if opened.cancelled() or opened.exception() is not None:
+            return
+        lease_id = opened.result().lease_id
+        key = self.graph.who + b"%016x" % lease_id
+        who = json.dumps(session.who()).encode()
+        self.background(self.client.put(key, who, lease=lease_id))
+
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
         task = self.loop.create_task(coro)
@@ -553,7 +622,10 @@ class EtcdStore:
         queues = self._forget_session(session)
         lease = self._leases.pop(session, None)
         if lease is not None:
-            self.background(self._end(lease, queues))
+            ending = self.loop.create_task(self._end(lease, queues))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+            ending.add_done_callback(self._background_done)
 
     async def _end(self, lease: asyncio.Task[EtcdSession], queues: set[QueueHandle]) -> None:
         etcd_session = await lease
@@ -609,7 +681,9 @@ class EtcdStore:
         return None
 
     def snapshot(self, obj: Handle) -> Snapshot:
-        raise BadArgument(f"a {obj.typeid} on the etcd store has no whole value to copy yet")
+        raise BadArgument(
+            f"a {obj.typeid} on the etcd store has no whole value to copy (see EtcdStore)"
+        )
 
     # -- durability: etcd answers a write once a quorum has it ----------------------------
     def check_writable(self) -> None:
@@ -639,20 +713,144 @@ class EtcdStore:
 
     # -- what people look at ------------------------------------------------------------
     def stats(self) -> StoreStats:
-        handles = list(self._handles.values())
-        return StoreStats(tuple(h.stats() for h in handles), 0)
+        """Every object of the cluster (in creation order), as of the last refresh, with
+        this gateway's parked calls as they are now. Safe from another thread."""
+        self._looked = time.monotonic()
+        # In the order this gateway learned the names: its own creations in call order,
+        # the others' in revision order.
+        known = list(self._known.items())
+        objects = tuple(self._stats_now(name, entry.typeid, entry.args) for name, entry in known)
+        return StoreStats(objects, self.view.deadlocks_total)
+
+    def _stats_now(self, name: str, typeid: str, args: Mapping[str, Any]) -> ObjectStats:
+        base = self.view.objects.get(name)
+        handle = self._handles.get(name)
+        if base is None or base.typeid != typeid:
+            base = unread(name, typeid, args)
+        local = 0
+        if isinstance(handle, ConditionHandle):
+            local = len(handle.unnotified)
+        elif handle is not None:
+            local = len(handle.parked)
+        waiters = getattr(base, "waiters", None)
+        if local and isinstance(waiters, int):
+            changes: dict[str, Any] = {"waiters": waiters + local}
+            base = dataclasses.replace(base, **changes)
+        counts: dict[str, Any] = {
+            k: v
+            for k, v in (handle.counts if handle is not None else {}).items()
+            if hasattr(base, k)
+        }
+        if counts:  # this gateway's own (stats.py)
+            base = dataclasses.replace(base, **counts)
+        since = self.view.held_since.get(name)
+        if since is not None and isinstance(base, LockStats) and base.holder is not None:
+            base = dataclasses.replace(base, held_for_s=round(max(time.time() - since, 0.0), 3))
+        return base
 
     async def refresh_stats(self) -> None:
-        """Read from etcd what the stats of this gateway's objects show."""
-        for handle in list(self._handles.values()):
-            await handle.refresh()
+        """Read the cluster's figures now, after this gateway's deadlock checks, session
+        ends, creations and deletions under way (the stats loop does this periodically)."""
+        under_way = [*self.graph.checking, *self._ending, *self._changes]
+        if under_way:
+            await asyncio.wait(under_way)
+        await self._publish()
+        mine = {
+            t.result().lease_id
+            for t in list(self._leases.values())
+            if t.done() and not t.cancelled() and t.exception() is None
+        }
+        objects = [Named(n, k.typeid, k.args) for n, k in list(self._known.items())]
+        await self.view.refresh(objects, mine, self.gateway, self._blank)
+
+    def _blank(self, obj: Named) -> SharedObject:
+        """A list, Namespace or Array as created, for its stored state (``cells.py``)."""
+        known = self._known.get(obj.name)
+        handle = self._handle(obj.name, known) if known is not None else None
+        blank = getattr(handle, "_blank", None)
+        if blank is None:
+            raise KeyError(obj.name)
+        made: SharedObject = blank()
+        return made
+
+    async def _publish(self) -> None:
+        """This gateway's waiting calls per object, for the other gateways' stats."""
+        counts = {}
+        for name, handle in list(self._handles.items()):
+            waits = handle.unnotified if isinstance(handle, ConditionHandle) else handle.parked
+            n = len(waits)
+            if n:
+                counts[name] = n
+        await self._publisher.publish(counts)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            looked = time.monotonic() - self._looked < LOOKED_S
+            try:
+                if looked:
+                    await self.refresh_stats()
+                else:
+                    await self._publish()
+            except EtcdError as exc:
+                log.warning("etcd store: stats refresh failed: %s", exc)
+            interval_s = STATS_INTERVAL_S if looked else IDLE_INTERVAL_S
+            wake = time.monotonic() + max(interval_s, 4 * self.view.duration_s)
+            while time.monotonic() < wake:
+                await asyncio.sleep(STATS_INTERVAL_S)
+                if not looked and time.monotonic() - self._looked < LOOKED_S:
+                    break  # someone looks now: refresh at once
+                await self._publish_quietly()
+
+    async def _publish_quietly(self) -> None:
+        try:
+            await self._publish()
+        except EtcdError as exc:
+            log.warning("etcd store: publishing waiters failed: %s", exc)
 
     def stats_of(self, obj: Handle) -> ObjectStats:
-        return cast(EtcdHandle, obj).stats()
+        known = self._known.get(obj.name)
+        if known is None:
+            return cast(EtcdHandle, obj).stats()
+        return self._stats_now(obj.name, known.typeid, known.args)
 
     def deadlocks(self) -> list[dict[str, Any]]:
-        """Not looked for across gateways: none reported."""
-        return []
+        """The cycles recorded by any gateway that stood at the last refresh."""
+        self._looked = time.monotonic()
+        return list(self.view.cycles)
+
+    def parking(self, handle: EtcdHandle, call: Call, answer: asyncio.Future[Any]) -> None:
+        """``call`` (its answer ``answer``) starts waiting on ``handle``: on the wait-for
+        graph if it waits on a lock or a semaphore (a Condition: its re-acquire)."""
+        if self.graph.mode is DeadlockMode.OFF or answer.done():
+            return
+        target: EtcdHandle = handle
+        refuse = True
+        if isinstance(handle, ConditionHandle):
+            waiting = handle._waits.get(answer)
+            if waiting is None or waiting in handle.unnotified:
+                return  # waiting for a notify: not on the graph
+            target, refuse = handle.lock, False
+        elif handle.typeid not in LOCK_TYPES | SEMAPHORE_TYPES:
+            return
+        entry = (answer, target.name)
+        if entry in self._on_graph:
+            return
+        lease = self._leases.get(call.session)
+        if lease is None or not lease.done() or lease.cancelled() or lease.exception():
+            return
+        self._on_graph.add(entry)
+        answer.add_done_callback(lambda _: self._on_graph.discard(entry))
+        self.background(
+            self.graph.waiting(
+                lease.result().lease_id,
+                call.thread,
+                target.name,
+                target.typeid,
+                answer,
+                refuse=refuse,
+                held_by_self=HELD_BY_SELF.get(),
+            )
+        )
 
     def _fail_calls(self, handle: EtcdHandle, exc: BaseException) -> None:
         for answer in list(handle.calls):
@@ -671,6 +869,7 @@ class EtcdStore:
         tasks = list(self._tasks)
         self.shutdown()
         await asyncio.gather(*tasks, *self._changes, return_exceptions=True)
+        await self._publisher.close()
         for session in list(self._leases):
             lease = self._leases.pop(session)
             with contextlib.suppress(Exception):
