@@ -545,8 +545,21 @@ class LockHandle(EtcdHandle):
 
     @exposed(mutates=True)
     def release(self, call: Call) -> Any:
-        async def release(_: EtcdSession) -> None:
-            if not await self.lock.release_holder():
+        """The caller's own holding, by its token (``LockLost`` if it is gone: the
+        session's lease expired and another may hold it now); else whoever holds it,
+        as ``threading.Lock`` lets anyone release it."""
+        holding = (call.session, self.name, self._owner(call))
+
+        async def release(session: EtcdSession) -> None:
+            token = self.store.tokens.get(holding)
+            if token is not None:
+                try:
+                    await self.lock.release(session, token, holding[2])
+                except LockLost:
+                    self.store.tokens.pop(holding, None)
+                    raise
+                self.store.tokens.pop(holding, None)
+            elif not await self.lock.release_holder():
                 raise BadState("release unlocked lock")
 
         return self._run(call, release)

@@ -13,7 +13,9 @@ lives, and everything it held is still held (its keys are on that lease).
 
 The keep-alive renews every third of the TTL, so two renewals can fail
 before the lease is at risk. ``lost`` is set once etcd says the lease is
-gone: from then on the session holds nothing. A leader change restarts
+gone, or once a TTL has passed since the last renewal etcd answered (a
+gateway cut off from etcd cannot know, and must not go on as a holder):
+from then on the session holds nothing, and the gateway ends it. A leader change restarts
 every lease's TTL (etcd #2660, #9395), so a dead session can outlive its
 TTL by about an election.
 """
@@ -84,18 +86,35 @@ class EtcdSession:
         return session
 
     async def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
         interval_s = self.ttl_s / 3
+        # The lease lives at most a TTL past the last renewal etcd answered, counted
+        # from when that renewal was sent. Past that, with no answer (cut off from
+        # etcd), it may have expired and its locks gone to others: take it as lost
+        # and stop renewing, so that it does expire if it had not.
+        renewed_at = loop.time()
         while True:
             await asyncio.sleep(interval_s)
+            sent_at = loop.time()
             try:
-                await self.client.lease_keepalive(self.lease_id)
+                left_s = renewed_at + self.ttl_s - sent_at
+                await asyncio.wait_for(self.client.lease_keepalive(self.lease_id), left_s)
+                renewed_at = sent_at
             except LeaseNotFound:
                 log.warning("etcd session %s: lease %x expired", self.sid, self.lease_id)
                 self.lost.set()
                 return
-            except EtcdError as exc:
-                # Unreachable for a moment: keep trying; etcd decides when it expires.
-                log.warning("etcd session %s: keep-alive failed: %s", self.sid, exc)
+            except (EtcdError, TimeoutError) as exc:
+                if loop.time() >= renewed_at + self.ttl_s:
+                    log.warning(
+                        "etcd session %s: lease %x not renewed for its TTL (%d s): "
+                        "taken as expired",
+                        self.sid, self.lease_id, self.ttl_s,
+                    )  # fmt: skip
+                    self.lost.set()
+                    return
+                # Unreachable for a moment: keep trying.
+                log.warning("etcd session %s: keep-alive failed: %r", self.sid, exc)
 
     async def _stop_keep_alive(self) -> None:
         if self._keeper is not None:

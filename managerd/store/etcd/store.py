@@ -20,7 +20,11 @@ with that conflict (the memory store raises it from get_or_create).
 TTL ``session_ttl_s``) at its first call; locks and permits are keys on
 it. ``release`` cancels the session's parked calls (a blocked acquire
 withdraws its key), revokes the lease (its holdings go at once), and
-returns its reservations to their queues. Reservations of a gateway
+returns its reservations to their queues. A session whose lease is lost
+(``EtcdSession.lost``: expired, or not renewed for a TTL) is ended as an
+expired one: its calls raise ``SessionExpired`` (``LockLost`` for
+locks), the daemon closes its connection, and the client's next call
+starts a new session. Reservations of a gateway
 that died are returned by ``requeue_expired`` of any gateway: each one runs
 it every second over the queues it has opened (safe when several do: each
 move compares the reservation's revision).
@@ -58,6 +62,7 @@ from managerd.store.etcd.kv import (
     EtcdError,
     EventType,
     Get,
+    LeaseNotFound,
     Op,
     Put,
     RangeResult,
@@ -68,13 +73,15 @@ from managerd.store.etcd.kv import (
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 from managerd.store.interface import Handle, Snapshot, TypeInfo
 from managerd.store.memory.registry import check_name
-from managerd.store.sessions import Session
+from managerd.store.sessions import Session, SessionState
 from managerd.store.stats import ObjectStats, StoreStats
 from managerd_client.errors import (
     ArgumentConflict,
+    LockLost,
     NoSuchObject,
     ObjectTypeConflict,
     ServerShuttingDown,
+    SessionExpired,
 )
 
 log = logging.getLogger(__name__)
@@ -335,7 +342,14 @@ class EtcdStore:
             # Shielded: cancelling one call must not cancel what every call of the
             # object (its creation) or of the session (its lease) waits for.
             await asyncio.shield(handle.ready)
-            return await work(await asyncio.shield(lease))
+            etcd_session = await asyncio.shield(lease)
+            if not etcd_session.lost.is_set():
+                try:
+                    return await work(etcd_session)
+                except LeaseNotFound:
+                    etcd_session.lost.set()  # the session ends (_end_when_lost)
+            error = LockLost if isinstance(handle, LockHandle) else SessionExpired
+            raise error("this session's etcd lease expired (its gateway was cut off from etcd?)")
 
         answer: asyncio.Future[Any] = self.loop.create_future()
         task = self.loop.create_task(run())
@@ -372,7 +386,22 @@ class EtcdStore:
                 EtcdSession.open(self.client, self.session_ttl_s, root=self.root)
             )
             self._leases[session] = lease
+            self.background(self._end_when_lost(session, lease))
         return lease
+
+    async def _end_when_lost(self, session: Session, lease: asyncio.Task[EtcdSession]) -> None:
+        """Once the session's lease is gone (or could not be had), the managerd session
+        ends: the daemon closes its connection, and the client's next call starts a new
+        session (``LockLost`` from a lock it held). Not for a lease revoked here."""
+        try:
+            etcd_session = await asyncio.shield(lease)
+        except Exception:
+            pass  # never opened (etcd unreachable): every call of the session would fail
+        else:
+            await etcd_session.lost.wait()
+        if self._leases.get(session) is lease:
+            log.warning("etcd store: session %s lost its etcd lease; ending it", session.id)
+            session.state = SessionState.ENDING
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
