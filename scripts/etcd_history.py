@@ -330,7 +330,7 @@ def role_client(client: int, addresses: str, until: float, out: Path, seed: int)
             q = m.Queue(QUEUE, visibility_timeout_s=VISIBILITY_S)
             while time.monotonic() < min(until, session_end):
                 roll = rng.random()
-                with contextlib.suppress(_Failed):
+                try:
                     if roll < 0.4:
                         _read_modify_write(rec, lock, counter, rng)
                     elif roll < 0.7:
@@ -342,6 +342,13 @@ def role_client(client: int, addresses: str, until: float, out: Path, seed: int)
                         rec.op("ack", functools.partial(_acked, msg), item=msg[0], delivery=msg[1])
                     else:
                         rec.op("get", functools.partial(q.get, timeout=1))
+                except _Failed as failed:
+                    if failed.__cause__ is not None and not isinstance(
+                        failed.__cause__, queue.Empty
+                    ):
+                        # As a client would: not at once again (a session the gateway
+                        # lost fails every call until the gateway closes it).
+                        time.sleep(0.05)
         except ManagerdError:
             time.sleep(0.2)  # making the proxies failed
         finally:

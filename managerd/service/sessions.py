@@ -40,14 +40,14 @@ class SessionTable:
         self.store.release(session)
 
     def expired(self, ttl_s: float) -> list[Session]:
-        """Managerd sessions not heard from for ``ttl_s``, or that the store (or a probe
-        of the connection) found gone (an etcd session whose lease was lost)."""
+        """Managerd sessions not heard from for ``ttl_s``, or that the store lost (an etcd
+        session whose lease is gone)."""
         deadline = time.monotonic() - ttl_s
         return [
             s
             for s in self._sessions.values()
             if s.kind is SessionKind.MANAGERD
-            and (s.last_seen < deadline or s.state is SessionState.ENDING)
+            and (s.last_seen < deadline or s.state is SessionState.LOST)
         ]
 
     def __iter__(self) -> Iterator[Session]:

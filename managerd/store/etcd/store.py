@@ -401,7 +401,7 @@ class EtcdStore:
             await etcd_session.lost.wait()
         if self._leases.get(session) is lease:
             log.warning("etcd store: session %s lost its etcd lease; ending it", session.id)
-            session.state = SessionState.ENDING
+            session.state = SessionState.LOST
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
