@@ -545,9 +545,10 @@ class LockHandle(EtcdHandle):
 
     @exposed(mutates=True)
     def release(self, call: Call) -> Any:
-        """The caller's own holding, by its token (``LockLost`` if it is gone: the
-        session's lease expired and another may hold it now); else whoever holds it,
-        as ``threading.Lock`` lets anyone release it."""
+        """The caller's own holding, by its token; else whoever holds it, as
+        ``threading.Lock`` lets anyone release it. ``LockLost`` if the caller's
+        holding went with its session's lease (another may hold the lock now: it
+        is not released for them)."""
         holding = (call.session, self.name, self._owner(call))
 
         async def release(session: EtcdSession) -> None:
@@ -557,9 +558,15 @@ class LockHandle(EtcdHandle):
                     await self.lock.release(session, token, holding[2])
                 except LockLost:
                     self.store.tokens.pop(holding, None)
-                    raise
-                self.store.tokens.pop(holding, None)
-            elif not await self.lock.release_holder():
+                    if await self.store.client.lease_time_to_live(session.lease_id) <= 0:
+                        session.lost.set()  # the session ends (store._end_when_lost)
+                        raise
+                    # Released by another client meanwhile (anyone may): threading's
+                    # answer, below.
+                else:
+                    self.store.tokens.pop(holding, None)
+                    return
+            if not await self.lock.release_holder():
                 raise BadState("release unlocked lock")
 
         return self._run(call, release)
