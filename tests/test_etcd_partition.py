@@ -116,6 +116,8 @@ def test_a_gateway_cut_off_from_etcd(
             reserved.ack()
         assert lock_b.locked()
         lock_b.release()  # B still held it: A did not release it for B
+        # g2 ends A's lost session as an expired one (its connection closed).
+        assert wait_until(lambda: " expired: " in g2.log, timeout_s=30)
 
         host.heal()
 
