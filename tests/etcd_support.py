@@ -6,6 +6,9 @@ and on exit stops every member, waiting for each PID to exit before its data
 directory is removed (a directory removed under a live member fails the next
 start with "member ... has already been bootstrapped").
 
+Given ``extra_host`` (a local address, e.g. the root end of a veth), the
+members also serve clients there, for a gateway in a network namespace.
+
 A test can ``kill(i)`` a member (SIGKILL: a crash), ``restart(i)`` it on its
 data directory and ports, and ask which member ``leader()`` is. Heartbeat 100
 ms and election timeout 1 s make a failover take about 2 s, as measured in
@@ -85,6 +88,9 @@ class EtcdCluster:
 
     tmp: Path
     size: int = 3
+    #: Another local address every member also serves clients on (the root end of
+    #: a veth, for a gateway in a network namespace); see :meth:`endpoints_on`.
+    extra_host: str | None = None
     members: list[Member] = field(default_factory=list)
     tls: Tls | None = None
 
@@ -107,15 +113,23 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
+    def endpoints_on(self, host: str) -> list[str]:
+        """The members' client endpoints at ``host`` (127.0.0.1 or ``extra_host``)."""
+        return [f"{host}:{m.client_port}" for m in self.members]
+
     def _spawn(self, m: Member) -> None:
         initial = ",".join(f"{o.name}=http://127.0.0.1:{o.peer_port}" for o in self.members)
-        client_url = f"{'https' if self.tls else 'http'}://{m.endpoint}"
+        scheme = "https" if self.tls else "http"
+        client_url = f"{scheme}://{m.endpoint}"
+        listen_urls = client_url
+        if self.extra_host is not None:
+            listen_urls += f",{scheme}://{self.extra_host}:{m.client_port}"
         peer_url = f"http://127.0.0.1:{m.peer_port}"
         cmd = [
             "etcd",
             "--name", m.name,
             "--data-dir", str(m.data_dir),
-            "--listen-client-urls", client_url,
+            "--listen-client-urls", listen_urls,
             "--advertise-client-urls", client_url,
             "--listen-peer-urls", peer_url,
             "--initial-advertise-peer-urls", peer_url,
@@ -185,6 +199,7 @@ class EtcdCluster:
         raise RuntimeError(f"etcd not ready after {START_TIMEOUT_S} s ({what}):\n{self.logs()}")
 
     def start(self) -> EtcdCluster:
+        self.tmp.mkdir(parents=True, exist_ok=True)
         for m in self.members:
             self._spawn(m)
         # A committed write means a leader and a quorum.
@@ -259,9 +274,11 @@ class EtcdCluster:
 
 
 @contextlib.contextmanager
-def running_cluster(tmp: Path, size: int = 3, tls: Tls | None = None) -> Iterator[EtcdCluster]:
+def running_cluster(
+    tmp: Path, size: int = 3, extra_host: str | None = None, tls: Tls | None = None
+) -> Iterator[EtcdCluster]:
     """A started cluster, stopped (every PID waited for) and removed on exit."""
-    cluster = EtcdCluster(tmp, size, tls=tls)
+    cluster = EtcdCluster(tmp, size, extra_host, tls=tls)
     try:
         yield cluster.start()
     finally:
@@ -273,3 +290,121 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """A 3-node cluster for one test module (import it with the module's tests)."""
     with running_cluster(tmp_path_factory.mktemp("etcd")) as c:
         yield c
+
+
+# -- a gateway host: a network namespace that reaches the cluster over a veth ------------
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        ["ip", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+    )
+    if check and done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+def _nft(script: str, ns: str | None = None) -> None:
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    done = subprocess.run(
+        [*prefix, "nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"nft: {done.stderr.strip()}\n{script}")
+
+
+@dataclass
+class GatewayHost:
+    """A network namespace joined to this one by a veth pair (needs root, ``ip``, ``nft``).
+
+    ``root_addr`` is the veth's end here (the cluster also serves clients
+    there: ``EtcdCluster(extra_host=root_addr)``), ``addr`` the end inside,
+    where a gateway started with ``prefix`` listens. ``cut(ports)`` drops,
+    silently at both ends (nftables on ingress), the TCP packets between the
+    namespace and those ports, and only those: clients still reach the
+    gateway, the gateway no longer reaches etcd. ``heal()`` undoes it. The
+    subnet is one of 10.213.100-199.0/24 that no local address uses.
+    """
+
+    ns: str
+    veth_root: str
+    veth_ns: str
+    root_addr: str
+    addr: str
+    is_cut: bool = False
+
+    @classmethod
+    def create(cls) -> GatewayHost:
+        used = _ip("-4", "-o", "addr").stdout
+        free = [n for n in range(100, 200) if f" 10.213.{n}." not in used]
+        subnet = free[(os.getpid() + time.monotonic_ns()) % len(free)]
+        tag = f"{os.getpid() % 100000:05d}{subnet:03d}"
+        host = cls(
+            ns=f"mdgw{tag}",
+            veth_root=f"mdg{tag}r",  # at most 15 characters, as Linux wants
+            veth_ns=f"mdg{tag}n",
+            root_addr=f"10.213.{subnet}.1",
+            addr=f"10.213.{subnet}.2",
+        )
+        try:
+            _ip("netns", "add", host.ns)
+            _ip("link", "add", host.veth_root, "type", "veth", "peer", "name", host.veth_ns)
+            _ip("link", "set", host.veth_ns, "netns", host.ns)
+            _ip("addr", "add", f"{host.root_addr}/24", "dev", host.veth_root)
+            _ip("-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", host.veth_ns)
+            _ip("link", "set", host.veth_root, "up")
+            _ip("-n", host.ns, "link", "set", host.veth_ns, "up")
+            _ip("-n", host.ns, "link", "set", "lo", "up")
+        except BaseException:
+            host.destroy()
+            raise
+        return host
+
+    @property
+    def prefix(self) -> list[str]:
+        """The command prefix that runs a program in the namespace."""
+        return ["ip", "netns", "exec", self.ns]
+
+    @property
+    def _table(self) -> str:
+        return f"cut{self.ns}"
+
+    def cut(self, ports: list[int]) -> None:
+        """Drop the TCP packets between the namespace and ``ports`` (etcd's), both ways."""
+        ps = ", ".join(str(p) for p in ports)
+        rule = (
+            "table netdev {t} {{\n chain in {{\n"
+            "  type filter hook ingress device {d} priority 0\n"
+            "  tcp {w} {{ {ps} }} drop\n }}\n}}\n"
+        )
+        _nft(rule.format(t=self._table, d=self.veth_root, w="dport", ps=ps))
+        _nft(rule.format(t=self._table, d=self.veth_ns, w="sport", ps=ps), self.ns)
+        self.is_cut = True
+
+    def heal(self) -> None:
+        """Undo :meth:`cut` (a no-op when not cut)."""
+        for ns in (None, self.ns):
+            prefix = ["ip", "netns", "exec", ns] if ns else []
+            subprocess.run(
+                [*prefix, "nft", "delete", "table", "netdev", self._table],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        self.is_cut = False
+
+    def destroy(self) -> None:
+        """Heal, then delete the namespace and the veth pair. Idempotent."""
+        self.heal()
+        _ip("netns", "del", self.ns, check=False)
+        _ip("link", "del", self.veth_root, check=False)
+
+
+@contextlib.contextmanager
+def gateway_host() -> Iterator[GatewayHost]:
+    """:meth:`GatewayHost.create` on entry, :meth:`GatewayHost.destroy` on exit."""
+    host = GatewayHost.create()
+    try:
+        yield host
+    finally:
+        host.destroy()

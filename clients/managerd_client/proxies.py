@@ -735,10 +735,17 @@ class Lock(Proxy):
         return True
 
     def release(self) -> None:
-        self._call("release")
+        try:
+            self._call("release")
+        except LockLost:
+            self._lost()  # the daemon found the holding gone: not held any more
+            raise
         self._released()
 
     def _released(self) -> None:
+        self._held.pop(self._holder_key(), None)
+
+    def _lost(self) -> None:
         self._held.pop(self._holder_key(), None)
 
     def locked(self) -> bool:
@@ -779,6 +786,10 @@ class RLock(Lock):
             key = self._holder_key()
             self._depth[key] = self._depth.get(key, 0) + 1
         return got
+
+    def _lost(self) -> None:
+        super()._lost()
+        self._depth.pop(self._holder_key(), None)
 
     def _released(self) -> None:
         key = self._holder_key()

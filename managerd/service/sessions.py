@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from managerd.store.interface import Store
-from managerd.store.sessions import Session, SessionKind, WaitForGraph
+from managerd.store.sessions import Session, SessionKind, SessionState, WaitForGraph
 
 
 class SessionTable:
@@ -56,12 +56,14 @@ class SessionTable:
         self.store.release(session)
 
     def expired(self, ttl_s: float) -> list[Session]:
-        """Managerd sessions not heard from for ``ttl_s``."""
+        """Managerd sessions not heard from for ``ttl_s``, or that the store lost (an etcd
+        session whose lease is gone)."""
         deadline = time.monotonic() - ttl_s
         return [
             s
             for s in self._sessions.values()
-            if s.kind is SessionKind.MANAGERD and s.last_seen < deadline
+            if s.kind is SessionKind.MANAGERD
+            and (s.last_seen < deadline or s.state is SessionState.LOST)
         ]
 
     def __iter__(self) -> Iterator[Session]:

@@ -46,6 +46,7 @@ class WaitForGraph(Protocol):
 class SessionState(enum.Enum):
     ACTIVE = "active"
     ENDING = "ending"  # its connection was found dead; end() is on its way
+    LOST = "lost"  # the store lost what kept it (an etcd lease); the daemon ends it
     ENDED = "ended"
 
 

@@ -750,7 +750,27 @@ class LockHandle(EtcdHandle):
 
     @exposed(mutates=True)
     def release(self, call: Call) -> Any:
-        async def release(_: EtcdSession) -> None:
+        """The caller's own holding, by its token; else whoever holds it, as
+        ``threading.Lock`` lets anyone release it. ``LockLost`` if the caller's
+        holding went with its session's lease (another may hold the lock now: it
+        is not released for them)."""
+        holding = (call.session, self.name, self._owner(call))
+
+        async def release(session: EtcdSession) -> None:
+            token = self.store.tokens.get(holding)
+            if token is not None:
+                try:
+                    await self.lock.release(session, token, holding[2])
+                except LockLost:
+                    self.store.tokens.pop(holding, None)
+                    if await self.store.client.lease_time_to_live(session.lease_id) <= 0:
+                        session.lost.set()  # the session ends (store._end_when_lost)
+                        raise
+                    # Released by another client meanwhile (anyone may): threading's
+                    # answer, below.
+                else:
+                    self.store.tokens.pop(holding, None)
+                    return
             if not await self.lock.release_holder():
                 raise BadState("release unlocked lock")
 

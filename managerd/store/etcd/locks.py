@@ -199,17 +199,21 @@ class EtcdLock:
             raise LockLost(f"{self.name} was not held with token {token} (the session expired?)")
 
     async def release_holder(self) -> bool:
-        """Release whoever holds it (``threading.Lock`` lets anyone); False if free."""
-        while True:
-            held = await self.holder()
-            if held is None:
-                return False
-            key, token = held
-            done = await self.client.txn(
-                [Compare(key, Target.CREATE, "==", token)], [Delete(key)], idempotent=True
-            )
-            if done.succeeded:
-                return True
+        """Release whoever holds it (``threading.Lock`` lets anyone); False if free.
+
+        One attempt: if the holding read is gone when the delete comes (its
+        holder released it, its lease expired, or this very delete was applied
+        unanswered and retried), the lock was released all the same. Looking
+        again would release the *next* holder, who was never asked to.
+        """
+        held = await self.holder()
+        if held is None:
+            return False
+        key, token = held
+        await self.client.txn(
+            [Compare(key, Target.CREATE, "==", token)], [Delete(key)], idempotent=True
+        )
+        return True
 
     async def holder(self) -> tuple[bytes, int] | None:
         """The holder's key and token (the oldest contender), or None if free."""

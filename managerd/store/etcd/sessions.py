@@ -21,7 +21,10 @@ the same by the etcd id, for the store's own use and tests.
 
 The keep-alive renews every third of the TTL, so two renewals can fail
 before the lease is at risk. ``lost`` is set once etcd says the lease is
-gone: from then on the session holds nothing. A leader change restarts
+gone, or once its TTL and an election's allowance have passed since the
+last renewal etcd answered (a gateway cut off from etcd cannot know, and
+must not go on as a holder for long): from then on the session holds
+nothing, and the gateway ends it. A leader change restarts
 every lease's TTL (etcd #2660, #9395), so a dead session can outlive its
 TTL by about an election.
 """
@@ -42,6 +45,9 @@ from managerd_client.errors import SessionExpired
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = b"/m/"
+#: How long past its TTL an unrenewed lease may live: a leader change restarts every
+#: lease's TTL, and an election after a leader kill took up to ~3 s here.
+ELECTION_ALLOWANCE_S = 5.0
 
 
 def token_key(root: bytes, token: str) -> bytes:
@@ -168,18 +174,37 @@ class EtcdSession:
         return bool(json.loads(kv.value).get("gateway") == self.gateway)
 
     async def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
         interval_s = self.ttl_s / 3
+        # Without a renewal answered for a TTL (counted from when the last answered
+        # one was sent), the lease may have expired and its locks gone to others;
+        # but a leader change restarts every lease's TTL, so during an election it
+        # lives on. Past the TTL and an election's allowance with no answer (cut off
+        # from etcd), take it as lost and stop renewing, so that it does expire.
+        renewed_at = loop.time()
+        give_up_s = self.ttl_s + ELECTION_ALLOWANCE_S
         while True:
             await asyncio.sleep(interval_s)
+            sent_at = loop.time()
             try:
-                await self.client.lease_keepalive(self.lease_id)
+                left_s = renewed_at + give_up_s - sent_at
+                await asyncio.wait_for(self.client.lease_keepalive(self.lease_id), left_s)
+                renewed_at = sent_at
             except LeaseNotFound:
                 log.warning("etcd session %s: lease %x expired", self.sid, self.lease_id)
                 self.lost.set()
                 return
-            except EtcdError as exc:
-                # Unreachable for a moment: keep trying; etcd decides when it expires.
-                log.warning("etcd session %s: keep-alive failed: %s", self.sid, exc)
+            except (EtcdError, TimeoutError) as exc:
+                if loop.time() >= renewed_at + give_up_s:
+                    log.warning(
+                        "etcd session %s: lease %x not renewed for %.0f s (TTL %d s): "
+                        "taken as expired",
+                        self.sid, self.lease_id, give_up_s, self.ttl_s,
+                    )  # fmt: skip
+                    self.lost.set()
+                    return
+                # Unreachable for a moment: keep trying.
+                log.warning("etcd session %s: keep-alive failed: %r", self.sid, exc)
 
     async def _stop_keep_alive(self) -> None:
         if self._keeper is not None:

@@ -28,7 +28,12 @@ lived): the lease is renewed from here, and what the session holds stays
 held. A gateway watches the token keys: a session of its own taken over
 elsewhere is let go (``_let_go``: its parked calls dropped, leaving their
 keys to the calls asked again there, its calls refused, its lease no
-longer renewed from here, never revoked). Expired reservations, and
+longer renewed from here, never revoked). A session whose lease is lost
+(``EtcdSession.lost``: expired, or not renewed for a TTL) is ended as an
+expired one: its calls raise ``SessionExpired`` (``LockLost`` for
+locks), the daemon closes its connection, and the client's next call
+starts a new session.
+Expired reservations, and
 those of sessions that ended elsewhere (a gateway that died), are returned
 by **one elected gateway** (``election.py``: a key under ``/m/g/requeue/``
 on a lease of the gateway's own; lowest create_revision leads; another
@@ -95,6 +100,7 @@ from managerd.store.etcd.kv import (
     EventType,
     Get,
     KeyValue,
+    LeaseNotFound,
     Op,
     Put,
     RangeResult,
@@ -116,10 +122,11 @@ from managerd.store.interface import Handle, Snapshot, TypeInfo
 from managerd.store.memory.base import SharedObject
 from managerd.store.memory.deadlock import LOCK_TYPES, SEMAPHORE_TYPES, DeadlockMode
 from managerd.store.memory.registry import check_name
-from managerd.store.sessions import Session, SessionKind
+from managerd.store.sessions import Session, SessionKind, SessionState
 from managerd.store.stats import LockStats, ObjectStats, StoreStats
 from managerd_client.errors import (
     ArgumentConflict,
+    LockLost,
     NoSuchObject,
     ObjectTypeConflict,
     ServerShuttingDown,
@@ -432,7 +439,14 @@ class EtcdStore:
             # Shielded: cancelling one call must not cancel what every call of the
             # object (its creation) or of the session (its lease) waits for.
             await asyncio.shield(handle.ready)
-            return await work(await asyncio.shield(lease))
+            etcd_session = await asyncio.shield(lease)
+            if not etcd_session.lost.is_set():
+                try:
+                    return await work(etcd_session)
+                except LeaseNotFound:
+                    etcd_session.lost.set()  # the session ends (_end_when_lost)
+            error = LockLost if isinstance(handle, LockHandle) else SessionExpired
+            raise error("this session's etcd lease expired (its gateway was cut off from etcd?)")
 
         answer: asyncio.Future[Any] = self.loop.create_future()
         task = self.loop.create_task(run())
@@ -479,6 +493,7 @@ class EtcdStore:
             self._leases[session] = lease
             lease.add_done_callback(lambda task: self._opened(session, task))
             lease.add_done_callback(lambda opened: self._describe(session, opened))
+            self.background(self._end_when_lost(session, lease))
         return lease
 
     def _opened(self, session: Session, task: asyncio.Task[EtcdSession]) -> None:
@@ -504,7 +519,8 @@ class EtcdStore:
         async def taken() -> EtcdSession:
             return etcd_session
 
-        self._leases[session] = self.loop.create_task(taken())
+        lease = self._leases[session] = self.loop.create_task(taken())
+        self.background(self._end_when_lost(session, lease))
         if etcd_session.token_key is not None:
             self._by_token_key[etcd_session.token_key] = session
             self._token_keys[session] = etcd_session.token_key
@@ -582,6 +598,20 @@ class EtcdStore:
         key = self.graph.who + b"%016x" % lease_id
         who = json.dumps(session.who()).encode()
         self.background(self.client.put(key, who, lease=lease_id))
+
+    async def _end_when_lost(self, session: Session, lease: asyncio.Task[EtcdSession]) -> None:
+        """Once the session's lease is gone (or could not be had), the managerd session
+        ends: the daemon closes its connection, and the client's next call starts a new
+        session (``LockLost`` from a lock it held). Not for a lease revoked here."""
+        try:
+            etcd_session = await asyncio.shield(lease)
+        except Exception:
+            pass  # never opened (etcd unreachable): every call of the session would fail
+        else:
+            await etcd_session.lost.wait()
+        if self._leases.get(session) is lease:
+            log.warning("etcd store: session %s lost its etcd lease; ending it", session.id)
+            session.state = SessionState.LOST
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
