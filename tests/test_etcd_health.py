@@ -6,7 +6,9 @@ ready while etcd answers; with every member killed it stays alive
 ready again, and serves, once the cluster is back. The healthcheck command
 of ``docker-compose.etcd.yml``'s gateways, pointed at this gateway, passes
 and fails with it. An embedded daemon's readiness is covered by
-``test_metrics.py``.
+``test_metrics.py``. A call etcd cannot answer (no quorum) is the caller's
+``StoreUnavailable`` (its outcome unknown), not a daemon bug, and the
+gateway goes on serving.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from test_deploy import REPO, compose_model
+
+from managerd_client import InternalError, StoreUnavailable
 
 from conftest import Daemon, free_port, wait_until
 from etcd_support import EtcdCluster, running_cluster
@@ -86,5 +90,40 @@ def test_a_gateway_is_ready_only_while_etcd_answers(
         assert compose_healthcheck(port) == 0
         with gateway.connect() as m:
             assert m.Queue("jobs").get(timeout=10) == 1
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_call_etcd_cannot_answer_is_store_unavailable(
+    own_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    gateway = Daemon(
+        tmp_path / "gateway", args=["--store", "etcd://" + ",".join(own_cluster.endpoints)]
+    ).start()
+    try:
+        with gateway.connect() as m:
+            v = m.Value("v", "i", 0)
+            v.value = 1
+            own_cluster.kill(1)
+            own_cluster.kill(2)  # one member of three: no quorum, nothing commits
+            with pytest.raises(StoreUnavailable) as raised:
+                v.value = 2
+            assert not isinstance(raised.value, InternalError)
+            assert "may or may not have taken effect" in str(raised.value)
+            m.ping()  # the gateway itself goes on answering
+        own_cluster.kill(0)
+        own_cluster.start()  # every member again, on its data directory
+
+        def answers() -> bool:
+            try:
+                with gateway.connect() as again:
+                    again.Value("v", "i", 0).value = 3
+                    return bool(again.Value("v", "i", 0).value == 3)
+            except StoreUnavailable:
+                return False
+
+        assert wait_until(answers, RECOVER_TIMEOUT_S)
+        assert "Traceback" not in "\n".join(gateway.lines)  # no call was a daemon bug
     finally:
         gateway.stop()

@@ -33,6 +33,7 @@ from managerd_client.errors import (
     RequestTooLarge,
     ServerShuttingDown,
     SessionExpired,
+    StoreUnavailable,
 )
 from managerd_client.proxies import Message
 
@@ -59,5 +60,6 @@ __all__ = [
     "RequestTooLarge",
     "ServerShuttingDown",
     "SessionExpired",
+    "StoreUnavailable",
     "connect",
 ]

@@ -19,6 +19,7 @@
     ├── RequestTooLarge              (also a ValueError) over the daemon's frame limit
     ├── ProtocolError                a frame that is not managerd's protocol
     ├── RemoteError                  an unexpected failure inside the daemon
+    ├── StoreUnavailable             the daemon's store (etcd) did not answer: outcome unknown
     └── InternalError                a bug in the daemon (its log has the traceback)
 
 Blocking calls raise the exceptions the standard library raises, so
@@ -56,6 +57,7 @@ __all__ = [
     "RequestTooLarge",
     "ServerShuttingDown",
     "SessionExpired",
+    "StoreUnavailable",
     "error_from_kind",
     "error_kind",
 ]
@@ -146,6 +148,15 @@ class RemoteError(ManagerdError):
     """An unexpected failure inside the daemon; the message says what."""
 
 
+class StoreUnavailable(ManagerdError):
+    """The daemon's store (an etcd cluster behind a gateway) did not answer in time.
+
+    A change the call asked for may or may not have been applied: read before
+    repeating it (a ``put`` retried may be delivered twice; a ``get`` may have
+    taken an item, which then comes back as an unconfirmed one would).
+    """
+
+
 class InternalError(ManagerdError):
     """A bug in the daemon failed the call; the daemon logged it with its traceback.
 
@@ -184,6 +195,7 @@ _KINDS: dict[str, type[BaseException]] = {
     "Deadlock": DeadlockDetected,
     "Protocol": ProtocolError,
     "Remote": RemoteError,
+    "StoreUnavailable": StoreUnavailable,
     "Internal": InternalError,
 }
 _KIND_OF: dict[type[BaseException], str] = {cls: kind for kind, cls in _KINDS.items()}

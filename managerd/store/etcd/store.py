@@ -97,6 +97,7 @@ from managerd.store.etcd.kv import (
     Compare,
     Delete,
     EtcdError,
+    EtcdUnavailable,
     EventType,
     Get,
     KeyValue,
@@ -131,6 +132,7 @@ from managerd_client.errors import (
     ObjectTypeConflict,
     ServerShuttingDown,
     SessionExpired,
+    StoreUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -436,6 +438,14 @@ class EtcdStore:
         lease = self._lease(session)
 
         async def run() -> Any:
+            try:
+                return await attempt()
+            except EtcdUnavailable as exc:  # the caller's to know: the outcome is unknown
+                raise StoreUnavailable(
+                    f"etcd did not answer ({exc}); the call may or may not have taken effect"
+                ) from exc
+
+        async def attempt() -> Any:
             # Shielded: cancelling one call must not cancel what every call of the
             # object (its creation) or of the session (its lease) waits for.
             await asyncio.shield(handle.ready)
