@@ -15,7 +15,7 @@ def test_all_names_exist_and_are_exported() -> None:
     for name in managerd_client.__all__:
         assert hasattr(managerd_client, name), name
     public = {n for n in dir(managerd_client) if not n.startswith("_")}
-    modules = {"channel", "client", "errors", "proxies", "wire"}
+    modules = {"channel", "client", "errors", "pipeline", "proxies", "wire"}
     assert public - modules - {"annotations"} == set(managerd_client.__all__)
 
 
