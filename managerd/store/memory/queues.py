@@ -127,6 +127,8 @@ class Queue(SharedObject):
         self.reserved: dict[int, _Delivery] = {}
         #: Deliveries journaled as reserved, while recovering (no sessions then).
         self._recovering: dict[int, tuple[bytes, int]] = {}
+        #: What ``recovered`` put back, for ``journal_recovery``: (delivery id, payload, count).
+        self._settled: list[tuple[int, bytes, int]] = []
         self.puts_total = 0
         self.gets_total = 0
         #: Items put and not yet ``task_done`` (queue.Queue's unfinished_tasks).
@@ -485,7 +487,22 @@ class Queue(SharedObject):
         for did in sorted(self._recovering, reverse=True):
             payload, deliveries = self._recovering[did]
             self.items.appendleft(_Returned(payload, deliveries))
+            self._settled.append((did, payload, deliveries))
         self._recovering.clear()
+
+    def journal_recovery(self) -> None:
+        """Journal what :meth:`recovered` did, as the old journal's last records.
+
+        The next process's records follow them. Without these, a crash before
+        the startup snapshot is on disk replays that process's takes on top
+        of the old reservations (a take pops the item behind the one it took,
+        delivery ids of two processes meet), and an item is lost. Each comes
+        back as an ack of its old reservation and a put back at the front.
+        """
+        for did, payload, deliveries in self._settled:
+            self._j(QueueOp.UNRES, did)
+            self._j(QueueOp.FRONT, payload, deliveries)
+        self._settled.clear()
 
     def dump_state(self) -> Any:
         """The ready items and the unfinished count.

@@ -112,8 +112,13 @@ class MemoryStore(Registry):
         journal.open(self.loop)
         self.attach(journal)
         if records:
-            # Start from a snapshot of what was recovered: later records then
-            # never depend on how recovery settled reserved items.
+            # What recovery settled goes to the old journal first (a crash before
+            # the snapshot below is on disk replays it too), then a snapshot of
+            # what was recovered: later records never depend on how recovery
+            # settled reserved items.
+            for obj in self.objects.values():
+                if isinstance(obj, Queue):
+                    obj.journal_recovery()
             self.compact()
         return items, info
 
