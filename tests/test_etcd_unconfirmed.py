@@ -267,9 +267,16 @@ def test_a_gateway_stopped_with_sigterm_leaves_its_sessions_to_another(
         token = lock.fencing_token
         session = m.session_id
         assert m.server_id == a_id(a)
+        getter, got = in_thread(lambda: m.Queue("jobs").get(timeout=120))
+        assert wait_until(lambda: _waiters(a, "jobs") == 1, timeout_s=30)
         a.stop()  # SIGTERM: it stops serving and renewing, and revokes nothing
         assert lock._call("fencing_token") == token  # through B, the same holding
         assert m.session_id == session and m.server_id != a_id(a)
         assert not other.Lock("db").acquire(blocking=False)
+        # The blocked get was dropped unanswered (not ServerShuttingDown): asked again.
+        assert wait_until(lambda: _waiters(b, "jobs") == 1, timeout_s=30)
+        other.Queue("jobs").put("job-1")
+        getter.join(60)
+        assert got == ["job-1"]
         lock.release()
         assert other.Lock("db").acquire(blocking=False)
