@@ -325,17 +325,22 @@ class EtcdQueue:
         self, max_items: int, timeout_s: float | None = None, holder: Holder | None = None
     ) -> list[bytes]:
         """Up to ``max_items`` items at once; if there are none, the first to come
-        (waiting as ``get``). With a ``holder``, at most ``_GET_BATCH``, kept as
-        its unconfirmed records."""
-        limit = min(max_items, _GET_BATCH) if holder is not None else max_items
-        while True:
+        (waiting as ``get``). With a ``holder``, kept as its unconfirmed records,
+        ``_GET_BATCH`` per Txn (atomic within one)."""
+        per_txn = _GET_BATCH if holder is not None else max_items
+        got: list[bytes] = []
+        while len(got) < max_items:
+            limit = min(max_items - len(got), per_txn)
             head = await self.client.range(self._ready, self._ready_end, limit=limit)
             if not head.kvs:
+                if got:
+                    return got
                 await self.confirm([holder])
                 return [(await self._blocking(None, 0.0, timeout_s, holder))[1]]
             taken = await self._take_batch(head.kvs, [(None, 0.0, holder)] * len(head.kvs))
             if taken is not None:
-                return [payload for _, payload, _ in taken]
+                got += [payload for _, payload, _ in taken]
+        return got
 
     def record_key(self, holder: Holder, iid: bytes) -> bytes:
         return holder.prefix + self._key + b"/" + iid
