@@ -33,6 +33,16 @@ that died are returned by ``requeue_expired`` of any gateway: each one runs
 it every second over the queues it has opened (safe when several do: each
 move compares the reservation's revision).
 
+**Unconfirmed gets** (``queues.py``): ``unconfirmed`` keeps, per client
+thread, the records of its last get's items until its next call (``run``)
+confirms it read that answer; ``resume`` reads a session's records, so a
+get the client asks again is handed them (``QueueHandle._get``); ``_end``
+drops a session's records before revoking its lease; the requeue loop
+returns the records of sessions whose lease ended unended
+(``_return_orphans``). **Stopping** (``shutdown``/``close``): managerd
+sessions' calls are dropped unanswered and their leases left to expire or be
+taken over, never revoked: their clients resume through another gateway.
+
 **Calls** return a Task (every answer is a round trip to etcd), which
 ``run`` files under its session: ``abandon`` and ``cancel`` cancel it.
 **Stats** are answered from what this gateway knows without a round trip
