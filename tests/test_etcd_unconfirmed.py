@@ -280,3 +280,23 @@ def test_a_gateway_stopped_with_sigterm_leaves_its_sessions_to_another(
         assert got == ["job-1"]
         lock.release()
         assert other.Lock("db").acquire(blocking=False)
+
+
+def test_the_next_call_of_the_thread_confirms_in_its_own_txn(cluster: EtcdCluster) -> None:
+    """A get's take and a put carry the deletes of the thread's last get's records."""
+
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        s = new_session("consumer")
+        jobs = a.get_or_create("Queue", "jobs", {})
+        await call(jobs, s, "put_many", [b"one", b"two"])
+        assert await call(jobs, s, "get") == b"one"
+        assert await call(jobs, s, "get", thread=1) == b"two"  # another thread's own
+        assert len(await records(a)) == 2
+        await call(jobs, s, "put", b"three")  # thread 0 read "one"
+        [left] = await records(a)
+        assert b"/1/jobs/" in left
+        assert await call(jobs, s, "get_many", 5, thread=1) == [b"three"]
+        [now] = await records(a)  # the record of "three" only
+        assert b"/1/jobs/" in now and now != left
+
+    two_stores(cluster, body)

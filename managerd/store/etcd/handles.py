@@ -387,18 +387,21 @@ class QueueHandle(EtcdHandle):
         for item in items:
             if not isinstance(item, bytes):
                 raise BadArgument("queue items travel as pickled bytes")
+        # The thread's last get is confirmed in the put's own Txn (``_get``).
+        self.store.found.pop((call.session, call.thread), None)
+        read = self.store.unconfirmed.pop((call.session, call.thread), [])
         if _unwaitable(wait_s):
 
             async def put_or_refuse(_: EtcdSession) -> None:
                 try:
-                    await self.queue.put_many(items, 0.0)
+                    await self.queue.put_many(items, 0.0, read)
                 except queue.Full:
                     checked_wait(wait_s)  # it would wait: the wait's own error
                     raise
 
             return self._run(call, put_or_refuse)
         parks = bool(self._bound) and wait_s != 0.0
-        return self._run(call, lambda _: self.queue.put_many(items, wait_s), parks=parks)
+        return self._run(call, lambda _: self.queue.put_many(items, wait_s, read), parks=parks)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def get(self, call: Call, block: bool = True, timeout: float | None = None) -> Any:

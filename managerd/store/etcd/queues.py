@@ -242,11 +242,19 @@ class EtcdQueue:
         """
         await self.put_many([item], timeout_s)
 
-    async def put_many(self, items: list[bytes], timeout_s: float | None = 0.0) -> None:
-        """Append ``items`` in order (one Txn per ``_PUT_BATCH``: atomic within one)."""
+    async def put_many(
+        self, items: list[bytes], timeout_s: float | None = 0.0, confirm: list[bytes] | None = None
+    ) -> None:
+        """Append ``items`` in order (one Txn per ``_PUT_BATCH``: atomic within one).
+
+        ``confirm``: unconfirmed records the caller's thread confirmed (``Holder``),
+        deleted in the first Txn of an unbounded queue's put, else on their own.
+        """
         if not self.maxsize:
-            await self._append(items)
+            await self._append(items, confirm or [])
             return
+        if confirm:
+            await delete_records(self.client, confirm)
         # The count is read, then the put made only if no ready item was added since
         # (a compare on the whole ready range): exact across gateways. Puts of this
         # process wait for room one at a time, in arrival order. More than
@@ -303,10 +311,13 @@ class EtcdQueue:
         )
         return done.succeeded or any(isinstance(r, RangeResult) and r.kvs for r in done.responses)
 
-    async def _append(self, items: list[bytes]) -> None:
+    async def _append(self, items: list[bytes], confirm: list[bytes]) -> None:
+        if len(confirm) > _MAX_OPS - 2 * _PUT_BATCH:
+            await delete_records(self.client, confirm)
+            confirm = []
         for i in range(0, len(items), _PUT_BATCH):
             compares: list[Compare] = []
-            ops: list[Op] = []
+            ops: list[Op] = [Delete(key) for key in confirm] if i == 0 else []
             for item in items[i : i + _PUT_BATCH]:
                 iid = self._ids.next()
                 compares += [
