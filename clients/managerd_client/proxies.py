@@ -298,9 +298,10 @@ class Queue(Proxy):
     """A named ``queue.Queue``."""
 
     _typeid = "Queue"
-    # A get asked again after a gateway died takes the next item: one the dead
-    # gateway had taken for it, if any, was lost with its answer (as any answer
-    # lost with its connection). A reservation comes back after its timeout.
+    # A get asked again after a gateway died is handed the item(s) the dead
+    # gateway had taken for it, if any (the etcd store keeps them until the
+    # thread's next call), else takes the next. A reservation comes back after
+    # its timeout.
     _reissued = frozenset(
         {"get", "get_many", "reserve", "join", "qsize", "empty", "full", "reserved_count"}
     )

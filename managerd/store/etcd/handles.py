@@ -47,7 +47,15 @@ from managerd.store.etcd.deadlocks import HELD_BY_SELF
 from managerd.store.etcd.kv import EventType, Op, Put
 from managerd.store.etcd.locks import EtcdLock, EtcdRLock
 from managerd.store.etcd.pipes import EtcdPipe
-from managerd.store.etcd.queues import DEAD_LETTER_SUFFIX, Delivery, EtcdQueue
+from managerd.store.etcd.queues import (
+    DEAD_LETTER_SUFFIX,
+    Delivery,
+    EtcdQueue,
+    Found,
+    Holder,
+    records_prefix,
+    return_records,
+)
 from managerd.store.etcd.sessions import EtcdSession
 from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
 from managerd.store.etcd.values import EtcdDict, EtcdValue, check_key
@@ -158,6 +166,10 @@ class Gateway(Protocol):
     deliveries: Deliveries
     #: Fencing tokens of this gateway's lock holdings: (session, name, owner) -> token.
     tokens: dict[tuple[Session, str, str], int]
+    #: Per client thread, the unconfirmed records of its last get (``queues.Holder``),
+    #: until its next call; and those found when its session was taken over here.
+    unconfirmed: dict[tuple[Session, int], list[bytes]]
+    found: dict[tuple[Session, int], Found]
 
     def run(
         self, handle: EtcdHandle, call: Call, work: Work, *, parks: bool
@@ -436,39 +448,95 @@ class QueueHandle(EtcdHandle):
         for item in items:
             if not isinstance(item, bytes):
                 raise BadArgument("queue items travel as pickled bytes")
+        # The thread's last get is confirmed in the put's own Txn (``_get``).
+        self.store.found.pop((call.session, call.thread), None)
+        read = self.store.unconfirmed.pop((call.session, call.thread), [])
         if _unwaitable(wait_s):
 
             async def put_or_refuse(_: EtcdSession) -> None:
                 try:
-                    await self.queue.put_many(items, 0.0)
+                    await self.queue.put_many(items, 0.0, read)
                 except queue.Full:
                     checked_wait(wait_s)  # it would wait: the wait's own error
                     raise
 
             return self._run(call, put_or_refuse)
         parks = bool(self._bound) and wait_s != 0.0
-        return self._run(call, lambda _: self.queue.put_many(items, wait_s), parks=parks)
+        return self._run(call, lambda _: self.queue.put_many(items, wait_s, read), parks=parks)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def get(self, call: Call, block: bool = True, timeout: float | None = None) -> Any:
         wait_s = timeout_s(block, timeout)
         if wait_s == 0.0:
-            return self._run(call, lambda _: self.queue.get_nowait())
+            return self._get(call, "get", self.queue.get_nowait)
         if _unwaitable(wait_s):
 
-            async def get_or_refuse(_: EtcdSession) -> bytes:
+            async def get_or_refuse(holder: Holder) -> bytes:
                 try:
-                    return await self.queue.get_nowait()
+                    return await self.queue.get_nowait(holder)
                 except queue.Empty:
                     checked_wait(wait_s)  # it would wait: the wait's own error
                     raise
 
-            return self._run(call, get_or_refuse)
-        return self._run(call, lambda _: self.queue.get(wait_s), parks=True)
+            return self._get(call, "get", get_or_refuse)
+        return self._get(call, "get", lambda h: self.queue.get(wait_s, h), parks=True)
 
     @exposed(result=Conv.PAYLOAD, mutates=True)
     def get_nowait(self, call: Call) -> Any:
-        return self._run(call, lambda _: self.queue.get_nowait())
+        return self._get(call, "get_nowait", self.queue.get_nowait)
+
+    def _get(
+        self,
+        call: Call,
+        method: str,
+        take: Callable[[Holder], Coroutine[Any, Any, Any]],
+        *,
+        parks: bool = False,
+    ) -> Any:
+        """A get of the calling client thread, its items kept as unconfirmed records
+        (``queues.Holder``) until the thread's next call; this call confirms the
+        thread's previous answer (the deletes ride in its take's Txn).
+
+        A get the client asks again (``REISSUE``: its gateway died under it) is
+        answered with the records the dead gateway had taken for it, if the thread
+        has records of just such a call: the item taken is the one answered, so it
+        is delivered once and the queue's order stands. (Records of any other call
+        were read: this call confirms them.)
+        """
+        key = (call.session, call.thread)
+        confirm = self.store.unconfirmed.pop(key, [])
+        found = self.store.found.pop(key, None)
+        if (
+            found is not None
+            and found.answer is not None
+            and found.answer[:2] == (self.name, method)
+            and call.session.reissuing == (call.thread, self.name, method)
+        ):
+            self.store.unconfirmed[key] = confirm  # handed again: still not read
+            payloads = found.answer[2]
+
+            async def again(_: EtcdSession) -> Any:
+                return list(payloads) if method == "get_many" else payloads[0]
+
+            return self._run(call, again)
+
+        async def work(session: EtcdSession) -> Any:
+            holder = Holder(
+                records_prefix(self.store.root, session.sid, call.thread),
+                method,
+                self.revision,
+                confirm,
+            )
+            try:
+                result = await take(holder)
+            finally:
+                if holder.confirm:  # not confirmed by a take (an error)
+                    self.store.background(self.queue.confirm([holder]))
+            if holder.records:
+                self.store.unconfirmed[key] = holder.records
+            return result
+
+        return self._run(call, work, parks=parks)
 
     @exposed(result=Conv.PAYLOADS, mutates=True)
     def get_many(
@@ -478,20 +546,33 @@ class QueueHandle(EtcdHandle):
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError("max_items must be a positive int")
         wait_s = timeout_s(block, timeout)
-        return self._run(
-            call, lambda _: self.queue.get_many(max_items, wait_s), parks=wait_s != 0.0
-        )
+        return self._get(
+            call, "get_many", lambda h: self.queue.get_many(max_items, wait_s, h),
+            parks=wait_s != 0.0,
+        )  # fmt: skip
 
     def _undo_get(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
-        """An answered get whose client left: the item goes back first."""
-        self._undo(self.queue.put_front(payload))
+        """An answered get whose client left: the item goes back to its place (its
+        unconfirmed record), else first."""
+        self._undo_get_many(call, args, [payload])
 
     def _undo_get_many(self, call: Call, args: tuple[Any, ...], payloads: list[bytes]) -> None:
+        key = (call.session, call.thread)
+        self.store.found.pop(key, None)
+        records = self.store.unconfirmed.pop(key, None)
+        if records:
+            self._undo(self._return_records(records))
+            return
+
         async def put_back() -> None:
             for payload in reversed(payloads):  # the last put first goes behind the others
                 await self.queue.put_front(payload)
 
         self._undo(put_back())
+
+    async def _return_records(self, keys: list[bytes]) -> None:
+        kvs = [kv for key in keys if (kv := await self.store.client.get(key)) is not None]
+        await return_records(self.store.client, self.store.root, kvs)
 
     def _undo_reserve(self, call: Call, args: tuple[Any, ...], result: Any) -> None:
         """A reservation whose client never saw it: back to its place, the delivery not

@@ -12,6 +12,20 @@ Keys under ``/m/q/<name>/``:
   second is the job of one elected gateway (``store.py``, ``election.py``).
 - ``t/<id>``: a tombstone of a taken item, on a short lease (about a minute).
 
+**Unconfirmed gets** (``/m/ug/<session>/<thread>/<queue>/<id>``, outside the
+queue's prefix so that a session's are one Range): a get or get_many of a
+client thread takes its items, in the same Txn, into records of that thread
+(``Holder``), with the item, its queue and the queue's incarnation. They
+stand until the thread's next call confirms it read the answer (the
+records' deletes ride in that call's take Txn when it is a get; else one
+Txn of their own). A gateway that dies between the take and the client's
+reading leaves them in etcd: the gateway that takes the session over hands
+them to the get the client asks again (``REISSUE``), or drops them when the
+thread's next call shows its answer was read; records of a session whose
+lease ended with no gateway to end it go back to their places
+(``return_records``, run by the elected requeuer). **Not** on the
+session's lease, for the same reason as ``r/``.
+
 ``<id>`` is ``<unix ns>.<producer>.<seq>``: per producer strictly
 increasing; across producers in the order of their clocks (as etcd's own
 ``recipes/queue``), so puts through different gateways are FIFO to within
@@ -88,6 +102,8 @@ _BOUNDED_BATCH = 64  # items per put Txn to a bounded queue: 2 puts each, one co
 #: (``RequestTooLarge``).
 _PUT_BATCH_BYTES = 1024 * 1024
 _BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
+_GET_BATCH = 40  # items per take Txn with unconfirmed records: 3 ops each
+_MAX_OPS = 120  # ops per Txn, under etcd's default --max-txn-ops (128)
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
 
 
@@ -135,12 +151,39 @@ Taken = tuple[KeyValue, bytes, int]
 
 
 @dataclass(eq=False)
+class Holder:
+    """A get of one client thread whose items are kept as unconfirmed records
+    (module docstring) until the thread's next call."""
+
+    #: ``<root>g/<session>/<thread>/``: the thread's records.
+    prefix: bytes
+    method: str
+    #: The queue's incarnation (the creating revision; 0: unknown), in each record.
+    revision: int = 0
+    #: The records of the thread's previous answer: deleted in the take's Txn.
+    confirm: list[bytes] = dataclasses.field(default_factory=list)
+    #: The records made for this call, once taken.
+    records: list[bytes] = dataclasses.field(default_factory=list)
+
+
+def records_prefix(root: bytes, sid: str, thread: int) -> bytes:
+    """Where the unconfirmed records of a client thread of session ``sid`` are."""
+    return root + b"ug/" + sid.encode() + b"/%d/" % thread
+
+
+#: One caller of a take: a reservation's session (else a get) and visibility
+#: timeout, and the get's holder (None: no records, a plain removal).
+_Ask = tuple["EtcdSession | None", float, "Holder | None"]
+
+
+@dataclass(eq=False)
 class _Want:
     """A blocked get (``session`` None) or reserve of this process, waiting for an item."""
 
     session: EtcdSession | None
     visibility_s: float
     future: asyncio.Future[Taken]
+    holder: Holder | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +230,7 @@ class EtcdQueue:
         self._reserved = base + b"r/"
         self._tombs = base + b"t/"
         self._unfinished = base + b"u/"
+        self._key = name_key(name)
         self._ids = _Ids()
         self._tomb_lease = _ShortLease(client)
         self._wants: collections.deque[_Want] = collections.deque()
@@ -202,11 +246,19 @@ class EtcdQueue:
         """
         await self.put_many([item], timeout_s)
 
-    async def put_many(self, items: list[bytes], timeout_s: float | None = 0.0) -> None:
-        """Append ``items`` in order (one Txn per chunk of ``_chunks``: atomic within one)."""
+    async def put_many(
+        self, items: list[bytes], timeout_s: float | None = 0.0, confirm: list[bytes] | None = None
+    ) -> None:
+        """Append ``items`` in order (one Txn per chunk of ``_chunks``: atomic within one).
+
+        ``confirm``: unconfirmed records the caller's thread confirmed (``Holder``),
+        deleted in the first Txn of an unbounded queue's put, else on their own.
+        """
         if not self.maxsize:
-            await self._append(items)
+            await self._append(items, confirm or [])
             return
+        if confirm:
+            await delete_records(self.client, confirm)
         # The count is read, then the put made only if no ready item was added since
         # (a compare on the whole ready range): exact across gateways. Puts of this
         # process wait for room one at a time, in arrival order. More than
@@ -263,10 +315,13 @@ class EtcdQueue:
         )
         return done.succeeded or any(isinstance(r, RangeResult) and r.kvs for r in done.responses)
 
-    async def _append(self, items: list[bytes]) -> None:
-        for chunk in _chunks(items):
+    async def _append(self, items: list[bytes], confirm: list[bytes]) -> None:
+        if len(confirm) > _MAX_OPS - 2 * _PUT_BATCH:
+            await delete_records(self.client, confirm)
+            confirm = []
+        for n, chunk in enumerate(_chunks(items)):
             compares: list[Compare] = []
-            ops: list[Op] = []
+            ops: list[Op] = [Delete(key) for key in confirm] if n == 0 else []
             for item in chunk:
                 iid = self._ids.next()
                 compares += [
@@ -281,16 +336,37 @@ class EtcdQueue:
             # Not succeeded: an earlier attempt of this call was applied (the ids are ours).
             await self.client.txn(compares, ops, idempotent=True)
 
-    async def get_many(self, max_items: int, timeout_s: float | None = None) -> list[bytes]:
+    async def get_many(
+        self, max_items: int, timeout_s: float | None = None, holder: Holder | None = None
+    ) -> list[bytes]:
         """Up to ``max_items`` items at once; if there are none, the first to come
-        (waiting as ``get``)."""
-        while True:
-            head = await self.client.range(self._ready, self._ready_end, limit=max_items)
+        (waiting as ``get``). With a ``holder``, kept as its unconfirmed records,
+        ``_GET_BATCH`` per Txn (atomic within one)."""
+        per_txn = _GET_BATCH if holder is not None else max_items
+        got: list[bytes] = []
+        while len(got) < max_items:
+            limit = min(max_items - len(got), per_txn)
+            head = await self.client.range(self._ready, self._ready_end, limit=limit)
             if not head.kvs:
-                return [(await self._blocking(None, 0.0, timeout_s))[1]]
-            taken = await self._take_batch(head.kvs, [(None, 0.0)] * len(head.kvs))
+                if got:
+                    return got
+                await self.confirm([holder])
+                return [(await self._blocking(None, 0.0, timeout_s, holder))[1]]
+            taken = await self._take_batch(head.kvs, [(None, 0.0, holder)] * len(head.kvs))
             if taken is not None:
-                return [payload for _, payload, _ in taken]
+                got += [payload for _, payload, _ in taken]
+        return got
+
+    def record_key(self, holder: Holder, iid: bytes) -> bytes:
+        return holder.prefix + self._key + b"/" + iid
+
+    async def confirm(self, holders: list[Holder | None]) -> None:
+        """Delete the records the ``holders``' threads confirmed (their previous answers)."""
+        keys = [key for h in holders if h is not None for key in h.confirm]
+        await delete_records(self.client, keys)
+        for h in holders:
+            if h is not None:
+                h.confirm = []
 
     async def unfinished(self) -> int:
         """Items put and not yet ``task_done`` (``queue.Queue``'s unfinished_tasks)."""
@@ -356,16 +432,17 @@ class EtcdQueue:
             await self.client.range(self._reserved, prefix_end(self._reserved), count_only=True)
         ).count
 
-    async def get_nowait(self) -> bytes:
+    async def get_nowait(self, holder: Holder | None = None) -> bytes:
         """The head, removed; ``queue.Empty`` if there is none."""
-        taken, _ = await self._take(None, 0.0)
+        taken, _ = await self._take(None, 0.0, holder)
         if taken is None:
             raise queue.Empty
         return taken[1]
 
-    async def get(self, timeout_s: float | None = None) -> bytes:
-        """The head, removed, waiting up to ``timeout_s`` (None: for ever); ``queue.Empty``."""
-        taken = await self._blocking(None, 0.0, timeout_s)
+    async def get(self, timeout_s: float | None = None, holder: Holder | None = None) -> bytes:
+        """The head, removed, waiting up to ``timeout_s`` (None: for ever); ``queue.Empty``.
+        With a ``holder``, kept as its unconfirmed record."""
+        taken = await self._blocking(None, 0.0, timeout_s, holder)
         return taken[1]
 
     async def reserve(
@@ -485,14 +562,18 @@ class EtcdQueue:
         return await self._tomb_lease.current()
 
     async def _blocking(
-        self, session: EtcdSession | None, visibility_s: float, timeout_s: float | None
+        self,
+        session: EtcdSession | None,
+        visibility_s: float,
+        timeout_s: float | None,
+        holder: Holder | None = None,
     ) -> Taken:
         if timeout_s is not None and timeout_s <= 0:
-            taken, _ = await self._take(session, visibility_s)
+            taken, _ = await self._take(session, visibility_s, holder)
             if taken is None:
                 raise queue.Empty
             return taken
-        want = _Want(session, visibility_s, asyncio.get_running_loop().create_future())
+        want = _Want(session, visibility_s, asyncio.get_running_loop().create_future(), holder)
         self._wants.append(want)
         if self._taker is None or self._taker.done():
             self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
@@ -504,7 +585,7 @@ class EtcdQueue:
                 if isinstance(exc, TimeoutError):
                     return want.future.result()  # answered as the time ran out: keep it
                 if want.future.exception() is None:  # the caller is gone: give it back
-                    self._background(self._give_back(want.future.result()))
+                    self._background(self._give_back(want.future.result(), holder))
             if isinstance(exc, TimeoutError):
                 raise queue.Empty from None
             raise
@@ -517,11 +598,14 @@ class EtcdQueue:
 
     async def _take_for_wants(self) -> None:
         """Serve the waiting calls of this process in arrival order, several per Txn."""
-        batch = _BATCH
+        batch = _GET_BATCH
         try:
             while wants := [w for w in self._wants if not w.future.done()][:batch]:
                 head = await self.client.range(self._ready, self._ready_end, limit=len(wants))
                 if not head.kvs:
+                    # Parked: the answers before these calls are confirmed now, not
+                    # at their takes (a gateway dying meanwhile must not hand them again).
+                    await self.confirm([w.holder for w in self._wants if w.holder is not None])
                     self._watching = asyncio.create_task(self._put_after(head.revision + 1))
                     await asyncio.wait([self._watching])  # a put, or nobody waits any more
                     watched, self._watching = self._watching, None
@@ -529,17 +613,18 @@ class EtcdQueue:
                     if failed is not None:
                         raise failed
                     continue
-                asks = [(w.session, w.visibility_s) for w in wants[: len(head.kvs)]]
+                asks = [(w.session, w.visibility_s, w.holder) for w in wants[: len(head.kvs)]]
                 taken = await self._take_batch(head.kvs, asks)
                 if taken is None:
                     batch = max(1, batch // 2)  # another consumer took some: ask for fewer
                     continue
-                batch = _BATCH
+                batch = _GET_BATCH
                 for want, item in zip(wants, taken, strict=False):
                     with contextlib.suppress(ValueError):
                         self._wants.remove(want)
                     if want.future.done():
-                        await self._give_back(item)  # gave up while the Txn was in flight
+                        # Gave up while the Txn was in flight.
+                        await self._give_back(item, want.holder)
                     else:
                         want.future.set_result(item)
         except Exception as exc:  # an EtcdError, or a bug: never leave a caller waiting
@@ -560,24 +645,24 @@ class EtcdQueue:
             return  # history is gone: the caller reads again
 
     async def _take(
-        self, session: EtcdSession | None, visibility_s: float
+        self, session: EtcdSession | None, visibility_s: float, holder: Holder | None = None
     ) -> tuple[Taken | None, int]:
         """Take the head for one caller: ``(taken, revision)``, or ``(None, revision)`` at
         which the queue was read empty."""
         while True:
             head = await self.client.range(self._ready, self._ready_end, limit=1)
             if not head.kvs:
+                await self.confirm([holder])
                 return None, head.revision
-            taken = await self._take_batch(head.kvs, [(session, visibility_s)])
+            taken = await self._take_batch(head.kvs, [(session, visibility_s, holder)])
             if taken is not None:
                 return taken[0], head.revision
             # Another consumer took it first: the next head.
 
-    async def _take_batch(
-        self, kvs: list[KeyValue], asks: list[tuple[EtcdSession | None, float]]
-    ) -> list[Taken] | None:
-        """Take ``kvs[i]`` for ``asks[i]`` (reserve it for that session, else remove it), all
-        in one Txn; None if any was taken by someone else first.
+    async def _take_batch(self, kvs: list[KeyValue], asks: list[_Ask]) -> list[Taken] | None:
+        """Take ``kvs[i]`` for ``asks[i]`` (reserve it for that session, else remove it, into
+        the holder's records if there is one), all in one Txn, with the deletes of what
+        the holders confirmed; None if any was taken by someone else first.
 
         A taken item is ``(kv, payload, deliveries)``: kv is the ``r/`` key made
         (its mod_revision is the receipt) when reserved, else the ``i/`` key removed.
@@ -586,7 +671,14 @@ class EtcdQueue:
         ops: list[Put | Delete] = []
         marks: list[bytes] = []
         unpacked = []
-        for kv, (session, visibility_s) in zip(kvs, asks, strict=False):
+        holders = list({id(a[2]): a[2] for a in asks if a[2] is not None}.values())
+        confirming = [key for h in holders for key in h.confirm]
+        records: list[tuple[Holder, bytes]] = []
+        if confirming and len(confirming) + 3 * len(asks) > _MAX_OPS:
+            await self.confirm(list(holders))  # too many for one Txn: first, on their own
+            confirming = []
+        ops += [Delete(key) for key in confirming]
+        for kv, (session, visibility_s, holder) in zip(kvs, asks, strict=False):
             iid = kv.key[len(self._ready) :]
             meta, payload = _unpack(kv.value)
             deliveries = int(meta["n"]) + 1
@@ -595,6 +687,15 @@ class EtcdQueue:
             if session is None:
                 marks.append(self._tombs + iid)
                 ops.append(Put(marks[-1], token.encode(), lease=await self._tomb()))
+                if holder is not None:
+                    record = {
+                        "n": deliveries,
+                        "q": self.name,
+                        "rev": holder.revision,
+                        "m": holder.method,
+                    }
+                    records.append((holder, self.record_key(holder, iid)))
+                    ops.append(Put(records[-1][1], _pack(record, payload)))
             else:
                 marks.append(self._reserved + iid)
                 reservation = {
@@ -618,30 +719,41 @@ class EtcdQueue:
             revision = found.kvs[0].mod_revision  # our earlier attempt: one Txn, one revision
         else:
             return None
+        for h in holders:
+            h.confirm = [key for key in h.confirm if key not in confirming]
+        for h, made in records:
+            h.records.append(made)
         return [
             (
                 KeyValue(mark, b"", revision, revision, 1, 0) if session is not None else kv,
                 payload,
                 deliveries,
             )
-            for kv, mark, (session, _), (payload, deliveries) in zip(
+            for kv, mark, (session, _, _), (payload, deliveries) in zip(
                 kvs, marks, asks, unpacked, strict=False
             )
         ]
 
-    async def _give_back(self, taken: Taken) -> None:
+    async def _give_back(self, taken: Taken, holder: Holder | None = None) -> None:
         """Put an item taken for a caller that left back at its place, not counted."""
         kv, payload, deliveries = taken
+        ops: list[Op] = []
         if kv.key.startswith(self._reserved):
             iid = kv.key[len(self._reserved) :]
             held = Compare(kv.key, Target.MOD, "==", kv.mod_revision)
         else:
             iid = kv.key[len(self._ready) :]
             held = Compare(self._tombs + iid, Target.CREATE, "!=", 0)
+            if holder is not None:
+                record = self.record_key(holder, iid)
+                held = Compare(record, Target.CREATE, "!=", 0)
+                ops.append(Delete(record))
+                with contextlib.suppress(ValueError):
+                    holder.records.remove(record)
         mark = self._reserved + iid if kv.key.startswith(self._reserved) else self._tombs + iid
         await self.client.txn(
             [held],
-            [Delete(mark), Put(self._ready + iid, _pack({"n": deliveries - 1}, payload))],
+            [*ops, Delete(mark), Put(self._ready + iid, _pack({"n": deliveries - 1}, payload))],
             idempotent=True,
         )
 
@@ -679,3 +791,63 @@ def _found(done: TxnResult, token: bytes) -> bool:
         meta, _ = _unpack(value)
         return bool(meta.get("token") == token.decode())
     return False
+
+
+async def return_records(client: EtcdClient, root: bytes, kvs: list[KeyValue]) -> int:
+    """Put the items of unconfirmed records (``Holder``) back at their places, not
+    counted; how many. A record changed meanwhile is left alone; one whose queue is
+    gone (deleted, or made again since) is dropped."""
+    moved = 0
+    for kv in kvs:
+        meta, payload = _unpack(kv.value)
+        name = str(meta["q"])
+        iid = kv.key.rpartition(b"/")[2]
+        unchanged = Compare(kv.key, Target.MOD, "==", kv.mod_revision)
+        same_queue = Compare(root + b"o/" + name_key(name), Target.CREATE, "==", int(meta["rev"]))
+        ready = root + b"q/" + name_key(name) + b"/i/" + iid
+        back = Put(ready, _pack({"n": max(int(meta["n"]) - 1, 0)}, payload))
+        compares = [unchanged, same_queue] if meta["rev"] else [unchanged]
+        done = await client.txn(compares, [Delete(kv.key), back], idempotent=True)
+        if done.succeeded:
+            moved += 1
+        elif meta["rev"]:
+            await client.txn([unchanged], [Delete(kv.key)], idempotent=True)
+    return moved
+
+
+async def delete_records(client: EtcdClient, keys: list[bytes]) -> None:
+    """Delete unconfirmed records whose answers were read (confirmed)."""
+    for i in range(0, len(keys), _MAX_OPS):
+        await client.txn([], [Delete(key) for key in keys[i : i + _MAX_OPS]])
+
+
+@dataclass(slots=True)
+class Found:
+    """One client thread's unconfirmed records, as etcd has them (a session taken over
+    from another gateway): the keys, and the answer they make if they are one call's."""
+
+    keys: list[bytes]
+    #: ``(queue, method, payloads)`` of the one call they were taken for; None if
+    #: they cannot be one answer (several queues or methods).
+    answer: tuple[str, str, list[bytes]] | None
+
+
+def found_records(kvs: list[KeyValue], prefix: bytes) -> dict[int, Found]:
+    """The records under ``prefix`` (``<root>g/<session>/``, read in key order: by thread,
+    queue, then item id), by client thread."""
+    found: dict[int, Found] = {}
+    for kv in kvs:
+        thread = int(kv.key[len(prefix) :].partition(b"/")[0])
+        meta, payload = _unpack(kv.value)
+        entry = found.get(thread)
+        if entry is None:
+            found[thread] = Found([kv.key], (str(meta["q"]), str(meta["m"]), [payload]))
+            continue
+        entry.keys.append(kv.key)
+        if entry.answer is not None:
+            queue_name, method, payloads = entry.answer
+            if (queue_name, method) == (meta["q"], meta["m"]) and method == "get_many":
+                payloads.append(payload)
+            else:
+                entry.answer = None
+    return found

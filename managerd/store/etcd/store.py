@@ -42,6 +42,16 @@ runs ``requeue_expired`` every second over every queue of the names mirror,
 not only those it has opened (safe if two ever do at once: each move
 compares the reservation's revision).
 
+**Unconfirmed gets** (``queues.py``): ``unconfirmed`` keeps, per client
+thread, the records of its last get's items until its next call (``run``)
+confirms it read that answer; ``resume`` reads a session's records, so a
+get the client asks again is handed them (``QueueHandle._get``); ``_end``
+drops a session's records before revoking its lease; the requeue loop
+returns the records of sessions whose lease ended unended
+(``_return_orphans``). **Stopping** (``shutdown``/``close``): managerd
+sessions' calls are dropped unanswered and their leases left to expire or be
+taken over, never revoked: their clients resume through another gateway.
+
 **Calls** return a Task (every answer is a round trip to etcd), which
 ``run`` files under its session: ``abandon`` and ``cancel`` cancel it.
 
@@ -109,6 +119,7 @@ from managerd.store.etcd.kv import (
     name_key,
     prefix_end,
 )
+from managerd.store.etcd.queues import Found, delete_records, found_records, return_records
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 from managerd.store.etcd.stats import (
     IDLE_INTERVAL_S,
@@ -207,6 +218,12 @@ class EtcdStore:
         )
         #: Queues the requeuer has read but this gateway has not opened, by name.
         self._requeue_only: dict[str, QueueHandle] = {}
+        #: Per client thread of a session: the unconfirmed records of its last get
+        #: (``queues.py``), dropped (confirmed) at the thread's next call.
+        self.unconfirmed: dict[tuple[Session, int], list[bytes]] = {}
+        #: Those of a session taken over here, as found (for a get asked again).
+        self.found: dict[tuple[Session, int], Found] = {}
+        self._records = root + b"ug/"
 
     @classmethod
     async def open(
@@ -435,6 +452,12 @@ class EtcdStore:
         session = call.session
         if self._taken and session in self._taken:
             raise SessionExpired(f"session {session.id} was taken over by another gateway")
+        if self.unconfirmed:
+            # The thread asks again: it read its last answer (a get confirms its own).
+            read = self.unconfirmed.pop((session, call.thread), None)
+            self.found.pop((session, call.thread), None)
+            if read:
+                self.background(delete_records(self.client, read))
         lease = self._lease(session)
 
         async def run() -> Any:
@@ -525,6 +548,12 @@ class EtcdStore:
         if etcd_session is None:
             return None
         session = Session(SessionKind.MANAGERD, "?", resumed=(etcd_session.public_id, token))
+        # Gets its old gateway answered and whose reading no next call confirmed there.
+        prefix = self._records + etcd_session.sid.encode() + b"/"
+        records = await self.client.range(prefix, prefix_end(prefix))
+        for thread, found in found_records(records.kvs, prefix).items():
+            self.unconfirmed[(session, thread)] = found.keys
+            self.found[(session, thread)] = found
 
         async def taken() -> EtcdSession:
             return etcd_session
@@ -597,6 +626,11 @@ class EtcdStore:
         key = self._token_keys.pop(session, None)
         if key is not None:
             self._by_token_key.pop(key, None)
+        if self.unconfirmed or self.found:
+            for entry in [k for k in self.unconfirmed if k[0] is session]:
+                del self.unconfirmed[entry]
+            for entry in [k for k in self.found if k[0] is session]:
+                del self.found[entry]
         return queues
 
     def _describe(self, session: Session, opened: asyncio.Task[EtcdSession]) -> None:
@@ -660,6 +694,10 @@ class EtcdStore:
     def release(self, session: Session) -> None:
         self._taken.discard(session)
         queues = self._forget_session(session)
+        if self._closed and session.kind is SessionKind.MANAGERD:
+            # This gateway stops (SIGTERM): the session is left to resume through
+            # another gateway within its TTL; ``close`` stops renewing its lease.
+            return
         lease = self._leases.pop(session, None)
         if lease is not None:
             ending = self.loop.create_task(self._end(lease, queues))
@@ -673,6 +711,11 @@ class EtcdStore:
             # Taken over by another gateway (its client reconnected there): not ours to end.
             await etcd_session.abandon()
             return
+        # Its gets' answers were read (an answer the client gave up was undone by its
+        # cancel), as the memory store drops its undo records with the connection;
+        # dropped before the lease goes, so the requeue loop never sees them orphaned.
+        prefix = self._records + etcd_session.sid.encode() + b"/"
+        await self.client.delete(prefix, prefix_end(prefix))
         await etcd_session.close()
         for queue in queues:  # its reservations go back now, not after a deadline
             await queue.queue.requeue_expired()
@@ -690,6 +733,10 @@ class EtcdStore:
 
         while True:
             await asyncio.sleep(REQUEUE_INTERVAL_S)
+            try:
+                await self._return_orphans()
+            except EtcdError as exc:
+                log.warning("etcd store: returning orphaned gets failed: %s", exc)
             queues = [
                 self._queue_for_requeue(name, known)
                 for name, known in list(self._known.items())
@@ -712,6 +759,21 @@ class EtcdStore:
             kept.ready.set_result(None)
             self._requeue_only[name] = kept
         return kept
+
+    async def _return_orphans(self) -> int:
+        """Return the unconfirmed records of sessions whose lease ended with no gateway
+        to end them (theirs died and no other took them over): their clients may not
+        have read those answers."""
+        records = await self.client.range(self._records, prefix_end(self._records))
+        if not records.kvs:
+            return 0
+        sessions = self.root + b"s/"
+        live = await self.client.range(sessions, prefix_end(sessions), keys_only=True)
+        alive = {kv.key[len(sessions) :] for kv in live.kvs}
+        orphans = [
+            kv for kv in records.kvs if kv.key[len(self._records) :].partition(b"/")[0] not in alive
+        ]
+        return await return_records(self.client, self.root, orphans)
 
     def would_hand_out(
         self, obj: Handle, method: str, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -898,14 +960,23 @@ class EtcdStore:
                 answer.set_exception(exc)
 
     def shutdown(self) -> None:
+        """Stop serving. A managerd session's calls are dropped unanswered (its client
+        asks them again through another gateway, where the session resumes: its
+        lease is not revoked, see ``close``); a stock session's are refused."""
         self._closed = True
+        for session, calls in self._calls.items():
+            if session.kind is SessionKind.MANAGERD:
+                for answer in list(calls):
+                    answer.cancel()
         for handle in self._handles.values():
             self._fail_calls(handle, ServerShuttingDown("the daemon is shutting down"))
         for task in list(self._tasks):
             task.cancel()
 
     async def close(self) -> None:
-        """Stop, revoke every session's lease this gateway opened."""
+        """Stop; stop renewing the leases of managerd sessions (their clients resume
+        them through another gateway within the TTL, holdings kept); revoke those of
+        stock sessions (a stock client cannot resume)."""
         tasks = list(self._tasks)
         self.shutdown()
         await asyncio.gather(*tasks, *self._changes, return_exceptions=True)
@@ -913,7 +984,11 @@ class EtcdStore:
         for session in list(self._leases):
             lease = self._leases.pop(session)
             with contextlib.suppress(Exception):
-                await (await lease).close()
+                etcd_session = await lease
+                if session.kind is SessionKind.MANAGERD:
+                    await etcd_session.abandon()
+                else:
+                    await etcd_session.close()
 
 
 _QUEUE_TYPES: Final = tuple(cls for cls in SERVED.values() if issubclass(cls, QueueHandle))
