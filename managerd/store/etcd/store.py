@@ -46,7 +46,7 @@ compares the reservation's revision).
 thread, the records of its last get's items until its next call (``run``)
 confirms it read that answer; ``resume`` reads a session's records, so a
 get the client asks again is handed them (``QueueHandle._get``); ``_end``
-drops a session's records before revoking its lease; the requeue loop
+drops a session's records before revoking its lease; the elected requeuer
 returns the records of sessions whose lease ended unended
 (``_return_orphans``). **Stopping** (``shutdown``/``close``): managerd
 sessions' calls are dropped unanswered and their leases left to expire or be
