@@ -216,6 +216,7 @@ def test_a_get_whose_answer_died_with_its_gateway_is_delivered_once(
                 left = 1
             else:
                 producer.Queue("jobs").put_many(["job-1", "job-2", "job-3"])
+                assert jobs.qsize() == 3  # the proxy's handle resolved (protocol 2) through A
                 relay.lose_replies()
                 getter, got = in_thread(lambda: jobs.get_many(2, timeout=120))
                 expected = ["job-1", "job-2"]
