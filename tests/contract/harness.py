@@ -325,7 +325,9 @@ class StoreHarness:
         return self.store.listing()
 
     def waiters(self, obj: Obj) -> int:
-        """Calls parked on ``obj`` (its stats; 0 for an object that never parks one)."""
+        """Calls parked on ``obj`` (its stats; 0 for an object that never parks one), once
+        every call made is answered or parked (``settle``)."""
+        self.settle()
         return int(getattr(self.store.stats_of(self._object(obj)), "waiters", 0))
 
     def stats(self, obj: Obj) -> ObjectStats:
@@ -442,6 +444,19 @@ class StoreHarness:
             self.loop.run_until_complete(asyncio.sleep(0))
         if self._etcd is not None:
             self._run_until(lambda: all(self._settled(f) for f in self._parked))
+            if not all(f.done() for f in self._parked):
+                self._confirm_parked()
+                self._run_until(lambda: all(self._settled(f) for f in self._parked))
+
+    def _confirm_parked(self) -> None:
+        """A call of the etcd store that waits may be about to wake: the change that wakes
+        it was answered, its watch event not yet seen. One more round trip to etcd
+        (the event was sent before its answer), then the loop's ready callbacks."""
+        etcd = self._etcd
+        if etcd is not None:
+            self.loop.run_until_complete(etcd.client.get(self._root + b"settle"))
+            for _ in range(5):
+                self.loop.run_until_complete(asyncio.sleep(0))
 
     def answered_or_parked(self, pending: Pending, limit_s: float = SETTLE_LIMIT_S) -> None:
         """Run the loop until ``pending`` is answered, or parked: waiting for a change
@@ -450,6 +465,9 @@ class StoreHarness:
         self.settle()
         if self._etcd is not None:
             self._run_until(lambda: self._settled(pending.future), limit_s)
+            if not pending.future.done():
+                self._confirm_parked()
+                self._run_until(lambda: self._settled(pending.future), limit_s)
 
     def _settled(self, future: asyncio.Future[Any]) -> bool:
         if future.done():

@@ -58,7 +58,7 @@ import asyncio
 import random
 import secrets
 import socket
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -422,9 +422,19 @@ class EtcdClient:
     # Watches
 
     async def watch(
-        self, key: bytes, range_end: bytes = b"", *, start_revision: int = 0, prev_kv: bool = False
+        self,
+        key: bytes,
+        range_end: bytes = b"",
+        *,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        on_created: Callable[[int], None] | None = None,
     ) -> AsyncGenerator[list[Event], None]:
         """Batches of events on ``[key, range_end)`` from ``start_revision`` (0: from now).
+
+        ``on_created`` is told the store's revision when the watch was created
+        (each time the stream is opened): a watch from past that revision
+        missed nothing and sees a later change as it is made.
 
         Runs until the caller stops iterating (close it with
         ``contextlib.aclosing``). A broken stream is reopened on another member
@@ -458,6 +468,8 @@ class EtcdClient:
                     if m.created:
                         if next_revision == 0:
                             next_revision = m.header.revision + 1
+                        if on_created is not None:
+                            on_created(m.header.revision)
                         continue
                     if not m.events:
                         # Progress notice: later events are above header.revision.

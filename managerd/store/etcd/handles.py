@@ -23,14 +23,17 @@ from the memory store.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import itertools
 import marshal
+import pickle
 import queue
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
 from managerd.histogram import Histogram
+from managerd.safepickle import SafeDecoder
 from managerd.store.api import (
     BadArgument,
     BadState,
@@ -54,6 +57,7 @@ from managerd.store.etcd.watching import WAITING, Still, changed
 from managerd.store.etcd.watching import waiting as watching_waiting
 from managerd.store.memory.base import (
     TIMEOUT_MAX,
+    SharedObject,
     checked_wait,
     positive_s,
     seconds,
@@ -61,7 +65,7 @@ from managerd.store.memory.base import (
     wait_or_now_s,
 )
 from managerd.store.memory.locks import _acquire_wait_s, _semaphore_wait_s
-from managerd.store.memory.mappings import NO_DEFAULT
+from managerd.store.memory.mappings import NO_DEFAULT, Dict
 from managerd.store.memory.values import _check_typecode, _coerce
 from managerd.store.sessions import Session
 from managerd.store.stats import (
@@ -80,6 +84,7 @@ from managerd_client.errors import LockLost
 
 Work = Callable[[EtcdSession], Coroutine[Any, Any, Any]]
 
+_DECODER = SafeDecoder()
 DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
 _DEADLINE_SLACK_S = 0.01  # a deadline is wall-clock, the timer the loop's
 
@@ -177,12 +182,34 @@ class EtcdHandle:
         self.seen: dict[str, Any] = {}
         #: Calls waiting for a change in etcd now, and whether each still does.
         self.waiting: dict[asyncio.Future[Any], Still] = {}
-        #: Undos under way (``_undo``): later calls here wait for them.
+        #: Undos under way (``_undo``), and ends of sessions that used it: later calls
+        #: here wait for them.
         self.undos: list[asyncio.Future[None]] = []
+        #: Each call that may park, done once it has arrived: parked or answered. A
+        #: call made after it waits for that first, so calls here take effect in
+        #: the order they were made, as in the memory store (``_run``).
+        self.arrivals: dict[asyncio.Future[Any], asyncio.Future[None]] = {}
+        #: Calls whose session ended before they arrived: dropped once they park.
+        self._dropping: set[asyncio.Future[Any]] = set()
 
     def creation_args(self) -> dict[str, Any]:
         """What a later get-or-create compares (as the memory store's ``creation_args``)."""
         return {}
+
+    @classmethod
+    def encode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """``creation_args`` as JSON for the names key (``decode_args`` reads it back)."""
+        return args
+
+    @classmethod
+    def decode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        return args
+
+    @classmethod
+    def same_arg(cls, name: str, created: Any, given: Any) -> bool:
+        """Whether a get-or-create's ``given`` value of argument ``name`` attaches to an
+        object made with ``created``."""
+        return bool(created == given)
 
     def init_ops(self) -> list[Op]:
         """The puts that make its initial state, in the creating Txn."""
@@ -199,22 +226,40 @@ class EtcdHandle:
         return ObjectStats(self.name, self.typeid, self.creation_args())
 
     def _run(self, call: Call, work: Work, *, parks: bool = False) -> Any:
-        """Run ``work`` for ``call`` after the undos given before it (``_undo``); the
-        answer's future. While the work waits for a change in etcd, the call is in
-        ``waiting`` (``watching.waiting``)."""
+        """Run ``work`` for ``call``; the answer's future.
+
+        The work starts once what came before the call here is done: the undos
+        and session ends given before it (``_undo``, ``end_after``), and the
+        arrival of every earlier call that may park. So a call sees what an
+        earlier one changed (an acquire that queued, a party that arrived) as
+        the memory store's calls, made in turn on one loop, do; calls that
+        cannot park do not wait for one another. While the work waits for a
+        change in etcd, the call is in ``waiting`` (``watching.waiting``).
+        """
         answer: list[asyncio.Future[Any]] = []
+        before = [f for f in self.undos if not f.done()]
+        before += [f for f in self.arrivals.values() if not f.done()]
 
         async def ordered(session: EtcdSession) -> Any:
             WAITING.set(self._marker(answer))
-            undos = [f for f in self.undos if not f.done()]
-            if undos:
-                await asyncio.wait(undos)
+            if before:
+                await asyncio.wait(before)
             return await work(session)
 
         future: asyncio.Future[Any] = self.store.run(self, call, ordered, parks=parks)
         answer.append(future)
-        future.add_done_callback(lambda f: self.waiting.pop(f, None))
+        if parks:
+            arrived: asyncio.Future[None] = self.store.loop.create_future()
+            self.arrivals[future] = arrived
+        future.add_done_callback(self._answered)
         return future
+
+    def _answered(self, future: asyncio.Future[Any]) -> None:
+        self.waiting.pop(future, None)
+        self._dropping.discard(future)
+        arrived = self.arrivals.pop(future, None)
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
 
     def _marker(self, answer: list[asyncio.Future[Any]]) -> Callable[[Still | None], None]:
         """What ``watching.waiting`` tells: the call ``answer[0]`` waits (or no longer)."""
@@ -222,12 +267,34 @@ class EtcdHandle:
         def mark(still: Still | None) -> None:
             if not answer or answer[0].done():
                 return
+            future = answer[0]
             if still is None:
-                self.waiting.pop(answer[0], None)
-            else:
-                self.waiting[answer[0]] = still
+                self.waiting.pop(future, None)
+                return
+            self.waiting[future] = still
+            arrived = self.arrivals.pop(future, None)
+            if arrived is not None and not arrived.done():
+                arrived.set_result(None)
+            if future in self._dropping:
+                future.cancel()
 
         return mark
+
+    def drop_when_parked(self, future: asyncio.Future[Any]) -> None:
+        """The session of the call ``future`` ended: drop it now if it waits, else once it
+        does (a call on its way to an answer is answered, as in the memory store,
+        where it was answered before the session ended)."""
+        if future.done():
+            return
+        if future in self.waiting:
+            future.cancel()
+        else:
+            self._dropping.add(future)
+
+    def end_after(self, done: asyncio.Future[None]) -> None:
+        """Calls made here from now on wait for ``done`` (a session's end under way)."""
+        self.undos.append(done)
+        done.add_done_callback(self.undos.remove)
 
     def waits_now(self, future: asyncio.Future[Any]) -> bool:
         """Whether the call ``future`` is parked: waiting for a change in etcd."""
@@ -614,12 +681,17 @@ class LockHandle(EtcdHandle):
         key = self.lock._key(session, owner)
         try:
             async with asyncio.timeout(wait_s):
-                read = await self.store.client.range(key)
-                if read.kvs:
-                    await changed(
-                        self.store.client, key, after_revision=read.revision, kind=EventType.DELETE
-                    )
-                return await self.lock.acquire(session, owner)
+                while True:
+                    read = await self.store.client.range(key)
+                    if read.kvs:
+                        await changed(
+                            self.store.client, key, after_revision=read.revision,
+                            kind=EventType.DELETE,
+                        )  # fmt: skip
+                    try:
+                        return await self.lock.acquire(session, owner)
+                    except RuntimeError:
+                        continue  # held by its own session again: wait on
         except TimeoutError:
             return None
 
@@ -874,8 +946,40 @@ class ValueHandle(EtcdHandle):
         return self._run(call, lambda _: self.value.update(change))
 
 
-class DictHandle(EtcdHandle):
+class ContentsArgs:
+    """Creation ``contents`` kept in the names key (pickled, read back with the
+    restricted decoder) and compared by value as the memory store compares them."""
+
+    memory_class: ClassVar[type[SharedObject]]
+
+    @classmethod
+    def encode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        if "contents" not in args:
+            return args
+        pickled = pickle.dumps(args["contents"], protocol=5)
+        return {**args, "contents": base64.b64encode(pickled).decode()}
+
+    @classmethod
+    def decode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(args.get("contents"), str):
+            return args
+        return {**args, "contents": _DECODER.loads(base64.b64decode(args["contents"]))}
+
+    @classmethod
+    def same_arg(cls, name: str, created: Any, given: Any) -> bool:
+        if name != "contents":
+            return bool(created == given)
+        blank = cls.memory_class.__new__(cls.memory_class)  # its comparison needs no state
+        try:
+            return bool(blank._same_contents(created, given))  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            return False  # contents it would refuse: not the same
+
+
+class DictHandle(ContentsArgs, EtcdHandle):
     """``dict``: any hashable key, a key per entry (``values.py``)."""
+
+    memory_class = Dict
 
     typeid = "dict"
     create_params = ("contents",)
@@ -896,6 +1000,9 @@ class DictHandle(EtcdHandle):
 
     def state_prefixes(self) -> list[bytes]:
         return [self.dict.prefix]
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"contents": self.contents}
 
     async def refresh(self) -> None:
         self.seen = {"len": await self.dict.len()}
@@ -1064,6 +1171,10 @@ class ConditionHandle(EtcdHandle):
         owner = self.lock._owner(call)
         waiting = _CondWait(self.store.loop, call.session, owner)
         self.unnotified.add(waiting)
+        # Calls made after this one, here or on the lock, see the lock let go (the
+        # memory store lets it go within the call).
+        for handle in (self, self.lock):
+            handle.end_after(waiting.released)
 
         answer_of: list[asyncio.Future[Any]] = []
 
@@ -1076,6 +1187,7 @@ class ConditionHandle(EtcdHandle):
                 mark_answer(still)
 
             WAITING.set(mark)
+            waiting.key = self.condition.waiter_key(session)
             try:
                 if waiting.dropped:  # dropped before it began: the lock goes all the same
                     await self.condition._let_go(session, owner)
@@ -1086,6 +1198,8 @@ class ConditionHandle(EtcdHandle):
                     wait_s,
                     on_wake=lambda: self.unnotified.discard(waiting),
                     stop=waiting.stop,
+                    key=waiting.key,
+                    released=waiting.released,
                 )
             except asyncio.CancelledError:
                 waiting.outcome.cancel()
@@ -1096,6 +1210,8 @@ class ConditionHandle(EtcdHandle):
                 return
             finally:
                 self.unnotified.discard(waiting)
+                if not waiting.released.done():
+                    waiting.released.set_result(None)
                 waiting.finished.set_result(None)
             waiting.outcome.set_result(outcome)
 
@@ -1116,8 +1232,7 @@ class ConditionHandle(EtcdHandle):
                 waiting.drop()
                 self.unnotified.discard(waiting)
                 for handle in (self, self.lock):  # later calls see the lock let go
-                    handle.undos.append(waiting.finished)
-                    waiting.finished.add_done_callback(handle.undos.remove)
+                    handle.end_after(waiting.finished)
 
         answer.add_done_callback(answered)
         return answer
@@ -1186,12 +1301,27 @@ class ConditionHandle(EtcdHandle):
     @exposed()
     def notify(self, call: Call, n: int = 1) -> Any:
         owner = self.lock._owner(call)
-        return self._run(call, lambda session: self.condition.notify(session, owner, n))
+
+        async def notify(session: EtcdSession) -> None:
+            self._notified(await self.condition.notify(session, owner, n))
+
+        return self._run(call, notify)
 
     @exposed()
     def notify_all(self, call: Call) -> Any:
         owner = self.lock._owner(call)
-        return self._run(call, lambda session: self.condition.notify_all(session, owner))
+
+        async def notify_all(session: EtcdSession) -> None:
+            self._notified(await self.condition.notify_all(session, owner))
+
+        return self._run(call, notify_all)
+
+    def _notified(self, keys: list[bytes]) -> None:
+        """This gateway's waits whose keys a notify deleted are no longer waiters (at
+        once, as in the memory store; each sees its key gone a moment later)."""
+        deleted = set(keys)
+        for waiting in [w for w in self.unnotified if w.key in deleted]:
+            self.unnotified.discard(waiting)
 
     def stats(self) -> ConditionStats:
         return ConditionStats(
@@ -1210,6 +1340,10 @@ class _CondWait:
         #: ``(notified, token)`` once it holds the lock again.
         self.outcome: asyncio.Future[tuple[bool, int]] = loop.create_future()
         self.task: asyncio.Task[Any] | None = None
+        #: Its waiter key in etcd, once the wait has begun.
+        self.key: bytes | None = None
+        #: Done once the lock was let go (or the wait refused).
+        self.released: asyncio.Future[None] = loop.create_future()
         self.dropped = False
         #: Whether it waits for a change in etcd now (``watching.waiting``).
         self.still: Still | None = None

@@ -25,12 +25,10 @@ token), so a count never lands on another holding; the key goes at 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import (
-    Compacted,
     Compare,
     Delete,
     EventType,
@@ -42,7 +40,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import waiting
+from managerd.store.etcd.watching import changed
 from managerd_client.errors import LockLost
 
 
@@ -65,14 +63,18 @@ class EtcdLock:
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        attempt: bytes | None = None,
     ) -> int | None:
         """The fencing token once held; None if not held in time (or at once, not blocking).
 
         A contender that gives up (timeout, not blocking, or cancelled)
-        removes its key, so the waiter behind it watches on.
+        removes its key, so the waiter behind it watches on. ``attempt``: the
+        mark of this acquisition (random if None); a key found with it is
+        this acquisition's own (a retry, or a contender key put for it: a
+        Condition's notify queues its waiters so).
         """
         key = self._key(session, owner)
-        attempt = secrets.token_bytes(_ATTEMPT_BYTES)
+        attempt = attempt or new_attempt()
         # Our key, unless it exists: a retry of this call finds its own attempt.
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
@@ -119,22 +121,16 @@ class EtcdLock:
                 return False
             predecessor = before.kvs[0].key
             try:
-                with waiting():
-                    await asyncio.wait_for(self._deleted(predecessor, before.revision + 1), left_s)
+                # Its delete, or [] if that history is gone: look again either way.
+                await asyncio.wait_for(
+                    changed(
+                        self.client, predecessor, after_revision=before.revision,
+                        kind=EventType.DELETE,
+                    ),
+                    left_s,
+                )  # fmt: skip
             except TimeoutError:
                 return False
-
-    async def _deleted(self, key: bytes, start_revision: int) -> None:
-        """Return once ``key`` is deleted at or after ``start_revision``."""
-        try:
-            async with contextlib.aclosing(
-                self.client.watch(key, start_revision=start_revision)
-            ) as events:
-                async for batch in events:
-                    if any(e.type is EventType.DELETE for e in batch):
-                        return
-        except Compacted:
-            return  # history is gone: the caller looks again
 
     async def _withdraw(self, key: bytes, token: int) -> None:
         await self.client.txn(
@@ -184,12 +180,15 @@ class EtcdRLock(EtcdLock):
         *,
         blocking: bool = True,
         timeout_s: float | None = None,
+        attempt: bytes | None = None,
     ) -> int | None:
         key = self._key(session, owner)
         while True:
             kv = await self.client.get(key)
             if kv is None:
-                return await super().acquire(session, owner, blocking=blocking, timeout_s=timeout_s)
+                return await super().acquire(
+                    session, owner, blocking=blocking, timeout_s=timeout_s, attempt=attempt
+                )
             # Our key exists: we hold it (a thread waits in one acquire at a time).
             done = await self.client.txn(
                 [
@@ -234,6 +233,11 @@ class EtcdRLock(EtcdLock):
 
 
 _ATTEMPT_BYTES = 8  # the random attempt mark EtcdLock.acquire puts first
+
+
+def new_attempt() -> bytes:
+    """A random mark of one acquisition (the start of its key's value)."""
+    return secrets.token_bytes(_ATTEMPT_BYTES)
 
 
 def lock_depth(value: bytes) -> int:

@@ -74,7 +74,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import changed, waiting
+from managerd.store.etcd.watching import Synced, changed, waiting
 from managerd_client.errors import ManagerdError
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class EtcdQueue:
         self._wants: collections.deque[_Want] = collections.deque()
         self._taker: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
+        self._watch_synced: Synced = Synced(0)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def put(self, item: bytes, timeout_s: float | None = 0.0) -> None:
@@ -210,8 +211,16 @@ class EtcdQueue:
         if timeout_s == 0 and self._room.locked():
             raise queue.Full  # a put waits for room ahead of this one (FIFO)
         try:
-            async with self._room, asyncio.timeout(timeout_s or None):
-                await self._put_when_room(items, timeout_s)
+            async with asyncio.timeout(timeout_s or None):
+                if self._room.locked():
+                    with waiting():  # behind a put that waits for room: parked too
+                        await self._room.acquire()
+                else:
+                    await self._room.acquire()
+                try:
+                    await self._put_when_room(items, timeout_s)
+                finally:
+                    self._room.release()
         except TimeoutError:
             raise queue.Full from None
 
@@ -481,7 +490,7 @@ class EtcdQueue:
         if self._taker is None or self._taker.done():
             self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
         try:
-            with waiting(lambda: self._watching is not None and not self._watching.done()):
+            with waiting(self._parked):
                 return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if want.future.done() and not want.future.cancelled():
@@ -531,11 +540,22 @@ class EtcdQueue:
                 if not want.future.done():
                     want.future.set_exception(exc)
 
+    def _parked(self) -> bool:
+        """Whether the line waits for a put now (its watch in step: ``watching.Synced``)."""
+        watching = self._watching
+        return watching is not None and not watching.done() and self._watch_synced()
+
     async def _put_after(self, start_revision: int) -> None:
         """Return at the first put into ``i/`` at or after ``start_revision``."""
+        self._watch_synced = synced = Synced(start_revision - 1)
         try:
             async with contextlib.aclosing(
-                self.client.watch(self._ready, self._ready_end, start_revision=start_revision)
+                self.client.watch(
+                    self._ready,
+                    self._ready_end,
+                    start_revision=start_revision,
+                    on_created=synced.created,
+                )
             ) as events:
                 async for batch in events:
                     if any(e.type is EventType.PUT for e in batch):

@@ -41,7 +41,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from managerd.store.api import BadArgument, Call
+from managerd.store.api import BadArgument, BadState, Call
 from managerd.store.etcd.cells import CELLS
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.handles import (
@@ -85,6 +85,9 @@ TYPE_INFO: Final[Mapping[str, TypeInfo]] = {
     typeid: TypeInfo(typeid, cls.methods, cls.create_params) for typeid, cls in SERVED.items()
 }
 REQUEUE_INTERVAL_S: Final = 1.0
+#: How long a session's end waits for each of its calls still on their way to wait
+#: or be answered before it drops them all the same (a net: they never take so long).
+END_CALLS_S: Final = 10.0
 
 
 class EtcdStore:
@@ -107,9 +110,13 @@ class EtcdStore:
         self._handles: dict[str, EtcdHandle] = {}
         #: Each session's lease, opened at its first call.
         self._leases: dict[Session, asyncio.Task[EtcdSession]] = {}
-        #: Each session's calls in flight (answers not yet given).
-        self._calls: dict[Session, set[asyncio.Future[Any]]] = {}
+        #: Each session's calls in flight (answers not yet given): the handle and task of each.
+        self._calls: dict[Session, dict[asyncio.Future[Any], _InFlight]] = {}
+        #: The handles each session has called (its end is awaited by their later calls).
+        self._used: dict[Session, set[EtcdHandle]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Sessions' ends under way (``release``): finished, not cancelled, on close.
+        self._endings: set[asyncio.Task[None]] = set()
         #: Creations and deletions under way: finished (not cancelled) on close.
         self._changes: set[asyncio.Task[None]] = set()
         self.deliveries = Deliveries()
@@ -147,7 +154,8 @@ class EtcdStore:
             return  # an older incarnation's creation, seen late by the watch
         if handle is not None and handle.revision != revision:
             self._drop(name, NoSuchObject(f"{name!r} was deleted"))  # made again elsewhere
-        self._known[name] = _Known(entry["type"], entry["args"], revision)
+        args = SERVED[entry["type"]].decode_args(entry["args"])
+        self._known[name] = _Known(entry["type"], args, revision)
 
     async def _follow(self, revision: int) -> None:
         """Keep the mirror of names: creations and deletions through any gateway."""
@@ -207,7 +215,10 @@ class EtcdStore:
         created = handle.creation_args()
         self._known[name] = _Known(typeid, created, 0)
         self._handles[name] = handle
-        creating = self.loop.create_task(self._create(handle, typeid, created))
+        # Only a deletion under way now comes first: one asked for later waits for this
+        # creation (``_delete`` awaits ``ready``), and waiting for it here would deadlock.
+        deleting = self._deleting.get(name)
+        creating = self.loop.create_task(self._create(handle, typeid, created, deleting))
         self._changes.add(creating)
         creating.add_done_callback(self._changes.discard)
 
@@ -223,12 +234,18 @@ class EtcdStore:
         creating.add_done_callback(created_or_not)
         return cast(Handle, handle)
 
-    async def _create(self, handle: EtcdHandle, typeid: str, created: dict[str, Any]) -> None:
-        deleting = self._deleting.get(handle.name)
+    async def _create(
+        self,
+        handle: EtcdHandle,
+        typeid: str,
+        created: dict[str, Any],
+        deleting: asyncio.Task[None] | None,
+    ) -> None:
         if deleting is not None:
             await asyncio.wait([deleting])
         key = self._names + name_key(handle.name)
-        entry = json.dumps({"name": handle.name, "type": typeid, "args": created}).encode()
+        args = type(handle).encode_args(created)
+        entry = json.dumps({"name": handle.name, "type": typeid, "args": args}).encode()
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
             [Put(key, entry), *handle.init_ops()],
@@ -242,7 +259,8 @@ class EtcdStore:
             assert isinstance(read, RangeResult)
             if read.kvs and read.kvs[0].value != entry:  # not our own retried creation
                 found = json.loads(read.kvs[0].value)
-                _check_same(handle.name, found["type"], found["args"], typeid, created)
+                found_args = SERVED[found["type"]].decode_args(found["args"])
+                _check_same(handle.name, found["type"], found_args, typeid, created)
             revision = read.kvs[0].create_revision
         if handle.revision == 0:
             handle.revision = revision
@@ -291,6 +309,16 @@ class EtcdStore:
         known = self._known.get(name)
         if known is None:
             return False
+        if known.typeid in ("Lock", "RLock"):
+            # A Condition holds its lock's handle: a new lock of that name would be
+            # another lock until a restart rebinds the Condition by name (as the
+            # memory store). Only the Conditions this gateway's mirror knows.
+            users = sorted(n for n, k in self._known.items()
+                           if k.typeid == "Condition" and k.args.get("lock") == name)  # fmt: skip
+            if users:
+                raise BadState(
+                    f"{name!r} is the lock of Condition {users[0]!r}: delete the Condition first"
+                )
         handle = cast(EtcdHandle, self._handle(name, known))
         self._forget(name)
         deleting = self.loop.create_task(self._delete(handle))
@@ -341,8 +369,9 @@ class EtcdStore:
 
         answer: asyncio.Future[Any] = self.loop.create_future()
         task = self.loop.create_task(run())
-        calls = self._calls.setdefault(session, set())
-        calls.add(answer)
+        calls = self._calls.setdefault(session, {})
+        calls[answer] = _InFlight(handle, task)
+        self._used.setdefault(session, set()).add(handle)
         handle.calls.add(answer)
         if parks:
             handle.parked.add(answer)
@@ -358,7 +387,7 @@ class EtcdStore:
                 answer.set_result(task.result())
 
         def answered(answer: asyncio.Future[Any]) -> None:
-            calls.discard(answer)
+            calls.pop(answer, None)
             handle.calls.discard(answer)
             handle.parked.discard(answer)
             task.cancel()  # a no-op once it is done
@@ -411,20 +440,58 @@ class EtcdStore:
         getattr(obj, obj.undo_methods[method])(call, args, result)
 
     def release(self, session: Session) -> None:
-        for task in self._calls.pop(session, set()):
-            task.cancel()
+        """End ``session``, in the memory store's order: its calls that wait are dropped
+        (one still on its way is dropped once it waits, or answered), then its lease
+        is revoked (its holdings go to the next live waiter), then its reservations
+        go back. Calls made after this on the objects it used wait for all that."""
+        calls = self._calls.pop(session, {})
+        for answer, in_flight in calls.items():
+            in_flight.handle.drop_when_parked(answer)
         queues = self.deliveries.drop(session)
         for key in [k for k in self.tokens if k[0] is session]:
             del self.tokens[key]
         lease = self._leases.pop(session, None)
-        if lease is not None:
-            self.background(self._end(lease, queues))
+        ended: asyncio.Future[None] = self.loop.create_future()
+        # What came before the end on those objects (any session's calls on their way
+        # to wait, earlier ends) comes first: a dead waiter is not handed the lock.
+        before: list[asyncio.Future[Any]] = []
+        for handle in self._used.pop(session, ()):
+            before += [f for f in handle.undos if not f.done()]
+            before += [f for f in handle.arrivals.values() if not f.done()]
+            handle.end_after(ended)
+        ending = self.loop.create_task(self._end(calls, before, lease, queues, ended))
+        self._endings.add(ending)
+        ending.add_done_callback(self._ended)
 
-    async def _end(self, lease: asyncio.Task[EtcdSession], queues: set[QueueHandle]) -> None:
-        etcd_session = await lease
-        await etcd_session.close()
-        for queue in queues:  # its reservations go back now, not after a deadline
-            await queue.queue.requeue_expired()
+    async def _end(
+        self,
+        calls: dict[asyncio.Future[Any], _InFlight],
+        before: list[asyncio.Future[Any]],
+        lease: asyncio.Task[EtcdSession] | None,
+        queues: set[QueueHandle],
+        ended: asyncio.Future[None],
+    ) -> None:
+        try:
+            if before:
+                await asyncio.wait(before, timeout=END_CALLS_S)
+            tasks = [in_flight.task for in_flight in calls.values()]
+            if tasks:  # each answered, or dropped and unwound (a waiter's key withdrawn)
+                await asyncio.wait(tasks, timeout=END_CALLS_S)
+                for answer in calls:
+                    answer.cancel()  # a no-op once answered; else one that never waited
+                await asyncio.wait(tasks, timeout=END_CALLS_S)
+            if lease is not None:
+                etcd_session = await lease
+                await etcd_session.close()
+            for queue in queues:  # its reservations go back now, not after a deadline
+                await queue.queue.requeue_expired()
+        finally:
+            ended.set_result(None)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._endings.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("etcd store: ending a session failed", exc_info=task.exception())
 
     async def _requeue_loop(self) -> None:
         while True:
@@ -486,11 +553,19 @@ class EtcdStore:
         """Stop, revoke every session's lease this gateway opened."""
         tasks = list(self._tasks)
         self.shutdown()
-        await asyncio.gather(*tasks, *self._changes, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._changes, *self._endings, return_exceptions=True)
         for session in list(self._leases):
             lease = self._leases.pop(session)
             with contextlib.suppress(Exception):
                 await (await lease).close()
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A call in flight: the handle it was made on, and the task that does its work."""
+
+    handle: EtcdHandle
+    task: asyncio.Task[Any]
 
 
 @dataclass(slots=True)
@@ -515,8 +590,9 @@ def _check_same(
         raise ObjectTypeConflict(
             f"{name!r} already exists as a {known_type}, cannot use it as a {typeid}"
         )
+    same = SERVED[typeid].same_arg  # the known type: one served
     for key, value in args.items():
-        if key in created and created[key] != value:
+        if key in created and not same(key, created[key], value):
             raise ArgumentConflict(
                 f"{typeid} {name!r} exists with {key}={created[key]!r}; "
                 f"cannot attach with {key}={value!r}"
