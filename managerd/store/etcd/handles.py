@@ -30,7 +30,7 @@ import marshal
 import pickle
 import queue
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, ClassVar, Protocol
 
 from managerd.histogram import Histogram
 from managerd.safepickle import SafeDecoder
@@ -748,11 +748,13 @@ class RLockHandle(LockHandle):
         owner = self._owner(call)
 
         async def release(session: EtcdSession) -> None:
-            token = self.store.tokens.get((call.session, self.name, owner))
-            lock = cast(EtcdRLock, self.lock)
-            if token is None or not await lock.depth(session, owner):
+            # The holding's token as etcd has it (a Condition's wait may have taken it
+            # back a moment ago, its answer not yet given).
+            kv = await self.store.client.get(self.lock._key(session, owner))
+            held = await self.lock.holder()
+            if kv is None or held is None or held[0] != kv.key:
                 raise BadState("cannot release un-acquired lock")
-            await self.lock.release(session, token, owner)
+            await self.lock.release(session, kv.create_revision, owner)
 
         return self._run(call, release)
 

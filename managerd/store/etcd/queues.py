@@ -74,7 +74,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import Synced, changed, waiting
+from managerd.store.etcd.watching import Synced, changed, deadline_of, waiting
 from managerd_client.errors import ManagerdError
 
 log = logging.getLogger(__name__)
@@ -210,21 +210,24 @@ class EtcdQueue:
         # _BOUNDED_BATCH items are several Txns: never past maxsize, not atomic.
         if timeout_s == 0 and self._room.locked():
             raise queue.Full  # a put waits for room ahead of this one (FIFO)
+        deadline = deadline_of(timeout_s or None)
         try:
-            async with asyncio.timeout(timeout_s or None):
-                if self._room.locked():
-                    with waiting():  # behind a put that waits for room: parked too
+            if self._room.locked():
+                with waiting():  # behind a put that waits for room: parked too
+                    async with asyncio.timeout_at(deadline):
                         await self._room.acquire()
-                else:
-                    await self._room.acquire()
-                try:
-                    await self._put_when_room(items, timeout_s)
-                finally:
-                    self._room.release()
+            else:
+                await self._room.acquire()
+            try:
+                await self._put_when_room(items, timeout_s, deadline)
+            finally:
+                self._room.release()
         except TimeoutError:
             raise queue.Full from None
 
-    async def _put_when_room(self, items: list[bytes], timeout_s: float | None) -> None:
+    async def _put_when_room(
+        self, items: list[bytes], timeout_s: float | None, deadline: float | None
+    ) -> None:
         remaining = items
         while remaining:
             read = await self.client.range(self._ready, self._ready_end, count_only=True)
@@ -241,6 +244,7 @@ class EtcdQueue:
                 self._ready_end,
                 after_revision=read.revision,
                 kind=EventType.DELETE,
+                deadline=deadline,
             )
 
     async def _append_if_unchanged(self, items: list[bytes], revision: int) -> bool:
@@ -319,19 +323,24 @@ class EtcdQueue:
     async def join(self, timeout_s: float | None = None) -> None:
         """Return once no item is unfinished; ``TimeoutError`` after ``timeout_s``."""
         end = prefix_end(self._unfinished)
+        if timeout_s is not None and timeout_s <= 0:  # a look, not a wait (no time to read)
+            if (await self.client.range(self._unfinished, end, count_only=True)).count:
+                raise TimeoutError("join() timed out")
+            return
+        deadline = deadline_of(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    read = await self.client.range(self._unfinished, end, count_only=True)
-                    if not read.count:
-                        return
-                    await changed(
-                        self.client,
-                        self._unfinished,
-                        end,
-                        after_revision=read.revision,
-                        kind=EventType.DELETE,
-                    )
+            while True:
+                read = await self.client.range(self._unfinished, end, count_only=True)
+                if not read.count:
+                    return
+                await changed(
+                    self.client,
+                    self._unfinished,
+                    end,
+                    after_revision=read.revision,
+                    kind=EventType.DELETE,
+                    deadline=deadline,
+                )
         except TimeoutError:
             raise TimeoutError("join() timed out") from None
 
@@ -480,11 +489,14 @@ class EtcdQueue:
     async def _blocking(
         self, session: EtcdSession | None, visibility_s: float, timeout_s: float | None
     ) -> Taken:
-        if timeout_s is not None and timeout_s <= 0:
+        if (timeout_s is not None and timeout_s <= 0) or not self._wants:
+            # A look first (nobody of this process waits ahead): an item there is
+            # taken however short the timeout, as in the memory store.
             taken, _ = await self._take(session, visibility_s)
-            if taken is None:
+            if taken is not None:
+                return taken
+            if timeout_s is not None and timeout_s <= 0:
                 raise queue.Empty
-            return taken
         want = _Want(session, visibility_s, asyncio.get_running_loop().create_future())
         self._wants.append(want)
         if self._taker is None or self._taker.done():

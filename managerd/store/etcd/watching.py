@@ -83,24 +83,43 @@ async def changed(
     *,
     after_revision: int,
     kind: EventType | None = None,
+    deadline: float | None = None,
 ) -> list[Event]:
     """The first events on ``[key, range_end)`` after ``after_revision`` (of ``kind`` if
     given); ``[]`` if that history was compacted (the caller reads the state again).
 
     The call waits (``waiting``) once its watch is in step (``Synced``).
+    ``deadline`` (the loop's time): ``TimeoutError`` then. A timeout bounds the
+    wait only, never the look before it, as in the memory store (a free permit
+    is taken, a set event seen, however short the timeout).
     """
     synced = Synced(after_revision)
     try:
         with waiting(synced):
-            async with contextlib.aclosing(
-                client.watch(
-                    key, range_end, start_revision=after_revision + 1, on_created=synced.created
-                )
-            ) as events:
-                async for batch in events:
-                    wanted = [e for e in batch if kind is None or e.type is kind]
-                    if wanted:
-                        return wanted
+            async with asyncio.timeout_at(deadline):
+                return await _first(client, key, range_end, after_revision, kind, synced)
     except Compacted:
         return []
+
+
+def deadline_of(timeout_s: float | None) -> float | None:
+    """The loop's time ``timeout_s`` from now (None: no deadline)."""
+    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+
+async def _first(
+    client: EtcdClient,
+    key: bytes,
+    range_end: bytes,
+    after_revision: int,
+    kind: EventType | None,
+    synced: Synced,
+) -> list[Event]:
+    async with contextlib.aclosing(
+        client.watch(key, range_end, start_revision=after_revision + 1, on_created=synced.created)
+    ) as events:
+        async for batch in events:
+            wanted = [e for e in batch if kind is None or e.type is kind]
+            if wanted:
+                return wanted
     raise AssertionError("a watch ended without an error")  # the client's watch never ends
