@@ -4,11 +4,14 @@
 
 ``wait`` is one Txn: it compares that the caller's lock key is the one it
 holds, deletes it (the lock is free for the next contender) and puts a
-waiter key ``/m/cv/<name>/w/<lease>/<random>`` on the session's lease; then it
-watches that key. ``notify(n)`` deletes the first ``n`` waiter keys (in
-arrival order: by create_revision), ``notify_all`` all of them; a waiter
-whose key is deleted was notified, and takes the lock back (as deep as it
-held it, for an RLock) before it returns True. A timeout withdraws the key
+waiter key ``/m/cv/<name>/w/<lease>/<random>`` on the session's lease (its
+value: the mark of its retake and its owner); then it watches that key.
+``notify(n)`` deletes the first ``n`` waiter keys (in arrival order: by
+create_revision), ``notify_all`` all of them, each in a Txn that also puts
+that waiter's contender key for the lock, so notified waiters take the
+lock back in notify order; a waiter whose key is deleted was notified, and
+takes the lock back (as deep as it held it, for an RLock) before it
+returns True. A timeout withdraws the key
 (False, unless a notify deleted it first), then takes the lock back too.
 A waiter's session that ends takes its key with it.
 

@@ -9,10 +9,14 @@ themselves are the etcd classes of ``queues.py``, ``locks.py``, ``sync.py``
 and ``values.py``; a handle maps ``call.session`` to the session's lease and
 the calling thread to a lock's owner.
 
-An answered call's undo (``_undo``) runs before any call made after it on
-the same handle, as the memory store's undo is done before its next call.
-While a call waits for a change in etcd (``watching.waiting``) it is in
-``waiting``: parked, not on its way to an answer.
+Calls on one handle take effect in the order they were made, as the
+memory store's do on its one loop: a call waits, before its work starts,
+for every earlier call that may park to have parked or been answered, and
+for the undos (``_undo``) and session ends (``end_after``) given before
+it; calls that cannot park run side by side. While a call waits for a
+change in etcd (``watching.waiting``, once its watch is in step) it is in
+``waiting``: parked, not on its way to an answer. A call whose session
+ended before it parked is dropped once it parks (``drop_when_parked``).
 
 Served here: Queue, JoinableQueue, Lock, RLock, Semaphore,
 BoundedSemaphore, Event, Value, dict, Condition, Barrier and Pipe
@@ -462,6 +466,7 @@ class QueueHandle(EtcdHandle):
         """Up to ``max_items`` items; waits (as ``get``) only while there are none."""
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError("max_items must be a positive int")
+        max_items = int(max_items)  # True is 1, as in the memory store (etcd takes no bool)
         wait_s = timeout_s(block, timeout)
         return self._run(
             call, lambda _: self.queue.get_many(max_items, wait_s), parks=wait_s != 0.0
@@ -1227,6 +1232,7 @@ class ConditionHandle(EtcdHandle):
         answer = self._run(call, wait, parks=True)
         answer_of.append(answer)
         self._waits[answer] = waiting
+        waiting.answer = answer
 
         def answered(answer: asyncio.Future[Any]) -> None:
             del self._waits[answer]
@@ -1241,13 +1247,15 @@ class ConditionHandle(EtcdHandle):
 
     def abandon(self, method: str, future: asyncio.Future[Any], *, stock: bool = False) -> None:
         """An interrupted ``wait`` takes the lock back, as ``threading.Condition``'s
-        finally: it stops waiting for a notify and queues for the lock, which the
-        client's ``restore`` then waits for. A stock client cannot: dropped."""
+        finally: it stops waiting for a notify and queues for the lock; its answer
+        is then False (as a timeout's), unless the client's ``restore`` comes
+        first and answers instead. A stock client cannot: dropped."""
         waiting = self._waits.get(future)
         if method == "wait" and not stock and waiting is not None:
             waiting.stop.set()
             self.unnotified.discard(waiting)
             self._restoring[(waiting.session, waiting.owner)] = waiting
+            return
         future.cancel()
 
     @exposed(mutates=True)
@@ -1261,6 +1269,8 @@ class ConditionHandle(EtcdHandle):
         """
         owner = self.lock._owner(call)
         waiting = self._restoring.pop((call.session, owner), None)
+        if waiting is not None and waiting.answer is not None:
+            waiting.answer.cancel()  # this call answers the interrupted wait's retake now
 
         async def restore(session: EtcdSession) -> int | bool:
             if waiting is not None:
@@ -1342,6 +1352,8 @@ class _CondWait:
         #: ``(notified, token)`` once it holds the lock again.
         self.outcome: asyncio.Future[tuple[bool, int]] = loop.create_future()
         self.task: asyncio.Task[Any] | None = None
+        #: The answer of the ``wait`` call (None until made).
+        self.answer: asyncio.Future[Any] | None = None
         #: Its waiter key in etcd, once the wait has begun.
         self.key: bytes | None = None
         #: Done once the lock was let go (or the wait refused).

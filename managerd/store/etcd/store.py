@@ -18,9 +18,11 @@ with that conflict (the memory store raises it from get_or_create).
 
 **Sessions**: a managerd session gets an etcd lease (``EtcdSession``,
 TTL ``session_ttl_s``) at its first call; locks and permits are keys on
-it. ``release`` cancels the session's parked calls (a blocked acquire
-withdraws its key), revokes the lease (its holdings go at once), and
-returns its reservations to their queues. Reservations of a gateway
+it. ``release`` drops the session's parked calls (a blocked acquire
+withdraws its key; a call on its way is dropped once it parks), then
+revokes the lease (its holdings go to the next live waiter), then returns
+its reservations to their queues; later calls on the objects it used
+wait for all that, as if it had happened at once. Reservations of a gateway
 that died are returned by ``requeue_expired`` of any gateway: each one runs
 it every second over the queues it has opened (safe when several do: each
 move compares the reservation's revision).
