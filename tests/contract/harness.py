@@ -333,8 +333,10 @@ class StoreHarness:
 
     def waiters(self, obj: Obj) -> int:
         """Calls parked on ``obj`` (its stats; 0 for an object that never parks one), once
-        every call made is answered or parked (``settle``)."""
-        self.settle()
+        every call made to the etcd store is answered or parked (``settle``; the
+        memory store's are, within the call)."""
+        if self._etcd is not None:
+            self.settle()
         return int(getattr(self.store.stats_of(self._object(obj)), "waiters", 0))
 
     def stats(self, obj: Obj) -> ObjectStats:

@@ -137,6 +137,8 @@ class _Want:
     session: EtcdSession | None
     visibility_s: float
     future: asyncio.Future[Taken]
+    #: Set once the line read the queue empty after it came (its timeout runs then).
+    seen: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,20 +491,26 @@ class EtcdQueue:
     async def _blocking(
         self, session: EtcdSession | None, visibility_s: float, timeout_s: float | None
     ) -> Taken:
-        if (timeout_s is not None and timeout_s <= 0) or not self._wants:
-            # A look first (nobody of this process waits ahead): an item there is
-            # taken however short the timeout, as in the memory store.
+        if timeout_s is not None and timeout_s <= 0:
             taken, _ = await self._take(session, visibility_s)
-            if taken is not None:
-                return taken
-            if timeout_s is not None and timeout_s <= 0:
+            if taken is None:
                 raise queue.Empty
+            return taken
         want = _Want(session, visibility_s, asyncio.get_running_loop().create_future())
         self._wants.append(want)
         if self._taker is None or self._taker.done():
             self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
         try:
             with waiting(self._parked):
+                if not want.seen.is_set():
+                    # The line's first look is not timed: an item there is taken however
+                    # short the timeout, as in the memory store.
+                    seen = asyncio.ensure_future(want.seen.wait())
+                    either: list[asyncio.Future[Any]] = [want.future, seen]
+                    try:
+                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        seen.cancel()
                 return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if want.future.done() and not want.future.cancelled():
@@ -527,6 +535,8 @@ class EtcdQueue:
             while wants := [w for w in self._wants if not w.future.done()][:batch]:
                 head = await self.client.range(self._ready, self._ready_end, limit=len(wants))
                 if not head.kvs:
+                    for want in self._wants:
+                        want.seen.set()  # each had its look: its timeout runs now
                     self._watching = asyncio.create_task(self._put_after(head.revision + 1))
                     await asyncio.wait([self._watching])  # a put, or nobody waits any more
                     watched, self._watching = self._watching, None
