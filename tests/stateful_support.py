@@ -23,6 +23,8 @@ is expected (``nan_wait``).
 
 Scale with ``MANAGERD_STATEFUL_EXAMPLES`` (examples per test) and
 ``MANAGERD_STATEFUL_STEPS`` (steps per example), and set
+``MANAGERD_STATEFUL_STORE=etcd`` to run them against a gateway on a real
+3-node etcd cluster (``etcd_support``) instead of the embedded store; set
 ``MANAGERD_STATEFUL_SHRINK=1`` to shrink a failure (slow: see ``SHRINK``);
 ``scripts/stateful_long.py`` runs them for minutes. With
 ``MANAGERD_STATEFUL_COUNTS`` set to a file, each example appends its
@@ -65,6 +67,9 @@ STEPS = int(os.environ.get("MANAGERD_STATEFUL_STEPS", "20"))
 COUNTS_FILE = os.environ.get("MANAGERD_STATEFUL_COUNTS")
 #: Daemon restarts per example (each costs ~1 s: the daemon's start-up).
 RESTARTS = int(os.environ.get("MANAGERD_STATEFUL_RESTARTS", "1"))
+#: The daemon's store: ``memory`` (the embedded one, durable with --data-dir) or ``etcd``
+#: (the daemon is a gateway on a 3-node cluster started for the module).
+STORE = os.environ.get("MANAGERD_STATEFUL_STORE", "memory")
 
 #: Shrinking a failure re-runs the machine hundreds of times, each run
 #: starting clients and (with a restart rule) restarting the daemon (~1.5 s):
@@ -100,13 +105,23 @@ def run_machine(machine: type[StatefulMachine], daemon: Daemon) -> None:
 
 @pytest.fixture(scope="module")
 def sdaemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One durable daemon for a module's state machines (restart rules restart it)."""
+    """One durable daemon for a module's state machines (restart rules restart it): on a
+    data directory, or a gateway on an etcd cluster of its own (``STORE``)."""
     tmp = tmp_path_factory.mktemp("stateful")
-    d = Daemon(tmp, args=["--data-dir", str(tmp / "data"), "--fsync", "always"]).start()
-    try:
-        yield d
-    finally:
-        d.stop()
+    with contextlib.ExitStack() as stack:
+        if STORE == "etcd":
+            from etcd_support import running_cluster
+
+            (tmp / "etcd").mkdir()
+            cluster = stack.enter_context(running_cluster(tmp / "etcd"))
+            args = ["--store", "etcd://" + ",".join(cluster.endpoints)]
+        else:
+            args = ["--data-dir", str(tmp / "data"), "--fsync", "always"]
+        d = Daemon(tmp, args=args).start()
+        try:
+            yield d
+        finally:
+            d.stop()
 
 
 # -- values --------------------------------------------------------------------------------

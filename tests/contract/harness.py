@@ -60,7 +60,14 @@ from managerd.store.sessions import Session, SessionKind
 from managerd.store.stats import ObjectStats, StoreStats
 
 #: The stores the suite runs over (the ``store`` fixture's parameters).
-STORE_KINDS: Final = ("memory", "etcd") if os.environ.get("MANAGERD_CONTRACT_ETCD") else ("memory",)
+STORE_KINDS: Final = ("memory", "etcd")
+#: Run every test on etcd too; without it, the etcd kind runs all but the slow and the
+#: not-yet-matching modules and tests of ``ETCD_OPT_IN`` (conftest deselects them).
+ETCD_WHOLE: Final = os.environ.get("MANAGERD_CONTRACT_ETCD", "") not in ("", "0")
+#: Deselected on etcd unless ``ETCD_WHOLE``: the hostile-arguments sweep (minutes), the
+#: stats (gateway-wide stats, snapshots, ``would_hand_out`` and deadlocks are under
+#: way) and the model machines (their restart resets what etcd keeps: README).
+ETCD_OPT_IN: Final = ("test_no_argument_makes_a_daemon_bug", "test_stats.py", "test_stateful.py")
 
 #: How long a call the test expects to finish may stay parked before the
 #: test fails: a safety net against a hang, never a measure of speed.
@@ -330,7 +337,11 @@ class StoreHarness:
         return self.store.listing()
 
     def waiters(self, obj: Obj) -> int:
-        """Calls parked on ``obj`` (its stats; 0 for an object that never parks one)."""
+        """Calls parked on ``obj`` (its stats; 0 for an object that never parks one), once
+        every call made to the etcd store is answered or parked (``settle``; the
+        memory store's are, within the call)."""
+        if self._etcd is not None:
+            self.settle()
         return int(getattr(self.store.stats_of(self._object(obj)), "waiters", 0))
 
     def stats(self, obj: Obj) -> ObjectStats:
@@ -457,6 +468,21 @@ class StoreHarness:
             self.loop.run_until_complete(asyncio.sleep(0))
         if self._etcd is not None:
             self._run_until(lambda: all(self._settled(f) for f in self._parked))
+            if not all(f.done() for f in self._parked):
+                self._confirm_parked()
+                self._run_until(lambda: all(self._settled(f) for f in self._parked))
+
+    def _confirm_parked(self) -> None:
+        """A call of the etcd store that waits may be about to wake: the change that wakes
+        it was answered, its watch event not yet seen. A round trip to etcd
+        (the event was sent before its answer), then the loop's ready callbacks; three
+        times, as a loaded member may send the event a little after."""
+        etcd = self._etcd
+        if etcd is not None:
+            for _ in range(3):
+                self.loop.run_until_complete(etcd.client.get(self._root + b"settle"))
+                for _ in range(5):
+                    self.loop.run_until_complete(asyncio.sleep(0))
 
     def answered_or_parked(self, pending: Pending, limit_s: float = SETTLE_LIMIT_S) -> None:
         """Run the loop until ``pending`` is answered, or parked: waiting for a change
@@ -465,6 +491,9 @@ class StoreHarness:
         self.settle()
         if self._etcd is not None:
             self._run_until(lambda: self._settled(pending.future), limit_s)
+            if not pending.future.done():
+                self._confirm_parked()
+                self._run_until(lambda: self._settled(pending.future), limit_s)
 
     def _settled(self, future: asyncio.Future[Any]) -> bool:
         if future.done():

@@ -10,10 +10,9 @@ serialized by etcd. The cost: a read and a write per change, the whole value
 each time, so for small objects (etcd refuses a request over 1.5 MiB).
 
 The value is kept with ``marshal`` (builtin data only: lists of payload
-bytes, a dict of str to bytes, numbers with NaN and infinities). **Differs
-from the memory store**: a get-or-create naming other ``contents`` than the
-object was made with is not refused (only the names, types, an Array's
-typecode and length are compared).
+bytes, a dict of str to bytes, numbers with NaN and infinities). A list's
+or Namespace's creation ``contents`` are kept with its name, and a later
+get-or-create naming others is refused, as in the memory store.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from managerd.store.api import BadArgument, Call, MethodSpec, Refusal
-from managerd.store.etcd.handles import EtcdHandle, Gateway
+from managerd.store.etcd.handles import ContentsArgs, EtcdHandle, Gateway
 from managerd.store.etcd.kv import Compare, Op, Put, Target, name_key
 from managerd.store.etcd.sessions import EtcdSession
 from managerd.store.memory.base import SharedObject
@@ -98,6 +97,17 @@ class CellHandle(EtcdHandle):
         return self.seen_stats
 
 
+class ContentsCell(ContentsArgs, CellHandle):
+    """A list or Namespace: made with ``contents``, compared on a later get-or-create."""
+
+    def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
+        super().__init__(store, name, args)
+        self.contents = args.get("contents", [])
+
+    def creation_args(self) -> dict[str, Any]:
+        return {**self.initial.creation_args(), "contents": self.contents}
+
+
 def _same(a: Any, b: Any) -> bool:
     return marshal.dumps(a) == marshal.dumps(b)  # NaN equals itself here
 
@@ -116,7 +126,7 @@ CELLS: dict[str, type[CellHandle]] = {}
 for _cls in (List, Namespace, Array):
     _handle: type[CellHandle] = type(
         f"{_cls.__name__}Cell",
-        (CellHandle,),
+        (ContentsCell if _cls in (List, Namespace) else CellHandle,),
         {"typeid": _cls.typeid, "create_params": _cls.create_params, "memory_class": _cls},
     )
     _handle.methods = {name: _forward(spec) for name, spec in _cls.methods.items()}

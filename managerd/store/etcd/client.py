@@ -72,7 +72,7 @@ import contextlib
 import random
 import secrets
 import socket
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, cast
 
 import grpc
@@ -588,9 +588,19 @@ class EtcdClient:
     # Watches
 
     async def watch(
-        self, key: bytes, range_end: bytes = b"", *, start_revision: int = 0, prev_kv: bool = False
+        self,
+        key: bytes,
+        range_end: bytes = b"",
+        *,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        on_created: Callable[[int], None] | None = None,
     ) -> AsyncGenerator[list[Event], None]:
         """Batches of events on ``[key, range_end)`` from ``start_revision`` (0: from now).
+
+        ``on_created`` is told the store's revision when the watch was created
+        (each time the stream is opened): a watch from past that revision
+        missed nothing and sees a later change as it is made.
 
         Runs until the caller stops iterating (close it with
         ``contextlib.aclosing``). A broken stream is reopened on another member
@@ -600,7 +610,7 @@ class EtcdClient:
         self.metrics.watches_open += 1
         try:
             async with contextlib.aclosing(
-                self._watch_events(key, range_end, start_revision, prev_kv)
+                self._watch_events(key, range_end, start_revision, prev_kv, on_created)
             ) as batches:
                 async for events in batches:
                     yield events
@@ -608,7 +618,12 @@ class EtcdClient:
             self.metrics.watches_open -= 1
 
     async def _watch_events(
-        self, key: bytes, range_end: bytes, start_revision: int, prev_kv: bool
+        self,
+        key: bytes,
+        range_end: bytes,
+        start_revision: int,
+        prev_kv: bool,
+        on_created: Callable[[int], None] | None,
     ) -> AsyncGenerator[list[Event], None]:
         next_revision = start_revision
         backoff_s = _BACKOFF_MIN_S
@@ -637,6 +652,8 @@ class EtcdClient:
                     if m.created:
                         if next_revision == 0:
                             next_revision = m.header.revision + 1
+                        if on_created is not None:
+                            on_created(m.header.revision)
                         continue
                     if not m.events:
                         # Progress notice: later events are above header.revision.

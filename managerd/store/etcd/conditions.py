@@ -4,11 +4,14 @@
 
 ``wait`` is one Txn: it compares that the caller's lock key is the one it
 holds, deletes it (the lock is free for the next contender) and puts a
-waiter key ``/m/cv/<name>/w/<lease>/<random>`` on the session's lease; then it
-watches that key. ``notify(n)`` deletes the first ``n`` waiter keys (in
-arrival order: by create_revision), ``notify_all`` all of them; a waiter
-whose key is deleted was notified, and takes the lock back (as deep as it
-held it, for an RLock) before it returns True. A timeout withdraws the key
+waiter key ``/m/cv/<name>/w/<lease>/<random>`` on the session's lease (its
+value: the mark of its retake and its owner); then it watches that key.
+``notify(n)`` deletes the first ``n`` waiter keys (in arrival order: by
+create_revision), ``notify_all`` all of them, each in a Txn that also puts
+that waiter's contender key for the lock, so notified waiters take the
+lock back in notify order; a waiter whose key is deleted was notified, and
+takes the lock back (as deep as it held it, for an RLock) before it
+returns True. A timeout withdraws the key
 (False, unless a notify deleted it first), then takes the lock back too.
 A waiter's session that ends takes its key with it.
 
@@ -50,7 +53,7 @@ from managerd.store.etcd.kv import (
     name_key,
     prefix_end,
 )
-from managerd.store.etcd.locks import EtcdLock, EtcdRLock, lock_depth
+from managerd.store.etcd.locks import EtcdLock, EtcdRLock, lock_depth, new_attempt
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 from managerd.store.etcd.watching import changed
 
@@ -77,6 +80,10 @@ class EtcdCondition:
             raise BadState(f"cannot {what} on un-acquired lock")
         return held[1], lock_depth(kv.value) if isinstance(self.lock, EtcdRLock) else 1
 
+    def waiter_key(self, session: EtcdSession) -> bytes:
+        """A new waiter key of ``session``, for ``wait``."""
+        return self.waiters + f"{session.lease_id:016x}/".encode() + secrets.token_hex(8).encode()
+
     async def wait(
         self,
         session: EtcdSession,
@@ -84,26 +91,36 @@ class EtcdCondition:
         timeout_s: float | None,
         on_wake: Callable[[], None] | None = None,
         stop: asyncio.Event | None = None,
+        key: bytes | None = None,
+        released: asyncio.Future[None] | None = None,
     ) -> tuple[bool, int]:
         """Release, wait for a notify or the timeout, take the lock back: ``(notified,
         new token)``. ``on_wake`` runs once it waits for the lock, no longer a notify.
 
+        ``key`` is the waiter key (``waiter_key``, a new one if None). ``released``
+        is set once the lock was let go (or the wait refused: ``BadState``).
         ``stop`` set (the client gave the wait up): it stops waiting for a notify
         and takes the lock back, as a timeout does. Cancelled: the lock is let go
         if it was not yet, and not taken back.
         """
         lock_key = self.lock._key(session, owner)
-        key = self.waiters + f"{session.lease_id:016x}/".encode() + secrets.token_hex(8).encode()
+        key = key or self.waiter_key(session)
+        # The waiter key's value: the mark its retake will use, and whose it is, so
+        # that a notify queues it for the lock in notify order (``notify``).
+        attempt = new_attempt()
         try:
             token, depth = await self._held(session, owner, "wait")
             done = await self.client.txn(
                 [Compare(lock_key, Target.CREATE, "==", token)],
-                [Delete(lock_key), Put(key, b"", lease=session.lease_id)],
+                [Delete(lock_key), Put(key, attempt + owner.encode(), lease=session.lease_id)],
             )
         except asyncio.CancelledError:
             # The wait was called: the lock goes, as the memory store lets it go at once.
             await asyncio.shield(self._let_go(session, owner))
             raise
+        finally:
+            if released is not None and not released.done():
+                released.set_result(None)
         if not done.succeeded:
             raise BadState("cannot wait on un-acquired lock")
         notified = False
@@ -123,11 +140,33 @@ class EtcdCondition:
                 )
         if on_wake is not None:
             on_wake()
-        new_token = await self.lock.acquire(session, owner)
-        assert new_token is not None  # blocking, no timeout
+        try:
+            new_token = await self._take_back(session, owner, attempt)
+        except asyncio.CancelledError:
+            # Dropped while queued for the lock (a notify may have queued it): it goes.
+            await asyncio.shield(self._withdraw(lock_key, attempt))
+            raise
         for _ in range(depth - 1):
             await self.lock.acquire(session, owner)
         return notified, new_token
+
+    async def _take_back(self, session: EtcdSession, owner: str, attempt: bytes) -> int:
+        """The lock again, for a wait that ends: its token. If the caller's session holds
+        a Lock meanwhile (another acquire of its own: a Lock is not re-entrant), the
+        wait queues behind that holding, as a waiter of its own."""
+        key = self.lock._key(session, owner)
+        while True:
+            try:
+                # EtcdLock's acquire (an RLock's would take a key found as a re-entry).
+                token = await EtcdLock.acquire(self.lock, session, owner, attempt=attempt)
+                assert token is not None  # blocking, no timeout
+                return token
+            except RuntimeError:
+                read = await self.client.range(key)
+                if read.kvs:
+                    await changed(
+                        self.client, key, after_revision=read.revision, kind=EventType.DELETE
+                    )
 
     async def _notified(self, key: bytes, stop: asyncio.Event | None) -> None:
         """Return once ``key`` (a waiter's) is deleted; ``_Stopped`` once ``stop`` is set."""
@@ -151,6 +190,12 @@ class EtcdCondition:
             return
         raise _Stopped
 
+    async def _withdraw(self, key: bytes, attempt: bytes) -> None:
+        """Delete the lock key ``key`` if it is still the contender of ``attempt``."""
+        kv = await self.client.get(key)
+        if kv is not None and kv.value[: len(attempt)] == attempt:
+            await self.release_whole(key, kv.create_revision)
+
     async def _let_go(self, session: EtcdSession, owner: str) -> None:
         """Release the caller's holding whole (any depth), if it holds the lock."""
         key = self.lock._key(session, owner)
@@ -165,8 +210,9 @@ class EtcdCondition:
         )
         return done.succeeded
 
-    async def notify(self, session: EtcdSession, owner: str, n: Any = 1) -> None:
-        """Wake at most ``n`` waiters, counted as ``threading.Condition.notify`` counts."""
+    async def notify(self, session: EtcdSession, owner: str, n: Any = 1) -> list[bytes]:
+        """Wake at most ``n`` waiters, counted as ``threading.Condition.notify`` counts;
+        the waiter keys deleted."""
         await self._held(session, owner, "notify")
         waiting = await self.client.range(self.waiters, self.end, oldest_first=True, keys_only=True)
         woken = 0
@@ -179,15 +225,49 @@ class EtcdCondition:
                 break
             woken += 1
             n -= 1
-        if woken:
-            await self.client.txn([], [Delete(kv.key) for kv in waiting.kvs[:woken]])
+        woken_kvs = waiting.kvs[:woken]
+        for kv in woken_kvs:
+            await self._wake(kv.key)
+        return [kv.key for kv in woken_kvs]
 
-    async def notify_all(self, session: EtcdSession, owner: str) -> None:
+    async def _wake(self, key: bytes) -> None:
+        """Notify the waiter of ``key``: delete it and, in the same Txn, queue it for the
+        lock (its contender key, on its lease, with its mark), so that notified
+        waiters take the lock back in notify order. If its session holds the lock
+        key already (a Lock taken again meanwhile), or the waiter is gone, only
+        the delete: the waiter then queues itself when it sees it."""
+        kv = await self.client.get(key)
+        if kv is None:
+            return
+        if len(kv.value) < _ATTEMPT:  # a waiter without a mark: it queues itself
+            await self.client.txn([], [Delete(key)])
+            return
+        lease_hex = kv.key[len(self.waiters) :].split(b"/", 1)[0]
+        attempt, owner = kv.value[:_ATTEMPT], kv.value[_ATTEMPT:]
+        lock_key = self.lock.prefix + lease_hex + (b"/" + owner if owner else b"")
+        await self.client.txn(
+            [
+                Compare(key, Target.MOD, "==", kv.mod_revision),
+                Compare(lock_key, Target.CREATE, "==", 0),
+            ],
+            [Delete(key), Put(lock_key, attempt, lease=kv.lease)],
+            [Delete(key)],
+        )
+
+    async def notify_all(self, session: EtcdSession, owner: str) -> list[bytes]:
+        """Wake every waiter; the waiter keys deleted. (No waiter comes meanwhile: a
+        new one needs the lock, which the caller holds.)"""
         await self._held(session, owner, "notify")
-        await self.client.delete(self.waiters, self.end)
+        waiting = await self.client.range(self.waiters, self.end, oldest_first=True, keys_only=True)
+        for kv in waiting.kvs:
+            await self._wake(kv.key)
+        return [kv.key for kv in waiting.kvs]
 
     async def waiting(self) -> int:
         return (await self.client.range(self.waiters, self.end, count_only=True)).count
+
+
+_ATTEMPT = len(new_attempt())
 
 
 class _Stopped(Exception):

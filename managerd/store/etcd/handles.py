@@ -9,10 +9,14 @@ themselves are the etcd classes of ``queues.py``, ``locks.py``, ``sync.py``
 and ``values.py``; a handle maps ``call.session`` to the session's lease and
 the calling thread to a lock's owner.
 
-An answered call's undo (``_undo``) runs before any call made after it on
-the same handle, as the memory store's undo is done before its next call.
-While a call waits for a change in etcd (``watching.waiting``) it is in
-``waiting``: parked, not on its way to an answer.
+Calls on one handle take effect in the order they were made, as the
+memory store's do on its one loop: a call waits, before its work starts,
+for every earlier call that may park to have parked or been answered, and
+for the undos (``_undo``) and session ends (``end_after``) given before
+it; calls that cannot park run side by side. While a call waits for a
+change in etcd (``watching.waiting``, once its watch is in step) it is in
+``waiting``: parked, not on its way to an answer. A call whose session
+ended before it parked is dropped once it parks (``drop_when_parked``).
 
 Served here: Queue, JoinableQueue, Lock, RLock, Semaphore,
 BoundedSemaphore, Event, Value, dict, Condition, Barrier and Pipe
@@ -23,14 +27,17 @@ from the memory store.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import marshal
+import pickle
 import queue
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, ClassVar, Protocol
 
 from managerd.histogram import Histogram
+from managerd.safepickle import SafeDecoder
 from managerd.store.api import (
     BadArgument,
     BadState,
@@ -63,6 +70,7 @@ from managerd.store.etcd.watching import WAITING, Still, changed
 from managerd.store.etcd.watching import waiting as watching_waiting
 from managerd.store.memory.base import (
     TIMEOUT_MAX,
+    SharedObject,
     checked_wait,
     positive_s,
     seconds,
@@ -70,7 +78,7 @@ from managerd.store.memory.base import (
     wait_or_now_s,
 )
 from managerd.store.memory.locks import _acquire_wait_s, _semaphore_wait_s
-from managerd.store.memory.mappings import NO_DEFAULT
+from managerd.store.memory.mappings import NO_DEFAULT, Dict
 from managerd.store.memory.values import _check_typecode, _coerce
 from managerd.store.sessions import Session
 from managerd.store.stats import (
@@ -91,6 +99,7 @@ Work = Callable[[EtcdSession], Coroutine[Any, Any, Any]]
 #: How much an answer adds to a counter: ``(args, kwargs, result) -> n``.
 _Amount = Callable[[tuple[Any, ...], dict[str, Any], Any], int]
 
+_DECODER = SafeDecoder()
 DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
 _DEADLINE_SLACK_S = 0.01  # a deadline is wall-clock, the timer the loop's
 
@@ -220,14 +229,36 @@ class EtcdHandle:
         self.seen: dict[str, Any] = {}
         #: Calls waiting for a change in etcd now, and whether each still does.
         self.waiting: dict[asyncio.Future[Any], Still] = {}
-        #: Undos under way (``_undo``): later calls here wait for them.
+        #: Undos under way (``_undo``), and ends of sessions that used it: later calls
+        #: here wait for them.
         self.undos: list[asyncio.Future[None]] = []
         #: What this gateway's answers counted (``counted``).
         self.counts: dict[str, int] = {}
+        #: Each call that may park, done once it has arrived: parked or answered. A
+        #: call made after it waits for that first, so calls here take effect in
+        #: the order they were made, as in the memory store (``_run``).
+        self.arrivals: dict[asyncio.Future[Any], asyncio.Future[None]] = {}
+        #: Calls whose session ended before they arrived: dropped once they park.
+        self._dropping: set[asyncio.Future[Any]] = set()
 
     def creation_args(self) -> dict[str, Any]:
         """What a later get-or-create compares (as the memory store's ``creation_args``)."""
         return {}
+
+    @classmethod
+    def encode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """``creation_args`` as JSON for the names key (``decode_args`` reads it back)."""
+        return args
+
+    @classmethod
+    def decode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        return args
+
+    @classmethod
+    def same_arg(cls, name: str, created: Any, given: Any) -> bool:
+        """Whether a get-or-create's ``given`` value of argument ``name`` attaches to an
+        object made with ``created``."""
+        return bool(created == given)
 
     def init_ops(self) -> list[Op]:
         """The puts that make its initial state, in the creating Txn."""
@@ -244,22 +275,40 @@ class EtcdHandle:
         return ObjectStats(self.name, self.typeid, self.creation_args())
 
     def _run(self, call: Call, work: Work, *, parks: bool = False) -> Any:
-        """Run ``work`` for ``call`` after the undos given before it (``_undo``); the
-        answer's future. While the work waits for a change in etcd, the call is in
-        ``waiting`` (``watching.waiting``)."""
+        """Run ``work`` for ``call``; the answer's future.
+
+        The work starts once what came before the call here is done: the undos
+        and session ends given before it (``_undo``, ``end_after``), and the
+        arrival of every earlier call that may park. So a call sees what an
+        earlier one changed (an acquire that queued, a party that arrived) as
+        the memory store's calls, made in turn on one loop, do; calls that
+        cannot park do not wait for one another. While the work waits for a
+        change in etcd, the call is in ``waiting`` (``watching.waiting``).
+        """
         answer: list[asyncio.Future[Any]] = []
+        before = [f for f in self.undos if not f.done()]
+        before += [f for f in self.arrivals.values() if not f.done()]
 
         async def ordered(session: EtcdSession) -> Any:
             WAITING.set(self._marker(answer, call))
-            undos = [f for f in self.undos if not f.done()]
-            if undos:
-                await asyncio.wait(undos)
+            if before:
+                await asyncio.wait(before)
             return await work(session)
 
         future: asyncio.Future[Any] = self.store.run(self, call, ordered, parks=parks)
         answer.append(future)
-        future.add_done_callback(lambda f: self.waiting.pop(f, None))
+        if parks:
+            arrived: asyncio.Future[None] = self.store.loop.create_future()
+            self.arrivals[future] = arrived
+        future.add_done_callback(self._answered)
         return future
+
+    def _answered(self, future: asyncio.Future[Any]) -> None:
+        self.waiting.pop(future, None)
+        self._dropping.discard(future)
+        arrived = self.arrivals.pop(future, None)
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
 
     def _marker(
         self, answer: list[asyncio.Future[Any]], call: Call
@@ -270,13 +319,35 @@ class EtcdHandle:
         def mark(still: Still | None) -> None:
             if not answer or answer[0].done():
                 return
+            future = answer[0]
             if still is None:
-                self.waiting.pop(answer[0], None)
-            else:
-                self.waiting[answer[0]] = still
-                self.store.parking(self, call, answer[0])
+                self.waiting.pop(future, None)
+                return
+            self.waiting[future] = still
+            self.store.parking(self, call, future)
+            arrived = self.arrivals.pop(future, None)
+            if arrived is not None and not arrived.done():
+                arrived.set_result(None)
+            if future in self._dropping:
+                future.cancel()
 
         return mark
+
+    def drop_when_parked(self, future: asyncio.Future[Any]) -> None:
+        """The session of the call ``future`` ended: drop it now if it waits, else once it
+        does (a call on its way to an answer is answered, as in the memory store,
+        where it was answered before the session ended)."""
+        if future.done():
+            return
+        if future in self.waiting:
+            future.cancel()
+        else:
+            self._dropping.add(future)
+
+    def end_after(self, done: asyncio.Future[None]) -> None:
+        """Calls made here from now on wait for ``done`` (a session's end under way)."""
+        self.undos.append(done)
+        done.add_done_callback(self.undos.remove)
 
     def waits_now(self, future: asyncio.Future[Any]) -> bool:
         """Whether the call ``future`` is parked: waiting for a change in etcd."""
@@ -545,6 +616,7 @@ class QueueHandle(EtcdHandle):
         """Up to ``max_items`` items; waits (as ``get``) only while there are none."""
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError("max_items must be a positive int")
+        max_items = int(max_items)  # True is 1, as in the memory store (etcd takes no bool)
         wait_s = timeout_s(block, timeout)
         return self._get(
             call, "get_many", lambda h: self.queue.get_many(max_items, wait_s, h),
@@ -807,12 +879,17 @@ class LockHandle(EtcdHandle):
         key = self.lock._key(session, owner)
         try:
             async with asyncio.timeout(wait_s):
-                read = await self.store.client.range(key)
-                if read.kvs:
-                    await changed(
-                        self.store.client, key, after_revision=read.revision, kind=EventType.DELETE
-                    )
-                return await self.lock.acquire(session, owner, caller=caller, note=note)
+                while True:
+                    read = await self.store.client.range(key)
+                    if read.kvs:
+                        await changed(
+                            self.store.client, key, after_revision=read.revision,
+                            kind=EventType.DELETE,
+                        )  # fmt: skip
+                    try:
+                        return await self.lock.acquire(session, owner, caller=caller, note=note)
+                    except RuntimeError:
+                        continue  # held by its own session again: wait on
         except TimeoutError:
             return None
 
@@ -889,14 +966,13 @@ class RLockHandle(LockHandle):
         owner = self._owner(call)
 
         async def release(session: EtcdSession) -> None:
-            token = self.store.tokens.get((call.session, self.name, owner))
-            if token is None:  # acquired through another gateway (the session moved here)
-                kv = await self.store.client.get(self.lock._key(session, owner))
-                token = None if kv is None else kv.create_revision
-            lock = cast(EtcdRLock, self.lock)
-            if token is None or not await lock.depth(session, owner):
+            # The holding's token as etcd has it (a Condition's wait may have taken it
+            # back a moment ago, its answer not yet given).
+            kv = await self.store.client.get(self.lock._key(session, owner))
+            held = await self.lock.holder()
+            if kv is None or held is None or held[0] != kv.key:
                 raise BadState("cannot release un-acquired lock")
-            await self.lock.release(session, token, owner)
+            await self.lock.release(session, kv.create_revision, owner)
 
         return self._run(call, release)
 
@@ -1090,8 +1166,40 @@ class ValueHandle(EtcdHandle):
         return self._run(call, lambda _: self.value.update(change))
 
 
-class DictHandle(EtcdHandle):
+class ContentsArgs:
+    """Creation ``contents`` kept in the names key (pickled, read back with the
+    restricted decoder) and compared by value as the memory store compares them."""
+
+    memory_class: ClassVar[type[SharedObject]]
+
+    @classmethod
+    def encode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        if "contents" not in args:
+            return args
+        pickled = pickle.dumps(args["contents"], protocol=5)
+        return {**args, "contents": base64.b64encode(pickled).decode()}
+
+    @classmethod
+    def decode_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(args.get("contents"), str):
+            return args
+        return {**args, "contents": _DECODER.loads(base64.b64decode(args["contents"]))}
+
+    @classmethod
+    def same_arg(cls, name: str, created: Any, given: Any) -> bool:
+        if name != "contents":
+            return bool(created == given)
+        blank = cls.memory_class.__new__(cls.memory_class)  # its comparison needs no state
+        try:
+            return bool(blank._same_contents(created, given))  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            return False  # contents it would refuse: not the same
+
+
+class DictHandle(ContentsArgs, EtcdHandle):
     """``dict``: any hashable key, a key per entry (``values.py``)."""
+
+    memory_class = Dict
 
     typeid = "dict"
     create_params = ("contents",)
@@ -1112,6 +1220,9 @@ class DictHandle(EtcdHandle):
 
     def state_prefixes(self) -> list[bytes]:
         return [self.dict.prefix]
+
+    def creation_args(self) -> dict[str, Any]:
+        return {"contents": self.contents}
 
     async def refresh(self) -> None:
         self.seen = {"len": await self.dict.len()}
@@ -1280,6 +1391,10 @@ class ConditionHandle(EtcdHandle):
         owner = self.lock._owner(call)
         waiting = _CondWait(self.store.loop, call.session, owner)
         self.unnotified.add(waiting)
+        # Calls made after this one, here or on the lock, see the lock let go (the
+        # memory store lets it go within the call).
+        for handle in (self, self.lock):
+            handle.end_after(waiting.released)
 
         answer_of: list[asyncio.Future[Any]] = []
 
@@ -1292,6 +1407,7 @@ class ConditionHandle(EtcdHandle):
                 mark_answer(still)
 
             WAITING.set(mark)
+            waiting.key = self.condition.waiter_key(session)
             try:
                 if waiting.dropped:  # dropped before it began: the lock goes all the same
                     await self.condition._let_go(session, owner)
@@ -1302,6 +1418,8 @@ class ConditionHandle(EtcdHandle):
                     wait_s,
                     on_wake=lambda: self.unnotified.discard(waiting),
                     stop=waiting.stop,
+                    key=waiting.key,
+                    released=waiting.released,
                 )
             except asyncio.CancelledError:
                 waiting.outcome.cancel()
@@ -1312,6 +1430,8 @@ class ConditionHandle(EtcdHandle):
                 return
             finally:
                 self.unnotified.discard(waiting)
+                if not waiting.released.done():
+                    waiting.released.set_result(None)
                 waiting.finished.set_result(None)
             waiting.outcome.set_result(outcome)
 
@@ -1325,6 +1445,7 @@ class ConditionHandle(EtcdHandle):
         answer = self._run(call, wait, parks=True)
         answer_of.append(answer)
         self._waits[answer] = waiting
+        waiting.answer = answer
 
         def answered(answer: asyncio.Future[Any]) -> None:
             del self._waits[answer]
@@ -1332,21 +1453,22 @@ class ConditionHandle(EtcdHandle):
                 waiting.drop()
                 self.unnotified.discard(waiting)
                 for handle in (self, self.lock):  # later calls see the lock let go
-                    handle.undos.append(waiting.finished)
-                    waiting.finished.add_done_callback(handle.undos.remove)
+                    handle.end_after(waiting.finished)
 
         answer.add_done_callback(answered)
         return answer
 
     def abandon(self, method: str, future: asyncio.Future[Any], *, stock: bool = False) -> None:
         """An interrupted ``wait`` takes the lock back, as ``threading.Condition``'s
-        finally: it stops waiting for a notify and queues for the lock, which the
-        client's ``restore`` then waits for. A stock client cannot: dropped."""
+        finally: it stops waiting for a notify and queues for the lock; its answer
+        is then False (as a timeout's), unless the client's ``restore`` comes
+        first and answers instead. A stock client cannot: dropped."""
         waiting = self._waits.get(future)
         if method == "wait" and not stock and waiting is not None:
             waiting.stop.set()
             self.unnotified.discard(waiting)
             self._restoring[(waiting.session, waiting.owner)] = waiting
+            return
         future.cancel()
 
     @exposed(mutates=True)
@@ -1360,6 +1482,8 @@ class ConditionHandle(EtcdHandle):
         """
         owner = self.lock._owner(call)
         waiting = self._restoring.pop((call.session, owner), None)
+        if waiting is not None and waiting.answer is not None:
+            waiting.answer.cancel()  # this call answers the interrupted wait's retake now
 
         async def restore(session: EtcdSession) -> int | bool:
             if waiting is not None:
@@ -1402,12 +1526,27 @@ class ConditionHandle(EtcdHandle):
     @exposed()
     def notify(self, call: Call, n: int = 1) -> Any:
         owner = self.lock._owner(call)
-        return self._run(call, lambda session: self.condition.notify(session, owner, n))
+
+        async def notify(session: EtcdSession) -> None:
+            self._notified(await self.condition.notify(session, owner, n))
+
+        return self._run(call, notify)
 
     @exposed()
     def notify_all(self, call: Call) -> Any:
         owner = self.lock._owner(call)
-        return self._run(call, lambda session: self.condition.notify_all(session, owner))
+
+        async def notify_all(session: EtcdSession) -> None:
+            self._notified(await self.condition.notify_all(session, owner))
+
+        return self._run(call, notify_all)
+
+    def _notified(self, keys: list[bytes]) -> None:
+        """This gateway's waits whose keys a notify deleted are no longer waiters (at
+        once, as in the memory store; each sees its key gone a moment later)."""
+        deleted = set(keys)
+        for waiting in [w for w in self.unnotified if w.key in deleted]:
+            self.unnotified.discard(waiting)
 
     def stats(self) -> ConditionStats:
         return ConditionStats(
@@ -1426,6 +1565,12 @@ class _CondWait:
         #: ``(notified, token)`` once it holds the lock again.
         self.outcome: asyncio.Future[tuple[bool, int]] = loop.create_future()
         self.task: asyncio.Task[Any] | None = None
+        #: The answer of the ``wait`` call (None until made).
+        self.answer: asyncio.Future[Any] | None = None
+        #: Its waiter key in etcd, once the wait has begun.
+        self.key: bytes | None = None
+        #: Done once the lock was let go (or the wait refused).
+        self.released: asyncio.Future[None] = loop.create_future()
         self.dropped = False
         #: Whether it waits for a change in etcd now (``watching.waiting``).
         self.still: Still | None = None

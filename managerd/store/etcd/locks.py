@@ -31,12 +31,10 @@ token), so a count never lands on another holding; the key goes at 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import (
-    Compacted,
     Compare,
     Delete,
     EventType,
@@ -48,7 +46,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import waiting
+from managerd.store.etcd.watching import changed
 from managerd_client.errors import LockLost
 
 
@@ -73,15 +71,20 @@ class EtcdLock:
         timeout_s: float | None = None,
         caller: int = 0,
         note: bytes = b"",
+        attempt: bytes | None = None,
     ) -> int | None:
         """The fencing token once held; None if not held in time (or at once, not blocking).
 
         A contender that gives up (timeout, not blocking, or cancelled)
         removes its key, so the waiter behind it watches on. ``caller`` (the
-        client thread) is marked in the key, for ``adopt``.
+        client thread) is marked in the key, for ``adopt``; ``note`` follows the
+        mark (who holds: status and the wait-for graph). ``attempt``: the mark of
+        this acquisition (new if None); a key found with it is this acquisition's
+        own (a retry, or a contender key put for it: a Condition's notify queues
+        its waiters so).
         """
         key = self._key(session, owner)
-        attempt = secrets.token_bytes(_ATTEMPT_BYTES - 4) + _caller_mark(caller) + note
+        attempt = (attempt or new_attempt(caller)) + note
         # Our key, unless it exists: a retry of this call finds its own attempt.
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
@@ -159,22 +162,16 @@ class EtcdLock:
                 return False
             predecessor = before.kvs[0].key
             try:
-                with waiting():
-                    await asyncio.wait_for(self._deleted(predecessor, before.revision + 1), left_s)
+                # Its delete, or [] if that history is gone: look again either way.
+                await asyncio.wait_for(
+                    changed(
+                        self.client, predecessor, after_revision=before.revision,
+                        kind=EventType.DELETE,
+                    ),
+                    left_s,
+                )  # fmt: skip
             except TimeoutError:
                 return False
-
-    async def _deleted(self, key: bytes, start_revision: int) -> None:
-        """Return once ``key`` is deleted at or after ``start_revision``."""
-        try:
-            async with contextlib.aclosing(
-                self.client.watch(key, start_revision=start_revision)
-            ) as events:
-                async for batch in events:
-                    if any(e.type is EventType.DELETE for e in batch):
-                        return
-        except Compacted:
-            return  # history is gone: the caller looks again
 
     async def _withdraw_if_ours(self, session: EtcdSession, key: bytes, token: int) -> None:
         """A cancelled acquire's key goes, unless another gateway took the session over
@@ -236,6 +233,7 @@ class EtcdRLock(EtcdLock):
         timeout_s: float | None = None,
         caller: int = 0,
         note: bytes = b"",
+        attempt: bytes | None = None,
     ) -> int | None:
         """As ``EtcdLock.acquire``; ``note`` is not kept (the key names the thread)."""
         key = self._key(session, owner)
@@ -243,7 +241,12 @@ class EtcdRLock(EtcdLock):
             kv = await self.client.get(key)
             if kv is None:
                 return await super().acquire(
-                    session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller
+                    session,
+                    owner,
+                    blocking=blocking,
+                    timeout_s=timeout_s,
+                    caller=caller,
+                    attempt=attempt,
                 )
             # Our key exists: we hold it (a thread waits in one acquire at a time).
             done = await self.client.txn(
@@ -293,6 +296,12 @@ _ATTEMPT_BYTES = 8  # the attempt mark EtcdLock.acquire puts first: 4 random, 4 
 
 def _caller_mark(caller: int) -> bytes:
     return (caller & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+def new_attempt(caller: int = 0) -> bytes:
+    """A mark of one acquisition (the start of its key's value): random, then the
+    calling client thread's (``adopt``)."""
+    return secrets.token_bytes(_ATTEMPT_BYTES - 4) + _caller_mark(caller)
 
 
 def lock_depth(value: bytes) -> int:

@@ -10,14 +10,13 @@ revision: a message, or a close of the other end (EOF), or of its own end
 
 from __future__ import annotations
 
-import asyncio
 import queue
 
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import Compare, EventType, Put, Target, name_key, prefix_end
 from managerd.store.etcd.queues import EtcdQueue
 from managerd.store.etcd.sessions import DEFAULT_ROOT
-from managerd.store.etcd.watching import changed
+from managerd.store.etcd.watching import changed, deadline_of
 
 
 class EtcdPipe:
@@ -55,42 +54,44 @@ class EtcdPipe:
         await self.inboxes[1 - end].put(payload)
 
     async def recv(self, end: int, timeout_s: float | None) -> bytes:
+        deadline = deadline_of(timeout_s or None)  # 0: one look, below
         try:
-            async with asyncio.timeout(timeout_s or None):  # 0: one look, below
-                while True:
-                    revision, waiting, own, other = await self._read(end)
-                    if own:
-                        raise OSError("handle is closed")
-                    if waiting:
-                        try:
-                            return await self.inboxes[end].get_nowait()
-                        except queue.Empty:
-                            continue  # taken through another gateway: read again
-                    if other:
-                        raise EOFError("the other end of the pipe is closed")
-                    if timeout_s == 0:
-                        raise TimeoutError
-                    await changed(self.client, self.base, self.end, after_revision=revision)
+            while True:
+                revision, waiting, own, other = await self._read(end)
+                if own:
+                    raise OSError("handle is closed")
+                if waiting:
+                    try:
+                        return await self.inboxes[end].get_nowait()
+                    except queue.Empty:
+                        continue  # taken through another gateway: read again
+                if other:
+                    raise EOFError("the other end of the pipe is closed")
+                if timeout_s == 0:
+                    raise TimeoutError
+                await changed(
+                    self.client, self.base, self.end, after_revision=revision, deadline=deadline
+                )
         except TimeoutError:
             raise TimeoutError("recv() timed out") from None
 
     async def poll(self, end: int, timeout_s: float | None) -> bool:
+        deadline = deadline_of(timeout_s or None)  # 0: one look, below
         try:
-            async with asyncio.timeout(timeout_s or None):  # 0: one look, below
-                while True:
-                    revision, waiting, own, other = await self._read(end)
-                    if own:
-                        raise OSError("handle is closed")
-                    if waiting or other:
-                        return True
-                    if timeout_s == 0:
-                        return False
-                    events = await changed(
-                        self.client, self.base, self.end, after_revision=revision
-                    )
-                    inbox = self.inboxes[end]._ready
-                    if any(e.kv.key.startswith(inbox) for e in events if e.type is EventType.PUT):
-                        return True  # a message came (a reader may have taken it since)
+            while True:
+                revision, waiting, own, other = await self._read(end)
+                if own:
+                    raise OSError("handle is closed")
+                if waiting or other:
+                    return True
+                if timeout_s == 0:
+                    return False
+                events = await changed(
+                    self.client, self.base, self.end, after_revision=revision, deadline=deadline
+                )
+                inbox = self.inboxes[end]._ready
+                if any(e.kv.key.startswith(inbox) for e in events if e.type is EventType.PUT):
+                    return True  # a message came (a reader may have taken it since)
         except TimeoutError:
             return False
 

@@ -88,7 +88,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import changed, waiting
+from managerd.store.etcd.watching import Synced, changed, deadline_of, waiting
 from managerd_client.errors import ManagerdError
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,8 @@ class _Want:
     visibility_s: float
     future: asyncio.Future[Taken]
     holder: Holder | None = None
+    #: Set once the line read the queue empty after it came (its timeout runs then).
+    seen: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,7 @@ class EtcdQueue:
         self._wants: collections.deque[_Want] = collections.deque()
         self._taker: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
+        self._watch_synced: Synced = Synced(0)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def put(self, item: bytes, timeout_s: float | None = 0.0) -> None:
@@ -265,13 +268,24 @@ class EtcdQueue:
         # _BOUNDED_BATCH items are several Txns: never past maxsize, not atomic.
         if timeout_s == 0 and self._room.locked():
             raise queue.Full  # a put waits for room ahead of this one (FIFO)
+        deadline = deadline_of(timeout_s or None)
         try:
-            async with self._room, asyncio.timeout(timeout_s or None):
-                await self._put_when_room(items, timeout_s)
+            if self._room.locked():
+                with waiting():  # behind a put that waits for room: parked too
+                    async with asyncio.timeout_at(deadline):
+                        await self._room.acquire()
+            else:
+                await self._room.acquire()
+            try:
+                await self._put_when_room(items, timeout_s, deadline)
+            finally:
+                self._room.release()
         except TimeoutError:
             raise queue.Full from None
 
-    async def _put_when_room(self, items: list[bytes], timeout_s: float | None) -> None:
+    async def _put_when_room(
+        self, items: list[bytes], timeout_s: float | None, deadline: float | None
+    ) -> None:
         remaining = items
         while remaining:
             read = await self.client.range(self._ready, self._ready_end, count_only=True)
@@ -288,6 +302,7 @@ class EtcdQueue:
                 self._ready_end,
                 after_revision=read.revision,
                 kind=EventType.DELETE,
+                deadline=deadline,
             )
 
     async def _append_if_unchanged(self, items: list[bytes], revision: int) -> bool:
@@ -390,19 +405,24 @@ class EtcdQueue:
     async def join(self, timeout_s: float | None = None) -> None:
         """Return once no item is unfinished; ``TimeoutError`` after ``timeout_s``."""
         end = prefix_end(self._unfinished)
+        if timeout_s is not None and timeout_s <= 0:  # a look, not a wait (no time to read)
+            if (await self.client.range(self._unfinished, end, count_only=True)).count:
+                raise TimeoutError("join() timed out")
+            return
+        deadline = deadline_of(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    read = await self.client.range(self._unfinished, end, count_only=True)
-                    if not read.count:
-                        return
-                    await changed(
-                        self.client,
-                        self._unfinished,
-                        end,
-                        after_revision=read.revision,
-                        kind=EventType.DELETE,
-                    )
+            while True:
+                read = await self.client.range(self._unfinished, end, count_only=True)
+                if not read.count:
+                    return
+                await changed(
+                    self.client,
+                    self._unfinished,
+                    end,
+                    after_revision=read.revision,
+                    kind=EventType.DELETE,
+                    deadline=deadline,
+                )
         except TimeoutError:
             raise TimeoutError("join() timed out") from None
 
@@ -578,7 +598,16 @@ class EtcdQueue:
         if self._taker is None or self._taker.done():
             self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
         try:
-            with waiting(lambda: self._watching is not None and not self._watching.done()):
+            with waiting(self._parked):
+                if not want.seen.is_set():
+                    # The line's first look is not timed: an item there is taken however
+                    # short the timeout, as in the memory store.
+                    seen = asyncio.ensure_future(want.seen.wait())
+                    either: list[asyncio.Future[Any]] = [want.future, seen]
+                    try:
+                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        seen.cancel()
                 return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if want.future.done() and not want.future.cancelled():
@@ -606,6 +635,8 @@ class EtcdQueue:
                     # Parked: the answers before these calls are confirmed now, not
                     # at their takes (a gateway dying meanwhile must not hand them again).
                     await self.confirm([w.holder for w in self._wants if w.holder is not None])
+                    for want in self._wants:
+                        want.seen.set()  # each had its look: its timeout runs now
                     self._watching = asyncio.create_task(self._put_after(head.revision + 1))
                     await asyncio.wait([self._watching])  # a put, or nobody waits any more
                     watched, self._watching = self._watching, None
@@ -632,11 +663,22 @@ class EtcdQueue:
                 if not want.future.done():
                     want.future.set_exception(exc)
 
+    def _parked(self) -> bool:
+        """Whether the line waits for a put now (its watch in step: ``watching.Synced``)."""
+        watching = self._watching
+        return watching is not None and not watching.done() and self._watch_synced()
+
     async def _put_after(self, start_revision: int) -> None:
         """Return at the first put into ``i/`` at or after ``start_revision``."""
+        self._watch_synced = synced = Synced(start_revision - 1)
         try:
             async with contextlib.aclosing(
-                self.client.watch(self._ready, self._ready_end, start_revision=start_revision)
+                self.client.watch(
+                    self._ready,
+                    self._ready_end,
+                    start_revision=start_revision,
+                    on_created=synced.created,
+                )
             ) as events:
                 async for batch in events:
                     if any(e.type is EventType.PUT for e in batch):

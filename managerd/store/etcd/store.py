@@ -19,10 +19,12 @@ with that conflict (the memory store raises it from get_or_create).
 
 **Sessions**: a managerd session gets an etcd lease (``EtcdSession``,
 TTL ``session_ttl_s``) at its first call, with the hash of its resume
-token on it; locks and permits are keys on it. ``release`` cancels the
-session's parked calls (a blocked acquire withdraws its key), revokes the
-lease (its holdings go at once), and returns its reservations to their
-queues. ``resume`` is another gateway's session taken over by this one
+token on it; locks and permits are keys on it. ``release`` drops the
+session's parked calls (a blocked acquire withdraws its key; a call on its
+way is dropped once it parks), then revokes the lease (its holdings go to
+the next live waiter), then returns its reservations to their queues; later
+calls on the objects it used wait for all that, as if it had happened at
+once. ``resume`` is another gateway's session taken over by this one
 (its client reconnected here with its resume token while the lease
 lived): the lease is renewed from here, and what the session holds stays
 held. A gateway watches the token keys: a session of its own taken over
@@ -89,7 +91,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from managerd.store.api import BadArgument, Call
+from managerd.store.api import BadArgument, BadState, Call
 from managerd.store.etcd.cells import CELLS
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.deadlocks import HELD_BY_SELF, EtcdDeadlocks
@@ -156,6 +158,9 @@ TYPE_INFO: Final[Mapping[str, TypeInfo]] = {
 REQUEUE_INTERVAL_S: Final = 1.0
 #: How many queues the elected gateway reads at once in a requeue pass.
 REQUEUE_CONCURRENCY: Final = 16
+#: How long a session's end waits for each of its calls still on their way to wait
+#: or be answered before it drops them all the same (a net: they never take so long).
+END_CALLS_S: Final = 10.0
 
 
 class EtcdStore:
@@ -185,9 +190,13 @@ class EtcdStore:
         self._handles: dict[str, EtcdHandle] = {}
         #: Each session's lease, opened at its first call.
         self._leases: dict[Session, asyncio.Task[EtcdSession]] = {}
-        #: Each session's calls in flight (answers not yet given).
-        self._calls: dict[Session, set[asyncio.Future[Any]]] = {}
+        #: Each session's calls in flight (answers not yet given): the handle and task of each.
+        self._calls: dict[Session, dict[asyncio.Future[Any], _InFlight]] = {}
+        #: The handles each session has called (its end is awaited by their later calls).
+        self._used: dict[Session, set[EtcdHandle]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Sessions' ends under way (``release``): finished, not cancelled, on close.
+        self._endings: set[asyncio.Task[None]] = set()
         #: Creations and deletions under way: finished (not cancelled) on close.
         self._changes: set[asyncio.Task[None]] = set()
         self.deliveries = Deliveries()
@@ -258,7 +267,8 @@ class EtcdStore:
             return  # an older incarnation's creation, seen late by the watch
         if handle is not None and handle.revision != revision:
             self._drop(name, NoSuchObject(f"{name!r} was deleted"))  # made again elsewhere
-        self._known[name] = _Known(entry["type"], entry["args"], revision)
+        args = SERVED[entry["type"]].decode_args(entry["args"])
+        self._known[name] = _Known(entry["type"], args, revision)
 
     async def _follow(self, revision: int) -> None:
         """Keep the mirror of names: creations and deletions through any gateway."""
@@ -318,8 +328,8 @@ class EtcdStore:
         created = handle.creation_args()
         self._known[name] = _Known(typeid, created, 0)
         self._handles[name] = handle
-        # Only a deletion of the name begun before this creation: one begun after it
-        # (a delete right away) waits for this creation (``_delete``).
+        # Only a deletion under way now comes first: one asked for later waits for this
+        # creation (``_delete`` awaits ``ready``), and waiting for it here would deadlock.
         deleting = self._deleting.get(name)
         creating = self.loop.create_task(self._create(handle, typeid, created, deleting))
         self._changes.add(creating)
@@ -347,7 +357,8 @@ class EtcdStore:
         if deleting is not None:
             await asyncio.wait([deleting])
         key = self._names + name_key(handle.name)
-        entry = json.dumps({"name": handle.name, "type": typeid, "args": created}).encode()
+        args = type(handle).encode_args(created)
+        entry = json.dumps({"name": handle.name, "type": typeid, "args": args}).encode()
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
             [Put(key, entry), *handle.init_ops()],
@@ -361,7 +372,8 @@ class EtcdStore:
             assert isinstance(read, RangeResult)
             if read.kvs and read.kvs[0].value != entry:  # not our own retried creation
                 found = json.loads(read.kvs[0].value)
-                _check_same(handle.name, found["type"], found["args"], typeid, created)
+                found_args = SERVED[found["type"]].decode_args(found["args"])
+                _check_same(handle.name, found["type"], found_args, typeid, created)
             revision = read.kvs[0].create_revision
         if handle.revision == 0:
             handle.revision = revision
@@ -410,6 +422,16 @@ class EtcdStore:
         known = self._known.get(name)
         if known is None:
             return False
+        if known.typeid in ("Lock", "RLock"):
+            # A Condition holds its lock's handle: a new lock of that name would be
+            # another lock until a restart rebinds the Condition by name (as the
+            # memory store). Only the Conditions this gateway's mirror knows.
+            users = sorted(n for n, k in self._known.items()
+                           if k.typeid == "Condition" and k.args.get("lock") == name)  # fmt: skip
+            if users:
+                raise BadState(
+                    f"{name!r} is the lock of Condition {users[0]!r}: delete the Condition first"
+                )
         handle = cast(EtcdHandle, self._handle(name, known))
         self._forget(name)
         deleting = self.loop.create_task(self._delete(handle))
@@ -483,8 +505,9 @@ class EtcdStore:
 
         answer: asyncio.Future[Any] = self.loop.create_future()
         task = self.loop.create_task(run())
-        calls = self._calls.setdefault(session, set())
-        calls.add(answer)
+        calls = self._calls.setdefault(session, {})
+        calls[answer] = _InFlight(handle, task)
+        self._used.setdefault(session, set()).add(handle)
         handle.calls.add(answer)
         if parks:
             handle.parked.add(answer)
@@ -500,7 +523,7 @@ class EtcdStore:
                 answer.set_result(task.result())
 
         def answered(answer: asyncio.Future[Any]) -> None:
-            calls.discard(answer)
+            calls.pop(answer, None)
             handle.calls.discard(answer)
             handle.parked.discard(answer)
             task.cancel()  # a no-op once it is done
@@ -618,8 +641,8 @@ class EtcdStore:
     def _forget_session(self, session: Session) -> set[QueueHandle]:
         """Drop this gateway's state of ``session``: its calls (cancelled), delivery ids
         and tokens; the queues it had reserved from."""
-        for task in self._calls.pop(session, set()):
-            task.cancel()
+        for answer in self._calls.pop(session, {}):
+            answer.cancel()
         queues = self.deliveries.drop(session)
         for held in [k for k in self.tokens if k[0] is session]:
             del self.tokens[held]
@@ -692,33 +715,77 @@ class EtcdStore:
         getattr(obj, obj.undo_methods[method])(call, args, result)
 
     def release(self, session: Session) -> None:
+        """End ``session``, in the memory store's order: its calls that wait are dropped
+        (one still on its way is dropped once it waits, or answered), then its lease
+        is revoked (its holdings go to the next live waiter), then its reservations
+        go back. Calls made after this on the objects it used wait for all that.
+        A session of a gateway that stops (SIGTERM) is left to resume elsewhere."""
         self._taken.discard(session)
-        queues = self._forget_session(session)
+        calls = self._calls.pop(session, {})
         if self._closed and session.kind is SessionKind.MANAGERD:
-            # This gateway stops (SIGTERM): the session is left to resume through
-            # another gateway within its TTL; ``close`` stops renewing its lease.
+            # This gateway stops: the session is left to resume through another
+            # gateway within its TTL; ``close`` stops renewing its lease.
+            self._forget_session(session)
             return
+        for answer, in_flight in calls.items():
+            in_flight.handle.drop_when_parked(answer)
+        queues = self._forget_session(session)
         lease = self._leases.pop(session, None)
-        if lease is not None:
-            ending = self.loop.create_task(self._end(lease, queues))
-            self._ending.add(ending)
-            ending.add_done_callback(self._ending.discard)
-            ending.add_done_callback(self._background_done)
+        ended: asyncio.Future[None] = self.loop.create_future()
+        # What came before the end on those objects (any session's calls on their way
+        # to wait, earlier ends) comes first: a dead waiter is not handed the lock.
+        before: list[asyncio.Future[Any]] = []
+        for handle in self._used.pop(session, ()):
+            before += [f for f in handle.undos if not f.done()]
+            before += [f for f in handle.arrivals.values() if not f.done()]
+            handle.end_after(ended)
+        ending = self.loop.create_task(self._end(calls, before, lease, queues, ended))
+        self._endings.add(ending)
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+        ending.add_done_callback(self._ended)
 
-    async def _end(self, lease: asyncio.Task[EtcdSession], queues: set[QueueHandle]) -> None:
-        etcd_session = await lease
-        if not await etcd_session.owned():
-            # Taken over by another gateway (its client reconnected there): not ours to end.
-            await etcd_session.abandon()
-            return
-        # Its gets' answers were read (an answer the client gave up was undone by its
-        # cancel), as the memory store drops its undo records with the connection;
-        # dropped before the lease goes, so the requeue loop never sees them orphaned.
-        prefix = self._records + etcd_session.sid.encode() + b"/"
-        await self.client.delete(prefix, prefix_end(prefix))
-        await etcd_session.close()
-        for queue in queues:  # its reservations go back now, not after a deadline
-            await queue.queue.requeue_expired()
+    async def _end(
+        self,
+        calls: dict[asyncio.Future[Any], _InFlight],
+        before: list[asyncio.Future[Any]],
+        lease: asyncio.Task[EtcdSession] | None,
+        queues: set[QueueHandle],
+        ended: asyncio.Future[None],
+    ) -> None:
+        try:
+            if before:
+                await asyncio.wait(before, timeout=END_CALLS_S)
+            tasks = [in_flight.task for in_flight in calls.values()]
+            if tasks:  # each answered, or dropped and unwound (a waiter's key withdrawn)
+                await asyncio.wait(tasks, timeout=END_CALLS_S)
+                for answer in calls:
+                    answer.cancel()  # a no-op once answered; else one that never waited
+                await asyncio.wait(tasks, timeout=END_CALLS_S)
+            if lease is None:
+                return
+            etcd_session = await lease
+            if not await etcd_session.owned():
+                # Taken over by another gateway (its client reconnected there): not
+                # ours to end.
+                await etcd_session.abandon()
+                return
+            # Its gets' answers were read (an answer the client gave up was undone by
+            # its cancel), as the memory store drops its undo records with the
+            # connection; dropped before the lease goes, so the requeuer never sees
+            # them orphaned.
+            prefix = self._records + etcd_session.sid.encode() + b"/"
+            await self.client.delete(prefix, prefix_end(prefix))
+            await etcd_session.close()
+            for queue in queues:  # its reservations go back now, not after a deadline
+                await queue.queue.requeue_expired()
+        finally:
+            ended.set_result(None)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._endings.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("etcd store: ending a session failed", exc_info=task.exception())
 
     async def _requeue_all(self) -> None:
         """While this gateway is the elected requeuer: every second, every queue."""
@@ -979,7 +1046,7 @@ class EtcdStore:
         stock sessions (a stock client cannot resume)."""
         tasks = list(self._tasks)
         self.shutdown()
-        await asyncio.gather(*tasks, *self._changes, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._changes, *self._endings, return_exceptions=True)
         await self._publisher.close()
         for session in list(self._leases):
             lease = self._leases.pop(session)
@@ -992,6 +1059,14 @@ class EtcdStore:
 
 
 _QUEUE_TYPES: Final = tuple(cls for cls in SERVED.values() if issubclass(cls, QueueHandle))
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A call in flight: the handle it was made on, and the task that does its work."""
+
+    handle: EtcdHandle
+    task: asyncio.Task[Any]
 
 
 @dataclass(slots=True)
@@ -1016,8 +1091,9 @@ def _check_same(
         raise ObjectTypeConflict(
             f"{name!r} already exists as a {known_type}, cannot use it as a {typeid}"
         )
+    same = SERVED[typeid].same_arg  # the known type: one served
     for key, value in args.items():
-        if key in created and created[key] != value:
+        if key in created and not same(key, created[key], value):
             raise ArgumentConflict(
                 f"{typeid} {name!r} exists with {key}={created[key]!r}; "
                 f"cannot attach with {key}={value!r}"

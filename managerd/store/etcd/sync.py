@@ -38,7 +38,7 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import changed
+from managerd.store.etcd.watching import changed, deadline_of
 from managerd_client.errors import LockLost
 
 
@@ -66,17 +66,21 @@ class EtcdEvent:
         """True once set (at once if it is), False after ``timeout_s``."""
         if timeout_s is not None and timeout_s <= 0:
             return await self.is_set()
+        deadline = deadline_of(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    read = await self.client.range(self.key)
-                    if read.kvs:
-                        return True
-                    put = await changed(
-                        self.client, self.key, after_revision=read.revision, kind=EventType.PUT
-                    )
-                    if put:
-                        return True
+            while True:
+                read = await self.client.range(self.key)
+                if read.kvs:
+                    return True
+                put = await changed(
+                    self.client,
+                    self.key,
+                    after_revision=read.revision,
+                    kind=EventType.PUT,
+                    deadline=deadline,
+                )
+                if put:
+                    return True
         except TimeoutError:
             return False
 
@@ -152,20 +156,24 @@ class EtcdSemaphore:
             if kv is None:
                 raise LockLost(f"the session's lease ended while acquiring {self.name}")
             token = kv.create_revision
+        deadline = deadline_of(timeout_s if blocking else None)
         try:
-            async with asyncio.timeout(timeout_s if blocking else None):
-                while True:
-                    state = await self._read()
-                    mine = [i for i, kv in enumerate(state.contenders) if kv.key == key]
-                    if not mine:
-                        raise LockLost(f"the session's lease ended while acquiring {self.name}")
-                    if mine[0] < state.permits:
-                        return token
-                    if not blocking:
-                        break
-                    await changed(
-                        self.client, self.base, prefix_end(self.base), after_revision=state.revision
-                    )
+            while True:
+                state = await self._read()
+                mine = [i for i, kv in enumerate(state.contenders) if kv.key == key]
+                if not mine:
+                    raise LockLost(f"the session's lease ended while acquiring {self.name}")
+                if mine[0] < state.permits:
+                    return token
+                if not blocking:
+                    break
+                await changed(
+                    self.client,
+                    self.base,
+                    prefix_end(self.base),
+                    after_revision=state.revision,
+                    deadline=deadline,
+                )
         except TimeoutError:
             pass
         except BaseException:

@@ -14,6 +14,7 @@ the contract suite's harness waits for a call to be one or the other).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -47,6 +48,34 @@ def waiting(still: Still = _always) -> Iterator[None]:
         mark(None)
 
 
+#: How long etcd may take to send a watch the events it missed (its watchers out of step
+#: are caught up every 100 ms).
+CATCH_UP_S = 0.15
+
+
+class Synced:
+    """Whether a watch from ``after_revision + 1`` is in step: it sees a change as it is
+    made. A watch created at that revision is; one created later (the store changed
+    between the read and the watch) gets what it missed within ``CATCH_UP_S``. Until
+    then the call is on its way, not parked: a change made before may wake it."""
+
+    def __init__(self, after_revision: int) -> None:
+        self.after_revision = after_revision
+        self._synced = False
+
+    def created(self, revision: int) -> None:
+        if revision <= self.after_revision:
+            self._synced = True
+        else:
+            asyncio.get_running_loop().call_later(CATCH_UP_S, self._caught_up)
+
+    def _caught_up(self) -> None:
+        self._synced = True
+
+    def __call__(self) -> bool:
+        return self._synced
+
+
 async def changed(
     client: EtcdClient,
     key: bytes,
@@ -54,18 +83,43 @@ async def changed(
     *,
     after_revision: int,
     kind: EventType | None = None,
+    deadline: float | None = None,
 ) -> list[Event]:
     """The first events on ``[key, range_end)`` after ``after_revision`` (of ``kind`` if
-    given); ``[]`` if that history was compacted (the caller reads the state again)."""
+    given); ``[]`` if that history was compacted (the caller reads the state again).
+
+    The call waits (``waiting``) once its watch is in step (``Synced``).
+    ``deadline`` (the loop's time): ``TimeoutError`` then. A timeout bounds the
+    wait only, never the look before it, as in the memory store (a free permit
+    is taken, a set event seen, however short the timeout).
+    """
+    synced = Synced(after_revision)
     try:
-        with waiting():
-            async with contextlib.aclosing(
-                client.watch(key, range_end, start_revision=after_revision + 1)
-            ) as events:
-                async for batch in events:
-                    wanted = [e for e in batch if kind is None or e.type is kind]
-                    if wanted:
-                        return wanted
+        with waiting(synced):
+            async with asyncio.timeout_at(deadline):
+                return await _first(client, key, range_end, after_revision, kind, synced)
     except Compacted:
         return []
+
+
+def deadline_of(timeout_s: float | None) -> float | None:
+    """The loop's time ``timeout_s`` from now (None: no deadline)."""
+    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+
+async def _first(
+    client: EtcdClient,
+    key: bytes,
+    range_end: bytes,
+    after_revision: int,
+    kind: EventType | None,
+    synced: Synced,
+) -> list[Event]:
+    async with contextlib.aclosing(
+        client.watch(key, range_end, start_revision=after_revision + 1, on_created=synced.created)
+    ) as events:
+        async for batch in events:
+            wanted = [e for e in batch if kind is None or e.type is kind]
+            if wanted:
+                return wanted
     raise AssertionError("a watch ended without an error")  # the client's watch never ends
