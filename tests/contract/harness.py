@@ -267,7 +267,13 @@ class StoreHarness:
 
         Every client gets a new session (a client reconnects after a
         restart): what the old ones held or waited for is gone with them.
+        A gateway of the etcd store that stops leaves its sessions to resume
+        through another within their TTL; these clients do not come back, so
+        their sessions end here, as the embedded daemon's end with it.
         """
+        if self._memory is None:
+            for client in self._clients:
+                self.store.release(client.session)
         self._close_store()
         self.store = self._open_store()
         for client in self._clients:
