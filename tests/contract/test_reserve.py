@@ -85,7 +85,9 @@ def test_visibility_timeout_redelivers_at_the_front(store: StoreHarness) -> None
 
 
 def test_a_redelivered_item_goes_to_a_parked_consumer(store: StoreHarness) -> None:
-    q = store.open("Queue", "q", visibility_timeout_s=VISIBILITY_S)
+    # Long enough for the consumer to park first: on etcd, parking takes round trips
+    # (50 ms had run out before them on a loaded machine).
+    q = store.open("Queue", "q", visibility_timeout_s=1.0)
     store.call(q, "put", "a")
     store.call(q, "reserve")
     waiting = store.start(q, "reserve", client=store.new_client())
