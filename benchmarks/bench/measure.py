@@ -278,6 +278,27 @@ class Gang:
                 proc.join(10)
 
 
+def run_gang(
+    pid: int, procs: int, counted: str, timeout_s: float, fn: Callable[..., Any], *args: Any
+) -> tuple[list[dict[str, Any]], dict[str, float], float]:
+    """``procs`` workers ``fn(ready, *args)`` started together, each returning
+    ``{counted: n, "end": t}``: their results, the server's CPU over the run
+    (``CpuWindow`` of ``pid``, per counted operation), and the seconds from the start
+    signal to the last worker's end."""
+    gang = Gang()
+    for _ in range(procs):
+        gang.spawn(fn, *args)
+    try:
+        gang.wait_ready(procs)
+        cpu = CpuWindow(pid)
+        t_go = gang.go()
+        results = [gang.result(timeout_s)[1] for _ in range(procs)]
+        usage = cpu.stop(sum(r[counted] for r in results))
+    finally:
+        gang.join()
+    return results, usage, max(r["end"] for r in results) - t_go
+
+
 def _gang_main(gang: Gang, index: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     def ready() -> float:
         gang.ready_q.put(index)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.measure import CpuWindow, Gang
+from bench.measure import run_gang
 from bench.plan import Plan
 from bench.servers import Client, Target, unique
 
@@ -42,20 +42,11 @@ def w_caller(
 
 
 def run_saturation(t: Target, clients: int, plan: Plan) -> dict[str, Any]:
-    name = unique("saturation")
-    gang = Gang()
-    for _ in range(clients):
-        gang.spawn(w_caller, t, name, plan.seconds, plan.max_ops)
-    try:
-        gang.wait_ready(clients)
-        cpu = CpuWindow(t.pid)
-        t_go = gang.go()
-        results = [gang.result(plan.seconds + 120)[1] for _ in range(clients)]
-        calls = sum(r["calls"] for r in results)
-        usage = cpu.stop(calls)
-    finally:
-        gang.join()
-    elapsed = max(r["end"] for r in results) - t_go
+    results, usage, elapsed = run_gang(
+        t.pid, clients, "calls", plan.seconds + 120,
+        w_caller, t, unique("saturation"), plan.seconds, plan.max_ops,
+    )  # fmt: skip
+    calls = sum(r["calls"] for r in results)
     rate = calls / elapsed if elapsed > 0 else 0.0
     per_core = rate / usage["server_cores_busy"] if usage["server_cores_busy"] > 0 else 0.0
     return {

@@ -25,7 +25,7 @@ from typing import Any
 
 from managerd_client import connect
 
-from bench.measure import CpuWindow, Gang, in_child, measure
+from bench.measure import CpuWindow, Gang, in_child, measure, run_gang
 from bench.plan import BOUNDED_QUEUE, GET_TIMEOUT_S, HEAD, P100, PAD, SENTINEL, Plan
 from bench.servers import Client, FloorClient, StockManager, Target, unique
 
@@ -398,20 +398,11 @@ def w_lock_contender(
 
 
 def run_lock_contended(t: Target, procs: int, plan: Plan) -> dict[str, Any]:
-    name = unique("contended")
-    gang = Gang()
-    for _ in range(procs):
-        gang.spawn(w_lock_contender, t, name, plan.seconds, plan.max_ops)
-    try:
-        gang.wait_ready(procs)
-        cpu = CpuWindow(t.pid)
-        t_go = gang.go()
-        results = [gang.result(plan.seconds + 120)[1] for _ in range(procs)]
-        usage = cpu.stop(sum(r["pairs"] for r in results))
-    finally:
-        gang.join()
+    results, usage, elapsed = run_gang(
+        t.pid, procs, "pairs", plan.seconds + 120,
+        w_lock_contender, t, unique("contended"), plan.seconds, plan.max_ops,
+    )  # fmt: skip
     pairs = sum(r["pairs"] for r in results)
-    elapsed = max(r["end"] for r in results) - t_go
     return {
         "rate": pairs / elapsed if elapsed > 0 else 0.0,
         "per_process": [r["pairs"] for r in results],
