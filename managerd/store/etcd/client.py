@@ -239,8 +239,8 @@ def _response_op(m: Any) -> RangeResult | PutResult | DeleteResult:
     raise EtcdError(f"unexpected Txn response {kind!r} (nested Txns are not used)")
 
 
-def _txn_result(m: Any, revision: int) -> TxnResult:
-    return TxnResult(revision, m.succeeded, [_response_op(r) for r in m.responses])
+def _txn_result(m: Any, revision: int, repeated: bool = False) -> TxnResult:
+    return TxnResult(revision, m.succeeded, [_response_op(r) for r in m.responses], repeated)
 
 
 def _nested(request: Any) -> Any:
@@ -250,11 +250,18 @@ def _nested(request: Any) -> Any:
     return rpc.RequestOp(request_txn=request)
 
 
+def _refused(exc: grpc.aio.AioRpcError) -> bool:
+    """Refused before it was proposed: never applied."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "no leader" in (exc.details() or "")
+
+
 def _retryable(exc: grpc.aio.AioRpcError, idempotent: bool) -> bool:
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE and "no leader" in (exc.details() or ""):
-        return True  # refused before it was proposed: never applied
-    return idempotent and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    if _refused(exc):
+        return True
+    return idempotent and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 def _translate(exc: grpc.aio.AioRpcError) -> EtcdError:
@@ -363,7 +370,13 @@ class EtcdClient:
         await self.close()
 
     async def _call(self, method: Any, request: Any, *, idempotent: bool) -> Any:
+        return (await self._attempts(method, request, idempotent=idempotent))[0]
+
+    async def _attempts(self, method: Any, request: Any, *, idempotent: bool) -> tuple[Any, bool]:
+        """The answer, and whether the request was sent again after an attempt whose
+        outcome is unknown (``TxnResult.repeated``)."""
         loop = asyncio.get_running_loop()
+        repeated = False
         give_up = loop.time() + self.retry_budget_s
         backoff_s = _BACKOFF_MIN_S
         rpc_name = self._rpc_names[id(method)]
@@ -371,10 +384,11 @@ class EtcdClient:
             timeout_s = max(0.001, min(self.rpc_timeout_s, give_up - loop.time()))
             sent = loop.time()
             try:
-                return await method(request, timeout=timeout_s, wait_for_ready=True)
+                return await method(request, timeout=timeout_s, wait_for_ready=True), repeated
             except grpc.aio.AioRpcError as exc:
                 if not _retryable(exc, idempotent) or loop.time() + backoff_s >= give_up:
                     raise _translate(exc) from exc
+                repeated = repeated or not _refused(exc)
             finally:
                 self.metrics.observe(rpc_name, loop.time() - sent)
             await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
@@ -459,8 +473,8 @@ class EtcdClient:
             failure=[_request_op(op) for op in failure],
         )
         if self.group is None:
-            m = await self._call(self._txn, request, idempotent=idempotent)
-            return _txn_result(m, m.header.revision)
+            m, repeated = await self._attempts(self._txn, request, idempotent=idempotent)
+            return _txn_result(m, m.header.revision, repeated)
         return cast(
             TxnResult,
             await self.group.submit(
@@ -480,12 +494,16 @@ class EtcdClient:
             return
         shared = rpc.TxnRequest(success=[_nested(p.request) for p in batch])
         try:
-            m = await self._call(self._txn, shared, idempotent=all(p.idempotent for p in batch))
+            m, repeated = await self._attempts(
+                self._txn, shared, idempotent=all(p.idempotent for p in batch)
+            )
         except EtcdUnavailable as exc:  # maybe applied: only idempotent ones may go again
             for p in batch:
                 if not p.idempotent and not p.future.done():
                     p.future.set_exception(EtcdUnavailable(str(exc)))
-            await asyncio.gather(*(self._send_alone(p) for p in batch if p.idempotent))
+            await asyncio.gather(
+                *(self._send_alone(p, repeated=True) for p in batch if p.idempotent)
+            )
             return
         except EtcdError:  # refused, never applied: each alone, to say which one
             await asyncio.gather(*(self._send_alone(p) for p in batch))
@@ -504,16 +522,16 @@ class EtcdClient:
                 continue
             if r.HasField("response_txn"):
                 # A nested Txn's header is empty: its revision is the shared Txn's.
-                p.future.set_result(_txn_result(r.response_txn, m.header.revision))
+                p.future.set_result(_txn_result(r.response_txn, m.header.revision, repeated))
             else:
                 p.future.set_result(_range_result(r.response_range))
 
-    async def _send_alone(self, p: Pending) -> None:
+    async def _send_alone(self, p: Pending, *, repeated: bool = False) -> None:
         if p.future.done():
             return
         read = isinstance(p.request, rpc.RangeRequest)
         try:
-            m = await self._call(
+            m, again = await self._attempts(
                 self._range if read else self._txn, p.request, idempotent=p.idempotent
             )
         except Exception as exc:
@@ -521,7 +539,9 @@ class EtcdClient:
                 p.future.set_exception(exc)
             return
         if not p.future.done():
-            p.future.set_result(_range_result(m) if read else _txn_result(m, m.header.revision))
+            p.future.set_result(
+                _range_result(m) if read else _txn_result(m, m.header.revision, repeated or again)
+            )
 
     # Leases
 

@@ -92,6 +92,9 @@ class TxnResult:
     revision: int  # the revision the Txn produced (or read at, if it wrote nothing)
     succeeded: bool
     responses: list[RangeResult | PutResult | DeleteResult]
+    #: Sent again after an attempt whose outcome is unknown (an idempotent Txn over a
+    #: failover): a failed compare may be that attempt's own success.
+    repeated: bool = False
 
 
 class Target(enum.Enum):

@@ -190,10 +190,11 @@ class EtcdLock:
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", token)], [Delete(key)], idempotent=True
         )
-        if not done.succeeded:
-            # Also when a retry follows our own delete that was applied unanswered
-            # (a failover at that moment): the lock is free either way.
+        if not done.succeeded and not done.repeated:
             raise LockLost(f"{self.name} was not held with token {token} (the session expired?)")
+        # Repeated over a failover, the failed compare is our own delete applied
+        # unanswered (or the lease's end): our holding is over either way. Reading it
+        # as LockLost would send the gateway on to release whoever holds it next.
 
     async def release_holder(self) -> bool:
         """Release whoever holds it (``threading.Lock`` lets anyone); False if free.
