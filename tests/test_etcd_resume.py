@@ -151,7 +151,7 @@ def test_a_gateway_lets_go_of_a_session_taken_over_and_the_wait_keeps_its_place(
         assert parked.cancelled()  # dropped on A once it saw the takeover
         with pytest.raises(SessionExpired):
             await call(lock, s, "locked")  # A serves it no more
-        moved.reissuing = (0, "l", "acquire")
+        moved.reissuing = (0, "l", "acquire", None)
         again = behind.methods["acquire"].fn(behind, Call(moved, 0, asyncio.get_running_loop()))
         moved.reissuing = None
         await call(lock, holder, "release")
@@ -177,7 +177,7 @@ def test_an_acquire_asked_again_does_not_take_another_threads_holding(
         moved = await b.resume(s.resume_token)
         assert moved is not None
         lock_b = b.get_or_create("Lock", "l", {})
-        moved.reissuing = (2, "l", "acquire")
+        moved.reissuing = (2, "l", "acquire", None)
         again = lock_b.methods["acquire"].fn(lock_b, Call(moved, 2, asyncio.get_running_loop()))
         moved.reissuing = None
         await asyncio.wait([again], timeout=1)
@@ -375,6 +375,9 @@ def test_waiters_parked_on_a_dead_gateway_wait_again_through_another(
         # Both calls are asked again through B, in the same session.
         assert wait_until(
             lambda: waiters_on(b, "db") == 2 and waiters_on(b, "jobs") == 1, timeout_s=30
+        ), (
+            f"waiters on B: db {waiters_on(b, 'db')}, jobs {waiters_on(b, 'jobs')}; "
+            f"locked {locked}, gotten {gotten}; B's log:\n{b.log[-4000:]}"
         )
         assert moving.session_id == session
         assert not locked and not gotten and not late_got

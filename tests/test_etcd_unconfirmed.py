@@ -28,6 +28,8 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -51,7 +53,7 @@ async def records(store: EtcdStore) -> list[bytes]:
 
 async def reissued(store: EtcdStore, s: Session, handle: Any, method: str, *args: Any) -> Any:
     """The call as the managerd dialect runs a ``REISSUE`` of it."""
-    s.reissuing = (0, handle.name, method)
+    s.reissuing = (0, handle.name, method, None)
     try:
         answer = handle.methods[method].fn(handle, Call(s, 0, asyncio.get_running_loop()), *args)
     finally:
@@ -147,14 +149,16 @@ RELAY = r"""
 import signal, socket, sys, threading
 target = (sys.argv[1], int(sys.argv[2]))
 held = threading.Event()
+held_up = threading.Event()
 signal.signal(signal.SIGUSR1, lambda *_: held.set())
+signal.signal(signal.SIGUSR2, lambda *_: held_up.set())
 listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)
 
 def pump(src, dst, lossy):
     try:
         while data := src.recv(65536):
-            if lossy and held.is_set():
+            if lossy.is_set():
                 continue  # lost on its way
             dst.sendall(data)
     except OSError:
@@ -165,13 +169,14 @@ while True:
     upstream = socket.create_connection(target)
     for s in (client, upstream):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    threading.Thread(target=pump, args=(client, upstream, False), daemon=True).start()
-    threading.Thread(target=pump, args=(upstream, client, True), daemon=True).start()
+    threading.Thread(target=pump, args=(client, upstream, held_up), daemon=True).start()
+    threading.Thread(target=pump, args=(upstream, client, held), daemon=True).start()
 """
 
 
 class Relay:
-    """A TCP relay to ``address`` that loses every reply once told to (SIGUSR1)."""
+    """A TCP relay to ``address`` that loses every reply once told to (SIGUSR1), or
+    every request (SIGUSR2)."""
 
     def __init__(self, address: str) -> None:
         host, port = address.rsplit(":", 1)
@@ -183,6 +188,9 @@ class Relay:
 
     def lose_replies(self) -> None:
         self.proc.send_signal(signal.SIGUSR1)
+
+    def lose_requests(self) -> None:
+        self.proc.send_signal(signal.SIGUSR2)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -301,3 +309,44 @@ def test_the_next_call_of_the_thread_confirms_in_its_own_txn(cluster: EtcdCluste
         assert b"/1/jobs/" in now and now != left
 
     two_stores(cluster, body)
+
+
+def test_a_get_read_then_a_get_lost_on_its_way_delivers_each_item_once(
+    gateways: Gateways,
+) -> None:
+    """The thread read job-1 through A; its next get never reached A (lost on its way),
+    so job-1's record was never confirmed; A dies; the get is asked again through B.
+    It names the request it was, and job-1 was taken for an earlier one: B takes
+    job-2 (handing job-1 again, by queue and method alone, delivered it twice)."""
+    a, b = gateways.start("a"), gateways.start("b")
+    relay = Relay(a.address)
+    try:
+        with gateways.client(relay.address, b) as m, gateways.client(b) as producer:
+            producer.Queue("jobs").put_many(["job-1", "job-2", "job-3"])
+            jobs = m.Queue("jobs")
+            assert m.server_id == a_id(a)
+            session = m.session_id
+            read, lost = threading.Event(), threading.Event()
+
+            def consumer() -> list[Any]:
+                first = jobs.get(timeout=10)
+                read.set()
+                lost.wait(30)
+                return [first, jobs.get(timeout=120)]  # the same client thread
+
+            getter, got = in_thread(consumer)
+            assert read.wait(30)
+            relay.lose_requests()
+            lost.set()
+            # Sent (into the relay, which drops it); A never saw it.
+            assert wait_until(lambda: m._channel is not None and bool(m._channel._calling))
+            time.sleep(0.2)
+            assert depth(producer, "jobs") == 2
+            a.kill()
+            relay.kill()
+            getter.join(60)
+            assert got == [["job-1", "job-2"]]
+            assert m.session_id == session
+            assert producer.Queue("jobs").get_many(10, timeout=5) == ["job-3"]
+    finally:
+        relay.kill()

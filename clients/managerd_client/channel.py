@@ -39,6 +39,7 @@ next read). Fresh megabyte buffers cost a page fault per 4 KiB each time.
 from __future__ import annotations
 
 import array
+import itertools
 import os
 import pickle
 import select
@@ -119,6 +120,10 @@ def _block_signals() -> set[int | signal.Signals] | None:
 def abandoned_by(exc: BaseException) -> bool:
     """Whether ``exc`` made this thread give up its last call (and cancel it)."""
     return getattr(_abandoned, "exc", None) is exc
+
+
+#: Request ids: one sequence for every channel of the process.
+_RIDS = itertools.count(1)
 
 
 class _Slot:
@@ -432,7 +437,11 @@ class Channel:
         self.dead_after_s = self.session_ttl_s + dead_margin_s
         set_receive_timeout(sock, self.dead_after_s)
         self._fs.read_timeout_s = self.dead_after_s
-        self._rids = iter(range(1, 1 << 63))
+        # Unique among all the requests of this process (a call asked again through
+        # another daemon names the one it first was: ``asked``).
+        self._rids = _RIDS
+        #: Each thread's latest request id (of a call, not of a pipelined one).
+        self.asked: dict[int, int] = {}
         self._pending: dict[int, _Slot] = {}
         # ``with self._lock`` only, and no ``threading.Condition`` on it:
         # Condition's methods are Python code that releases and retakes the
@@ -707,7 +716,7 @@ class Channel:
             rid = next(self._rids)
             self._pending[rid] = slot
         if outer:
-            self._unconfirmed[ident] = rid
+            self._unconfirmed[ident] = self.asked[ident] = rid
         try:
             if outer:
                 # Inside the try: an interrupt as add() returns must not
@@ -770,7 +779,7 @@ class Channel:
                         return _SHARED
                     rid = next(self._rids)
                     self._reading = reading = True
-                self._unconfirmed[ident] = rid
+                self._unconfirmed[ident] = self.asked[ident] = rid
                 self._calling.add(ident)
                 fs = self._fs
                 body = parts[0]

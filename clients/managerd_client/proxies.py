@@ -194,12 +194,17 @@ class Proxy:
         typeid: str | None = self._typeid
         name: str | None = self._name
         asked, asked_args = method, args
+        ident = threading.get_ident()
+        origin = 0  # the request id the call first had (0: not sent yet)
         while True:
+            before = channel.asked.get(ident)
             try:
                 if number is not None:
                     return channel.call_handle(ref[1], number, method, args, decode)
                 return channel.call(typeid, name, asked, asked_args, decode)
             except ConnectionLost:
+                if not origin and channel.asked.get(ident) != before:
+                    origin = channel.asked[ident]
                 again = manager._resumed_elsewhere(channel, epoch)
                 if again is None:
                     raise
@@ -212,7 +217,9 @@ class Proxy:
                 channel.call(None, None, "create", (self._typeid, self._name, self._args))
                 self._server_id = channel.server_id
             typeid, name = None, None
-            asked, asked_args = REISSUE, (self._typeid, self._name, method, args)
+            # Naming the request it first was: what the dead daemon took for that
+            # request (a get's items) is this call's, and nothing taken before.
+            asked, asked_args = REISSUE, (self._typeid, self._name, method, args, origin)
 
     def _submit(
         self, decode: Callable[[Any], Any] | None, method: str, args: tuple[Any, ...]

@@ -313,7 +313,7 @@ class Invoker:
             self._deliver(inv, started, on_later, outcome)
             return LATER
         # 3: call.
-        call = Call(inv.session, inv.thread, self.loop)
+        call = Call(inv.session, inv.thread, self.loop, inv.rid)
         try:
             if body is not None:
                 result = body(obj, call)
@@ -378,7 +378,7 @@ class Invoker:
             # Refused before the call: the general path, which classifies and counts it.
             inv = Invocation(session, thread, typeid, name, method, args, calls=calls, rid=rid)
             return self.run_or_defer(inv, partial(reply, reply_to, rid))
-        call = Call(session, thread, self.loop)
+        call = Call(session, thread, self.loop, rid)
         try:
             result = spec.fn(obj, call, *args)
         except Exception as exc:

@@ -104,6 +104,8 @@ class Call:
     session: Session
     thread: int
     loop: asyncio.AbstractEventLoop
+    #: The request's id (the client's, unique among its process's requests; 0: none).
+    rid: int = 0
 
 
 def methods_of(cls: type) -> dict[str, MethodSpec]:

@@ -90,11 +90,12 @@ class Session:
         self.probe: Callable[[], bool] | None = None
         #: The daemon's wait-for graph walker (set by the table; None: off).
         self.deadlocks: WaitForGraph | None = None
-        #: ``(thread, object name, method)`` of a call the client asks again, its
-        #: first daemon having died under it: set only while the call starts (the
+        #: ``(thread, object name, method, origin)`` of a call the client asks again,
+        #: its first daemon having died under it: set only while the call starts (the
         #: managerd dialect's ``REISSUE``), so the object may take back what that
-        #: call had (a lock's place in line). None otherwise.
-        self.reissuing: tuple[int, str, str] | None = None
+        #: call had (a lock's place in line, a get's items). ``origin``: the request
+        #: id the call first had (None: the client did not say). None otherwise.
+        self.reissuing: tuple[int, str, str, int | None] | None = None
 
     @property
     def active(self) -> bool:

@@ -28,9 +28,14 @@ something, at most ``MAX_ANSWERED_THREADS`` per connection.
 
 **Reissued calls.** A client whose daemon died under a call, and whose
 session another daemon of the same store resumed, asks some calls again
-there as ``(None, None, REISSUE, (typeid, name, method, args), thread)``
-(``managerd_client.proxies.Proxy._reissued`` says which): run as the call
-itself, with ``Session.reissuing`` set while it starts.
+there as ``(None, None, REISSUE, (typeid, name, method, args, origin),
+thread)`` (``managerd_client.proxies.Proxy._reissued`` says which): run as
+the call itself, with ``Session.reissuing`` set while it starts. ``origin``
+is the request id the call had when first sent (0: it never was; the
+request ids of a client process are unique), so that what the dead daemon
+took for *that* request (a get's items) goes to it, and nothing taken for
+an earlier request whose answer was read. Without ``origin`` (a 4-tuple),
+the object guesses by name and method.
 
 **Handle envelopes (protocol 2).** A client that said ``protocol: 2`` in its
 hello may send, besides the envelopes above, ``<rid:u64><handle:u32>
@@ -219,22 +224,27 @@ class Dispatcher:
         the object's method runs (the etcd store's lock keeps the call's place in
         line). Not inlined in ``handle``: it is rare, and ``handle`` is the hot path."""
         if not (
-            len(args) == 4
+            len(args) in (4, 5)
             and isinstance(args[0], str)
             and isinstance(args[1], str)
             and isinstance(args[2], str)
             and isinstance(args[3], tuple)
+            and (len(args) == 4 or (type(args[4]) is int and 0 <= args[4] < 1 << 64))
         ):
             self._send_error(
-                sink, rid, TypeError("a reissued call is (typeid, name, method, args)")
+                sink,
+                rid,
+                TypeError("a reissued call is (typeid, name, method, args[, first request id])"),
             )
             return
-        typeid, name, method, call_args = args
+        typeid, name, method, call_args = args[:4]
+        # Never sent before (0): this request is where the call starts.
+        origin = (args[4] or rid) if len(args) == 5 else None
         sink.calls.answered.pop(thread, None)
         invocation = Invocation(
             session, thread, typeid, name, method, call_args, calls=sink.calls, rid=rid
         )
-        session.reissuing = (thread, name, method)
+        session.reissuing = (thread, name, method, origin)
         try:
             value = self.invoker.run_or_defer(invocation, partial(self._reply, sink, rid))
         finally:

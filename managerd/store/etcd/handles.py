@@ -104,6 +104,14 @@ DEFAULT_VISIBILITY_TIMEOUT_S = 30.0
 _DEADLINE_SLACK_S = 0.01  # a deadline is wall-clock, the timer the loop's
 
 
+def _reissuing(call: Call) -> tuple[str, str] | None:
+    """``(object name, method)`` of the call the calling thread asks again (``REISSUE``)."""
+    reissuing = call.session.reissuing
+    if reissuing is None or reissuing[0] != call.thread:
+        return None
+    return reissuing[1], reissuing[2]
+
+
 class Deliveries:
     """The delivery ids of this gateway's sessions' reservations, and the etcd
     reservation each stands for.
@@ -577,11 +585,16 @@ class QueueHandle(EtcdHandle):
         key = (call.session, call.thread)
         confirm = self.store.unconfirmed.pop(key, [])
         found = self.store.found.pop(key, None)
+        reissuing = call.session.reissuing
+        origin = reissuing[3] if reissuing is not None and reissuing[0] == call.thread else None
         if (
             found is not None
             and found.answer is not None
             and found.answer[:2] == (self.name, method)
-            and call.session.reissuing == (call.thread, self.name, method)
+            and _reissuing(call) == (self.name, method)
+            # Taken for this very request, not for an earlier one that was answered
+            # (a client that names it; records made before request ids have none).
+            and (origin is None or found.rid in (None, origin))
         ):
             self.store.unconfirmed[key] = confirm  # handed again: still not read
             payloads = found.answer[2]
@@ -597,6 +610,7 @@ class QueueHandle(EtcdHandle):
                 method,
                 self.revision,
                 confirm,
+                rid=origin or call.rid,
             )
             try:
                 result = await take(holder)
@@ -839,7 +853,7 @@ class LockHandle(EtcdHandle):
         wait_s = _acquire_wait_s(blocking, timeout)
         owner = self._owner(call)
         # Asked again after the gateway that had it died: its key keeps its place.
-        again = call.session.reissuing == (call.thread, self.name, "acquire")
+        again = _reissuing(call) == (self.name, "acquire")
 
         note = b"@%d" % call.thread  # who holds a Lock: for status and the wait-for graph
 

@@ -164,6 +164,8 @@ class Holder:
     confirm: list[bytes] = dataclasses.field(default_factory=list)
     #: The records made for this call, once taken.
     records: list[bytes] = dataclasses.field(default_factory=list)
+    #: The client's id of the request (its first one, for a call asked again).
+    rid: int = 0
 
 
 def records_prefix(root: bytes, sid: str, thread: int) -> bytes:
@@ -735,6 +737,7 @@ class EtcdQueue:
                         "q": self.name,
                         "rev": holder.revision,
                         "m": holder.method,
+                        "r": holder.rid,
                     }
                     records.append((holder, self.record_key(holder, iid)))
                     ops.append(Put(records[-1][1], _pack(record, payload)))
@@ -870,8 +873,10 @@ class Found:
 
     keys: list[bytes]
     #: ``(queue, method, payloads)`` of the one call they were taken for; None if
-    #: they cannot be one answer (several queues or methods).
+    #: they cannot be one answer (several queues, methods or requests).
     answer: tuple[str, str, list[bytes]] | None
+    #: The client's request id they were taken for (None: not recorded).
+    rid: int | None = None
 
 
 def found_records(kvs: list[KeyValue], prefix: bytes) -> dict[int, Found]:
@@ -882,13 +887,16 @@ def found_records(kvs: list[KeyValue], prefix: bytes) -> dict[int, Found]:
         thread = int(kv.key[len(prefix) :].partition(b"/")[0])
         meta, payload = _unpack(kv.value)
         entry = found.get(thread)
+        rid = meta.get("r")
         if entry is None:
-            found[thread] = Found([kv.key], (str(meta["q"]), str(meta["m"]), [payload]))
+            answer = (str(meta["q"]), str(meta["m"]), [payload])
+            found[thread] = Found([kv.key], answer, None if rid is None else int(rid))
             continue
         entry.keys.append(kv.key)
         if entry.answer is not None:
             queue_name, method, payloads = entry.answer
-            if (queue_name, method) == (meta["q"], meta["m"]) and method == "get_many":
+            same = (queue_name, method, entry.rid) == (meta["q"], meta["m"], rid)
+            if same and method == "get_many":
                 payloads.append(payload)
             else:
                 entry.answer = None
