@@ -19,6 +19,7 @@ resumed: its lock went to the waiter, and the client is told ``LockLost``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import secrets
 import socket
@@ -349,8 +350,9 @@ def test_a_session_whose_ttl_lapsed_is_not_resumed(gateways: Gateways) -> None:
 
 
 def test_waiters_parked_on_a_dead_gateway_wait_again_through_another(
-    gateways: Gateways,
+    gateways: Gateways, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="managerd_client")  # why a resume did not happen
     a, b = gateways.start("a"), gateways.start("b")
     with (
         gateways.client(b) as holder,

@@ -24,6 +24,7 @@ closing the parent's) and opens its own session on first use.
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import socket
 import ssl
@@ -53,6 +54,8 @@ _REFUSAL_MARGIN_S: Final = 0.05
 
 _managers: weakref.WeakSet[Manager] = weakref.WeakSet()
 P = TypeVar("P", bound=p.Proxy)
+
+_log = logging.getLogger(__name__)
 
 
 def _authkey_from_env() -> bytes:
@@ -203,10 +206,15 @@ class Manager:
             return None
         try:
             channel = self._channel_or_reconnect(retry=False)
-        except ManagerdError:
+        except ManagerdError as exc:
+            _log.debug("session not resumed elsewhere: no daemon reached (%s)", exc)
             return None
         if channel.resumed and self.session_epoch == epoch and channel.server_id != lost.server_id:
             return channel
+        _log.debug(
+            "session not resumed elsewhere: resumed %s, epoch %d (call's %d), daemon %s (lost %s)",
+            channel.resumed, self.session_epoch, epoch, channel.server_id, lost.server_id,
+        )  # fmt: skip
         return None
 
     def _ensure_heartbeat(self, interval_s: float) -> None:
