@@ -396,3 +396,179 @@ def test_waiters_parked_on_a_dead_gateway_wait_again_through_another(
         late.join(30)
         assert late_got == [True]
         assert later_lock.fencing_token is not None and later_lock.fencing_token > moved_token
+
+
+# -- semaphore acquires and condition waits asked again ----------------------------------
+
+
+def keys_in_etcd(gateways: Gateways, under: bytes) -> int:
+    """How many keys of the gateways' store start with ``under`` (after its prefix):
+    a call parked is in etcd only once its key is (``waiters_on`` counts it sooner)."""
+    endpoints = gateways.args[1].removeprefix("etcd://").split(",")
+    prefix = gateways.args[3].encode() + under
+
+    async def count() -> int:
+        async with EtcdClient(endpoints) as client:
+            return (await client.range(prefix, prefix_end(prefix), count_only=True)).count
+
+    return asyncio.run(count())
+
+
+def test_a_semaphore_acquire_parked_on_a_dead_gateway_keeps_its_place_through_another(
+    gateways: Gateways,
+) -> None:
+    a, b = gateways.start("a"), gateways.start("b")
+    with (
+        gateways.client(b) as holder,
+        gateways.client(a, b) as moving,
+        gateways.client(b) as later,
+    ):
+        held = holder.Semaphore("slots", 1)
+        assert held.acquire()
+        moving_sem, later_sem = moving.Semaphore("slots", 1), later.Semaphore("slots", 1)
+        acquirer, acquired = in_thread(lambda: moving_sem.acquire(timeout=60))
+        contenders = b"sem/slots/c/"
+        assert wait_until(lambda: keys_in_etcd(gateways, contenders) == 2, timeout_s=30)
+        # In line behind the moving client's acquire (parked through A first).
+        late, late_got = in_thread(lambda: later_sem.acquire(timeout=60))
+        assert wait_until(lambda: keys_in_etcd(gateways, contenders) == 3, timeout_s=30)
+        session = moving.session_id
+
+        a.kill()
+
+        assert wait_until(lambda: waiters_on(b, "slots") == 2, timeout_s=30), (
+            f"waiters on B: {waiters_on(b, 'slots')}; acquired {acquired}; "
+            f"B's log:\n{b.log[-4000:]}"
+        )
+        assert moving.session_id == session
+        assert not acquired and not late_got
+        held.release()
+        acquirer.join(30)
+        assert acquired == [True]  # its place in line was kept: before the later one
+        assert not late_got
+        assert held.get_value() == 0
+        moving_sem.release()
+        late.join(30)
+        assert late_got == [True]
+        assert held.get_value() == 0
+        later_sem.release()
+        assert held.get_value() == 1  # no permit counted twice, none lost
+
+
+def test_a_permit_granted_through_a_gateway_that_died_is_the_acquire_asked_again(
+    cluster: EtcdCluster,
+) -> None:
+    """A's acquire was granted, its answer lost with A: asked again through B (naming
+    the request it first was), it is answered with that very permit, not a second."""
+
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        holder, s, other = new_session("holder"), new_session("moving"), new_session("other")
+        loop = asyncio.get_running_loop()
+        sem = a.get_or_create("Semaphore", "slots", {"value": 1})
+        assert await call(sem, holder, "acquire")
+        first = sem.methods["acquire"].fn(sem, Call(s, 5, loop, 41), True, 30)
+        await call(sem, holder, "release")
+        token = await first  # granted through A; its answer never reached the client
+
+        moved = await b.resume(s.resume_token)
+        assert moved is not None
+        sem_b = b.get_or_create("Semaphore", "slots", {"value": 1})
+        moved.reissuing = (5, "slots", "acquire", 41)
+        again = sem_b.methods["acquire"].fn(sem_b, Call(moved, 5, loop, 97), True, 5)
+        moved.reissuing = None
+        assert await again == token
+        assert await call(sem_b, other, "get_value") == 0
+        assert await call(sem_b, other, "acquire", False) is False
+        await call(sem_b, moved, "release")
+        assert await call(sem_b, other, "get_value") == 1
+
+    two_stores(cluster, body)
+
+
+def test_a_condition_wait_parked_on_a_dead_gateway_keeps_its_place_through_another(
+    gateways: Gateways,
+) -> None:
+    """Over its RLock held twice: notified through B in its place (before a later
+    waiter), it holds the lock again as deep as before."""
+    a, b = gateways.start("a"), gateways.start("b")
+    with (
+        gateways.client(b) as notifier,
+        gateways.client(a, b) as moving,
+        gateways.client(b) as later,
+    ):
+        moving_cv, later_cv, cv = (
+            moving.Condition("cv"),
+            later.Condition("cv"),
+            notifier.Condition("cv"),
+        )
+
+        def wait_twice_held(c: Any) -> bool:
+            with c, c:  # the exits release twice: it must hold as deep as before
+                return bool(c.wait(timeout=60))
+
+        waiter, waited = in_thread(lambda: wait_twice_held(moving_cv))
+        waiter_keys = b"cv/cv/w/"
+        assert wait_until(lambda: keys_in_etcd(gateways, waiter_keys) == 1, timeout_s=30)
+        # Behind it in notify order.
+        late, late_waited = in_thread(lambda: wait_twice_held(later_cv))
+        assert wait_until(lambda: keys_in_etcd(gateways, waiter_keys) == 2, timeout_s=30)
+        session = moving.session_id
+
+        a.kill()
+
+        assert wait_until(lambda: waiters_on(b, "cv") == 2, timeout_s=30), (
+            f"waiters on B: {waiters_on(b, 'cv')}; waited {waited}; B's log:\n{b.log[-4000:]}"
+        )
+        assert moving.session_id == session
+        assert not waited and not late_waited
+        with cv:
+            cv.notify()  # the oldest waiter: the moving client's
+        waiter.join(30)
+        assert waited == [True]
+        assert not late_waited
+        with cv:
+            cv.notify()
+        late.join(30)
+        assert late_waited == [True]
+        assert cv.acquire(blocking=False)  # let go by both, whole
+        cv.release()
+
+
+def test_a_condition_notified_while_its_client_moved_takes_the_lock_back(
+    cluster: EtcdCluster,
+) -> None:
+    """Over a Lock: the wait parked through A; B takes the session over (A lets go
+    of the wait, leaving its waiter key); a notify comes before the client asks
+    again. Asked again through B, the wait says notified and holds the lock."""
+
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        s, other = new_session("moving"), new_session("other")
+        loop = asyncio.get_running_loop()
+        a.get_or_create("Lock", "cv.l", {})
+        b.get_or_create("Lock", "cv.l", {})
+        cv = a.get_or_create("Condition", "cv", {"lock": "cv.l"})
+        assert await call(cv, s, "acquire", thread=5)
+        first = cv.methods["wait"].fn(cv, Call(s, 5, loop, 41), 60)
+        waiters = cast(Any, cv).condition.waiters
+        while not (await a.client.range(waiters, prefix_end(waiters))).kvs:
+            await asyncio.sleep(0.01)  # until it waits
+
+        moved = await b.resume(s.resume_token)
+        assert moved is not None
+        await asyncio.wait([first], timeout=30)
+        assert first.cancelled()  # dropped on A once it saw the takeover
+        cv_b = b.get_or_create("Condition", "cv", {"lock": "cv.l"})
+        assert await call(cv_b, other, "acquire")
+        await call(cv_b, other, "notify")
+        await call(cv_b, other, "release")
+
+        moved.reissuing = (5, "cv", "wait", 41)
+        again = cv_b.methods["wait"].fn(cv_b, Call(moved, 5, loop, 97), 5)
+        moved.reissuing = None
+        assert await again is True  # the notify was not lost
+        assert await call(cv_b, other, "acquire", False) is False  # held by the waiter
+        await call(cv_b, moved, "release", thread=5)
+        assert await call(cv_b, other, "acquire", False)
+        await call(cv_b, other, "release")
+
+    two_stores(cluster, body)

@@ -813,9 +813,10 @@ class Semaphore(Lock):
     """A named ``Semaphore``; permits come back if this client's session ends."""
 
     _typeid = "Semaphore"
-    # Not acquire: a permit granted by the dead gateway, answer lost, would be a
-    # second one taken.
-    _reissued = frozenset({"get_value"})
+    # An acquire asked again after a gateway died is the request it first was: the
+    # etcd store keeps its place in line, and a permit the dead gateway granted it
+    # (the answer lost) is the one it gets: never a second one taken.
+    _reissued = frozenset({"acquire", "get_value"})
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         # threading.Semaphore: None waits for ever, any negative timeout does not
@@ -869,7 +870,11 @@ class Condition(RLock):
     """A named ``Condition`` over a named Lock or RLock."""
 
     _typeid = "Condition"
-    _reissued = frozenset({"locked"})
+    # A wait asked again after a gateway died goes on where it was: still a waiter in
+    # its place in notify order, or notified (or timed out) and taking the lock back
+    # (the etcd store's ``conditions.py`` says where a place cannot be kept).
+    # ``wait_for`` is this client's loop of waits. Not acquire: the lock's own.
+    _reissued = frozenset({"wait", "locked"})
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
         super().__init__(manager, name, args)

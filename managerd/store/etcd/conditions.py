@@ -15,6 +15,26 @@ returns True. A timeout withdraws the key
 (False, unless a notify deleted it first), then takes the lock back too.
 A waiter's session that ends takes its key with it.
 
+**A wait asked again** (``REISSUE``: the gateway that ran it died, its
+session taken over by another): the waiter key is named by the client's
+request id (``w/<lease>/r<id>``) and the retake's marks derive from it (one
+once notified, another once it gave up: a timeout withdraws the waiter key
+and queues the retake in one Txn), so the gateway that takes the wait over
+finds where it stood (``_found``). Its waiter key there: it waits on, in its
+place in notify order (a notify meanwhile deleted the key and queued the
+retake: it was notified). Its retake there: it goes on queueing for the
+lock, or holds it, and answers as the first gateway would have (notified,
+or not). The caller's own holding there: the wait had not begun, and
+begins. An RLock's depth rides in the waiter key's value (``*<n>``) and in
+the retake's (its count), so it is held as deep as before. **Where the
+place is not kept**: a Lock's waiter notified (or timed out) while another
+thread of its session held that Lock leaves no trace; asked again, it takes
+the Lock back (after that holding) and answers True: at worst a wake-up
+with no notify (``threading.Condition`` callers check their predicate),
+never a notify lost, never the lock held twice. A gateway that lives on
+and lets go of a session taken over leaves its waits' keys to the waits
+asked again.
+
 A ``wait`` given up by its client (an interrupt: ``stop`` set) stops
 waiting for a notify and takes the lock back, for the client's ``restore``
 (``ConditionHandle``), as the memory store does; a wait cancelled (its
@@ -36,6 +56,7 @@ counted: the others wait for their timeout.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import marshal
 import secrets
 import threading
@@ -48,12 +69,20 @@ from managerd.store.etcd.kv import (
     Compare,
     Delete,
     EventType,
+    Get,
     Put,
+    RangeResult,
     Target,
     name_key,
     prefix_end,
 )
-from managerd.store.etcd.locks import EtcdLock, EtcdRLock, lock_depth, new_attempt
+from managerd.store.etcd.locks import (
+    EtcdLock,
+    EtcdRLock,
+    _caller_mark,
+    lock_depth,
+    new_attempt,
+)
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 from managerd.store.etcd.watching import changed
 
@@ -80,9 +109,11 @@ class EtcdCondition:
             raise BadState(f"cannot {what} on un-acquired lock")
         return held[1], lock_depth(kv.value) if isinstance(self.lock, EtcdRLock) else 1
 
-    def waiter_key(self, session: EtcdSession) -> bytes:
-        """A new waiter key of ``session``, for ``wait``."""
-        return self.waiters + f"{session.lease_id:016x}/".encode() + secrets.token_hex(8).encode()
+    def waiter_key(self, session: EtcdSession, request: int = 0) -> bytes:
+        """The waiter key of ``session``'s ``wait`` made as client request ``request``
+        (0: none known, a random key)."""
+        tail = b"r%016x" % request if request else secrets.token_hex(8).encode()
+        return self.waiters + f"{session.lease_id:016x}/".encode() + tail
 
     async def wait(
         self,
@@ -93,6 +124,10 @@ class EtcdCondition:
         stop: asyncio.Event | None = None,
         key: bytes | None = None,
         released: asyncio.Future[None] | None = None,
+        *,
+        request: int = 0,
+        caller: int = 0,
+        again: bool = False,
     ) -> tuple[bool, int]:
         """Release, wait for a notify or the timeout, take the lock back: ``(notified,
         new token)``. ``on_wake`` runs once it waits for the lock, no longer a notify.
@@ -101,54 +136,153 @@ class EtcdCondition:
         is set once the lock was let go (or the wait refused: ``BadState``).
         ``stop`` set (the client gave the wait up): it stops waiting for a notify
         and takes the lock back, as a timeout does. Cancelled: the lock is let go
-        if it was not yet, and not taken back.
+        if it was not yet, and not taken back. ``request``: the client's id of the
+        request this wait is (it names the waiter key and the retake's marks);
+        ``caller``: the client thread. ``again``: the wait asked again after the
+        gateway that ran it died (``REISSUE``): it goes on from where that one was
+        (``_found``).
         """
         lock_key = self.lock._key(session, owner)
-        key = key or self.waiter_key(session)
-        # The waiter key's value: the mark its retake will use, and whose it is, so
-        # that a notify queues it for the lock in notify order (``notify``).
-        attempt = new_attempt()
+        key = key or self.waiter_key(session, request)
+        # The mark of its retake once notified: a notify queues it for the lock with
+        # it, in notify order (``_wake``); a timeout's retake has its own
+        # (``_given_up``), so that a wait asked again knows which it was.
+        mark = wait_mark(request, caller)
         try:
-            token, depth = await self._held(session, owner, "wait")
-            done = await self.client.txn(
-                [Compare(lock_key, Target.CREATE, "==", token)],
-                [Delete(lock_key), Put(key, attempt + owner.encode(), lease=session.lease_id)],
-            )
+            found = await self._found(session, owner, key, mark, caller) if again else None
+            if found is None:
+                depth = await self._release(session, owner, lock_key, key, mark)
+                found = (None, mark + _depth_digits(depth))
         except asyncio.CancelledError:
             # The wait was called: the lock goes, as the memory store lets it go at once.
-            await asyncio.shield(self._let_go(session, owner))
+            await asyncio.shield(self._abandon(session, owner, key))
             raise
         finally:
             if released is not None and not released.done():
                 released.set_result(None)
-        if not done.succeeded:
-            raise BadState("cannot wait on un-acquired lock")
-        notified = False
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._notified(key, stop)
-            notified = True
-        except (TimeoutError, _Stopped):
-            withdrawn = await self.client.txn(
-                [Compare(key, Target.CREATE, "!=", 0)], [Delete(key)], idempotent=True
+        notified, attempt = found
+        if notified is None:
+            notified, attempt = await self._await_notify(
+                session, lock_key, key, attempt, timeout_s, stop
             )
-            notified = not withdrawn.succeeded  # a notify deleted it first
-        finally:
-            if not notified:
-                await asyncio.shield(
-                    self.client.txn([Compare(key, Target.CREATE, "!=", 0)], [Delete(key)])
-                )
         if on_wake is not None:
             on_wake()
         try:
             new_token = await self._take_back(session, owner, attempt)
         except asyncio.CancelledError:
-            # Dropped while queued for the lock (a notify may have queued it): it goes.
-            await asyncio.shield(self._withdraw(lock_key, attempt))
+            # Dropped while queued for the lock (a notify may have queued it): it goes,
+            # unless the session went on through another gateway (the wait asked
+            # again there takes it).
+            await asyncio.shield(self._withdraw(session, lock_key, attempt))
             raise
-        for _ in range(depth - 1):
-            await self.lock.acquire(session, owner)
         return notified, new_token
+
+    async def _release(
+        self, session: EtcdSession, owner: str, lock_key: bytes, key: bytes, mark: bytes
+    ) -> int:
+        """Let the lock go and become a waiter, in one Txn; how deep it was held."""
+        token, depth = await self._held(session, owner, "wait")
+        done = await self.client.txn(
+            [Compare(lock_key, Target.CREATE, "==", token)],
+            [Delete(lock_key), Put(key, _waiter_value(mark, owner, depth), lease=session.lease_id)],
+        )
+        if not done.succeeded:
+            raise BadState("cannot wait on un-acquired lock")
+        return depth
+
+    async def _await_notify(
+        self,
+        session: EtcdSession,
+        lock_key: bytes,
+        key: bytes,
+        attempt: bytes,
+        timeout_s: float | None,
+        stop: asyncio.Event | None,
+    ) -> tuple[bool, bytes]:
+        """Wait for the notify that deletes ``key``, or the timeout or ``stop``:
+        ``(notified, the retake's attempt mark)``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._notified(key, stop)
+            return True, attempt
+        except (TimeoutError, _Stopped):
+            return await self._give_up(session, lock_key, key, attempt)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._withdraw_waiter(session, key))
+            raise
+
+    async def _give_up(
+        self, session: EtcdSession, lock_key: bytes, key: bytes, attempt: bytes
+    ) -> tuple[bool, bytes]:
+        """A timeout or ``stop``: withdraw the waiter key and, in the same Txn, queue for
+        the lock with the given-up mark (a wait asked again finds either the waiter
+        key or that retake, never neither). ``(notified, retake's mark)``: notified
+        if a notify deleted the key first."""
+        given_up = _given_up(attempt)
+        done = await self.client.txn(
+            [Compare(key, Target.CREATE, "!=", 0), Compare(lock_key, Target.CREATE, "==", 0)],
+            [Delete(key), Put(lock_key, given_up, lease=session.lease_id)],
+            [Get(key), Get(lock_key)],
+            idempotent=True,
+            own_revision=True,  # a contender for the lock: its revision is its token
+        )
+        if done.succeeded:
+            return False, given_up
+        waiter, lock = done.responses
+        assert isinstance(waiter, RangeResult) and isinstance(lock, RangeResult)
+        if lock.kvs and lock.kvs[0].value == given_up:
+            return False, given_up  # our own Txn, applied unanswered and repeated
+        if not waiter.kvs:
+            return True, attempt  # a notify deleted it first
+        # The session's Lock is held (another of its threads): the key alone goes, and
+        # the retake queues behind that holding (``_take_back``).
+        withdrawn = await self.client.txn(
+            [Compare(key, Target.CREATE, "!=", 0)], [Delete(key)], idempotent=True
+        )
+        if withdrawn.succeeded:
+            return False, given_up
+        return True, attempt  # a notify deleted it first (or, repeated, ours: a wake-up)
+
+    async def _found(
+        self, session: EtcdSession, owner: str, key: bytes, mark: bytes, caller: int
+    ) -> tuple[bool | None, bytes] | None:
+        """Where a wait asked again stands, its first gateway having died: ``(None,
+        attempt)`` if its waiter key is there (it waits on, in its place in notify
+        order), ``(notified, attempt)`` if it was notified or gave up (its retake is
+        queued, or holds: it goes on), None if it had not begun (this thread holds
+        the lock: it begins now). ``attempt`` is the retake's mark."""
+        waiter = await self.client.get(key)
+        if waiter is not None:
+            mark, _, digits = _parse_waiter(waiter.value)
+            return None, mark + digits
+        held = await self.client.get(self.lock._key(session, owner))
+        if held is not None:
+            if held.value[:_ATTEMPT] == mark:
+                return True, held.value  # notified: queued for the lock, or holding it
+            if held.value[:_ATTEMPT] == _given_up(mark)[:_ATTEMPT]:
+                return False, held.value  # timed out (or stopped): queued, or holding
+            if held.value[_ATTEMPT - 4 : _ATTEMPT] == _caller_mark(caller):
+                return None  # this thread's holding: the wait had not let it go
+        if isinstance(self.lock, EtcdRLock):
+            return None  # no waiter, no retake, not held: a wait refused (BadState)
+        # A Lock's waiter notified (or timed out) while another thread of its session
+        # held the Lock leaves no trace: it takes the Lock back and says notified (at
+        # worst a wake-up without a notify, never a notify lost).
+        return True, mark
+
+    async def _abandon(self, session: EtcdSession, owner: str, key: bytes) -> None:
+        """A wait cancelled before it waited: its waiter key (if put) and the lock go,
+        unless another gateway took the session over (the wait asked again there
+        goes on with them)."""
+        if await session.owned():
+            await self.client.txn([Compare(key, Target.CREATE, "!=", 0)], [Delete(key)])
+            await self._let_go(session, owner)
+
+    async def _withdraw_waiter(self, session: EtcdSession, key: bytes) -> None:
+        """A wait cancelled while it waited for a notify: its waiter key goes (the wait
+        is no longer notified), unless the session went on through another gateway."""
+        if await session.owned():
+            await self.client.txn([Compare(key, Target.CREATE, "!=", 0)], [Delete(key)])
 
     async def _take_back(self, session: EtcdSession, owner: str, attempt: bytes) -> int:
         """The lock again, for a wait that ends: its token. If the caller's session holds
@@ -190,8 +324,11 @@ class EtcdCondition:
             return
         raise _Stopped
 
-    async def _withdraw(self, key: bytes, attempt: bytes) -> None:
-        """Delete the lock key ``key`` if it is still the contender of ``attempt``."""
+    async def _withdraw(self, session: EtcdSession, key: bytes, attempt: bytes) -> None:
+        """Delete the lock key ``key`` if it is still the contender of ``attempt``, and
+        the session was not taken over by another gateway."""
+        if not await session.owned():
+            return
         kv = await self.client.get(key)
         if kv is not None and kv.value[: len(attempt)] == attempt:
             await self.release_whole(key, kv.create_revision)
@@ -243,14 +380,15 @@ class EtcdCondition:
             await self.client.txn([], [Delete(key)])
             return
         lease_hex = kv.key[len(self.waiters) :].split(b"/", 1)[0]
-        attempt, owner = kv.value[:_ATTEMPT], kv.value[_ATTEMPT:]
+        mark, owner, digits = _parse_waiter(kv.value)
         lock_key = self.lock.prefix + lease_hex + (b"/" + owner if owner else b"")
+        # Its retake holds as deep as the wait let go (an RLock's count in the value).
         await self.client.txn(
             [
                 Compare(key, Target.MOD, "==", kv.mod_revision),
                 Compare(lock_key, Target.CREATE, "==", 0),
             ],
-            [Delete(key), Put(lock_key, attempt, lease=kv.lease)],
+            [Delete(key), Put(lock_key, mark + digits, lease=kv.lease)],
             [Delete(key)],
         )
 
@@ -268,6 +406,41 @@ class EtcdCondition:
 
 
 _ATTEMPT = len(new_attempt())
+
+
+def wait_mark(request: int, caller: int) -> bytes:
+    """The attempt mark of the retake of a ``wait`` made as client request ``request``
+    by client thread ``caller``, once notified: derived from the request (the gateway
+    a wait asked again comes to finds it), random without one."""
+    if not request:
+        return new_attempt(caller)
+    digest = hashlib.blake2b(b"cv/%d" % request, digest_size=_ATTEMPT - 4).digest()
+    return digest + _caller_mark(caller)
+
+
+def _given_up(attempt: bytes) -> bytes:
+    """The mark of the retake of the wait whose notified mark starts ``attempt``, once
+    it gave up (timed out, stopped): never the notified one."""
+    flipped = bytes(b ^ 0xFF for b in attempt[: _ATTEMPT - 4])
+    return flipped + attempt[_ATTEMPT - 4 :]
+
+
+def _depth_digits(depth: int) -> bytes:
+    """An RLock key's count after its mark (``locks.lock_depth``); none for 1."""
+    return b"%d" % depth if depth > 1 else b""
+
+
+def _waiter_value(mark: bytes, owner: str, depth: int) -> bytes:
+    """A waiter key's value: its retake's mark, whose it is, and (``*<n>``) how deep
+    its retake holds, for a notify that queues it (``_wake``) and a wait asked
+    again (``_found``)."""
+    return mark + owner.encode() + (b"*%d" % depth if depth > 1 else b"")
+
+
+def _parse_waiter(value: bytes) -> tuple[bytes, bytes, bytes]:
+    """``(mark, owner, depth digits)`` of a waiter key's value (``_waiter_value``)."""
+    owner, _, digits = value[_ATTEMPT:].partition(b"*")
+    return value[:_ATTEMPT], owner, digits
 
 
 class _Stopped(Exception):

@@ -991,6 +991,16 @@ class RLockHandle(LockHandle):
         return self._run(call, release)
 
 
+def _first_request(call: Call, name: str, method: str) -> int:
+    """The client's id of the request ``call`` first was: for a call of ``method`` on
+    ``name`` asked again (``REISSUE``), the one it had through the gateway that died;
+    else its own (0: none known)."""
+    reissuing = call.session.reissuing
+    if _reissuing(call) == (name, method) and reissuing is not None and reissuing[3]:
+        return reissuing[3]
+    return call.rid
+
+
 class SemaphoreHandle(EtcdHandle):
     """``threading.Semaphore``; permits taken by a session return when it ends."""
 
@@ -1039,12 +1049,18 @@ class SemaphoreHandle(EtcdHandle):
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
     def acquire(self, call: Call, blocking: bool = True, timeout: float | None = -1) -> Any:
+        """Asked again after the gateway that ran it died (``REISSUE``), the acquire is
+        the request it first was: its contender key keeps its place in line, or its
+        permit, granted there with the answer lost, is this call's (``sync.py``)."""
         wait_s = _semaphore_wait_s(blocking, timeout)
         unwaitable = _unwaitable(wait_s)
+        request = _first_request(call, self.name, "acquire")
 
         async def acquire(session: EtcdSession) -> int | bool:
             blocks = wait_s != 0.0 and not unwaitable
-            token = await self.sem.acquire(session, blocking=blocks, timeout_s=wait_s or None)
+            token = await self.sem.acquire(
+                session, blocking=blocks, timeout_s=wait_s or None, request=request
+            )
             if token is None and unwaitable:
                 checked_wait(wait_s)  # it would wait: the wait's own error
             return False if token is None else token
@@ -1399,10 +1415,15 @@ class ConditionHandle(EtcdHandle):
         The wait runs apart from its answer: a client that gives it up
         (``abandon``) stops waiting for a notify and takes the lock back, for
         ``restore``; a call dropped (its session ended, a stock client's
-        interrupt) lets the lock go without taking it back.
+        interrupt) lets the lock go without taking it back. Asked again after the
+        gateway that ran it died (``REISSUE``), it goes on from where that one was
+        (``EtcdCondition._found``): still a waiter in its place, or notified (or
+        timed out) and taking the lock back.
         """
         wait_s = checked_wait(wait_or_now_s(timeout))
         owner = self.lock._owner(call)
+        request = _first_request(call, self.name, "wait")
+        again = _reissuing(call) == (self.name, "wait")
         waiting = _CondWait(self.store.loop, call.session, owner)
         self.unnotified.add(waiting)
         # Calls made after this one, here or on the lock, see the lock let go (the
@@ -1421,10 +1442,10 @@ class ConditionHandle(EtcdHandle):
                 mark_answer(still)
 
             WAITING.set(mark)
-            waiting.key = self.condition.waiter_key(session)
+            waiting.key = self.condition.waiter_key(session, request)
             try:
                 if waiting.dropped:  # dropped before it began: the lock goes all the same
-                    await self.condition._let_go(session, owner)
+                    await self.condition._abandon(session, owner, waiting.key)
                     raise asyncio.CancelledError
                 outcome = await self.condition.wait(
                     session,
@@ -1434,6 +1455,9 @@ class ConditionHandle(EtcdHandle):
                     stop=waiting.stop,
                     key=waiting.key,
                     released=waiting.released,
+                    request=request,
+                    caller=call.thread,
+                    again=again,
                 )
             except asyncio.CancelledError:
                 waiting.outcome.cancel()

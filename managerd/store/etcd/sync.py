@@ -10,7 +10,16 @@ even if the event is cleared again at once (as ``threading.Event``).
 acquire puts its own contender key ``c/<lease>/<random>`` on the session's
 lease. The permits are held by the ``n`` oldest contenders (by
 create_revision, which is also each holding's fencing token); the others
-wait, in arrival order, watching the semaphore's keys. ``n`` never shrinks
+wait, in arrival order, watching the semaphore's keys. A contender key is
+named by the client's request id when there is one (``c/<lease>/r<id>``):
+an acquire asked again after the gateway that ran it died (``REISSUE``,
+naming the request it first was) finds the key that request put, on the
+session's lease that outlived the gateway. Still waiting, the key keeps
+its place in line; holding (the permit was granted, its answer lost with
+the gateway), the permit is the one the call asked again is answered with:
+never a second one, never one lost. A key that is gone (that acquire timed
+out, or its permit was released by another thread of the session, as any
+release of the session's may) is put anew, at the end of the line. ``n`` never shrinks
 and a contender key only goes away, so a holder stays a holder. When a
 session ends its contender keys vanish with its lease: its permits go back
 and the next waiters hold them. As the memory store: any client may
@@ -139,11 +148,27 @@ class EtcdSemaphore:
     def _session_prefix(self, session: EtcdSession) -> bytes:
         return self.contenders + f"{session.lease_id:016x}/".encode()
 
+    def contender_key(self, session: EtcdSession, request: int = 0) -> bytes:
+        """The contender key of ``session``'s acquire made as client request ``request``
+        (0: none known, a random key)."""
+        tail = b"r%016x" % request if request else secrets.token_hex(8).encode()
+        return self._session_prefix(session) + tail
+
     async def acquire(
-        self, session: EtcdSession, *, blocking: bool = True, timeout_s: float | None = None
+        self,
+        session: EtcdSession,
+        *,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        request: int = 0,
     ) -> int | None:
-        """A permit's fencing token, or None if none came in time (or at once)."""
-        key = self._session_prefix(session) + secrets.token_hex(8).encode()
+        """A permit's fencing token, or None if none came in time (or at once).
+
+        ``request``: the client's id of the request this acquire is (for one asked
+        again, the request it first was): its key, if that request put one that is
+        still there, keeps its place in line, or holds its permit already.
+        """
+        key = self.contender_key(session, request)
         done = await self.client.txn(
             [Compare(key, Target.CREATE, "==", 0)],
             [Put(key, session.sid.encode(), lease=session.lease_id)],
@@ -151,7 +176,7 @@ class EtcdSemaphore:
             own_revision=True,  # the fencing token and place in line: no other's
         )
         token = done.revision
-        if not done.succeeded:  # a retry of our own put: its revision is the token
+        if not done.succeeded:  # our own put (retried, or by the gateway that first ran it)
             kv = await self.client.get(key)
             if kv is None:
                 raise LockLost(f"the session's lease ended while acquiring {self.name}")
@@ -177,10 +202,16 @@ class EtcdSemaphore:
         except TimeoutError:
             pass
         except BaseException:
-            await asyncio.shield(self._withdraw(key))
+            await asyncio.shield(self._withdraw_if_ours(session, key))
             raise
         await self._withdraw(key)
         return None
+
+    async def _withdraw_if_ours(self, session: EtcdSession, key: bytes) -> None:
+        """A cancelled acquire's key goes, unless another gateway took the session over
+        (this one lets it go): there, the acquire asked again keeps that key."""
+        if await session.owned():
+            await self._withdraw(key)
 
     async def _withdraw(self, key: bytes) -> None:
         await self.client.txn(
