@@ -455,8 +455,9 @@ def test_a_semaphore_acquire_parked_on_a_dead_gateway_keeps_its_place_through_an
         assert held.get_value() == 1  # no permit counted twice, none lost
 
 
+@pytest.mark.parametrize("typeid", ["Semaphore", "BoundedSemaphore"])
 def test_a_permit_granted_through_a_gateway_that_died_is_the_acquire_asked_again(
-    cluster: EtcdCluster,
+    cluster: EtcdCluster, typeid: str
 ) -> None:
     """A's acquire was granted, its answer lost with A: asked again through B (naming
     the request it first was), it is answered with that very permit, not a second."""
@@ -464,7 +465,7 @@ def test_a_permit_granted_through_a_gateway_that_died_is_the_acquire_asked_again
     async def body(a: EtcdStore, b: EtcdStore) -> None:
         holder, s, other = new_session("holder"), new_session("moving"), new_session("other")
         loop = asyncio.get_running_loop()
-        sem = a.get_or_create("Semaphore", "slots", {"value": 1})
+        sem = a.get_or_create(typeid, "slots", {"value": 1})
         assert await call(sem, holder, "acquire")
         first = sem.methods["acquire"].fn(sem, Call(s, 5, loop, 41), True, 30)
         await call(sem, holder, "release")
@@ -472,7 +473,7 @@ def test_a_permit_granted_through_a_gateway_that_died_is_the_acquire_asked_again
 
         moved = await b.resume(s.resume_token)
         assert moved is not None
-        sem_b = b.get_or_create("Semaphore", "slots", {"value": 1})
+        sem_b = b.get_or_create(typeid, "slots", {"value": 1})
         moved.reissuing = (5, "slots", "acquire", 41)
         again = sem_b.methods["acquire"].fn(sem_b, Call(moved, 5, loop, 97), True, 5)
         moved.reissuing = None
@@ -567,6 +568,44 @@ def test_a_condition_notified_while_its_client_moved_takes_the_lock_back(
         moved.reissuing = None
         assert await again is True  # the notify was not lost
         assert await call(cv_b, other, "acquire", False) is False  # held by the waiter
+        await call(cv_b, moved, "release", thread=5)
+        assert await call(cv_b, other, "acquire", False)
+        await call(cv_b, other, "release")
+
+    two_stores(cluster, body)
+
+
+def test_a_condition_wait_that_timed_out_through_a_dead_gateway_says_so_through_another(
+    cluster: EtcdCluster,
+) -> None:
+    """Over its RLock held twice: the wait timed out through A, its retake queued behind
+    another's holding; B takes the session over. Asked again through B, the wait goes
+    on with that retake: False, and the lock held twice again."""
+
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        s, other = new_session("moving"), new_session("other")
+        loop = asyncio.get_running_loop()
+        cv = a.get_or_create("Condition", "cv", {})
+        cv_b = b.get_or_create("Condition", "cv", {})
+        assert await call(cv, s, "acquire", thread=5)
+        assert await call(cv, s, "acquire", thread=5)
+        first = cv.methods["wait"].fn(cv, Call(s, 5, loop, 41), 0.2)
+        assert await call(cv_b, other, "acquire")  # once the wait let it go
+        prefix = cast(Any, cv).lock.lock.prefix
+        while len((await a.client.range(prefix, prefix_end(prefix))).kvs) < 2:
+            await asyncio.sleep(0.01)  # until the timed-out wait's retake is in line
+
+        moved = await b.resume(s.resume_token)
+        assert moved is not None
+        await asyncio.wait([first], timeout=30)
+        assert first.cancelled()  # dropped on A once it saw the takeover
+        moved.reissuing = (5, "cv", "wait", 41)
+        again = cv_b.methods["wait"].fn(cv_b, Call(moved, 5, loop, 97), 60)
+        moved.reissuing = None
+        await call(cv_b, other, "release")
+        assert await again is False  # timed out, as A would have answered
+        await call(cv_b, moved, "release", thread=5)
+        assert await call(cv_b, other, "acquire", False) is False  # still held once
         await call(cv_b, moved, "release", thread=5)
         assert await call(cv_b, other, "acquire", False)
         await call(cv_b, other, "release")

@@ -297,6 +297,11 @@ class EtcdCondition:
                 return token
             except RuntimeError:
                 read = await self.client.range(key)
+                if read.kvs and read.kvs[0].value[:_ATTEMPT] == _given_up(attempt)[:_ATTEMPT]:
+                    # The same wait's other retake (a gateway that ran it gave up as a
+                    # notify came, its session taken over): that one goes on.
+                    attempt = read.kvs[0].value
+                    continue
                 if read.kvs:
                     await changed(
                         self.client, key, after_revision=read.revision, kind=EventType.DELETE
