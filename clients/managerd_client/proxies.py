@@ -873,7 +873,9 @@ class Condition(RLock):
     # A wait asked again after a gateway died goes on where it was: still a waiter in
     # its place in notify order, or notified (or timed out) and taking the lock back
     # (the etcd store's ``conditions.py`` says where a place cannot be kept).
-    # ``wait_for`` is this client's loop of waits. Not acquire: the lock's own.
+    # ``wait_for`` is this client's loop of waits. Not acquire: asked again under the
+    # Condition's name, it would not find its place in the lock's line, and over an
+    # RLock it could count a holding twice.
     _reissued = frozenset({"wait", "locked"})
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
