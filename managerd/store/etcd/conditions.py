@@ -330,12 +330,14 @@ class EtcdCondition:
         raise _Stopped
 
     async def _withdraw(self, session: EtcdSession, key: bytes, attempt: bytes) -> None:
-        """Delete the lock key ``key`` if it is still the contender of ``attempt``, and
-        the session was not taken over by another gateway."""
+        """Delete the lock key ``key`` if it is still a retake of this wait (the mark of
+        ``attempt``, or its other: ``_take_back``), and the session was not taken over
+        by another gateway."""
         if not await session.owned():
             return
         kv = await self.client.get(key)
-        if kv is not None and kv.value[: len(attempt)] == attempt:
+        marks = (attempt[:_ATTEMPT], _given_up(attempt)[:_ATTEMPT])
+        if kv is not None and kv.value[:_ATTEMPT] in marks:
             await self.release_whole(key, kv.create_revision)
 
     async def _let_go(self, session: EtcdSession, owner: str) -> None:
