@@ -13,10 +13,14 @@ A test can ``kill(i)`` a member (SIGKILL: a crash), ``restart(i)`` it on its
 data directory and ports, and ask which member ``leader()`` is. Heartbeat 100
 ms and election timeout 1 s make a failover take about 2 s, as measured in
 shared/NOTES.md.
+
+``EtcdRelay`` (in process, asyncio) stands between one etcd client and a
+member to lose or delay one request's bytes on demand.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -408,3 +412,87 @@ def gateway_host() -> Iterator[GatewayHost]:
         yield host
     finally:
         host.destroy()
+
+
+class EtcdRelay:
+    """A TCP relay to one etcd member, in this event loop, for an etcd client's bytes.
+
+    ``cut_after(marker)``: the next request holding ``marker`` goes through, then the
+    connection is cut before etcd's answer comes back (applied, answer lost: as when
+    a leader dies at that moment). ``hold_from(marker)``: from the request holding
+    ``marker`` on, nothing goes to etcd (the connection stays open, as in a cut
+    network) until ``let_through()`` sends it all, in order.
+    """
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cuts = 0
+        self.held = asyncio.Event()  # set once a request was held
+        self._cut_marker: bytes | None = None
+        self._hold_marker: bytes | None = None
+        self._released = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def cut_after(self, marker: bytes) -> None:
+        self._cut_marker = marker
+
+    def hold_from(self, marker: bytes) -> None:
+        self._hold_marker = marker
+
+    def let_through(self) -> None:
+        self._released.set()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.transport.abort()
+        await self._server.wait_closed()
+        await asyncio.sleep(0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, up_writer]
+        cut = asyncio.Event()
+
+        async def upstream() -> None:
+            holding = False
+            while data := await reader.read(65536):
+                if self._hold_marker is not None and self._hold_marker in data:
+                    self._hold_marker = None
+                    holding = True
+                    self.held.set()
+                if holding:
+                    await self._released.wait()
+                up_writer.write(data)
+                await up_writer.drain()
+                if self._cut_marker is not None and self._cut_marker in data:
+                    self._cut_marker = None
+                    cut.set()
+                    return
+
+        async def downstream() -> None:
+            while not cut.is_set() and (data := await up_reader.read(65536)):
+                if cut.is_set():
+                    return  # the answer to the marked request: lost
+                writer.write(data)
+                await writer.drain()
+
+        pumps = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        try:
+            await asyncio.wait(pumps, return_when="FIRST_COMPLETED")
+        except asyncio.CancelledError:  # the relay closed
+            pass
+        if cut.is_set():
+            await asyncio.sleep(0.5)  # etcd applies it; its answer is dropped meanwhile
+            self.cuts += 1
+        for task in pumps:
+            task.cancel()
+        for w in (writer, up_writer):
+            w.transport.abort()

@@ -13,7 +13,7 @@ from managerd.store.etcd.locks import EtcdLock
 from managerd.store.etcd.sessions import EtcdSession
 from managerd_client.errors import LockLost, SessionExpired
 
-from etcd_support import EtcdCluster, cluster
+from etcd_support import EtcdCluster, EtcdRelay, cluster
 
 __all__ = ["cluster"]  # the fixture, from etcd_support
 
@@ -172,63 +172,6 @@ def test_a_session_resumed_through_another_client_keeps_its_lock(
     asyncio.run(body())
 
 
-class AnswerCutter:
-    """A TCP relay to one etcd member that, once armed, passes on the next request
-    holding ``marker`` and then cuts the connection before etcd's answer comes back:
-    the request applied, its answer lost (as when a leader dies at that moment)."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.marker: bytes | None = None
-        self.cuts = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for w in self._writers:
-            w.transport.abort()
-        await self._server.wait_closed()
-        await asyncio.sleep(0)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, up_writer]
-        cut = asyncio.Event()
-
-        async def upstream() -> None:
-            while data := await reader.read(65536):
-                up_writer.write(data)
-                await up_writer.drain()
-                if self.marker is not None and self.marker in data:
-                    self.marker = None
-                    cut.set()
-                    return
-
-        async def downstream() -> None:
-            while not cut.is_set() and (data := await up_reader.read(65536)):
-                if cut.is_set():
-                    return  # the answer to the marked request: lost
-                writer.write(data)
-                await writer.drain()
-
-        pumps = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
-        await asyncio.wait(pumps, return_when="FIRST_COMPLETED")
-        if cut.is_set():
-            await asyncio.sleep(0.5)  # etcd applies it; its answer is dropped meanwhile
-            self.cuts += 1
-        for task in pumps:
-            task.cancel()
-        for w in (writer, up_writer):
-            w.transport.abort()
-
-
 def test_a_release_whose_answer_was_lost_is_not_reported_as_lost(
     cluster: EtcdCluster, name: str
 ) -> None:
@@ -237,7 +180,7 @@ def test_a_release_whose_answer_was_lost_is_not_reported_as_lost(
     gateway went on to release the next holder."""
 
     async def body() -> None:
-        cutter = AnswerCutter(cluster.endpoints[0])
+        cutter = EtcdRelay(cluster.endpoints[0])
         via = await cutter.start()
         async with (
             EtcdClient([via], rpc_timeout_s=2.0) as etcd,
@@ -251,7 +194,7 @@ def test_a_release_whose_answer_was_lost_is_not_reported_as_lost(
             end = prefix_end(lock.prefix)
             while (await other.range(lock.prefix, end, count_only=True)).count < 2:
                 await asyncio.sleep(0.01)
-            cutter.marker = lock._key(mine, "")
+            cutter.cut_after(lock._key(mine, ""))
             await lock.release(mine, token)  # LockLost before TxnResult.repeated
             assert cutter.cuts == 1
             next_token = await waiter

@@ -62,6 +62,18 @@ TLS
 the first endpoint's host name; a client certificate answers etcd's
 ``--client-cert-auth``.
 
+Writes made for a session
+-------------------------
+A write that reaches etcd late (held in a cut network, then delivered after
+healing) must not land once its session is over: by then another client
+may hold the lock that write was made under. While ``SESSION_GUARD`` names
+a session's key (the store sets it around a session's call), every Txn,
+put and delete that writes is sent as a Txn nested in one that compares
+that key's existence: once the session's lease ended (its key with it),
+nothing is written and the call raises ``SessionGone``. Reads are not
+guarded, and work the store does for nobody's call runs without a guard
+(``unguarded``).
+
 Not here yet: user/password authentication, one shared keep-alive stream for many leases.
 """
 
@@ -69,6 +81,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import random
 import secrets
 import socket
@@ -90,6 +104,7 @@ from managerd.store.etcd.groupcommit import (
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
+    Delete,
     DeleteResult,
     EtcdError,
     EtcdUnavailable,
@@ -103,6 +118,7 @@ from managerd.store.etcd.kv import (
     PutResult,
     RangeResult,
     RequestTooLarge,
+    SessionGone,
     Target,
     TxnResult,
 )
@@ -198,6 +214,29 @@ def _delete_result(m: Any) -> DeleteResult:
     return DeleteResult(m.header.revision, m.deleted, [_kv(kv) for kv in m.prev_kvs])
 
 
+#: The key of the session a write is made for (None: the store's own work).
+SESSION_GUARD: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
+    "SESSION_GUARD", default=None
+)
+
+
+def unguarded(
+    coro: Any, *, name: str | None = None, loop: asyncio.AbstractEventLoop | None = None
+) -> asyncio.Task[Any]:
+    """A task for ``coro`` whose writes are made for no session (shared work started
+    from inside a session's call: a queue's line, a background confirm)."""
+    context = contextvars.copy_context()
+    context.run(SESSION_GUARD.set, None)
+    loop = loop or asyncio.get_running_loop()
+    return loop.create_task(coro, name=name, context=context)
+
+
+def cleanup(coro: Any) -> asyncio.Future[Any]:
+    """``coro`` shielded from the caller's cancel, its writes made for no session: what a
+    cancelled call leaves in order (its session may be ending, or over)."""
+    return asyncio.shield(unguarded(coro))
+
+
 def _compare(c: Compare) -> Any:
     m = rpc.Compare(key=c.key, target=c.target.value, result=_RESULTS[c.op], range_end=c.range_end)
     setattr(m, _TARGET_FIELD[c.target], c.value)
@@ -228,7 +267,7 @@ def _request_op(op: Op) -> Any:
     )
 
 
-def _response_op(m: Any) -> RangeResult | PutResult | DeleteResult:
+def _response_op(m: Any, revision: int) -> RangeResult | PutResult | DeleteResult | TxnResult:
     kind = m.WhichOneof("response")
     if kind == "response_range":
         return _range_result(m.response_range)
@@ -236,11 +275,14 @@ def _response_op(m: Any) -> RangeResult | PutResult | DeleteResult:
         return _put_result(m.response_put)
     if kind == "response_delete_range":
         return _delete_result(m.response_delete_range)
-    raise EtcdError(f"unexpected Txn response {kind!r} (nested Txns are not used)")
+    if kind == "response_txn":  # a guarded Txn's own (its header is the outer one's)
+        return _txn_result(m.response_txn, revision)
+    raise EtcdError(f"unexpected Txn response {kind!r}")
 
 
 def _txn_result(m: Any, revision: int, repeated: bool = False) -> TxnResult:
-    return TxnResult(revision, m.succeeded, [_response_op(r) for r in m.responses], repeated)
+    responses = [_response_op(r, revision) for r in m.responses]
+    return TxnResult(revision, m.succeeded, responses, repeated)
 
 
 def _nested(request: Any) -> Any:
@@ -443,10 +485,15 @@ class EtcdClient:
 
     async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> PutResult:
         """Not retried once sent (see the module docstring): guard with a Txn to retry."""
+        if SESSION_GUARD.get() is not None:
+            return cast(PutResult, (await self.txn([], [Put(key, value, lease)])).responses[0])
         request = rpc.PutRequest(key=key, value=value, lease=lease)
         return _put_result(await self._call(self._put, request, idempotent=False))
 
     async def delete(self, key: bytes, range_end: bytes = b"") -> DeleteResult:
+        if SESSION_GUARD.get() is not None:
+            done = await self.txn([], [Delete(key, range_end)])
+            return cast(DeleteResult, done.responses[0])
         request = rpc.DeleteRangeRequest(key=key, range_end=range_end)
         return _delete_result(await self._call(self._delete, request, idempotent=False))
 
@@ -472,20 +519,36 @@ class EtcdClient:
             success=[_request_op(op) for op in success],
             failure=[_request_op(op) for op in failure],
         )
+        fp = footprint(compare, success, failure)
+        guard = SESSION_GUARD.get()
+        if guard is not None and fp.writes:
+            request = rpc.TxnRequest(
+                compare=[_compare(Compare(guard, Target.CREATE, ">", 0))],
+                success=[rpc.RequestOp(request_txn=request)],
+            )
+            fp = Footprint((*fp.reads, (guard, b"")), fp.writes)
         if self.group is None:
             m, repeated = await self._attempts(self._txn, request, idempotent=idempotent)
-            return _txn_result(m, m.header.revision, repeated)
-        return cast(
-            TxnResult,
-            await self.group.submit(
-                request,
-                footprint(compare, success, failure),
-                width(compare, success, failure),
-                request.ByteSize(),
-                idempotent,
-                own_revision=own_revision,
-            ),
-        )
+            result = _txn_result(m, m.header.revision, repeated)
+        else:
+            result = cast(
+                TxnResult,
+                await self.group.submit(
+                    request,
+                    fp,
+                    width(compare, success, failure),
+                    request.ByteSize(),
+                    idempotent,
+                    own_revision=own_revision,
+                ),
+            )
+        if guard is None or not fp.writes:
+            return result
+        if not result.succeeded:
+            raise SessionGone(f"the session's key {guard!r} is gone: its lease ended")
+        inner = result.responses[0]
+        assert isinstance(inner, TxnResult)
+        return dataclasses.replace(inner, revision=result.revision, repeated=result.repeated)
 
     async def _send_batch(self, batch: list[Pending]) -> None:
         """Send the Txns of ``batch`` (see ``groupcommit.py``) and settle each call."""

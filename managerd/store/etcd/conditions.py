@@ -64,7 +64,7 @@ from collections.abc import Callable
 from typing import Any
 
 from managerd.store.api import BadArgument, BadState
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import EtcdClient, cleanup
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
@@ -155,7 +155,7 @@ class EtcdCondition:
                 found = (None, mark + _depth_digits(depth))
         except asyncio.CancelledError:
             # The wait was called: the lock goes, as the memory store lets it go at once.
-            await asyncio.shield(self._abandon(session, owner, key))
+            await cleanup(self._abandon(session, owner, key))
             raise
         finally:
             if released is not None and not released.done():
@@ -173,7 +173,7 @@ class EtcdCondition:
             # Dropped while queued for the lock (a notify may have queued it): it goes,
             # unless the session went on through another gateway (the wait asked
             # again there takes it).
-            await asyncio.shield(self._withdraw(session, lock_key, attempt))
+            await cleanup(self._withdraw(session, lock_key, attempt))
             raise
         return notified, new_token
 
@@ -208,7 +208,7 @@ class EtcdCondition:
         except (TimeoutError, _Stopped):
             return await self._give_up(session, lock_key, key, attempt)
         except asyncio.CancelledError:
-            await asyncio.shield(self._withdraw_waiter(session, key))
+            await cleanup(self._withdraw_waiter(session, key))
             raise
 
     async def _give_up(
@@ -523,9 +523,9 @@ class EtcdBarrier:
             raise threading.BrokenBarrierError from None
         except asyncio.CancelledError:
             if leaves():
-                await asyncio.shield(self._leave(seen))
+                await cleanup(self._leave(seen))
             else:
-                await asyncio.shield(self.abort(seen["gen"]))
+                await cleanup(self.abort(seen["gen"]))
             raise
 
     async def _leave(self, seen: dict[str, Any]) -> None:

@@ -52,7 +52,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final
 
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import EtcdClient, cleanup
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -284,7 +284,7 @@ class EtcdDeadlocks:
         finally:
             deletes = [Delete(key)] + ([Delete(record)] if record else [])
             with contextlib.suppress(EtcdError):
-                await asyncio.shield(self.client.txn([], deletes))
+                await cleanup(self.client.txn([], deletes))
 
     async def _check(
         self, mine: Edge, answer: asyncio.Future[Any], *, refuse: bool

@@ -36,6 +36,11 @@ class LeaseNotFound(EtcdError):
     """The lease expired or was revoked (its keys are gone)."""
 
 
+class SessionGone(LeaseNotFound):
+    """A write made for a session was refused: the session's key was gone when it
+    came (its lease ended; see ``client.SESSION_GUARD``). Nothing was written."""
+
+
 class RequestTooLarge(EtcdError, ClientRequestTooLarge):
     """Over etcd's request size limit (``--max-request-bytes``, 1.5 MiB by default).
 
@@ -91,7 +96,7 @@ class DeleteResult:
 class TxnResult:
     revision: int  # the revision the Txn produced (or read at, if it wrote nothing)
     succeeded: bool
-    responses: list[RangeResult | PutResult | DeleteResult]
+    responses: list[RangeResult | PutResult | DeleteResult | TxnResult]
     #: Sent again after an attempt whose outcome is unknown (an idempotent Txn over a
     #: failover): a failed compare may be that attempt's own success.
     repeated: bool = False

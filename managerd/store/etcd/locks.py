@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import EtcdClient, cleanup
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
@@ -106,7 +106,7 @@ class EtcdLock:
             if await self._wait_turn(key, token, blocking, timeout_s):
                 return token
         except BaseException:
-            await asyncio.shield(self._withdraw_if_ours(session, key, token))
+            await cleanup(self._withdraw_if_ours(session, key, token))
             raise
         await self._withdraw(key, token)
         return None
@@ -136,7 +136,7 @@ class EtcdLock:
             if await self._wait_turn(key, token, blocking, timeout_s):
                 return token
         except BaseException:
-            await asyncio.shield(self._withdraw_if_ours(session, key, token))
+            await cleanup(self._withdraw_if_ours(session, key, token))
             raise
         await self._withdraw(key, token)
         return None

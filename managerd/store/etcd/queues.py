@@ -71,7 +71,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import EtcdClient, unguarded
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -598,7 +598,8 @@ class EtcdQueue:
         want = _Want(session, visibility_s, asyncio.get_running_loop().create_future(), holder)
         self._wants.append(want)
         if self._taker is None or self._taker.done():
-            self._taker = asyncio.create_task(self._take_for_wants(), name=f"take {self.name}")
+            # Shared by the waiters of all sessions: its writes are nobody's own.
+            self._taker = unguarded(self._take_for_wants(), name=f"take {self.name}")
         try:
             with waiting(self._parked):
                 if not want.seen.is_set():
@@ -639,7 +640,7 @@ class EtcdQueue:
                     await self.confirm([w.holder for w in self._wants if w.holder is not None])
                     for want in self._wants:
                         want.seen.set()  # each had its look: its timeout runs now
-                    self._watching = asyncio.create_task(self._put_after(head.revision + 1))
+                    self._watching = unguarded(self._put_after(head.revision + 1))
                     await asyncio.wait([self._watching])  # a put, or nobody waits any more
                     watched, self._watching = self._watching, None
                     failed = None if watched.cancelled() else watched.exception()
@@ -803,7 +804,7 @@ class EtcdQueue:
         )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+        task = unguarded(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

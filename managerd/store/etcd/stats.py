@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from managerd.histogram import Histogram
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import EtcdClient, unguarded
 from managerd.store.etcd.deadlocks import (
     Actor,
     EtcdDeadlocks,
@@ -344,7 +344,7 @@ class _Counts:
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         for i in range(0, len(pending), COUNTS_PER_TXN):
-            sending = asyncio.ensure_future(self._send(pending[i : i + COUNTS_PER_TXN]))
+            sending = unguarded(self._send(pending[i : i + COUNTS_PER_TXN]))
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
 

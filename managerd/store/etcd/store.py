@@ -93,7 +93,7 @@ from typing import Any, Final, cast
 
 from managerd.store.api import BadArgument, BadState, Call
 from managerd.store.etcd.cells import CELLS
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import SESSION_GUARD, EtcdClient, unguarded
 from managerd.store.etcd.deadlocks import HELD_BY_SELF, EtcdDeadlocks
 from managerd.store.etcd.election import Election
 from managerd.store.etcd.handles import (
@@ -331,7 +331,7 @@ class EtcdStore:
         # Only a deletion under way now comes first: one asked for later waits for this
         # creation (``_delete`` awaits ``ready``), and waiting for it here would deadlock.
         deleting = self._deleting.get(name)
-        creating = self.loop.create_task(self._create(handle, typeid, created, deleting))
+        creating = unguarded(self._create(handle, typeid, created, deleting), loop=self.loop)
         self._changes.add(creating)
         creating.add_done_callback(self._changes.discard)
 
@@ -434,7 +434,7 @@ class EtcdStore:
                 )
         handle = cast(EtcdHandle, self._handle(name, known))
         self._forget(name)
-        deleting = self.loop.create_task(self._delete(handle))
+        deleting = unguarded(self._delete(handle), loop=self.loop)
         self._changes.add(deleting)
         deleting.add_done_callback(self._changes.discard)
         self._deleting[name] = deleting
@@ -496,6 +496,9 @@ class EtcdStore:
             await asyncio.shield(handle.ready)
             etcd_session = await asyncio.shield(lease)
             if not etcd_session.lost.is_set():
+                # Its writes land only while the session lives (client.SESSION_GUARD):
+                # one held up in a cut network must not land after another took over.
+                SESSION_GUARD.set(etcd_session.key)
                 try:
                     return await work(etcd_session)
                 except LeaseNotFound:
@@ -536,7 +539,7 @@ class EtcdStore:
         lease = self._leases.get(session)
         if lease is None:
             resumable = session.kind is SessionKind.MANAGERD
-            lease = self.loop.create_task(
+            lease = unguarded(
                 EtcdSession.open(
                     self.client,
                     self.session_ttl_s,
@@ -544,7 +547,8 @@ class EtcdStore:
                     resume_token=session.resume_token if resumable else None,
                     public_id=session.id,
                     gateway=self.gateway_id,
-                )
+                ),
+                loop=self.loop,
             )
             self._leases[session] = lease
             lease.add_done_callback(lambda task: self._opened(session, task))
@@ -581,7 +585,7 @@ class EtcdStore:
         async def taken() -> EtcdSession:
             return etcd_session
 
-        lease = self._leases[session] = self.loop.create_task(taken())
+        lease = self._leases[session] = unguarded(taken(), loop=self.loop)
         self.background(self._end_when_lost(session, lease))
         if etcd_session.token_key is not None:
             self._by_token_key[etcd_session.token_key] = session
@@ -682,7 +686,7 @@ class EtcdStore:
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` for the store (not for a caller); a failure is logged."""
-        task = self.loop.create_task(coro)
+        task = unguarded(coro, loop=self.loop)
         self._tasks.add(task)
         task.add_done_callback(self._background_done)
 
@@ -739,7 +743,7 @@ class EtcdStore:
             before += [f for f in handle.undos if not f.done()]
             before += [f for f in handle.arrivals.values() if not f.done()]
             handle.end_after(ended)
-        ending = self.loop.create_task(self._end(calls, before, lease, queues, ended))
+        ending = unguarded(self._end(calls, before, lease, queues, ended), loop=self.loop)
         self._endings.add(ending)
         self._ending.add(ending)
         ending.add_done_callback(self._ending.discard)

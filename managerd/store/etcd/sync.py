@@ -30,11 +30,10 @@ the initial value is a ``ValueError``.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from dataclasses import dataclass
 
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import EtcdClient, cleanup
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
@@ -202,7 +201,7 @@ class EtcdSemaphore:
         except TimeoutError:
             pass
         except BaseException:
-            await asyncio.shield(self._withdraw_if_ours(session, key))
+            await cleanup(self._withdraw_if_ours(session, key))
             raise
         await self._withdraw(key)
         return None
