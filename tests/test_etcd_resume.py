@@ -367,9 +367,11 @@ def test_waiters_parked_on_a_dead_gateway_wait_again_through_another(
         assert wait_until(
             lambda: waiters_on(a, "db") == 1 and waiters_on(a, "jobs") == 1, timeout_s=30
         )
+        # Parked in etcd (a waiter counts as it comes, before its key is there).
+        assert wait_until(lambda: keys_in_etcd(gateways, b"l/db/") == 2, timeout_s=30)
         # In line behind the moving client's acquire (parked through A first).
         late, late_got = in_thread(lambda: later_lock.acquire(timeout=60))
-        assert wait_until(lambda: waiters_on(b, "db") == 1, timeout_s=30)
+        assert wait_until(lambda: keys_in_etcd(gateways, b"l/db/") == 3, timeout_s=30)
         session = moving.session_id
 
         a.kill()
