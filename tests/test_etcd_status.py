@@ -149,3 +149,42 @@ def test_objects_used_through_a_show_their_figures_at_b(
     # Once the waits ended: no waiter left, at B either.
     with b.connect() as at_b:
         assert wait_until(lambda: at_b.status()["objects"]["idle"]["waiters"] == 0, timeout_s=30)
+
+
+def test_whole_values_are_read_through_either_gateway(
+    two_gateways: tuple[Daemon, Daemon, int],
+) -> None:
+    """A stock client's ``_getvalue()`` and ``managerd get`` through B copy what A's
+    clients stored (read from etcd when asked), taking nothing."""
+    from multiprocessing.managers import BaseManager, DictProxy, ListProxy
+
+    class Stock(BaseManager):
+        pass
+
+    Stock.register("dict", proxytype=DictProxy)
+    Stock.register("list", proxytype=ListProxy)
+
+    a, b, _ = two_gateways
+    with a.connect() as m:
+        m.dict("d").update({"k": [1, 2], 3: "three"})
+        m.list("l").extend(["x", None])
+        m.Queue("jobs").put_many(["first", "second"])
+        m.Value("v", "i", 7)
+        stock = Stock(address=("127.0.0.1", b.port), authkey=b.authkey)
+        stock.connect()
+        assert stock.dict("d")._getvalue() == {"k": [1, 2], 3: "three"}  # type: ignore[attr-defined]
+        assert stock.list("l")._getvalue() == ["x", None]  # type: ignore[attr-defined]
+
+        env = dict(os.environ, MANAGERD_AUTHKEY=b.authkey.decode())
+
+        def get(name: str) -> Any:
+            done = subprocess.run(
+                [sys.executable, "-m", "managerd", "get", name, "--port", str(b.port)],
+                env=env, capture_output=True, text=True, timeout=60, check=True,
+            )  # fmt: skip
+            return json.loads(done.stdout)
+
+        assert get("jobs") == ["first", "second"]
+        assert get("v") == 7
+        assert get("d") == {"k": [1, 2], "3": "three"}  # (JSON's keys)
+        assert m.Queue("jobs").qsize() == 2  # nothing taken

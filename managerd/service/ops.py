@@ -12,14 +12,17 @@ and error classification.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar, Final
 
 from managerd.service.peers import PeerGuard
 from managerd.service.sessions import SessionTable
 from managerd.store.api import BadArgument, Call, MethodSpec, exposed, methods_of
-from managerd.store.interface import Handle, Store
+from managerd.store.interface import Handle, Snapshot, Store
 
 #: The most items ``peek`` returns of one object.
 MAX_PEEK_ITEMS: Final = 1000
@@ -92,7 +95,7 @@ class ServerOps:
         return {typeid: sorted(cls.methods) for typeid, cls in self.store.types.items()}
 
     @exposed()
-    def peek(self, call: Call, name: str, limit: int) -> dict[str, Any]:
+    def peek(self, call: Call, name: str, limit: int) -> Any:
         """An object's contents as stored, without taking anything (``managerd get``).
 
         Payloads stay the clients' pickled bytes: the caller decodes what it
@@ -106,26 +109,12 @@ class ServerOps:
         obj = self.store.get(name)
         info = self.store.stats_of(obj).describe()
         try:
-            value = self.store.snapshot(obj).value
+            snapshot = self.store.snapshot(obj)
         except TypeError:  # locks, events...: their description is their content
             return {"type": obj.typeid, "describe": info, "kind": "none"}
-        if isinstance(value, dict):
-            return {
-                "type": obj.typeid,
-                "describe": info,
-                "kind": "mapping",
-                "total": len(value),
-                "items": list(itertools.islice(value.items(), limit)),
-            }
-        if isinstance(value, list) and obj.typeid != "Array":
-            return {
-                "type": obj.typeid,
-                "describe": info,
-                "kind": "sequence",
-                "total": len(value),
-                "items": value[:limit],
-            }
-        return {"type": obj.typeid, "describe": info, "kind": "plain", "value": value}
+        if isinstance(snapshot, asyncio.Future):  # a store that reads it first
+            return asyncio.ensure_future(_later(snapshot, partial(_peeked, obj, info, limit)))
+        return _peeked(obj, info, limit, snapshot)
 
     @exposed()
     def status(self, call: Call) -> dict[str, Any]:
@@ -238,3 +227,29 @@ def public_methods(obj: Handle) -> tuple[str, ...]:
     ``public_methods``, they are left to the typed proxies.
     """
     return tuple(name for name in sorted(obj.methods) if not name.startswith("_"))
+
+
+async def _later(snapshot: asyncio.Future[Snapshot], then: Callable[[Snapshot], Any]) -> Any:
+    return then(await snapshot)
+
+
+def _peeked(obj: Handle, info: dict[str, Any], limit: int, snapshot: Snapshot) -> dict[str, Any]:
+    """``peek``'s answer from the object's copy."""
+    value = snapshot.value
+    if isinstance(value, dict):
+        return {
+            "type": obj.typeid,
+            "describe": info,
+            "kind": "mapping",
+            "total": len(value),
+            "items": list(itertools.islice(value.items(), limit)),
+        }
+    if isinstance(value, list) and obj.typeid != "Array":
+        return {
+            "type": obj.typeid,
+            "describe": info,
+            "kind": "sequence",
+            "total": len(value),
+            "items": value[:limit],
+        }
+    return {"type": obj.typeid, "describe": info, "kind": "plain", "value": value}

@@ -127,8 +127,9 @@ class Store(Protocol):
         read without making it: a caller that must decode it refuses first.
         None if none, or if the call will fail by itself."""
 
-    def snapshot(self, obj: Handle) -> Snapshot:
-        """The whole value (BadArgument for a lock, an event...: nothing to copy)."""
+    def snapshot(self, obj: Handle) -> Snapshot | asyncio.Future[Snapshot]:
+        """The whole value (BadArgument for a lock, an event...: nothing to copy), or a
+        future of it from a store that must read it first (a round trip)."""
 
     def check_writable(self) -> None:
         """Refuse (NotDurable) a mutation while changes cannot be kept."""

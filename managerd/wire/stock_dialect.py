@@ -86,7 +86,7 @@ from managerd.service.invoker import (
     Prepared,
 )
 from managerd.store.api import BadArgument, Call, Conv, MethodSpec, NoAttribute
-from managerd.store.interface import Handle, Store
+from managerd.store.interface import Handle, Snapshot, Store
 from managerd.store.sessions import Session
 from managerd.wire.iterators import IteratorTable
 from managerd_client.errors import (
@@ -325,7 +325,13 @@ class StockAdapter:
         """A stock call on an object: its arguments encoded, its result decoded."""
         method, args, kwds = inv.method, inv.args, inv.kwargs
         if method == "#GETVALUE":
-            return Prepared(args, kwds, body=lambda obj, call: self._getvalue(obj))
+            # The store's copy (a future from a store that reads it first), then converted.
+            return Prepared(
+                args,
+                kwds,
+                body=lambda obj, call: self.store.snapshot(obj),
+                finish=partial(self._getvalue, obj),
+            )
         allowed = STOCK_METHODS.get(obj.typeid)
         if allowed is not None and method not in allowed:
             raise NoAttribute(f"{obj.typeid} has no method {method!r} for stock clients")
@@ -367,8 +373,7 @@ class StockAdapter:
             return Prepared(args, kwds, finish=lambda made: _stock_exposed(*made[1:]))
         return Prepared(args, kwds)
 
-    def _getvalue(self, obj: Handle) -> Any:
-        snapshot = self.store.snapshot(obj)
+    def _getvalue(self, obj: Handle, snapshot: Snapshot) -> Any:
         value = self.result_out(snapshot.conv, snapshot.value)
         return StockNamespace(**value) if obj.typeid == "Namespace" else value
 

@@ -64,10 +64,9 @@ STORE_KINDS: Final = ("memory", "etcd")
 #: Run every test on etcd too; without it, the etcd kind runs all but the slow and the
 #: not-yet-matching modules and tests of ``ETCD_OPT_IN`` (conftest deselects them).
 ETCD_WHOLE: Final = os.environ.get("MANAGERD_CONTRACT_ETCD", "") not in ("", "0")
-#: Deselected on etcd unless ``ETCD_WHOLE``: the hostile-arguments sweep (minutes), the
-#: stats (gateway-wide stats, snapshots, ``would_hand_out`` and deadlocks are under
-#: way) and the model machines (their restart resets what etcd keeps: README).
-ETCD_OPT_IN: Final = ("test_no_argument_makes_a_daemon_bug", "test_stats.py", "test_stateful.py")
+#: Deselected on etcd unless ``ETCD_WHOLE``: the hostile-arguments sweep (minutes) and
+#: the model machines (their restart resets what etcd keeps: README).
+ETCD_OPT_IN: Final = ("test_no_argument_makes_a_daemon_bug", "test_stateful.py")
 
 #: How long a call the test expects to finish may stay parked before the
 #: test fails: a safety net against a hang, never a measure of speed.
@@ -369,6 +368,8 @@ class StoreHarness:
     def snapshot(self, obj: Obj) -> Any:
         """``obj``'s whole value (a stock client's ``_getvalue()``), payloads unpickled."""
         snap = self.store.snapshot(self._object(obj))
+        if isinstance(snap, asyncio.Future):  # read first (the etcd store)
+            snap = self.loop.run_until_complete(snap)
         return _decode(snap.conv, snap.value)
 
     def would_hand_out(self, obj: Obj, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -93,13 +93,6 @@ def test_store_stats_list_every_object(store: StoreHarness) -> None:
 def test_snapshots_are_whole_values(store: StoreHarness) -> None:
     q = store.open("Queue", "q")
     store.call(q, "put_many", [1, "two"])
-    if store.kind == "etcd":
-        # No whole value at once: it would be a round trip (store/etcd/store.py says
-        # which features do without it). Refused as for a lock, nothing taken.
-        with pytest.raises(TypeError, match="no whole value"):
-            store.snapshot(q)
-        assert store.call(q, "qsize") == 2
-        return
     assert store.snapshot(q) == [1, "two"]
     assert store.snapshot(store.open("dict", "d", contents={"k": [1]})) == {"k": [1]}
     assert store.snapshot(store.open("list", "l", contents=[3, 4])) == [3, 4]
@@ -107,6 +100,12 @@ def test_snapshots_are_whole_values(store: StoreHarness) -> None:
     assert store.snapshot(store.open("Array", "a", typecode="i", sequence=[1, 2])) == [1, 2]
     assert store.snapshot(store.open("Value", "v", typecode="i", value=7)) == 7
     assert store.call(q, "qsize") == 2  # nothing taken
+    did, _, _ = store.call(q, "reserve", 5.0)
+    assert store.snapshot(q) == ["two"]  # what waits: not the reserved item
+    store.call(q, "nack", did)
+    assert store.snapshot(q) == [1, "two"]
+    with pytest.raises(TypeError, match="no value to copy"):
+        store.snapshot(store.open("Lock", "lock"))
 
 
 def test_would_hand_out_takes_nothing(store: StoreHarness) -> None:

@@ -25,6 +25,7 @@ from managerd.store.api import BadArgument, Call, MethodSpec, Refusal
 from managerd.store.etcd.handles import ContentsArgs, EtcdHandle, Gateway
 from managerd.store.etcd.kv import Compare, Op, Put, Target, name_key
 from managerd.store.etcd.sessions import EtcdSession
+from managerd.store.interface import Snapshot
 from managerd.store.memory.base import SharedObject
 from managerd.store.memory.mappings import List, Namespace
 from managerd.store.memory.values import Array
@@ -92,6 +93,12 @@ class CellHandle(EtcdHandle):
 
     async def refresh(self) -> None:
         self.seen_stats = (await self.read())[0].stats()
+
+    copyable = True
+
+    async def snapshot(self) -> Snapshot:
+        obj = (await self.read())[0]
+        return Snapshot(obj.snapshot(), obj.snapshot_conv)
 
     def stats(self) -> ObjectStats:
         return self.seen_stats

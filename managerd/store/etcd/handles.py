@@ -68,6 +68,7 @@ from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
 from managerd.store.etcd.values import EtcdDict, EtcdValue, check_key
 from managerd.store.etcd.watching import WAITING, Still, changed
 from managerd.store.etcd.watching import waiting as watching_waiting
+from managerd.store.interface import Snapshot
 from managerd.store.memory.base import (
     TIMEOUT_MAX,
     SharedObject,
@@ -215,6 +216,14 @@ class EtcdHandle:
     #: Methods whose answers this gateway counts (``counts``): the counter, and how much
     #: an answer adds (the status's ``puts_total``, ``acquires_total``...).
     counted: ClassVar[dict[str, tuple[str, _Amount]]] = {}
+
+    async def snapshot(self) -> Snapshot:
+        """The whole value as stored, read now (``Store.snapshot``); BadArgument for a
+        type with none (a lock, an event...)."""
+        raise BadArgument(f"a {self.typeid} has no value to copy")
+
+    #: Whether :meth:`snapshot` has a value to give (checked before any read).
+    copyable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -451,6 +460,12 @@ class QueueHandle(EtcdHandle):
 
     typeid = "Queue"
     create_params = ("maxsize", "visibility_timeout_s", "max_deliveries")
+    copyable = True
+
+    async def snapshot(self) -> Snapshot:
+        """The items waiting, in order (not those reserved), as the memory store copies."""
+        return Snapshot(await self.queue.items(), Conv.PAYLOADS)
+
     undo_methods: ClassVar[dict[str, str]] = {
         "get": "_undo_get",
         "get_nowait": "_undo_get",
@@ -1146,6 +1161,10 @@ class ValueHandle(EtcdHandle):
     typeid = "Value"
     create_params = ("typecode", "value")
     builtin_type_errors = True
+    copyable = True
+
+    async def snapshot(self) -> Snapshot:
+        return Snapshot(await self.value.get(), Conv.PLAIN)
 
     def __init__(self, store: Gateway, name: str, args: Mapping[str, Any]) -> None:
         super().__init__(store, name, args)
@@ -1232,6 +1251,11 @@ class DictHandle(ContentsArgs, EtcdHandle):
     memory_class = Dict
 
     typeid = "dict"
+    copyable = True
+
+    async def snapshot(self) -> Snapshot:
+        return Snapshot(dict(await self.dict.items()), Conv.MAPPING)
+
     create_params = ("contents",)
     builtin_type_errors = True
 

@@ -446,6 +446,11 @@ class EtcdQueue:
             idempotent=True,
         )
 
+    async def items(self) -> list[bytes]:
+        """The payloads of the items waiting, in order (reserved ones are not)."""
+        read = await self.client.range(self._ready, prefix_end(self._ready))
+        return [_unpack(kv.value)[1] for kv in read.kvs]
+
     async def qsize(self) -> int:
         return (await self.client.range(self._ready, self._ready_end, count_only=True)).count
 

@@ -65,16 +65,13 @@ can name a holder or a waiter. **Deadlocks** are looked for across
 gateways (``deadlocks.py``) when a call starts waiting on a lock or a
 semaphore, as the ``deadlock`` setting says.
 
-**No** ``snapshot`` **nor** ``would_hand_out``: both are synchronous in
-the interface (the memory store answers from its objects), and every
-answer here is a round trip. They serve two features: ``managerd get``
-(``peek``) shows an etcd object's figures (its ``stats``) without its
-contents, and a stock client's ``_getvalue()`` (a proxy's ``copy()``) is
-refused (``BadArgument``, a TypeError) on an etcd gateway; the stock
-dialect's decode-first check of ``pop``/``popitem``/``setdefault`` is not
-made (a payload that does not decode is then refused after it was taken).
-Answering them needs the interface to take a future (the invoker already
-does for methods): not done here.
+**Snapshot** (a stock client's ``_getvalue()``, ``managerd get``) is read
+from etcd when asked, so it is answered as a future (the interface allows
+it): a queue's waiting items in order, a dict's entries, a Value, and a
+list's, Namespace's or Array's whole value. **No** ``would_hand_out``: it
+is synchronous (the stock dialect's decode-first check of
+``pop``/``popitem``/``setdefault`` is not made here, so a payload that
+does not decode is refused after it was taken).
 """
 
 from __future__ import annotations
@@ -853,10 +850,13 @@ class EtcdStore:
         fails by itself. (The stock dialect's decode check is then not made first.)"""
         return None
 
-    def snapshot(self, obj: Handle) -> Snapshot:
-        raise BadArgument(
-            f"a {obj.typeid} on the etcd store has no whole value to copy (see EtcdStore)"
-        )
+    def snapshot(self, obj: Handle) -> asyncio.Future[Snapshot]:
+        """Read now, so answered later (a future); BadArgument at once for a type
+        with no value to copy."""
+        handle = cast(EtcdHandle, obj)
+        if not handle.copyable:
+            raise BadArgument(f"a {obj.typeid} has no value to copy")
+        return unguarded(handle.snapshot(), loop=self.loop)
 
     # -- durability: etcd answers a write once a quorum has it ----------------------------
     def check_writable(self) -> None:
