@@ -188,3 +188,33 @@ def test_whole_values_are_read_through_either_gateway(
         assert get("v") == 7
         assert get("d") == {"k": [1, 2], "3": "three"}  # (JSON's keys)
         assert m.Queue("jobs").qsize() == 2  # nothing taken
+
+
+def test_a_stock_client_never_takes_what_it_cannot_decode(
+    two_gateways: tuple[Daemon, Daemon, int],
+) -> None:
+    """A dict's or list's value a managerd client stored as a class the stock dialect
+    refuses: a stock client's pop/popitem through B is refused and the value stays
+    (checked where etcd removes it: the gateway cannot say beforehand)."""
+    from fractions import Fraction
+    from multiprocessing.managers import BaseManager, DictProxy, ListProxy
+
+    class Stock(BaseManager):
+        pass
+
+    Stock.register("dict", proxytype=DictProxy)
+    Stock.register("list", proxytype=ListProxy)
+
+    a, b, _ = two_gateways
+    with a.connect() as m:
+        m.dict("fractions")["k"] = Fraction(1, 3)
+        m.list("halves").append(Fraction(1, 2))
+        stock = Stock(address=("127.0.0.1", b.port), authkey=b.authkey)
+        stock.connect()
+        d = stock.dict("fractions")  # type: ignore[attr-defined]
+        lst = stock.list("halves")  # type: ignore[attr-defined]
+        for take in (lambda: d.pop("k"), d.popitem, lst.pop):
+            with pytest.raises(Exception, match="Fraction"):
+                take()
+        assert m.dict("fractions")["k"] == Fraction(1, 3)
+        assert m.list("halves")[:] == [Fraction(1, 2)]

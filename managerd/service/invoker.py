@@ -178,6 +178,8 @@ class Prepared:
     #: (a stock client cannot read a message a managerd client pickled: it
     #: stays first in line for one that can).
     give_back: bool = False
+    #: ``Call.accept``: what a payload the call removes must pass before it goes.
+    accept: Callable[[bytes], Any] | None = None
 
 
 @dataclass(slots=True)
@@ -314,6 +316,8 @@ class Invoker:
             return LATER
         # 3: call.
         call = Call(inv.session, inv.thread, self.loop, inv.rid)
+        if prepared is not None and prepared.accept is not None:
+            call.accept = prepared.accept
         try:
             if body is not None:
                 result = body(obj, call)

@@ -106,6 +106,10 @@ class Call:
     loop: asyncio.AbstractEventLoop
     #: The request's id (the client's, unique among its process's requests; 0: none).
     rid: int = 0
+    #: What a payload this call removes must pass before it goes (raises if not): a
+    #: stock client's decoder. A store that cannot say beforehand what a call hands
+    #: out (``Store.would_hand_out``) checks it where it removes the payload.
+    accept: Callable[[bytes], Any] | None = None
 
 
 def methods_of(cls: type) -> dict[str, MethodSpec]:

@@ -74,6 +74,11 @@ class CellHandle(EtcdHandle):
         while True:
             obj, revision = await self.read()
             before = obj.dump_state()
+            if call.accept is not None and spec.mutates:
+                # What it would hand out must pass first (a stock client's decode).
+                payload = obj.would_hand_out(spec.name, call, args, kwargs)
+                if payload is not None:
+                    call.accept(payload)
             try:
                 result = spec.fn(obj, call, *args, **kwargs)
             except TypeError as exc:

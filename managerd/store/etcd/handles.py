@@ -1330,12 +1330,13 @@ class DictHandle(ContentsArgs, EtcdHandle):
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def pop(self, call: Call, key: Any, default: Any = NO_DEFAULT) -> Any:
         check_key(key)
-        given = () if default is NO_DEFAULT else (default,)
-        return self._run(call, lambda _: self.dict.pop(key, *given))
+        if default is NO_DEFAULT:
+            return self._run(call, lambda _: self.dict.pop(key, accept=call.accept))
+        return self._run(call, lambda _: self.dict.pop(key, default, call.accept))
 
     @exposed(result=Conv.PAIR, mutates=True)
     def popitem(self, call: Call) -> Any:
-        return self._run(call, lambda _: self.dict.popitem())
+        return self._run(call, lambda _: self.dict.popitem(call.accept))
 
     @exposed(result=Conv.PAYLOAD, default=Conv.PAYLOAD, mutates=True)
     def setdefault(self, call: Call, key: Any, default: bytes) -> Any:

@@ -68,10 +68,10 @@ semaphore, as the ``deadlock`` setting says.
 **Snapshot** (a stock client's ``_getvalue()``, ``managerd get``) is read
 from etcd when asked, so it is answered as a future (the interface allows
 it): a queue's waiting items in order, a dict's entries, a Value, and a
-list's, Namespace's or Array's whole value. **No** ``would_hand_out``: it
-is synchronous (the stock dialect's decode-first check of
-``pop``/``popitem``/``setdefault`` is not made here, so a payload that
-does not decode is refused after it was taken).
+list's, Namespace's or Array's whole value. **No** ``would_hand_out`` (it
+is synchronous): a stock client's decode check of what ``pop``/``popitem``
+would remove is made where etcd removes it, before the delete
+(``Call.accept``), so a payload it cannot decode stays.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import hashlib
 import marshal
 import pickle
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
 from managerd.safepickle import SafeDecoder
@@ -206,7 +206,10 @@ class EtcdDict:
     async def len(self) -> int:
         return (await self.client.range(self.prefix, self.end, count_only=True)).count
 
-    async def pop(self, key: Any, default: Any = _MISSING) -> Any:
+    async def pop(
+        self, key: Any, default: Any = _MISSING, accept: Callable[[bytes], Any] | None = None
+    ) -> Any:
+        """``accept``: the payload must pass it (it raises) before it goes."""
         k = self._key(key)
         while True:
             kv = await self.client.get(k)
@@ -214,13 +217,16 @@ class EtcdDict:
                 if default is _MISSING:
                     raise KeyError(key)
                 return default
+            if accept is not None:
+                accept(_parse(kv.value)[1])
             done = await self.client.txn(
                 [Compare(k, Target.MOD, "==", kv.mod_revision)], [Delete(k)]
             )
             if done.succeeded:
                 return _parse(kv.value)[1]
 
-    async def popitem(self) -> tuple[Any, bytes]:
+    async def popitem(self, accept: Callable[[bytes], Any] | None = None) -> tuple[Any, bytes]:
+        """``accept``: the payload must pass it (it raises) before it goes."""
         while True:
             # The entries one Txn made share a create_revision: the last of them by place.
             newest = await self.client.range(
@@ -233,6 +239,8 @@ class EtcdDict:
                 (kv for kv in newest.kvs if kv.create_revision == last),
                 key=lambda kv: _index(kv.value),
             )
+            if accept is not None:
+                accept(_parse(kv.value)[1])
             done = await self.client.txn(
                 [Compare(kv.key, Target.MOD, "==", kv.mod_revision)], [Delete(kv.key)]
             )
