@@ -21,6 +21,8 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
+from fractions import Fraction
+from multiprocessing.managers import BaseManager, DictProxy, ListProxy
 from pathlib import Path
 from typing import Any
 
@@ -151,29 +153,34 @@ def test_objects_used_through_a_show_their_figures_at_b(
         assert wait_until(lambda: at_b.status()["objects"]["idle"]["waiters"] == 0, timeout_s=30)
 
 
+class StockManager(BaseManager):
+    """A stock client of dicts and lists."""
+
+
+StockManager.register("dict", proxytype=DictProxy)
+StockManager.register("list", proxytype=ListProxy)
+
+
+def stock_client(gateway: Daemon) -> Any:
+    stock = StockManager(address=("127.0.0.1", gateway.port), authkey=gateway.authkey)
+    stock.connect()
+    return stock
+
+
 def test_whole_values_are_read_through_either_gateway(
     two_gateways: tuple[Daemon, Daemon, int],
 ) -> None:
     """A stock client's ``_getvalue()`` and ``managerd get`` through B copy what A's
     clients stored (read from etcd when asked), taking nothing."""
-    from multiprocessing.managers import BaseManager, DictProxy, ListProxy
-
-    class Stock(BaseManager):
-        pass
-
-    Stock.register("dict", proxytype=DictProxy)
-    Stock.register("list", proxytype=ListProxy)
-
     a, b, _ = two_gateways
     with a.connect() as m:
         m.dict("d").update({"k": [1, 2], 3: "three"})
         m.list("l").extend(["x", None])
         m.Queue("jobs").put_many(["first", "second"])
         m.Value("v", "i", 7)
-        stock = Stock(address=("127.0.0.1", b.port), authkey=b.authkey)
-        stock.connect()
-        assert stock.dict("d")._getvalue() == {"k": [1, 2], 3: "three"}  # type: ignore[attr-defined]
-        assert stock.list("l")._getvalue() == ["x", None]  # type: ignore[attr-defined]
+        stock = stock_client(b)
+        assert stock.dict("d")._getvalue() == {"k": [1, 2], 3: "three"}
+        assert stock.list("l")._getvalue() == ["x", None]
 
         env = dict(os.environ, MANAGERD_AUTHKEY=b.authkey.decode())
 
@@ -196,23 +203,13 @@ def test_a_stock_client_never_takes_what_it_cannot_decode(
     """A dict's or list's value a managerd client stored as a class the stock dialect
     refuses: a stock client's pop/popitem through B is refused and the value stays
     (checked where etcd removes it: the gateway cannot say beforehand)."""
-    from fractions import Fraction
-    from multiprocessing.managers import BaseManager, DictProxy, ListProxy
-
-    class Stock(BaseManager):
-        pass
-
-    Stock.register("dict", proxytype=DictProxy)
-    Stock.register("list", proxytype=ListProxy)
-
     a, b, _ = two_gateways
     with a.connect() as m:
         m.dict("fractions")["k"] = Fraction(1, 3)
         m.list("halves").append(Fraction(1, 2))
-        stock = Stock(address=("127.0.0.1", b.port), authkey=b.authkey)
-        stock.connect()
-        d = stock.dict("fractions")  # type: ignore[attr-defined]
-        lst = stock.list("halves")  # type: ignore[attr-defined]
+        stock = stock_client(b)
+        d = stock.dict("fractions")
+        lst = stock.list("halves")
         for take in (lambda: d.pop("k"), d.popitem, lst.pop):
             with pytest.raises(Exception, match="Fraction"):
                 take()
