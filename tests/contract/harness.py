@@ -216,6 +216,8 @@ class StoreHarness:
         self._clients: list[Client] = []
         #: Every call that parked (see :meth:`close`).
         self._parked: list[asyncio.Future[Any]] = []
+        #: What each parked future is a call of (named when one neither answers nor parks).
+        self._made: dict[asyncio.Future[Any], str] = {}
         self._journal: Journal | None = None
         #: The wait-for graph's walker, given to every session (as the daemon's default).
         self._detector = Detector(DeadlockMode.REPORT)
@@ -415,6 +417,7 @@ class StoreHarness:
         decode = _decode_reserved if method == "reserve" else lambda v: _decode(spec.result, v)
         if isinstance(result, asyncio.Future):
             self._parked.append(result)
+            self._made[result] = f"{obj.typeid}.{method}{tuple(args)!r:.200}"
             return Pending(self, result, decode, made)
         done: asyncio.Future[Any] = self.loop.create_future()
         done.set_result(result)
@@ -519,7 +522,10 @@ class StoreHarness:
         try:
             self.loop.run_until_complete(asyncio.wait_for(until(), limit_s))
         except TimeoutError:
-            raise AssertionError(f"a call neither answered nor parked after {limit_s} s") from None
+            stuck = [self._made.get(f, "?") for f in self._parked if not self._settled(f)]
+            raise AssertionError(
+                f"a call neither answered nor parked after {limit_s} s: {stuck[:5]}"
+            ) from None
 
     def sleep(self, seconds: float) -> None:
         """Let ``seconds`` of the store's time pass (timers due by then fire)."""

@@ -236,6 +236,27 @@ SETUP: dict[str, tuple[str, tuple[Any, ...]]] = {
 _AT_ONCE = 64
 
 
+@pytest.mark.parametrize(
+    ("typeid", "method"),
+    [("Queue", m) for m in ("put", "put_nowait", "put_many", "get_many", "reserve")]
+    + [("JoinableQueue", "get_many"), ("Lock", "acquire"), ("RLock", "acquire")],
+)
+def test_arguments_that_do_not_fit_are_the_callers_error(
+    store: StoreHarness, typeid: str, method: str
+) -> None:
+    """Too few or too many arguments: the caller's TypeError, never the daemon's bug
+    (methods a store wraps, to count their answers, keep the method's signature)."""
+    obj = store.open(typeid, "x")
+    for args in [(), (1, 2, 3, 4, 5)]:
+        if method in ("acquire", "reserve") and not args:
+            continue  # these take none (and wait)
+        if method in ("put", "put_nowait") and args:
+            continue  # (1, ...) pickled: a put of 1, with bad block/timeout values
+        with pytest.raises(TypeError) as raised:
+            store.start(obj, method, *args).result()
+        assert not isinstance(raised.value, DaemonBug)
+
+
 @pytest.mark.parametrize("typeid", ALL_TYPES)
 def test_no_argument_makes_a_daemon_bug(store: StoreHarness, typeid: str) -> None:
     """Every method with up to two arguments of any builtin kind: a result, a parked

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import marshal
 import pickle
@@ -417,6 +418,9 @@ def _counting(spec: MethodSpec, counter: str, amount: _Amount) -> MethodSpec:
     ``counts[counter]``."""
     inner = spec.fn
 
+    # Its signature is the method's (``__wrapped__``): the invoker tells a call whose
+    # arguments do not fit (the caller's TypeError) from one that failed inside.
+    @functools.wraps(inner)
     def fn(self: EtcdHandle, call: Call, *args: Any, **kwargs: Any) -> Any:
         answer = inner(self, call, *args, **kwargs)
 
