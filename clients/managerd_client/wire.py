@@ -74,8 +74,9 @@ DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
 HELLO: Final = "managerd_hello"
 #: A call asked again through the daemon that resumed the session, its first
 #: daemon having died under it: ``(None, None, REISSUE, (typeid, name, method,
-#: args), thread)``. The daemon runs the call, knowing it may have been parked
-#: (or answered) by the daemon that died.
+#: args, origin), thread)``, ``origin`` the request id the call first had (0:
+#: never sent; a process's request ids are unique). The daemon runs the call,
+#: knowing it may have been parked (or answered) by the daemon that died.
 REISSUE: Final = "managerd_reissue"
 #: The newest protocol this client speaks. 1: every request is a pickled
 #: ``(typeid, name, method, args, thread)`` envelope. 2 adds handle
