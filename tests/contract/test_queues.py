@@ -261,3 +261,16 @@ def test_unwaitable_timeouts_of_reserve_get_many_and_join(
     assert store.call(q, "join", timeout) is None
     for name, kind in store.objects():
         assert store.waiters(store.open(kind, name)) == 0, f"{kind} {name} has a waiter"
+
+
+def test_get_many_of_items_that_fit_only_one_by_one(store: StoreHarness, typeid: str) -> None:
+    """Items put one by one, each well under etcd's request limit (1.5 MiB by default)
+    but not three together, come out of one ``get_many`` whole and in order."""
+    q = store.open(typeid, "q")
+    items = [str(i) * 600_000 for i in range(3)]
+    for item in items:
+        store.call(q, "put", item)
+    assert store.call(q, "get_many", 3) == items
+    for item in items:
+        store.call(q, "put", item)
+    assert [store.call(q, "reserve")[1] for _ in items] == items
