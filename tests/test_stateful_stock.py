@@ -9,9 +9,6 @@ the state through the stock proxies (``_getvalue()``) and through managerd's.
 
 Where it differs: stock payloads must be builtin data (the daemon decodes
 them with its restricted unpickler), so the values drawn are builtin data.
-On the etcd store a stock ``_getvalue()`` is refused (no whole value: README
-"An etcd cluster as the store"): there the invariant checks that refusal and
-reads the dict and list item by item.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ from hypothesis.stateful import initialize, invariant, rule
 
 from conftest import Daemon
 from stateful_support import (
-    ON_ETCD,
     Actor,
     StatefulMachine,
     hashable_keys,
@@ -172,16 +168,8 @@ class StockMachine(StatefulMachine):
         if not self.p:
             return
         assert self.p["q"].qsize() == self.q.qsize()
-        if ON_ETCD:
-            # An etcd gateway has no whole value to hand (README "An etcd cluster as
-            # the store", "Not yet"): refused; the contents are read item by item.
-            got = outcome(self.p["d"]._getvalue)
-            assert not got.ok and isinstance(got.exc, TypeError), got
-            assert same(dict(self.p["d"].items()), self.d), (self.p["d"].items(), self.d)
-            assert same([self.p["l"][i] for i in range(len(self.p["l"]))], self.lst)
-        else:
-            assert same(self.p["d"]._getvalue(), self.d), (self.p["d"]._getvalue(), self.d)
-            assert same(self.p["l"]._getvalue(), self.lst)
+        assert same(self.p["d"]._getvalue(), self.d), (self.p["d"]._getvalue(), self.d)
+        assert same(self.p["l"]._getvalue(), self.lst)
         assert self.p["e"].is_set() == self.event_model.is_set()
         assert self.p["v"].value == self.value
         m = self.managers[1]  # and the managerd side agrees
