@@ -24,7 +24,9 @@ is expected (``nan_wait``).
 Scale with ``MANAGERD_STATEFUL_EXAMPLES`` (examples per test) and
 ``MANAGERD_STATEFUL_STEPS`` (steps per example), and set
 ``MANAGERD_STATEFUL_STORE=etcd`` to run them against a gateway on a real
-3-node etcd cluster (``etcd_support``) instead of the embedded store; set
+3-node etcd cluster (``etcd_support``) instead of the embedded store (where
+they differ, the machines ask ``ON_ETCD``: see ``settles`` and the restart
+rules); set
 ``MANAGERD_STATEFUL_SHRINK=1`` to shrink a failure (slow: see ``SHRINK``);
 ``scripts/stateful_long.py`` runs them for minutes. With
 ``MANAGERD_STATEFUL_COUNTS`` set to a file, each example appends its
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
@@ -44,6 +47,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -70,6 +74,22 @@ RESTARTS = int(os.environ.get("MANAGERD_STATEFUL_RESTARTS", "1"))
 #: The daemon's store: ``memory`` (the embedded one, durable with --data-dir) or ``etcd``
 #: (the daemon is a gateway on a 3-node cluster started for the module).
 STORE = os.environ.get("MANAGERD_STATEFUL_STORE", "memory")
+ON_ETCD = STORE == "etcd"
+#: Whether a restart rule's crash resets what the embedded store does not keep.
+#: The embedded daemon's restart ends every session (holdings, reservations back)
+#: and starts a Barrier, a Semaphore's permits and a Pipe afresh. On etcd the
+#: daemon is a gateway and the objects live in etcd: its restart is not a
+#: store's, and each client resumes its session through it (the same address,
+#: within the session TTL), so nothing ends and nothing resets: a Lock or a
+#: permit stays held, a reservation its session's, a Barrier broken, permits
+#: released beyond a Semaphore's initial value stay, a Pipe keeps its messages
+#: (README "An etcd cluster as the store").
+RESTART_RESETS = not ON_ETCD
+#: On etcd, ``status`` shows figures a gateway reads from etcd periodically
+#: (README "Status and deadlocks across gateways": at most one interval plus
+#: one refresh old, about a second here), not as of the last call: a check of
+#: them is retried until it holds, for at most this long (``settles``).
+SETTLE_S = 15.0
 
 #: Shrinking a failure re-runs the machine hundreds of times, each run
 #: starting clients and (with a restart rule) restarting the daemon (~1.5 s):
@@ -91,6 +111,30 @@ SETTINGS = settings(
 #: A "short" blocking timeout: long enough to park a waiter, short for a step.
 SHORT_S = 0.03
 WORKER = str(Path(__file__).resolve().parent / "stateful_worker.py")
+
+
+def settles(check: Callable[..., None]) -> Callable[..., None]:
+    """A check that reads ``status``: on the embedded store made once (its figures are
+    the state as of the last call); on etcd repeated until it holds (an
+    ``AssertionError`` again after ``SETTLE_S`` fails), since a gateway's figures
+    follow etcd by a refresh. What the check asserts is the same on both."""
+
+    @functools.wraps(check)
+    def settled(*args: Any, **kwargs: Any) -> None:
+        if not ON_ETCD:
+            check(*args, **kwargs)
+            return
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            try:
+                check(*args, **kwargs)
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    return settled
 
 
 def run_machine(machine: type[StatefulMachine], daemon: Daemon) -> None:
@@ -440,7 +484,8 @@ class StatefulMachine(RuleBasedStateMachine):
         _close_pipes(child)
 
     def restart_daemon(self) -> None:
-        """A crash (SIGKILL) and a restart on the same port and data directory."""
+        """A crash (SIGKILL) and a restart on the same port and data directory (on etcd:
+        of the gateway, on the same cluster; see ``RESTART_RESETS``)."""
         self.restarts += 1
         self.daemon.kill()
         self.daemon.start(port=self.daemon.port)
@@ -470,6 +515,7 @@ def _close_pipes(child: subprocess.Popen[str]) -> None:
             pipe.close()
 
 
+@settles
 def expect_empty_waiters(machine: StatefulMachine, name: str) -> None:
     """No waiter is left parked once every call has returned."""
     info = machine.status_of(name)
@@ -477,6 +523,8 @@ def expect_empty_waiters(machine: StatefulMachine, name: str) -> None:
 
 
 __all__ = [
+    "ON_ETCD",
+    "RESTART_RESETS",
     "SETTINGS",
     "Actor",
     "Outcome",
@@ -486,5 +534,6 @@ __all__ = [
     "queue",
     "same",
     "same_outcome",
+    "settles",
     "threading",
 ]

@@ -45,6 +45,7 @@ from stateful_support import (
     same,
     same_outcome,
     sdaemon,
+    settles,
     wrong_types,
 )
 
@@ -179,6 +180,7 @@ class DictMachine(StatefulMachine):
         self.restart_daemon()
 
     @invariant()
+    @settles
     def daemon_agrees(self) -> None:
         if not self.proxies:
             return

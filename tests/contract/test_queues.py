@@ -233,3 +233,44 @@ def test_put_then_get_wakes_no_joiner_until_done(store: StoreHarness, typeid: st
     assert not any(j.done() for j in joiners)
     store.call(q, "task_done")
     assert all(j.result() is None for j in joiners)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e300, 10**30], ids=repr)
+def test_unwaitable_timeouts_of_reserve_get_many_and_join(
+    store: StoreHarness, typeid: str, timeout: Any
+) -> None:
+    """``reserve``, ``get_many`` and ``join`` as ``get``: a timeout no wait can take is
+    the wait's error when the call has to wait (never a wait for ever): NaN a ValueError
+    (README "Errors"), more than ``threading.TIMEOUT_MAX`` an OverflowError; and no
+    error when it does not wait."""
+    error = ValueError if timeout != timeout else OverflowError
+    q = store.open(typeid, "q")
+    with pytest.raises(error):
+        store.call(q, "reserve", timeout)
+    with pytest.raises(error):
+        store.call(q, "get_many", 2, True, timeout)
+    store.call(q, "put_many", ["a", "b"])
+    with pytest.raises(error):
+        store.call(q, "join", timeout)  # two unfinished
+    did, value, _ = store.call(q, "reserve", timeout)
+    assert value == "a"
+    store.call(q, "ack", did)
+    assert store.call(q, "get_many", 2, True, timeout) == ["b"]
+    for _ in range(2):
+        store.call(q, "task_done")
+    assert store.call(q, "join", timeout) is None
+    for name, kind in store.objects():
+        assert store.waiters(store.open(kind, name)) == 0, f"{kind} {name} has a waiter"
+
+
+def test_get_many_of_items_that_fit_only_one_by_one(store: StoreHarness, typeid: str) -> None:
+    """Items put one by one, each well under etcd's request limit (1.5 MiB by default)
+    but not three together, come out of one ``get_many`` whole and in order."""
+    q = store.open(typeid, "q")
+    items = [str(i) * 600_000 for i in range(3)]
+    for item in items:
+        store.call(q, "put", item)
+    assert store.call(q, "get_many", 3) == items
+    for item in items:
+        store.call(q, "put", item)
+    assert [store.call(q, "reserve")[1] for _ in items] == items

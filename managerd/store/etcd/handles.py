@@ -651,6 +651,16 @@ class QueueHandle(EtcdHandle):
             raise ValueError("max_items must be a positive int")
         max_items = int(max_items)  # True is 1, as in the memory store (etcd takes no bool)
         wait_s = timeout_s(block, timeout)
+        if _unwaitable(wait_s):
+
+            async def get_many_or_refuse(holder: Holder) -> list[bytes]:
+                try:
+                    return await self.queue.get_many(max_items, 0.0, holder)
+                except queue.Empty:
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                    raise
+
+            return self._get(call, "get_many", get_many_or_refuse)
         return self._get(
             call, "get_many", lambda h: self.queue.get_many(max_items, wait_s, h),
             parks=wait_s != 0.0,
@@ -712,20 +722,38 @@ class QueueHandle(EtcdHandle):
     @exposed()
     def join(self, call: Call, timeout: float | None = None) -> Any:
         wait_s = timeout_s(True, timeout)
+        if _unwaitable(wait_s):
+
+            async def join_or_refuse(_: EtcdSession) -> None:
+                try:
+                    await self.queue.join(0.0)
+                except TimeoutError:
+                    checked_wait(wait_s)  # it would wait: the wait's own error
+                    raise
+
+            return self._run(call, join_or_refuse)
         return self._run(call, lambda _: self.queue.join(wait_s), parks=True)
 
     @exposed(mutates=True)
     def reserve(self, call: Call, timeout: float | None = None) -> Any:
         """``(delivery_id, payload, deliveries)``; ``queue.Empty`` on timeout."""
         wait_s = timeout_s(True, timeout)
+        unwaitable = _unwaitable(wait_s)  # (as get: refused only if it would wait)
 
         async def reserve(session: EtcdSession) -> tuple[int, bytes, int]:
-            delivery = await self.queue.reserve(session, self.visibility_timeout_s, wait_s)
+            try:
+                delivery = await self.queue.reserve(
+                    session, self.visibility_timeout_s, 0.0 if unwaitable else wait_s
+                )
+            except queue.Empty:
+                if unwaitable:
+                    checked_wait(wait_s)
+                raise
             self._expire_after(self.visibility_timeout_s)
             did = self.store.deliveries.add(call.session, self, delivery)
             return did, delivery.payload, delivery.deliveries
 
-        return self._run(call, reserve, parks=wait_s != 0.0)
+        return self._run(call, reserve, parks=wait_s != 0.0 and not unwaitable)
 
     def _delivery(self, call: Call, did: int, *, take: bool) -> Delivery | None:
         """The reservation ``did`` as this gateway knows it; None: ``_reserved`` looks."""

@@ -369,7 +369,8 @@ class EtcdQueue:
                     return got
                 await self.confirm([holder])
                 return [(await self._blocking(None, 0.0, timeout_s, holder))[1]]
-            taken = await self._take_batch(head.kvs, [(None, 0.0, holder)] * len(head.kvs))
+            kvs = _within_bytes(head.kvs)
+            taken = await self._take_batch(kvs, [(None, 0.0, holder)] * len(kvs))
             if taken is not None:
                 got += [payload for _, payload, _ in taken]
         return got
@@ -652,8 +653,9 @@ class EtcdQueue:
                     if failed is not None:
                         raise failed
                     continue
-                asks = [(w.session, w.visibility_s, w.holder) for w in wants[: len(head.kvs)]]
-                taken = await self._take_batch(head.kvs, asks)
+                kvs = _within_bytes(head.kvs)
+                asks = [(w.session, w.visibility_s, w.holder) for w in wants[: len(kvs)]]
+                taken = await self._take_batch(kvs, asks)
                 if taken is None:
                     batch = max(1, batch // 2)  # another consumer took some: ask for fewer
                     continue
@@ -826,6 +828,18 @@ def _chunks(items: list[bytes]) -> list[list[bytes]]:
         chunks[-1].append(item)
         size += len(item)
     return [c for c in chunks if c]
+
+
+def _within_bytes(kvs: list[KeyValue]) -> list[KeyValue]:
+    """The first of ``kvs`` (one at least) whose items add up to ``_PUT_BATCH_BYTES``: a
+    take that copies them (into unconfirmed records or reservations) is a request of
+    their size, and items that were put one by one must be taken together too."""
+    size = 0
+    for i, kv in enumerate(kvs):
+        size += len(kv.value)
+        if i and size > _PUT_BATCH_BYTES:
+            return kvs[:i]
+    return kvs
 
 
 def _found(done: TxnResult, token: bytes) -> bool:
