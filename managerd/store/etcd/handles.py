@@ -114,6 +114,23 @@ def _reissuing(call: Call) -> tuple[str, str] | None:
     return reissuing[1], reissuing[2]
 
 
+def _origin(call: Call) -> int | None:
+    """The client's id of the request a call asked again (``REISSUE``) first was; None
+    if it is not asked again, or its client did not say."""
+    reissuing = call.session.reissuing
+    if reissuing is None or reissuing[0] != call.thread:
+        return None
+    return reissuing[3]
+
+
+def _first_request(call: Call, name: str, method: str) -> int:
+    """The client's id of the request ``call`` first was: for a call of ``method`` on
+    ``name`` asked again, the one it had through the gateway that died; else its own
+    (0: none known)."""
+    origin = _origin(call) if _reissuing(call) == (name, method) else None
+    return origin or call.rid
+
+
 class Deliveries:
     """The delivery ids of this gateway's sessions' reservations, and the etcd
     reservation each stands for.
@@ -604,8 +621,7 @@ class QueueHandle(EtcdHandle):
         key = (call.session, call.thread)
         confirm = self.store.unconfirmed.pop(key, [])
         found = self.store.found.pop(key, None)
-        reissuing = call.session.reissuing
-        origin = reissuing[3] if reissuing is not None and reissuing[0] == call.thread else None
+        origin = _origin(call)
         if (
             found is not None
             and found.answer is not None
@@ -629,7 +645,7 @@ class QueueHandle(EtcdHandle):
                 method,
                 self.revision,
                 confirm,
-                rid=origin or call.rid,
+                rid=_first_request(call, self.name, method),
             )
             try:
                 result = await take(holder)
@@ -1036,16 +1052,6 @@ class RLockHandle(LockHandle):
             await self.lock.release(session, kv.create_revision, owner)
 
         return self._run(call, release)
-
-
-def _first_request(call: Call, name: str, method: str) -> int:
-    """The client's id of the request ``call`` first was: for a call of ``method`` on
-    ``name`` asked again (``REISSUE``), the one it had through the gateway that died;
-    else its own (0: none known)."""
-    reissuing = call.session.reissuing
-    if _reissuing(call) == (name, method) and reissuing is not None and reissuing[3]:
-        return reissuing[3]
-    return call.rid
 
 
 class SemaphoreHandle(EtcdHandle):
