@@ -342,20 +342,20 @@ class StockAdapter:
         if spec is None:
             raise NoAttribute(f"{obj.typeid} has no method {method!r}")
         call_args, call_kwds = self._args_in(spec, args, kwds)
-        if spec.mutates and spec.result is not Conv.PLAIN:
+        removes = spec.mutates and spec.result is not Conv.PLAIN
+        if removes:
             # A payload this call would remove must decode *before* it goes:
             # refused, it stays where it was. (A store that cannot say beforehand
             # checks ``accept`` where it removes it: the etcd store.)
             payload = self.store.would_hand_out(obj, method, call, tuple(call_args), call_kwds)
             if payload is not None:
                 self.decode(payload)
-            return Prepared(
-                tuple(call_args),
-                call_kwds,
-                finish=partial(self.result_out, spec.result),
-                accept=self.decode,
-            )
-        return Prepared(tuple(call_args), call_kwds, finish=partial(self.result_out, spec.result))
+        return Prepared(
+            tuple(call_args),
+            call_kwds,
+            finish=partial(self.result_out, spec.result),
+            accept=self.decode if removes else None,
+        )
 
     def _prepare_server(self, ops: Exposed, spec: MethodSpec | None, inv: Invocation) -> Prepared:
         """A stock server call, as the daemon operation it maps to."""
