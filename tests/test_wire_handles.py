@@ -25,7 +25,7 @@ from test_limits import authenticated, metered
 
 import managerd_client.channel as channel_module
 from managerd_client.errors import ProtocolError
-from managerd_client.wire import HELLO, V2_HEAD, V2_PAYLOADS, FrameSocket
+from managerd_client.wire import HELLO, REISSUE, V2_HEAD, V2_PAYLOADS, FrameSocket
 
 from conftest import Daemon, metric
 
@@ -192,6 +192,41 @@ def test_hostile_handles_get_clear_errors_and_the_daemon_goes_on(
         assert ask(other, 2, by_handle(0, resolve(other, 3, None, None)[1]["ping"])) == (0, None)
     with shared_daemon.connect() as m:
         assert m.Queue(uniq).qsize() == 1
+    assert "Traceback" not in shared_daemon.log
+
+
+def test_hostile_reissued_calls_get_clear_errors_and_nothing_is_taken(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    """``REISSUE`` envelopes with every part wrong (the first request id NaN, negative,
+    past 64 bits, a bool, a str): the caller's TypeError, nothing taken, the connection
+    goes on; a well-formed one runs as the call itself."""
+    with closing(v2_mode(shared_daemon)) as fs:
+        assert ask(fs, 1, by_name("create", ("Queue", uniq, {}))) == (0, None)
+        handle, numbers = resolve(fs, 2, "Queue", uniq)
+        assert ask(fs, 3, by_handle(handle, numbers["put"], (pickle.dumps("item"),))) == (0, None)
+        call = ("Queue", uniq, "get_nowait", ())
+        for rid, bad in enumerate(
+            [
+                (),
+                call[:3],
+                (*call, 7, 8),
+                (*call, -1),
+                (*call, 2**64),
+                (*call, float("nan")),
+                (*call, float("inf")),
+                (*call, True),
+                (*call, "7"),
+                ("Queue", uniq, "get_nowait", ["not a tuple"]),
+                (1, uniq, "get_nowait", ()),
+            ],
+            start=10,
+        ):
+            assert error_kind(fs, rid, by_name(REISSUE, bad)) == "Type", bad
+        assert ask(fs, 30, by_handle(handle, numbers["qsize"])) == (0, 1)  # nothing taken
+        status, value = ask(fs, 31, by_name(REISSUE, (*call, 0)))
+        assert (status, pickle.loads(value)) == (0, "item")
+        assert ask(fs, 32, by_handle(handle, numbers["qsize"])) == (0, 0)
     assert "Traceback" not in shared_daemon.log
 
 
