@@ -150,8 +150,13 @@ import signal, socket, sys, threading
 target = (sys.argv[1], int(sys.argv[2]))
 held = threading.Event()
 held_up = threading.Event()
-signal.signal(signal.SIGUSR1, lambda *_: held.set())
-signal.signal(signal.SIGUSR2, lambda *_: held_up.set())
+def told(event):
+    def handler(*_):
+        event.set()
+        print("set", flush=True)  # the test goes on only once the relay loses bytes
+    return handler
+signal.signal(signal.SIGUSR1, told(held))
+signal.signal(signal.SIGUSR2, told(held_up))
 listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)
 
@@ -187,10 +192,16 @@ class Relay:
         self.address = f"127.0.0.1:{int(self.proc.stdout.readline())}"
 
     def lose_replies(self) -> None:
-        self.proc.send_signal(signal.SIGUSR1)
+        self._tell(signal.SIGUSR1)
 
     def lose_requests(self) -> None:
-        self.proc.send_signal(signal.SIGUSR2)
+        self._tell(signal.SIGUSR2)
+
+    def _tell(self, sig: int) -> None:
+        """A signal is handled some time after it is sent: wait until the relay says so."""
+        assert self.proc.stdout is not None
+        self.proc.send_signal(sig)
+        assert self.proc.stdout.readline() == "set\n"
 
     def kill(self) -> None:
         self.proc.kill()
