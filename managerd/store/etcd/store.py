@@ -84,7 +84,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -158,6 +158,8 @@ REQUEUE_CONCURRENCY: Final = 16
 #: How long a session's end waits for each of its calls still on their way to wait
 #: or be answered before it drops them all the same (a net: they never take so long).
 END_CALLS_S: Final = 10.0
+#: How often a watch's loop asks etcd again for the state it re-reads after an outage.
+_REREAD_S: Final = 1.0
 
 
 class EtcdStore:
@@ -290,9 +292,11 @@ class EtcdStore:
                                 if known and known.revision == event.prev_kv.create_revision:
                                     self._forget(name)
                             revision = event.kv.mod_revision
-            except EtcdError as exc:  # compacted: read all again
+            except EtcdError as exc:  # compacted, or etcd down: read all again
                 log.warning("etcd store: names watch failed (%s); reading them again", exc)
-                read = await self.client.range(self._names, prefix_end(self._names))
+                read = await self._once_answered(
+                    "names", lambda: self.client.range(self._names, prefix_end(self._names))
+                )
                 self._known.clear()
                 for kv in read.kvs:
                     self._learn(kv.value, kv.create_revision)
@@ -609,9 +613,24 @@ class EtcdStore:
                                 continue
                             if self._taken_from_here(session, event.kv):
                                 self._let_go(session)
-            except EtcdError as exc:  # compacted: follow from now on
+            except EtcdError as exc:  # compacted, or etcd down: follow from now on
                 log.warning("etcd store: sessions watch failed (%s); following again", exc)
-                revision = (await self.client.range(tokens, count_only=True)).revision
+                now = await self._once_answered(
+                    "sessions", lambda: self.client.range(tokens, count_only=True)
+                )
+                revision = now.revision
+
+    async def _once_answered(
+        self, what: str, read: Callable[[], Awaitable[RangeResult]]
+    ) -> RangeResult:
+        """``read()``, asked again while etcd cannot answer it: a watch's loop outlives
+        an outage longer than the client's retry budget instead of ending with it."""
+        while True:
+            try:
+                return await read()
+            except EtcdUnavailable as exc:
+                log.warning("etcd store: %s watch waits for etcd: %s", what, exc)
+                await asyncio.sleep(_REREAD_S)
 
     def _taken_from_here(self, session: Session, kv: KeyValue) -> bool:
         """Whether a put of ``session``'s token key names another gateway on the lease
@@ -698,8 +717,14 @@ class EtcdStore:
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("etcd store: background work failed", exc_info=task.exception())
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(exc, EtcdUnavailable):
+            # An outage, not a bug: what the work left stays on its lease (records go
+            # back when it ends), and the loops that matter start again.
+            log.warning("etcd store: background work not done, etcd unavailable: %s", exc)
+        else:
+            log.error("etcd store: background work failed", exc_info=exc)
 
     def abandon(
         self, obj: Handle, method: str, session: Session, future: asyncio.Future[Any],
