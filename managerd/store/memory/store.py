@@ -50,7 +50,7 @@ class MemoryStore(Registry):
         #: The wait-for graph's walker (sessions are given it: ``SessionTable``).
         self.detector = deadlocks if deadlocks is not None else Detector()
 
-    def created(self, obj: Handle) -> None:
+    def created(self, obj: Handle) -> asyncio.Future[None] | None:
         """Kept already: on this loop (and journaled, if at all, with the next barrier)."""
         return None
 
