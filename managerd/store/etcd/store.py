@@ -345,7 +345,7 @@ class EtcdStore:
             elif task.exception() is not None:
                 handle.ready.set_exception(cast(BaseException, task.exception()))
                 handle.ready.exception()  # retrieved: each call raises it
-                self._not_created(handle)
+                self._not_created(handle, cast(BaseException, task.exception()))
             else:
                 handle.ready.set_result(None)
 
@@ -361,7 +361,7 @@ class EtcdStore:
             return None
         return asyncio.shield(ready)
 
-    def _not_created(self, handle: EtcdHandle) -> None:
+    def _not_created(self, handle: EtcdHandle, exc: BaseException) -> None:
         """Its creating Txn failed: the name is not this handle's any more, so that a
         later get-or-create tries again (etcd did not answer) or answers what etcd
         has (``_create`` put it in the mirror). Its calls get the failure (``ready``)."""
@@ -371,6 +371,19 @@ class EtcdStore:
             known = self._known.get(name)
             if known is not None and known.revision == 0:
                 del self._known[name]
+                if isinstance(exc, StoreUnavailable):
+                    # It may have been made, and the names watch passed it over while
+                    # this handle was being made (``_learn``): read it back.
+                    self.background(self._read_back(name))
+
+    async def _read_back(self, name: str) -> None:
+        try:
+            read = await self.client.range(self._names + name_key(name))
+        except EtcdError as exc:
+            log.warning("etcd store: %r not read back after its creation failed: %s", name, exc)
+            return
+        if read.kvs and name not in self._known:
+            self._learn(read.kvs[0].value, read.kvs[0].create_revision)
 
     async def _create(
         self,
