@@ -16,7 +16,7 @@ In process (gateways as ``EtcdStore`` objects on one cluster): a creation that
 loses a race to another type through another gateway answers
 ObjectTypeConflict, and the mirror then has what etcd has; a creation etcd
 does not answer is StoreUnavailable, and the next get-or-create of the name
-tries again.
+tries again; a creation its client gave up (a cancel) is still made.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from multiprocessing.managers import BaseManager
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from test_etcd_resume import TTL_S, Gateways, gateways, in_thread, two_stores
+from test_etcd_resume import TTL_S, Gateways, gateways, in_thread, new_session, two_stores
 
+from managerd.service.ops import ServerOps
+from managerd.store.api import Call
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.store import EtcdStore
 from managerd.store.interface import Handle
@@ -216,6 +218,29 @@ def test_a_creation_etcd_does_not_answer_is_store_unavailable_and_is_tried_again
                 await relay.close()
 
     asyncio.run(main())
+
+
+def test_a_creation_given_up_by_its_client_is_still_made(cluster: EtcdCluster) -> None:
+    """The client's cancel of its waiting ``create`` drops the answer, not the creation
+    every call of the object waits for."""
+
+    async def body(a: EtcdStore, b: EtcdStore) -> None:
+        ops = ServerOps(a, cast(Any, None), cast(Any, None), {}, 0.0)
+        s = new_session("gives up")
+        name = "given-up-" + secrets.token_hex(8)
+        create = ops.methods["create"].fn
+        waiting = create(ops, Call(s, 0, asyncio.get_running_loop()), "Queue", name, {})
+        assert isinstance(waiting, asyncio.Future) and not waiting.done()
+        a.abandon(ops, "create", s, waiting)
+        assert waiting.cancelled()
+        again = create(ops, Call(s, 0, asyncio.get_running_loop()), "Queue", name, {})
+        assert isinstance(again, asyncio.Future)  # the same creation, still on its way
+        await asyncio.wait_for(again, 30)
+        assert create(ops, Call(s, 0, asyncio.get_running_loop()), "Queue", name, {}) is None
+        while name not in dict(b.listing()):  # in etcd: B's mirror learns it
+            await asyncio.sleep(0.01)
+
+    two_stores(cluster, body)
 
 
 def test_the_memory_store_answers_a_creation_at_once() -> None:
