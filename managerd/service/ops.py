@@ -8,6 +8,11 @@ an ``exposed`` method of :class:`ServerOps`, which the invoker finds for a
 call on no object (``service/invoker.py``) and runs as it runs a queue's
 ``put``: same argument check, journal check, metrics (``server.<method>``)
 and error classification.
+
+A creation (``create``, ``stock_create``) is answered once the store keeps
+the object (``Store.created``: at once in memory; once its name is in etcd
+on the etcd store), or with why it could not be kept: a client told that an
+object exists is never told so by a gateway that dies before writing it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import itertools
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 from managerd.service.peers import PeerGuard
 from managerd.service.sessions import SessionTable
@@ -26,6 +31,11 @@ from managerd.store.interface import Handle, Snapshot, Store
 
 #: The most items ``peek`` returns of one object.
 MAX_PEEK_ITEMS: Final = 1000
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
+#: A stock ``create``'s answer before the dialect converts it: ``(name, typeid, methods)``.
+_Made = tuple[str, str, tuple[str, ...]]
 
 
 class ServerOps:
@@ -62,8 +72,11 @@ class ServerOps:
         return None
 
     @exposed("create", mutates=True)
-    def create_op(self, call: Call, typeid: str, name: str, args: dict[str, Any]) -> None:
-        self.create(typeid, name, args)
+    def create_op(
+        self, call: Call, typeid: str, name: str, args: dict[str, Any]
+    ) -> asyncio.Future[None] | None:
+        """Answered once the object is kept (``Store.created``): at once in memory."""
+        return self.store.created(self.create(typeid, name, args))
 
     def create(self, typeid: Any, name: Any, args: Any) -> Handle:
         """Get or create ``name``; every refusal of the caller's arguments is raised here."""
@@ -145,7 +158,7 @@ class ServerOps:
         args: tuple[Any, ...],
         kwds: dict[str, Any],
         contents: dict[str, Any] | None = None,
-    ) -> tuple[str, str, tuple[str, ...]]:
+    ) -> _Made | asyncio.Future[_Made]:
         """A stock ``create(typeid, name, *rest, **kwds)``: ``(name, typeid, methods)``.
 
         ``rest`` and ``kwds`` are the type's creation parameters in order,
@@ -166,8 +179,7 @@ class ServerOps:
             )
         name, rest = args[1], args[2:]
         if contents is not None:
-            obj = self.create(typeid, name, contents)
-            return obj.name, obj.typeid, public_methods(obj)
+            return self._made(self.create(typeid, name, contents))
         params = cls.create_params
         if len(rest) > len(params):
             raise BadArgument(f"{typeid} takes at most {len(params)} creation arguments")
@@ -176,8 +188,15 @@ class ServerOps:
             if key in create_args:
                 raise BadArgument(f"{typeid}() got multiple values for argument {key!r}")
         create_args.update(kwds)
-        obj = self.create(typeid, name, create_args)
-        return obj.name, obj.typeid, public_methods(obj)
+        return self._made(self.create(typeid, name, create_args))
+
+    def _made(self, obj: Handle) -> _Made | asyncio.Future[_Made]:
+        """A stock ``create``'s answer, once the object is kept (``Store.created``)."""
+        made = obj.name, obj.typeid, public_methods(obj)
+        kept = self.store.created(obj)
+        if kept is None:
+            return made
+        return asyncio.ensure_future(_later(kept, lambda _: made))
 
     @exposed()
     def get_methods(self, call: Call, token: Any) -> tuple[str, str, tuple[str, ...]]:
@@ -229,8 +248,8 @@ def public_methods(obj: Handle) -> tuple[str, ...]:
     return tuple(name for name in sorted(obj.methods) if not name.startswith("_"))
 
 
-async def _later(snapshot: asyncio.Future[Snapshot], then: Callable[[Snapshot], Any]) -> Any:
-    return then(await snapshot)
+async def _later(first: asyncio.Future[_T], then: Callable[[_T], _U]) -> _U:
+    return then(await first)
 
 
 def _peeked(obj: Handle, info: dict[str, Any], limit: int, snapshot: Snapshot) -> dict[str, Any]:

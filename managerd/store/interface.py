@@ -22,6 +22,9 @@ the first implementation (objects on the event loop, a journal on disk).
   the methods that can be undone). :meth:`Store.resume` finds a session a
   client started through another daemon of the same store (its gateway
   died) by the client's secret resume token.
+- ``get_or_create`` answers at once; ``created`` is None, or a future done
+  once the object is kept (the etcd store writes its name in the
+  background): whoever tells a client that an object exists waits for it.
 - ``check_writable`` refuses a mutation up front while the store cannot
   keep it; ``barrier`` is None, or a future done once everything changed so
   far is durable (an answer waits for it); ``ready`` says whether calls can
@@ -86,6 +89,12 @@ class Store(Protocol):
 
     def get_or_create(self, typeid: str, name: str, args: dict[str, Any]) -> Handle:
         """``name``, made with ``args`` if new; ArgumentConflict/ObjectTypeConflict if not."""
+
+    def created(self, obj: Handle) -> asyncio.Future[None] | None:
+        """None if ``obj`` (from :meth:`get_or_create`) is kept by the store already,
+        else a future done once it is, or failed with why it is not (ObjectTypeConflict,
+        StoreUnavailable...). A creation is answered only then: an object a client was
+        told exists outlives the daemon that told it. The memory store: always None."""
 
     def get(self, name: str, typeid: str | None = None) -> Handle:
         """NoSuchObject, or ObjectTypeConflict when ``typeid`` is given and differs."""

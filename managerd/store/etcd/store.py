@@ -12,10 +12,17 @@ with the object's initial state in one Txn (``create_revision == 0``). The
 interface's ``get_or_create`` answers at once, so each gateway keeps a
 mirror of these keys, loaded when it opens and kept by a watch:
 ArgumentConflict and ObjectTypeConflict are raised at once for a name the
-mirror knows. **Differs from the memory store**: a name created at the
-same moment through another gateway with another type or arguments is
-found when the creating Txn fails; the handle then answers every call
-with that conflict (the memory store raises it from get_or_create).
+mirror knows. A new name's creating Txn runs in the background (its
+outcome is the handle's ``ready``, which every call of it awaits); the
+daemon answers the creation itself only once it is done (``created``): a
+client told that an object exists is never told so by a gateway killed
+before the name reached etcd. **Differs from the memory store**: a name
+created at the same moment through another gateway with another type or
+arguments is found when the creating Txn fails; the creation and the
+handle's calls then answer that conflict (the memory store raises it from
+get_or_create), and the mirror has what etcd has. A creation etcd did not
+answer is StoreUnavailable (it may have been made), and the next
+get-or-create of the name tries again.
 
 **Sessions**: a managerd session gets an etcd lease (``EtcdSession``,
 TTL ``session_ttl_s``) at its first call, with the hash of its resume
@@ -342,11 +349,45 @@ class EtcdStore:
             elif task.exception() is not None:
                 handle.ready.set_exception(cast(BaseException, task.exception()))
                 handle.ready.exception()  # retrieved: each call raises it
+                self._not_created(handle, cast(BaseException, task.exception()))
             else:
                 handle.ready.set_result(None)
 
         creating.add_done_callback(created_or_not)
         return cast(Handle, handle)
+
+    def created(self, obj: Handle) -> asyncio.Future[None] | None:
+        """None once the name is in etcd (the usual case: a name the mirror knows);
+        else its creating Txn's outcome, shielded: a caller that gives up (a cancel,
+        its session's end) does not cancel what every call of the object waits for."""
+        ready = cast(EtcdHandle, obj).ready
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            return None
+        return asyncio.shield(ready)
+
+    def _not_created(self, handle: EtcdHandle, exc: BaseException) -> None:
+        """Its creating Txn failed: the name is not this handle's any more, so that a
+        later get-or-create tries again (etcd did not answer) or answers what etcd
+        has (``_create`` put it in the mirror). Its calls get the failure (``ready``)."""
+        name = handle.name
+        if self._handles.get(name) is handle:
+            del self._handles[name]
+            known = self._known.get(name)
+            if known is not None and known.revision == 0:
+                del self._known[name]
+                if isinstance(exc, StoreUnavailable):
+                    # It may have been made, and the names watch passed it over while
+                    # this handle was being made (``_learn``): read it back.
+                    self.background(self._read_back(name))
+
+    async def _read_back(self, name: str) -> None:
+        try:
+            read = await self.client.range(self._names + name_key(name))
+        except EtcdError as exc:
+            log.warning("etcd store: %r not read back after its creation failed: %s", name, exc)
+            return
+        if read.kvs and name not in self._known:
+            self._learn(read.kvs[0].value, read.kvs[0].create_revision)
 
     async def _create(
         self,
@@ -360,12 +401,17 @@ class EtcdStore:
         key = self._names + name_key(handle.name)
         args = type(handle).encode_args(created)
         entry = json.dumps({"name": handle.name, "type": typeid, "args": args}).encode()
-        done = await self.client.txn(
-            [Compare(key, Target.CREATE, "==", 0)],
-            [Put(key, entry), *handle.init_ops()],
-            [Get(key)],
-            idempotent=True,
-        )
+        try:
+            done = await self.client.txn(
+                [Compare(key, Target.CREATE, "==", 0)],
+                [Put(key, entry), *handle.init_ops()],
+                [Get(key)],
+                idempotent=True,
+            )
+        except EtcdUnavailable as exc:  # the creating call's to know (``created``)
+            raise StoreUnavailable(
+                f"etcd did not answer ({exc}); {handle.name!r} may or may not have been created"
+            ) from exc
         if done.succeeded:
             revision = done.revision
         else:
@@ -374,6 +420,12 @@ class EtcdStore:
             if read.kvs and read.kvs[0].value != entry:  # not our own retried creation
                 found = json.loads(read.kvs[0].value)
                 found_args = SERVED[found["type"]].decode_args(found["args"])
+                if self._handles.get(handle.name) is handle:
+                    # What etcd has is what the mirror says from now on (the names
+                    # watch passed it over while this handle was being made).
+                    self._known[handle.name] = _Known(
+                        found["type"], found_args, read.kvs[0].create_revision
+                    )
                 _check_same(handle.name, found["type"], found_args, typeid, created)
             revision = read.kvs[0].create_revision
         if handle.revision == 0:
@@ -389,7 +441,8 @@ class EtcdStore:
         if known is not None:
             _check_same(name, known.typeid, known.args, typeid, {})
             return
-        await cast(EtcdHandle, self.get_or_create(typeid, name, {})).ready
+        # Shielded: a cancelled caller must not cancel what every call of it waits for.
+        await asyncio.shield(cast(EtcdHandle, self.get_or_create(typeid, name, {})).ready)
 
     def lock_for(self, name: str) -> LockHandle:
         """The Lock or RLock ``name`` of a Condition, made an RLock if new (as the memory
@@ -730,7 +783,10 @@ class EtcdStore:
         self, obj: Handle, method: str, session: Session, future: asyncio.Future[Any],
         *, stock: bool = False,
     ) -> None:  # fmt: skip
-        cast(EtcdHandle, obj).abandon(method, future, stock=stock)
+        if not isinstance(obj, EtcdHandle):  # a daemon operation waiting (a creation)
+            future.cancel()
+            return
+        obj.abandon(method, future, stock=stock)
 
     def cancel(self, session: Session, future: asyncio.Future[Any]) -> None:
         future.cancel()

@@ -50,6 +50,10 @@ class MemoryStore(Registry):
         #: The wait-for graph's walker (sessions are given it: ``SessionTable``).
         self.detector = deadlocks if deadlocks is not None else Detector()
 
+    def created(self, obj: Handle) -> asyncio.Future[None] | None:
+        """Kept already: on this loop (and journaled, if at all, with the next barrier)."""
+        return None
+
     # -- parked and answered calls ---------------------------------------------------
     def abandon(
         self, obj: Handle, method: str, session: Session, future: asyncio.Future[Any],
