@@ -14,12 +14,10 @@ after the interrupt reaches the interrupted process's next acquire.
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import os
 import secrets
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from managerd.store.etcd.kv import name_key
 from managerd_client import connect
 
 from conftest import Daemon, wait_until
-from etcd_support import EtcdCluster, EtcdRelay, cluster
+from etcd_support import EtcdCluster, RelayThread, cluster
 
 __all__ = ["cluster"]  # the fixture, from etcd_support
 
@@ -41,40 +39,10 @@ TTL_S = 10  # the hold lasts a second or two: no session expires meanwhile
 ROOT = "/ia" + secrets.token_hex(4) + "/"
 
 
-class Relay:
-    """An ``EtcdRelay`` to one member, run by an event loop of its own in a thread."""
-
-    def __init__(self, target: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.relay = EtcdRelay(target)
-        self.address = self._run(self.relay.start())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def hold_from(self, marker: bytes) -> None:
-        self.loop.call_soon_threadsafe(self.relay.hold_from, marker)
-
-    def holds(self) -> bool:
-        return self.relay.held.is_set()
-
-    def let_through(self) -> None:
-        self.loop.call_soon_threadsafe(self.relay.let_through)
-
-    def close(self) -> None:
-        self.let_through()
-        self._run(self.relay.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture
-def gateway(cluster: EtcdCluster, tmp_path: Path) -> Iterator[tuple[Daemon, Relay]]:
-    """A gateway whose every etcd request goes through one ``Relay``."""
-    relay = Relay(cluster.endpoints[0])
+def gateway(cluster: EtcdCluster, tmp_path: Path) -> Iterator[tuple[Daemon, RelayThread]]:
+    """A gateway whose every etcd request goes through one ``RelayThread``."""
+    relay = RelayThread(cluster.endpoints[0])
     d = Daemon(
         tmp_path,
         args=[
@@ -102,7 +70,7 @@ def contender_marker(kind: str, name: str) -> bytes:
 
 @pytest.mark.parametrize("kind", ["Semaphore", "Lock"])
 def test_a_release_after_an_interrupted_acquire_reaches_its_next_acquire(
-    gateway: tuple[Daemon, Relay], kind: str
+    gateway: tuple[Daemon, RelayThread], kind: str
 ) -> None:
     d, relay = gateway
     name = f"interrupted-{kind}"
