@@ -29,11 +29,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -496,3 +498,35 @@ class EtcdRelay:
             task.cancel()
         for w in (writer, up_writer):
             w.transport.abort()
+
+
+class RelayThread:
+    """An ``EtcdRelay`` run by an event loop of its own in a thread: for a gateway
+    process (``--store etcd://<address>``) whose etcd bytes a synchronous test holds."""
+
+    def __init__(self, target: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.relay = EtcdRelay(target)
+        self.address: str = self._run(self.relay.start())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def hold_from(self, marker: bytes) -> None:
+        self.loop.call_soon_threadsafe(self.relay.hold_from, marker)
+
+    def holds(self) -> bool:
+        """Whether a request with the marker came, and is held."""
+        return self.relay.held.is_set()
+
+    def let_through(self) -> None:
+        self.loop.call_soon_threadsafe(self.relay.let_through)
+
+    def close(self) -> None:
+        self.let_through()
+        self._run(self.relay.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

@@ -32,7 +32,6 @@ from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from conftest import Daemon
 from stateful_support import (
-    ON_ETCD,
     RESTART_RESETS,
     SHORT_S,
     Actor,
@@ -220,13 +219,9 @@ class LockMachine(StatefulMachine):
             assert self.ghost.run(lambda: self.model.acquire(False))
             self._check_token(int(said[1]))
         self.kill_child(child)
+        # Gone from the daemon's sessions, its holding is gone (on etcd: its lease was
+        # revoked), so a restart rule next finds it free.
         self.wait_children_gone()
-        if ON_ETCD:
-            # Gone from the gateway's sessions, the child's lease may still be being
-            # revoked; a call on the object comes after that (README "An etcd cluster as
-            # the store"), so a restart rule next does not leave its holding to the TTL.
-            p = self.proxies[0]
-            p.get_value() if self.typeid.endswith("Semaphore") else p.locked()
         if can:
             self.ghost.run(self.model.release)
 

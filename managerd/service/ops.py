@@ -143,7 +143,7 @@ class ServerOps:
             "deadlocks_total": stats.deadlocks_total,
             "uptime_s": round(time.time() - self.started_at, 3),
             "objects": {o.name: o.describe() for o in stats.objects},
-            "sessions": [s.describe() for s in self.sessions],
+            "sessions": [s.describe() for s in self.sessions.listed()],
             "handshakes_pending": self.peers.pending(),
             "penalized": {
                 address: round(left, 1) for address, left in self.peers.penalized().items()

@@ -21,6 +21,8 @@ class SessionTable:
     def __init__(self, store: Store, deadlocks: WaitForGraph | None = None) -> None:
         self._sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
+        #: Ended sessions whose release the store has not finished (``end``).
+        self._ending: dict[str, Session] = {}
         self.store = store
         #: Given to every session it opens (None: deadlocks are not looked for).
         self.deadlocks = deadlocks
@@ -51,9 +53,15 @@ class SessionTable:
         return session
 
     def end(self, session: Session) -> None:
+        """No call of ``session`` from now on; listed (``status``) until the store has
+        released what it held. Listed no more, it holds nothing: a gateway of the etcd
+        store killed after that leaves no holding of it to its lease's TTL."""
         self._sessions.pop(session.id, None)
         self._by_token.pop(session.resume_token, None)
-        self.store.release(session)
+        releasing = self.store.release(session)
+        if releasing is not None and not releasing.done():
+            self._ending[session.id] = session
+            releasing.add_done_callback(lambda _: self._ending.pop(session.id, None))
 
     def expired(self, ttl_s: float) -> list[Session]:
         """Managerd sessions not heard from for ``ttl_s``, or that the store lost (an etcd
@@ -68,6 +76,11 @@ class SessionTable:
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
+
+    def listed(self) -> list[Session]:
+        """What ``status`` lists: the live sessions, and the ended ones whose release the
+        store has not finished (they may hold something yet)."""
+        return [*self._sessions.values(), *self._ending.values()]
 
     def __len__(self) -> int:
         return len(self._sessions)

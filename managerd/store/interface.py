@@ -120,8 +120,10 @@ class Store(Protocol):
     ) -> None:
         """Give back what ``method`` (in ``undo_methods``) handed over as ``result``."""
 
-    def release(self, session: Session) -> None:
-        """The session ended: its parked calls are dropped, then all it holds goes back."""
+    def release(self, session: Session) -> asyncio.Future[None] | None:
+        """The session ended: its parked calls are dropped, then all it holds goes back.
+        None once that is done; else a future done once it is (a store whose release
+        is a round trip: the sessions table lists the session until then)."""
 
     async def resume(self, token: str) -> Session | None:
         """The live session that another daemon (a gateway of the same store) opened

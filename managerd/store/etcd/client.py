@@ -74,6 +74,11 @@ nothing is written and the call raises ``SessionGone``. Reads are not
 guarded, and work the store does for nobody's call runs without a guard
 (``unguarded``).
 
+A call cancelled while its write is in flight (the client gave it up)
+cannot take the write back: it may still land, after anything the cancel
+did at once. A write that a cancel must undo (a lock contender's key) goes
+through ``settled``: the cancel waits for its answer, then undoes it.
+
 Not here yet: user/password authentication, one shared keep-alive stream for many leases.
 """
 
@@ -86,8 +91,8 @@ import dataclasses
 import random
 import secrets
 import socket
-from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any, cast
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -123,6 +128,8 @@ from managerd.store.etcd.kv import (
     TxnResult,
 )
 from managerd.store.etcd.telemetry import EtcdMetrics
+
+T = TypeVar("T")
 
 DEFAULT_RPC_TIMEOUT_S = 2.0
 DEFAULT_RETRY_BUDGET_S = 15.0
@@ -235,6 +242,43 @@ def cleanup(coro: Any) -> asyncio.Future[Any]:
     """``coro`` shielded from the caller's cancel, its writes made for no session: what a
     cancelled call leaves in order (its session may be ending, or over)."""
     return asyncio.shield(unguarded(coro))
+
+
+async def settled(
+    write: Coroutine[Any, Any, T], undo: Callable[[T | None], Coroutine[Any, Any, Any]]
+) -> T:
+    """The answer of ``write``, a write that a cancel must not cut short: a cancelled
+    caller waits until the write is answered (or failed), then for ``undo`` of it
+    (as ``cleanup``: shielded, for no session), and only then is cancelled.
+
+    Cutting the write short would not keep it from etcd: with group commit it
+    leaves with its batch all the same, and a gRPC call cancelled once sent may
+    still be applied. An undo made at once, before the write lands, finds nothing
+    to undo, and the write then lands for nobody (a lock contender's or a
+    semaphore's key on the session's lease: it would take the next lock or permit,
+    and hold it until the session ends). ``undo`` is given the write's answer, or
+    None if it failed (its outcome unknown: the undo looks for itself).
+    """
+    task = asyncio.ensure_future(write)  # in a copy of this context: the session guard too
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await cleanup(_undo_after(task, undo))
+        raise
+    except EtcdUnavailable:  # it may have landed: undone too, if etcd answers now
+        with contextlib.suppress(EtcdError):
+            await cleanup(undo(None))
+        raise
+
+
+async def _undo_after(
+    task: asyncio.Future[T], undo: Callable[[T | None], Coroutine[Any, Any, Any]]
+) -> None:
+    try:
+        answer: T | None = await task
+    except Exception:
+        answer = None
+    await undo(answer)
 
 
 def _compare(c: Compare) -> Any:

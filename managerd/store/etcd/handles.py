@@ -309,7 +309,7 @@ class EtcdHandle:
     def stats(self) -> ObjectStats:
         return ObjectStats(self.name, self.typeid, self.creation_args())
 
-    def _run(self, call: Call, work: Work, *, parks: bool = False) -> Any:
+    def _run(self, call: Call, work: Work, *, parks: bool = False, unwinds: bool = False) -> Any:
         """Run ``work`` for ``call``; the answer's future.
 
         The work starts once what came before the call here is done: the undos
@@ -319,16 +319,29 @@ class EtcdHandle:
         the memory store's calls, made in turn on one loop, do; calls that
         cannot park do not wait for one another. While the work waits for a
         change in etcd, the call is in ``waiting`` (``watching.waiting``).
+
+        ``unwinds``: cancelled, the work takes back what it wrote (an acquire's
+        contender key, once its put is answered: ``client.settled``); calls made
+        here after the cancel wait for that, as the memory store's next call finds
+        a cancelled waiter gone. It must not wait for other calls meanwhile.
         """
         answer: list[asyncio.Future[Any]] = []
         before = [f for f in self.undos if not f.done()]
         before += [f for f in self.arrivals.values() if not f.done()]
+        working: list[asyncio.Future[None]] = []
 
         async def ordered(session: EtcdSession) -> Any:
             WAITING.set(self._marker(answer, call))
             if before:
                 await asyncio.wait(before)
-            return await work(session)
+            if not unwinds:
+                return await work(session)
+            worked: asyncio.Future[None] = self.store.loop.create_future()
+            working.append(worked)
+            try:
+                return await work(session)
+            finally:
+                worked.set_result(None)
 
         future: asyncio.Future[Any] = self.store.run(self, call, ordered, parks=parks)
         answer.append(future)
@@ -336,6 +349,13 @@ class EtcdHandle:
             arrived: asyncio.Future[None] = self.store.loop.create_future()
             self.arrivals[future] = arrived
         future.add_done_callback(self._answered)
+        if unwinds:
+
+            def unwinding(future: asyncio.Future[Any]) -> None:
+                if future.cancelled() and working and not working[0].done():
+                    self.end_after(working[0])
+
+            future.add_done_callback(unwinding)
         return future
 
     def _answered(self, future: asyncio.Future[Any]) -> None:
@@ -938,7 +958,7 @@ class LockHandle(EtcdHandle):
             self.store.tokens[(call.session, self.name, owner)] = token
             return token
 
-        return self._run(call, acquire, parks=wait_s != 0.0)
+        return self._run(call, acquire, parks=wait_s != 0.0, unwinds=True)
 
     async def _wait_held_by_self(
         self,
@@ -1118,7 +1138,7 @@ class SemaphoreHandle(EtcdHandle):
                 checked_wait(wait_s)  # it would wait: the wait's own error
             return False if token is None else token
 
-        return self._run(call, acquire, parks=wait_s != 0.0)
+        return self._run(call, acquire, parks=wait_s != 0.0, unwinds=True)
 
     def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
         self._undo_as(call.session, lambda s: self.sem.release(s, 1))

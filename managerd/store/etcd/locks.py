@@ -33,15 +33,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from managerd.store.etcd.client import EtcdClient, cleanup
+from managerd.store.etcd.client import EtcdClient, cleanup, settled
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
     EventType,
     Get,
+    KeyValue,
     Put,
     RangeResult,
     Target,
+    TxnResult,
     name_key,
     prefix_end,
 )
@@ -85,13 +87,25 @@ class EtcdLock:
         """
         key = self._key(session, owner)
         attempt = (attempt or new_attempt(caller)) + note
+
+        async def withdrawn(done: TxnResult | None) -> None:
+            if done is not None and done.succeeded:
+                await self._withdraw_if_ours(session, key, done.revision)
+            else:  # a retry's, or its outcome unknown: the key if it is this attempt's
+                await self._withdraw_marked(session, key, attempt[:_ATTEMPT_BYTES])
+
         # Our key, unless it exists: a retry of this call finds its own attempt.
-        done = await self.client.txn(
-            [Compare(key, Target.CREATE, "==", 0)],
-            [Put(key, attempt, lease=session.lease_id)],
-            [Get(key)],
-            idempotent=True,
-            own_revision=True,  # the fencing token: no other contender's
+        # Cancelled meanwhile, the put is waited for before its key is withdrawn: a key
+        # that landed after the withdrawal would hold the lock next, for nobody.
+        done = await settled(
+            self.client.txn(
+                [Compare(key, Target.CREATE, "==", 0)],
+                [Put(key, attempt, lease=session.lease_id)],
+                [Get(key)],
+                idempotent=True,
+                own_revision=True,  # the fencing token: no other contender's
+            ),
+            withdrawn,
         )
         if done.succeeded:
             token = done.revision
@@ -126,7 +140,11 @@ class EtcdLock:
         is there, keeps its place in line, or holds already; else (no key, or another
         thread's holding of the session's Lock) an acquire as any."""
         key = self._key(session, owner)
-        kv = await self.client.get(key)
+        try:
+            kv = await self.client.get(key)
+        except asyncio.CancelledError:  # that call's key is this one's to withdraw
+            await cleanup(self._withdraw_marked(session, key, _caller_mark(caller), at=4))
+            raise
         if kv is None or kv.value[_ATTEMPT_BYTES - 4 : _ATTEMPT_BYTES] != _caller_mark(caller):
             return await self.acquire(
                 session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller, note=note
@@ -178,6 +196,15 @@ class EtcdLock:
         (this one is ending it): there, the call asked again keeps that key."""
         if await session.owned():
             await self._withdraw(key, token)
+
+    async def _withdraw_marked(
+        self, session: EtcdSession, key: bytes, mark: bytes, *, at: int = 0
+    ) -> None:
+        """``key`` withdrawn if its value has ``mark`` at ``at`` (an attempt's, or from
+        4, a caller's): a cancelled acquire's key, whose put's answer it never read."""
+        kv = await self.client.get(key)
+        if kv is not None and kv.value[at : at + len(mark)] == mark:
+            await self._withdraw_if_ours(session, key, kv.create_revision)
 
     async def _withdraw(self, key: bytes, token: int) -> None:
         await self.client.txn(
@@ -250,18 +277,40 @@ class EtcdRLock(EtcdLock):
                     attempt=attempt,
                 )
             # Our key exists: we hold it (a thread waits in one acquire at a time).
-            done = await self.client.txn(
-                [
-                    Compare(key, Target.CREATE, "==", kv.create_revision),
-                    Compare(key, Target.MOD, "==", kv.mod_revision),
-                ],
-                [
-                    Put(
-                        key,
-                        _count_value(kv.value, lock_depth(kv.value) + 1),
-                        lease=session.lease_id,
-                    )
-                ],
+            depth = lock_depth(kv.value)
+
+            async def undone(done: TxnResult | None, held: KeyValue = kv) -> None:
+                # Cancelled, the count it raised goes back down (it would keep the
+                # lock held after the thread's last release).
+                now = await self.client.get(key) if done is None else None
+                if done is not None and done.succeeded:
+                    revision = done.revision
+                elif (
+                    now is not None
+                    and now.create_revision == held.create_revision
+                    and now.mod_revision != held.mod_revision
+                    and lock_depth(now.value) == lock_depth(held.value) + 1
+                ):
+                    revision = now.mod_revision
+                else:
+                    return
+                await self.client.txn(
+                    [
+                        Compare(key, Target.CREATE, "==", held.create_revision),
+                        Compare(key, Target.MOD, "==", revision),
+                    ],
+                    [Put(key, held.value, lease=session.lease_id)],
+                )
+
+            done = await settled(
+                self.client.txn(
+                    [
+                        Compare(key, Target.CREATE, "==", kv.create_revision),
+                        Compare(key, Target.MOD, "==", kv.mod_revision),
+                    ],
+                    [Put(key, _count_value(kv.value, depth + 1), lease=session.lease_id)],
+                ),
+                undone,
             )
             if done.succeeded:
                 return kv.create_revision

@@ -796,19 +796,23 @@ class EtcdStore:
     ) -> None:
         getattr(obj, obj.undo_methods[method])(call, args, result)
 
-    def release(self, session: Session) -> None:
+    def release(self, session: Session) -> asyncio.Future[None] | None:
         """End ``session``, in the memory store's order: its calls that wait are dropped
         (one still on its way is dropped once it waits, or answered), then its lease
         is revoked (its holdings go to the next live waiter), then its reservations
         go back. Calls made after this on the objects it used wait for all that.
-        A session of a gateway that stops (SIGTERM) is left to resume elsewhere."""
+        A session of a gateway that stops (SIGTERM) is left to resume elsewhere.
+
+        Done when the future returned is: until then the sessions table lists the
+        session, so that a gateway killed before its lease was revoked (the lease
+        then lasts its TTL) never showed it as ended."""
         self._taken.discard(session)
         calls = self._calls.pop(session, {})
         if self._closed and session.kind is SessionKind.MANAGERD:
             # This gateway stops: the session is left to resume through another
             # gateway within its TTL; ``close`` stops renewing its lease.
             self._forget_session(session)
-            return
+            return None
         for answer, in_flight in calls.items():
             in_flight.handle.drop_when_parked(answer)
         queues = self._forget_session(session)
@@ -826,6 +830,7 @@ class EtcdStore:
         self._ending.add(ending)
         ending.add_done_callback(self._ending.discard)
         ending.add_done_callback(self._ended)
+        return ended
 
     async def _end(
         self,

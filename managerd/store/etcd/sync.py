@@ -33,7 +33,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from managerd.store.etcd.client import EtcdClient, cleanup
+from managerd.store.etcd.client import EtcdClient, cleanup, settled
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
@@ -168,20 +168,29 @@ class EtcdSemaphore:
         still there, keeps its place in line, or holds its permit already.
         """
         key = self.contender_key(session, request)
-        done = await self.client.txn(
-            [Compare(key, Target.CREATE, "==", 0)],
-            [Put(key, session.sid.encode(), lease=session.lease_id)],
-            idempotent=True,
-            own_revision=True,  # the fencing token and place in line: no other's
+
+        async def withdrawn(_: object) -> None:
+            await self._withdraw_if_ours(session, key)
+
+        # Cancelled meanwhile, the put is waited for before its key is withdrawn: a key
+        # that landed after the withdrawal would take the next permit, for nobody.
+        done = await settled(
+            self.client.txn(
+                [Compare(key, Target.CREATE, "==", 0)],
+                [Put(key, session.sid.encode(), lease=session.lease_id)],
+                idempotent=True,
+                own_revision=True,  # the fencing token and place in line: no other's
+            ),
+            withdrawn,
         )
-        token = done.revision
-        if not done.succeeded:  # our own put (retried, or by the gateway that first ran it)
-            kv = await self.client.get(key)
-            if kv is None:
-                raise LockLost(f"the session's lease ended while acquiring {self.name}")
-            token = kv.create_revision
         deadline = deadline_of(timeout_s if blocking else None)
         try:
+            token = done.revision
+            if not done.succeeded:  # our own put (retried, or by the gateway that first ran it)
+                kv = await self.client.get(key)
+                if kv is None:
+                    raise LockLost(f"the session's lease ended while acquiring {self.name}")
+                token = kv.create_revision
             while True:
                 state = await self._read()
                 mine = [i for i, kv in enumerate(state.contenders) if kv.key == key]
@@ -201,7 +210,7 @@ class EtcdSemaphore:
         except TimeoutError:
             pass
         except BaseException:
-            await cleanup(self._withdraw_if_ours(session, key))
+            await cleanup(withdrawn(None))
             raise
         await self._withdraw(key)
         return None
