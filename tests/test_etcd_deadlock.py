@@ -126,7 +126,10 @@ def test_off_names_nothing(cluster: EtcdCluster, tmp_path: Path) -> None:
         procs = across(a, b, timeout_s=3.0)
         join_all(procs)
         with a.connect() as m:
-            assert sorted(m.dict("out").values()) == ["timeout", "timeout"]
+            outcomes = sorted(m.dict("out").values())
+        # A timeout breaks the cycle; the other wait, begun a moment later through the
+        # other gateway, may end by taking the lock the first one then released.
+        assert outcomes in (["timeout", "timeout"], ["acquired", "timeout"]), outcomes
         assert status(a)["deadlocks_total"] == 0 and status(b)["deadlocks_total"] == 0
         assert not any("deadlock" in line for d in made[:2] for line in d.lines)
 
