@@ -21,6 +21,7 @@ member to lose or delay one request's bytes on demand.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -515,11 +516,31 @@ class RelayThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     def hold_from(self, marker: bytes) -> None:
-        self.loop.call_soon_threadsafe(self.relay.hold_from, marker)
+        """``EtcdRelay.hold_from``, in force once this returns."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def hold() -> None:
+            self.relay.hold_from(marker)
+            done.set_result(None)
+
+        self.loop.call_soon_threadsafe(hold)
+        done.result(30)
 
     def holds(self) -> bool:
         """Whether a request with the marker came, and is held."""
         return self.relay.held.is_set()
+
+    def held(self, timeout_s: float) -> bool:
+        """Whether a request with the marker comes (and is held) within ``timeout_s``."""
+
+        async def wait() -> None:
+            await self.relay.held.wait()
+
+        try:
+            self._run(asyncio.wait_for(wait(), timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     def let_through(self) -> None:
         self.loop.call_soon_threadsafe(self.relay.let_through)

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from multiprocessing.managers import BaseManager
 from typing import Any, cast
 
@@ -41,52 +39,9 @@ from managerd.store.memory.store import MemoryStore
 from managerd_client.errors import ObjectTypeConflict, StoreUnavailable
 
 from conftest import Daemon
-from etcd_support import EtcdCluster, EtcdRelay, cluster
+from etcd_support import EtcdCluster, EtcdRelay, RelayThread, cluster
 
 __all__ = ["cluster", "gateways"]  # the fixtures
-
-
-class RelayThread:
-    """An ``EtcdRelay`` on an event loop of its own (a thread), for a gateway process."""
-
-    def __init__(self, target: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.relay = self._run(self._make(target))
-        self.address = self._run(self.relay.start())
-
-    async def _make(self, target: str) -> EtcdRelay:
-        return EtcdRelay(target)
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def hold_from(self, marker: bytes) -> None:
-        done: Future[None] = Future()
-
-        def hold() -> None:
-            self.relay.hold_from(marker)
-            done.set_result(None)
-
-        self.loop.call_soon_threadsafe(hold)
-        done.result(30)  # in force before the test goes on
-
-    def held(self, timeout_s: float) -> bool:
-        async def wait() -> None:
-            await self.relay.held.wait()
-
-        try:
-            self._run(asyncio.wait_for(wait(), timeout_s))
-        except TimeoutError:
-            return False
-        return True
-
-    def close(self) -> None:
-        self._run(self.relay.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(30)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -153,6 +108,8 @@ def test_a_creation_is_answered_only_once_its_name_is_in_etcd(
         # Told the object exists: another gateway knows it.
         assert known.get(name) == "Queue", (outcome, known)
     assert not answered_while_held, outcome
+    if client is managerd_create:  # asked again through B, where its session went on
+        assert outcome == name, outcome
 
 
 # -- in process -------------------------------------------------------------------------

@@ -11,7 +11,8 @@ in turn from the one last used, so a dead one is passed over; the session
 is resumed wherever it is still known, else a new one starts. A read or a
 re-parkable wait whose connection died under it is asked again when another
 daemon of the same store (an etcd gateway) resumed the session
-(``Proxy._reissued``); anything else raises ``ConnectionLost``. A lock
+(``Proxy._reissued``); a creation (a get-or-create) is asked again through
+any other daemon given; anything else raises ``ConnectionLost``. A lock
 proxy whose session did not survive raises ``LockLost`` on its next call.
 A connection refused because this address is penalized (too many failed
 handshakes from it, maybe by another process) is retried once the penalty
@@ -301,7 +302,18 @@ class Manager:
 
     def _create(self, typeid: str, name: str, args: dict[str, Any]) -> str:
         channel = self._channel_or_reconnect()
-        channel.call(None, None, "create", (typeid, name, args))
+        try:
+            channel.call(None, None, "create", (typeid, name, args))
+        except ConnectionLost as lost:
+            # A get-or-create, made or not, is asked again through another daemon of
+            # the store; a creation needs nothing of the session (resumed there or not).
+            if len(self.addresses) < 2:
+                raise
+            try:
+                channel = self._channel_or_reconnect(retry=False)
+            except ManagerdError:
+                raise lost from None
+            channel.call(None, None, "create", (typeid, name, args))
         return channel.server_id
 
     # -- object factories ---------------------------------------------------------------
