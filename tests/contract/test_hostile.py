@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from contract.harness import DaemonBug, StoreHarness
+from contract.harness import ETCD_WHOLE, DaemonBug, StoreHarness
 from contract.outcomes import Outcome, outcome, same_outcome
 
 HOSTILE = [
@@ -234,6 +234,8 @@ SETUP: dict[str, tuple[str, tuple[Any, ...]]] = {
 #: Calls tried at once, each on an object of its own (a store that answers by round
 #: trips, etcd's, answers them together).
 _AT_ONCE = 64
+#: Of the calls above, the share the default run makes on etcd (one in this many).
+_ETCD_STRIDE = 4
 
 
 @pytest.mark.parametrize(
@@ -271,6 +273,10 @@ def test_no_argument_makes_a_daemon_bug(store: StoreHarness, typeid: str) -> Non
         for count in range(3)
         for args in itertools.product(ANY_ARGUMENT, repeat=count)
     ]
+    if store.kind == "etcd" and not ETCD_WHOLE:
+        # Round trips to etcd: the default run tries every fourth call (each method,
+        # each kind of value still tried); MANAGERD_CONTRACT_ETCD=1 tries them all.
+        calls = calls[::_ETCD_STRIDE]
     for first in range(0, len(calls), _AT_ONCE):
         batch = calls[first : first + _AT_ONCE]
         names = [f"x{i}" for i in range(len(batch))]
