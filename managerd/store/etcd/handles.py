@@ -1514,7 +1514,7 @@ class ConditionHandle(EtcdHandle):
                     session,
                     owner,
                     wait_s,
-                    on_wake=lambda: self.unnotified.discard(waiting),
+                    on_wake=lambda: self._retaking(waiting),
                     stop=waiting.stop,
                     key=waiting.key,
                     released=waiting.released,
@@ -1567,7 +1567,7 @@ class ConditionHandle(EtcdHandle):
         waiting = self._waits.get(future)
         if method == "wait" and not stock and waiting is not None:
             waiting.stop.set()
-            self.unnotified.discard(waiting)
+            self._retaking(waiting)
             self._restoring[(waiting.session, waiting.owner)] = waiting
             return
         future.cancel()
@@ -1647,7 +1647,20 @@ class ConditionHandle(EtcdHandle):
         once, as in the memory store; each sees its key gone a moment later)."""
         deleted = set(keys)
         for waiting in [w for w in self.unnotified if w.key in deleted]:
-            self.unnotified.discard(waiting)
+            self._retaking(waiting)
+
+    def _retaking(self, waiting: _CondWait) -> None:
+        """A wait notified, timed out or given up no longer waits for a notify: it waits
+        for the lock, and counts among the lock's waiters until it holds it (as the
+        memory store queues it on the lock; its contender key is this gateway's to
+        count, as a parked acquire is: the cluster's figures count other gateways')."""
+        self.unnotified.discard(waiting)
+        outcome, parked = waiting.outcome, self.lock.parked
+        if waiting.dropped or outcome.done() or outcome in parked:
+            return
+        parked.add(outcome)
+        outcome.add_done_callback(parked.discard)
+        waiting.counted_in = parked
 
     def stats(self) -> ConditionStats:
         return ConditionStats(
@@ -1677,6 +1690,8 @@ class _CondWait:
         self.still: Still | None = None
         #: Done once it has ended (its lock taken back, or let go).
         self.finished: asyncio.Future[None] = loop.create_future()
+        #: The lock's waiters it counts among while it waits for the lock (``_retaking``).
+        self.counted_in: set[asyncio.Future[Any]] | None = None
 
     def waits_now(self) -> bool:
         return self.still is not None and self.still()
@@ -1684,6 +1699,8 @@ class _CondWait:
     def drop(self) -> None:
         """Nobody will take the answer: stop, let the lock go, do not take it back."""
         self.dropped = True
+        if self.counted_in is not None:  # no longer a waiter, as its key goes
+            self.counted_in.discard(self.outcome)
         if self.task is not None:
             self.task.cancel()
 
