@@ -1457,7 +1457,19 @@ class ConditionHandle(EtcdHandle):
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
     def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
-        return self.lock.acquire(call, blocking, timeout)
+        """The lock's acquire. Asked again after the gateway that ran it died
+        (``REISSUE``, naming this Condition), it is the lock's acquire asked again:
+        its key keeps its place in line, or holds already (``LockHandle.acquire``)."""
+        session = call.session
+        reissuing = session.reissuing
+        if reissuing is None or _reissuing(call) != (self.name, "acquire"):
+            return self.lock.acquire(call, blocking, timeout)
+        # The lock's acquire reads what is asked again as it starts, within this call.
+        session.reissuing = (reissuing[0], self.lock.name, "acquire", reissuing[3])
+        try:
+            return self.lock.acquire(call, blocking, timeout)
+        finally:
+            session.reissuing = reissuing
 
     def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
         self.lock._undo_acquire(call, args, token)
@@ -1735,17 +1747,26 @@ class BarrierHandle(EtcdHandle):
         return [Put(self.barrier.key, self.barrier.initial())]
 
     def state_prefixes(self) -> list[bytes]:
-        return [self.barrier.key]
+        return [self.barrier.key, self.barrier.arrivals]
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
         """A party cancelled breaks the barrier (its session ended), unless its client
-        gave the wait up (``abandon``): it then leaves the count."""
+        gave the wait up (``abandon``): it then leaves the count. Asked again after
+        the gateway that ran it died (``REISSUE``), a party that arrived there waits
+        on in its round with its index (``EtcdBarrier.wait``): not counted twice."""
         wait_s = checked_wait(wait_or_now_s(self.timeout if timeout is None else timeout))
         left: list[bool] = []
-        answer = self._run(
-            call, lambda _: self.barrier.wait(wait_s, lambda: bool(left)), parks=True
-        )
+        request = _first_request(call, self.name, "wait")
+        again = _reissuing(call) == (self.name, "wait")
+
+        def wait(session: EtcdSession) -> Coroutine[Any, Any, int]:
+            return self.barrier.wait(
+                wait_s, lambda: bool(left), session=session, caller=call.thread,
+                request=request, again=again,
+            )  # fmt: skip
+
+        answer = self._run(call, wait, parks=True)
         self._leaving[answer] = left
         answer.add_done_callback(lambda a: self._leaving.pop(a, None))
         return answer
