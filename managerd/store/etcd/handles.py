@@ -1737,8 +1737,10 @@ class BarrierHandle(EtcdHandle):
         self.parties = parties
         self.timeout = timeout
         self.barrier = EtcdBarrier(store.client, name, parties, root=store.root)
-        #: Each waiting party's answer: whether its client gave it up (it leaves).
-        self._leaving: dict[asyncio.Future[Any], list[bool]] = {}
+        #: Each waiting party's answer: whether its client gave it up (it leaves), and
+        #: the party's end once it began (what it left in etcd is done).
+        self._leaving: dict[asyncio.Future[Any], tuple[list[bool], list[asyncio.Future[None]]]]
+        self._leaving = {}
 
     def creation_args(self) -> dict[str, Any]:
         return {"parties": self.parties, "timeout": self.timeout}
@@ -1757,25 +1759,35 @@ class BarrierHandle(EtcdHandle):
         on in its round with its index (``EtcdBarrier.wait``): not counted twice."""
         wait_s = checked_wait(wait_or_now_s(self.timeout if timeout is None else timeout))
         left: list[bool] = []
+        began: list[asyncio.Future[None]] = []
         request = _first_request(call, self.name, "wait")
         again = _reissuing(call) == (self.name, "wait")
 
-        def wait(session: EtcdSession) -> Coroutine[Any, Any, int]:
-            return self.barrier.wait(
-                wait_s, lambda: bool(left), session=session, caller=call.thread,
-                request=request, again=again,
-            )  # fmt: skip
+        async def wait(session: EtcdSession) -> int:
+            ended: asyncio.Future[None] = self.store.loop.create_future()
+            began.append(ended)
+            try:
+                return await self.barrier.wait(
+                    wait_s, lambda: bool(left), session=session, caller=call.thread,
+                    request=request, again=again,
+                )  # fmt: skip
+            finally:
+                ended.set_result(None)
 
         answer = self._run(call, wait, parks=True)
-        self._leaving[answer] = left
+        self._leaving[answer] = (left, began)
         answer.add_done_callback(lambda a: self._leaving.pop(a, None))
         return answer
 
     def abandon(self, method: str, future: asyncio.Future[Any], *, stock: bool = False) -> None:
-        """An interrupted party leaves the count; the barrier does not break."""
-        left = self._leaving.get(future)
-        if left is not None:
+        """An interrupted party leaves the count; the barrier does not break. Calls made
+        here after it see it gone (as the memory store's, made after it on one loop)."""
+        leaving = self._leaving.get(future)
+        if leaving is not None:
+            left, began = leaving
             left.append(True)
+            for ended in began:
+                self.end_after(ended)
         future.cancel()
 
     @exposed(mutates=True)

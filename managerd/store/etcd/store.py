@@ -722,7 +722,9 @@ class EtcdStore:
         go back. Calls made after this on the objects it used wait for all that.
         A session of a gateway that stops (SIGTERM) is left to resume elsewhere."""
         self._taken.discard(session)
-        calls = self._calls.pop(session, {})
+        # A copy: each call's own callback forgets it once dropped (``run``), and the
+        # end waits for the dropped ones to unwind.
+        calls = dict(self._calls.pop(session, {}))
         if self._closed and session.kind is SessionKind.MANAGERD:
             # This gateway stops: the session is left to resume through another
             # gateway within its TTL; ``close`` stops renewing its lease.
