@@ -147,6 +147,15 @@ def test_an_interrupted_party_leaves_the_barrier_unbroken(store: StoreHarness) -
     assert first.result() in (0, 1)
 
 
+def test_the_call_after_an_interrupted_party_sees_it_gone(store: StoreHarness) -> None:
+    """The next call on the barrier is made after the party left (several times over:
+    the leaving and the call must not race)."""
+    for i in range(10):
+        bar = store.open("Barrier", f"b{i}", parties=2)
+        store.abandon(store.start(bar, "wait", client=store.new_client()))
+        assert store.call(bar, "state") == (2, 0, False)
+
+
 def test_an_interrupted_condition_wait_takes_the_lock_back(store: StoreHarness) -> None:
     cond = store.open("Condition", "c")
     waiter = store.new_client()
