@@ -173,6 +173,22 @@ def test_an_interrupted_condition_wait_takes_the_lock_back(store: StoreHarness) 
     assert store.call(cond, "locked") is False
 
 
+def test_an_interrupted_condition_wait_waits_for_the_lock_until_its_session_ends(
+    store: StoreHarness,
+) -> None:
+    cond, lock = store.open("Condition", "c"), store.open("RLock", "c.lock")
+    waiter = store.new_client()
+    store.call(cond, "acquire", client=waiter)
+    waiting = store.start(cond, "wait", client=waiter)
+    store.call(cond, "acquire")  # someone else holds the lock meanwhile
+    store.abandon(waiting)
+    assert store.waiters(lock) == 1  # it waits to take the lock back
+    store.end_session(waiter)
+    assert store.waiters(lock) == 0
+    store.call(cond, "release")
+    assert store.call(cond, "locked") is False  # nobody took it back
+
+
 def test_a_stock_clients_interrupted_condition_wait_is_dropped(store: StoreHarness) -> None:
     cond = store.open("Condition", "c")
     store.call(cond, "acquire")

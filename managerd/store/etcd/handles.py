@@ -1562,11 +1562,19 @@ class ConditionHandle(EtcdHandle):
 
         def answered(answer: asyncio.Future[Any]) -> None:
             del self._waits[answer]
-            if answer.cancelled() and not waiting.stop.is_set():
-                waiting.drop()
-                self.unnotified.discard(waiting)
-                for handle in (self, self.lock):  # later calls see the lock let go
-                    handle.end_after(waiting.finished)
+            if not answer.cancelled():
+                return
+            if waiting.stop.is_set():
+                # Given up by its client: its restore answers it now (``restore`` took
+                # it from ``_restoring``), or, still there, its session ended first.
+                restoring = (waiting.session, waiting.owner)
+                if self._restoring.get(restoring) is not waiting:
+                    return
+                del self._restoring[restoring]
+            waiting.drop()
+            self.unnotified.discard(waiting)
+            for handle in (self, self.lock):  # later calls see the lock let go
+                handle.end_after(waiting.finished)
 
         answer.add_done_callback(answered)
         return answer
