@@ -65,13 +65,9 @@ STORE_KINDS: Final = ("memory", "etcd")
 #: not-yet-matching modules and tests of ``ETCD_OPT_IN`` (conftest deselects them).
 ETCD_WHOLE: Final = os.environ.get("MANAGERD_CONTRACT_ETCD", "") not in ("", "0")
 #: Deselected on etcd unless ``ETCD_WHOLE``: the hostile-arguments sweep (minutes), and the
-#: Pipe and Semaphore model machines (some runs find what README says). The other model
-#: machines of ``test_stateful.py`` run on etcd by default (about 30 s).
-ETCD_OPT_IN: Final = (
-    "test_no_argument_makes_a_daemon_bug",
-    "[PipeMachine-etcd]",
-    "[SemaphoreMachine-etcd]",
-)
+#: Pipe model machine (some runs find what README says). The other model machines of
+#: ``test_stateful.py`` run on etcd by default (about 30 s).
+ETCD_OPT_IN: Final = ("test_no_argument_makes_a_daemon_bug", "[PipeMachine-etcd]")
 
 #: How long a call the test expects to finish may stay parked before the
 #: test fails: a safety net against a hang, never a measure of speed.
