@@ -66,7 +66,7 @@ STORE_KINDS: Final = ("memory", "etcd")
 ETCD_WHOLE: Final = os.environ.get("MANAGERD_CONTRACT_ETCD", "") not in ("", "0")
 #: Deselected on etcd unless ``ETCD_WHOLE``: the hostile-arguments sweep (minutes), and the
 #: Pipe model machine (some runs find what README says). The other model machines of
-#: ``test_stateful.py`` run on etcd by default (about 30 s).
+#: ``test_stateful.py`` run on etcd by default (25 to 50 s on a shared 2-core machine).
 ETCD_OPT_IN: Final = ("test_no_argument_makes_a_daemon_bug", "[PipeMachine-etcd]")
 
 #: How long a call the test expects to finish may stay parked before the
