@@ -873,10 +873,9 @@ class Condition(RLock):
     # A wait asked again after a gateway died goes on where it was: still a waiter in
     # its place in notify order, or notified (or timed out) and taking the lock back
     # (the etcd store's ``conditions.py`` says where a place cannot be kept).
-    # ``wait_for`` is this client's loop of waits. Not acquire: asked again under the
-    # Condition's name, it would not find its place in the lock's line, and over an
-    # RLock it could count a holding twice.
-    _reissued = frozenset({"wait", "locked"})
+    # ``wait_for`` is this client's loop of waits. An acquire is the lock's acquire
+    # asked again: its place in the lock's line is kept, or its holding is its own.
+    _reissued = frozenset({"wait", "locked", "acquire"})
 
     def __init__(self, manager: Manager, name: str, args: dict[str, Any]) -> None:
         super().__init__(manager, name, args)
@@ -950,6 +949,10 @@ class Barrier(Proxy):
     """A named ``Barrier``; breaks if a waiting client's session ends."""
 
     _typeid = "Barrier"
+    # A party that arrived through a gateway that died waits on through another in
+    # its round, with its index (the etcd store notes each arrival): never counted
+    # twice, the round not broken.
+    _reissued = frozenset({"wait", "state"})
 
     def wait(self, timeout: float | None = None) -> int:
         result: int = self._call("wait", timeout)

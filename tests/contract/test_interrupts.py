@@ -147,6 +147,15 @@ def test_an_interrupted_party_leaves_the_barrier_unbroken(store: StoreHarness) -
     assert first.result() in (0, 1)
 
 
+def test_the_call_after_an_interrupted_party_sees_it_gone(store: StoreHarness) -> None:
+    """The next call on the barrier is made after the party left (several times over:
+    the leaving and the call must not race)."""
+    for i in range(10):
+        bar = store.open("Barrier", f"b{i}", parties=2)
+        store.abandon(store.start(bar, "wait", client=store.new_client()))
+        assert store.call(bar, "state") == (2, 0, False)
+
+
 def test_an_interrupted_condition_wait_takes_the_lock_back(store: StoreHarness) -> None:
     cond = store.open("Condition", "c")
     waiter = store.new_client()
@@ -162,6 +171,22 @@ def test_an_interrupted_condition_wait_takes_the_lock_back(store: StoreHarness) 
     assert token == store.call(store.open("RLock", "c.lock"), "fencing_token")
     store.call(cond, "release", client=waiter)
     assert store.call(cond, "locked") is False
+
+
+def test_an_interrupted_condition_wait_waits_for_the_lock_until_its_session_ends(
+    store: StoreHarness,
+) -> None:
+    cond, lock = store.open("Condition", "c"), store.open("RLock", "c.lock")
+    waiter = store.new_client()
+    store.call(cond, "acquire", client=waiter)
+    waiting = store.start(cond, "wait", client=waiter)
+    store.call(cond, "acquire")  # someone else holds the lock meanwhile
+    store.abandon(waiting)
+    assert store.waiters(lock) == 1  # it waits to take the lock back
+    store.end_session(waiter)
+    assert store.waiters(lock) == 0
+    store.call(cond, "release")
+    assert store.call(cond, "locked") is False  # nobody took it back
 
 
 def test_a_stock_clients_interrupted_condition_wait_is_dropped(store: StoreHarness) -> None:

@@ -164,6 +164,24 @@ def test_semaphore_permits_may_be_released_by_another_client(store: StoreHarness
     assert store.call(sem, "get_value") == 1
 
 
+def test_a_release_by_another_takes_permits_of_the_session_that_held_first(
+    store: StoreHarness,
+) -> None:
+    """Others' permits are taken session by session, in the order the sessions came to
+    hold (one that held all along keeps its place however many of its own it gave back)."""
+    sem = store.open("Semaphore", "s", value=3)
+    first, second = store.new_client(), store.new_client()
+    for client in (first, second, first):
+        assert store.call(sem, "acquire", client=client)
+    store.call(sem, "release", client=first)  # one of its own: it holds one still
+    store.call(sem, "release")  # by someone holding none: first's
+    assert store.call(sem, "get_value") == 2
+    store.end_session(first)  # it holds none now
+    assert store.call(sem, "get_value") == 2
+    store.end_session(second)
+    assert store.call(sem, "get_value") == 3
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, "2", None, True])
 def test_semaphore_initial_value_is_checked(store: StoreHarness, value: object) -> None:
     with pytest.raises((ValueError, TypeError)) as info:

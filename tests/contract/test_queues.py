@@ -123,6 +123,21 @@ def test_get_timeout_raises_empty_and_leaves_no_waiter(store: StoreHarness, type
     assert store.call(q, "qsize") == 1  # nobody took it
 
 
+def test_a_get_behind_a_waiting_get_times_out(store: StoreHarness, typeid: str) -> None:
+    """A timed get that comes while another get waits has its look, then its timeout
+    runs: it is not held until a put."""
+    q = store.open(typeid, "q")
+    other = store.new_client()
+    first = store.start(q, "get", client=other)
+    assert not first.done()
+    with pytest.raises(queue.Empty):
+        store.call(q, "get", True, 0.02)
+    assert store.waiters(q) == 1
+    store.call(q, "put", "x")
+    assert first.result() == "x"
+    assert store.waiters(q) == 0
+
+
 def test_put_timeout_raises_full_and_the_item_is_not_queued(
     store: StoreHarness, typeid: str
 ) -> None:

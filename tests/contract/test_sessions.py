@@ -89,6 +89,17 @@ def test_a_waiting_party_that_ends_breaks_the_barrier(store: StoreHarness) -> No
     assert store.call(bar, "__getattribute__", "broken") is True
 
 
+def test_the_call_after_a_parties_end_sees_the_barrier_broken(store: StoreHarness) -> None:
+    """The next call on the barrier is made after the end (several times over: the end's
+    work and the call must not race)."""
+    for i in range(10):
+        bar = store.open("Barrier", f"b{i}", parties=2)
+        dead = store.new_client()
+        store.start(bar, "wait", client=dead)
+        store.end_session(dead)
+        assert store.call(bar, "state") == (2, 0, True)
+
+
 def test_a_dead_condition_waiter_is_not_notified(store: StoreHarness) -> None:
     cond = store.open("Condition", "c")
     dead, live = store.new_client(), store.new_client()

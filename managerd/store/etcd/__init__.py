@@ -46,11 +46,13 @@ reconnects to another with its resume token; that gateway finds the
 session's lease (``sessions.py``), renews it, and serves the session with
 what it holds: lock keys are on its lease, reservations name its etcd id
 (delivery ids are derived from the reservation, ``handles.Deliveries``),
-and a lock or semaphore ``acquire`` or a Condition ``wait`` the client
-asks again (``REISSUE`` of the managerd dialect, naming the request it
-first was) keeps its key's place in line (``EtcdLock.adopt``; the
-semaphore's and Condition's keys are named by that request). A get asked
-again is handed what the dead gateway took for that request (``queues.py``).
+and a lock or semaphore ``acquire`` (a Condition's own too: its lock's) or a
+Condition ``wait`` the client asks again (``REISSUE`` of the managerd
+dialect, naming the request it first was) keeps its key's place in line
+(``EtcdLock.adopt``; the semaphore's and Condition's keys are named by that
+request). A Barrier ``wait`` asked again that had arrived is the same party
+of its round (each arrival notes its request). A get asked again is handed
+what the dead gateway took for that request (``queues.py``).
 
 Every write made for a session's call is checked against the session's key
 in its Txn (``client.SESSION_GUARD``): once the lease is gone, nothing

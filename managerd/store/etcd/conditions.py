@@ -48,9 +48,17 @@ moves on (released: its index) or it breaks or is reset
 (``BrokenBarrierError``). A timeout breaks it; a party cancelled
 breaks it (its session ended: nobody comes back for it), unless its
 client gave the wait up (an interrupt): then it leaves the count, as in
-the memory store. **Differs from the memory store**: a party whose gateway
-died (its session ends on another gateway's watch of nothing) stays
-counted: the others wait for their timeout.
+the memory store. Each arrival notes, in its Txn, which client request it
+was, in which round and with which index (``/m/bp/<name>/<lease>/<thread>``,
+on the session's lease): a **wait asked again** (``REISSUE``: its gateway
+died, its session taken over by another) that had arrived is the same party
+of the same round, never counted twice, the round not broken: it waits on
+for that round (its index once released, ``BrokenBarrierError`` if it broke
+or was reset); one that had not arrived arrives. A gateway that lives on
+and lets go of a session taken over leaves its parties counted, for the
+waits asked again. **Differs from the memory store**: a party whose gateway
+died and whose client never came back stays counted (nobody is left to
+break the barrier for it): the others wait for their timeout.
 """
 
 from __future__ import annotations
@@ -456,7 +464,10 @@ class _Stopped(Exception):
 
 class EtcdBarrier:
     """The barrier ``name``: one key ``/m/b/<name>`` holding its state, changed by
-    compare-and-set (see ``BarrierHandle`` for what differs from the memory store)."""
+    compare-and-set (see ``BarrierHandle`` for what differs from the memory store),
+    and a key per waiting client thread, ``/m/bp/<name>/<lease>/<thread>`` on its
+    session's lease, put in the Txn of its arrival: which request arrived, in which
+    round, with which index (``_arrived``: a wait asked again finds it)."""
 
     def __init__(
         self, client: EtcdClient, name: str, parties: int, *, root: bytes = DEFAULT_ROOT
@@ -464,9 +475,14 @@ class EtcdBarrier:
         self.client = client
         self.parties = parties
         self.key = root + b"b/" + name_key(name)
+        self.arrivals = root + b"bp/" + name_key(name) + b"/"
 
     def initial(self) -> bytes:
         return _barrier(0, 0, False, 0)
+
+    def arrival_key(self, session: EtcdSession, caller: int) -> bytes:
+        """Where the arrival of client thread ``caller`` of ``session`` is noted."""
+        return self.arrivals + b"%016x/%d" % (session.lease_id, caller)
 
     async def state(self) -> tuple[dict[str, Any], int]:
         kv = await self.client.get(self.key)
@@ -475,40 +491,59 @@ class EtcdBarrier:
         return marshal.loads(kv.value), kv.mod_revision
 
     async def _change(
-        self, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+        self,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+        also: Callable[[dict[str, Any]], list[Put]] | None = None,
     ) -> tuple[dict[str, Any], int]:
-        """Apply ``change`` (None: no change) by compare-and-set; the state it saw."""
+        """Apply ``change`` (None: no change) by compare-and-set, with the puts ``also``
+        makes of the state seen in the same Txn; the state it saw."""
         while True:
             state, revision = await self.state()
             new = change(dict(state))
             if new is None:
                 return state, revision
+            ops = [Put(self.key, _barrier(new["gen"], new["count"], new["broken"], new["resets"]))]
             done = await self.client.txn(
                 [Compare(self.key, Target.MOD, "==", revision)],
-                [Put(self.key, _barrier(new["gen"], new["count"], new["broken"], new["resets"]))],
+                ops + (also(state) if also is not None else []),
             )
             if done.succeeded:
                 return state, done.revision
 
-    async def wait(self, timeout_s: float | None, leaves: Callable[[], bool] = bool) -> int:
+    async def wait(
+        self,
+        timeout_s: float | None,
+        leaves: Callable[[], bool] = bool,
+        *,
+        session: EtcdSession | None = None,
+        caller: int = 0,
+        request: int = 0,
+        again: bool = False,
+    ) -> int:
         """This party's index once ``parties`` have come; BrokenBarrierError if it breaks.
 
         Cancelled while waiting, the party breaks the barrier (its session ended:
         nobody comes back for it) unless ``leaves()`` says its client gave the
-        wait up: then it leaves the count, and the others wait on.
+        wait up: then it leaves the count, and the others wait on; or unless
+        another gateway took ``session`` over: the wait asked again there goes on.
+        ``request`` (the client's id of the request this wait first was) and
+        ``caller`` (its thread) note its arrival; ``again``: the wait asked again
+        after the gateway that ran it died (``REISSUE``): a party that arrived
+        stays the party it was, in its round (``_arrived``), never counted twice.
         """
-
-        def arrive(state: dict[str, Any]) -> dict[str, Any]:
-            if state["broken"]:
+        found = await self._arrived(session, caller, request) if again else None
+        if found is None:
+            seen, revision = await self._arrive(session, caller, request)
+            index = int(seen["count"])
+            if index + 1 == self.parties:
+                return index
+        else:
+            seen, index = found
+            now, revision = await self.state()
+            if now["gen"] != seen["gen"]:
+                return index
+            if now["broken"] or now["resets"] != seen["resets"]:
                 raise threading.BrokenBarrierError
-            if state["count"] + 1 == self.parties:
-                return {**state, "gen": state["gen"] + 1, "count": 0}
-            return {**state, "count": state["count"] + 1}
-
-        seen, revision = await self._change(arrive)
-        index = int(seen["count"])
-        if index + 1 == self.parties:
-            return index
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
@@ -522,11 +557,58 @@ class EtcdBarrier:
             await self.abort(seen["gen"])
             raise threading.BrokenBarrierError from None
         except asyncio.CancelledError:
-            if leaves():
-                await cleanup(self._leave(seen))
-            else:
-                await cleanup(self.abort(seen["gen"]))
+            await cleanup(self._cancelled(session, seen, leaves()))
             raise
+
+    async def _arrive(
+        self, session: EtcdSession | None, caller: int, request: int
+    ) -> tuple[dict[str, Any], int]:
+        """Count this party in; the state it arrived at, and the revision after."""
+
+        def arrive(state: dict[str, Any]) -> dict[str, Any]:
+            if state["broken"]:
+                raise threading.BrokenBarrierError
+            if state["count"] + 1 == self.parties:
+                return {**state, "gen": state["gen"] + 1, "count": 0}
+            return {**state, "count": state["count"] + 1}
+
+        def noted(state: dict[str, Any]) -> list[Put]:
+            if session is None or not request:
+                return []
+            arrival = {"request": request, "gen": state["gen"], "resets": state["resets"],
+                       "index": state["count"]}  # fmt: skip
+            key = self.arrival_key(session, caller)
+            return [Put(key, marshal.dumps(arrival), lease=session.lease_id)]
+
+        return await self._change(arrive, noted)
+
+    async def _arrived(
+        self, session: EtcdSession | None, caller: int, request: int
+    ) -> tuple[dict[str, Any], int] | None:
+        """A wait asked again: ``(the round it arrived in, its index)`` if the request
+        arrived through the gateway that died, None if it had not."""
+        if session is None or not request:
+            return None
+        kv = await self.client.get(self.arrival_key(session, caller))
+        if kv is None:
+            return None
+        arrival = marshal.loads(kv.value)
+        if arrival.get("request") != request:
+            return None  # this thread's earlier wait: this one had not arrived
+        return arrival, int(arrival["index"])
+
+    async def _cancelled(
+        self, session: EtcdSession | None, seen: dict[str, Any], leaving: bool
+    ) -> None:
+        """A waiting party cancelled: it leaves (its client gave the wait up) or breaks
+        the barrier (its session ended), unless the session went on through another
+        gateway: there the wait asked again is still this party."""
+        if session is not None and not await session.owned():
+            return
+        if leaving:
+            await self._leave(seen)
+        else:
+            await self.abort(seen["gen"])
 
     async def _leave(self, seen: dict[str, Any]) -> None:
         """A party gave up: it leaves the count of its generation, not breaking it."""

@@ -1477,7 +1477,19 @@ class ConditionHandle(EtcdHandle):
 
     @exposed(result=Conv.ACQUIRED, mutates=True)
     def acquire(self, call: Call, blocking: bool = True, timeout: float = -1) -> Any:
-        return self.lock.acquire(call, blocking, timeout)
+        """The lock's acquire. Asked again after the gateway that ran it died
+        (``REISSUE``, naming this Condition), it is the lock's acquire asked again:
+        its key keeps its place in line, or holds already (``LockHandle.acquire``)."""
+        session = call.session
+        reissuing = session.reissuing
+        if reissuing is None or _reissuing(call) != (self.name, "acquire"):
+            return self.lock.acquire(call, blocking, timeout)
+        # The lock's acquire reads what is asked again as it starts, within this call.
+        session.reissuing = (reissuing[0], self.lock.name, "acquire", reissuing[3])
+        try:
+            return self.lock.acquire(call, blocking, timeout)
+        finally:
+            session.reissuing = reissuing
 
     def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
         self.lock._undo_acquire(call, args, token)
@@ -1534,7 +1546,7 @@ class ConditionHandle(EtcdHandle):
                     session,
                     owner,
                     wait_s,
-                    on_wake=lambda: self.unnotified.discard(waiting),
+                    on_wake=lambda: self._retaking(waiting),
                     stop=waiting.stop,
                     key=waiting.key,
                     released=waiting.released,
@@ -1570,11 +1582,19 @@ class ConditionHandle(EtcdHandle):
 
         def answered(answer: asyncio.Future[Any]) -> None:
             del self._waits[answer]
-            if answer.cancelled() and not waiting.stop.is_set():
-                waiting.drop()
-                self.unnotified.discard(waiting)
-                for handle in (self, self.lock):  # later calls see the lock let go
-                    handle.end_after(waiting.finished)
+            if not answer.cancelled():
+                return
+            if waiting.stop.is_set():
+                # Given up by its client: its restore answers it now (``restore`` took
+                # it from ``_restoring``), or, still there, its session ended first.
+                restoring = (waiting.session, waiting.owner)
+                if self._restoring.get(restoring) is not waiting:
+                    return
+                del self._restoring[restoring]
+            waiting.drop()
+            self.unnotified.discard(waiting)
+            for handle in (self, self.lock):  # later calls see the lock let go
+                handle.end_after(waiting.finished)
 
         answer.add_done_callback(answered)
         return answer
@@ -1587,7 +1607,7 @@ class ConditionHandle(EtcdHandle):
         waiting = self._waits.get(future)
         if method == "wait" and not stock and waiting is not None:
             waiting.stop.set()
-            self.unnotified.discard(waiting)
+            self._retaking(waiting)
             self._restoring[(waiting.session, waiting.owner)] = waiting
             return
         future.cancel()
@@ -1667,7 +1687,20 @@ class ConditionHandle(EtcdHandle):
         once, as in the memory store; each sees its key gone a moment later)."""
         deleted = set(keys)
         for waiting in [w for w in self.unnotified if w.key in deleted]:
-            self.unnotified.discard(waiting)
+            self._retaking(waiting)
+
+    def _retaking(self, waiting: _CondWait) -> None:
+        """A wait notified, timed out or given up no longer waits for a notify: it waits
+        for the lock, and counts among the lock's waiters until it holds it (as the
+        memory store queues it on the lock; its contender key is this gateway's to
+        count, as a parked acquire is: the cluster's figures count other gateways')."""
+        self.unnotified.discard(waiting)
+        outcome, parked = waiting.outcome, self.lock.parked
+        if waiting.dropped or outcome.done() or outcome in parked:
+            return
+        parked.add(outcome)
+        outcome.add_done_callback(parked.discard)
+        waiting.counted_in = parked
 
     def stats(self) -> ConditionStats:
         return ConditionStats(
@@ -1697,6 +1730,8 @@ class _CondWait:
         self.still: Still | None = None
         #: Done once it has ended (its lock taken back, or let go).
         self.finished: asyncio.Future[None] = loop.create_future()
+        #: The lock's waiters it counts among while it waits for the lock (``_retaking``).
+        self.counted_in: set[asyncio.Future[Any]] | None = None
 
     def waits_now(self) -> bool:
         return self.still is not None and self.still()
@@ -1704,6 +1739,8 @@ class _CondWait:
     def drop(self) -> None:
         """Nobody will take the answer: stop, let the lock go, do not take it back."""
         self.dropped = True
+        if self.counted_in is not None:  # no longer a waiter, as its key goes
+            self.counted_in.discard(self.outcome)
         if self.task is not None:
             self.task.cancel()
 
@@ -1728,8 +1765,10 @@ class BarrierHandle(EtcdHandle):
         self.parties = parties
         self.timeout = timeout
         self.barrier = EtcdBarrier(store.client, name, parties, root=store.root)
-        #: Each waiting party's answer: whether its client gave it up (it leaves).
-        self._leaving: dict[asyncio.Future[Any], list[bool]] = {}
+        #: Each waiting party's answer: whether its client gave it up (it leaves), and
+        #: the party's end once it began (what it left in etcd is done).
+        self._leaving: dict[asyncio.Future[Any], tuple[list[bool], list[asyncio.Future[None]]]]
+        self._leaving = {}
 
     def creation_args(self) -> dict[str, Any]:
         return {"parties": self.parties, "timeout": self.timeout}
@@ -1738,26 +1777,45 @@ class BarrierHandle(EtcdHandle):
         return [Put(self.barrier.key, self.barrier.initial())]
 
     def state_prefixes(self) -> list[bytes]:
-        return [self.barrier.key]
+        return [self.barrier.key, self.barrier.arrivals]
 
     @exposed()
     def wait(self, call: Call, timeout: float | None = None) -> Any:
         """A party cancelled breaks the barrier (its session ended), unless its client
-        gave the wait up (``abandon``): it then leaves the count."""
+        gave the wait up (``abandon``): it then leaves the count. Asked again after
+        the gateway that ran it died (``REISSUE``), a party that arrived there waits
+        on in its round with its index (``EtcdBarrier.wait``): not counted twice."""
         wait_s = checked_wait(wait_or_now_s(self.timeout if timeout is None else timeout))
         left: list[bool] = []
-        answer = self._run(
-            call, lambda _: self.barrier.wait(wait_s, lambda: bool(left)), parks=True
-        )
-        self._leaving[answer] = left
+        began: list[asyncio.Future[None]] = []
+        request = _first_request(call, self.name, "wait")
+        again = _reissuing(call) == (self.name, "wait")
+
+        async def wait(session: EtcdSession) -> int:
+            ended: asyncio.Future[None] = self.store.loop.create_future()
+            began.append(ended)
+            try:
+                return await self.barrier.wait(
+                    wait_s, lambda: bool(left), session=session, caller=call.thread,
+                    request=request, again=again,
+                )  # fmt: skip
+            finally:
+                ended.set_result(None)
+
+        answer = self._run(call, wait, parks=True)
+        self._leaving[answer] = (left, began)
         answer.add_done_callback(lambda a: self._leaving.pop(a, None))
         return answer
 
     def abandon(self, method: str, future: asyncio.Future[Any], *, stock: bool = False) -> None:
-        """An interrupted party leaves the count; the barrier does not break."""
-        left = self._leaving.get(future)
-        if left is not None:
+        """An interrupted party leaves the count; the barrier does not break. Calls made
+        here after it see it gone (as the memory store's, made after it on one loop)."""
+        leaving = self._leaving.get(future)
+        if leaving is not None:
+            left, began = leaving
             left.append(True)
+            for ended in began:
+                self.end_after(ended)
         future.cancel()
 
     @exposed(mutates=True)

@@ -266,7 +266,13 @@ class EtcdRLock(EtcdLock):
         """As ``EtcdLock.acquire``; ``note`` is not kept (the key names the thread)."""
         key = self._key(session, owner)
         while True:
-            kv = await self.client.get(key)
+            kv, first = await asyncio.gather(
+                self.client.get(key),
+                self.client.range(
+                    self.prefix, prefix_end(self.prefix), limit=1, keys_only=True,
+                    oldest_first=True,
+                ),
+            )  # fmt: skip
             if kv is None:
                 return await super().acquire(
                     session,
@@ -276,7 +282,12 @@ class EtcdRLock(EtcdLock):
                     caller=caller,
                     attempt=attempt,
                 )
-            # Our key exists: we hold it (a thread waits in one acquire at a time).
+            if not first.kvs or first.kvs[0].key != key:
+                # Our key waits in line: a Condition wait of this thread queued to take
+                # the lock back (notified, or given up). Not a holding to re-enter: the
+                # caller waits for that key to go, as for a Lock its session holds.
+                raise RuntimeError(f"{owner or session.sid} already waits for {self.name}")
+            # Our key holds it: a re-entry.
             depth = lock_depth(kv.value)
 
             async def undone(done: TxnResult | None, held: KeyValue = kv) -> None:

@@ -606,6 +606,11 @@ class EtcdQueue:
         if self._taker is None or self._taker.done():
             # Shared by the waiters of all sessions: its writes are nobody's own.
             self._taker = unguarded(self._take_for_wants(), name=f"take {self.name}")
+        elif self._watching is not None and not self._watching.done():
+            # The line waits for a put, having looked before this call came: it looks
+            # again now, so that this call has its look and its timeout runs (else it
+            # would wait for a put however short its timeout).
+            self._watching.cancel()
         try:
             with waiting(self._parked):
                 if not want.seen.is_set():

@@ -807,7 +807,9 @@ class EtcdStore:
         session, so that a gateway killed before its lease was revoked (the lease
         then lasts its TTL) never showed it as ended."""
         self._taken.discard(session)
-        calls = self._calls.pop(session, {})
+        # A copy: each call's own callback forgets it once dropped (``run``), and the
+        # end waits for the dropped ones to unwind.
+        calls = dict(self._calls.pop(session, {}))
         if self._closed and session.kind is SessionKind.MANAGERD:
             # This gateway stops: the session is left to resume through another
             # gateway within its TTL; ``close`` stops renewing its lease.

@@ -234,11 +234,7 @@ class EtcdSemaphore:
             state = await self._read()
             if self.bounded and state.value + n > self._initial(state):
                 raise ValueError("Semaphore released too many times")
-            own = self._session_prefix(session) if session is not None else None
-            holders = state.holders
-            ordered = [kv for kv in holders if own and kv.key.startswith(own)]
-            ordered += [kv for kv in holders if not (own and kv.key.startswith(own))]
-            freed = ordered[:n]
+            freed = self._released(state, session)[:n]
             extra = n - len(freed)
             compares = [Compare(self.permits_key, Target.MOD, "==", state.permits_revision)]
             compares += [Compare(kv.key, Target.CREATE, "==", kv.create_revision) for kv in freed]
@@ -247,6 +243,21 @@ class EtcdSemaphore:
                 ops.append(Put(self.permits_key, b"%d" % (state.permits + extra)))
             if (await self.client.txn(compares, ops)).succeeded:
                 return
+
+    def _released(self, state: _State, session: EtcdSession | None) -> list[KeyValue]:
+        """The permits a release takes, in turn: ``session``'s own, then each other
+        session's, sessions in the order they came to hold (as the memory store
+        counts them); a session's newest permit first, so that its oldest one marks
+        since when it holds (until it holds none)."""
+        groups: dict[bytes, list[KeyValue]] = {}
+        for kv in state.holders:  # oldest first
+            lease = kv.key[len(self.contenders) :].split(b"/", 1)[0]
+            groups.setdefault(lease, []).append(kv)
+        own = b"%016x" % session.lease_id if session is not None else None
+        ordered = list(reversed(groups.pop(own, []))) if own is not None else []
+        for kvs in groups.values():
+            ordered += reversed(kvs)
+        return ordered
 
     def _initial(self, state: _State) -> int:
         # A BoundedSemaphore's n never grows (a release past it is refused).
