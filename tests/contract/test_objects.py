@@ -11,6 +11,7 @@ from the creation's. Deleting an object fails its waiters with
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -140,6 +141,39 @@ def test_delete_fails_waiters_and_frees_the_name(store: StoreHarness) -> None:
         store.call(q, "qsize")
     again = store.open("dict", "q")  # the name is free for any type
     assert store.call(again, "__len__") == 0
+
+
+@pytest.mark.parametrize(
+    ("typeid", "args", "change", "look", "expected"),
+    [("Event", {}, ("set",), ("is_set",), True),
+     ("Value", {"typecode": "i", "value": 0}, ("set", 7), ("get",), 7),
+     ("Array", {"typecode": "i", "sequence": [0, 0]}, ("__setitem__", 1, 5),
+      ("__getitem__", 1), 5),
+     ("Barrier", {"parties": 2}, ("abort",), ("__getattribute__", "broken"), True),
+     ("Queue", {}, ("put", "kept"), ("qsize",), 1),
+     ("dict", {}, ("__setitem__", "k", "kept"), ("__len__",), 1),
+     ("list", {}, ("append", "kept"), ("__len__",), 1),
+     ("Namespace", {}, ("__setattr__", "k", "kept"), ("__getattribute__", "k"), "kept"),
+     ("Semaphore", {"value": 1}, ("acquire",), ("get_value",), 0)],
+)  # fmt: skip
+def test_deleting_an_object_leaves_one_whose_name_it_begins(
+    store: StoreHarness,
+    typeid: str,
+    args: dict[str, Any],
+    change: tuple[Any, ...],
+    look: tuple[Any, ...],
+    expected: Any,
+) -> None:
+    """Deleting ``x`` removes ``x``'s state only, never ``xy``'s."""
+    short, longer = store.open(typeid, "x", **args), store.open(typeid, "xy", **args)
+    store.call(longer, *change)
+    store.call(short, *change)
+    assert store.delete("x") is True
+    # Made again under its name once the deletion is done: the old state is gone.
+    again = store.open(typeid, "x", **args)
+    with contextlib.suppress(AttributeError):  # a Namespace's attribute: gone
+        assert store.call(again, *look) != expected
+    assert store.call(longer, *look) == expected
 
 
 def test_a_condition_makes_its_lock_and_names_it(store: StoreHarness) -> None:

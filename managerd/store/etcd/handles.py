@@ -300,7 +300,8 @@ class EtcdHandle:
         return []
 
     def state_prefixes(self) -> list[bytes]:
-        """Every key of its state starts with one of these (what ``delete`` removes)."""
+        """Every key of its state is one of these, or starts with one ending with
+        ``/`` (what ``delete`` removes: a key alone, or a prefix's range)."""
         raise NotImplementedError
 
     async def refresh(self) -> None:

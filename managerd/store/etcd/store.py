@@ -507,7 +507,12 @@ class EtcdStore:
             await asyncio.shield(handle.ready)  # made here a moment ago: once it exists
         key = self._names + name_key(handle.name)
         ops: list[Op] = [Delete(key)]
-        ops += [Delete(prefix, prefix_end(prefix)) for prefix in handle.state_prefixes()]
+        # A prefix ends with "/"; any other is a key of its own: a range from it would
+        # take the state of every name it begins (deleting "x" deleted "xy"'s).
+        ops += [
+            Delete(prefix, prefix_end(prefix)) if prefix.endswith(b"/") else Delete(prefix)
+            for prefix in handle.state_prefixes()
+        ]
         await self.client.txn([Compare(key, Target.CREATE, "==", handle.revision)], ops)
 
     def listing(self) -> list[tuple[str, str]]:
