@@ -940,6 +940,7 @@ class LockHandle(EtcdHandle):
         again = _reissuing(call) == (self.name, "acquire")
 
         note = b"@%d" % call.thread  # who holds a Lock: for status and the wait-for graph
+        request = _first_request(call, self.name, "acquire")  # an RLock keeps it
 
         async def acquire(session: EtcdSession) -> int | bool:
             take = self.lock.adopt if again else self.lock.acquire
@@ -951,6 +952,7 @@ class LockHandle(EtcdHandle):
                     timeout_s=wait_s or None,
                     caller=call.thread,
                     note=note,
+                    request=request,
                 )
             except RuntimeError:  # a Lock this session holds already: it waits (threading's)
                 token = await self._wait_held_by_self(session, owner, wait_s, call.thread, note)

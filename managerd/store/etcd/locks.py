@@ -74,6 +74,7 @@ class EtcdLock:
         caller: int = 0,
         note: bytes = b"",
         attempt: bytes | None = None,
+        request: int = 0,
     ) -> int | None:
         """The fencing token once held; None if not held in time (or at once, not blocking).
 
@@ -83,7 +84,8 @@ class EtcdLock:
         mark (who holds: status and the wait-for graph). ``attempt``: the mark of
         this acquisition (new if None); a key found with it is this acquisition's
         own (a retry, or a contender key put for it: a Condition's notify queues
-        its waiters so).
+        its waiters so). ``request``: the client's id of the request it is (an
+        RLock keeps it: ``adopt``).
         """
         key = self._key(session, owner)
         attempt = (attempt or new_attempt(caller)) + note
@@ -134,21 +136,28 @@ class EtcdLock:
         timeout_s: float | None = None,
         caller: int = 0,
         note: bytes = b"",
+        request: int = 0,
     ) -> int | None:
         """``acquire`` asked again for a call of ``caller`` lost with the gateway that
         ran it (the session was taken over by this one): the key that call put, if it
-        is there, keeps its place in line, or holds already; else (no key, or another
-        thread's holding of the session's Lock) an acquire as any."""
+        is there, keeps its place in line, or holds already; else (no key, another
+        thread's holding of the session's Lock, or an RLock's holding that ``request``
+        did not deepen: ``_made_by``) an acquire as any."""
         key = self._key(session, owner)
         try:
             kv = await self.client.get(key)
         except asyncio.CancelledError:  # that call's key is this one's to withdraw
             await cleanup(self._withdraw_marked(session, key, _caller_mark(caller), at=4))
             raise
-        if kv is None or kv.value[_ATTEMPT_BYTES - 4 : _ATTEMPT_BYTES] != _caller_mark(caller):
+        if (
+            kv is None
+            or kv.value[_ATTEMPT_BYTES - 4 : _ATTEMPT_BYTES] != _caller_mark(caller)
+            or not self._made_by(kv.value, request)
+        ):
             return await self.acquire(
-                session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller, note=note
-            )
+                session, owner, blocking=blocking, timeout_s=timeout_s, caller=caller,
+                note=note, request=request,
+            )  # fmt: skip
         token = kv.create_revision
         try:
             if await self._wait_turn(key, token, blocking, timeout_s):
@@ -158,6 +167,11 @@ class EtcdLock:
             raise
         await self._withdraw(key, token)
         return None
+
+    def _made_by(self, value: bytes, request: int) -> bool:
+        """Whether a key of the caller's thread, found by ``adopt``, is the lost
+        call's: a Lock's is (a thread waits in one acquire at a time)."""
+        return True
 
     async def _wait_turn(
         self, key: bytes, token: int, blocking: bool, timeout_s: float | None
@@ -262,8 +276,10 @@ class EtcdRLock(EtcdLock):
         caller: int = 0,
         note: bytes = b"",
         attempt: bytes | None = None,
+        request: int = 0,
     ) -> int | None:
-        """As ``EtcdLock.acquire``; ``note`` is not kept (the key names the thread)."""
+        """As ``EtcdLock.acquire``; ``note`` is not kept (the key names the thread):
+        the value keeps the count and the ``request`` that last raised it."""
         key = self._key(session, owner)
         while True:
             kv, first = await asyncio.gather(
@@ -281,6 +297,7 @@ class EtcdRLock(EtcdLock):
                     timeout_s=timeout_s,
                     caller=caller,
                     attempt=attempt,
+                    note=_count_note(1, request),
                 )
             if not first.kvs or first.kvs[0].key != key:
                 # Our key waits in line: a Condition wait of this thread queued to take
@@ -319,12 +336,24 @@ class EtcdRLock(EtcdLock):
                         Compare(key, Target.CREATE, "==", kv.create_revision),
                         Compare(key, Target.MOD, "==", kv.mod_revision),
                     ],
-                    [Put(key, _count_value(kv.value, depth + 1), lease=session.lease_id)],
+                    [
+                        Put(
+                            key,
+                            _count_value(kv.value, depth + 1, request),
+                            lease=session.lease_id,
+                        )
+                    ],
                 ),
                 undone,
             )
             if done.succeeded:
                 return kv.create_revision
+
+    def _made_by(self, value: bytes, request: int) -> bool:
+        """An RLock's key of the thread holds from before when the lost call was a
+        re-entry: it is that call's only if the count was raised by ``request``
+        (else the re-entry never landed, and is made now)."""
+        return not request or _request_of(value) == request
 
     async def depth(self, session: EtcdSession, owner: str = "") -> int:
         """How many times ``owner`` holds it (0: not)."""
@@ -367,8 +396,20 @@ def new_attempt(caller: int = 0) -> bytes:
 
 def lock_depth(value: bytes) -> int:
     """How many times an RLock key's owner holds it."""
-    return int(value[_ATTEMPT_BYTES:] or b"1")
+    return int(value[_ATTEMPT_BYTES:].partition(b"#")[0] or b"1")
 
 
-def _count_value(value: bytes, count: int) -> bytes:
-    return value[:_ATTEMPT_BYTES] + b"%d" % count
+def _request_of(value: bytes) -> int:
+    """The client's id of the request that last raised an RLock key's count (0: none
+    said)."""
+    return int(value[_ATTEMPT_BYTES:].partition(b"#")[2] or b"0", 16)
+
+
+def _count_note(count: int, request: int = 0) -> bytes:
+    """What follows an RLock key's mark: its count, and ``#<request>`` (hex) that
+    raised it to that, if known."""
+    return b"%d" % count + (b"#%x" % request if request else b"")
+
+
+def _count_value(value: bytes, count: int, request: int = 0) -> bytes:
+    return value[:_ATTEMPT_BYTES] + _count_note(count, request)
