@@ -95,3 +95,24 @@ def test_a_pipe_has_two_ends(store: StoreHarness, end: object) -> None:
         store.call(p, "send", end, "x")
     with pytest.raises(ValueError):
         store.call(p, "recv", end)
+
+
+def test_a_poll_behind_a_recv_waits_for_the_next_message(store: StoreHarness) -> None:
+    """An end's blocked reads are served in arrival order, as ``send`` hands a message
+    to the first blocked ``recv``: a ``poll`` before that ``recv`` learns of the
+    message (True), one after it does not (the message is gone) and waits on."""
+    p = store.open("Pipe", "p")
+    first = store.start(p, "poll", 0, None, client=store.new_client())
+    reading = store.start(p, "recv", 0, client=store.new_client())
+    later = [store.start(p, "poll", 0, None, client=store.new_client()) for _ in range(2)]
+    assert store.waiters(p) == 4
+    store.call(p, "send", 1, "m")
+    assert first.result() is True
+    assert reading.result() == "m"
+    assert not any(poll.done() for poll in later)
+    assert store.waiters(p) == 2
+    assert store.stats(p).buffered == (0, 0)  # type: ignore[attr-defined]
+    store.call(p, "send", 1, "n")
+    assert [poll.result() for poll in later] == [True, True]
+    assert store.waiters(p) == 0
+    assert store.call(p, "recv", 0) == "n"
