@@ -64,11 +64,11 @@ STORE_KINDS: Final = ("memory", "etcd")
 #: Run every test on etcd too; without it, the etcd kind runs all but the slow and the
 #: not-yet-matching modules and tests of ``ETCD_OPT_IN`` (conftest deselects them).
 ETCD_WHOLE: Final = os.environ.get("MANAGERD_CONTRACT_ETCD", "") not in ("", "0")
-#: Deselected on etcd unless ``ETCD_WHOLE``: the Pipe model machine (some runs find
-#: what README says). The other model machines of ``test_stateful.py`` run on etcd by
-#: default (25 to 50 s on a shared 2-core machine); the hostile-arguments sweep makes
-#: a quarter of its calls on etcd unless ``ETCD_WHOLE`` (the whole of it: minutes).
-ETCD_OPT_IN: Final = ("[PipeMachine-etcd]",)
+#: Deselected on etcd unless ``ETCD_WHOLE`` (test ids containing one of these): none
+#: now. Every model machine of ``test_stateful.py`` runs on etcd by default (25 to
+#: 50 s on a shared 2-core machine); the hostile-arguments sweep makes a quarter of
+#: its calls on etcd unless ``ETCD_WHOLE`` (the whole of it: minutes).
+ETCD_OPT_IN: Final[tuple[str, ...]] = ()
 
 #: How long a call the test expects to finish may stay parked before the
 #: test fails: a safety net against a hang, never a measure of speed.
