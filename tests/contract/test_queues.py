@@ -123,6 +123,37 @@ def test_get_timeout_raises_empty_and_leaves_no_waiter(store: StoreHarness, type
     assert store.call(q, "qsize") == 1  # nobody took it
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["", "after-restart"])
+@pytest.mark.parametrize(
+    "method, args",
+    [("get", (True, 0.002)), ("get_many", (1, True, 0.002)), ("reserve", (0.002,))],
+    ids=["get", "get_many", "reserve"],
+)
+def test_a_timed_wait_behind_a_blocked_get_times_out(
+    store: StoreHarness, typeid: str, method: str, args: tuple[Any, ...], restarted: bool
+) -> None:
+    """A get, get_many or reserve with a short timeout that comes while a get without
+    one waits on the empty queue looks, then ends with Empty in its time, and leaves
+    the blocked get first in line for the next put (also on a store restarted with a
+    get waiting; the etcd store's line of waiting calls was parked on its watch and
+    never gave the newcomer its look, so its timeout never started)."""
+    q = store.open(typeid, "q")
+    other = store.new_client()
+    if restarted:
+        store.start(q, "get")  # ended by the restart
+        store.restart()
+    blocked = store.start(q, "get")
+    assert not blocked.done()
+    for thread in range(2):  # one more while the line waits again
+        with pytest.raises(queue.Empty):
+            store.call(q, method, *args, client=other, thread=thread)
+    assert store.waiters(q) == 1
+    store.call(q, "put", "x")
+    assert blocked.result() == "x"
+    assert store.call(q, "qsize") == 0
+    assert store.waiters(q) == 0
+
+
 def test_put_timeout_raises_full_and_the_item_is_not_queued(
     store: StoreHarness, typeid: str
 ) -> None:
