@@ -141,7 +141,7 @@ class QueueMachine(StoreMachine):
         self.model: queue.Queue[Entry] = queue.Queue()
         self.maxsize = 0
         self.seq = 0
-        #: delivery id -> (entry, the client that reserved it)
+        #: delivery id -> (entry, the client that reserved it), in the order delivered
         self.reserved: dict[int, tuple[Entry, Client]] = {}
         self.delivered: set[int] = set()
         #: Blocked gets, oldest first: the next item is theirs, in this order.
@@ -284,7 +284,9 @@ class QueueMachine(StoreMachine):
     @rule(data=st.data())
     def end_session(self, data: st.DataObject) -> None:
         client = self.client(data)
-        mine = sorted(did for did, (_, owner) in self.reserved.items() if owner is client)
+        # In the order delivered (``reserved`` keeps it; delivery ids are opaque: the
+        # etcd store's are hashes, not a count).
+        mine = [did for did, (_, owner) in self.reserved.items() if owner is client]
         self.store.end_session(client)
         # Its blocked gets are dropped first: what it gives back goes to live ones.
         for _, pending in [p for p in self.parked if p[0] is client]:
@@ -305,7 +307,7 @@ class QueueMachine(StoreMachine):
         for _, pending in self.parked:
             assert ended_by_restart(self.store, pending)
         self.parked.clear()
-        for did in sorted(self.reserved, reverse=True):
+        for did in reversed(list(self.reserved)):  # the first delivered at the front
             self.model.queue.appendleft(self.reserved.pop(did)[0])
 
     @invariant()

@@ -48,7 +48,10 @@ as there are waiting calls and takes them in one Txn (up to 64; fewer after
 a conflict with another process's take): group commit, so throughput grows
 with the number of waiting calls. On an empty queue it watches ``i/`` from
 the revision of that read + 1, so a put between the read and the watch is
-seen — no missed wake-up, no polling. Waiting calls of different processes
+seen — no missed wake-up, no polling. A call's timeout runs from its look: the
+line's read of the queue after the call came (an item there is taken however
+short the timeout); a call that joins the line while it watches has the line
+read again for it. Waiting calls of different processes
 race for a new item (the loser's Txn fails and it looks again): FIFO within
 a gateway, not across gateways. A call that gives up while its take is in
 flight has its item put back at its place, uncounted.
@@ -241,6 +244,8 @@ class EtcdQueue:
         self._taker: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
         self._watch_synced: Synced = Synced(0)
+        #: Set when a call joins the line while it may wait on its watch: it looks again.
+        self._look = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def put(self, item: bytes, timeout_s: float | None = 0.0) -> None:
@@ -606,13 +611,14 @@ class EtcdQueue:
         if self._taker is None or self._taker.done():
             # Shared by the waiters of all sessions: its writes are nobody's own.
             self._taker = unguarded(self._take_for_wants(), name=f"take {self.name}")
-        elif self._watching is not None and not self._watching.done():
-            # The line waits for a put, having looked before this call came: it looks
-            # again now, so that this call has its look and its timeout runs (else it
-            # would wait for a put however short its timeout).
-            self._watching.cancel()
+        else:
+            self._look.set()  # the line may wait on its watch: this call's look is due
+
+        def parked() -> bool:
+            return want.seen.is_set() and self._parked()
+
         try:
-            with waiting(self._parked):
+            with waiting(parked):
                 if not want.seen.is_set():
                     # The line's first look is not timed: an item there is taken however
                     # short the timeout, as in the memory store.
@@ -644,17 +650,20 @@ class EtcdQueue:
         batch = _GET_BATCH
         try:
             while wants := [w for w in self._wants if not w.future.done()][:batch]:
+                self._look.clear()
+                looking = list(self._wants)  # the calls this read is the look of
                 head = await self.client.range(self._ready, self._ready_end, limit=len(wants))
                 if not head.kvs:
-                    # Parked: the answers before these calls are confirmed now, not
-                    # at their takes (a gateway dying meanwhile must not hand them again).
-                    await self.confirm([w.holder for w in self._wants if w.holder is not None])
-                    for want in self._wants:
-                        want.seen.set()  # each had its look: its timeout runs now
-                    self._watching = unguarded(self._put_after(head.revision + 1))
-                    await asyncio.wait([self._watching])  # a put, or nobody waits any more
-                    watched, self._watching = self._watching, None
-                    failed = None if watched.cancelled() else watched.exception()
+                    await self._looked(looking)
+                    self._watching = watching = unguarded(self._put_after(head.revision + 1))
+                    try:
+                        await self._watch_and_look(watching)
+                    finally:
+                        self._watching = None
+                        if not watching.done():
+                            watching.cancel()
+                            await asyncio.wait([watching])
+                    failed = None if watching.cancelled() else watching.exception()
                     if failed is not None:
                         raise failed
                     continue
@@ -677,6 +686,37 @@ class EtcdQueue:
             for want in self._wants:
                 if not want.future.done():
                     want.future.set_exception(exc)
+
+    async def _looked(self, looking: list[_Want]) -> None:
+        """The queue was read empty after ``looking`` came: their timeouts run now.
+
+        Parked, the answers before these calls are confirmed now, not at their
+        takes (a gateway dying meanwhile must not hand them again).
+        """
+        await self.confirm([w.holder for w in looking if w.holder is not None])
+        for want in looking:
+            want.seen.set()
+
+    async def _watch_and_look(self, watching: asyncio.Task[None]) -> None:
+        """Wait for ``watching`` to end (a put, or nobody waits any more), giving each
+        call that joins the line meanwhile its look (a read of the queue), after which
+        its timeout runs; return early if a look finds an item (the line takes it)."""
+        while not watching.done():
+            if not self._look.is_set():
+                look = asyncio.ensure_future(self._look.wait())
+                try:
+                    await asyncio.wait([watching, look], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    look.cancel()
+                continue
+            self._look.clear()
+            looking = [w for w in self._wants if not w.seen.is_set()]
+            if not looking:
+                continue
+            read = await self.client.range(self._ready, self._ready_end, count_only=True)
+            if read.count:
+                return  # an item the watch has not told of yet
+            await self._looked(looking)
 
     def _parked(self) -> bool:
         """Whether the line waits for a put now (its watch in step: ``watching.Synced``)."""
