@@ -305,6 +305,14 @@ class QueueMachine(StoreMachine):
         for _, pending in self.parked:
             assert ended_by_restart(self.store, pending)
         self.parked.clear()
+        if self.store.kind == "etcd":
+            # The clients' sessions end one after another (they never come back), each
+            # one's reservations back to the front in the order they were delivered.
+            for client in self.clients:
+                mine = sorted(did for did, (_, owner) in self.reserved.items() if owner is client)
+                for did in reversed(mine):
+                    self.model.queue.appendleft(self.reserved.pop(did)[0])
+            return
         for did in sorted(self.reserved, reverse=True):
             self.model.queue.appendleft(self.reserved.pop(did)[0])
 

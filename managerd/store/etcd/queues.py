@@ -29,7 +29,11 @@ session's lease, for the same reason as ``r/``.
 ``<id>`` is ``<unix ns>.<producer>.<seq>``: per producer strictly
 increasing; across producers in the order of their clocks (as etcd's own
 ``recipes/queue``), so puts through different gateways are FIFO to within
-their clock skew.
+their clock skew. A reserved item given back (nack, its deadline passed, its
+session ended) goes to the front, as the memory store's ``appendleft``: under
+a new id, ``!<time counted down>~<put id>``, before every put's and the
+latest returned first (back at its put id, it would stand behind an item
+returned after it); its ``u/`` key keeps the put id.
 
 **Exactly once across failovers.** Every change is one Txn guarded by a
 compare, so a retried request after an ambiguous failure (the leader died
@@ -507,13 +511,21 @@ class EtcdQueue:
         return done.succeeded
 
     async def _return(self, iid: bytes, deliveries: int, payload: bytes, requeue: bool) -> list[Op]:
-        """The ops that return a reserved item: to its place, or to the dead letters (done
-        as far as ``join`` is concerned: nobody will ack it)."""
+        """The ops that return a reserved item: to the front (as the memory store's
+        ``appendleft``: the latest returned first), or to the dead letters (done as far
+        as ``join`` is concerned: nobody will ack it)."""
+        origin = _origin(iid)
         if requeue and not (self.max_deliveries and deliveries >= self.max_deliveries):
-            return [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
+            # A new key before every ready one; the put id's tombstone stops a put
+            # retried after an ambiguous failure from bringing the item back twice.
+            moved = _front_id(_FRONT_IDS.next(), origin)
+            ops: list[Op] = [Put(self._ready + moved, _pack({"n": deliveries}, payload))]
+            if iid == origin:
+                ops.append(Put(self._tombs + iid, b"", lease=await self._tomb()))
+            return ops
         gone: list[Op] = [
             Put(self._tombs + iid, b"", lease=await self._tomb()),
-            Delete(self._unfinished + iid),
+            Delete(self._unfinished + origin),
         ]
         if self.dead is not None:
             dead = self.dead
@@ -524,8 +536,8 @@ class EtcdQueue:
                     log.error("queue %r: %s; the item stays in the queue", self.name, exc)
                     return [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
             gone += [
-                Put(dead._ready + iid, _pack({"n": 0}, payload)),
-                Put(dead._unfinished + iid, b""),
+                Put(dead._ready + origin, _pack({"n": 0}, payload)),
+                Put(dead._unfinished + origin, b""),
             ]
         return gone
 
@@ -569,7 +581,9 @@ class EtcdQueue:
         reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
         alive: dict[str, bool] = {}
         moved = 0
-        for kv in reserved.kvs:
+        # Each goes to the front: the last delivered first, so that those returned in
+        # one pass stand in the order they were delivered (the memory store's).
+        for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision, reverse=True):
             meta, payload = _unpack(kv.value)
             sid = str(meta["session"])
             if sid not in alive:
@@ -819,6 +833,22 @@ class EtcdQueue:
         task = unguarded(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+#: Ids of the returns of this process (``_front_id``): one line, so strictly increasing.
+_FRONT_IDS = _Ids()
+
+
+def _front_id(iid: bytes, origin: bytes) -> bytes:
+    """The key of an item returned to the front: ``!`` and the time counted down (before
+    any put's id, the latest return first), then ``~`` and its put id (``_origin``)."""
+    return b"!%020d~" % (10**20 - 1 - int(iid[:20])) + origin
+
+
+def _origin(iid: bytes) -> bytes:
+    """The id an item was put with (its ``u/`` key), whatever its returns made of it."""
+    front, sep, origin = iid.partition(b"~")
+    return origin if sep and front.startswith(b"!") else iid
 
 
 def _chunks(items: list[bytes]) -> list[list[bytes]]:
