@@ -236,3 +236,16 @@ def test_an_item_nacked_then_dead_lettered_counts_as_done(store: StoreHarness) -
     assert store.call(q, "qsize") == 0
     store.call(q, "join", 0)  # nothing unfinished: the dead letter is done
     assert store.call(store.open("Queue", "q.dead"), "get_many", 5) == ["a"]
+
+
+def test_a_dead_letter_after_a_task_done_of_another_item_counts_as_done(
+    store: StoreHarness,
+) -> None:
+    """``task_done`` names no item: the count goes down however the two come."""
+    q = store.open("JoinableQueue", "q", max_deliveries=1)
+    store.call(q, "put_many", ["a", "b"])
+    did, _, _ = store.call(q, "reserve")
+    assert store.call(q, "get") == "b"
+    store.call(q, "task_done")  # for "b"
+    store.call(q, "nack", did)  # "a": its one delivery, dead, and done
+    store.call(q, "join", 0)

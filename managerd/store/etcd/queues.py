@@ -498,22 +498,41 @@ class EtcdQueue:
         return done.succeeded or _found(done, token.encode())
 
     async def nack(self, delivery: Delivery, requeue: bool = True) -> bool:
-        """Give it back to its place (``requeue``, unless delivered ``max_deliveries``
+        """Give it back to the front (``requeue``, unless delivered ``max_deliveries``
         times) or to the dead letters; False if no longer reserved."""
-        key = self._reserved + delivery.id
-        back = [
-            Delete(key),
-            *await self._return(delivery.id, delivery.deliveries, delivery.payload, requeue),
-        ]
-        done = await self.client.txn(
-            [Compare(key, Target.MOD, "==", delivery.receipt)], back, idempotent=True
+        return await self._give_back_reserved(
+            delivery.id, delivery.receipt, delivery.deliveries, delivery.payload, requeue
         )
-        return done.succeeded
 
-    async def _return(self, iid: bytes, deliveries: int, payload: bytes, requeue: bool) -> list[Op]:
-        """The ops that return a reserved item: to the front (as the memory store's
-        ``appendleft``: the latest returned first), or to the dead letters (done as far
-        as ``join`` is concerned: nobody will ack it)."""
+    async def _give_back_reserved(
+        self, iid: bytes, receipt: int, deliveries: int, payload: bytes, requeue: bool
+    ) -> bool:
+        """Return the reservation ``r/<iid>`` of revision ``receipt`` (``_return``); False
+        if it is no longer that one."""
+        key = self._reserved + iid
+        while True:
+            guards, ops = await self._return(iid, deliveries, payload, requeue)
+            done = await self.client.txn(
+                [Compare(key, Target.MOD, "==", receipt), *guards],
+                [Delete(key), *ops],
+                [Get(key)],
+                idempotent=True,
+            )
+            if done.succeeded:
+                return True
+            found = done.responses[0] if done.responses else None
+            if not guards or not isinstance(found, RangeResult) or not found.kvs:
+                return False
+            if found.kvs[0].mod_revision != receipt:
+                return False
+            # Still reserved: the unfinished key read was taken meanwhile (task_done).
+
+    async def _return(
+        self, iid: bytes, deliveries: int, payload: bytes, requeue: bool
+    ) -> tuple[list[Compare], list[Op]]:
+        """The compares and ops that return a reserved item: to the front (as the memory
+        store's ``appendleft``: the latest returned first), or to the dead letters (done
+        as far as ``join`` is concerned: nobody will ack it)."""
         origin = _origin(iid)
         if requeue and not (self.max_deliveries and deliveries >= self.max_deliveries):
             # A new key before every ready one; the put id's tombstone stops a put
@@ -522,11 +541,21 @@ class EtcdQueue:
             ops: list[Op] = [Put(self._ready + moved, _pack({"n": deliveries}, payload))]
             if iid == origin:
                 ops.append(Put(self._tombs + iid, b"", lease=await self._tomb()))
-            return ops
-        gone: list[Op] = [
-            Put(self._tombs + iid, b"", lease=await self._tomb()),
-            Delete(self._unfinished + origin),
-        ]
+            return [], ops
+        # One item fewer unfinished: its own u/ key, or, if a task_done took that one
+        # (task_done deletes the oldest, whoever's), the oldest left (else join would
+        # wait for ever).
+        unfinished = await self.client.get(self._unfinished + origin)
+        if unfinished is None:
+            oldest = await self.client.range(
+                self._unfinished, prefix_end(self._unfinished), limit=1
+            )
+            unfinished = oldest.kvs[0] if oldest.kvs else None
+        guards: list[Compare] = []
+        gone: list[Op] = [Put(self._tombs + iid, b"", lease=await self._tomb())]
+        if unfinished is not None:
+            guards.append(Compare(unfinished.key, Target.MOD, "==", unfinished.mod_revision))
+            gone.append(Delete(unfinished.key))
         if self.dead is not None:
             dead = self.dead
             if self.before_dead_letter is not None:
@@ -534,12 +563,12 @@ class EtcdQueue:
                     await self.before_dead_letter()
                 except ManagerdError as exc:  # the name is another type's: never drop it
                     log.error("queue %r: %s; the item stays in the queue", self.name, exc)
-                    return [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
+                    return [], [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
             gone += [
                 Put(dead._ready + origin, _pack({"n": 0}, payload)),
                 Put(dead._unfinished + origin, b""),
             ]
-        return gone
+        return guards, gone
 
     async def extend(self, delivery: Delivery, seconds: float) -> Delivery | None:
         """Its deadline ``seconds`` from now; the delivery's new receipt, None if no longer
@@ -591,13 +620,9 @@ class EtcdQueue:
             if meta["deadline"] > now_s and alive[sid]:
                 continue
             iid = kv.key[len(self._reserved) :]
-            back = await self._return(iid, int(meta["n"]), payload, True)
-            done = await self.client.txn(
-                [Compare(kv.key, Target.MOD, "==", kv.mod_revision)],
-                [Delete(kv.key), *back],
-                idempotent=True,
+            moved += await self._give_back_reserved(
+                iid, kv.mod_revision, int(meta["n"]), payload, True
             )
-            moved += done.succeeded
         return moved
 
     async def _tomb(self) -> int:
