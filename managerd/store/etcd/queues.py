@@ -505,13 +505,19 @@ class EtcdQueue:
         )
 
     async def _give_back_reserved(
-        self, iid: bytes, receipt: int, deliveries: int, payload: bytes, requeue: bool
+        self,
+        iid: bytes,
+        receipt: int,
+        deliveries: int,
+        payload: bytes,
+        requeue: bool,
+        front: bytes | None = None,
     ) -> bool:
         """Return the reservation ``r/<iid>`` of revision ``receipt`` (``_return``); False
         if it is no longer that one."""
         key = self._reserved + iid
         while True:
-            guards, ops = await self._return(iid, deliveries, payload, requeue)
+            guards, ops = await self._return(iid, deliveries, payload, requeue, front)
             done = await self.client.txn(
                 [Compare(key, Target.MOD, "==", receipt), *guards],
                 [Delete(key), *ops],
@@ -528,7 +534,7 @@ class EtcdQueue:
             # Still reserved: the unfinished key read was taken meanwhile (task_done).
 
     async def _return(
-        self, iid: bytes, deliveries: int, payload: bytes, requeue: bool
+        self, iid: bytes, deliveries: int, payload: bytes, requeue: bool, front: bytes | None = None
     ) -> tuple[list[Compare], list[Op]]:
         """The compares and ops that return a reserved item: to the front (as the memory
         store's ``appendleft``: the latest returned first), or to the dead letters (done
@@ -537,7 +543,7 @@ class EtcdQueue:
         if requeue and not (self.max_deliveries and deliveries >= self.max_deliveries):
             # A new key before every ready one; the put id's tombstone stops a put
             # retried after an ambiguous failure from bringing the item back twice.
-            moved = _front_id(_FRONT_IDS.next(), origin)
+            moved = _front_id(front or _FRONT_IDS.next(), origin)
             ops: list[Op] = [Put(self._ready + moved, _pack({"n": deliveries}, payload))]
             if iid == origin:
                 ops.append(Put(self._tombs + iid, b"", lease=await self._tomb()))
@@ -610,18 +616,22 @@ class EtcdQueue:
         reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
         alive: dict[str, bool] = {}
         moved = 0
-        # Each goes to the front: the last delivered first, so that those returned in
-        # one pass stand in the order they were delivered (the memory store's).
-        for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision, reverse=True):
+        due = []
+        for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision):
             meta, payload = _unpack(kv.value)
             sid = str(meta["session"])
             if sid not in alive:
                 alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
-            if meta["deadline"] > now_s and alive[sid]:
-                continue
+            if meta["deadline"] <= now_s or not alive[sid]:
+                due.append((kv, meta, payload))
+        # To the front in the order they were delivered (the memory store's), each
+        # returned before the next: the first returned has the newest front id, so
+        # that a get waiting meanwhile takes the first delivered.
+        fronts = [_FRONT_IDS.next() for _ in due][::-1]
+        for (kv, meta, payload), front in zip(due, fronts, strict=True):
             iid = kv.key[len(self._reserved) :]
             moved += await self._give_back_reserved(
-                iid, kv.mod_revision, int(meta["n"]), payload, True
+                iid, kv.mod_revision, int(meta["n"]), payload, True, front
             )
         return moved
 
