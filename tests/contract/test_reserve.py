@@ -203,3 +203,49 @@ def test_reservations_of_an_ended_session_come_back_first_in_order(store: StoreH
     assert store.call(q, "reserved_count") == 1
     assert store.call(q, "get_many", 10) == ["a", "b", "d"]
     store.call(q, "ack", mine)
+
+
+def test_each_nack_puts_its_item_first(store: StoreHarness) -> None:
+    """Back to the front, the latest returned first, as ``appendleft`` (not back to the
+    place it was put at: that is behind an item nacked after it)."""
+    q = store.open("Queue", "q")
+    store.call(q, "put_many", ["a", "b", "c"])
+    did_a, _, _ = store.call(q, "reserve")
+    did_b, _, _ = store.call(q, "reserve")
+    store.call(q, "nack", did_a)
+    store.call(q, "nack", did_b)
+    assert store.call(q, "get_many", 5) == ["b", "a", "c"]
+
+
+def test_sessions_ended_one_after_another_put_the_later_first(store: StoreHarness) -> None:
+    q = store.open("Queue", "q")
+    store.call(q, "put_many", ["a", "b", "c"])
+    first, second = store.new_client(), store.new_client()
+    store.call(q, "reserve", client=first)
+    store.call(q, "reserve", client=second)
+    store.end_session(first)
+    store.end_session(second)
+    assert store.call(q, "get_many", 5) == ["b", "a", "c"]
+
+
+def test_an_item_nacked_then_dead_lettered_counts_as_done(store: StoreHarness) -> None:
+    q = store.open("JoinableQueue", "q", max_deliveries=2)
+    store.call(q, "put", "a")
+    for _ in range(2):  # back first, then dead
+        store.call(q, "nack", store.call(q, "reserve")[0])
+    assert store.call(q, "qsize") == 0
+    store.call(q, "join", 0)  # nothing unfinished: the dead letter is done
+    assert store.call(store.open("Queue", "q.dead"), "get_many", 5) == ["a"]
+
+
+def test_a_dead_letter_after_a_task_done_of_another_item_counts_as_done(
+    store: StoreHarness,
+) -> None:
+    """``task_done`` names no item: the count goes down however the two come."""
+    q = store.open("JoinableQueue", "q", max_deliveries=1)
+    store.call(q, "put_many", ["a", "b"])
+    did, _, _ = store.call(q, "reserve")
+    assert store.call(q, "get") == "b"
+    store.call(q, "task_done")  # for "b"
+    store.call(q, "nack", did)  # "a": its one delivery, dead, and done
+    store.call(q, "join", 0)

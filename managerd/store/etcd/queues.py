@@ -29,7 +29,11 @@ session's lease, for the same reason as ``r/``.
 ``<id>`` is ``<unix ns>.<producer>.<seq>``: per producer strictly
 increasing; across producers in the order of their clocks (as etcd's own
 ``recipes/queue``), so puts through different gateways are FIFO to within
-their clock skew.
+their clock skew. A reserved item given back (nack, its deadline passed, its
+session ended) goes to the front, as the memory store's ``appendleft``: under
+a new id, ``!<time counted down>~<put id>``, before every put's and the
+latest returned first (back at its put id, it would stand behind an item
+returned after it); its ``u/`` key keeps the put id.
 
 **Exactly once across failovers.** Every change is one Txn guarded by a
 compare, so a retried request after an ambiguous failure (the leader died
@@ -499,27 +503,70 @@ class EtcdQueue:
         return done.succeeded or _found(done, token.encode())
 
     async def nack(self, delivery: Delivery, requeue: bool = True) -> bool:
-        """Give it back to its place (``requeue``, unless delivered ``max_deliveries``
+        """Give it back to the front (``requeue``, unless delivered ``max_deliveries``
         times) or to the dead letters; False if no longer reserved."""
-        key = self._reserved + delivery.id
-        back = [
-            Delete(key),
-            *await self._return(delivery.id, delivery.deliveries, delivery.payload, requeue),
-        ]
-        done = await self.client.txn(
-            [Compare(key, Target.MOD, "==", delivery.receipt)], back, idempotent=True
+        return await self._give_back_reserved(
+            delivery.id, delivery.receipt, delivery.deliveries, delivery.payload, requeue
         )
-        return done.succeeded
 
-    async def _return(self, iid: bytes, deliveries: int, payload: bytes, requeue: bool) -> list[Op]:
-        """The ops that return a reserved item: to its place, or to the dead letters (done
+    async def _give_back_reserved(
+        self,
+        iid: bytes,
+        receipt: int,
+        deliveries: int,
+        payload: bytes,
+        requeue: bool,
+        front: bytes | None = None,
+    ) -> bool:
+        """Return the reservation ``r/<iid>`` of revision ``receipt`` (``_return``); False
+        if it is no longer that one."""
+        key = self._reserved + iid
+        while True:
+            guards, ops = await self._return(iid, deliveries, payload, requeue, front)
+            done = await self.client.txn(
+                [Compare(key, Target.MOD, "==", receipt), *guards],
+                [Delete(key), *ops],
+                [Get(key)],
+                idempotent=True,
+            )
+            if done.succeeded:
+                return True
+            found = done.responses[0] if done.responses else None
+            if not guards or not isinstance(found, RangeResult) or not found.kvs:
+                return False
+            if found.kvs[0].mod_revision != receipt:
+                return False
+            # Still reserved: the unfinished key read was taken meanwhile (task_done).
+
+    async def _return(
+        self, iid: bytes, deliveries: int, payload: bytes, requeue: bool, front: bytes | None = None
+    ) -> tuple[list[Compare], list[Op]]:
+        """The compares and ops that return a reserved item: to the front (as the memory
+        store's ``appendleft``: the latest returned first), or to the dead letters (done
         as far as ``join`` is concerned: nobody will ack it)."""
+        origin = _origin(iid)
         if requeue and not (self.max_deliveries and deliveries >= self.max_deliveries):
-            return [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
-        gone: list[Op] = [
-            Put(self._tombs + iid, b"", lease=await self._tomb()),
-            Delete(self._unfinished + iid),
-        ]
+            # A new key before every ready one; the put id's tombstone stops a put
+            # retried after an ambiguous failure from bringing the item back twice.
+            moved = _front_id(front or _FRONT_IDS.next(), origin)
+            ops: list[Op] = [Put(self._ready + moved, _pack({"n": deliveries}, payload))]
+            if iid == origin:
+                ops.append(Put(self._tombs + iid, b"", lease=await self._tomb()))
+            return [], ops
+        # One item fewer unfinished: its own u/ key, or, if a task_done took that one
+        # (task_done deletes the oldest, whoever's), the oldest left (else join would
+        # wait for ever).
+        unfinished = await self.client.get(self._unfinished + origin)
+        if unfinished is None:
+            oldest = await self.client.range(
+                self._unfinished, prefix_end(self._unfinished), limit=1
+            )
+            unfinished = oldest.kvs[0] if oldest.kvs else None
+        guards: list[Compare] = []
+        gone: list[Op] = [Put(self._tombs + iid, b"", lease=await self._tomb())]
+        if unfinished is not None:
+            guards.append(Compare(unfinished.key, Target.MOD, "==", unfinished.mod_revision))
+            gone.append(Delete(unfinished.key))
         if self.dead is not None:
             dead = self.dead
             if self.before_dead_letter is not None:
@@ -527,12 +574,12 @@ class EtcdQueue:
                     await self.before_dead_letter()
                 except ManagerdError as exc:  # the name is another type's: never drop it
                     log.error("queue %r: %s; the item stays in the queue", self.name, exc)
-                    return [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
+                    return [], [Put(self._ready + iid, _pack({"n": deliveries}, payload))]
             gone += [
-                Put(dead._ready + iid, _pack({"n": 0}, payload)),
-                Put(dead._unfinished + iid, b""),
+                Put(dead._ready + origin, _pack({"n": 0}, payload)),
+                Put(dead._unfinished + origin, b""),
             ]
-        return gone
+        return guards, gone
 
     async def extend(self, delivery: Delivery, seconds: float) -> Delivery | None:
         """Its deadline ``seconds`` from now; the delivery's new receipt, None if no longer
@@ -574,21 +621,23 @@ class EtcdQueue:
         reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
         alive: dict[str, bool] = {}
         moved = 0
-        for kv in reserved.kvs:
+        due = []
+        for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision):
             meta, payload = _unpack(kv.value)
             sid = str(meta["session"])
             if sid not in alive:
                 alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
-            if meta["deadline"] > now_s and alive[sid]:
-                continue
+            if meta["deadline"] <= now_s or not alive[sid]:
+                due.append((kv, meta, payload))
+        # To the front in the order they were delivered (the memory store's), each
+        # returned before the next: the first returned has the newest front id, so
+        # that a get waiting meanwhile takes the first delivered.
+        fronts = [_FRONT_IDS.next() for _ in due][::-1]
+        for (kv, meta, payload), front in zip(due, fronts, strict=True):
             iid = kv.key[len(self._reserved) :]
-            back = await self._return(iid, int(meta["n"]), payload, True)
-            done = await self.client.txn(
-                [Compare(kv.key, Target.MOD, "==", kv.mod_revision)],
-                [Delete(kv.key), *back],
-                idempotent=True,
+            moved += await self._give_back_reserved(
+                iid, kv.mod_revision, int(meta["n"]), payload, True, front
             )
-            moved += done.succeeded
         return moved
 
     async def _tomb(self) -> int:
@@ -859,6 +908,22 @@ class EtcdQueue:
         task = unguarded(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+#: Ids of the returns of this process (``_front_id``): one line, so strictly increasing.
+_FRONT_IDS = _Ids()
+
+
+def _front_id(iid: bytes, origin: bytes) -> bytes:
+    """The key of an item returned to the front: ``!`` and the time counted down (before
+    any put's id, the latest return first), then ``~`` and its put id (``_origin``)."""
+    return b"!%020d~" % (10**20 - 1 - int(iid[:20])) + origin
+
+
+def _origin(iid: bytes) -> bytes:
+    """The id an item was put with (its ``u/`` key), whatever its returns made of it."""
+    front, sep, origin = iid.partition(b"~")
+    return origin if sep and front.startswith(b"!") else iid
 
 
 def _chunks(items: list[bytes]) -> list[list[bytes]]:
