@@ -28,7 +28,7 @@ from managerd.store.etcd.client import EtcdClient, cleanup, unguarded
 from managerd.store.etcd.kv import Compacted, Compare, Put, Target, name_key, prefix_end
 from managerd.store.etcd.queues import EtcdQueue
 from managerd.store.etcd.sessions import DEFAULT_ROOT
-from managerd.store.etcd.watching import Synced, waiting
+from managerd.store.etcd.watching import Synced, looked_then_within, waiting
 
 
 class _Read(enum.Enum):
@@ -127,15 +127,7 @@ class EtcdPipe:
                 watching.cancel()  # the line looks again: this read has its look
         try:
             with waiting(lambda: self._parked(end)):
-                if not reader.seen.is_set():
-                    # The first look is not timed, as in the memory store.
-                    seen = asyncio.ensure_future(reader.seen.wait())
-                    either: list[asyncio.Future[Any]] = [reader.future, seen]
-                    try:
-                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        seen.cancel()
-                return await asyncio.wait_for(asyncio.shield(reader.future), timeout_s)
+                return await looked_then_within(reader.future, reader.seen, timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             done = reader.future.done() and not reader.future.cancelled()
             if done and reader.future.exception() is None:

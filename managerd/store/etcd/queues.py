@@ -95,7 +95,13 @@ from managerd.store.etcd.kv import (
     prefix_end,
 )
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
-from managerd.store.etcd.watching import Synced, changed, deadline_of, waiting
+from managerd.store.etcd.watching import (
+    Synced,
+    changed,
+    deadline_of,
+    looked_then_within,
+    waiting,
+)
 from managerd_client.errors import ManagerdError
 
 log = logging.getLogger(__name__)
@@ -668,16 +674,7 @@ class EtcdQueue:
 
         try:
             with waiting(parked):
-                if not want.seen.is_set():
-                    # The line's first look is not timed: an item there is taken however
-                    # short the timeout, as in the memory store.
-                    seen = asyncio.ensure_future(want.seen.wait())
-                    either: list[asyncio.Future[Any]] = [want.future, seen]
-                    try:
-                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        seen.cancel()
-                return await asyncio.wait_for(asyncio.shield(want.future), timeout_s)
+                return await looked_then_within(want.future, want.seen, timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if want.future.done() and not want.future.cancelled():
                 if isinstance(exc, TimeoutError):

@@ -18,9 +18,12 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import Any, TypeVar
 
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import Compacted, Event, EventType
+
+T = TypeVar("T")
 
 #: Whether a call marked waiting still waits (a queue's line: until its turn is served).
 Still = Callable[[], bool]
@@ -100,6 +103,23 @@ async def changed(
                 return await _first(client, key, range_end, after_revision, kind, synced)
     except Compacted:
         return []
+
+
+async def looked_then_within(
+    answer: asyncio.Future[T], looked: asyncio.Event, timeout_s: float | None
+) -> T:
+    """The answer a line of waiting calls (a queue's gets, a pipe end's reads) gives
+    a call: its first look is not timed (what is there is taken however short the
+    timeout, as in the memory store), then ``timeout_s`` from that look on
+    (TimeoutError). The answer is shielded: the caller decides what a late one is."""
+    if not looked.is_set():
+        seen = asyncio.ensure_future(looked.wait())
+        try:
+            either: list[asyncio.Future[Any]] = [answer, seen]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            seen.cancel()
+    return await asyncio.wait_for(asyncio.shield(answer), timeout_s)
 
 
 def deadline_of(timeout_s: float | None) -> float | None:
