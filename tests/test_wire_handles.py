@@ -25,7 +25,7 @@ from test_limits import authenticated, metered
 
 import managerd_client.channel as channel_module
 from managerd_client.errors import ProtocolError
-from managerd_client.wire import HELLO, REISSUE, V2_HEAD, V2_PAYLOADS, FrameSocket
+from managerd_client.wire import HELLO, REISSUE, V2_HEAD, V2_PAYLOADS, V2_TAIL, FrameSocket
 
 from conftest import Daemon, metric
 
@@ -316,6 +316,73 @@ def test_payload_sections_are_stored_as_sent_and_hostile_ones_refused(
         assert error_kind(fs, 9, head + payload_section([b"x"]) + evil) == "Forbidden"
         assert ask(fs, 10, by_handle(handle, numbers["qsize"])) == (0, 0)
     assert "Traceback" not in shared_daemon.log
+
+
+# -- tail payloads (put's item, a dict's value, as opaque bytes) -------------------------------
+
+
+def tail(payload: bytes, lead: tuple[Any, ...] = ()) -> bytes:
+    pickled = pickle.dumps(lead, 5) if lead else b""
+    return struct.pack("<I", len(pickled)) + pickled + payload
+
+
+def test_tail_payloads_are_stored_as_sent_and_hostile_ones_refused(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    with closing(v2_mode(shared_daemon)) as fs:
+        assert ask(fs, 1, by_name("create", ("Queue", uniq, {}))) == (0, None)
+        assert ask(fs, 2, by_name("create", ("dict", uniq + "d", {}))) == (0, None)
+        q, qn = resolve(fs, 3, "Queue", uniq)
+        d, dn = resolve(fs, 4, "dict", uniq + "d")
+        put = by_handle(q, qn["put"] | V2_TAIL)
+        # Bytes that would send a pickle through the slow checks, and no pickle at all:
+        # stored as they are (the daemon neither decodes nor scans a tail).
+        items = [pickle.dumps({"id": 7, "p": "pr\n"}), b"not a pickle \x93", b""]
+        for rid, item in enumerate(items, 5):
+            assert ask(fs, rid, put + tail(item)) == (0, None)
+        for rid, item in enumerate(items, 10):
+            assert ask(fs, rid, by_handle(q, qn["get"])) == (0, item)
+        # Leading arguments before the tail: a dict's key.
+        setitem = by_handle(d, dn["__setitem__"] | V2_TAIL)
+        assert ask(fs, 20, setitem + tail(b"v\x93", ("k",))) == (0, None)
+        assert ask(fs, 21, by_handle(d, dn["__getitem__"], ("k",))) == (0, b"v\x93")
+
+        # A pickle length past the request; no length at all; both flags at once.
+        assert error_kind(fs, 22, put + struct.pack("<I", 10**6) + b"x") == "Protocol"
+        assert error_kind(fs, 23, put + b"\x01") == "Protocol"
+        both = by_handle(q, qn["put_many"] | V2_PAYLOADS | V2_TAIL)
+        assert error_kind(fs, 24, both + payload_section([b"x"])) == "Protocol"
+        # The flag on a method that takes no payload: its own error, from the method.
+        assert error_kind(fs, 25, by_handle(q, qn["qsize"] | V2_TAIL) + tail(b"x")) == "Type"
+        # The leading arguments still go through the restricted decoder.
+        evil = pickle.dumps((os.system,))
+        assert error_kind(fs, 26, setitem + struct.pack("<I", len(evil)) + evil + b"x") == (
+            "Forbidden"
+        )
+        # Leading arguments that are not a tuple.
+        bad = pickle.dumps(["k"])
+        assert error_kind(fs, 27, setitem + struct.pack("<I", len(bad)) + bad + b"x") == "Type"
+        assert ask(fs, 28, by_handle(q, qn["qsize"])) == (0, 0)
+    assert "Traceback" not in shared_daemon.log
+
+
+def test_the_client_sends_payloads_as_tails_and_small_and_large_come_back(
+    shared_daemon: Daemon, uniq: str
+) -> None:
+    with shared_daemon.connect() as m:
+        channel = m._channel_or_reconnect()
+        assert channel.tail_payloads
+        q, d, lst = m.Queue(uniq), m.dict(uniq + "d"), m.list(uniq + "l")
+        big = b"\x93" * (3 << 20)  # a part of its own, not copied into the first
+        for item in ({"a": "b\n"}, big, None, "x"):
+            q.put(item)
+            d["k"] = item
+            lst.append(item)
+            assert q.get() == item and d["k"] == item and lst[-1] == item
+        q.put(1)
+        q.put(2, True, 5.0)  # not the defaults: pickled with the item, as before
+        q.put_nowait(3)
+        assert [q.get(), q.get(True, 5.0), q.get_nowait()] == [1, 2, 3]
 
 
 # -- pipelining --------------------------------------------------------------------------------

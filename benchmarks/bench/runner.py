@@ -187,6 +187,12 @@ class Suite:
                     p99 = {k: max(v["per_op_p99_us"]) / 1000 for k, v in r.items()}
                     self.record("roundtrip_32KB_ms", unit="ms per call (p50)", better="lower",
                                 **rt, details={"p99_ms": p99})  # fmt: skip
+            r = self.compare({
+                "stock": job(w_putget, stock, 0, plan, False, True),
+                **self.each_managerd(md, w_putget, 0, plan, False, True),
+            })  # fmt: skip
+            self.record("queue_put_get_record", unit="pairs/s", better="higher",
+                        **{k: v["rate"] for k, v in r.items()}, details=r)  # fmt: skip
         if self.wanted("putonly"):
             r = self.compare({
                 "floor": job(w_floor_putget, floor, 100, plan, True),

@@ -59,12 +59,35 @@ def w_noop(t: Target, which: str, plan: Plan) -> dict[str, Any]:
     return r
 
 
-def w_putget(t: Target, size: int, plan: Plan, put_only: bool = False) -> dict[str, Any]:
+def record_maker() -> Callable[[], dict[str, Any]]:
+    """A new small record per call (a dict of str, int, float and a list, ~90 bytes pickled).
+
+    What applications put on queues, rather than 100 bytes of ``x``: every
+    record differs (no decoder cache helps), and its pickle holds ``p``/``r``
+    bytes and opcodes that a restricted decoder must look at when a daemon
+    reads the payload.
+    """
+    count = itertools.count()
+
+    def make() -> dict[str, Any]:
+        n = next(count)
+        return {"id": n, "name": f"order-{n}", "price": n * 0.25, "tags": ["new", "paid"]}
+
+    return make
+
+
+def w_putget(
+    t: Target, size: int, plan: Plan, put_only: bool = False, records: bool = False
+) -> dict[str, Any]:
+    """Put then get; ``records``: a new :func:`record_maker` dict each put (``size`` unused)."""
     c = Client(t)
     name = unique(f"putget{size}")
     q = c.queue(name)
     payload = b"x" * size
     ops: list[Callable[[], Any]] = [lambda: q.put(payload)]
+    if records:
+        make = record_maker()
+        ops = [lambda: q.put(make())]
     if not put_only:
         ops.append(q.get)
     r = measure(ops, plan.seconds, plan.max_ops, t.pid)

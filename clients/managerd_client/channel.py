@@ -68,6 +68,7 @@ from managerd_client.wire import (
     PROTOCOL_VERSION,
     RESOLVE,
     V2_PAYLOADS,
+    V2_TAIL,
     FrameSocket,
     Refused,
     client_handshake,
@@ -314,6 +315,20 @@ def _all_bytes(values: list[Any]) -> bool:
     return bool(values) and all(type(v) is bytes for v in values)
 
 
+def _encode_tail(head: bytes, args: tuple[Any, ...]) -> list[bytes]:
+    """A ``V2_TAIL`` request after its id: ``args[-1]`` (bytes) after the pickle of the others.
+
+    ``head`` has the flag set in its method number. A small request is one
+    part; a large payload is a part of its own (sent as it is, not copied).
+    """
+    lead = pickle.dumps(args[:-1], PICKLE_PROTOCOL) if len(args) > 1 else b""
+    payload = args[-1]
+    first = head + _COUNT.pack(len(lead)) + lead
+    if len(payload) < _SPLICE_MIN_BYTES:
+        return [first + payload]
+    return [first, payload]
+
+
 def _encode_payloads(head: bytes, payloads: list[bytes], rest: tuple[Any, ...]) -> list[bytes]:
     """A protocol 2 request whose first argument is ``payloads`` (``V2_PAYLOADS``), in parts.
 
@@ -428,6 +443,8 @@ class Channel:
         self.max_frame_bytes = int(info.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES))
         #: 2: handle envelopes (see ``wire.PROTOCOL_VERSION``); 1: names only.
         self.protocol = int(info.get("protocol", 1))
+        #: The daemon reads ``V2_TAIL`` requests (its welcome says so).
+        self.tail_payloads = self.protocol >= 2 and info.get("tail_payloads") is True
         #: Protocol 2: ``(typeid, name)`` -> ``(handle, method numbers)``;
         #: ``(None, None)`` the daemon's operations (resolved at their first call).
         self._resolved: dict[tuple[str | None, str | None], tuple[int, dict[str, int] | None]] = {}
@@ -511,14 +528,20 @@ class Channel:
         method: str,
         args: tuple[Any, ...],
         decode: Callable[[Any], Any] | None = None,
+        tail: bool = False,
     ) -> Any:
         """``call`` through a handle and method number of :meth:`resolve` (protocol 2).
 
         A first argument that is a list of ``bytes`` payloads (``put_many``)
-        travels as a payload section (``V2_PAYLOADS``), not pickled.
+        travels as a payload section (``V2_PAYLOADS``), not pickled. With
+        ``tail``, the last argument (a payload, ``bytes``) travels after the
+        pickle of the others (``V2_TAIL``) if the daemon reads that.
         """
         ident = threading.get_ident()
-        if args and type(args[0]) is list and _all_bytes(args[0]):
+        if tail and self.tail_payloads:
+            head = _HANDLE_HEAD.pack(handle, method_no | V2_TAIL, ident)
+            parts = _encode_tail(head, args)
+        elif args and type(args[0]) is list and _all_bytes(args[0]):
             head = _HANDLE_HEAD.pack(handle, method_no | V2_PAYLOADS, ident)
             parts = _encode_payloads(head, args[0], args[1:])
         else:

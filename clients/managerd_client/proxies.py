@@ -172,8 +172,16 @@ class Proxy:
         """A call whose result is a payload: unpickled as it is read."""
         return self._call_decoded(loads, method, args)
 
+    def _call_tail(self, method: str, *args: Any) -> Any:
+        """A call whose last argument is a payload (``dump_one``'s bytes), sent as it is."""
+        return self._call_decoded(None, method, args, True)
+
     def _call_decoded(
-        self, decode: Callable[[Any], Any] | None, method: str, args: tuple[Any, ...]
+        self,
+        decode: Callable[[Any], Any] | None,
+        method: str,
+        args: tuple[Any, ...],
+        tail: bool = False,
     ) -> Any:
         manager = self._manager
         channel = manager._channel_or_reconnect()
@@ -189,7 +197,7 @@ class Proxy:
         number = None if numbers is None else numbers.get(method)
         if method not in self._reissued:
             if number is not None:
-                return channel.call_handle(ref[1], number, method, args, decode)
+                return channel.call_handle(ref[1], number, method, args, decode, tail)
             return channel.call(self._typeid, self._name, method, args, decode)
         typeid: str | None = self._typeid
         name: str | None = self._name
@@ -314,12 +322,17 @@ class Queue(Proxy):
     )
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        self._call("put", dump_one(item), block, timeout)
+        if block is True and timeout is None:
+            self._call_tail("put", dump_one(item))  # the daemon's defaults: not sent
+        else:
+            self._call("put", dump_one(item), block, timeout)
 
     def put_nowait(self, item: Any) -> None:
-        self._call("put_nowait", dump_one(item))
+        self._call_tail("put_nowait", dump_one(item))
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block is True and timeout is None:
+            return self._call_loads("get")
         return self._call_loads("get", block, timeout)
 
     def get_nowait(self) -> Any:
@@ -406,7 +419,7 @@ class PipeEnd(Proxy):
         return {"end": self._end}
 
     def send(self, obj: Any) -> None:
-        self._call("send", self._end, dump_one(obj))
+        self._call_tail("send", self._end, dump_one(obj))
 
     def recv(self, timeout: float | None = None) -> Any:
         """The next object sent from the other end (``EOFError`` once it is closed)."""
@@ -439,7 +452,7 @@ class Dict(Proxy, MutableMapping[Any, Any]):
         return self._call_loads("__getitem__", key)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._call("__setitem__", key, dump_one(value))
+        self._call_tail("__setitem__", key, dump_one(value))
 
     def __delitem__(self, key: Any) -> None:
         self._call("__delitem__", key)
@@ -520,7 +533,7 @@ class List(Proxy, MutableSequence[Any]):
         if isinstance(index, slice):
             self._call("__setitem__", index, [dumps(v) for v in value])
         else:
-            self._call("__setitem__", index, dump_one(value))
+            self._call_tail("__setitem__", index, dump_one(value))
 
     def __delitem__(self, index: Any) -> None:
         self._call("__delitem__", index)
@@ -539,10 +552,10 @@ class List(Proxy, MutableSequence[Any]):
         return bool(self._call("__contains__", dumps(value)))
 
     def insert(self, index: int, value: Any) -> None:
-        self._call("insert", index, dump_one(value))
+        self._call_tail("insert", index, dump_one(value))
 
     def append(self, value: Any) -> None:
-        self._call("append", dump_one(value))
+        self._call_tail("append", dump_one(value))
 
     def extend(self, values: Iterable[Any]) -> None:
         self._call("extend", [dumps(v) for v in values])
@@ -617,7 +630,7 @@ class Namespace(Proxy):
         if attr.startswith("_"):
             object.__setattr__(self, attr, value)
         else:
-            self._call("__setattr__", attr, dump_one(value))
+            self._call_tail("__setattr__", attr, dump_one(value))
 
     def __delattr__(self, attr: str) -> None:
         if attr.startswith("_"):
@@ -712,6 +725,12 @@ class Lock(Proxy):
         self._held = {}
 
     def _call(self, method: str, *args: Any) -> Any:
+        if self._held:  # holdings the daemon may have released since (nothing held: none)
+            self._check_held()
+        return super()._call(method, *args)
+
+    def _check_held(self) -> None:
+        """``LockLost`` if this client's holdings went with a session or a daemon."""
         channel = self._manager._channel_or_reconnect()
         epoch = self._manager.session_epoch
         lost = [(t, sid) for t, (_, e, sid) in self._held.items() if e != epoch]
@@ -727,7 +746,6 @@ class Lock(Proxy):
             else:
                 why = "this client's session ended (partition or lease expiry)"
             raise LockLost(f"{self._typeid} {self._name!r} was released by the daemon: {why}")
-        return super()._call(method, *args)
 
     def _hold(self, token: int) -> None:
         self._held[self._holder_key()] = (token, self._manager.session_epoch, self._server_id)
@@ -736,7 +754,10 @@ class Lock(Proxy):
         return 0  # a Lock belongs to the client, not to a thread
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        token = self._call("acquire", blocking, timeout)
+        if blocking is True and type(timeout) is int and timeout == -1:
+            token = self._call("acquire")  # the daemon's defaults: not sent
+        else:
+            token = self._call("acquire", blocking, timeout)
         if token is False:
             return False
         self._hold(token)
@@ -823,7 +844,10 @@ class Semaphore(Lock):
         # wait (the daemon takes -1 to mean "for ever", as older clients sent it).
         if timeout == -1 and not isinstance(timeout, bool):
             timeout = 0
-        token = self._call("acquire", blocking, timeout)
+        if blocking is True and timeout is None:
+            token = self._call("acquire")  # the daemon's default: for ever
+        else:
+            token = self._call("acquire", blocking, timeout)
         if token is False:
             return False
         self._hold(token)

@@ -46,6 +46,7 @@ __all__ = [
     "RETRY_AFTER",
     "V2_HEAD",
     "V2_PAYLOADS",
+    "V2_TAIL",
     "WELCOME",
     "FrameSocket",
     "Refused",
@@ -100,6 +101,13 @@ V2_HEAD: Final = struct.Struct("!QIHQ")
 #: as ``<n:u32 LE><n lengths:u32 LE><the payloads back to back>``: opaque
 #: bytes the daemon stores without unpickling (``put_many``'s items).
 V2_PAYLOADS: Final = 0x8000
+#: Set in a protocol 2 request's method number (when the daemon's welcome
+#: said ``tail_payloads``): its last argument is one payload (``bytes``),
+#: carried after the pickle of the other arguments as ``<n:u32 LE><n bytes:
+#: the pickle of the others, none when n is 0><the payload to the frame's
+#: end>``: the daemon stores it without unpickling it or scanning it
+#: (``Queue.put``'s item, a dict's value). Not with ``V2_PAYLOADS``.
+V2_TAIL: Final = 0x4000
 
 #: The pickle protocol of managerd envelopes and payloads. 5 is the newest
 #: that every supported Python (3.11+) reads.

@@ -34,7 +34,7 @@ from managerd.service.peers import PENALTY_HOLD_S, LogBudget, PeerGuard
 from managerd.service.requests import RequestStats, Stats
 from managerd.service.sessions import SessionTable
 from managerd.store.sessions import Session, SessionKind
-from managerd.wire.managerd_dialect import Dispatcher, HandleTable, negotiate
+from managerd.wire.managerd_dialect import FEATURES, Dispatcher, HandleTable, negotiate
 from managerd.wire.stock_dialect import StockAdapter
 from managerd_client.errors import ForbiddenPayload, ProtocolError
 from managerd_client.wire import (
@@ -563,6 +563,7 @@ class Connection(asyncio.Protocol):
                     "max_frame_bytes": self.core.settings.max_frame_bytes,
                     "raw_replies": self.raw_replies,
                     "protocol": version,
+                    **(FEATURES if version >= 2 else {}),
                 },
             )
         )

@@ -79,7 +79,14 @@ from managerd.service.requests import RequestStats
 from managerd.store.api import MethodSpec, NoAttribute
 from managerd.store.sessions import Session
 from managerd_client.errors import ForbiddenPayload, ProtocolError, error_kind
-from managerd_client.wire import PICKLE_PROTOCOL, REISSUE, RESOLVE, V2_HEAD, V2_PAYLOADS
+from managerd_client.wire import (
+    PICKLE_PROTOCOL,
+    REISSUE,
+    RESOLVE,
+    V2_HEAD,
+    V2_PAYLOADS,
+    V2_TAIL,
+)
 
 log = logging.getLogger("managerd")
 
@@ -100,6 +107,9 @@ MANAGERD_OPS: Final = frozenset({"ping", "create", "delete", "objects", "status"
 
 #: The protocols a hello may ask for (``managerd_client.wire.PROTOCOL_VERSION``).
 SUPPORTED_PROTOCOLS: Final = (1, 2)
+#: What this daemon's welcome says it reads beyond protocol 2's envelopes:
+#: ``V2_TAIL`` requests (an older daemon says nothing, and is sent none).
+FEATURES: Final = {"tail_payloads": True}
 #: Handles one connection may resolve (a client resolves each object it
 #: uses once per connection; the table is bounded against one that does not).
 MAX_HANDLES: Final = 65536
@@ -276,9 +286,16 @@ class Dispatcher:
             typeid, name, methods, labels = entries[number]
             at = start + V2_HEAD.size
             payloads = None
+            tail = None
             if method_no & V2_PAYLOADS:
+                if method_no & V2_TAIL:
+                    raise ProtocolError("a request with both a payload section and a tail")
                 payloads, at = _payload_section(frame, at)
                 method_no &= ~V2_PAYLOADS
+            elif method_no & V2_TAIL:
+                frame, tail = _tail_payload(frame, at)
+                at += _COUNT.size
+                method_no &= ~V2_TAIL
             if method_no >= len(methods):
                 raise ProtocolError(f"no method number {method_no} for handle {number}")
             if len(frame) == at:
@@ -289,6 +306,8 @@ class Dispatcher:
                     raise TypeError("request arguments must be a tuple")
             if payloads is not None:
                 args = (payloads, *args)
+            elif tail is not None:
+                args = (*args, tail)
         except Exception as exc:
             if isinstance(exc, ForbiddenPayload):
                 self.refused_decode(session.peer, exc)
@@ -396,6 +415,23 @@ class Dispatcher:
 
 
 _COUNT: Final = struct.Struct("<I")
+
+
+def _tail_payload(frame: bytes, at: int) -> tuple[bytes, bytes]:
+    """A ``V2_TAIL`` request's frame up to the end of its pickle, and its payload.
+
+    ``<n:u32 LE><n bytes of pickle><payload>`` at ``frame[at:]``: the payload
+    is the rest of the frame, kept as the bytes it is (never unpickled or
+    scanned here); the pickle of the other arguments is decoded as usual
+    from what is returned in place of the frame.
+    """
+    if len(frame) - at < _COUNT.size:
+        raise ProtocolError("a tail payload's request shorter than its pickle's length")
+    (size,) = _COUNT.unpack_from(frame, at)
+    end = at + _COUNT.size + size
+    if end > len(frame):
+        raise ProtocolError("a tail payload's pickle runs past the request")
+    return frame[:end], frame[end:]
 
 
 def _payload_section(frame: bytes, at: int) -> tuple[list[bytes], int]:
