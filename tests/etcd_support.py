@@ -424,7 +424,8 @@ class EtcdRelay:
     connection is cut before etcd's answer comes back (applied, answer lost: as when
     a leader dies at that moment). ``hold_from(marker)``: from the request holding
     ``marker`` on, nothing goes to etcd (the connection stays open, as in a cut
-    network) until ``let_through()`` sends it all, in order.
+    network) until ``let_through()`` sends it all, in order. ``refusing``: a new
+    connection is closed at once (etcd unreachable), until it is False again.
     """
 
     def __init__(self, target: str) -> None:
@@ -437,6 +438,7 @@ class EtcdRelay:
         self._released = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
+        self.refusing = False
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -460,6 +462,9 @@ class EtcdRelay:
         await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers += [writer, up_writer]
         cut = asyncio.Event()

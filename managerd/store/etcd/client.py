@@ -265,10 +265,49 @@ async def settled(
     except asyncio.CancelledError:
         await cleanup(_undo_after(task, undo))
         raise
-    except EtcdUnavailable:  # it may have landed: undone too, if etcd answers now
-        with contextlib.suppress(EtcdError):
+    except EtcdUnavailable:  # it may have landed: undone too, now or once etcd answers
+        try:
             await cleanup(undo(None))
+        except EtcdUnavailable:
+            # Still unreachable. Left alone, a write that did land would hold its
+            # lock or permit for nobody until the session ends, and a live
+            # client's session does not end: asked again until etcd answers.
+            _undo_later(undo)
+        except EtcdError:
+            pass
         raise
+
+
+#: Undos waiting for etcd to answer (kept here: a task nobody refers to can vanish).
+_UNDOS_LATER: set[asyncio.Task[None]] = set()
+#: The first and the longest pause between two tries of an undo (seconds).
+UNDO_RETRY_FIRST_S = 0.2
+UNDO_RETRY_MAX_S = 5.0
+
+
+def _undo_later(undo: Callable[[Any], Coroutine[Any, Any, Any]]) -> None:
+    task = unguarded(_undo_until_answered(undo), name="managerd-undo-later")
+    _UNDOS_LATER.add(task)
+    task.add_done_callback(_UNDOS_LATER.discard)
+
+
+async def _undo_until_answered(undo: Callable[[Any], Coroutine[Any, Any, Any]]) -> None:
+    """``undo(None)`` asked again, pausing longer each time, until etcd answers it.
+
+    Each undo looks for its own write (an attempt's mark, a request's key), so a
+    late one removes nothing of a later call's; once the session's lease is gone,
+    so is what it looks for.
+    """
+    pause = UNDO_RETRY_FIRST_S
+    while True:
+        await asyncio.sleep(pause)
+        try:
+            await undo(None)
+            return
+        except EtcdUnavailable:
+            pause = min(pause * 2, UNDO_RETRY_MAX_S)
+        except EtcdError:
+            return  # answered: what it looked for is not in a state to undo
 
 
 async def _undo_after(

@@ -1,0 +1,76 @@
+"""An acquire whose write landed while etcd went out of reach leaves no ghost.
+
+Gateway A's etcd client reaches a real 3-node etcd through a relay. A
+session's lock acquire is written, applied by etcd, and the connection is
+cut before the answer comes back; the relay then refuses A's connections
+(etcd out of reach from A) until A gives up (``EtcdUnavailable``, short
+deadlines here) and the undo it tries at once fails the same way. The
+acquire is answered as failed, yet its contender key is in etcd, on a lease
+that outlives the outage: it would hold the lock for nobody until the
+session ends, and a live client's session does not end. Once etcd is in
+reach again, the undo is asked again until answered, so gateway B's client
+gets the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+from test_etcd_resume import call, new_session
+
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.kv import name_key
+from managerd.store.etcd.store import EtcdStore
+from managerd_client.errors import StoreUnavailable
+
+from etcd_support import EtcdCluster, EtcdRelay, cluster
+
+__all__ = ["cluster"]  # the fixture, from etcd_support
+
+TTL_S = 30  # the outage lasts seconds: the session's lease outlives it
+
+
+def test_an_acquire_failed_with_etcd_out_of_reach_is_undone_once_it_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    root = b"/undo" + secrets.token_hex(4).encode() + b"/"
+    # The contender key's put: its protobuf field tag and length, then the key (the
+    # lock's prefix and the session's lease, 16 hex digits).
+    prefix = root + b"l/" + name_key("guard") + b"/"
+    marker = bytes([0x0A, len(prefix) + 16]) + prefix
+
+    async def main() -> None:
+        relay = EtcdRelay(cluster.endpoints[0])
+        via = await relay.start()
+        async with (
+            EtcdClient([via], rpc_timeout_s=0.5, retry_budget_s=1.5) as ca,
+            EtcdClient(cluster.endpoints) as cb,
+        ):
+            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
+            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
+            try:
+                cut_off, next_one = new_session("cut off"), new_session("next")
+                lock_a = a.get_or_create("Lock", "guard", {})
+                assert not await call(lock_a, cut_off, "locked")  # its lease, on A
+
+                relay.cut_after(marker)  # applied, its answer lost...
+                relay.refusing = True  # ...and etcd out of A's reach
+                with pytest.raises(StoreUnavailable):
+                    await call(lock_a, cut_off, "acquire")
+                lock_b = b.get_or_create("Lock", "guard", {})
+                assert await call(lock_b, next_one, "locked"), "the acquire never landed"
+
+                relay.refusing = False  # etcd in reach again: the undo goes through
+                assert await call(lock_b, next_one, "acquire", True, 15), (
+                    "a ghost of the failed acquire holds the lock"
+                )
+                await call(lock_b, next_one, "release")
+            finally:
+                relay.refusing = False
+                for store in (a, b):
+                    await asyncio.wait_for(store.close(), 30)
+        await relay.close()
+
+    asyncio.run(main())
