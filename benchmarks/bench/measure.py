@@ -270,6 +270,13 @@ class Gang:
             raise RuntimeError(f"worker {index} failed:\n{value}")
         return index, value
 
+    def kill(self) -> None:
+        """Kill the workers still running (hung in a call), at once."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        self.join()
+
     def join(self) -> None:
         for proc in self.procs:
             proc.join(30)
