@@ -315,9 +315,14 @@ class StoreHarness:
     def end_session(self, client: Client) -> None:
         """The client's session ends (its process died): waits dropped, holdings given back.
 
-        The client gets a fresh session for any later call.
+        The client gets a fresh session for any later call. Returns once the end is
+        done (the etcd store's is round trips: what it gave back is handed to parked
+        calls, or waiting in the queue, by then, as the memory store's at once).
         """
-        self.store.release(client.session)
+        ended = self.store.release(client.session)
+        if ended is not None:
+            self.loop.run_until_complete(asyncio.wait([ended], timeout=SETTLE_LIMIT_S))
+            assert ended.done(), f"a session's end is still under way after {SETTLE_LIMIT_S} s"
         client.session = self._session(client.label)
 
     def resume(self, token: str) -> Session | None:
