@@ -312,12 +312,18 @@ class StoreHarness:
         self._clients.append(client)
         return client
 
-    def end_session(self, client: Client) -> None:
+    def end_session(self, client: Client, *, wait: bool = False) -> None:
         """The client's session ends (its process died): waits dropped, holdings given back.
 
-        The client gets a fresh session for any later call.
+        The client gets a fresh session for any later call. ``wait``: return once the
+        end is done (the etcd store's is round trips; without it, the next call on
+        an object the session used waits for it, and a parked call it hands
+        something to is answered a little later, not by the time this returns).
         """
-        self.store.release(client.session)
+        ended = self.store.release(client.session)
+        if wait and ended is not None:
+            self.loop.run_until_complete(asyncio.wait([ended], timeout=SETTLE_LIMIT_S))
+            assert ended.done(), f"a session's end is still under way after {SETTLE_LIMIT_S} s"
         client.session = self._session(client.label)
 
     def resume(self, token: str) -> Session | None:

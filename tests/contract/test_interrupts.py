@@ -50,6 +50,40 @@ def test_an_undone_get_is_first_again(store: StoreHarness) -> None:
     assert store.call(q, "get_many", 5) == ["a", "b", "c"]
 
 
+def test_an_undone_get_leaves_the_unfinished_count_as_it_was(store: StoreHarness) -> None:
+    """The item is back, not put again: ``join`` waits for one ``task_done`` per put,
+    whether the get is undone before its thread's next call or after it."""
+    q = store.open("JoinableQueue", "q")
+    store.call(q, "put_many", ["a", "b"])
+    first = store.start(q, "get")
+    assert first.result() == "a"
+    second = store.start(q, "get")  # (the thread's next call: it read the first answer)
+    assert second.result() == "b"
+    store.undo(second)
+    store.undo(first)
+    assert store.call(q, "get_many", 5) == ["a", "b"]
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            store.call(q, "join", 0)
+        store.call(q, "task_done")
+    store.call(q, "join", 0)
+    with pytest.raises(ValueError):
+        store.call(q, "task_done")
+
+
+def test_an_undone_get_after_its_task_done_is_not_unfinished_again(store: StoreHarness) -> None:
+    q = store.open("JoinableQueue", "q")
+    store.call(q, "put", "a")
+    answered = store.start(q, "get")
+    assert answered.result() == "a"
+    store.call(q, "task_done")
+    store.undo(answered)
+    assert store.call(q, "get") == "a"
+    store.call(q, "join", 0)
+    with pytest.raises(ValueError):
+        store.call(q, "task_done")
+
+
 def test_an_undone_get_goes_to_a_parked_getter(store: StoreHarness) -> None:
     q = store.open("Queue", "q")
     store.call(q, "put", "a")

@@ -205,6 +205,28 @@ def test_reservations_of_an_ended_session_come_back_first_in_order(store: StoreH
     store.call(q, "ack", mine)
 
 
+def test_an_ended_sessions_reservations_go_to_parked_calls_the_last_delivered_first(
+    store: StoreHarness,
+) -> None:
+    """As ``nack`` one after another, the last delivered first: each to the oldest parked
+    get or reserve, the rest to the front in the order they were delivered."""
+    q = store.open("Queue", "q")
+    store.call(q, "put_many", ["a", "b", "c", "d"])
+    consumer = store.new_client()
+    for _ in range(4):
+        store.call(q, "reserve", client=consumer)
+    first = store.start(q, "get", client=store.new_client())
+    second = store.start(q, "reserve", client=store.new_client())
+    assert not first.done() and not second.done()
+    store.end_session(consumer)
+    assert first.result() == "d"
+    _, value, deliveries = second.result()
+    assert (value, deliveries) == ("c", 2)
+    assert store.call(q, "reserved_count") == 1
+    assert store.call(q, "get_many", 5) == ["a", "b"]
+    assert store.waiters(q) == 0
+
+
 def test_each_nack_puts_its_item_first(store: StoreHarness) -> None:
     """Back to the front, the latest returned first, as ``appendleft`` (not back to the
     place it was put at: that is behind an item nacked after it)."""

@@ -260,7 +260,9 @@ class QueueMachine(StoreMachine):
     @precondition(lambda self: bool(self.reserved))
     @rule(data=st.data(), wrong_client=st.booleans())
     def settle(self, data: st.DataObject, wrong_client: bool) -> None:
-        did = data.draw(st.sampled_from(sorted(self.reserved)))
+        # In the order delivered (a delivery id of the etcd store is a hash: drawn from
+        # the sorted ids, the same program would settle another delivery each run).
+        did = data.draw(st.sampled_from(list(self.reserved)))
         entry, owner = self.reserved[did]
         if wrong_client:
             other = next(c for c in self.clients if c is not owner)
@@ -287,7 +289,8 @@ class QueueMachine(StoreMachine):
         # In the order delivered (``reserved`` keeps it; delivery ids are opaque: the
         # etcd store's are hashes, not a count).
         mine = [did for did, (_, owner) in self.reserved.items() if owner is client]
-        self.store.end_session(client)
+        # Done, so that a blocked get it hands an item to is answered by now.
+        self.store.end_session(client, wait=True)
         # Its blocked gets are dropped first: what it gives back goes to live ones.
         for _, pending in [p for p in self.parked if p[0] is client]:
             assert pending.cancelled(), "a blocked get of an ended session was not dropped"

@@ -33,7 +33,12 @@ their clock skew. A reserved item given back (nack, its deadline passed, its
 session ended) goes to the front, as the memory store's ``appendleft``: under
 a new id, ``!<time counted down>~<put id>``, before every put's and the
 latest returned first (back at its put id, it would stand behind an item
-returned after it); its ``u/`` key keeps the put id.
+returned after it); its ``u/`` key keeps the put id. Several returned at once
+(``requeue_expired``: a session's end, expired ones) go back as the memory
+store ends a session: the last delivered first, each to the oldest call of
+this process that waits for an item (in one Txn with its take), the rest to
+the front in one Txn, the first delivered first; one such pass at a time per
+process.
 
 **Exactly once across failovers.** Every change is one Txn guarded by a
 compare, so a retried request after an ambiguous failure (the leader died
@@ -117,6 +122,7 @@ _PUT_BATCH_BYTES = 1024 * 1024
 _BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
 _GET_BATCH = 40  # items per take Txn with unconfirmed records: 3 ops each
 _MAX_OPS = 120  # ops per Txn, under etcd's default --max-txn-ops (128)
+_FRONT_BATCH = 40  # reservations per Txn to the front: 3 ops each
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
 
 
@@ -257,6 +263,9 @@ class EtcdQueue:
         #: Set when a call joins the line while it may wait on its watch: it looks again.
         self._look = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: One return pass of this process at a time (``requeue_expired``): two would
+        #: hand the same waiting calls items, and mix their front ids.
+        self._returning = asyncio.Lock()
 
     async def put(self, item: bytes, timeout_s: float | None = 0.0) -> None:
         """Append ``item``; safe to retry, never duplicated (see the module docstring).
@@ -619,32 +628,163 @@ class EtcdQueue:
         """Return to the head every reservation past its deadline or whose session is gone;
         how many. (Deliveries stay counted.)
 
-        The job of one elected gateway, every second or so; two at once are
-        safe (each move compares the reservation's revision), only wasteful.
-        Deadlines are wall-clock times of the reserving gateway's host.
+        The job of one elected gateway, every second or so, and of a gateway
+        ending a session; two at once are safe (each move compares the
+        reservation's revision), only wasteful. Deadlines are wall-clock times
+        of the reserving gateway's host.
         """
-        now_s = time.time() if now_s is None else now_s
-        reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
-        alive: dict[str, bool] = {}
+        async with self._returning:
+            now_s = time.time() if now_s is None else now_s
+            reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
+            alive: dict[str, bool] = {}
+            due = []
+            for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision):
+                meta, payload = _unpack(kv.value)
+                sid = str(meta["session"])
+                if sid not in alive:
+                    alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
+                if meta["deadline"] <= now_s or not alive[sid]:
+                    due.append((kv, int(meta["n"]), payload))
+            return await self._return_due(due)
+
+    async def _return_due(self, due: list[tuple[KeyValue, int, bytes]]) -> int:
+        """Return the reservations ``due`` (``(r/ kv, deliveries, payload)``, in the order
+        delivered) as the memory store returns a session's: the last delivered first,
+        each to the oldest call of this process waiting for an item, else to the front
+        (the first delivered first); or to the dead letters. How many were returned.
+
+        The items for the front go in one Txn (per ``_FRONT_BATCH``): a pass of another
+        gateway at the same time moves all of them or none, never some with its
+        front ids and some with these (which would mix their order)."""
         moved = 0
-        due = []
-        for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision):
-            meta, payload = _unpack(kv.value)
-            sid = str(meta["session"])
-            if sid not in alive:
-                alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
-            if meta["deadline"] <= now_s or not alive[sid]:
-                due.append((kv, meta, payload))
-        # To the front in the order they were delivered (the memory store's), each
-        # returned before the next: the first returned has the newest front id, so
-        # that a get waiting meanwhile takes the first delivered.
-        fronts = [_FRONT_IDS.next() for _ in due][::-1]
-        for (kv, meta, payload), front in zip(due, fronts, strict=True):
+        back = []
+        for kv, deliveries, payload in due:
+            if self.max_deliveries and deliveries >= self.max_deliveries:
+                iid = kv.key[len(self._reserved) :]
+                moved += await self._give_back_reserved(
+                    iid, kv.mod_revision, deliveries, payload, True
+                )
+            else:
+                back.append((kv, deliveries, payload))
+        while back and (want := self._oldest_want()) is not None:
+            kv, deliveries, payload = back.pop()
+            try:
+                handed = await self._hand(kv, deliveries, payload, want)
+            except BaseException:
+                self._want_again(want)
+                raise
+            if handed is None:  # no longer that reservation (acked, or returned elsewhere)
+                self._want_again(want)
+                continue
+            moved += 1
+            if want.future.done():  # it gave up, or the line answered it meanwhile
+                await self._give_back(handed, want.holder)
+            else:
+                want.future.set_result(handed)
+        # The first delivered gets the newest front id: first of all.
+        fronts = [_FRONT_IDS.next() for _ in back][::-1]
+        for i in range(0, len(back), _FRONT_BATCH):
+            moved += await self._to_front(back[i : i + _FRONT_BATCH], fronts[i : i + _FRONT_BATCH])
+        return moved
+
+    async def _to_front(self, items: list[tuple[KeyValue, int, bytes]], fronts: list[bytes]) -> int:
+        """Move the reservations ``items`` to the front under ``fronts`` (``_front_id``) in
+        one Txn; if any is no longer what was read, each on its own. How many moved."""
+        compares: list[Compare] = []
+        ops: list[Op] = []
+        for (kv, deliveries, payload), front in zip(items, fronts, strict=True):
+            iid = kv.key[len(self._reserved) :]
+            origin = _origin(iid)
+            compares.append(Compare(kv.key, Target.MOD, "==", kv.mod_revision))
+            ops += [
+                Delete(kv.key),
+                Put(self._ready + _front_id(front, origin), _pack({"n": deliveries}, payload)),
+            ]
+            if iid == origin:  # (see ``_return``)
+                ops.append(Put(self._tombs + iid, b"", lease=await self._tomb()))
+        done = await self.client.txn(compares, ops, idempotent=True)
+        if done.succeeded:
+            return len(items)
+        moved = 0
+        for (kv, deliveries, payload), front in zip(items, fronts, strict=True):
             iid = kv.key[len(self._reserved) :]
             moved += await self._give_back_reserved(
-                iid, kv.mod_revision, int(meta["n"]), payload, True, front
+                iid, kv.mod_revision, deliveries, payload, True, front
             )
         return moved
+
+    def _oldest_want(self) -> _Want | None:
+        """The oldest call of this process waiting for an item, taken out of the line."""
+        while self._wants:
+            want = self._wants.popleft()
+            if not want.future.done():
+                return want
+        return None
+
+    def _want_again(self, want: _Want) -> None:
+        """``want`` (``_oldest_want``) was handed nothing: first in the line again."""
+        if want.future.done():
+            return
+        self._wants.appendleft(want)
+        if self._taker is None or self._taker.done():
+            self._taker = unguarded(self._take_for_wants(), name=f"take {self.name}")
+        else:
+            self._look.set()
+
+    async def _hand(
+        self, kv: KeyValue, deliveries: int, payload: bytes, want: _Want
+    ) -> Taken | None:
+        """Give the reservation ``kv`` (returned) to the waiting call ``want`` in one Txn, as
+        if it went to the front and ``want`` took it: reserved again for its session,
+        else removed (into its holder's record); None if ``kv`` is no longer that
+        reservation. The item's new id is a front id, as in ``_return``."""
+        iid = kv.key[len(self._reserved) :]
+        origin = _origin(iid)
+        new = _front_id(_FRONT_IDS.next(), origin)
+        token = secrets.token_hex(8)
+        ops: list[Op] = [Delete(kv.key)]
+        if iid == origin:  # (see ``_return``)
+            ops.append(Put(self._tombs + iid, b"", lease=await self._tomb()))
+        record = b""
+        holder = want.holder
+        if want.session is None:
+            mark = self._tombs + new
+            ops.append(Put(mark, token.encode(), lease=await self._tomb()))
+            if holder is not None:
+                await self.confirm([holder])
+                record = self.record_key(holder, new)
+                meta = {
+                    "n": deliveries + 1,
+                    "q": self.name,
+                    "rev": holder.revision,
+                    "m": holder.method,
+                    "r": holder.rid,
+                }
+                ops.append(Put(record, _pack(meta, payload)))
+        else:
+            mark = self._reserved + new
+            reservation = {
+                "n": deliveries + 1,
+                "deadline": time.time() + want.visibility_s,
+                "session": want.session.sid,
+                "token": token,
+            }
+            ops.append(Put(mark, _pack(reservation, payload)))
+        done = await self.client.txn(
+            [Compare(kv.key, Target.MOD, "==", kv.mod_revision)], ops, [Get(mark)], idempotent=True
+        )
+        if done.succeeded:
+            revision = done.revision
+        elif _found(done, token.encode()):
+            found = done.responses[0]
+            assert isinstance(found, RangeResult)
+            revision = found.kvs[0].mod_revision  # our earlier attempt: one Txn, one revision
+        else:
+            return None
+        if holder is not None and record:
+            holder.records.append(record)
+        key = self._ready + new if want.session is None else mark
+        return KeyValue(key, b"", revision, revision, 1, 0), payload, deliveries + 1
 
     async def _tomb(self) -> int:
         return await self._tomb_lease.current()
@@ -669,8 +809,8 @@ class EtcdQueue:
         else:
             self._look.set()  # the line may wait on its watch: this call's look is due
 
-        def parked() -> bool:
-            return want.seen.is_set() and self._parked()
+        def parked() -> bool:  # (not once answered: a return pass hands it an item itself)
+            return not want.future.done() and want.seen.is_set() and self._parked()
 
         try:
             with waiting(parked):
