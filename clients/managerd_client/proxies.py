@@ -18,6 +18,7 @@ get-or-create before its next call, so proxies survive restarts.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import threading
 import time
@@ -114,7 +115,13 @@ def loads(payload: bytes | memoryview | None) -> Any:
 
 
 def _loads_all(payloads: list[bytes]) -> list[Any]:
-    return [loads(p) for p in payloads]
+    """A queue's payloads (never None), unpickled one by one in C."""
+    return list(map(pickle.loads, payloads))
+
+
+def _dumps_all(items: Iterable[Any]) -> list[bytes]:
+    """A batch's payloads: :func:`dumps` of each item, called from C."""
+    return list(map(pickle.dumps, items, itertools.repeat(PICKLE_PROTOCOL)))
 
 
 def _loads_reserved(reserved: tuple[int, bytes, int]) -> tuple[int, Any, int]:
@@ -342,7 +349,7 @@ class Queue(Proxy):
         self, items: Iterable[Any], block: bool = True, timeout: float | None = None
     ) -> None:
         """Put every item, in order, in one round trip."""
-        self._call("put_many", [dumps(item) for item in items], block, timeout)
+        self._call("put_many", _dumps_all(items), block, timeout)
 
     def get_many(
         self, max_items: int, block: bool = True, timeout: float | None = None
@@ -362,7 +369,7 @@ class Queue(Proxy):
         one given up (``cancel()``, an interrupt, the connection lost) may or
         may not be, as with an interrupted ``put_many``.
         """
-        return self._submit(None, "put_many", ([dumps(item) for item in items], block, timeout))
+        return self._submit(None, "put_many", (_dumps_all(items), block, timeout))
 
     def get_many_async(
         self, max_items: int, block: bool = True, timeout: float | None = None
