@@ -35,7 +35,10 @@ def test_every_item_reaches_exactly_one_consumer(tmp_path: Path) -> None:
     assert {k.split(",")[0] for k in results} == {"embedded daemon", "2 etcd gateways"}
     for phase, figures in results.items():
         assert figures["puts"] > 0, phase
-        assert (figures["missing"], figures["twice"]) == (0, 0), (phase, figures)
+        assert (figures["missing"], figures["twice"], figures["stray"]) == (0, 0, 0), (
+            phase,
+            figures,
+        )
         # Nothing but the items put (the sentinels are not counted as items).
         assert sum(c["items"] for c in figures["consumers"]) == figures["puts"], (phase, figures)
         assert len(figures["consumers"]) == 4, phase
