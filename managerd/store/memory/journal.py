@@ -29,6 +29,8 @@ loopback, 100-byte items), encoding a record costs ~1.2 us on the loop and
 the writer batches whatever accumulated during the previous fsync, while a
 SQLite queue needs an insert/delete per item inside the loop's thread and a
 second copy of the state to read from. Restart replays ~1M records/s.
+A batch (``put_many``) appends its records in one ``append_many``: the
+same bytes as one ``append`` each, at about half the loop's cost per record.
 """
 
 from __future__ import annotations
