@@ -29,6 +29,8 @@ loopback, 100-byte items), encoding a record costs ~1.2 us on the loop and
 the writer batches whatever accumulated during the previous fsync, while a
 SQLite queue needs an insert/delete per item inside the loop's thread and a
 second copy of the state to read from. Restart replays ~1M records/s.
+A batch (``put_many``) appends its records in one ``append_many``: the
+same bytes as one ``append`` each, at about half the loop's cost per record.
 """
 
 from __future__ import annotations
@@ -294,6 +296,27 @@ class Journal:
             self._buf += frame
             self._appended += 1
             self._journal_bytes += len(frame)
+            if was_empty:
+                self._cv.notify()
+
+    def append_many(self, records: Iterable[tuple[Any, ...]]) -> None:
+        """:meth:`append` each of ``records``, in order, in one lock hold.
+
+        The file gets the very bytes of one ``append`` per record (a frame
+        each, same CRCs, same order) and the counts move as much, so
+        barriers, fsync modes and compaction see no difference; only the
+        per-record Python (a lock, a call, a notify) is done once.
+        """
+        dumps, crc32, pack = pickle.dumps, zlib.crc32, _FRAME.pack
+        bodies = [dumps(record, _PICKLE_PROTOCOL) for record in records]
+        if not bodies:
+            return
+        frames = b"".join([pack(len(body), crc32(body)) + body for body in bodies])
+        with self._cv:
+            was_empty = not self._buf
+            self._buf += frames
+            self._appended += len(bodies)
+            self._journal_bytes += len(frames)
             if was_empty:
                 self._cv.notify()
 

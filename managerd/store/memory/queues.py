@@ -209,7 +209,8 @@ class Queue(SharedObject):
         While getters are parked, one by one (each is handed the next item,
         oldest getter first); once none is left, the rest join the queue in
         one ``extend``. The journal gets the same records as one ``_offer``
-        per item: a push each (and a pop after each handed over).
+        per item: a push each (and a pop after each handed over); the
+        queued rest's pushes go in one ``Journal.append_many``.
         """
         count = len(items)
         done = 0
@@ -223,9 +224,7 @@ class Queue(SharedObject):
         journal = self.journal
         if journal is not None:
             push, name = int(QueueOp.PUSH), self.name
-            append = journal.append
-            for item in rest:
-                append((_OP, name, push, item, 0))
+            journal.append_many([(_OP, name, push, item, 0) for item in rest])
         self.items.extend(rest)
 
     def _admit_putters(self) -> None:
@@ -380,12 +379,18 @@ class Queue(SharedObject):
         items were counted when put (a JoinableQueue's unfinished count
         already has them), and a bounded queue takes them back even if full.
         """
-        for entry in reversed(entries):
-            if isinstance(entry, _Returned):
-                self._j(QueueOp.FRONT, entry.payload, entry.deliveries)
-            else:
-                self._j(QueueOp.FRONT, entry, 0)
-            self.items.appendleft(entry)
+        journal = self.journal
+        if journal is not None:
+            front, name = int(QueueOp.FRONT), self.name
+            journal.append_many(
+                [
+                    (_OP, name, front, e.payload, e.deliveries)
+                    if isinstance(e, _Returned)
+                    else (_OP, name, front, e, 0)
+                    for e in reversed(entries)
+                ]
+            )
+        self.items.extendleft(reversed(entries))
         while self.items and (waiter := pop_alive(self.getters)) is not None:
             self._deliver(self.items.popleft(), waiter)
 
