@@ -26,19 +26,29 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.measure import CpuWindow, Gang
-from bench.plan import Plan
+from bench.plan import CTX, Plan
 from bench.servers import Client, Target, unique
 
 #: Seconds after its loop ended that a client still in a call counts as hung.
 HUNG_AFTER_S = 60.0
+#: Clients connecting (and making their first call) at the same time.
+CONNECTING_AT_ONCE = 8
+#: Seconds for every client to connect and make its first call.
+READY_WITHIN_S = 180.0
 
 
 def w_caller(
-    ready: Callable[[], float], t: Target, name: str, seconds: float, max_ops: int
+    ready: Callable[[], float],
+    t: Target,
+    name: str,
+    seconds: float,
+    max_ops: int,
+    gate: Any,
 ) -> dict[str, Any]:
-    c = Client(t)
-    get = c.value(name).get
-    get()
+    with gate:  # a few connecting at a time: stock's listener has a backlog of 16
+        c = Client(t)
+        get = c.value(name).get
+        get()
     mono = time.monotonic
     deadline = ready() + seconds
     n = 0
@@ -55,10 +65,11 @@ def run_saturation(t: Target, clients: int, plan: Plan) -> dict[str, Any]:
     ended are counted as ``hung`` (their calls not counted) and killed."""
     gang = Gang()
     name = unique("saturation")
+    gate = CTX.BoundedSemaphore(CONNECTING_AT_ONCE)
     for _ in range(clients):
-        gang.spawn(w_caller, t, name, plan.seconds, plan.max_ops)
+        gang.spawn(w_caller, t, name, plan.seconds, plan.max_ops, gate)
     try:
-        gang.wait_ready(clients)
+        gang.wait_ready(clients, READY_WITHIN_S)
         cpu = CpuWindow(t.pid)
         t_go = gang.go()
         give_up = t_go + plan.seconds + HUNG_AFTER_S
