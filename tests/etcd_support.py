@@ -453,6 +453,12 @@ class EtcdRelay:
     def let_through(self) -> None:
         self._released.set()
 
+    def drop_connections(self) -> None:
+        """Cut every connection relayed so far (a client reconnects: see ``refusing``)."""
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()
+
     async def close(self) -> None:
         assert self._server is not None
         self._server.close()

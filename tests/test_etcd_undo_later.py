@@ -1,15 +1,20 @@
-"""An acquire whose write landed while etcd went out of reach leaves no ghost.
+"""An undo of an acquire that etcd could not answer is made again: no lock held for nobody.
 
-Gateway A's etcd client reaches a real 3-node etcd through a relay. A
-session's lock acquire is written, applied by etcd, and the connection is
-cut before the answer comes back; the relay then refuses A's connections
-(etcd out of reach from A) until A gives up (``EtcdUnavailable``, short
-deadlines here) and the undo it tries at once fails the same way. The
-acquire is answered as failed, yet its contender key is in etcd, on a lease
-that outlives the outage: it would hold the lock for nobody until the
-session ends, and a live client's session does not end. Once etcd is in
-reach again, the undo is asked again until answered, so gateway B's client
-gets the lock.
+Two ways a lock could stay held for nobody while its session lives, each
+through a relay between gateway A's etcd client and a real 3-node etcd:
+
+- An acquire's write lost on its way back: it is applied by etcd and the
+  connection is cut before the answer comes back; the relay then refuses
+  A's connections (etcd out of reach from A) until A gives up
+  (``EtcdUnavailable``, short deadlines here) and the undo it tries at once
+  fails the same way. The acquire is answered as failed, yet its contender
+  key is in etcd, on a lease that outlives the outage: it would hold the
+  lock for nobody until the session ends, and a live client's session does
+  not end. Once etcd is in reach again, the undo is asked again until
+  answered, so gateway B's client gets the lock.
+- An acquire granted, whose caller left before it read the answer (an
+  interrupt): the gateway undoes it, a release by its token, while etcd is
+  out of A's reach. The release is made again until etcd answers it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import secrets
 import pytest
 from test_etcd_resume import call, new_session
 
+from managerd.store.api import Call
 from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import name_key
 from managerd.store.etcd.store import EtcdStore
@@ -65,6 +71,48 @@ def test_an_acquire_failed_with_etcd_out_of_reach_is_undone_once_it_is_back(
                 relay.refusing = False  # etcd in reach again: the undo goes through
                 assert await call(lock_b, next_one, "acquire", True, 15), (
                     "a ghost of the failed acquire holds the lock"
+                )
+                await call(lock_b, next_one, "release")
+            finally:
+                relay.refusing = False
+                for store in (a, b):
+                    await asyncio.wait_for(store.close(), 30)
+        await relay.close()
+
+    asyncio.run(main())
+
+
+def test_a_granted_acquire_whose_caller_left_is_released_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    root = b"/undo" + secrets.token_hex(4).encode() + b"/"
+
+    async def main() -> None:
+        relay = EtcdRelay(cluster.endpoints[0])
+        via = await relay.start()
+        async with (
+            EtcdClient([via], rpc_timeout_s=0.5, retry_budget_s=1.5) as ca,
+            EtcdClient(cluster.endpoints) as cb,
+        ):
+            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
+            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
+            try:
+                left, next_one = new_session("left"), new_session("next")
+                lock_a = a.get_or_create("Lock", "guard", {})
+                token = await call(lock_a, left, "acquire")
+                assert token
+
+                relay.refusing = True  # etcd out of A's reach...
+                relay.drop_connections()
+                # ...when the caller that was granted it is found gone: undone.
+                a.undo(lock_a, "acquire", Call(left, 0, asyncio.get_running_loop()), (), token)
+                await asyncio.sleep(3)  # longer than A's retry budget: the first try failed
+                lock_b = b.get_or_create("Lock", "guard", {})
+                assert await call(lock_b, next_one, "locked")
+
+                relay.refusing = False  # etcd in reach again
+                assert await call(lock_b, next_one, "acquire", True, 15), (
+                    "the lock granted to a caller that left is still held"
                 )
                 await call(lock_b, next_one, "release")
             finally:

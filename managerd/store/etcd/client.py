@@ -286,28 +286,34 @@ UNDO_RETRY_MAX_S = 5.0
 
 
 def _undo_later(undo: Callable[[Any], Coroutine[Any, Any, Any]]) -> None:
-    task = unguarded(_undo_until_answered(undo), name="managerd-undo-later")
+    task = unguarded(until_answered(lambda: undo(None), first_now=False), name="managerd-undo")
     _UNDOS_LATER.add(task)
     task.add_done_callback(_UNDOS_LATER.discard)
 
 
-async def _undo_until_answered(undo: Callable[[Any], Coroutine[Any, Any, Any]]) -> None:
-    """``undo(None)`` asked again, pausing longer each time, until etcd answers it.
+async def until_answered(
+    make: Callable[[], Coroutine[Any, Any, Any]], *, first_now: bool = True
+) -> None:
+    """``make()`` awaited, and made again after a pause (longer each time) while etcd
+    cannot answer it: for an undo that must not be dropped by an outage.
 
-    Each undo looks for its own write (an attempt's mark, a request's key), so a
-    late one removes nothing of a later call's; once the session's lease is gone,
-    so is what it looks for.
+    Only for work that is safe to repeat (its writes compare what they change: a
+    release by its token, a withdrawal by its attempt's mark), since a try that
+    failed may have been applied; once the session's lease is gone, so is what
+    such work looks for. Any other etcd error is an answer: the work is over.
     """
     pause = UNDO_RETRY_FIRST_S
-    while True:
+    if not first_now:
         await asyncio.sleep(pause)
+    while True:
         try:
-            await undo(None)
+            await make()
             return
         except EtcdUnavailable:
+            await asyncio.sleep(pause)
             pause = min(pause * 2, UNDO_RETRY_MAX_S)
         except EtcdError:
-            return  # answered: what it looked for is not in a state to undo
+            return
 
 
 async def _undo_after(

@@ -49,7 +49,7 @@ from managerd.store.api import (
     exposed,
     methods_of,
 )
-from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.client import EtcdClient, until_answered
 from managerd.store.etcd.conditions import EtcdBarrier, EtcdCondition
 from managerd.store.etcd.deadlocks import HELD_BY_SELF
 from managerd.store.etcd.kv import EventType, Op, Put
@@ -428,8 +428,10 @@ class EtcdHandle:
 
         self.store.background(undo())
 
-    def _undo_as(self, session: Session, work: Work) -> None:
-        """``_undo`` of work that needs the session's lease."""
+    def _undo_as(self, session: Session, work: Work, *, repeatable: bool = False) -> None:
+        """``_undo`` of work that needs the session's lease. ``repeatable``: work safe
+        to make again (``client.until_answered``), made again while etcd is out of
+        reach rather than dropped."""
         before = [f for f in self.undos if not f.done()]
         finished: asyncio.Future[None] = self.store.loop.create_future()
         self.undos.append(finished)
@@ -438,7 +440,10 @@ class EtcdHandle:
             try:
                 if before:
                     await asyncio.wait(before)
-                await work(etcd_session)
+                if repeatable:
+                    await until_answered(lambda: work(etcd_session))
+                else:
+                    await work(etcd_session)
             finally:
                 finished.set_result(None)
                 self.undos.remove(finished)
@@ -1004,7 +1009,11 @@ class LockHandle(EtcdHandle):
             except LockLost:
                 pass
 
-        self._undo_as(call.session, undo)
+        # A Lock's release by its token: made again until etcd answers, or a lock granted
+        # to a caller that left would stay held, for nobody, while its session lives.
+        # (An RLock's release lowers a count: one applied unanswered and made again
+        # would let go of a level the thread holds.)
+        self._undo_as(call.session, undo, repeatable=type(self.lock) is EtcdLock)
 
     @exposed(mutates=True)
     def release(self, call: Call) -> Any:
