@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 
 import pytest
 from test_etcd_resume import call, new_session
@@ -38,87 +39,89 @@ __all__ = ["cluster"]  # the fixture, from etcd_support
 TTL_S = 30  # the outage lasts seconds: the session's lease outlives it
 
 
+def with_relayed_gateway(
+    cluster: EtcdCluster,
+    body: Callable[[EtcdRelay, EtcdStore, EtcdStore], Awaitable[None]],
+    root: bytes,
+) -> None:
+    """``body(relay, a, b)``: gateway A's store reaches etcd through ``relay`` (short
+    deadlines: it gives up in 1.5 s), gateway B's directly."""
+
+    async def main() -> None:
+        relay = EtcdRelay(cluster.endpoints[0])
+        via = await relay.start()
+        async with (
+            EtcdClient([via], rpc_timeout_s=0.5, retry_budget_s=1.5) as ca,
+            EtcdClient(cluster.endpoints) as cb,
+        ):
+            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
+            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
+            try:
+                await body(relay, a, b)
+            finally:
+                relay.refusing = False
+                for store in (a, b):
+                    await asyncio.wait_for(store.close(), 30)
+        await relay.close()
+
+    asyncio.run(main())
+
+
+def new_root() -> bytes:
+    return b"/undo" + secrets.token_hex(4).encode() + b"/"
+
+
 def test_an_acquire_failed_with_etcd_out_of_reach_is_undone_once_it_is_back(
     cluster: EtcdCluster,
 ) -> None:
-    root = b"/undo" + secrets.token_hex(4).encode() + b"/"
+    root = new_root()
     # The contender key's put: its protobuf field tag and length, then the key (the
     # lock's prefix and the session's lease, 16 hex digits).
     prefix = root + b"l/" + name_key("guard") + b"/"
     marker = bytes([0x0A, len(prefix) + 16]) + prefix
 
-    async def main() -> None:
-        relay = EtcdRelay(cluster.endpoints[0])
-        via = await relay.start()
-        async with (
-            EtcdClient([via], rpc_timeout_s=0.5, retry_budget_s=1.5) as ca,
-            EtcdClient(cluster.endpoints) as cb,
-        ):
-            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
-            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
-            try:
-                cut_off, next_one = new_session("cut off"), new_session("next")
-                lock_a = a.get_or_create("Lock", "guard", {})
-                assert not await call(lock_a, cut_off, "locked")  # its lease, on A
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        cut_off, next_one = new_session("cut off"), new_session("next")
+        lock_a = a.get_or_create("Lock", "guard", {})
+        assert not await call(lock_a, cut_off, "locked")  # its lease, on A
 
-                relay.cut_after(marker)  # applied, its answer lost...
-                relay.refusing = True  # ...and etcd out of A's reach
-                with pytest.raises(StoreUnavailable):
-                    await call(lock_a, cut_off, "acquire")
-                lock_b = b.get_or_create("Lock", "guard", {})
-                assert await call(lock_b, next_one, "locked"), "the acquire never landed"
+        relay.cut_after(marker)  # applied, its answer lost...
+        relay.refusing = True  # ...and etcd out of A's reach
+        with pytest.raises(StoreUnavailable):
+            await call(lock_a, cut_off, "acquire")
+        lock_b = b.get_or_create("Lock", "guard", {})
+        assert await call(lock_b, next_one, "locked"), "the acquire never landed"
 
-                relay.refusing = False  # etcd in reach again: the undo goes through
-                assert await call(lock_b, next_one, "acquire", True, 15), (
-                    "a ghost of the failed acquire holds the lock"
-                )
-                await call(lock_b, next_one, "release")
-            finally:
-                relay.refusing = False
-                for store in (a, b):
-                    await asyncio.wait_for(store.close(), 30)
-        await relay.close()
+        relay.refusing = False  # etcd in reach again: the undo goes through
+        assert await call(lock_b, next_one, "acquire", True, 15), (
+            "a ghost of the failed acquire holds the lock"
+        )
+        await call(lock_b, next_one, "release")
 
-    asyncio.run(main())
+    with_relayed_gateway(cluster, body, root)
 
 
 def test_a_granted_acquire_whose_caller_left_is_released_once_etcd_is_back(
     cluster: EtcdCluster,
 ) -> None:
-    root = b"/undo" + secrets.token_hex(4).encode() + b"/"
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, next_one = new_session("left"), new_session("next")
+        lock_a = a.get_or_create("Lock", "guard", {})
+        token = await call(lock_a, left, "acquire")
+        assert token
 
-    async def main() -> None:
-        relay = EtcdRelay(cluster.endpoints[0])
-        via = await relay.start()
-        async with (
-            EtcdClient([via], rpc_timeout_s=0.5, retry_budget_s=1.5) as ca,
-            EtcdClient(cluster.endpoints) as cb,
-        ):
-            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
-            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
-            try:
-                left, next_one = new_session("left"), new_session("next")
-                lock_a = a.get_or_create("Lock", "guard", {})
-                token = await call(lock_a, left, "acquire")
-                assert token
+        relay.refusing = True  # etcd out of A's reach...
+        relay.drop_connections()
+        # ...when the caller that was granted it is found gone: undone.
+        a.undo(lock_a, "acquire", Call(left, 0, asyncio.get_running_loop()), (), token)
+        await asyncio.sleep(3)  # longer than A's retry budget: the first try failed
+        lock_b = b.get_or_create("Lock", "guard", {})
+        assert await call(lock_b, next_one, "locked")
 
-                relay.refusing = True  # etcd out of A's reach...
-                relay.drop_connections()
-                # ...when the caller that was granted it is found gone: undone.
-                a.undo(lock_a, "acquire", Call(left, 0, asyncio.get_running_loop()), (), token)
-                await asyncio.sleep(3)  # longer than A's retry budget: the first try failed
-                lock_b = b.get_or_create("Lock", "guard", {})
-                assert await call(lock_b, next_one, "locked")
+        relay.refusing = False  # etcd in reach again
+        assert await call(lock_b, next_one, "acquire", True, 15), (
+            "the lock granted to a caller that left is still held"
+        )
+        await call(lock_b, next_one, "release")
 
-                relay.refusing = False  # etcd in reach again
-                assert await call(lock_b, next_one, "acquire", True, 15), (
-                    "the lock granted to a caller that left is still held"
-                )
-                await call(lock_b, next_one, "release")
-            finally:
-                relay.refusing = False
-                for store in (a, b):
-                    await asyncio.wait_for(store.close(), 30)
-        await relay.close()
-
-    asyncio.run(main())
+    with_relayed_gateway(cluster, body, new_root())

@@ -773,13 +773,8 @@ class EtcdQueue:
         done = await self.client.txn(
             [Compare(kv.key, Target.MOD, "==", kv.mod_revision)], ops, [Get(mark)], idempotent=True
         )
-        if done.succeeded:
-            revision = done.revision
-        elif _found(done, token.encode()):
-            found = done.responses[0]
-            assert isinstance(found, RangeResult)
-            revision = found.kvs[0].mod_revision  # our earlier attempt: one Txn, one revision
-        else:
+        revision = _own_revision(done, token)
+        if revision is None:
             return None
         if holder is not None and record:
             holder.records.append(record)
@@ -995,13 +990,8 @@ class EtcdQueue:
             [Get(marks[0])],
             idempotent=True,
         )
-        if done.succeeded:
-            revision = done.revision
-        elif _found(done, token.encode()):
-            found = done.responses[0]
-            assert isinstance(found, RangeResult)
-            revision = found.kvs[0].mod_revision  # our earlier attempt: one Txn, one revision
-        else:
+        revision = _own_revision(done, token)
+        if revision is None:
             return None
         for h in holders:
             h.confirm = [key for key in h.confirm if key not in confirming]
@@ -1087,6 +1077,18 @@ def _within_bytes(kvs: list[KeyValue]) -> list[KeyValue]:
         if i and size > _PUT_BATCH_BYTES:
             return kvs[:i]
     return kvs
+
+
+def _own_revision(done: TxnResult, token: str) -> int | None:
+    """The revision of a take marked with ``token``: its Txn's, or (a retry that found
+    its own mark) the earlier attempt's; None if another call took the item."""
+    if done.succeeded:
+        return done.revision
+    if _found(done, token.encode()):
+        found = done.responses[0]
+        assert isinstance(found, RangeResult)
+        return found.kvs[0].mod_revision  # our earlier attempt: one Txn, one revision
+    return None
 
 
 def _found(done: TxnResult, token: bytes) -> bool:
