@@ -29,9 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from managerd_client import connect
+from managerd_client import Manager, connect
+
+T = TypeVar("T")
 
 WORKLOADS = ("noop", "value_get", "putget", "lock")
 
@@ -43,17 +47,70 @@ def _free_port() -> int:
         return port
 
 
-def _drive(port: int, key: bytes, workload: str, calls: int) -> None:
-    """Make the workload's calls against the daemon on ``port`` (after a warm-up)."""
+def connect_when_up(port: int, key: bytes) -> Manager:
+    """A client of the daemon on ``port`` once it answers (under valgrind it starts slowly)."""
     deadline = time.monotonic() + 600
     while True:
         try:
-            m = connect(("127.0.0.1", port), key, connect_timeout_s=60)
-            break
+            return connect(("127.0.0.1", port), key, connect_timeout_s=60)
         except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def serve_under(
+    checkout: Path,
+    drive: Callable[[int, bytes, int], T],
+    *,
+    extra: Sequence[str] = (),
+    valgrind: bool = True,
+) -> tuple[T, int]:
+    """A daemon from ``checkout`` (``serve`` with ``extra`` arguments) driven by
+    ``drive(port, key, pid)``, then stopped: what ``drive`` returned, and the
+    user-space instructions retired in uvloop's read callback (0 without
+    ``valgrind``)."""
+    key = os.urandom(16).hex().encode()
+    port = _free_port()
+    with tempfile.NamedTemporaryFile() as keyfile:
+        keyfile.write(key)
+        keyfile.flush()
+        root = str(checkout.resolve())
+        env = dict(os.environ, PYTHONPATH=f"{root}:{root}/clients", PYTHONSAFEPATH="1")
+        command = (
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--callgrind-out-file=/dev/null",
+                "--toggle-collect=*uv_stream*on_read*",
+            ]
+            if valgrind
+            else []
+        )
+        serve = ["-m", "managerd", "serve", "--port", str(port), "--authkey-file", keyfile.name]
+        daemon = subprocess.Popen(
+            [*command, sys.executable, *serve, *extra],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            result = drive(port, key, daemon.pid)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, stderr = daemon.communicate(timeout=600)
+    if not valgrind:
+        return result, 0
+    found = re.search(r"Collected : (\d+)", stderr)
+    if found is None:
+        raise RuntimeError(f"no count from callgrind: {stderr[-500:]}")
+    return result, int(found.group(1))
+
+
+def _drive(port: int, key: bytes, workload: str, calls: int) -> None:
+    """Make the workload's calls against the daemon on ``port`` (after a warm-up)."""
+    m = connect_when_up(port, key)
     with m:
         v = m.Value("bench-v", "i", 1)
         q = m.Queue("bench-q")
@@ -77,36 +134,8 @@ def _drive(port: int, key: bytes, workload: str, calls: int) -> None:
 
 def instructions(checkout: Path, workload: str, calls: int) -> int:
     """User-space instructions of a daemon from ``checkout`` serving ``calls`` calls."""
-    key = os.urandom(16).hex().encode()
-    port = _free_port()
-    with tempfile.NamedTemporaryFile() as keyfile:
-        keyfile.write(key)
-        keyfile.flush()
-        root = str(checkout.resolve())
-        env = dict(os.environ, PYTHONPATH=f"{root}:{root}/clients", PYTHONSAFEPATH="1")
-        command = [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            "--toggle-collect=*uv_stream*on_read*",
-        ]
-        serve = ["-m", "managerd", "serve", "--port", str(port), "--authkey-file", keyfile.name]
-        daemon = subprocess.Popen(
-            [*command, sys.executable, *serve],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            _drive(port, key, workload, calls)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            _, stderr = daemon.communicate(timeout=300)
-    found = re.search(r"Collected : (\d+)", stderr)
-    if found is None:
-        raise RuntimeError(f"no count from callgrind: {stderr[-500:]}")
-    return int(found.group(1))
+    _, count = serve_under(checkout, lambda port, key, _pid: _drive(port, key, workload, calls))
+    return count
 
 
 def main() -> None:

@@ -21,25 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from managerd_client import connect
+from daemon_instructions import connect_when_up, serve_under
 
 PAYLOAD = b"x" * 100
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _cpu_s(pid: int) -> float:
@@ -49,15 +36,7 @@ def _cpu_s(pid: int) -> float:
 
 def _drive(port: int, key: bytes, batch: int, rounds: int, pid: int) -> float:
     """Make the rounds against the daemon on ``port``; the daemon's CPU seconds for them."""
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            m = connect(("127.0.0.1", port), key, connect_timeout_s=60)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    m = connect_when_up(port, key)
     with m:
         q = m.Queue("bench-batches")
         items = [PAYLOAD] * batch
@@ -73,43 +52,13 @@ def _drive(port: int, key: bytes, batch: int, rounds: int, pid: int) -> float:
 
 def run(checkout: Path, fsync: str, batch: int, rounds: int, valgrind: bool) -> tuple[float, int]:
     """(daemon CPU seconds, instructions in the read callback or 0) for ``rounds``."""
-    key = os.urandom(16).hex().encode()
-    port = _free_port()
-    with tempfile.NamedTemporaryFile() as keyfile, tempfile.TemporaryDirectory() as data:
-        keyfile.write(key)
-        keyfile.flush()
-        root = str(checkout.resolve())
-        env = dict(os.environ, PYTHONPATH=f"{root}:{root}/clients", PYTHONSAFEPATH="1")
-        prefix = (
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                "--toggle-collect=*uv_stream*on_read*",
-            ]
-            if valgrind
-            else []
+    with tempfile.TemporaryDirectory() as data:
+        return serve_under(
+            checkout,
+            lambda port, key, pid: _drive(port, key, batch, rounds, pid),
+            extra=["--data-dir", data, "--fsync", fsync],
+            valgrind=valgrind,
         )
-        serve = ["-m", "managerd", "serve", "--port", str(port), "--authkey-file", keyfile.name]
-        serve += ["--data-dir", data, "--fsync", fsync]
-        daemon = subprocess.Popen(
-            [*prefix, sys.executable, *serve],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            cpu = _drive(port, key, batch, rounds, daemon.pid)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            _, stderr = daemon.communicate(timeout=600)
-    if not valgrind:
-        return cpu, 0
-    found = re.search(r"Collected : (\d+)", stderr)
-    if found is None:
-        raise RuntimeError(f"no count from callgrind: {stderr[-500:]}")
-    return cpu, int(found.group(1))
 
 
 def main() -> None:
