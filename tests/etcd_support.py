@@ -33,12 +33,15 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.store import EtcdStore
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -510,6 +513,41 @@ class EtcdRelay:
             task.cancel()
         for w in (writer, up_writer):
             w.transport.abort()
+
+
+def relayed_and_direct(
+    cluster: EtcdCluster,
+    body: Callable[[EtcdRelay, EtcdStore, EtcdStore], Awaitable[None]],
+    *,
+    root: bytes,
+    session_ttl_s: int,
+    rpc_timeout_s: float = 0.5,
+    retry_budget_s: float = 1.5,
+) -> None:
+    """``body(relay, a, b)`` in a new event loop: store A reaches ``cluster`` through
+    ``relay`` (with these deadlines: by default it gives up in 1.5 s), store B
+    directly; both under ``root``. Afterwards the relay lets everything through
+    and the stores and the relay are closed."""
+
+    async def main() -> None:
+        relay = EtcdRelay(cluster.endpoints[0])
+        via = await relay.start()
+        async with (
+            EtcdClient([via], rpc_timeout_s=rpc_timeout_s, retry_budget_s=retry_budget_s) as ca,
+            EtcdClient(cluster.endpoints) as cb,
+        ):
+            a = await EtcdStore.open(ca, root=root, session_ttl_s=session_ttl_s)
+            b = await EtcdStore.open(cb, root=root, session_ttl_s=session_ttl_s)
+            try:
+                await body(relay, a, b)
+            finally:
+                relay.refusing = False
+                relay.let_through()
+                for store in (a, b):
+                    await asyncio.wait_for(store.close(), 30)
+        await relay.close()
+
+    asyncio.run(main())
 
 
 class RelayThread:

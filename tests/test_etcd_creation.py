@@ -32,14 +32,13 @@ from test_etcd_resume import TTL_S, Gateways, gateways, in_thread, new_session, 
 
 from managerd.service.ops import ServerOps
 from managerd.store.api import Call
-from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.store import EtcdStore
 from managerd.store.interface import Handle
 from managerd.store.memory.store import MemoryStore
 from managerd_client.errors import ObjectTypeConflict, StoreUnavailable
 
 from conftest import Daemon
-from etcd_support import EtcdCluster, EtcdRelay, RelayThread, cluster
+from etcd_support import EtcdCluster, EtcdRelay, RelayThread, cluster, relayed_and_direct
 
 __all__ = ["cluster", "gateways"]  # the fixtures
 
@@ -145,36 +144,23 @@ def test_a_creation_that_loses_a_race_to_another_type_answers_the_conflict(
 def test_a_creation_etcd_does_not_answer_is_store_unavailable_and_is_tried_again(
     cluster: EtcdCluster,
 ) -> None:
-    async def main() -> None:
-        root = b"/c" + secrets.token_hex(4).encode() + b"/"
-        relay = EtcdRelay(cluster.endpoints[0])
-        via = await relay.start()
-        async with (
-            EtcdClient([via], rpc_timeout_s=0.5, retry_budget_s=1.5) as ca,
-            EtcdClient(cluster.endpoints) as cb,
-        ):
-            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
-            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
-            try:
-                name = "unanswered-" + secrets.token_hex(12)
-                relay.hold_from(name.encode())
-                first = a.get_or_create("Queue", name, {})
-                with pytest.raises(StoreUnavailable):
-                    await asyncio.wait_for(outcome(a, first), 60)
-                relay.let_through()  # the held write may land now: outcome unknown
-                again = a.get_or_create("Queue", name, {})
-                assert again is not first  # not the failed creation's answer again
-                await asyncio.wait_for(outcome(a, again), 60)
-                # It exists once: B's mirror learns it from etcd.
-                while name not in dict(b.listing()):
-                    await asyncio.sleep(0.01)
-                assert b.created(b.get_or_create("Queue", name, {})) is None
-            finally:
-                await a.close()
-                await b.close()
-                await relay.close()
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        name = "unanswered-" + secrets.token_hex(12)
+        relay.hold_from(name.encode())
+        first = a.get_or_create("Queue", name, {})
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(outcome(a, first), 60)
+        relay.let_through()  # the held write may land now: outcome unknown
+        again = a.get_or_create("Queue", name, {})
+        assert again is not first  # not the failed creation's answer again
+        await asyncio.wait_for(outcome(a, again), 60)
+        # It exists once: B's mirror learns it from etcd.
+        while name not in dict(b.listing()):
+            await asyncio.sleep(0.01)
+        assert b.created(b.get_or_create("Queue", name, {})) is None
 
-    asyncio.run(main())
+    root = b"/c" + secrets.token_hex(4).encode() + b"/"
+    relayed_and_direct(cluster, body, root=root, session_ttl_s=TTL_S)
 
 
 def test_a_creation_given_up_by_its_client_is_still_made(cluster: EtcdCluster) -> None:

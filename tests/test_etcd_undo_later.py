@@ -21,50 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
 
 import pytest
 from test_etcd_resume import call, new_session
 
 from managerd.store.api import Call
-from managerd.store.etcd.client import EtcdClient
 from managerd.store.etcd.kv import name_key
 from managerd.store.etcd.store import EtcdStore
 from managerd_client.errors import StoreUnavailable
 
-from etcd_support import EtcdCluster, EtcdRelay, cluster
+from etcd_support import EtcdCluster, EtcdRelay, cluster, relayed_and_direct
 
 __all__ = ["cluster"]  # the fixture, from etcd_support
 
 TTL_S = 30  # the outage lasts seconds: the session's lease outlives it
-
-
-def with_relayed_gateway(
-    cluster: EtcdCluster,
-    body: Callable[[EtcdRelay, EtcdStore, EtcdStore], Awaitable[None]],
-    root: bytes,
-) -> None:
-    """``body(relay, a, b)``: gateway A's store reaches etcd through ``relay`` (short
-    deadlines: it gives up in 1.5 s), gateway B's directly."""
-
-    async def main() -> None:
-        relay = EtcdRelay(cluster.endpoints[0])
-        via = await relay.start()
-        async with (
-            EtcdClient([via], rpc_timeout_s=0.5, retry_budget_s=1.5) as ca,
-            EtcdClient(cluster.endpoints) as cb,
-        ):
-            a = await EtcdStore.open(ca, root=root, session_ttl_s=TTL_S)
-            b = await EtcdStore.open(cb, root=root, session_ttl_s=TTL_S)
-            try:
-                await body(relay, a, b)
-            finally:
-                relay.refusing = False
-                for store in (a, b):
-                    await asyncio.wait_for(store.close(), 30)
-        await relay.close()
-
-    asyncio.run(main())
 
 
 def new_root() -> bytes:
@@ -98,7 +68,7 @@ def test_an_acquire_failed_with_etcd_out_of_reach_is_undone_once_it_is_back(
         )
         await call(lock_b, next_one, "release")
 
-    with_relayed_gateway(cluster, body, root)
+    relayed_and_direct(cluster, body, root=root, session_ttl_s=TTL_S)
 
 
 def test_a_granted_acquire_whose_caller_left_is_released_once_etcd_is_back(
@@ -124,4 +94,4 @@ def test_a_granted_acquire_whose_caller_left_is_released_once_etcd_is_back(
         )
         await call(lock_b, next_one, "release")
 
-    with_relayed_gateway(cluster, body, new_root())
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
