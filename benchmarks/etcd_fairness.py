@@ -52,6 +52,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from etcd_gateways import embedded_and_gateways  # noqa: E402
+
 from conftest import Daemon  # noqa: E402
 from etcd_support import running_cluster  # noqa: E402
 
@@ -239,25 +241,17 @@ def main() -> None:
         ("as fast as one producer can", None),
     ]
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp, running_cluster(Path(tmp)) as cluster:
-        store = ["--store", "etcd://" + ",".join(cluster.endpoints)]
-        memory = Daemon(Path(tmp))
-        gateways = [Daemon(Path(tmp), args=store) for _ in range(GATEWAYS)]
-        for g in gateways:
-            g.authkey = memory.authkey
-        started: list[Daemon] = []
-        try:
-            for d in (memory, *gateways):
-                started.append(d.start())
-            systems = [("embedded daemon", [memory]), (f"{GATEWAYS} etcd gateways", gateways)]
-            for system, daemons in systems:
-                for k, (phase, rate) in enumerate(phases):
-                    name = f"fair-{len(results)}"
-                    cs, puts = run_phase(daemons, name, args.consumers, rate, args.seconds)
-                    results[f"{system}, {phase}"] = report(system, phase, cs, puts, k == 0)
-        finally:
-            for d in started:
-                d.stop()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_cluster(Path(tmp)) as cluster,
+        embedded_and_gateways(Path(tmp), cluster, GATEWAYS) as (memory, gateways),
+    ):
+        systems = [("embedded daemon", [memory]), (f"{GATEWAYS} etcd gateways", gateways)]
+        for system, daemons in systems:
+            for k, (phase, rate) in enumerate(phases):
+                name = f"fair-{len(results)}"
+                cs, puts = run_phase(daemons, name, args.consumers, rate, args.seconds)
+                results[f"{system}, {phase}"] = report(system, phase, cs, puts, k == 0)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     broken = [k for k, r in results.items() if r["missing"] or r["twice"] or r["stray"]]

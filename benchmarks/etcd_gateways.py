@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +156,27 @@ def raw_floors(
     return asyncio.run(_floors(cluster, counts, seconds, batch))
 
 
+@contextlib.contextmanager
+def embedded_and_gateways(
+    tmp: Path, cluster: EtcdCluster, count: int
+) -> Iterator[tuple[Daemon, list[Daemon]]]:
+    """An embedded daemon and ``count`` gateways on ``cluster``, one authkey for all,
+    started; stopped afterwards."""
+    store = ["--store", "etcd://" + ",".join(cluster.endpoints)]
+    memory = Daemon(tmp)
+    gateways = [Daemon(tmp, args=store) for _ in range(count)]
+    for g in gateways:
+        g.authkey = memory.authkey
+    started: list[Daemon] = []
+    try:
+        for d in (memory, *gateways):
+            started.append(d.start())
+        yield memory, gateways
+    finally:
+        for d in started:
+            d.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per figure")
@@ -178,31 +200,23 @@ def main() -> None:
         )
         print(f"| {workload}: {setup} | {' | '.join(f'{r:,.0f}' for r in rates)} |", flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp, running_cluster(Path(tmp)) as cluster:
-        store = ["--store", "etcd://" + ",".join(cluster.endpoints)]
-        memory = Daemon(Path(tmp))
-        gateways = [Daemon(Path(tmp), args=store) for _ in range(max(gateway_counts))]
-        for g in gateways:
-            g.authkey = memory.authkey
-        started: list[Daemon] = []
-        try:
-            for d in (memory, *gateways):
-                started.append(d.start())
-            print(f"| per second | {' | '.join(f'{n} client(s)' for n in counts)} |")
-            print(f"| --- |{' ---: |' * len(counts)}")
-            floor = "raw etcd from this machine (the floor)"
-            puts, txns = raw_floors(cluster, counts, args.seconds, args.batch)
-            row("puts/s", floor, puts)
-            row(f"keys/s in Txns of {args.batch} puts", floor, txns)
-            for workload, work in workloads:
-                rates = [per_s([memory], n, args.seconds, work) for n in counts]
-                row(workload, "embedded daemon", rates)
-                for used in gateway_counts:
-                    rates = [per_s(gateways[:used], n, args.seconds, work) for n in counts]
-                    row(workload, f"{used} gateway(s)", rates)
-        finally:
-            for d in started:
-                d.stop()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_cluster(Path(tmp)) as cluster,
+        embedded_and_gateways(Path(tmp), cluster, max(gateway_counts)) as (memory, gateways),
+    ):
+        print(f"| per second | {' | '.join(f'{n} client(s)' for n in counts)} |")
+        print(f"| --- |{' ---: |' * len(counts)}")
+        floor = "raw etcd from this machine (the floor)"
+        puts, txns = raw_floors(cluster, counts, args.seconds, args.batch)
+        row("puts/s", floor, puts)
+        row(f"keys/s in Txns of {args.batch} puts", floor, txns)
+        for workload, work in workloads:
+            rates = [per_s([memory], n, args.seconds, work) for n in counts]
+            row(workload, "embedded daemon", rates)
+            for used in gateway_counts:
+                rates = [per_s(gateways[:used], n, args.seconds, work) for n in counts]
+                row(workload, f"{used} gateway(s)", rates)
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
