@@ -34,9 +34,10 @@ import pytest
 from test_etcd_resume import call, new_session
 
 from managerd.store.api import Call
-from managerd.store.sessions import Session
+from managerd.store.etcd.handles import SemaphoreHandle
 from managerd.store.etcd.kv import name_key
 from managerd.store.etcd.store import EtcdStore
+from managerd.store.sessions import Session
 from managerd_client.errors import StoreUnavailable
 
 from etcd_support import EtcdCluster, EtcdRelay, cluster, relayed_and_direct
@@ -152,6 +153,7 @@ def test_a_semaphore_undo_applied_unanswered_gives_back_that_permit_and_no_other
         first = await call(sem_a, left, "acquire", thread=1)
         second = await call(sem_a, left, "acquire", thread=2)
         sem_b = b.get_or_create("Semaphore", "slots", {"value": 2})
+        assert isinstance(sem_b, SemaphoreHandle)
         keys = {kv.create_revision: kv.key for kv in (await sem_b.sem._read()).contenders}
 
         # The first permit's undo: its delete applied, its answer lost, etcd out of
