@@ -19,8 +19,9 @@ through a relay between gateway A's etcd client and a real 3-node etcd:
 And so for every undo of an answer whose caller left, each made again
 until etcd answers, none twice: a Semaphore's permit (the very one the
 acquire was answered with), a get's items (back once each), a reserve
-(back, not counted as a delivery) and a pipe's message. A try applied by
-etcd whose answer was lost (the relay cuts it) is made again harmlessly.
+(back, not counted as a delivery), a pipe's message and a Condition
+restore's lock. A try applied by etcd whose answer was lost (the relay
+cuts it) is made again harmlessly.
 """
 
 from __future__ import annotations
@@ -264,5 +265,28 @@ def test_pipe_messages_whose_reader_left_are_there_once_each_once_etcd_is_back(
         got = [await call(pipe_b, writer, "recv", 0, 0) for _ in range(2)]
         assert sorted(got) == sorted([x, y]), "a message was dropped"
         assert not await call(pipe_b, writer, "poll", 0, 0), "a message came back twice"
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def test_a_condition_lock_restored_to_a_caller_that_left_is_released_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, next_one = new_session("left"), new_session("next")
+        cond_a = a.get_or_create("Condition", "c", {})
+        # The lock held with this token, as an interrupted wait's restore answers it.
+        token = await call(cond_a, left, "acquire")
+        assert token
+
+        await undone_while_out_of_reach(relay, a, cond_a, "restore", left, token)
+        cond_b = b.get_or_create("Condition", "c", {})
+        assert await call(cond_b, next_one, "locked")
+
+        relay.refusing = False  # etcd in reach again
+        assert await call(cond_b, next_one, "acquire", True, 15), (
+            "the lock restored to a caller that left is still held"
+        )
+        await call(cond_b, next_one, "release")
 
     relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
