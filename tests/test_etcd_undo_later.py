@@ -15,19 +15,30 @@ through a relay between gateway A's etcd client and a real 3-node etcd:
 - An acquire granted, whose caller left before it read the answer (an
   interrupt): the gateway undoes it, a release by its token, while etcd is
   out of A's reach. The release is made again until etcd answers it.
+
+And so for every undo of an answer whose caller left, each made again
+until etcd answers, none twice: a Semaphore's permit (the very one the
+acquire was answered with), a get's items (back once each), a reserve
+(back, not counted as a delivery), a pipe's message and a Condition
+restore's lock. A try applied by etcd whose answer was lost (the relay
+cuts it) is made again harmlessly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import secrets
+from typing import Any
 
 import pytest
 from test_etcd_resume import call, new_session
 
 from managerd.store.api import Call
+from managerd.store.etcd.handles import SemaphoreHandle
 from managerd.store.etcd.kv import name_key
 from managerd.store.etcd.store import EtcdStore
+from managerd.store.sessions import Session
 from managerd_client.errors import StoreUnavailable
 
 from etcd_support import EtcdCluster, EtcdRelay, cluster, relayed_and_direct
@@ -93,5 +104,189 @@ def test_a_granted_acquire_whose_caller_left_is_released_once_etcd_is_back(
             "the lock granted to a caller that left is still held"
         )
         await call(lock_b, next_one, "release")
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+async def undone_while_out_of_reach(
+    relay: EtcdRelay, store: EtcdStore, handle: Any, method: str, session: Session, answer: Any,
+    *, thread: int = 0,
+) -> None:  # fmt: skip
+    """With etcd out of ``store``'s reach, the answer of ``method`` to ``session``'s
+    ``thread`` is undone (its caller left), and its first try fails."""
+    relay.refusing = True
+    relay.drop_connections()
+    store.undo(handle, method, Call(session, thread, asyncio.get_running_loop()), (), answer)
+    await asyncio.sleep(3)  # longer than A's retry budget: the first try failed
+
+
+def test_a_semaphore_permit_granted_to_a_caller_that_left_goes_back_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, next_one = new_session("left"), new_session("next")
+        sem_a = a.get_or_create("Semaphore", "slots", {"value": 1})
+        token = await call(sem_a, left, "acquire")
+        assert token
+
+        await undone_while_out_of_reach(relay, a, sem_a, "acquire", left, token)
+        sem_b = b.get_or_create("Semaphore", "slots", {"value": 1})
+        assert await call(sem_b, next_one, "get_value") == 0
+
+        relay.refusing = False  # etcd in reach again
+        assert await call(sem_b, next_one, "acquire", True, 15), (
+            "the permit granted to a caller that left is still held"
+        )
+        assert await call(sem_a, left, "get_value") == 0  # (after A's undo: one permit)
+        await call(sem_b, next_one, "release")
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def test_a_semaphore_undo_applied_unanswered_gives_back_that_permit_and_no_other(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left = new_session("left")
+        reach = a.get_or_create("Event", "reach", {})
+        assert not await call(reach, left, "is_set")
+        sem_a = a.get_or_create("Semaphore", "slots", {"value": 2})
+        first = await call(sem_a, left, "acquire", thread=1)
+        second = await call(sem_a, left, "acquire", thread=2)
+        sem_b = b.get_or_create("Semaphore", "slots", {"value": 2})
+        assert isinstance(sem_b, SemaphoreHandle)
+        keys = {kv.create_revision: kv.key for kv in (await sem_b.sem._read()).contenders}
+
+        # The first permit's undo: its delete applied, its answer lost, etcd out of
+        # A's reach; A makes it again until etcd answers.
+        relay.cut_after(keys[first])
+        relay.refusing = True
+        a.undo(sem_a, "acquire", Call(left, 1, asyncio.get_running_loop()), (), first)
+        await asyncio.sleep(3)
+        assert relay.cuts == 1
+        relay.refusing = False
+        # A reaches etcd again before the undo's next try, so that try's answer is
+        # the first to its request: that it finds the key gone says nothing of who
+        # deleted it (the earlier try did).
+        while True:
+            try:
+                await call(reach, left, "is_set")
+                break
+            except StoreUnavailable:
+                pass
+        assert await call(sem_a, left, "get_value") == 1  # (after A's undo)
+
+        held = [kv.create_revision for kv in (await sem_b.sem._read()).contenders]
+        assert held == [second], "the undo gave back another permit than its own"
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def test_items_of_a_get_whose_caller_left_go_back_once_each_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, next_one = new_session("left"), new_session("next")
+        x, y = b"x-" + secrets.token_bytes(8), b"y-" + secrets.token_bytes(8)
+        jobs_b = b.get_or_create("Queue", "jobs", {})
+        await call(jobs_b, next_one, "put_many", [x, y])
+        jobs_a = a.get_or_create("Queue", "jobs", {})
+        got = await call(jobs_a, left, "get_many", 2, False)
+        assert got == [x, y]
+
+        # Each item goes back in a Txn of its own: x's is applied, its answer lost;
+        # y's fails (etcd out of A's reach). Both are made again until etcd answers.
+        relay.cut_after(x)
+        relay.refusing = True
+        a.undo(jobs_a, "get_many", Call(left, 0, asyncio.get_running_loop()), (), got)
+        await asyncio.sleep(3)
+        assert relay.cuts == 1
+        assert await call(jobs_b, next_one, "get", True, 5) == x
+        with pytest.raises(queue.Empty):
+            await call(jobs_b, next_one, "get_nowait")
+
+        relay.refusing = False  # etcd in reach again
+        assert await call(jobs_b, next_one, "get", True, 15) == y, "an item was dropped"
+        await call(jobs_a, left, "qsize")  # (after A's undo)
+        with pytest.raises(queue.Empty):
+            await call(jobs_b, next_one, "get_nowait")  # neither came back twice
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def test_a_reservation_whose_caller_left_goes_back_uncounted_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, next_one = new_session("left"), new_session("next")
+        args = {"visibility_timeout_s": 120.0}  # no redelivery by timeout in this test
+        jobs_b = b.get_or_create("Queue", "jobs", args)
+        await call(jobs_b, next_one, "put", b"job")
+        jobs_a = a.get_or_create("Queue", "jobs", args)
+        reserved = await call(jobs_a, left, "reserve", 5)
+        assert reserved[1:] == (b"job", 1)
+
+        await undone_while_out_of_reach(relay, a, jobs_a, "reserve", left, reserved)
+        assert await call(jobs_b, next_one, "reserved_count") == 1
+
+        relay.refusing = False  # etcd in reach again
+        did, payload, deliveries = await call(jobs_b, next_one, "reserve", 15)
+        assert (payload, deliveries) == (b"job", 1), "not back, or counted as delivered"
+        await call(jobs_b, next_one, "ack", did)
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def test_pipe_messages_whose_reader_left_are_there_once_each_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, writer = new_session("left"), new_session("writer")
+        x, y = b"x-" + secrets.token_bytes(8), b"y-" + secrets.token_bytes(8)
+        pipe_b = b.get_or_create("Pipe", "p", {})
+        for message in (x, y):
+            await call(pipe_b, writer, "send", 1, message)
+        pipe_a = a.get_or_create("Pipe", "p", {})
+        assert await call(pipe_a, left, "recv", 0, 0, thread=1) == x
+        assert await call(pipe_a, left, "recv", 0, 0, thread=2) == y
+
+        # x's put back is applied, its answer lost; y's fails (etcd out of A's reach).
+        # Both are made again until etcd answers, each under the id it took first.
+        loop = asyncio.get_running_loop()
+        relay.cut_after(x)
+        relay.refusing = True
+        a.undo(pipe_a, "recv", Call(left, 1, loop), (0,), x)
+        a.undo(pipe_a, "recv", Call(left, 2, loop), (0,), y)
+        await asyncio.sleep(3)
+        assert relay.cuts == 1
+
+        relay.refusing = False  # etcd in reach again
+        await call(pipe_a, left, "poll", 0, 0)  # (after A's undos)
+        got = [await call(pipe_b, writer, "recv", 0, 0) for _ in range(2)]
+        assert sorted(got) == sorted([x, y]), "a message was dropped"
+        assert not await call(pipe_b, writer, "poll", 0, 0), "a message came back twice"
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def test_a_condition_lock_restored_to_a_caller_that_left_is_released_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, next_one = new_session("left"), new_session("next")
+        cond_a = a.get_or_create("Condition", "c", {})
+        # The lock held with this token, as an interrupted wait's restore answers it.
+        token = await call(cond_a, left, "acquire")
+        assert token
+
+        await undone_while_out_of_reach(relay, a, cond_a, "restore", left, token)
+        cond_b = b.get_or_create("Condition", "c", {})
+        assert await call(cond_b, next_one, "locked")
+
+        relay.refusing = False  # etcd in reach again
+        assert await call(cond_b, next_one, "acquire", True, 15), (
+            "the lock restored to a caller that left is still held"
+        )
+        await call(cond_b, next_one, "release")
 
     relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)

@@ -65,7 +65,7 @@ from managerd.store.etcd.queues import (
     return_records,
 )
 from managerd.store.etcd.sessions import EtcdSession
-from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore
+from managerd.store.etcd.sync import EtcdEvent, EtcdSemaphore, PermitReturn
 from managerd.store.etcd.values import EtcdDict, EtcdValue, check_key
 from managerd.store.etcd.watching import WAITING, Still, changed
 from managerd.store.etcd.watching import waiting as watching_waiting
@@ -410,9 +410,13 @@ class EtcdHandle:
         still = self.waiting.get(future)
         return still is not None and still()
 
-    def _undo(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Give back what an answered call handed out; calls made here after it wait
-        for it (as the memory store's undo is done before its next call)."""
+    def _undo(
+        self, work: Callable[[], Coroutine[Any, Any, Any]], *, repeatable: bool = False
+    ) -> None:
+        """Give back what an answered call handed out (``work()``); calls made here after
+        it wait for it (as the memory store's undo is done before its next call).
+        ``repeatable``: work safe to make again (``client.until_answered``), made again
+        while etcd is out of reach rather than dropped."""
         before = [f for f in self.undos if not f.done()]
         finished: asyncio.Future[None] = self.store.loop.create_future()
         self.undos.append(finished)
@@ -421,7 +425,10 @@ class EtcdHandle:
             try:
                 if before:
                     await asyncio.wait(before)  # in the order they were given
-                await coro
+                if repeatable:
+                    await until_answered(work)
+                else:
+                    await work()
             finally:
                 finished.set_result(None)
                 self.undos.remove(finished)
@@ -718,16 +725,24 @@ class QueueHandle(EtcdHandle):
         self.store.found.pop(key, None)
         records = self.store.unconfirmed.pop(key, None)
         if records:
-            self._undo(self._return_records(records))
+            self._undo(lambda: self._return_records(records), repeatable=True)
             return
+        # The ids are taken once, here: a try made again puts each item under the same
+        # id, so one applied unanswered fails its compares (``put_front``); a new id
+        # each try would put it twice.
+        ids = [self.queue._ids.next() for _ in payloads]
 
         async def put_back() -> None:
-            for payload in reversed(payloads):  # the last put first goes behind the others
-                await self.queue.put_front(payload)
+            # The last put first goes behind the others (the oldest id sorts last).
+            for payload, iid in zip(reversed(payloads), ids, strict=True):
+                await self.queue.put_front(payload, iid)
 
-        self._undo(put_back())
+        self._undo(put_back, repeatable=True)
 
     async def _return_records(self, keys: list[bytes]) -> None:
+        """The items of the unconfirmed records ``keys`` back at their places. Safe to
+        make again: each move compares its record's revision and deletes it, so a
+        record moved by a try whose answer was lost is gone when read again."""
         kvs = [kv for key in keys if (kv := await self.store.client.get(key)) is not None]
         await return_records(self.store.client, self.store.root, kvs)
 
@@ -737,7 +752,9 @@ class QueueHandle(EtcdHandle):
         delivery = self.store.deliveries.find(call.session, self, result[0], take=True)
         if delivery is not None:
             unseen = dataclasses.replace(delivery, deliveries=delivery.deliveries - 1)
-            self._undo(self.queue.nack(unseen, True))
+            # The nack compares the reservation's receipt: a try applied unanswered is
+            # gone from ``r/`` when made again (nothing moves twice).
+            self._undo(lambda: self.queue.nack(unseen, True), repeatable=True)
 
     @exposed()
     def qsize(self, call: Call) -> Any:
@@ -1153,7 +1170,12 @@ class SemaphoreHandle(EtcdHandle):
         return self._run(call, acquire, parks=wait_s != 0.0, unwinds=True)
 
     def _undo_acquire(self, call: Call, args: tuple[Any, ...], token: Any) -> None:
-        self._undo_as(call.session, lambda s: self.sem.release(s, 1))
+        """The permit the acquire was answered with goes back, made again until etcd
+        answers (``sync.PermitReturn``: not a release, which is not safe to repeat);
+        if the session released that one meanwhile, another it holds, as the memory
+        store's undo gives one back while the session holds any."""
+        if isinstance(token, int) and not isinstance(token, bool):
+            self._undo_as(call.session, PermitReturn(self.sem, token), repeatable=True)
 
     @exposed(mutates=True)
     def release(self, call: Call, n: int = 1) -> Any:
@@ -1673,8 +1695,10 @@ class ConditionHandle(EtcdHandle):
         async def undo(session: EtcdSession) -> None:
             await self.condition.release_whole(self.lock.lock._key(session, owner), token)
 
+        # A delete compared on the token: a try applied unanswered finds the key gone
+        # (or another holding's) when made again, so it is made again until etcd answers.
         if isinstance(token, int) and not isinstance(token, bool):
-            self._undo_as(call.session, undo)
+            self._undo_as(call.session, undo, repeatable=True)
 
     @exposed()
     def notify(self, call: Call, n: int = 1) -> Any:
@@ -1920,8 +1944,11 @@ class PipeHandle(EtcdHandle):
         return self._run(call, lambda _: self.pipe.recv(end, wait_s), parks=True)
 
     def _undo_recv(self, call: Call, args: tuple[Any, ...], payload: bytes) -> None:
-        """A recv answered but abandoned by its client: the message is first again."""
-        self._undo(self.pipe.inboxes[self._end(args[0])].put_front(payload))
+        """A recv answered but abandoned by its client: the message is first again, made
+        again until etcd answers (under one id, taken here: ``put_front``)."""
+        inbox = self.pipe.inboxes[self._end(args[0])]
+        iid = inbox._ids.next()
+        self._undo(lambda: inbox.put_front(payload, iid), repeatable=True)
 
     @exposed()
     def poll(self, call: Call, end: int, timeout: float | None = 0.0) -> Any:

@@ -453,13 +453,18 @@ class EtcdQueue:
         except TimeoutError:
             raise TimeoutError("join() timed out") from None
 
-    async def put_front(self, item: bytes) -> None:
+    async def put_front(self, item: bytes, iid: bytes | None = None) -> None:
         """Put ``item`` back before every other (an answered get whose caller left).
 
         Its id sorts before any ``put``'s (a leading ``!``, then the time
         counted down: the latest such item first); at most once, as ``put``.
+        ``iid``: the put id (``_Ids.next``) to make that id of, taken once by a
+        caller that makes this again until etcd answers: a try applied unanswered
+        then fails the compares of the next (a new id each try would put the item
+        twice). As for ``put``, a try made after the item was taken and its
+        tombstone's lease ended (about a minute) could put it again.
         """
-        iid = self._ids.next()
+        iid = self._ids.next() if iid is None else iid
         iid = b"!%020d" % (10**20 - 1 - int(iid[:20])) + iid[20:]
         await self.client.txn(
             [

@@ -26,6 +26,13 @@ and the next waiters hold them. As the memory store: any client may
 release; the releaser's own permits go first, then other sessions' (their
 keys are deleted), and the rest raises ``n``. ``bounded``: a release past
 the initial value is a ``ValueError``.
+
+An acquire answered but given up by its caller (an interrupt) is undone by
+``PermitReturn``: the very permit it was answered with goes back (its
+contender key, found by the token, deleted with a compare on it), a delete
+that is safe to make again until etcd answers. A release, by contrast,
+picks permits and raises ``n`` at the time it runs: made again after an
+attempt applied unanswered, it would give back a second permit.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from managerd.store.etcd.client import EtcdClient, cleanup, settled
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
+    EtcdUnavailable,
     EventType,
     KeyValue,
     Op,
@@ -278,3 +286,60 @@ class EtcdSemaphore:
     async def waiting(self) -> int:
         state = await self._read()
         return len(state.contenders) - len(state.holders)
+
+
+class PermitReturn:
+    """The undo of ``sem``'s acquire answered with ``token`` to a caller that left: the
+    permit given back. Each call is one try of it, safe to make again until etcd
+    answers (``client.until_answered``): never a second permit given back.
+
+    The permit is the contender key of the session whose create_revision is
+    ``token``, deleted with a compare on that revision (a try applied unanswered
+    and made again deletes nothing more). If that key is gone before a try of
+    ours could have deleted it (the session released it meanwhile: a release
+    takes the releaser's newest permit first, or another client's release took
+    it), another permit the session holds goes back instead, its newest, if it
+    holds one: as in the memory store, whose undo gives one permit back if the
+    session still holds any (it counts a session's permits, it does not name
+    them), so that the two stores leave the same count and no permit is held
+    for nobody. A key found gone after a try whose answer was lost is taken as
+    given back by that try (never another: one of the session's threads holds
+    it).
+    """
+
+    def __init__(self, sem: EtcdSemaphore, token: int) -> None:
+        self.sem = sem
+        self.token = token
+        #: The key and create_revision of the permit this undo gives back, once chosen.
+        self._target: tuple[bytes, int] | None = None
+        #: Whether a try on ``_target`` may have been applied (its answer was lost).
+        self._maybe_applied = False
+
+    async def __call__(self, session: EtcdSession) -> None:
+        while True:
+            if self._target is None:
+                self._target = await self._choose(session)
+                self._maybe_applied = False
+                if self._target is None:
+                    return  # the session holds no permit any more: nothing to give back
+            key, revision = self._target
+            try:
+                done = await self.sem.client.txn(
+                    [Compare(key, Target.CREATE, "==", revision)], [Delete(key)], idempotent=True
+                )
+            except EtcdUnavailable:
+                self._maybe_applied = True
+                raise
+            if done.succeeded or done.repeated or self._maybe_applied:
+                return
+            self._target = None  # gone before any try of ours reached it: another one
+
+    async def _choose(self, session: EtcdSession) -> tuple[bytes, int] | None:
+        """The session's permit of ``token``, else its newest held, else None."""
+        state = await self.sem._read()
+        own = self.sem._session_prefix(session)
+        for kv in state.contenders:
+            if kv.key.startswith(own) and kv.create_revision == self.token:
+                return kv.key, kv.create_revision
+        held = [kv for kv in state.holders if kv.key.startswith(own)]  # oldest first
+        return (held[-1].key, held[-1].create_revision) if held else None
