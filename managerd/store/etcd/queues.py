@@ -858,6 +858,7 @@ class EtcdQueue:
                 Get(self._places, self._places_end),
                 Get(self._ready, self._ready_end, limit=want),
             ],
+            idempotent=True,
         )
         places_read, items_read = done.responses
         assert isinstance(places_read, RangeResult) and isinstance(items_read, RangeResult)
@@ -912,6 +913,7 @@ class EtcdQueue:
         await self.client.txn(
             [Compare(p.key, Target.CREATE, "==", p.create_revision) for p in silent],
             [Delete(p.key) for p in silent],
+            idempotent=True,
         )
 
     async def _park(self, wants: list[_Want]) -> None:
