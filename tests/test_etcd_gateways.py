@@ -1,8 +1,10 @@
 """Two ``managerd serve --store etcd://...`` gateways on one real 3-node etcd cluster.
 
 Real processes over real sockets: objects made through one gateway are the
-same through the other, and a consumer blocked on gateway A (reached with
-the multi-address client, A first) is woken by a put through gateway B.
+same through the other, a consumer blocked on gateway A (reached with
+the multi-address client, A first) is woken by a put through gateway B,
+consumers blocked on both are answered in the order they blocked, and a
+dead gateway's blocked consumer is passed over.
 """
 
 from __future__ import annotations
@@ -74,13 +76,78 @@ def test_a_consumer_blocked_on_one_gateway_is_woken_by_a_put_through_the_other(
     assert "store: etcd at" in a.log
 
 
-def wait_for_waiter(gateway: Daemon) -> bool:
+def wait_for_waiter(gateway: Daemon, n: int = 1, name: str = "jobs") -> bool:
+    """Whether ``gateway`` counts ``n`` calls parked on ``name`` within 10 s."""
+
     def waiting() -> bool:
         with gateway.connect() as m:
             status = m.status()
-            return bool(status["objects"].get("jobs", {}).get("waiters"))
+            return bool(status["objects"].get(name, {}).get("waiters", 0) >= n)
 
     return wait_until(waiting, timeout_s=10)
+
+
+def _blocked_get(gateway: Daemon, name: str, got: dict[int, Any], i: int) -> threading.Thread:
+    """A thread whose consumer blocks in ``get`` on ``gateway``: ``got[i]`` its item, or
+    ``("failed", exception)``."""
+
+    def get() -> None:
+        try:
+            with gateway.connect() as m:
+                got[i] = m.Queue(name).get(timeout=30)
+        except Exception as exc:
+            got[i] = ("failed", exc)
+
+    thread = threading.Thread(target=get)
+    thread.start()
+    return thread
+
+
+def test_gets_blocked_on_two_gateways_are_answered_in_the_order_they_blocked(
+    gateways: tuple[Daemon, Daemon],
+) -> None:
+    """Consumers block in turn on A, B, A, B, A; five items put one by one through B:
+    the first to block gets the first item, and so on (one line across gateways)."""
+    a, b = gateways
+    got: dict[int, Any] = {}
+    threads = []
+    on = {a.address: 0, b.address: 0}
+    for i, gateway in enumerate([a, b, a, b, a]):
+        threads.append(_blocked_get(gateway, "line", got, i))
+        on[gateway.address] += 1
+        assert wait_for_waiter(gateway, on[gateway.address], "line")
+    with b.connect() as producer:
+        line = producer.Queue("line")
+        for i in range(5):
+            line.put(i)
+    for thread in threads:
+        thread.join(35)
+    assert got == {i: i for i in range(5)}
+
+
+def test_a_dead_gateways_blocked_get_is_passed_over(gateways: tuple[Daemon, Daemon]) -> None:
+    """A consumer blocked on A, then one on B; A is killed: an item put through B goes
+    to B's consumer (A's place is passed over once the item stands untaken), and the
+    next item put, too, is B's next consumer's."""
+    a, b = gateways
+    got: dict[int, Any] = {}
+    first = _blocked_get(a, "passed", got, 0)
+    assert wait_for_waiter(a, 1, "passed")
+    second = _blocked_get(b, "passed", got, 1)
+    assert wait_for_waiter(b, 1, "passed")
+    a.kill()
+    with b.connect() as producer:
+        producer.Queue("passed").put("for the living")
+        second.join(35)
+        assert got.get(1) == "for the living"
+        third = _blocked_get(b, "passed", got, 2)
+        assert wait_for_waiter(b, 1, "passed")
+        producer.Queue("passed").put("next")
+        third.join(35)
+        assert got[2] == "next"
+        assert producer.Queue("passed").qsize() == 0
+    first.join(35)  # its gateway died: the call failed, nothing was taken for it
+    assert got[0][0] == "failed"
 
 
 @pytest.mark.parametrize("store", ["bogus", "etcd://", "etcd://host-without-port", "redis://h:1"])

@@ -65,7 +65,7 @@ def test_a_put_before_the_watch_starts_is_not_missed(cluster: EtcdCluster, name:
             taken, revision = await q._take(None, 0.0)
             assert taken is None
             await EtcdQueue(b, name).put(b"between")  # after the read, before any watch
-            await q._put_after(revision + 1)  # returns: the put was seen
+            await q._change_after(revision + 1)  # returns: the put was seen
             assert await q.get_nowait() == b"between"
 
     asyncio.run(body())

@@ -11,6 +11,9 @@ Keys under ``/m/q/<name>/``:
   deadline or whose session key is gone; calling it on every queue every
   second is the job of one elected gateway (``store.py``, ``election.py``).
 - ``t/<id>``: a tombstone of a taken item, on a short lease (about a minute).
+- ``j/<process><seq>``: the place of a parked get or reserve (one that found
+  no item for it), of any gateway; places are in line by create_revision.
+  (``j/`` sorts next to ``i/``, so that one watch sees both.)
 
 **Unconfirmed gets** (``/m/ug/<session>/<thread>/<queue>/<id>``, outside the
 queue's prefix so that a session's are one Range): a get or get_many of a
@@ -51,19 +54,33 @@ recognises its own take. ack compares the reservation's revision (the
 receipt). A late retry past the tombstone's lease (a minute, against a
 retry budget of 15 s) could duplicate; nothing else can.
 
-**Blocking get and reserve** wait in one line per process (per
-``EtcdQueue``), served in arrival order by one task that reads as many heads
-as there are waiting calls and takes them in one Txn (up to 64; fewer after
-a conflict with another process's take): group commit, so throughput grows
-with the number of waiting calls. On an empty queue it watches ``i/`` from
-the revision of that read + 1, so a put between the read and the watch is
-seen — no missed wake-up, no polling. A call's timeout runs from its look: the
-line's read of the queue after the call came (an item there is taken however
-short the timeout); a call that joins the line while it watches has the line
-read again for it. Waiting calls of different processes
-race for a new item (the loser's Txn fails and it looks again): FIFO within
-a gateway, not across gateways. A call that gives up while its take is in
-flight has its item put back at its place, uncounted.
+**Blocking get and reserve: one line across gateways.** A call that finds
+no item for it parks: it puts its place ``j/`` (in one Txn with the other
+calls of its process that park with it, in their arrival order). The
+places, oldest first, are the line of every gateway: the first item goes to
+the oldest place, the second to the next, and the items past the places
+are for the calls that have not parked (a ``get_nowait``, a get's first
+look). So a blocked call is answered in the order it parked, whichever
+gateway it parked on, as the embedded store answers its waiters. Each
+process serves its own parked calls (``EtcdQueue``'s one task): it reads
+the places and as many items as it needs (one read-only Txn), and takes the
+items of its places in one Txn that compares the items' and places'
+revisions and deletes the places with the items (group commit: up to 64
+per Txn); a call that has not parked takes an item past the places only if
+no place came after that read (a compare over ``j/``). With nothing for its
+calls, the task watches ``i/`` and ``j/`` from the read's revision + 1: a
+put, or a place ahead that leaves, wakes it; a put between the read and the
+watch is seen, so no wake-up is missed and nothing polls.
+
+A place whose item stands untaken for ``SILENT_PLACE_S`` (as seen by
+another process: its gateway died, or is cut off from etcd) is passed over:
+that process deletes it and the line moves on. Its call, if its gateway
+lives, parks again at the end. A call that leaves (answered, timed out,
+interrupted) deletes its place, made again until etcd answers. A call's
+timeout runs from its look: the line's read of the queue after the call
+came (an item there for it is taken however short the timeout). A call that
+gives up while its take is in flight has its item put back at its place,
+uncounted.
 """
 
 from __future__ import annotations
@@ -83,7 +100,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from managerd.store.etcd.client import EtcdClient, unguarded
+from managerd.store.etcd.client import EtcdClient, unguarded, until_answered
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -119,11 +136,20 @@ _BOUNDED_BATCH = 64  # items per put Txn to a bounded queue: 2 puts each, one co
 #: that items that fit one by one also fit together; one larger item is refused by etcd
 #: (``RequestTooLarge``).
 _PUT_BATCH_BYTES = 1024 * 1024
-_BATCH = 64  # items per take Txn: 2 ops each, within etcd's --max-txn-ops (128)
-_GET_BATCH = 40  # items per take Txn with unconfirmed records: 3 ops each
+_BATCH = 60  # items per take Txn without records: 2 ops each, within etcd's --max-txn-ops (128)
+#: Items per take Txn with unconfirmed records or places: up to 4 ops each (the item,
+#: its tombstone or reservation, its record, its place).
+_GET_BATCH = 30
 _MAX_OPS = 120  # ops per Txn, under etcd's default --max-txn-ops (128)
 _FRONT_BATCH = 40  # reservations per Txn to the front: 3 ops each
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
+#: How long another process sees an item stand untaken for a parked call's place before
+#: it passes the place over (module docstring): far above a live gateway's take (a few
+#: ms), far below a session's TTL.
+SILENT_PLACE_S = 1.0
+#: This process's part of its places' keys, then a count: places of one Txn are in line by key.
+_PLACE_ORIGIN = secrets.token_hex(6).encode() + b"."
+_PLACE_SEQ = itertools.count()
 
 
 def _pack(meta: dict[str, Any], payload: bytes) -> bytes:
@@ -207,6 +233,17 @@ class _Want:
     holder: Holder | None = None
     #: Set once the line read the queue empty after it came (its timeout runs then).
     seen: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: Its place (``j/``) once it parked, as last read.
+    place: KeyValue | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """The places of the parked calls, oldest first, and the first items, read at once."""
+
+    revision: int
+    places: list[KeyValue]
+    items: list[KeyValue]
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +290,14 @@ class EtcdQueue:
         self._reserved = base + b"r/"
         self._tombs = base + b"t/"
         self._unfinished = base + b"u/"
+        self._places = base + b"j/"
+        self._places_end = prefix_end(self._places)
+        #: The calls of this process parked in the line, by their place's key.
+        self._placed: dict[bytes, _Want] = {}
+        #: Places of other processes with an item for them, since when (the loop's time).
+        self._silent: dict[bytes, float] = {}
+        #: How many places the last look found (how many items the next reads).
+        self._places_seen = 0
         self._key = name_key(name)
         self._ids = _Ids()
         self._tomb_lease = _ShortLease(client)
@@ -383,18 +428,15 @@ class EtcdQueue:
         """Up to ``max_items`` items at once; if there are none, the first to come
         (waiting as ``get``). With a ``holder``, kept as its unconfirmed records,
         ``_GET_BATCH`` per Txn (atomic within one)."""
-        per_txn = _GET_BATCH if holder is not None else max_items
+        per_txn = _GET_BATCH if holder is not None else _BATCH
         got: list[bytes] = []
         while len(got) < max_items:
             limit = min(max_items - len(got), per_txn)
-            head = await self.client.range(self._ready, self._ready_end, limit=limit)
-            if not head.kvs:
+            taken, _ = await self._take_free(limit, (None, 0.0, holder))
+            if taken == []:
                 if got:
                     return got
-                await self.confirm([holder])
                 return [(await self._blocking(None, 0.0, timeout_s, holder))[1]]
-            kvs = _within_bytes(head.kvs)
-            taken = await self._take_batch(kvs, [(None, 0.0, holder)] * len(kvs))
             if taken is not None:
                 got += [payload for _, payload, _ in taken]
         return got
@@ -655,12 +697,13 @@ class EtcdQueue:
     async def _return_due(self, due: list[tuple[KeyValue, int, bytes]]) -> int:
         """Return the reservations ``due`` (``(r/ kv, deliveries, payload)``, in the order
         delivered) as the memory store returns a session's: the last delivered first,
-        each to the oldest call of this process waiting for an item, else to the front
-        (the first delivered first); or to the dead letters. How many were returned.
+        one to each parked call in the line, the oldest first; the rest to the front,
+        the first delivered first; or to the dead letters. How many were returned.
 
-        The items for the front go in one Txn (per ``_FRONT_BATCH``): a pass of another
-        gateway at the same time moves all of them or none, never some with its
-        front ids and some with these (which would mix their order)."""
+        All go to the front, in the order the line then hands them out (the first
+        ``places`` items are the parked calls'), in one Txn (per ``_FRONT_BATCH``): a
+        pass of another gateway at the same time moves all of them or none, never
+        some with its front ids and some with these (which would mix their order)."""
         moved = 0
         back = []
         for kv, deliveries, payload in due:
@@ -671,25 +714,15 @@ class EtcdQueue:
                 )
             else:
                 back.append((kv, deliveries, payload))
-        while back and (want := self._oldest_want()) is not None:
-            kv, deliveries, payload = back.pop()
-            try:
-                handed = await self._hand(kv, deliveries, payload, want)
-            except BaseException:
-                self._want_again(want)
-                raise
-            if handed is None:  # no longer that reservation (acked, or returned elsewhere)
-                self._want_again(want)
-                continue
-            moved += 1
-            if want.future.done():  # it gave up, or the line answered it meanwhile
-                await self._give_back(handed, want.holder)
-            else:
-                want.future.set_result(handed)
-        # The first delivered gets the newest front id: first of all.
-        fronts = [_FRONT_IDS.next() for _ in back][::-1]
-        for i in range(0, len(back), _FRONT_BATCH):
-            moved += await self._to_front(back[i : i + _FRONT_BATCH], fronts[i : i + _FRONT_BATCH])
+        places = (await self.client.range(self._places, self._places_end, count_only=True)).count
+        handed = min(places, len(back))
+        ordered = back[len(back) - handed :][::-1] + back[: len(back) - handed]
+        # The head gets the newest front id: first of all.
+        fronts = [_FRONT_IDS.next() for _ in ordered][::-1]
+        for i in range(0, len(ordered), _FRONT_BATCH):
+            moved += await self._to_front(
+                ordered[i : i + _FRONT_BATCH], fronts[i : i + _FRONT_BATCH]
+            )
         return moved
 
     async def _to_front(self, items: list[tuple[KeyValue, int, bytes]], fronts: list[bytes]) -> int:
@@ -718,74 +751,6 @@ class EtcdQueue:
             )
         return moved
 
-    def _oldest_want(self) -> _Want | None:
-        """The oldest call of this process waiting for an item, taken out of the line."""
-        while self._wants:
-            want = self._wants.popleft()
-            if not want.future.done():
-                return want
-        return None
-
-    def _want_again(self, want: _Want) -> None:
-        """``want`` (``_oldest_want``) was handed nothing: first in the line again."""
-        if want.future.done():
-            return
-        self._wants.appendleft(want)
-        if self._taker is None or self._taker.done():
-            self._taker = unguarded(self._take_for_wants(), name=f"take {self.name}")
-        else:
-            self._look.set()
-
-    async def _hand(
-        self, kv: KeyValue, deliveries: int, payload: bytes, want: _Want
-    ) -> Taken | None:
-        """Give the reservation ``kv`` (returned) to the waiting call ``want`` in one Txn, as
-        if it went to the front and ``want`` took it: reserved again for its session,
-        else removed (into its holder's record); None if ``kv`` is no longer that
-        reservation. The item's new id is a front id, as in ``_return``."""
-        iid = kv.key[len(self._reserved) :]
-        origin = _origin(iid)
-        new = _front_id(_FRONT_IDS.next(), origin)
-        token = secrets.token_hex(8)
-        ops: list[Op] = [Delete(kv.key)]
-        if iid == origin:  # (see ``_return``)
-            ops.append(Put(self._tombs + iid, b"", lease=await self._tomb()))
-        record = b""
-        holder = want.holder
-        if want.session is None:
-            mark = self._tombs + new
-            ops.append(Put(mark, token.encode(), lease=await self._tomb()))
-            if holder is not None:
-                await self.confirm([holder])
-                record = self.record_key(holder, new)
-                meta = {
-                    "n": deliveries + 1,
-                    "q": self.name,
-                    "rev": holder.revision,
-                    "m": holder.method,
-                    "r": holder.rid,
-                }
-                ops.append(Put(record, _pack(meta, payload)))
-        else:
-            mark = self._reserved + new
-            reservation = {
-                "n": deliveries + 1,
-                "deadline": time.time() + want.visibility_s,
-                "session": want.session.sid,
-                "token": token,
-            }
-            ops.append(Put(mark, _pack(reservation, payload)))
-        done = await self.client.txn(
-            [Compare(kv.key, Target.MOD, "==", kv.mod_revision)], ops, [Get(mark)], idempotent=True
-        )
-        revision = _own_revision(done, token)
-        if revision is None:
-            return None
-        if holder is not None and record:
-            holder.records.append(record)
-        key = self._ready + new if want.session is None else mark
-        return KeyValue(key, b"", revision, revision, 1, 0), payload, deliveries + 1
-
     async def _tomb(self) -> int:
         return await self._tomb_lease.current()
 
@@ -809,7 +774,7 @@ class EtcdQueue:
         else:
             self._look.set()  # the line may wait on its watch: this call's look is due
 
-        def parked() -> bool:  # (not once answered: a return pass hands it an item itself)
+        def parked() -> bool:
             return not want.future.done() and want.seen.is_set() and self._parked()
 
         try:
@@ -828,53 +793,151 @@ class EtcdQueue:
             want.future.cancel()
             with contextlib.suppress(ValueError):
                 self._wants.remove(want)
+            self._unplace(want)
             if not self._wants and self._watching is not None:
                 self._watching.cancel()  # nobody waits: stop watching
 
+    def _unplace(self, want: _Want) -> None:
+        """``want`` left the line: its place goes (made again until etcd answers; a place
+        left behind would be passed over, after ``SILENT_PLACE_S``)."""
+        if want.place is None:
+            return
+        key = want.place.key
+        want.place = None
+        if self._placed.get(key) is want:
+            del self._placed[key]
+            self._background(until_answered(lambda: self.client.delete(key)))
+
     async def _take_for_wants(self) -> None:
-        """Serve the waiting calls of this process in arrival order, several per Txn."""
+        """Serve the parked and arriving calls of this process (module docstring), several
+        per Txn."""
         batch = _GET_BATCH
         try:
-            while wants := [w for w in self._wants if not w.future.done()][:batch]:
+            while wants := [w for w in self._wants if not w.future.done()]:
                 self._look.clear()
                 looking = list(self._wants)  # the calls this read is the look of
-                head = await self.client.range(self._ready, self._ready_end, limit=len(wants))
-                if not head.kvs:
-                    await self._looked(looking)
-                    self._watching = watching = unguarded(self._put_after(head.revision + 1))
-                    try:
-                        await self._watch_and_look(watching)
-                    finally:
-                        self._watching = None
-                        if not watching.done():
-                            watching.cancel()
-                            await asyncio.wait([watching])
-                    failed = None if watching.cancelled() else watching.exception()
-                    if failed is not None:
-                        raise failed
+                arriving = [w for w in wants if w.place is None]
+                look = await self._look_at(len(arriving))
+                plan, silent = self._plan(look, wants)
+                if plan:
+                    plan = plan[:batch]
+                    kvs = _within_bytes([item for item, _ in plan])
+                    plan = plan[: len(kvs)]
+                    asks = [(w.session, w.visibility_s, w.holder) for _, w in plan]
+                    places = [w.place for _, w in plan]
+                    taken = await self._take_batch(kvs, asks, places, look.revision)
+                    if taken is None:
+                        batch = max(1, batch // 2)  # another consumer took some: ask for fewer
+                        continue
+                    batch = _GET_BATCH
+                    for (_, want), item in zip(plan, taken, strict=False):
+                        if want.place is not None:  # deleted with the take
+                            self._placed.pop(want.place.key, None)
+                            want.place = None
+                        with contextlib.suppress(ValueError):
+                            self._wants.remove(want)
+                        if want.future.done():
+                            # Gave up while the Txn was in flight.
+                            await self._give_back(item, want.holder)
+                        else:
+                            want.future.set_result(item)
                     continue
-                kvs = _within_bytes(head.kvs)
-                asks = [(w.session, w.visibility_s, w.holder) for w in wants[: len(kvs)]]
-                taken = await self._take_batch(kvs, asks)
-                if taken is None:
-                    batch = max(1, batch // 2)  # another consumer took some: ask for fewer
+                if silent:
+                    await self._pass_over(silent)
                     continue
-                batch = _GET_BATCH
-                for want, item in zip(wants, taken, strict=False):
-                    with contextlib.suppress(ValueError):
-                        self._wants.remove(want)
-                    if want.future.done():
-                        # Gave up while the Txn was in flight.
-                        await self._give_back(item, want.holder)
-                    else:
-                        want.future.set_result(item)
+                await self._park([w for w in wants if w.place is None])
+                await self._looked(looking)
+                await self._wait_for_change(look.revision)
         except Exception as exc:  # an EtcdError, or a bug: never leave a caller waiting
             for want in self._wants:
                 if not want.future.done():
                     want.future.set_exception(exc)
 
+    async def _look_at(self, arriving: int) -> _Look:
+        """The places, and the items for them and for ``arriving`` calls more (at least
+        one), in one read."""
+        want = max(1, self._places_seen + arriving)
+        done = await self.client.txn(
+            [],
+            [
+                Get(self._places, self._places_end),
+                Get(self._ready, self._ready_end, limit=want),
+            ],
+            idempotent=True,
+        )
+        places_read, items_read = done.responses
+        assert isinstance(places_read, RangeResult) and isinstance(items_read, RangeResult)
+        places = sorted(places_read.kvs, key=lambda kv: (kv.create_revision, kv.key))
+        self._places_seen = len(places)
+        items = items_read.kvs
+        need = max(1, len(places) + arriving)
+        if items_read.more and len(items) < need:
+            items = (await self.client.range(self._ready, self._ready_end, limit=need)).kvs
+        return _Look(done.revision, places, items)
+
+    def _plan(
+        self, look: _Look, wants: list[_Want]
+    ) -> tuple[list[tuple[KeyValue, _Want]], list[KeyValue]]:
+        """Which item each call of ``wants`` takes: the i-th place's call the i-th item,
+        the calls that have not parked the items past the places, in arrival order; and
+        the places of other processes found silent (``SILENT_PLACE_S``)."""
+        current = {kv.key: kv for kv in look.places}
+        for want in wants:
+            if want.place is None:
+                continue
+            read = current.get(want.place.key)
+            if read is None:  # passed over: it parks again, at the end of the line
+                self._placed.pop(want.place.key, None)
+                want.place = None
+            else:
+                want.place = read
+        plan = []
+        foreign = []
+        for place, item in zip(look.places, look.items, strict=False):
+            owner = self._placed.get(place.key)
+            if owner is None:
+                foreign.append(place)
+            elif not owner.future.done():
+                plan.append((item, owner))
+        arriving = [w for w in wants if w.place is None]
+        plan += zip(look.items[len(look.places) :], arriving, strict=False)
+        return plan, self._note_silent(foreign)
+
+    def _note_silent(self, foreign: list[KeyValue]) -> list[KeyValue]:
+        """Of ``foreign`` (other processes' places with an item for them), those seen so
+        for ``SILENT_PLACE_S`` or more."""
+        now = asyncio.get_running_loop().time()
+        self._silent = {p.key: self._silent.get(p.key, now) for p in foreign}
+        return [p for p in foreign if now - self._silent[p.key] >= SILENT_PLACE_S]
+
+    async def _pass_over(self, silent: list[KeyValue]) -> None:
+        """Delete the ``silent`` places (each if still the one read)."""
+        for place in silent:
+            log.warning("queue %r: passing over a silent place %r", self.name, place.key)
+            self._silent.pop(place.key, None)
+        await self.client.txn(
+            [Compare(p.key, Target.CREATE, "==", p.create_revision) for p in silent],
+            [Delete(p.key) for p in silent],
+            idempotent=True,
+        )
+
+    async def _park(self, wants: list[_Want]) -> None:
+        """Give ``wants`` their places at the end of the line, in arrival order, at once."""
+        if not wants:
+            return
+        keys = [self._places + _PLACE_ORIGIN + b"%016d" % next(_PLACE_SEQ) for _ in wants]
+        done = await self.client.txn([], [Put(key, b"") for key in keys], idempotent=True)
+        for want, key in zip(wants, keys, strict=True):
+            want.place = KeyValue(key, b"", done.revision, done.revision, 1, 0)
+            if want.future.done():  # left meanwhile: its place goes at once
+                self._placed[key] = want
+                self._unplace(want)
+            else:
+                self._placed[key] = want
+
     async def _looked(self, looking: list[_Want]) -> None:
-        """The queue was read empty after ``looking`` came: their timeouts run now.
+        """The queue had no item for ``looking`` (read after they came): their timeouts
+        run now.
 
         Parked, the answers before these calls are confirmed now, not at their
         takes (a gateway dying meanwhile must not hand them again).
@@ -883,69 +946,100 @@ class EtcdQueue:
         for want in looking:
             want.seen.set()
 
-    async def _watch_and_look(self, watching: asyncio.Task[None]) -> None:
-        """Wait for ``watching`` to end (a put, or nobody waits any more), giving each
-        call that joins the line meanwhile its look (a read of the queue), after which
-        its timeout runs; return early if a look finds an item (the line takes it)."""
-        while not watching.done():
-            if not self._look.is_set():
-                look = asyncio.ensure_future(self._look.wait())
-                try:
-                    await asyncio.wait([watching, look], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    look.cancel()
-                continue
-            self._look.clear()
-            looking = [w for w in self._wants if not w.seen.is_set()]
-            if not looking:
-                continue
-            read = await self.client.range(self._ready, self._ready_end, count_only=True)
-            if read.count:
-                return  # an item the watch has not told of yet
-            await self._looked(looking)
+    async def _wait_for_change(self, revision: int) -> None:
+        """Wait for a put, a place ahead leaving (after ``revision``), a call joining the
+        line, or a silent place's time to be up."""
+        self._watching = watching = unguarded(self._change_after(revision + 1))
+        look = asyncio.ensure_future(self._look.wait())
+        loop = asyncio.get_running_loop()
+        silent_s = (
+            max(0.0, min(self._silent.values()) + SILENT_PLACE_S - loop.time())
+            if self._silent
+            else None
+        )
+        try:
+            await asyncio.wait(
+                [watching, look], timeout=silent_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            look.cancel()
+            self._watching = None
+            if not watching.done():
+                watching.cancel()
+                await asyncio.wait([watching])
+        failed = None if watching.cancelled() else watching.exception()
+        if failed is not None:
+            raise failed
 
     def _parked(self) -> bool:
-        """Whether the line waits for a put now (its watch in step: ``watching.Synced``)."""
+        """Whether the line waits for a change now (its watch in step: ``watching.Synced``)."""
         watching = self._watching
         return watching is not None and not watching.done() and self._watch_synced()
 
-    async def _put_after(self, start_revision: int) -> None:
-        """Return at the first put into ``i/`` at or after ``start_revision``."""
+    async def _change_after(self, start_revision: int) -> None:
+        """Return at the first put into ``i/`` or delete in ``j/`` at or after
+        ``start_revision``."""
         self._watch_synced = synced = Synced(start_revision - 1)
         try:
             async with contextlib.aclosing(
                 self.client.watch(
                     self._ready,
-                    self._ready_end,
+                    self._places_end,
                     start_revision=start_revision,
                     on_created=synced.created,
                 )
             ) as events:
                 async for batch in events:
-                    if any(e.type is EventType.PUT for e in batch):
-                        return
+                    for e in batch:
+                        if e.kv.key.startswith(self._ready) and e.type is EventType.PUT:
+                            return
+                        if e.kv.key.startswith(self._places) and e.type is EventType.DELETE:
+                            return
         except Compacted:
             return  # history is gone: the caller reads again
 
     async def _take(
         self, session: EtcdSession | None, visibility_s: float, holder: Holder | None = None
     ) -> tuple[Taken | None, int]:
-        """Take the head for one caller: ``(taken, revision)``, or ``(None, revision)`` at
-        which the queue was read empty."""
+        """Take the first item past the places for one caller: ``(taken, revision)``, or
+        ``(None, revision)`` at which there was none."""
         while True:
-            head = await self.client.range(self._ready, self._ready_end, limit=1)
-            if not head.kvs:
-                await self.confirm([holder])
-                return None, head.revision
-            taken = await self._take_batch(head.kvs, [(session, visibility_s, holder)])
+            taken, revision = await self._take_free(1, (session, visibility_s, holder))
             if taken is not None:
-                return taken[0], head.revision
-            # Another consumer took it first: the next head.
+                return (taken[0] if taken else None), revision
 
-    async def _take_batch(self, kvs: list[KeyValue], asks: list[_Ask]) -> list[Taken] | None:
+    async def _take_free(self, limit: int, ask: _Ask) -> tuple[list[Taken] | None, int]:
+        """Up to ``limit`` items past the places, for calls that have not parked (``ask``
+        each): ``(taken, revision)``, ``[]`` if there were none at that revision, None if
+        another call took them first or a place came (the caller looks again)."""
+        look = await self._look_at(limit)
+        free = look.items[len(look.places) :][:limit]
+        if not free:
+            silent = self._note_silent(
+                [p for p in look.places[: len(look.items)] if p.key not in self._placed]
+            )
+            if silent:
+                await self._pass_over(silent)
+                return None, look.revision
+            await self.confirm([ask[2]])
+            return [], look.revision
+        kvs = _within_bytes(free)
+        return await self._take_batch(kvs, [ask] * len(kvs), [], look.revision), look.revision
+
+    async def _take_batch(
+        self,
+        kvs: list[KeyValue],
+        asks: list[_Ask],
+        places: list[KeyValue | None],
+        revision: int,
+    ) -> list[Taken] | None:
         """Take ``kvs[i]`` for ``asks[i]`` (reserve it for that session, else remove it, into
         the holder's records if there is one), all in one Txn, with the deletes of what
         the holders confirmed; None if any was taken by someone else first.
+
+        ``places[i]``: the place of the parked call ``asks[i]`` (deleted with the take,
+        which requires it to be the one read); a call without one (missing or None)
+        takes only if no place came after ``revision`` (the read of ``kvs``).
 
         A taken item is ``(kv, payload, deliveries)``: kv is the ``r/`` key made
         (its mod_revision is the receipt) when reserved, else the ``i/`` key removed.
@@ -957,10 +1051,18 @@ class EtcdQueue:
         holders = list({id(a[2]): a[2] for a in asks if a[2] is not None}.values())
         confirming = [key for h in holders for key in h.confirm]
         records: list[tuple[Holder, bytes]] = []
-        if confirming and len(confirming) + 3 * len(asks) > _MAX_OPS:
+        if confirming and len(confirming) + 4 * len(asks) > _MAX_OPS:
             await self.confirm(list(holders))  # too many for one Txn: first, on their own
             confirming = []
         ops += [Delete(key) for key in confirming]
+        compares = [Compare(kv.key, Target.MOD, "==", kv.mod_revision) for kv in kvs[: len(asks)]]
+        placed = [p for p in places if p is not None]
+        compares += [Compare(p.key, Target.CREATE, "==", p.create_revision) for p in placed]
+        ops += [Delete(p.key) for p in placed]
+        if len(placed) < min(len(kvs), len(asks)):
+            compares.append(
+                Compare(self._places, Target.MOD, "<", revision + 1, range_end=self._places_end)
+            )
         for kv, (session, visibility_s, holder) in zip(kvs, asks, strict=False):
             iid = kv.key[len(self._ready) :]
             meta, payload = _unpack(kv.value)
@@ -989,14 +1091,9 @@ class EtcdQueue:
                     "token": token,
                 }
                 ops.append(Put(marks[-1], _pack(reservation, payload)))
-        done = await self.client.txn(
-            [Compare(kv.key, Target.MOD, "==", kv.mod_revision) for kv in kvs[: len(asks)]],
-            ops,
-            [Get(marks[0])],
-            idempotent=True,
-        )
-        revision = _own_revision(done, token)
-        if revision is None:
+        done = await self.client.txn(compares, ops, [Get(marks[0])], idempotent=True)
+        own = _own_revision(done, token)
+        if own is None:
             return None
         for h in holders:
             h.confirm = [key for key in h.confirm if key not in confirming]
@@ -1004,7 +1101,7 @@ class EtcdQueue:
             h.records.append(made)
         return [
             (
-                KeyValue(mark, b"", revision, revision, 1, 0) if session is not None else kv,
+                KeyValue(mark, b"", own, own, 1, 0) if session is not None else kv,
                 payload,
                 deliveries,
             )
