@@ -38,10 +38,10 @@ a new id, ``!<time counted down>~<put id>``, before every put's and the
 latest returned first (back at its put id, it would stand behind an item
 returned after it); its ``u/`` key keeps the put id. Several returned at once
 (``requeue_expired``: a session's end, expired ones) go back as the memory
-store ends a session: the last delivered first, each to the oldest call of
-this process that waits for an item (in one Txn with its take), the rest to
-the front in one Txn, the first delivered first; one such pass at a time per
-process.
+store gives them back one by one (expired ones by deadline, an ended
+session's the last delivered first): each to the oldest parked call, the
+rest first, in one Txn to the front, ordered so that the line hands them so
+(the first items are the places'); one such pass at a time per process.
 
 **Exactly once across failovers.** Every change is one Txn guarded by a
 compare, so a retried request after an ambiguous failure (the leader died
@@ -684,21 +684,28 @@ class EtcdQueue:
             now_s = time.time() if now_s is None else now_s
             reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
             alive: dict[str, bool] = {}
-            due = []
+            ended = []
+            expired = []
             for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision):
                 meta, payload = _unpack(kv.value)
                 sid = str(meta["session"])
                 if sid not in alive:
                     alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
-                if meta["deadline"] <= now_s or not alive[sid]:
-                    due.append((kv, int(meta["n"]), payload))
-            return await self._return_due(due)
+                if not alive[sid]:
+                    ended.append((kv, int(meta["n"]), payload))
+                elif meta["deadline"] <= now_s:
+                    order = (meta["deadline"], kv.create_revision, kv.key)
+                    expired.append((order, (kv, int(meta["n"]), payload)))
+            # As the memory store gives them back one by one: expired ones as their
+            # timers fire (by deadline), an ended session's the last delivered first.
+            expired.sort(key=lambda e: e[0])
+            return await self._return_due([d for _, d in expired] + ended[::-1])
 
     async def _return_due(self, due: list[tuple[KeyValue, int, bytes]]) -> int:
-        """Return the reservations ``due`` (``(r/ kv, deliveries, payload)``, in the order
-        delivered) as the memory store returns a session's: the last delivered first,
-        one to each parked call in the line, the oldest first; the rest to the front,
-        the first delivered first; or to the dead letters. How many were returned.
+        """Return the reservations ``due`` (``(r/ kv, deliveries, payload)``) as the memory
+        store returns them one by one in that order: each to the oldest parked call in
+        the line, else first (``appendleft``); or to the dead letters. How many were
+        returned.
 
         All go to the front, in the order the line then hands them out (the first
         ``places`` items are the parked calls'), in one Txn (per ``_FRONT_BATCH``): a
@@ -715,8 +722,7 @@ class EtcdQueue:
             else:
                 back.append((kv, deliveries, payload))
         places = (await self.client.range(self._places, self._places_end, count_only=True)).count
-        handed = min(places, len(back))
-        ordered = back[len(back) - handed :][::-1] + back[: len(back) - handed]
+        ordered = back[:places] + back[places:][::-1]
         # The head gets the newest front id: first of all.
         fronts = [_FRONT_IDS.next() for _ in ordered][::-1]
         for i in range(0, len(ordered), _FRONT_BATCH):
