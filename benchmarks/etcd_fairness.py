@@ -1,9 +1,10 @@
 """Who gets the items when consumers block in ``Queue.get`` over two etcd gateways (vs embedded).
 
-On etcd, blocked gets wait in one line per gateway process (FIFO within a
-gateway) and the lines of different gateways race for each new item
-(``managerd/store/etcd/queues.py``): "FIFO within a gateway, not across
-gateways". This measures what that means for consumers.
+On etcd, blocked gets of every gateway wait in one line, in the order they
+parked (their places, ``managerd/store/etcd/queues.py``); a call parks a
+round trip or two to etcd after it reached its gateway, and its gateway
+takes its item a round trip or two after the put. This measures what that
+means for consumers.
 
 Starts a 3-node cluster with ``tests/etcd_support.py``, two real gateways
 (``managerd serve --store etcd://...``) and, for comparison, an embedded
@@ -24,8 +25,11 @@ consumer that had been waiting longest: an item counts as *overtaking* when
 another consumer's ``get`` began before the receiver's and returned after
 it (the embedded store's FIFO line never does that, but for the clocks'
 jitter: its figure is the measure's noise), told apart by whether some
-overtaking consumer was on the receiver's gateway (its line is FIFO: this
-should stay near the embedded figure) or only ones of the other gateway.
+overtaking consumer was on the receiver's gateway or only ones of the other
+gateway. That counts the time each item takes to come back too; *handed in
+order* counts only the order items were handed out in: an item is out of
+order when another consumer's ``get`` that began before the receiver's (and
+still waited) was handed a later item.
 
 Every item must be received exactly once (else the exit status is 1).
 ``--json PATH`` writes the figures (the smoke test reads it). A number to

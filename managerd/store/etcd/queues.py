@@ -953,22 +953,36 @@ class EtcdQueue:
             want.seen.set()
 
     async def _wait_for_change(self, revision: int) -> None:
-        """Wait for a put, a place ahead leaving (after ``revision``), a call joining the
-        line, or a silent place's time to be up."""
+        """Wait for a put or a place ahead leaving (after ``revision``, the look's), or a
+        silent place's time to be up. Calls that join the line meanwhile park at once,
+        without a read of their own: with the watch in step and silent, the look's
+        answer holds for them (nothing past the places); their places, put, are in line
+        for the next put the watch tells of. (A watch not yet in step: the line looks.)"""
         self._watching = watching = unguarded(self._change_after(revision + 1))
-        look = asyncio.ensure_future(self._look.wait())
         loop = asyncio.get_running_loop()
-        silent_s = (
-            max(0.0, min(self._silent.values()) + SILENT_PLACE_S - loop.time())
-            if self._silent
-            else None
-        )
         try:
-            await asyncio.wait(
-                [watching, look], timeout=silent_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            while not watching.done():
+                silent_s = (
+                    max(0.0, min(self._silent.values()) + SILENT_PLACE_S - loop.time())
+                    if self._silent
+                    else None
+                )
+                look = asyncio.ensure_future(self._look.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        [watching, look], timeout=silent_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    look.cancel()
+                if not done or watching.done() or not self._watch_synced():
+                    break
+                self._look.clear()
+                looking = [w for w in self._wants if not w.seen.is_set()]
+                await self._park(
+                    [w for w in self._wants if w.place is None and not w.future.done()]
+                )
+                await self._looked(looking)
         finally:
-            look.cancel()
             self._watching = None
             if not watching.done():
                 watching.cancel()
@@ -983,8 +997,12 @@ class EtcdQueue:
         return watching is not None and not watching.done() and self._watch_synced()
 
     async def _change_after(self, start_revision: int) -> None:
-        """Return at the first put into ``i/`` or delete in ``j/`` at or after
-        ``start_revision``."""
+        """Return at the first put into ``i/`` at or after ``start_revision``, or the first
+        place that left without an item (more places than items deleted in a batch of
+        events: a call that timed out, was interrupted or was passed over; the line
+        past it moves up). A take's deletes of items and their places change no call's
+        item and wake nobody. (A leave and a newcomer's take in one batch wake nobody
+        either: a silent place's time, at most ``SILENT_PLACE_S``, wakes the line.)"""
         self._watch_synced = synced = Synced(start_revision - 1)
         try:
             async with contextlib.aclosing(
@@ -996,11 +1014,15 @@ class EtcdQueue:
                 )
             ) as events:
                 async for batch in events:
+                    puts = left = 0
                     for e in batch:
-                        if e.kv.key.startswith(self._ready) and e.type is EventType.PUT:
-                            return
-                        if e.kv.key.startswith(self._places) and e.type is EventType.DELETE:
-                            return
+                        ready = e.kv.key.startswith(self._ready)
+                        if e.type is EventType.PUT:
+                            puts += ready
+                        else:  # a take deletes its place with its item: no line moves
+                            left += -1 if ready else 1
+                    if puts or left > 0:
+                        return
         except Compacted:
             return  # history is gone: the caller reads again
 
