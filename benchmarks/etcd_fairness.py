@@ -172,6 +172,30 @@ def overtaken(cs: list[Consumer]) -> tuple[int, int]:
     return same, other
 
 
+def handed_out_of_order(cs: list[Consumer]) -> int:
+    """Items handed to a call while a call of another consumer that began earlier (and
+    still waited) was handed a later item, or a sentinel, in the end: a measure of
+    the order items are handed out in, whatever time each takes to come back."""
+    calls = {
+        c.index: [(t.called_at, t.got_at, float(t.seq)) for t in c.takes]
+        + [(s, g, float("inf")) for s, g in c.last]
+        for c in cs
+    }
+    starts = {i: [s for s, _, _ in spans] for i, spans in calls.items()}
+    late = 0
+    for c in cs:
+        for t in c.takes:
+            for o in cs:
+                k = bisect.bisect_left(starts[o.index], t.called_at) - 1
+                if o is c or k < 0:
+                    continue
+                _, got_at, seq = calls[o.index][k]
+                if got_at > t.called_at and seq > t.seq:
+                    late += 1
+                    break
+    return late
+
+
 def report(system: str, phase: str, cs: list[Consumer], puts: int, paced: bool) -> dict[str, Any]:
     """Print one phase's table; return its figures (and the exactly-once check)."""
     seqs = Counter(t.seq for c in cs for t in c.takes)
@@ -218,13 +242,18 @@ def report(system: str, phase: str, cs: list[Consumer], puts: int, paced: bool) 
     if paced:
         same, other = overtaken(cs)
         fifo = 1 - (same + other) / max(puts, 1)
+        in_order = 1 - handed_out_of_order(cs) / max(puts, 1)
         figures.update(
-            to_longest_waiting=fifo, overtaking_same_gateway=same, overtaking_other=other
+            to_longest_waiting=fifo,
+            overtaking_same_gateway=same,
+            overtaking_other=other,
+            handed_in_order=in_order,
         )
         print(
             f"to the consumer waiting longest: {fifo:.1%} (overtaking {same} within a gateway,"
             f" {other} only across gateways)"
         )
+        print(f"handed in the order the calls began: {in_order:.1%}")
     verdict = "exactly once" if missing == twice == stray == 0 else "NOT exactly once"
     print(f"{verdict}: {missing} missing, {twice} received twice, {stray} never put")
     return figures
