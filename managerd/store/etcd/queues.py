@@ -239,11 +239,14 @@ class _Want:
 
 @dataclass(frozen=True, slots=True)
 class _Look:
-    """The places of the parked calls, oldest first, and the first items, read at once."""
+    """The places of the parked calls, oldest first, and the first items, read at once
+    (or kept up to date from a watch's events: ``_change_after``)."""
 
     revision: int
     places: list[KeyValue]
     items: list[KeyValue]
+    #: Every item there is (the read was not cut short by its limit).
+    complete: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +306,7 @@ class EtcdQueue:
         self._tomb_lease = _ShortLease(client)
         self._wants: collections.deque[_Want] = collections.deque()
         self._taker: asyncio.Task[None] | None = None
-        self._watching: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[Any] | None = None
         self._watch_synced: Synced = Synced(0)
         #: Set when a call joins the line while it may wait on its watch: it looks again.
         self._look = asyncio.Event()
@@ -818,12 +821,15 @@ class EtcdQueue:
         """Serve the parked and arriving calls of this process (module docstring), several
         per Txn."""
         batch = _GET_BATCH
+        seen: _Look | None = None  # what the watch saw, kept up to date: no read needed
         try:
             while wants := [w for w in self._wants if not w.future.done()]:
                 self._look.clear()
                 looking = list(self._wants)  # the calls this read is the look of
                 arriving = [w for w in wants if w.place is None]
-                look = await self._look_at(len(arriving))
+                if seen is None:
+                    seen = await self._look_at(len(arriving))
+                look, seen = seen, None
                 plan, silent = self._plan(look, wants)
                 if plan:
                     plan = plan[:batch]
@@ -853,7 +859,7 @@ class EtcdQueue:
                     continue
                 await self._park([w for w in wants if w.place is None])
                 await self._looked(looking)
-                await self._wait_for_change(look.revision)
+                seen = await self._wait_for_change(look)
         except Exception as exc:  # an EtcdError, or a bug: never leave a caller waiting
             for want in self._wants:
                 if not want.future.done():
@@ -879,7 +885,8 @@ class EtcdQueue:
         need = max(1, len(places) + arriving)
         if items_read.more and len(items) < need:
             items = (await self.client.range(self._ready, self._ready_end, limit=need)).kvs
-        return _Look(done.revision, places, items)
+            return _Look(done.revision, places, items)
+        return _Look(done.revision, places, items, complete=not items_read.more)
 
     def _plan(
         self, look: _Look, wants: list[_Want]
@@ -952,13 +959,17 @@ class EtcdQueue:
         for want in looking:
             want.seen.set()
 
-    async def _wait_for_change(self, revision: int) -> None:
-        """Wait for a put or a place ahead leaving (after ``revision``, the look's), or a
-        silent place's time to be up. Calls that join the line meanwhile park at once,
-        without a read of their own: with the watch in step and silent, the look's
-        answer holds for them (nothing past the places); their places, put, are in line
-        for the next put the watch tells of. (A watch not yet in step: the line looks.)"""
-        self._watching = watching = unguarded(self._change_after(revision + 1))
+    async def _wait_for_change(self, look: _Look) -> _Look | None:
+        """Wait for a put or a place ahead leaving (after ``look``), or a silent place's
+        time to be up; the state then if the watch kept it (``_change_after``), else
+        None (the line reads again).
+
+        Calls that join the line meanwhile park at once, without a read of their own:
+        with the watch in step and silent, the look's answer holds for them (nothing
+        past the places); their places, put, are in line for the next put the watch
+        tells of. (A watch not yet in step: the line reads.)"""
+        watching: asyncio.Task[_Look | None] = unguarded(self._change_after(look))
+        self._watching = watching
         loop = asyncio.get_running_loop()
         try:
             while not watching.done():
@@ -967,13 +978,13 @@ class EtcdQueue:
                     if self._silent
                     else None
                 )
-                look = asyncio.ensure_future(self._look.wait())
+                joined = asyncio.ensure_future(self._look.wait())
                 try:
                     done, _ = await asyncio.wait(
-                        [watching, look], timeout=silent_s, return_when=asyncio.FIRST_COMPLETED
+                        [watching, joined], timeout=silent_s, return_when=asyncio.FIRST_COMPLETED
                     )
                 finally:
-                    look.cancel()
+                    joined.cancel()
                 if not done or watching.done() or not self._watch_synced():
                     break
                 self._look.clear()
@@ -987,29 +998,39 @@ class EtcdQueue:
             if not watching.done():
                 watching.cancel()
                 await asyncio.wait([watching])
-        failed = None if watching.cancelled() else watching.exception()
+        if watching.cancelled():
+            return None
+        failed = watching.exception()
         if failed is not None:
             raise failed
+        return watching.result()
 
     def _parked(self) -> bool:
         """Whether the line waits for a change now (its watch in step: ``watching.Synced``)."""
         watching = self._watching
         return watching is not None and not watching.done() and self._watch_synced()
 
-    async def _change_after(self, start_revision: int) -> None:
-        """Return at the first put into ``i/`` at or after ``start_revision``, or the first
-        place that left without an item (more places than items deleted in a batch of
-        events: a call that timed out, was interrupted or was passed over; the line
-        past it moves up). A take's deletes of items and their places change no call's
-        item and wake nobody. (A leave and a newcomer's take in one batch wake nobody
-        either: a silent place's time, at most ``SILENT_PLACE_S``, wakes the line.)"""
-        self._watch_synced = synced = Synced(start_revision - 1)
+    async def _change_after(self, look: _Look) -> _Look | None:
+        """Return at the first put into ``i/`` after ``look``, or the first place that
+        left without an item (more places than items deleted in a batch of events: a
+        call that timed out, was interrupted or was passed over; the line past it
+        moves up). A take's deletes of items and their places change no call's item
+        and wake nobody. (A leave and a newcomer's take in one batch wake nobody
+        either: a silent place's time, at most ``SILENT_PLACE_S``, wakes the line.)
+
+        If ``look`` saw every item, the events keep it up to date (they are every
+        change of ``i/`` and ``j/`` since): returned, it saves the line a read. Else
+        None: the line reads again.
+        """
+        self._watch_synced = synced = Synced(look.revision)
+        places = {kv.key: kv for kv in look.places}
+        items = {kv.key: kv for kv in look.items}
         try:
             async with contextlib.aclosing(
                 self.client.watch(
                     self._ready,
                     self._places_end,
-                    start_revision=start_revision,
+                    start_revision=look.revision + 1,
                     on_created=synced.created,
                 )
             ) as events:
@@ -1017,14 +1038,27 @@ class EtcdQueue:
                     puts = left = 0
                     for e in batch:
                         ready = e.kv.key.startswith(self._ready)
+                        kept = items if ready else places
                         if e.type is EventType.PUT:
                             puts += ready
+                            kept[e.kv.key] = e.kv
                         else:  # a take deletes its place with its item: no line moves
                             left += -1 if ready else 1
+                            kept.pop(e.kv.key, None)
                     if puts or left > 0:
-                        return
+                        break
+                else:
+                    return None
         except Compacted:
-            return  # history is gone: the caller reads again
+            return None  # history is gone: the caller reads again
+        if not look.complete:
+            return None
+        return _Look(
+            batch[-1].kv.mod_revision,
+            sorted(places.values(), key=lambda kv: (kv.create_revision, kv.key)),
+            sorted(items.values(), key=lambda kv: kv.key),
+            complete=True,
+        )
 
     async def _take(
         self, session: EtcdSession | None, visibility_s: float, holder: Holder | None = None
