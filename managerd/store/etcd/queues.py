@@ -827,6 +827,10 @@ class EtcdQueue:
                 self._look.clear()
                 looking = list(self._wants)  # the calls this read is the look of
                 arriving = [w for w in wants if w.place is None]
+                if seen is not None and any(
+                    w.place is not None and w.place.create_revision > seen.revision for w in wants
+                ):
+                    seen = None  # older than a place of ours (put while it waited): read
                 if seen is None:
                     seen = await self._look_at(len(arriving))
                 look, seen = seen, None
@@ -900,8 +904,7 @@ class EtcdQueue:
                 continue
             read = current.get(want.place.key)
             if read is None:  # passed over: it parks again, at the end of the line
-                self._placed.pop(want.place.key, None)
-                want.place = None
+                self._unplace(want)
             else:
                 want.place = read
         plan = []
