@@ -69,7 +69,14 @@ class _Read(enum.Enum):
     POLL = b"p"  # to know there is one (or EOF)
 
 
-def _kind(place: KeyValue) -> _Read:
+#: The value of a ``poll``'s place made ready by another process (``_mark_ready``).
+_READY = b"P"
+
+
+def _kind(place: KeyValue) -> _Read | None:
+    """What the read at ``place`` waits for; None: a ``poll`` already made ready."""
+    if place.value == _READY:
+        return None
     return _Read.POLL if place.value == _Read.POLL.value else _Read.RECV
 
 
@@ -93,6 +100,8 @@ class _Plan:
     takes: list[tuple[KeyValue, _Reader]] = field(default_factory=list)  # recvs: a message
     #: Places of other processes with an answer for them.
     foreign: list[KeyValue] = field(default_factory=list)
+    #: The ``poll`` places of other processes to make ready before a take.
+    polls: list[KeyValue] = field(default_factory=list)
     #: The messages past the recv places (for reads that have not parked).
     free: list[KeyValue] = field(default_factory=list)
 
@@ -169,6 +178,8 @@ class EtcdPipe:
             while True:
                 plan, other, revision = await self._one_look(end)
                 if plan.free:
+                    if not await self._mark_ready(plan.polls):
+                        continue
                     taken = await inbox._take_batch(
                         plan.free[:1], [(None, 0.0, None)], [], revision
                     )
@@ -260,6 +271,8 @@ class EtcdPipe:
                 for r in plan.eof:
                     r.future.set_exception(EOFError("the other end of the pipe is closed"))
                 if plan.takes:
+                    if not await self._mark_ready(plan.polls):
+                        continue  # a poll place left meanwhile: look again
                     takes = plan.takes[:batch]
                     taken = await inbox._take_batch(
                         [item for item, _ in takes],
@@ -308,6 +321,13 @@ class EtcdPipe:
         recvs = 0  # recv places so far
         for place in look.places:
             kind = _kind(place)
+            if kind is None:  # a poll made ready: its own process answers it
+                owner = places.owner(place)
+                if owner is None:
+                    plan.foreign.append(place)
+                elif not owner.future.done():
+                    plan.ready.append(owner)
+                continue
             item = messages[recvs] if kind is _Read.RECV and recvs < len(messages) else None
             due = recvs < len(messages) or other
             recvs += kind is _Read.RECV
@@ -316,6 +336,8 @@ class EtcdPipe:
             owner = places.owner(place)
             if owner is None:
                 plan.foreign.append(place)
+                if kind is _Read.POLL and not other:
+                    plan.polls.append(place)
             elif not owner.future.done():
                 self._answer(plan, owner, item)
         plan.free = messages[recvs:]
@@ -330,6 +352,22 @@ class EtcdPipe:
             elif other:
                 self._answer(plan, r, None)
         return plan
+
+    async def _mark_ready(self, polls: list[KeyValue]) -> bool:
+        """Make the ``poll`` places ``polls`` of other processes ready (their value
+        ``_READY``), each if still the one read; whether they were.
+
+        Made before a take of a message that came for them: once it is taken, their
+        own process could not tell that it came (the memory store's ``send`` answers
+        the polls ahead of the recv that takes the message)."""
+        if not polls:
+            return True
+        done = await self.client.txn(
+            [Compare(p.key, Target.CREATE, "==", p.create_revision) for p in polls],
+            [Put(p.key, _READY) for p in polls],
+            idempotent=True,
+        )
+        return done.succeeded
 
     @staticmethod
     def _answer(plan: _Plan, reader: _Reader, item: KeyValue | None) -> None:
@@ -382,8 +420,10 @@ class EtcdPipe:
                             key.startswith(inbox._ready) or key in closed
                         ):
                             return
-                        if e.type is EventType.DELETE and key.startswith(inbox._places):
-                            return
+                        if key.startswith(inbox._places) and (
+                            e.type is EventType.DELETE or e.kv.value == _READY
+                        ):
+                            return  # a place leaves, or one of its polls is made ready
         except Compacted:
             return  # read again
 
