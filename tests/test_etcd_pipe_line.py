@@ -4,9 +4,9 @@ Real ``managerd serve --store etcd://...`` processes on a real 3-node
 cluster, readers in their own threads and connections: reads of one end
 blocked in turn on gateway A, B, A, ... are answered in the order they
 blocked, as the embedded store answers an end's readers; a ``poll`` ahead
-of a ``recv`` in the line is ready when a message comes, and a ``poll``
-behind it waits for the next; a dead gateway's blocked reader is passed
-over.
+of a ``recv`` in the line is ready when a message comes (even one taken at
+once through the other gateway), and a ``poll`` behind it waits for the
+next; a dead gateway's blocked reader is passed over.
 """
 
 from __future__ import annotations
@@ -141,3 +141,20 @@ def test_a_dead_gateways_blocked_reader_is_passed_over(gateways: tuple[Daemon, D
         assert far.poll() is False  # nothing left for the dead reader
     first.join(READ_S + 5)  # its gateway died: the call failed, nothing was taken for it
     assert got["0"][0] == "failed"
+
+
+def test_a_poll_blocked_on_one_gateway_is_ready_for_a_message_taken_at_once_on_the_other(
+    gateways: tuple[Daemon, Daemon],
+) -> None:
+    """A poll blocked on B; a message sent and taken at once (``recv(0)``) through A:
+    the poll is ready (True), as the embedded store's ``send`` answers it before the
+    message can be taken."""
+    a, b = gateways
+    got: dict[str, Any] = {}
+    threads = _block_in_turn([b], ["poll"], "taken", got)
+    with a.connect() as m:
+        near, far = m.Pipe("taken")
+        near.send("m")
+        assert far.recv(0) == "m"
+        threads[0].join(READ_S + 5)
+    assert got == {"0": True}

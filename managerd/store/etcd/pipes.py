@@ -22,12 +22,16 @@ Each process serves its own reads of an end (one task per end): it reads
 the places, the messages for them and the closed keys at once (a read-only
 Txn), answers its ``poll``s and EOFs, and takes the messages of its ``recv``
 places in one Txn that compares the messages' and places' revisions and
-deletes the places with the messages (the inbox's take). With nothing for
-its reads, it parks the new ones (their places, in arrival order, in one
-Txn) and watches the pipe's keys from the read's revision + 1: a message, a
-place ahead that leaves, or a close wakes it, on any gateway. A place of
-another process whose answer stands untaken for ``SILENT_PLACE_S`` (its
-gateway died, or is cut off from etcd) is passed over; a read that leaves
+deletes the places with the messages (the inbox's take). Before any take,
+the ``poll`` places the messages make ready are marked so (valued ``P``, in
+one Txn that compares them): once a message is taken, a ``poll``'s own
+process could no longer tell that it came. With nothing for its reads, it
+parks the new ones (their places, in arrival order, in one Txn) and
+watches the pipe's keys from the read's revision + 1: a message, a place
+that leaves, a ``poll`` made ready, or a close wakes it, on any gateway. A
+``recv`` place of another process whose message stands untaken for
+``SILENT_PLACE_S`` (its gateway died, or is cut off from etcd) is passed
+over; a ``poll``'s place holds up no one and is not. A read that leaves
 deletes its place. A read's timeout runs from its look; a ``recv`` that
 gives up while its take is in flight has its message put back at its place.
 """
@@ -98,9 +102,10 @@ class _Plan:
     ready: list[_Reader] = field(default_factory=list)  # polls: True
     eof: list[_Reader] = field(default_factory=list)  # recvs: EOFError
     takes: list[tuple[KeyValue, _Reader]] = field(default_factory=list)  # recvs: a message
-    #: Places of other processes with an answer for them.
+    #: The ``recv`` places of other processes with a message for them.
     foreign: list[KeyValue] = field(default_factory=list)
-    #: The ``poll`` places of other processes to make ready before a take.
+    #: The ``poll`` places ready for a message (not a close), to be made so before a
+    #: take (``_mark_ready``).
     polls: list[KeyValue] = field(default_factory=list)
     #: The messages past the recv places (for reads that have not parked).
     free: list[KeyValue] = field(default_factory=list)
@@ -271,7 +276,9 @@ class EtcdPipe:
                 for r in plan.eof:
                     r.future.set_exception(EOFError("the other end of the pipe is closed"))
                 if plan.takes:
-                    if not await self._mark_ready(plan.polls):
+                    # This process's polls are answered here; the others' are made ready.
+                    foreign = [p for p in plan.polls if line.places.owner(p) is None]
+                    if not await self._mark_ready(foreign):
                         continue  # a poll place left meanwhile: look again
                     takes = plan.takes[:batch]
                     taken = await inbox._take_batch(
@@ -321,11 +328,9 @@ class EtcdPipe:
         recvs = 0  # recv places so far
         for place in look.places:
             kind = _kind(place)
+            owner = places.owner(place)
             if kind is None:  # a poll made ready: its own process answers it
-                owner = places.owner(place)
-                if owner is None:
-                    plan.foreign.append(place)
-                elif not owner.future.done():
+                if owner is not None and not owner.future.done():
                     plan.ready.append(owner)
                 continue
             item = messages[recvs] if kind is _Read.RECV and recvs < len(messages) else None
@@ -333,11 +338,11 @@ class EtcdPipe:
             recvs += kind is _Read.RECV
             if not due:
                 continue
-            owner = places.owner(place)
+            if kind is _Read.POLL and not other:
+                plan.polls.append(place)
             if owner is None:
-                plan.foreign.append(place)
-                if kind is _Read.POLL and not other:
-                    plan.polls.append(place)
+                if item is not None:
+                    plan.foreign.append(place)
             elif not owner.future.done():
                 self._answer(plan, owner, item)
         plan.free = messages[recvs:]
@@ -354,12 +359,13 @@ class EtcdPipe:
         return plan
 
     async def _mark_ready(self, polls: list[KeyValue]) -> bool:
-        """Make the ``poll`` places ``polls`` of other processes ready (their value
-        ``_READY``), each if still the one read; whether they were.
+        """Make the ``poll`` places ``polls`` ready (their value ``_READY``), each if still
+        the one read; whether they were.
 
         Made before a take of a message that came for them: once it is taken, their
-        own process could not tell that it came (the memory store's ``send`` answers
-        the polls ahead of the recv that takes the message)."""
+        process could not tell that it came (the memory store's ``send`` answers the
+        polls ahead of the recv that takes the message). A poll's place is not passed
+        over: it holds up no one."""
         if not polls:
             return True
         done = await self.client.txn(
