@@ -17,8 +17,8 @@ from typing import Any
 
 from test_etcd_gateways import gateways, wait_for_waiter
 
-from conftest import Daemon
-from etcd_support import cluster
+from conftest import Daemon, wait_until
+from etcd_support import EtcdCluster, cluster
 
 __all__ = ["cluster", "gateways"]  # the fixtures
 
@@ -54,7 +54,22 @@ def _blocked_read(
     return thread
 
 
+def _passed_over(*gateways: Daemon) -> list[str]:
+    """The gateways' log lines of places passed over (a gateway seen silent for
+    ``SILENT_PLACE_S``: under a heavy load, a live one too)."""
+    return [line for g in gateways for line in g.lines if "passing over" in line]
+
+
+def _places(cluster: EtcdCluster, name: str) -> int:
+    """How many places the line of ``name``'s end 1 has in etcd (``j/`` keys; each
+    test's pipe has a name of its own)."""
+    done = cluster.etcdctl("get", "--prefix", "/", "--keys-only")
+    assert done.returncode == 0, done.stderr
+    return sum(f"/p/{name}/q/1/j/" in line for line in done.stdout.splitlines())
+
+
 def _block_in_turn(
+    cluster: EtcdCluster,
     gateways: list[Daemon],
     reads: list[str],
     name: str,
@@ -62,37 +77,38 @@ def _block_in_turn(
     order: list[str] | None = None,
 ) -> list[threading.Thread]:
     """Readers of ``name``'s end 1 blocked one after the other, the i-th in ``reads[i]``
-    on ``gateways[i]``, each counted waiting on its gateway before the next starts;
-    ``got[str(i)]`` the i-th's answer."""
+    on ``gateways[i]``, each counted waiting on its gateway and in the line (its place
+    in etcd) before the next starts; ``got[str(i)]`` the i-th's answer."""
     on: dict[str, int] = {}
     threads = []
     for i, (gateway, method) in enumerate(zip(gateways, reads, strict=True)):
         threads.append(_blocked_read(gateway, name, method, got, str(i), order))
         on[gateway.address] = on.get(gateway.address, 0) + 1
         assert wait_for_waiter(gateway, on[gateway.address], name)
+        assert wait_until(lambda n=i + 1: _places(cluster, name) == n)
     return threads
 
 
 def test_recvs_blocked_on_two_gateways_are_answered_in_the_order_they_blocked(
-    gateways: tuple[Daemon, Daemon],
+    cluster: EtcdCluster, gateways: tuple[Daemon, Daemon]
 ) -> None:
     """Readers of one end block in ``recv`` in turn on A, B, A, B, A; five messages
     sent one by one through B: the first to block gets the first, and so on."""
     a, b = gateways
     got: dict[str, Any] = {}
-    threads = _block_in_turn([a, b, a, b, a], ["recv"] * 5, "line", got)
+    threads = _block_in_turn(cluster, [a, b, a, b, a], ["recv"] * 5, "line", got)
     with b.connect() as sender:
         near, _ = sender.Pipe("line")
         for i in range(5):
             near.send(i)
         for thread in threads:
             thread.join(READ_S + 5)
-        assert got == {str(i): i for i in range(5)}
+        assert got == {str(i): i for i in range(5)}, _passed_over(a, b)
         assert sender.Pipe("line")[1].poll() is False  # every message taken once
 
 
 def test_a_poll_ahead_of_a_recv_on_another_gateway_is_ready_one_behind_it_waits(
-    gateways: tuple[Daemon, Daemon],
+    cluster: EtcdCluster, gateways: tuple[Daemon, Daemon]
 ) -> None:
     """In line: a poll on B, a recv on A, a poll on B, a recv on A. A first message
     makes the first poll ready and goes to the first recv, while the second poll waits
@@ -101,7 +117,9 @@ def test_a_poll_ahead_of_a_recv_on_another_gateway_is_ready_one_behind_it_waits(
     a, b = gateways
     got: dict[str, Any] = {}
     order: list[str] = []
-    threads = _block_in_turn([b, a, b, a], ["poll", "recv", "poll", "recv"], "ahead", got, order)
+    threads = _block_in_turn(
+        cluster, [b, a, b, a], ["poll", "recv", "poll", "recv"], "ahead", got, order
+    )
     with a.connect() as sender:
         near, _ = sender.Pipe("ahead")
         near.send("first")
@@ -117,16 +135,15 @@ def test_a_poll_ahead_of_a_recv_on_another_gateway_is_ready_one_behind_it_waits(
     assert order.index("2") > order.index("second sent")  # not ready for the first
 
 
-def test_a_dead_gateways_blocked_reader_is_passed_over(gateways: tuple[Daemon, Daemon]) -> None:
+def test_a_dead_gateways_blocked_reader_is_passed_over(
+    cluster: EtcdCluster, gateways: tuple[Daemon, Daemon]
+) -> None:
     """A reader blocked on A, then one on B; A is killed: a message sent through B goes
     to B's reader (A's place is passed over once the message stands untaken), and the
     next message, too, to B's next reader."""
     a, b = gateways
     got: dict[str, Any] = {}
-    first = _blocked_read(a, "passed", "recv", got, "0")
-    assert wait_for_waiter(a, 1, "passed")
-    second = _blocked_read(b, "passed", "recv", got, "1")
-    assert wait_for_waiter(b, 1, "passed")
+    first, second = _block_in_turn(cluster, [a, b], ["recv", "recv"], "passed", got)
     a.kill()
     with b.connect() as sender:
         near, far = sender.Pipe("passed")
@@ -144,14 +161,14 @@ def test_a_dead_gateways_blocked_reader_is_passed_over(gateways: tuple[Daemon, D
 
 
 def test_a_poll_blocked_on_one_gateway_is_ready_for_a_message_taken_at_once_on_the_other(
-    gateways: tuple[Daemon, Daemon],
+    cluster: EtcdCluster, gateways: tuple[Daemon, Daemon]
 ) -> None:
     """A poll blocked on B; a message sent and taken at once (``recv(0)``) through A:
     the poll is ready (True), as the embedded store's ``send`` answers it before the
     message can be taken."""
     a, b = gateways
     got: dict[str, Any] = {}
-    threads = _block_in_turn([b], ["poll"], "taken", got)
+    threads = _block_in_turn(cluster, [b], ["poll"], "taken", got)
     with a.connect() as m:
         near, far = m.Pipe("taken")
         near.send("m")

@@ -183,7 +183,8 @@ class EtcdPipe:
             while True:
                 plan, other, revision = await self._one_look(end)
                 if plan.free:
-                    if not await self._mark_ready(plan.polls):
+                    if plan.polls:  # (a take without a place compares them: look again)
+                        await self._mark_ready(plan.polls)
                         continue
                     taken = await inbox._take_batch(
                         plan.free[:1], [(None, 0.0, None)], [], revision
@@ -278,8 +279,11 @@ class EtcdPipe:
                 if plan.takes:
                     # This process's polls are answered here; the others' are made ready.
                     foreign = [p for p in plan.polls if line.places.owner(p) is None]
-                    if not await self._mark_ready(foreign):
-                        continue  # a poll place left meanwhile: look again
+                    marked = await self._mark_ready(foreign)
+                    if not marked or (foreign and any(r.place is None for _, r in plan.takes)):
+                        # A poll place left meanwhile; or the marks are places changed
+                        # after the read, which a take without a place compares: again.
+                        continue
                     takes = plan.takes[:batch]
                     taken = await inbox._take_batch(
                         [item for item, _ in takes],
@@ -359,8 +363,8 @@ class EtcdPipe:
         return plan
 
     async def _mark_ready(self, polls: list[KeyValue]) -> bool:
-        """Make the ``poll`` places ``polls`` ready (their value ``_READY``), each if still
-        the one read; whether they were.
+        """Make the ``poll`` places ``polls`` ready (their value ``_READY``), all if each is
+        still the one read; whether they were.
 
         Made before a take of a message that came for them: once it is taken, their
         process could not tell that it came (the memory store's ``send`` answers the
