@@ -1,9 +1,10 @@
 """Who gets the items when consumers block in ``Queue.get`` over two etcd gateways (vs embedded).
 
-On etcd, blocked gets wait in one line per gateway process (FIFO within a
-gateway) and the lines of different gateways race for each new item
-(``managerd/store/etcd/queues.py``): "FIFO within a gateway, not across
-gateways". This measures what that means for consumers.
+On etcd, blocked gets of every gateway wait in one line, in the order they
+parked (their places, ``managerd/store/etcd/queues.py``); a call parks a
+round trip or two to etcd after it reached its gateway, and its gateway
+takes its item a round trip or two after the put. This measures what that
+means for consumers.
 
 Starts a 3-node cluster with ``tests/etcd_support.py``, two real gateways
 (``managerd serve --store etcd://...``) and, for comparison, an embedded
@@ -24,8 +25,11 @@ consumer that had been waiting longest: an item counts as *overtaking* when
 another consumer's ``get`` began before the receiver's and returned after
 it (the embedded store's FIFO line never does that, but for the clocks'
 jitter: its figure is the measure's noise), told apart by whether some
-overtaking consumer was on the receiver's gateway (its line is FIFO: this
-should stay near the embedded figure) or only ones of the other gateway.
+overtaking consumer was on the receiver's gateway or only ones of the other
+gateway. That counts the time each item takes to come back too; *handed in
+order* counts only the order items were handed out in: an item is out of
+order when another consumer's ``get`` that began before the receiver's (and
+still waited) was handed a later item.
 
 Every item must be received exactly once (else the exit status is 1).
 ``--json PATH`` writes the figures (the smoke test reads it). A number to
@@ -168,6 +172,30 @@ def overtaken(cs: list[Consumer]) -> tuple[int, int]:
     return same, other
 
 
+def handed_out_of_order(cs: list[Consumer]) -> int:
+    """Items handed to a call while a call of another consumer that began earlier (and
+    still waited) was handed a later item, or a sentinel, in the end: a measure of
+    the order items are handed out in, whatever time each takes to come back."""
+    calls = {
+        c.index: [(t.called_at, t.got_at, float(t.seq)) for t in c.takes]
+        + [(s, g, float("inf")) for s, g in c.last]
+        for c in cs
+    }
+    starts = {i: [s for s, _, _ in spans] for i, spans in calls.items()}
+    late = 0
+    for c in cs:
+        for t in c.takes:
+            for o in cs:
+                k = bisect.bisect_left(starts[o.index], t.called_at) - 1
+                if o is c or k < 0:
+                    continue
+                _, got_at, seq = calls[o.index][k]
+                if got_at > t.called_at and seq > t.seq:
+                    late += 1
+                    break
+    return late
+
+
 def report(system: str, phase: str, cs: list[Consumer], puts: int, paced: bool) -> dict[str, Any]:
     """Print one phase's table; return its figures (and the exactly-once check)."""
     seqs = Counter(t.seq for c in cs for t in c.takes)
@@ -214,13 +242,18 @@ def report(system: str, phase: str, cs: list[Consumer], puts: int, paced: bool) 
     if paced:
         same, other = overtaken(cs)
         fifo = 1 - (same + other) / max(puts, 1)
+        in_order = 1 - handed_out_of_order(cs) / max(puts, 1)
         figures.update(
-            to_longest_waiting=fifo, overtaking_same_gateway=same, overtaking_other=other
+            to_longest_waiting=fifo,
+            overtaking_same_gateway=same,
+            overtaking_other=other,
+            handed_in_order=in_order,
         )
         print(
             f"to the consumer waiting longest: {fifo:.1%} (overtaking {same} within a gateway,"
             f" {other} only across gateways)"
         )
+        print(f"handed in the order the calls began: {in_order:.1%}")
     verdict = "exactly once" if missing == twice == stray == 0 else "NOT exactly once"
     print(f"{verdict}: {missing} missing, {twice} received twice, {stray} never put")
     return figures

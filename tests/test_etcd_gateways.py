@@ -103,19 +103,25 @@ def _blocked_get(gateway: Daemon, name: str, got: dict[int, Any], i: int) -> thr
     return thread
 
 
+def queue_places(cluster: EtcdCluster, name: str) -> int:
+    """How many places the line of the queue ``name`` has in etcd (its ``j/`` keys)."""
+    done = cluster.etcdctl("get", "--prefix", "/", "--keys-only")
+    assert done.returncode == 0, done.stderr
+    return sum(f"/q/{name}/j/" in line for line in done.stdout.splitlines())
+
+
 def test_gets_blocked_on_two_gateways_are_answered_in_the_order_they_blocked(
-    gateways: tuple[Daemon, Daemon],
+    cluster: EtcdCluster, gateways: tuple[Daemon, Daemon]
 ) -> None:
-    """Consumers block in turn on A, B, A, B, A; five items put one by one through B:
-    the first to block gets the first item, and so on (one line across gateways)."""
+    """Consumers block in turn on A, B, A, B, A (each once its place is in etcd); five
+    items put one by one through B: the first to block gets the first item, and so
+    on (one line across gateways)."""
     a, b = gateways
     got: dict[int, Any] = {}
     threads = []
-    on = {a.address: 0, b.address: 0}
     for i, gateway in enumerate([a, b, a, b, a]):
         threads.append(_blocked_get(gateway, "line", got, i))
-        on[gateway.address] += 1
-        assert wait_for_waiter(gateway, on[gateway.address], "line")
+        assert wait_until(lambda n=i + 1: queue_places(cluster, "line") == n, timeout_s=10)
     with b.connect() as producer:
         line = producer.Queue("line")
         for i in range(5):

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from managerd.store.etcd.client import EtcdClient
+from managerd.store.etcd.places import Look
 from managerd.store.etcd.queues import Delivery, EtcdQueue
 from managerd.store.etcd.sessions import EtcdSession
 
@@ -65,7 +66,8 @@ def test_a_put_before_the_watch_starts_is_not_missed(cluster: EtcdCluster, name:
             taken, revision = await q._take(None, 0.0)
             assert taken is None
             await EtcdQueue(b, name).put(b"between")  # after the read, before any watch
-            await q._change_after(revision + 1)  # returns: the put was seen
+            seen = await q._change_after(Look(revision, [], [], complete=True))  # the put was seen
+            assert seen is not None and len(seen.items) == 1  # kept from the event
             assert await q.get_nowait() == b"between"
 
     asyncio.run(body())

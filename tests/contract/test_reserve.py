@@ -271,3 +271,27 @@ def test_a_dead_letter_after_a_task_done_of_another_item_counts_as_done(
     store.call(q, "task_done")  # for "b"
     store.call(q, "nack", did)  # "a": its one delivery, dead, and done
     store.call(q, "join", 0)
+
+
+def test_expired_reservations_go_to_parked_calls_the_first_expired_first(
+    store: StoreHarness,
+) -> None:
+    """As their timers fire one after another, by deadline: each to the oldest parked
+    get or reserve, the rest first, the last expired first (``appendleft``)."""
+    q = store.open("Queue", "q", visibility_timeout_s=1.0)
+    store.call(q, "put_many", ["a", "b", "c", "d"])
+    consumer = store.new_client()
+    for _ in range(4):
+        store.call(q, "reserve", client=consumer)
+    first = store.start(q, "get", client=store.new_client())
+    reserver = store.new_client()
+    second = store.start(q, "reserve", client=reserver)
+    assert not first.done() and not second.done()
+    assert first.result() == "a"  # after the visibility timeout
+    did, value, deliveries = second.result()
+    assert (value, deliveries) == ("b", 2)
+    store.call(q, "ack", did, client=reserver)
+    store.sleep(2.5)  # on etcd, a requeuer pass each second: its passes may part them
+    assert store.call(q, "reserved_count") == 0
+    assert store.call(q, "get_many", 5) == ["d", "c"]
+    assert store.waiters(q) == 0

@@ -38,10 +38,10 @@ a new id, ``!<time counted down>~<put id>``, before every put's and the
 latest returned first (back at its put id, it would stand behind an item
 returned after it); its ``u/`` key keeps the put id. Several returned at once
 (``requeue_expired``: a session's end, expired ones) go back as the memory
-store ends a session: the last delivered first, each to the oldest call of
-this process that waits for an item (in one Txn with its take), the rest to
-the front in one Txn, the first delivered first; one such pass at a time per
-process.
+store gives them back one by one (expired ones by deadline, an ended
+session's the last delivered first): each to the oldest parked call, the
+rest first, in one Txn to the front, ordered so that the line hands them so
+(the first items are the places'); one such pass at a time per process.
 
 **Exactly once across failovers.** Every change is one Txn guarded by a
 compare, so a retried request after an ambiguous failure (the leader died
@@ -74,7 +74,8 @@ watch is seen, so no wake-up is missed and nothing polls.
 
 A place whose item stands untaken for ``SILENT_PLACE_S`` (as seen by
 another process: its gateway died, or is cut off from etcd) is passed over:
-that process deletes it and the line moves on. Its call, if its gateway
+that process deletes it and the line moves on (``places.py``: the places,
+shared with a pipe end's blocked reads). Its call, if its gateway
 lives, parks again at the end. A call that leaves (answered, timed out,
 interrupted) deletes its place, made again until etcd answers. A call's
 timeout runs from its look: the line's read of the queue after the call
@@ -100,7 +101,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from managerd.store.etcd.client import EtcdClient, unguarded, until_answered
+from managerd.store.etcd.client import EtcdClient, unguarded
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -116,6 +117,7 @@ from managerd.store.etcd.kv import (
     name_key,
     prefix_end,
 )
+from managerd.store.etcd.places import Look, Places
 from managerd.store.etcd.sessions import DEFAULT_ROOT, EtcdSession
 from managerd.store.etcd.watching import (
     Synced,
@@ -143,13 +145,6 @@ _GET_BATCH = 30
 _MAX_OPS = 120  # ops per Txn, under etcd's default --max-txn-ops (128)
 _FRONT_BATCH = 40  # reservations per Txn to the front: 3 ops each
 _TOMBSTONE_ROTATE_S = 20.0  # a tombstone lives 40-60 s
-#: How long another process sees an item stand untaken for a parked call's place before
-#: it passes the place over (module docstring): far above a live gateway's take (a few
-#: ms), far below a session's TTL.
-SILENT_PLACE_S = 1.0
-#: This process's part of its places' keys, then a count: places of one Txn are in line by key.
-_PLACE_ORIGIN = secrets.token_hex(6).encode() + b"."
-_PLACE_SEQ = itertools.count()
 
 
 def _pack(meta: dict[str, Any], payload: bytes) -> bytes:
@@ -238,15 +233,6 @@ class _Want:
 
 
 @dataclass(frozen=True, slots=True)
-class _Look:
-    """The places of the parked calls, oldest first, and the first items, read at once."""
-
-    revision: int
-    places: list[KeyValue]
-    items: list[KeyValue]
-
-
-@dataclass(frozen=True, slots=True)
 class Delivery:
     """A reserved item: ack or nack it with this (``receipt`` is the reservation's revision)."""
 
@@ -292,18 +278,16 @@ class EtcdQueue:
         self._unfinished = base + b"u/"
         self._places = base + b"j/"
         self._places_end = prefix_end(self._places)
-        #: The calls of this process parked in the line, by their place's key.
-        self._placed: dict[bytes, _Want] = {}
-        #: Places of other processes with an item for them, since when (the loop's time).
-        self._silent: dict[bytes, float] = {}
-        #: How many places the last look found (how many items the next reads).
-        self._places_seen = 0
+        #: The places of the line, and the calls of this process parked in it.
+        self._line: Places[_Want] = Places(
+            client, self._places, self._places_end, f"queue {name!r}"
+        )
         self._key = name_key(name)
         self._ids = _Ids()
         self._tomb_lease = _ShortLease(client)
         self._wants: collections.deque[_Want] = collections.deque()
         self._taker: asyncio.Task[None] | None = None
-        self._watching: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[Any] | None = None
         self._watch_synced: Synced = Synced(0)
         #: Set when a call joins the line while it may wait on its watch: it looks again.
         self._look = asyncio.Event()
@@ -684,21 +668,28 @@ class EtcdQueue:
             now_s = time.time() if now_s is None else now_s
             reserved = await self.client.range(self._reserved, prefix_end(self._reserved))
             alive: dict[str, bool] = {}
-            due = []
+            ended = []
+            expired = []
             for kv in sorted(reserved.kvs, key=lambda kv: kv.create_revision):
                 meta, payload = _unpack(kv.value)
                 sid = str(meta["session"])
                 if sid not in alive:
                     alive[sid] = await self.client.get(self._sessions + sid.encode()) is not None
-                if meta["deadline"] <= now_s or not alive[sid]:
-                    due.append((kv, int(meta["n"]), payload))
-            return await self._return_due(due)
+                if not alive[sid]:
+                    ended.append((kv, int(meta["n"]), payload))
+                elif meta["deadline"] <= now_s:
+                    order = (meta["deadline"], kv.create_revision, kv.key)
+                    expired.append((order, (kv, int(meta["n"]), payload)))
+            # As the memory store gives them back one by one: expired ones as their
+            # timers fire (by deadline), an ended session's the last delivered first.
+            expired.sort(key=lambda e: e[0])
+            return await self._return_due([d for _, d in expired] + ended[::-1])
 
     async def _return_due(self, due: list[tuple[KeyValue, int, bytes]]) -> int:
-        """Return the reservations ``due`` (``(r/ kv, deliveries, payload)``, in the order
-        delivered) as the memory store returns a session's: the last delivered first,
-        one to each parked call in the line, the oldest first; the rest to the front,
-        the first delivered first; or to the dead letters. How many were returned.
+        """Return the reservations ``due`` (``(r/ kv, deliveries, payload)``) as the memory
+        store returns them one by one in that order: each to the oldest parked call in
+        the line, else first (``appendleft``); or to the dead letters. How many were
+        returned.
 
         All go to the front, in the order the line then hands them out (the first
         ``places`` items are the parked calls'), in one Txn (per ``_FRONT_BATCH``): a
@@ -715,8 +706,7 @@ class EtcdQueue:
             else:
                 back.append((kv, deliveries, payload))
         places = (await self.client.range(self._places, self._places_end, count_only=True)).count
-        handed = min(places, len(back))
-        ordered = back[len(back) - handed :][::-1] + back[: len(back) - handed]
+        ordered = back[:places] + back[places:][::-1]
         # The head gets the newest front id: first of all.
         fronts = [_FRONT_IDS.next() for _ in ordered][::-1]
         for i in range(0, len(ordered), _FRONT_BATCH):
@@ -793,31 +783,27 @@ class EtcdQueue:
             want.future.cancel()
             with contextlib.suppress(ValueError):
                 self._wants.remove(want)
-            self._unplace(want)
+            self._line.unplace(want)
             if not self._wants and self._watching is not None:
                 self._watching.cancel()  # nobody waits: stop watching
-
-    def _unplace(self, want: _Want) -> None:
-        """``want`` left the line: its place goes (made again until etcd answers; a place
-        left behind would be passed over, after ``SILENT_PLACE_S``)."""
-        if want.place is None:
-            return
-        key = want.place.key
-        want.place = None
-        if self._placed.get(key) is want:
-            del self._placed[key]
-            self._background(until_answered(lambda: self.client.delete(key)))
 
     async def _take_for_wants(self) -> None:
         """Serve the parked and arriving calls of this process (module docstring), several
         per Txn."""
         batch = _GET_BATCH
+        seen: Look | None = None  # what the watch saw, kept up to date: no read needed
         try:
             while wants := [w for w in self._wants if not w.future.done()]:
                 self._look.clear()
                 looking = list(self._wants)  # the calls this read is the look of
                 arriving = [w for w in wants if w.place is None]
-                look = await self._look_at(len(arriving))
+                if seen is not None and any(
+                    w.place is not None and w.place.create_revision > seen.revision for w in wants
+                ):
+                    seen = None  # older than a place of ours (put while it waited): read
+                if seen is None:
+                    seen = await self._line.look(self._ready, self._ready_end, len(arriving))
+                look, seen = seen, None
                 plan, silent = self._plan(look, wants)
                 if plan:
                     plan = plan[:batch]
@@ -831,9 +817,7 @@ class EtcdQueue:
                         continue
                     batch = _GET_BATCH
                     for (_, want), item in zip(plan, taken, strict=False):
-                        if want.place is not None:  # deleted with the take
-                            self._placed.pop(want.place.key, None)
-                            want.place = None
+                        self._line.taken(want)  # its place went with the take
                         with contextlib.suppress(ValueError):
                             self._wants.remove(want)
                         if want.future.done():
@@ -843,97 +827,34 @@ class EtcdQueue:
                             want.future.set_result(item)
                     continue
                 if silent:
-                    await self._pass_over(silent)
+                    await self._line.pass_over(silent)
                     continue
-                await self._park([w for w in wants if w.place is None])
+                await self._line.park([w for w in wants if w.place is None])
                 await self._looked(looking)
-                await self._wait_for_change(look.revision)
+                seen = await self._wait_for_change(look)
         except Exception as exc:  # an EtcdError, or a bug: never leave a caller waiting
             for want in self._wants:
                 if not want.future.done():
                     want.future.set_exception(exc)
 
-    async def _look_at(self, arriving: int) -> _Look:
-        """The places, and the items for them and for ``arriving`` calls more (at least
-        one), in one read."""
-        want = max(1, self._places_seen + arriving)
-        done = await self.client.txn(
-            [],
-            [
-                Get(self._places, self._places_end),
-                Get(self._ready, self._ready_end, limit=want),
-            ],
-            idempotent=True,
-        )
-        places_read, items_read = done.responses
-        assert isinstance(places_read, RangeResult) and isinstance(items_read, RangeResult)
-        places = sorted(places_read.kvs, key=lambda kv: (kv.create_revision, kv.key))
-        self._places_seen = len(places)
-        items = items_read.kvs
-        need = max(1, len(places) + arriving)
-        if items_read.more and len(items) < need:
-            items = (await self.client.range(self._ready, self._ready_end, limit=need)).kvs
-        return _Look(done.revision, places, items)
-
     def _plan(
-        self, look: _Look, wants: list[_Want]
+        self, look: Look, wants: list[_Want]
     ) -> tuple[list[tuple[KeyValue, _Want]], list[KeyValue]]:
         """Which item each call of ``wants`` takes: the i-th place's call the i-th item,
         the calls that have not parked the items past the places, in arrival order; and
         the places of other processes found silent (``SILENT_PLACE_S``)."""
-        current = {kv.key: kv for kv in look.places}
-        for want in wants:
-            if want.place is None:
-                continue
-            read = current.get(want.place.key)
-            if read is None:  # passed over: it parks again, at the end of the line
-                self._placed.pop(want.place.key, None)
-                want.place = None
-            else:
-                want.place = read
+        self._line.refresh(look.places, wants)  # passed over: parks again, at the end
         plan = []
         foreign = []
         for place, item in zip(look.places, look.items, strict=False):
-            owner = self._placed.get(place.key)
+            owner = self._line.owner(place)
             if owner is None:
                 foreign.append(place)
             elif not owner.future.done():
                 plan.append((item, owner))
         arriving = [w for w in wants if w.place is None]
         plan += zip(look.items[len(look.places) :], arriving, strict=False)
-        return plan, self._note_silent(foreign)
-
-    def _note_silent(self, foreign: list[KeyValue]) -> list[KeyValue]:
-        """Of ``foreign`` (other processes' places with an item for them), those seen so
-        for ``SILENT_PLACE_S`` or more."""
-        now = asyncio.get_running_loop().time()
-        self._silent = {p.key: self._silent.get(p.key, now) for p in foreign}
-        return [p for p in foreign if now - self._silent[p.key] >= SILENT_PLACE_S]
-
-    async def _pass_over(self, silent: list[KeyValue]) -> None:
-        """Delete the ``silent`` places (each if still the one read)."""
-        for place in silent:
-            log.warning("queue %r: passing over a silent place %r", self.name, place.key)
-            self._silent.pop(place.key, None)
-        await self.client.txn(
-            [Compare(p.key, Target.CREATE, "==", p.create_revision) for p in silent],
-            [Delete(p.key) for p in silent],
-            idempotent=True,
-        )
-
-    async def _park(self, wants: list[_Want]) -> None:
-        """Give ``wants`` their places at the end of the line, in arrival order, at once."""
-        if not wants:
-            return
-        keys = [self._places + _PLACE_ORIGIN + b"%016d" % next(_PLACE_SEQ) for _ in wants]
-        done = await self.client.txn([], [Put(key, b"") for key in keys], idempotent=True)
-        for want, key in zip(wants, keys, strict=True):
-            want.place = KeyValue(key, b"", done.revision, done.revision, 1, 0)
-            if want.future.done():  # left meanwhile: its place goes at once
-                self._placed[key] = want
-                self._unplace(want)
-            else:
-                self._placed[key] = want
+        return plan, self._line.note_silent(foreign)
 
     async def _looked(self, looking: list[_Want]) -> None:
         """The queue had no item for ``looking`` (read after they came): their timeouts
@@ -946,57 +867,101 @@ class EtcdQueue:
         for want in looking:
             want.seen.set()
 
-    async def _wait_for_change(self, revision: int) -> None:
-        """Wait for a put, a place ahead leaving (after ``revision``), a call joining the
-        line, or a silent place's time to be up."""
-        self._watching = watching = unguarded(self._change_after(revision + 1))
-        look = asyncio.ensure_future(self._look.wait())
-        loop = asyncio.get_running_loop()
-        silent_s = (
-            max(0.0, min(self._silent.values()) + SILENT_PLACE_S - loop.time())
-            if self._silent
-            else None
-        )
+    async def _wait_for_change(self, look: Look) -> Look | None:
+        """Wait for a put or a place ahead leaving (after ``look``), or a silent place's
+        time to be up; the state then if the watch kept it (``_change_after``), else
+        None (the line reads again).
+
+        Calls that join the line meanwhile park at once, without a read of their own:
+        with the watch in step and silent, the look's answer holds for them (nothing
+        past the places); their places, put, are in line for the next put the watch
+        tells of. (A watch not yet in step: the line reads.)"""
+        watching: asyncio.Task[Look | None] = unguarded(self._change_after(look))
+        self._watching = watching
         try:
-            await asyncio.wait(
-                [watching, look], timeout=silent_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            while not watching.done():
+                silent_s = self._line.silent_wait_s()
+                joined = asyncio.ensure_future(self._look.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        [watching, joined], timeout=silent_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    joined.cancel()
+                if not done or watching.done() or not self._watch_synced():
+                    break
+                self._look.clear()
+                looking = [w for w in self._wants if not w.seen.is_set()]
+                await self._line.park(
+                    [w for w in self._wants if w.place is None and not w.future.done()]
+                )
+                await self._looked(looking)
         finally:
-            look.cancel()
             self._watching = None
             if not watching.done():
                 watching.cancel()
                 await asyncio.wait([watching])
-        failed = None if watching.cancelled() else watching.exception()
+        if watching.cancelled():
+            return None
+        failed = watching.exception()
         if failed is not None:
             raise failed
+        return watching.result()
 
     def _parked(self) -> bool:
         """Whether the line waits for a change now (its watch in step: ``watching.Synced``)."""
         watching = self._watching
         return watching is not None and not watching.done() and self._watch_synced()
 
-    async def _change_after(self, start_revision: int) -> None:
-        """Return at the first put into ``i/`` or delete in ``j/`` at or after
-        ``start_revision``."""
-        self._watch_synced = synced = Synced(start_revision - 1)
+    async def _change_after(self, look: Look) -> Look | None:
+        """Return at the first put into ``i/`` after ``look``, or the first place that
+        left without an item (more places than items deleted in a batch of events: a
+        call that timed out, was interrupted or was passed over; the line past it
+        moves up). A take's deletes of items and their places change no call's item
+        and wake nobody. (A leave and a newcomer's take in one batch wake nobody
+        either: a silent place's time, at most ``SILENT_PLACE_S``, wakes the line.)
+
+        If ``look`` saw every item, the events keep it up to date (they are every
+        change of ``i/`` and ``j/`` since): returned, it saves the line a read. Else
+        None: the line reads again.
+        """
+        self._watch_synced = synced = Synced(look.revision)
+        places = {kv.key: kv for kv in look.places}
+        items = {kv.key: kv for kv in look.items}
         try:
             async with contextlib.aclosing(
                 self.client.watch(
                     self._ready,
                     self._places_end,
-                    start_revision=start_revision,
+                    start_revision=look.revision + 1,
                     on_created=synced.created,
                 )
             ) as events:
                 async for batch in events:
+                    puts = left = 0
                     for e in batch:
-                        if e.kv.key.startswith(self._ready) and e.type is EventType.PUT:
-                            return
-                        if e.kv.key.startswith(self._places) and e.type is EventType.DELETE:
-                            return
+                        ready = e.kv.key.startswith(self._ready)
+                        kept = items if ready else places
+                        if e.type is EventType.PUT:
+                            puts += ready
+                            kept[e.kv.key] = e.kv
+                        else:  # a take deletes its place with its item: no line moves
+                            left += -1 if ready else 1
+                            kept.pop(e.kv.key, None)
+                    if puts or left > 0:
+                        break
+                else:
+                    return None
         except Compacted:
-            return  # history is gone: the caller reads again
+            return None  # history is gone: the caller reads again
+        if not look.complete:
+            return None
+        return Look(
+            batch[-1].kv.mod_revision,
+            sorted(places.values(), key=lambda kv: (kv.create_revision, kv.key)),
+            sorted(items.values(), key=lambda kv: kv.key),
+            complete=True,
+        )
 
     async def _take(
         self, session: EtcdSession | None, visibility_s: float, holder: Holder | None = None
@@ -1012,14 +977,14 @@ class EtcdQueue:
         """Up to ``limit`` items past the places, for calls that have not parked (``ask``
         each): ``(taken, revision)``, ``[]`` if there were none at that revision, None if
         another call took them first or a place came (the caller looks again)."""
-        look = await self._look_at(limit)
+        look = await self._line.look(self._ready, self._ready_end, limit)
         free = look.items[len(look.places) :][:limit]
         if not free:
-            silent = self._note_silent(
-                [p for p in look.places[: len(look.items)] if p.key not in self._placed]
+            silent = self._line.note_silent(
+                [p for p in look.places[: len(look.items)] if self._line.owner(p) is None]
             )
             if silent:
-                await self._pass_over(silent)
+                await self._line.pass_over(silent)
                 return None, look.revision
             await self.confirm([ask[2]])
             return [], look.revision
