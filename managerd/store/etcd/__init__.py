@@ -17,7 +17,9 @@ Layout (keys under a prefix, ``/m/`` by default; shared/ETCD.md):
   a key on the lease) while the lease lives (``EtcdStore.resume``).
 - ``queues.py``: a FIFO queue (idempotent put, blocking get and reserve
   through a watch, several takes per Txn, reserve/ack/nack, requeue of
-  expired and orphaned reservations).
+  expired and orphaned reservations); ``places.py``: the one line of
+  parked calls across gateways (a queue's blocked gets and reserves, a
+  pipe end's blocked reads), places in create_revision order.
 - ``locks.py``: a lock with fencing tokens (FIFO waiters, etcd's mutex
   recipe) and a re-entrant one; ``sync.py``: Event, Semaphore and
   BoundedSemaphore; ``values.py``: Value and dict; ``watching.py``: the
