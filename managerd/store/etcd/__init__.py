@@ -64,6 +64,7 @@ A gateway that lives on when a session is taken over from it sees so
 through a watch of the token keys and lets go of the session
 (``EtcdStore._let_go``).
 
-**Not yet** (issue 13): ``snapshot`` and ``would_hand_out`` (why, in
-``store.py``).
+``snapshot`` is read from etcd when asked (a future); ``would_hand_out``
+answers None, the stock dialect's decode check of what ``pop`` would
+remove being made where etcd removes it (both in ``store.py``).
 """
