@@ -28,14 +28,17 @@ harmlessly.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import marshal
 import queue
 import secrets
+import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
-from test_etcd_resume import call, new_session
+from test_etcd_resume import Gateways, a_id, call, new_session
 
 from managerd.store.api import Call
 from managerd.store.etcd.handles import BarrierHandle, SemaphoreHandle
@@ -44,7 +47,8 @@ from managerd.store.etcd.store import EtcdStore
 from managerd.store.sessions import Session
 from managerd_client.errors import StoreUnavailable
 
-from etcd_support import EtcdCluster, EtcdRelay, cluster, relayed_and_direct
+from conftest import wait_until
+from etcd_support import EtcdCluster, EtcdRelay, RelayThread, cluster, relayed_and_direct
 
 __all__ = ["cluster"]  # the fixture, from etcd_support
 
@@ -364,3 +368,65 @@ def test_a_barrier_leave_applied_unanswered_leaves_the_count_once(
             await waiting
 
     relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def out_of_reach(relay: RelayThread, refusing: bool) -> None:
+    """etcd out of reach (or back) for the gateway behind ``relay``: its connections cut
+    and new ones refused."""
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def switch() -> None:
+        relay.relay.refusing = refusing
+        if refusing:
+            relay.relay.drop_connections()
+        done.set_result(None)
+
+    relay.loop.call_soon_threadsafe(switch)
+    done.result(30)
+
+
+def test_a_give_back_under_way_when_its_gateway_stops_is_made_before_it_stops(
+    cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """Real gateways: A reaches etcd through a relay, B directly. A client's get through
+    A is answered, then the client cancels it (as an interrupt just after the answer
+    would): A gives the item back, while etcd is out of A's reach. A gets SIGTERM,
+    then etcd is in reach again: A gives the item back before it stops. Cut short,
+    the give-back would be lost: the session resumes through B, where the item is
+    still in the thread's records, and the thread's next call confirms them."""
+    relay = RelayThread(cluster.endpoints[0])
+    gateways = Gateways(cluster, tmp_path)
+    direct = gateways.args
+    try:
+        gateways.args = ["--store", "etcd://" + relay.address, *direct[2:]]
+        a = gateways.start("a")
+        gateways.args = direct
+        b = gateways.start("b")
+        with gateways.client(a, b) as m, gateways.client(b) as other:
+            jobs = m.Queue("jobs")
+            assert m.server_id == a_id(a)
+            other.Queue("jobs").put("job-1")
+            assert jobs.get(timeout=10) == "job-1"
+
+            out_of_reach(relay, True)
+            channel = m._channel
+            assert channel is not None
+            rid = next(channel._rids) - 1  # the get's (one id is skipped: harmless)
+            channel._abandon(rid, RuntimeError("as if interrupted"))
+            m.ping()  # the cancel was handled before this (one connection, in order)
+            assert other.Queue("jobs").qsize() == 0  # not back: etcd is out of A's reach
+
+            a.signal(signal.SIGTERM)
+            assert wait_until(lambda: "shutting down" in a.log, timeout_s=30)
+            out_of_reach(relay, False)
+            assert a.wait(30) == 0
+            assert "left undone" not in a.log
+
+            # The session resumes through B; this thread's next call confirms what it
+            # read there: nothing of job-1, which is back in the queue.
+            assert jobs.get(timeout=10) == "job-1", "the give-back was cut short"
+            assert m.server_id != a_id(a)
+            assert other.Queue("jobs").qsize() == 0
+    finally:
+        gateways.stop()
+        relay.close()
