@@ -20,28 +20,35 @@ And so for every undo of an answer whose caller left, each made again
 until etcd answers, none twice: a Semaphore's permit (the very one the
 acquire was answered with), a get's items (back once each), a reserve
 (back, not counted as a delivery), a pipe's message and a Condition
-restore's lock. A try applied by etcd whose answer was lost (the relay
-cuts it) is made again harmlessly.
+restore's lock; and an interrupted Barrier party's leave of the count. A
+try applied by etcd whose answer was lost (the relay cuts it) is made again
+harmlessly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import marshal
 import queue
 import secrets
+import signal
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
-from test_etcd_resume import call, new_session
+from test_etcd_resume import Gateways, a_id, call, new_session
 
 from managerd.store.api import Call
-from managerd.store.etcd.handles import SemaphoreHandle
+from managerd.store.etcd.handles import BarrierHandle, SemaphoreHandle
 from managerd.store.etcd.kv import name_key
 from managerd.store.etcd.store import EtcdStore
 from managerd.store.sessions import Session
 from managerd_client.errors import StoreUnavailable
 
-from etcd_support import EtcdCluster, EtcdRelay, cluster, relayed_and_direct
+from conftest import wait_until
+from etcd_support import EtcdCluster, EtcdRelay, RelayThread, cluster, relayed_and_direct
 
 __all__ = ["cluster"]  # the fixture, from etcd_support
 
@@ -290,3 +297,136 @@ def test_a_condition_lock_restored_to_a_caller_that_left_is_released_once_etcd_i
         await call(cond_b, next_one, "release")
 
     relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+async def party_waiting(store: EtcdStore, name: str, session: Session, thread: int) -> Any:
+    """A party of the barrier ``name`` (3 parties) waiting through ``store``: its
+    handle and its answer's future, once the wait is parked."""
+    barrier = store.get_or_create("Barrier", name, {"parties": 3})
+    assert isinstance(barrier, BarrierHandle)
+    answer = barrier.methods["wait"].fn(barrier, Call(session, thread, asyncio.get_running_loop()))
+    while not barrier.waits_now(answer):
+        await asyncio.sleep(0.01)  # until it arrived and waits
+    return barrier, answer
+
+
+def test_a_barrier_party_whose_caller_left_leaves_the_count_once_etcd_is_back(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, second, third, fourth = (new_session(n) for n in ("left", "2", "3", "4"))
+        bar_a, gone = await party_waiting(a, "round", left, 1)
+        bar_b, waiting = await party_waiting(b, "round", second, 0)
+        assert await call(bar_b, second, "state") == (3, 2, False)
+
+        # The interrupted party leaves while etcd is out of A's reach: the first try fails.
+        relay.refusing = True
+        relay.drop_connections()
+        a.abandon(bar_a, "wait", left, gone)
+        await asyncio.sleep(3)  # longer than A's retry budget: the first try failed
+        assert await call(bar_b, second, "state") == (3, 2, False)
+
+        relay.refusing = False  # etcd in reach again
+        await call(bar_a, left, "state")  # (after the party's leave on A)
+        assert await call(bar_b, second, "state") == (3, 1, False), (
+            "a party whose caller left is still counted"
+        )
+        # The round waits for two more parties, not one: neither trips it alone.
+        third_arrives = asyncio.ensure_future(call(bar_b, third, "wait", 30))
+        while await call(bar_b, second, "state") != (3, 2, False):
+            await asyncio.sleep(0.01)
+        assert not waiting.done() and not third_arrives.done()
+        last = await call(bar_b, fourth, "wait", 30)
+        assert sorted([await waiting, await third_arrives, last]) == [1, 1, 2]
+        assert gone.cancelled()
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def test_a_barrier_leave_applied_unanswered_leaves_the_count_once(
+    cluster: EtcdCluster,
+) -> None:
+    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
+        left, second = new_session("left"), new_session("second")
+        bar_a, gone = await party_waiting(a, "round", left, 1)
+        bar_b, waiting = await party_waiting(b, "round", second, 0)
+
+        # The leave's Txn (the only write of this state now: the count back at 1) is
+        # applied, its answer lost, and etcd out of A's reach; A makes it again.
+        relay.cut_after(marshal.dumps({"gen": 0, "count": 1, "broken": False, "resets": 0}))
+        relay.refusing = True
+        a.abandon(bar_a, "wait", left, gone)
+        await asyncio.sleep(3)
+        assert relay.cuts == 1
+        relay.refusing = False
+        await call(bar_a, left, "state")  # (after the party's leave on A)
+        assert await call(bar_b, second, "state") == (3, 1, False), (
+            "the leave was counted twice, or not at all"
+        )
+        await call(bar_b, second, "abort")
+        with pytest.raises(threading.BrokenBarrierError):
+            await waiting
+
+    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
+
+
+def out_of_reach(relay: RelayThread, refusing: bool) -> None:
+    """etcd out of reach (or back) for the gateway behind ``relay``: its connections cut
+    and new ones refused."""
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def switch() -> None:
+        relay.relay.refusing = refusing
+        if refusing:
+            relay.relay.drop_connections()
+        done.set_result(None)
+
+    relay.loop.call_soon_threadsafe(switch)
+    done.result(30)
+
+
+def test_a_give_back_under_way_when_its_gateway_stops_is_made_before_it_stops(
+    cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """Real gateways: A reaches etcd through a relay, B directly. A client's get through
+    A is answered, then the client cancels it (as an interrupt just after the answer
+    would): A gives the item back, while etcd is out of A's reach. A gets SIGTERM,
+    then etcd is in reach again: A gives the item back before it stops. Cut short,
+    the give-back would be lost: the session resumes through B, where the item is
+    still in the thread's records, and the thread's next call confirms them."""
+    relay = RelayThread(cluster.endpoints[0])
+    gateways = Gateways(cluster, tmp_path)
+    direct = gateways.args
+    try:
+        gateways.args = ["--store", "etcd://" + relay.address, *direct[2:]]
+        a = gateways.start("a")
+        gateways.args = direct
+        b = gateways.start("b")
+        with gateways.client(a, b) as m, gateways.client(b) as other:
+            jobs = m.Queue("jobs")
+            assert m.server_id == a_id(a)
+            other.Queue("jobs").put("job-1")
+            assert jobs.get(timeout=10) == "job-1"
+
+            out_of_reach(relay, True)
+            channel = m._channel
+            assert channel is not None
+            rid = next(channel._rids) - 1  # the get's (one id is skipped: harmless)
+            channel._abandon(rid, RuntimeError("as if interrupted"))
+            m.ping()  # the cancel was handled before this (one connection, in order)
+            assert other.Queue("jobs").qsize() == 0  # not back: etcd is out of A's reach
+
+            a.signal(signal.SIGTERM)
+            assert wait_until(lambda: "shutting down" in a.log, timeout_s=30)
+            out_of_reach(relay, False)
+            assert a.wait(30) == 0
+            assert "left undone" not in a.log
+
+            # The session resumes through B; this thread's next call confirms what it
+            # read there: nothing of job-1, which is back in the queue.
+            assert jobs.get(timeout=10) == "job-1", "the give-back was cut short"
+            assert m.server_id != a_id(a)
+            assert other.Queue("jobs").qsize() == 0
+    finally:
+        gateways.stop()
+        relay.close()

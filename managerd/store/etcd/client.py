@@ -285,10 +285,45 @@ UNDO_RETRY_FIRST_S = 0.2
 UNDO_RETRY_MAX_S = 5.0
 
 
+#: The pauses of undos between two tries (``until_answered``): ``try_undos_now`` ends them.
+_UNDO_PAUSES: set[asyncio.Future[None]] = set()
+
+
 def _undo_later(undo: Callable[[Any], Coroutine[Any, Any, Any]]) -> None:
     task = unguarded(until_answered(lambda: undo(None), first_now=False), name="managerd-undo")
     _UNDOS_LATER.add(task)
     task.add_done_callback(_UNDOS_LATER.discard)
+
+
+def undos_later(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
+    """The undos of ``_undo_later`` on ``loop`` still waiting for etcd to answer."""
+    return [task for task in _UNDOS_LATER if task.get_loop() is loop and not task.done()]
+
+
+def try_undos_now(loop: asyncio.AbstractEventLoop) -> None:
+    """Every undo on ``loop`` pausing between two tries (``until_answered``) tries again
+    now: a gateway that stops gives them a last chance before it cancels them."""
+    for pause in list(_UNDO_PAUSES):
+        if pause.get_loop() is loop:
+            _end_pause(pause)
+
+
+def _end_pause(pause: asyncio.Future[None]) -> None:
+    if not pause.done():
+        pause.set_result(None)
+
+
+async def _pause(pause_s: float) -> None:
+    """``asyncio.sleep(pause_s)``, ended early by ``try_undos_now``."""
+    loop = asyncio.get_running_loop()
+    pause: asyncio.Future[None] = loop.create_future()
+    timer = loop.call_later(pause_s, _end_pause, pause)
+    _UNDO_PAUSES.add(pause)
+    try:
+        await pause
+    finally:
+        timer.cancel()
+        _UNDO_PAUSES.discard(pause)
 
 
 async def until_answered(
@@ -304,13 +339,13 @@ async def until_answered(
     """
     pause = UNDO_RETRY_FIRST_S
     if not first_now:
-        await asyncio.sleep(pause)
+        await _pause(pause)
     while True:
         try:
             await make()
             return
         except EtcdUnavailable:
-            await asyncio.sleep(pause)
+            await _pause(pause)
             pause = min(pause * 2, UNDO_RETRY_MAX_S)
         except EtcdError:
             return

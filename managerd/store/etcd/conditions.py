@@ -45,20 +45,23 @@ its Txn ran, and does not take it back.
 whether it is broken and how often it was reset, in one key changed by
 compare-and-set; a party waits by watching the key until the generation
 moves on (released: its index) or it breaks or is reset
-(``BrokenBarrierError``). A timeout breaks it; a party cancelled
-breaks it (its session ended: nobody comes back for it), unless its
-client gave the wait up (an interrupt): then it leaves the count, as in
-the memory store. Each arrival notes, in its Txn, which client request it
-was, in which round and with which index (``/m/bp/<name>/<lease>/<thread>``,
-on the session's lease): a **wait asked again** (``REISSUE``: its gateway
-died, its session taken over by another) that had arrived is the same party
-of the same round, never counted twice, the round not broken: it waits on
-for that round (its index once released, ``BrokenBarrierError`` if it broke
-or was reset); one that had not arrived arrives. A gateway that lives on
-and lets go of a session taken over leaves its parties counted, for the
-waits asked again. **Differs from the memory store**: a party whose gateway
-died and whose client never came back stays counted (nobody is left to
-break the barrier for it): the others wait for their timeout.
+(``BrokenBarrierError``). A timeout breaks it; a party cancelled breaks it
+(its session ended: nobody comes back for it), unless its client gave the
+wait up (an interrupt): then it leaves the count, as in the memory store,
+in a Txn that also deletes its arrival key (below), compared: safe to make
+again, the leave is made again while etcd is out of reach, until answered,
+and never lowers the count twice. Each arrival notes, in its Txn, which
+client request it was, in which round and with which index
+(``/m/bp/<name>/<lease>/<thread>``, on the session's lease): a **wait asked
+again** (``REISSUE``: its gateway died, its session taken over by another)
+that had arrived is the same party of the same round, never counted twice,
+the round not broken: it waits on for that round (its index once released,
+``BrokenBarrierError`` if it broke or was reset); one that had not arrived
+arrives. A gateway that lives on and lets go of a session taken over leaves
+its parties counted, for the waits asked again. **Differs from the memory
+store**: a party whose gateway died and whose client never came back stays
+counted (nobody is left to break the barrier for it): the others wait for
+their timeout.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ from collections.abc import Callable
 from typing import Any
 
 from managerd.store.api import BadArgument, BadState
-from managerd.store.etcd.client import EtcdClient, cleanup
+from managerd.store.etcd.client import EtcdClient, cleanup, until_answered
 from managerd.store.etcd.kv import (
     Compare,
     Delete,
@@ -537,8 +540,9 @@ class EtcdBarrier:
             index = int(seen["count"])
             if index + 1 == self.parties:
                 return index
+            noted = revision  # the arrival key's, put in the arrival's Txn
         else:
-            seen, index = found
+            seen, index, noted = found
             now, revision = await self.state()
             if now["gen"] != seen["gen"]:
                 return index
@@ -557,7 +561,8 @@ class EtcdBarrier:
             await self.abort(seen["gen"])
             raise threading.BrokenBarrierError from None
         except asyncio.CancelledError:
-            await cleanup(self._cancelled(session, seen, leaves()))
+            arrival = None if session is None else (self.arrival_key(session, caller), noted)
+            await cleanup(self._cancelled(session, seen, leaves(), arrival))
             raise
 
     async def _arrive(
@@ -573,7 +578,9 @@ class EtcdBarrier:
             return {**state, "count": state["count"] + 1}
 
         def noted(state: dict[str, Any]) -> list[Put]:
-            if session is None or not request:
+            # Noted for every session's party, with a request id or not (a stock
+            # client's): a party that leaves deletes it, compared (``_leave``).
+            if session is None:
                 return []
             arrival = {"request": request, "gen": state["gen"], "resets": state["resets"],
                        "index": state["count"]}  # fmt: skip
@@ -584,9 +591,10 @@ class EtcdBarrier:
 
     async def _arrived(
         self, session: EtcdSession | None, caller: int, request: int
-    ) -> tuple[dict[str, Any], int] | None:
-        """A wait asked again: ``(the round it arrived in, its index)`` if the request
-        arrived through the gateway that died, None if it had not."""
+    ) -> tuple[dict[str, Any], int, int] | None:
+        """A wait asked again: ``(the round it arrived in, its index, the revision of
+        its arrival key)`` if the request arrived through the gateway that died, None
+        if it had not."""
         if session is None or not request:
             return None
         kv = await self.client.get(self.arrival_key(session, caller))
@@ -595,32 +603,61 @@ class EtcdBarrier:
         arrival = marshal.loads(kv.value)
         if arrival.get("request") != request:
             return None  # this thread's earlier wait: this one had not arrived
-        return arrival, int(arrival["index"])
+        return arrival, int(arrival["index"]), kv.mod_revision
 
     async def _cancelled(
-        self, session: EtcdSession | None, seen: dict[str, Any], leaving: bool
+        self,
+        session: EtcdSession | None,
+        seen: dict[str, Any],
+        leaving: bool,
+        arrival: tuple[bytes, int] | None,
     ) -> None:
         """A waiting party cancelled: it leaves (its client gave the wait up) or breaks
         the barrier (its session ended), unless the session went on through another
-        gateway: there the wait asked again is still this party."""
-        if session is not None and not await session.owned():
-            return
-        if leaving:
-            await self._leave(seen)
+        gateway: there the wait asked again is still this party.
+
+        A leave compared on the party's arrival key (``arrival``: the key and the
+        revision it was put at) is safe to make again, so it is made again while
+        etcd is out of reach (``client.until_answered``): left counted, the party
+        would keep the others of its round waiting for one that never comes."""
+
+        async def cancelled() -> None:
+            if session is not None and not await session.owned():
+                return
+            if leaving:
+                await self._leave(seen, arrival)
+            else:
+                await self.abort(seen["gen"])
+
+        if leaving and arrival is not None:
+            await until_answered(cancelled)
         else:
-            await self.abort(seen["gen"])
+            await cancelled()
 
-    async def _leave(self, seen: dict[str, Any]) -> None:
-        """A party gave up: it leaves the count of its generation, not breaking it."""
+    async def _leave(self, seen: dict[str, Any], arrival: tuple[bytes, int] | None) -> None:
+        """A party gave up: it leaves the count of its generation, not breaking it.
 
-        def leave(state: dict[str, Any]) -> dict[str, Any] | None:
+        ``arrival`` (its arrival key and the revision it was put at): the leave's
+        Txn deletes that key, compared, so a try applied whose answer was lost,
+        made again, finds it gone and lowers the count no further."""
+        while True:
+            if arrival is not None:
+                kv = await self.client.get(arrival[0])
+                if kv is None or kv.mod_revision != arrival[1]:
+                    return  # left already (or its session is over)
+            state, revision = await self.state()
             if state["gen"] != seen["gen"] or state["resets"] != seen["resets"]:
-                return None
+                return
             if state["broken"] or not state["count"]:
-                return None
-            return {**state, "count": state["count"] - 1}
-
-        await self._change(leave)
+                return
+            new = _barrier(state["gen"], state["count"] - 1, False, state["resets"])
+            compare = [Compare(self.key, Target.MOD, "==", revision)]
+            ops: list[Put | Delete] = [Put(self.key, new)]
+            if arrival is not None:
+                compare.append(Compare(arrival[0], Target.MOD, "==", arrival[1]))
+                ops.append(Delete(arrival[0]))
+            if (await self.client.txn(compare, ops)).succeeded:
+                return
 
     async def abort(self, generation: int | None = None) -> None:
         def abort(state: dict[str, Any]) -> dict[str, Any] | None:

@@ -60,6 +60,9 @@ returns the records of sessions whose lease ended unended
 (``_return_orphans``). **Stopping** (``shutdown``/``close``): managerd
 sessions' calls are dropped unanswered and their leases left to expire or be
 taken over, never revoked: their clients resume through another gateway.
+Undos under way (a get's give-back, a lock's release for a caller that
+left...) first get up to ``CLOSE_UNDOS_S`` to be answered by etcd: the
+gateway that takes a session over knows nothing of them.
 
 **Calls** return a Task (every answer is a round trip to etcd), which
 ``run`` files under its session: ``abandon`` and ``cancel`` cancel it.
@@ -97,7 +100,14 @@ from typing import Any, Final, cast
 
 from managerd.store.api import BadArgument, BadState, Call
 from managerd.store.etcd.cells import CELLS
-from managerd.store.etcd.client import SESSION_GUARD, EtcdClient, unguarded
+from managerd.store.etcd.client import (
+    SESSION_GUARD,
+    UNDO_RETRY_FIRST_S,
+    EtcdClient,
+    try_undos_now,
+    undos_later,
+    unguarded,
+)
 from managerd.store.etcd.deadlocks import HELD_BY_SELF, EtcdDeadlocks
 from managerd.store.etcd.election import Election
 from managerd.store.etcd.handles import (
@@ -165,6 +175,9 @@ REQUEUE_CONCURRENCY: Final = 16
 #: How long a session's end waits for each of its calls still on their way to wait
 #: or be answered before it drops them all the same (a net: they never take so long).
 END_CALLS_S: Final = 10.0
+#: How long a gateway that stops gives the undos under way to be answered by etcd
+#: before it cancels them (``close``): its sessions resume elsewhere, without them.
+CLOSE_UNDOS_S: Final = 5.0
 #: How often a watch's loop asks etcd again for the state it re-reads after an outage.
 _REREAD_S: Final = 1.0
 
@@ -1118,6 +1131,40 @@ class EtcdStore:
             )
         )
 
+    def _undos_under_way(self) -> list[asyncio.Future[Any]]:
+        """What this gateway still has to give back: its handles' undos (``_undo``, a
+        Barrier party's leave...) and the client's undos of failed writes
+        (``client.undos_later``)."""
+        undos: list[asyncio.Future[Any]] = [*undos_later(self.loop)]
+        for handle in self._handles.values():
+            undos += [f for f in handle.undos if not f.done()]
+        return undos
+
+    async def _finish_undos(self) -> None:
+        """Wait, ``CLOSE_UNDOS_S`` at most, for the undos under way, each tried again at
+        once if it pauses between two tries; then cancel those of ``undos_later`` (the
+        handles' go with the background work) and say how many were left undone.
+
+        Cancelled, an undo is lost: the session resumes through another gateway, which
+        knows nothing of it (a get's items whose give-back was cut short stay in the
+        session's records, and its thread's next call confirms them: dropped)."""
+        deadline = self.loop.time() + CLOSE_UNDOS_S
+        while undos := self._undos_under_way():
+            left_s = deadline - self.loop.time()
+            if left_s <= 0:
+                # (A session's end on an object counts too: later undos there wait for it.)
+                log.warning(
+                    "etcd store: closing with %d undo(s) left undone: etcd did not answer "
+                    "them within %.0f s",
+                    len(undos),
+                    CLOSE_UNDOS_S,
+                )
+                for task in undos_later(self.loop):
+                    task.cancel()
+                return
+            try_undos_now(self.loop)
+            await asyncio.wait(undos, timeout=min(left_s, UNDO_RETRY_FIRST_S))
+
     def _fail_calls(self, handle: EtcdHandle, exc: BaseException) -> None:
         for answer in list(handle.calls):
             if not answer.done():
@@ -1126,7 +1173,9 @@ class EtcdStore:
     def shutdown(self) -> None:
         """Stop serving. A managerd session's calls are dropped unanswered (its client
         asks them again through another gateway, where the session resumes: its
-        lease is not revoked, see ``close``); a stock session's are refused."""
+        lease is not revoked, see ``close``); a stock session's are refused. The
+        background work goes on until ``close``: undos still under way get their
+        last chance there."""
         self._closed = True
         for session, calls in self._calls.items():
             if session.kind is SessionKind.MANAGERD:
@@ -1134,15 +1183,17 @@ class EtcdStore:
                     answer.cancel()
         for handle in self._handles.values():
             self._fail_calls(handle, ServerShuttingDown("the daemon is shutting down"))
-        for task in list(self._tasks):
-            task.cancel()
 
     async def close(self) -> None:
-        """Stop; stop renewing the leases of managerd sessions (their clients resume
-        them through another gateway within the TTL, holdings kept); revoke those of
-        stock sessions (a stock client cannot resume)."""
-        tasks = list(self._tasks)
+        """Stop; give the undos under way up to ``CLOSE_UNDOS_S`` to be answered, then
+        cancel all background work; stop renewing the leases of managerd sessions
+        (their clients resume them through another gateway within the TTL, holdings
+        kept); revoke those of stock sessions (a stock client cannot resume)."""
         self.shutdown()
+        await self._finish_undos()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, *self._changes, *self._endings, return_exceptions=True)
         await self._publisher.close()
         for session in list(self._leases):
