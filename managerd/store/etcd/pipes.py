@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from managerd.store.etcd.client import EtcdClient, cleanup, unguarded
+from managerd.store.etcd.client import EtcdClient, cleanup, unguarded, until_answered
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -242,7 +242,11 @@ class EtcdPipe:
                 if isinstance(exc, TimeoutError):
                     return reader.future.result()  # answered as the time ran out: keep it
                 if kind is _Read.RECV:  # the caller is gone: the message is first again
-                    await cleanup(self.inboxes[end].put_front(reader.future.result()))
+                    # Under one id (taken here), made again until etcd answers: a try
+                    # applied unanswered fails the next one's compares (``put_front``).
+                    inbox, payload = self.inboxes[end], reader.future.result()
+                    iid = inbox._ids.next()
+                    await cleanup(until_answered(lambda: inbox.put_front(payload, iid)))
             if isinstance(exc, TimeoutError):
                 if kind is _Read.POLL:
                     return False

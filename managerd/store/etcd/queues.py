@@ -101,7 +101,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from managerd.store.etcd.client import EtcdClient, unguarded
+from managerd.store.etcd.client import EtcdClient, unguarded, until_answered
 from managerd.store.etcd.kv import (
     Compacted,
     Compare,
@@ -775,7 +775,10 @@ class EtcdQueue:
                 if isinstance(exc, TimeoutError):
                     return want.future.result()  # answered as the time ran out: keep it
                 if want.future.exception() is None:  # the caller is gone: give it back
-                    self._background(self._give_back(want.future.result(), holder))
+                    # (Compared on what the take made: safe to make again until etcd
+                    # answers, and a try applied unanswered makes the next one nothing.)
+                    item = want.future.result()
+                    self._background(until_answered(lambda: self._give_back(item, holder)))
             if isinstance(exc, TimeoutError):
                 raise queue.Empty from None
             raise
