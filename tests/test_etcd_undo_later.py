@@ -89,32 +89,6 @@ def test_an_acquire_failed_with_etcd_out_of_reach_is_undone_once_it_is_back(
     relayed_and_direct(cluster, body, root=root, session_ttl_s=TTL_S)
 
 
-def test_a_granted_acquire_whose_caller_left_is_released_once_etcd_is_back(
-    cluster: EtcdCluster,
-) -> None:
-    async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
-        left, next_one = new_session("left"), new_session("next")
-        lock_a = a.get_or_create("Lock", "guard", {})
-        token = await call(lock_a, left, "acquire")
-        assert token
-
-        relay.refusing = True  # etcd out of A's reach...
-        relay.drop_connections()
-        # ...when the caller that was granted it is found gone: undone.
-        a.undo(lock_a, "acquire", Call(left, 0, asyncio.get_running_loop()), (), token)
-        await asyncio.sleep(3)  # longer than A's retry budget: the first try failed
-        lock_b = b.get_or_create("Lock", "guard", {})
-        assert await call(lock_b, next_one, "locked")
-
-        relay.refusing = False  # etcd in reach again
-        assert await call(lock_b, next_one, "acquire", True, 15), (
-            "the lock granted to a caller that left is still held"
-        )
-        await call(lock_b, next_one, "release")
-
-    relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
-
-
 async def undone_while_out_of_reach(
     relay: EtcdRelay, store: EtcdStore, handle: Any, method: str, session: Session, answer: Any,
     *, thread: int = 0,
@@ -276,25 +250,30 @@ def test_pipe_messages_whose_reader_left_are_there_once_each_once_etcd_is_back(
     relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
 
 
-def test_a_condition_lock_restored_to_a_caller_that_left_is_released_once_etcd_is_back(
-    cluster: EtcdCluster,
+@pytest.mark.parametrize(
+    ("typeid", "undone"),
+    # A Lock's acquire; a Condition's restore (as an interrupted wait's restore
+    # answers it: the lock held with this token).
+    [("Lock", "acquire"), ("Condition", "restore")],
+)
+def test_a_lock_granted_to_a_caller_that_left_is_released_once_etcd_is_back(
+    cluster: EtcdCluster, typeid: str, undone: str
 ) -> None:
     async def body(relay: EtcdRelay, a: EtcdStore, b: EtcdStore) -> None:
         left, next_one = new_session("left"), new_session("next")
-        cond_a = a.get_or_create("Condition", "c", {})
-        # The lock held with this token, as an interrupted wait's restore answers it.
-        token = await call(cond_a, left, "acquire")
+        lock_a = a.get_or_create(typeid, "guard", {})
+        token = await call(lock_a, left, "acquire")
         assert token
 
-        await undone_while_out_of_reach(relay, a, cond_a, "restore", left, token)
-        cond_b = b.get_or_create("Condition", "c", {})
-        assert await call(cond_b, next_one, "locked")
+        await undone_while_out_of_reach(relay, a, lock_a, undone, left, token)
+        lock_b = b.get_or_create(typeid, "guard", {})
+        assert await call(lock_b, next_one, "locked")
 
         relay.refusing = False  # etcd in reach again
-        assert await call(cond_b, next_one, "acquire", True, 15), (
-            "the lock restored to a caller that left is still held"
+        assert await call(lock_b, next_one, "acquire", True, 15), (
+            f"the lock granted to a caller that left ({typeid}.{undone}) is still held"
         )
-        await call(cond_b, next_one, "release")
+        await call(lock_b, next_one, "release")
 
     relayed_and_direct(cluster, body, root=new_root(), session_ttl_s=TTL_S)
 
